@@ -1,0 +1,54 @@
+# revenant: one-command setup, tests, demo and benchmarks.
+SHELL := /bin/bash
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PROTOS := $(shell find proto -name '*.proto' | sort)
+PB_STAMP := proto/.generated
+BIN_LINKS := containerd-shim-revenant-v1 revenant-snapshotter revenant
+PYTEST_ARGS ?=
+
+.PHONY: setup deps venv proto links test lint demo bench clean
+
+setup: deps venv proto links
+
+deps:
+	@bash packaging/install-deps.sh
+
+# Re-created only when pyproject.toml changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+proto: $(PB_STAMP)
+$(PB_STAMP): $(PROTOS) $(VENV)/.installed
+	@find proto -name '*_pb2*.py' -o -name '*_pb2.pyi' | xargs -r rm -f
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTOS)
+	@find proto/revenant_pb -type d -exec sh -c 'test -f "$$1/__init__.py" || : > "$$1/__init__.py"' _ {} \;
+	@touch $@
+
+# containerd finds runtime shims on its PATH: put ours where a stock containerd looks.
+links: $(VENV)/.installed
+	@for b in $(BIN_LINKS); do \
+	  target=$$(readlink -f $(VENV)/bin/$$b); \
+	  [ "$$(readlink -f /usr/local/bin/$$b 2>/dev/null)" = "$$target" ] || ln -sf "$$target" /usr/local/bin/$$b; \
+	done
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	$(PY) -m shim.demo
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(PB_STAMP)
+	find proto -name '*_pb2*.py' -o -name '*_pb2.pyi' | xargs -r rm -f

@@ -1,0 +1,1 @@
+"""revenant's proxy snapshotter and the content-addressed checkpoint store."""
