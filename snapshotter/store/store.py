@@ -217,7 +217,9 @@ class Store:
                     fd = os.open(src / e["path"], os.O_RDONLY)
                     pending: list[tuple[list[Any], Future[str]]] = []
                     open_files.append((fd, pending))
+                    data_bytes = 0
                     for ext_off, ext_len in data_extents(fd, e["size"]):
+                        data_bytes += ext_len
                         for off, length in self._cuts(fd, ext_off, ext_len):
                             if failed:
                                 raise failed[0]
@@ -227,6 +229,7 @@ class Store:
                             pending.append((ref, pool.submit(store_chunk, fd, off, length)))
                             stats["bytes_read"] += length
                             stats["chunks_total"] += 1
+                    counter.add(e["size"] - data_bytes)  # holes count as done: progress ends at 100%
                     while len(open_files) > 32:
                         finish(*open_files.popleft())
             finally:
