@@ -58,7 +58,7 @@ def _stop(proc: subprocess.Popen | None) -> None:
     if proc and proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(3)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -85,19 +85,28 @@ class SeaweedS3:
         self.ports = dict(zip(["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                                "s3", "s3_grpc", "debug"], p, strict=True))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        self.log = root / "weed.log"
-        self.proc: subprocess.Popen | None = None
+        self.log = root / "s3.log"
+        self.proc: subprocess.Popen | None = None  # the S3 gateway
+        self.cluster: subprocess.Popen | None = None  # master + volume + filer
 
     def start(self) -> None:
+        """Start the cluster (once) and the S3 gateway. stop() stops only the gateway: a real S3 outage
+        that start() ends in about a second (a whole `weed server` takes ~20 s to come back)."""
         p = self.ports
-        cmd = [str(self.weed), "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}",
-               "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-               f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=50",
-               "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
-               f"-filer.localSocket={self.root / 'filer.sock'}",
-               "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={self.config}",
-               "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={self.root / 's3.sock'}"]
+        if self.cluster is None:
+            cmd = [str(self.weed), "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+                   "-ip.bind=127.0.0.1", f"-master.port={p['master']}",
+                   f"-master.port.grpc={p['master_grpc']}",
+                   "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
+                   f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=50",
+                   "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+                   f"-filer.localSocket={self.root / 'filer.sock'}"]
+            with open(self.root / "cluster.log", "ab") as log:
+                self.cluster = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True)
+        cmd = [str(self.weed), "s3", f"-filer=127.0.0.1:{p['filer']}.{p['filer_grpc']}", "-ip.bind=127.0.0.1",
+               f"-port={p['s3']}", f"-port.grpc={p['s3_grpc']}", f"-config={self.config}",
+               "-port.iceberg=0", "-port.lance=0", f"-localSocket={self.root / 's3.sock'}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = self.client()
@@ -126,6 +135,11 @@ class SeaweedS3:
     def stop(self) -> None:
         _stop(self.proc)
         self.proc = None
+
+    def shutdown(self) -> None:
+        self.stop()
+        _stop(self.cluster)
+        self.cluster = None
 
 
 class Registry:
@@ -182,7 +196,7 @@ def _seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         srv.start()
         yield srv
     finally:
-        srv.stop()
+        srv.shutdown()
 
 
 @pytest.fixture(scope="session")
