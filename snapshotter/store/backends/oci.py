@@ -63,7 +63,7 @@ class OCIBackend(Backend):
         self._lock = threading.Lock()
         self._blobs: dict[str, tuple[str, int]] = {}  # blake3 -> (sha256 digest, size)
         self._indexed = False
-        self._keys: dict[str, str] = {}  # manifest digest -> checkpoint key (for listing all keys)
+        self._have_empty = False
 
     # ------------------------------------------------------------------ HTTP
     def _req(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any):
@@ -142,8 +142,15 @@ class OCIBackend(Backend):
         return json.loads(r.data), r.headers.get("Docker-Content-Digest", _sha(r.data)), r.data
 
     def _put_manifest_doc(self, ref: str, raw: bytes) -> None:
-        self._req("PUT", f"/manifests/{ref}", f"PUT manifest {ref}", ok=(201,), body=raw,
-                  headers={"Content-Type": MANIFEST_MT})
+        try:
+            self._req("PUT", f"/manifests/{ref}", f"PUT manifest {ref}", ok=(201,), body=raw,
+                      headers={"Content-Type": MANIFEST_MT})
+        except StoreError as e:
+            # Another client committing the same blob at this moment makes the registry briefly see it
+            # as unknown or invalid (seen with two writers); the blob is there on the next try.
+            if "DIGEST_INVALID" in str(e) or "BLOB_UNKNOWN" in str(e):
+                raise TransientError(str(e)) from e
+            raise
 
     def _delete_ref(self, ref: str) -> None:
         try:
@@ -205,7 +212,7 @@ class OCIBackend(Backend):
 
     # ------------------------------------------------------------------ manifests
     def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
-        self._upload_blob(EMPTY)
+        self._ensure_empty()
         mdigest = self._upload_blob(data)
         layers = [{"mediaType": REVENANT_MANIFEST_MT, "digest": mdigest, "size": len(data)}]
         for d in sorted(chunks):
@@ -272,8 +279,13 @@ class OCIBackend(Backend):
             pass
 
     # ------------------------------------------------------------------ locks
+    def _ensure_empty(self) -> None:
+        if not self._have_empty:
+            self._upload_blob(EMPTY)
+            self._have_empty = True
+
     def put_lock(self, name: str, data: bytes) -> None:
-        self._upload_blob(EMPTY)
+        self._ensure_empty()
         doc = {
             "schemaVersion": 2, "mediaType": MANIFEST_MT, "artifactType": LOCK_ARTIFACT_TYPE,
             "config": {"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)},
