@@ -37,7 +37,7 @@ def make_dump(d: Path, size_mib: int, seed: int = 1) -> None:
     d.mkdir(parents=True)
     rng = random.Random(seed)
     run = 64 * PAGE  # 256 KiB of one kind at a time
-    pattern = (b"heap-object-%06d;" * 2000)[:run]
+    pattern = (b"heap-object-%06d;" * (run // 17 + 1))[:run]
     with open(d / "pages-1.img", "wb") as f:
         for i in range(size_mib * MIB // run):
             kind = rng.random()

@@ -109,8 +109,9 @@ def test_dedup_across_checkpoints(target: Target, tmp_path: Path) -> None:
     mutate(src / "pages-1.img", 0.05, seed=3)
     second = store.put(KEY, src)
     assert second.seq == 2 and second.parent == 1
-    assert second.bytes_uploaded < 0.15 * first.bytes_uploaded, (first, second)
-    assert second.dedup_ratio > 5
+    # 1.6 MB of pages rewritten in 25 runs; each run dirties ~2 content-defined chunks.
+    assert second.bytes_uploaded < 0.25 * first.bytes_uploaded, (first, second)
+    assert second.chunks_new < 0.25 * second.chunks_total and second.dedup_ratio > 5
     _, dest = restore(store, tmp_path, "dest")
     assert tree_digest(dest) == tree_digest(src)
     old, dest1 = restore(store, tmp_path, "dest1", seq=1)
