@@ -64,6 +64,7 @@ class OCIBackend(Backend):
         self._blobs: dict[str, tuple[str, int]] = {}  # blake3 -> (sha256 digest, size)
         self._indexed = False
         self._have_empty = False
+        self._index_lock = threading.Lock()
 
     # ------------------------------------------------------------------ HTTP
     def _req(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any):
@@ -170,8 +171,11 @@ class OCIBackend(Backend):
                     self._blobs[b3] = (layer["digest"], layer["size"])
 
     def _index(self) -> None:
-        if self._indexed:
-            return
+        with self._index_lock:  # one listing, not one per upload thread
+            if not self._indexed:
+                self._build_index()
+
+    def _build_index(self) -> None:
         for tag in self._tags():
             if not tag.startswith(LOCK_TAG) and not tag.endswith(".latest"):
                 try:
