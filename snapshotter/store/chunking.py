@@ -78,15 +78,14 @@ def decode_chunk(blob: bytes, expected_len: int) -> bytes:
 
 
 def is_zero(data: bytes | memoryview) -> bool:
-    # Compare against a cached zero buffer of the same length: fast C memcmp.
-    n = len(data)
-    z = _ZEROS.get(n)
-    if z is None:
-        z = _ZEROS.setdefault(n, bytes(n))
-    return data == z
+    # startswith on a shared zero buffer is one memcmp, with no allocation and no per-length cache
+    # (chunk lengths vary under FastCDC; caching a buffer per length grew without bound).
+    if len(data) <= len(_ZEROS):
+        return _ZEROS.startswith(data)
+    return data == bytes(len(data))
 
 
-_ZEROS: dict[int, bytes] = {}
+_ZEROS = bytes(4 << 20)
 
 
 _tls = threading.local()
