@@ -144,8 +144,13 @@ class Store:
                     known = self._load(key, committed[max(committed)]).chunk_digests()
                 except (ManifestCorrupt, CheckpointNotFound) as e:
                     log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
+            # One listing instead of a HEAD/stat per chunk, where the backend can list (file, S3).
+            # GC cannot delete chunks while we hold the put lock, so the listing stays true.
+            listing = self.backend.retry("list chunks", lambda: self._chunk_names())
+            if listing is not None:
+                known |= listing
             entries = scan_tree(src)
-            stats = self._upload(src, entries, known, progress)
+            stats = self._upload(src, entries, known, progress, listed=listing is not None)
             manifest = Manifest(key=key, seq=0, parent=None, created=time.time(),
                                 chunker=self.chunker.describe(), metadata=dict(metadata or {}),
                                 entries=entries, stats=stats)
@@ -154,8 +159,12 @@ class Store:
                  info.files, info.bytes_read, info.bytes_uploaded, info.chunks_new, info.chunks_total)
         return info
 
+    def _chunk_names(self) -> set[str] | None:
+        listing = self.backend.list_chunks()
+        return None if listing is None else {d for d, _mtime in listing}
+
     def _upload(self, src: Path, entries: list[dict[str, Any]], known: set[str],
-                progress: Progress | None) -> dict[str, int]:
+                progress: Progress | None, listed: bool = False) -> dict[str, int]:
         files = [e for e in entries if e["type"] == "file"]
         counter = _Counter(sum(e["size"] for e in files), progress)
         stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
@@ -188,7 +197,7 @@ class Store:
                     return digest
                 try:
                     uploaded = 0
-                    if not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
+                    if listed or not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
                         blob = chunking.encode_chunk(data, self.level)
                         backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
                         uploaded = len(blob)
