@@ -64,10 +64,10 @@ class Server:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a connection's active count drops
         self._connections: set[_Connection] = set()
-        self._listeners: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._serving = 0
+        self._serving = 0  # serve() calls running
+        self._started = False  # serve() was ever called: then its last call drains, not shutdown()
         self._grace = 10.0
         # Writing one byte that nobody reads keeps this readable for every serve() loop at once.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -87,12 +87,11 @@ class Server:
             if self._stopping.is_set():
                 return
             self._serving += 1
-            self._listeners.add(listener)
+            self._started = True
         try:
             self._accept_loop(listener)
         finally:
             with self._lock:
-                self._listeners.discard(listener)
                 self._serving -= 1
                 last = self._serving == 0
             with contextlib.suppress(OSError):
@@ -111,8 +110,8 @@ class Server:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         with self._lock:
-            serving = self._serving > 0
-        if not serving:
+            started = self._started
+        if not started:
             self._drain()
         elif not getattr(self._handler_thread, "active", False):
             self._stopped.wait(grace + 5.0)
@@ -168,6 +167,8 @@ class Server:
         for conn in conns:
             conn.close()
         self._deadlines.stop()
+        self._wake_r.close()
+        self._wake_w.close()
         self._stopped.set()
 
     def _forget(self, conn: _Connection) -> None:
