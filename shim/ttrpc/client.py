@@ -13,8 +13,8 @@ import threading
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from revenant_pb.ttrpc import ttrpc_pb2
 
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.codec import MAX_PAYLOAD, ClientProtocol, ResponseReceived
 from shim.ttrpc.errors import (
     Code,

@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from revenant_pb.ttrpc import ttrpc_pb2
 
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.errors import Code
 
 HEADER = struct.Struct(">IIBB")

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError, Message
-from revenant_pb.ttrpc import ttrpc_pb2
 
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.codec import RequestReceived, ServerProtocol, StreamRejected, encode_response
 from shim.ttrpc.errors import Code, TtrpcError
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ttrpc_testlib import listen_unix
 
+from harness.unixsock import listen_unix
 from shim.ttrpc import Server, Service
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from revenant_pb.ttrpc import ttrpc_pb2
 
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.codec import (
     HEADER_SIZE,
     MAX_PAYLOAD,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import empty_pb2, wrappers_pb2
-from revenant_pb.ttrpc import ttrpc_pb2
-from ttrpc_testlib import listen_unix
 
+from harness.unixsock import listen_unix
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc import (
     NAMESPACE_KEY,
     Aborted,

@@ -1,4 +1,4 @@
-"""Helpers shared by the ttrpc tests (imported by name: tests/ttrpc is on sys.path under pytest)."""
+"""Unix socket helpers for tests that run servers of their own (the ttrpc tests)."""
 
 from __future__ import annotations
 
