@@ -11,6 +11,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import queue
 import selectors
 import socket
 import threading
@@ -72,6 +73,7 @@ class Server:
         # Writing one byte that nobody reads keeps this readable for every serve() loop at once.
         self._wake_r, self._wake_w = socket.socketpair()
         self._deadlines = _DeadlineWatcher()
+        self._workers = _Workers()
         self._handler_thread = threading.local()
 
     def register(self, service: Service) -> None:
@@ -184,8 +186,7 @@ class Server:
             return
         with self._lock:
             conn.active += 1
-        name = f"ttrpc-{event.request.method or 'call'}"
-        threading.Thread(target=self._handle, args=(conn, event), name=name, daemon=True).start()
+        self._workers.submit(self._handle, conn, event)
 
     def _handle(self, conn: _Connection, event: RequestReceived) -> None:
         self._handler_thread.active = True
@@ -353,3 +354,41 @@ class _DeadlineWatcher:
                         break
                     self._cond.wait(left)
             call.answer(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+
+
+class _Workers:
+    """Runs every submitted call at once on its own thread, reusing idle threads to save start-up.
+
+    Unlike a fixed pool nothing ever queues behind a busy thread: with no idle thread a new one starts.
+    Threads idle for `idle_timeout` seconds exit, so a burst does not leave threads behind.
+    """
+
+    def __init__(self, idle_timeout: float = 30.0) -> None:
+        self._idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._idle = 0  # waiting threads not yet promised a job
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]]] = queue.SimpleQueue()
+
+    def submit(self, fn: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put((fn, args))
+                return
+        threading.Thread(target=self._run, args=(fn, args), name="ttrpc-handler", daemon=True).start()
+
+    def _run(self, fn: Callable[..., None], args: tuple[object, ...]) -> None:
+        while True:
+            fn(*args)
+            with self._lock:
+                self._idle += 1
+            try:
+                fn, args = self._jobs.get(timeout=self._idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    # A job promised to an idle thread may have arrived just now: take it, else retire.
+                    try:
+                        fn, args = self._jobs.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
