@@ -68,6 +68,7 @@ class Server:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._serving = 0  # serve() calls running
+        self._serve_threads: set[int] = set()
         self._started = False  # serve() was ever called: then its last call drains, not shutdown()
         self._grace = 10.0
         # Writing one byte that nobody reads keeps this readable for every serve() loop at once.
@@ -90,11 +91,13 @@ class Server:
                 return
             self._serving += 1
             self._started = True
+            self._serve_threads.add(threading.get_ident())
         try:
             self._accept_loop(listener)
         finally:
             with self._lock:
                 self._serving -= 1
+                self._serve_threads.discard(threading.get_ident())
                 last = self._serving == 0
             with contextlib.suppress(OSError):
                 listener.close()  # stop accepting, as Go's Server.Shutdown does
@@ -105,7 +108,9 @@ class Server:
         """Stop accepting, let running requests finish for up to `grace` seconds, close connections.
 
         Called from a handler (the shim's Shutdown RPC), it returns at once so that handler can still
-        answer; serve() sends that answer before it closes the connection and returns.
+        answer; serve() sends that answer before it closes the connection and returns. Called from the
+        thread running serve() (a signal handler in the main thread) it returns at once too: serve()
+        drains when the signal handler returns. Otherwise it waits until serve() has returned.
         """
         self._grace = grace
         self._stopping.set()
@@ -113,9 +118,10 @@ class Server:
             self._wake_w.send(b"x")
         with self._lock:
             started = self._started
+            in_serve = threading.get_ident() in self._serve_threads
         if not started:
             self._drain()
-        elif not getattr(self._handler_thread, "active", False):
+        elif not in_serve and not getattr(self._handler_thread, "active", False):
             self._stopped.wait(grace + 5.0)
 
     def __enter__(self) -> Server:
@@ -169,6 +175,7 @@ class Server:
         for conn in conns:
             conn.close()
         self._deadlines.stop()
+        self._workers.stop()
         self._wake_r.close()
         self._wake_w.close()
         self._stopped.set()
@@ -301,6 +308,10 @@ class _Call:
         self._lock = threading.Lock()
         self._answered = False
 
+    @property
+    def answered(self) -> bool:
+        return self._answered
+
     def answer(self, code: int, message: str = "", payload: bytes = b"") -> bool:
         with self._lock:
             if self._answered:
@@ -322,11 +333,17 @@ class _DeadlineWatcher:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._compact_at = 1024
 
     def add(self, deadline: float, call: _Call) -> None:
         with self._cond:
             if self._stopped:
                 return
+            if len(self._heap) >= self._compact_at:
+                # Calls answered long before their deadline would otherwise stay until it passes.
+                self._heap = [entry for entry in self._heap if not entry[2].answered]
+                heapq.heapify(self._heap)
+                self._compact_at = max(1024, 2 * len(self._heap))
             heapq.heappush(self._heap, (deadline, next(self._seq), call))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ttrpc-deadlines", daemon=True)
@@ -367,7 +384,14 @@ class _Workers:
         self._idle_timeout = idle_timeout
         self._lock = threading.Lock()
         self._idle = 0  # waiting threads not yet promised a job
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[object, ...]] | None] = queue.SimpleQueue()
+
+    def stop(self) -> None:
+        """Let idle threads exit now; running ones finish their call, then exit when idle too."""
+        with self._lock:
+            for _ in range(self._idle):
+                self._jobs.put(None)
+            self._idle = 0
 
     def submit(self, fn: Callable[..., None], *args: object) -> None:
         with self._lock:
@@ -383,12 +407,15 @@ class _Workers:
             with self._lock:
                 self._idle += 1
             try:
-                fn, args = self._jobs.get(timeout=self._idle_timeout)
+                job = self._jobs.get(timeout=self._idle_timeout)
             except queue.Empty:
                 with self._lock:
                     # A job promised to an idle thread may have arrived just now: take it, else retire.
                     try:
-                        fn, args = self._jobs.get_nowait()
+                        job = self._jobs.get_nowait()
                     except queue.Empty:
                         self._idle -= 1
                         return
+            if job is None:
+                return
+            fn, args = job

@@ -48,15 +48,24 @@ class Probe:
         self.release = threading.Event()
         self.blocked = threading.Event()
         self.contexts: list[Context] = []
+        self.in_block = 0
+        self.changed = threading.Condition()
 
     def echo(self, ctx: Context, req: Str) -> Str:
         self.contexts.append(ctx)
         return Str(value=f"{ctx.namespace}|{req.value}")
 
     def block(self, ctx: Context, req: Str) -> Str:
+        with self.changed:
+            self.in_block += 1
+            self.changed.notify_all()
         self.blocked.set()
         self.release.wait(30)
         return Str(value="released")
+
+    def wait_blocked(self, n: int) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.in_block >= n, 30)
 
     def deadline(self, ctx: Context, req: Str) -> Str:
         left = ctx.time_left()
@@ -141,6 +150,24 @@ def test_blocking_call_does_not_stall_another(serve, probe: Probe) -> None:
         probe.release.set()
         waiter.join(10)
         assert result == ["released"]
+
+
+def test_many_blocked_calls_each_hold_a_thread_and_never_queue(serve, probe: Probe) -> None:
+    srv = serve(probe.service())
+    with Client(srv.address) as client:
+        # Warm the server's idle threads first, so reuse is exercised, not just fresh threads.
+        for i in range(5):
+            assert call(client, "Echo", str(i)) == f"|{i}"
+        results: list[str] = []
+        waiters = [threading.Thread(target=lambda: results.append(call(client, "Block"))) for _ in range(20)]
+        for t in waiters:
+            t.start()
+        assert probe.wait_blocked(20), f"only {probe.in_block} of 20 blocking calls are running"
+        assert call(client, "Echo", "meanwhile") == "|meanwhile"
+        probe.release.set()
+        for t in waiters:
+            t.join(30)
+        assert results == ["released"] * 20
 
 
 def test_many_threads_calling_at_once_get_their_own_answers(serve, probe: Probe) -> None:
@@ -429,6 +456,73 @@ def test_client_sees_connection_error_when_the_server_process_dies(tmp_path: Pat
         assert len(errors) == 1 and isinstance(errors[0], ConnectionError)
         with pytest.raises(ConnectionError):
             call(client, "Echo", "dead")
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_reconnecting_client_dials_again_after_the_server_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "restart.sock"
+
+    def start() -> tuple[Server, threading.Thread]:
+        server = Server([Service(SVC, {"Echo": (Str, lambda ctx, req: req)})])
+        thread = threading.Thread(target=server.serve, args=(listen_unix(path),), daemon=True)
+        thread.start()
+        return server, thread
+
+    server, thread = start()
+    plain = Client(f"unix://{path}")
+    sticky = Client(f"unix://{path}", reconnect=True)
+    try:
+        assert call(plain, "Echo", "1") == call(sticky, "Echo", "1") == "1"
+        server.shutdown(grace=1.0)
+        thread.join(10)
+        path.unlink()
+        with pytest.raises(ConnectionError):
+            call(sticky, "Echo", "nobody listens")  # the redial fails: still a ConnectionError
+        server, thread = start()
+        with pytest.raises(ConnectionError):
+            call(plain, "Echo", "2")
+        assert plain.closed
+        assert call(sticky, "Echo", "2") == "2"
+        assert not sticky.closed
+    finally:
+        plain.close()
+        sticky.close()
+        server.shutdown(grace=1.0)
+        thread.join(10)
+    with pytest.raises(ConnectionError):
+        call(sticky, "Echo", "after close")
+
+
+SIGNAL_SERVER_SCRIPT = textwrap.dedent("""
+    import signal, socket, sys
+    from shim.ttrpc import Server
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(sys.argv[1]); s.listen()
+    server = Server()
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    print("ready", flush=True)
+    server.serve(s)
+    print("served", flush=True)
+""")
+
+
+def test_shutdown_from_a_signal_handler_in_the_serving_thread(tmp_path: Path) -> None:
+    """The shim serves in its main thread and stops on SIGTERM: shutdown() must not wait for itself."""
+    path = tmp_path / "signal.sock"
+    cmd = [sys.executable, "-c", SIGNAL_SERVER_SCRIPT, str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        client = Client(f"unix://{path}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.stdout.read().strip() == "served"
+        with pytest.raises(ConnectionError):
+            client.call("x.Y", "Z", Str(), Str)
         client.close()
     finally:
         if proc.poll() is None:
