@@ -214,14 +214,19 @@ def test_handler_sees_deadline_from_timeout_nano(serve, probe: Probe) -> None:
         assert call(client, "Deadline") == "set"  # the client's default timeout applies
 
 
-def raw_exchange(path: Path, *frames: bytes, answers: int) -> list[ttrpc_pb2.Response | int]:
+def raw_exchange(path: Path, *frames: bytes, answers: int, byte_by_byte: bool = False,
+                 ) -> list[tuple[int, ttrpc_pb2.Response]]:
     """Send raw frames, return the answers as (stream_id, Response) pairs in arrival order."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(path))
     sock.settimeout(30)
     try:
-        for frame in frames:
-            sock.sendall(frame)
+        wire = b"".join(frames)
+        if byte_by_byte:
+            for i in range(len(wire)):
+                sock.sendall(wire[i : i + 1])
+        else:
+            sock.sendall(wire)  # all frames in one write
         dec = FrameDecoder()
         got = []
         while len(got) < answers:
@@ -240,6 +245,16 @@ def request(method: str, value: str = "", timeout_nano: int = 0, service: str = 
     payload = Str(value=value).SerializeToString()
     req = ttrpc_pb2.Request(service=service, method=method, payload=payload, timeout_nano=timeout_nano)
     return req.SerializeToString()
+
+
+def test_requests_sent_byte_by_byte_and_several_in_one_write(serve, probe: Probe) -> None:
+    srv = serve(probe.service())
+    frames = [encode_frame(n, FrameType.REQUEST, request("Echo", f"v{n}")) for n in (1, 3, 5)]
+    for byte_by_byte in (True, False):
+        answers = dict(raw_exchange(srv.path, *frames, answers=3, byte_by_byte=byte_by_byte))
+        assert {sid: Str.FromString(r.payload).value for sid, r in answers.items()} == {
+            1: "|v1", 3: "|v3", 5: "|v5",
+        }
 
 
 def test_server_answers_deadline_exceeded_while_handler_still_runs(serve, probe: Probe) -> None:
