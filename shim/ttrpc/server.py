@@ -40,6 +40,9 @@ class Context:
     deadline: float | None = None  # time.monotonic() value, None when the caller set no timeout
     service: str = ""
     method: str = ""
+    # Set when nobody waits for this call's answer any more: its deadline was answered for it, or the
+    # connection closed (containerd restarted). A long handler (Wait) may watch it to stop early.
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (never negative), None without one."""
@@ -197,10 +200,20 @@ class Server:
 
     def _handle(self, conn: _Connection, event: RequestReceived) -> None:
         self._handler_thread.active = True
-        call = _Call(conn, event.stream_id)
-        req = event.request
         try:
-            ctx = _context_for(req)
+            self._answer(conn, event)
+        finally:
+            with self._lock:
+                conn.active -= 1
+                self._idle.notify_all()
+            self._handler_thread.active = False
+
+    def _answer(self, conn: _Connection, event: RequestReceived) -> None:
+        req = event.request
+        ctx = _context_for(req)
+        call = _Call(conn, event.stream_id, ctx.cancelled)
+        conn.track(call)
+        try:
             if ctx.deadline is not None:
                 self._deadlines.add(ctx.deadline, call)
             code, message, payload = self._invoke(ctx, req)
@@ -211,10 +224,7 @@ class Server:
             log.exception("ttrpc: failed to answer %s/%s", req.service, req.method)
             call.answer(Code.INTERNAL, "ttrpc: internal server error")
         finally:
-            with self._lock:
-                conn.active -= 1
-                self._idle.notify_all()
-            self._handler_thread.active = False
+            conn.untrack(call)
 
     def _invoke(self, ctx: Context, req: ttrpc_pb2.Request) -> tuple[int, str, bytes]:
         svc = self._services.get(req.service)
@@ -258,6 +268,17 @@ class _Connection:
         self._protocol = ServerProtocol()
         self._write_lock = threading.Lock()
         self._closed = False
+        self._calls: set[_Call] = set()  # running calls, to cancel when the connection closes
+
+    def track(self, call: _Call) -> None:
+        with self._write_lock:
+            self._calls.add(call)
+            if self._closed:
+                call.cancelled.set()
+
+    def untrack(self, call: _Call) -> None:
+        with self._write_lock:
+            self._calls.discard(call)
 
     def read_loop(self) -> None:
         try:
@@ -297,16 +318,24 @@ class _Connection:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
+            for call in self._calls:
+                call.cancelled.set()
 
 
 class _Call:
     """One request's single answer: the handler's result or the deadline watcher's, whichever is first."""
 
-    def __init__(self, conn: _Connection, stream_id: int) -> None:
+    def __init__(self, conn: _Connection, stream_id: int, cancelled: threading.Event) -> None:
         self._conn = conn
         self._stream_id = stream_id
         self._lock = threading.Lock()
         self._answered = False
+        self.cancelled = cancelled
+
+    def expire(self) -> None:
+        """The deadline passed: answer DeadlineExceeded unless already answered, and cancel the handler."""
+        self.answer(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+        self.cancelled.set()
 
     @property
     def answered(self) -> bool:
@@ -370,7 +399,7 @@ class _DeadlineWatcher:
                         call = heapq.heappop(self._heap)[2]
                         break
                     self._cond.wait(left)
-            call.answer(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+            call.expire()
 
 
 class _Workers:

@@ -50,6 +50,8 @@ class Probe:
         self.contexts: list[Context] = []
         self.in_block = 0
         self.changed = threading.Condition()
+        self.waiting_cancel = threading.Event()
+        self.saw_cancel = threading.Event()
 
     def echo(self, ctx: Context, req: Str) -> Str:
         self.contexts.append(ctx)
@@ -66,6 +68,12 @@ class Probe:
     def wait_blocked(self, n: int) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: self.in_block >= n, 30)
+
+    def until_cancelled(self, ctx: Context, req: Str) -> Str:
+        self.waiting_cancel.set()
+        if ctx.cancelled.wait(30):
+            self.saw_cancel.set()
+        return Str(value="done")
 
     def deadline(self, ctx: Context, req: Str) -> Str:
         left = ctx.time_left()
@@ -89,6 +97,7 @@ class Probe:
             "Echo": (Str, self.echo),
             "Block": (Str, self.block),
             "Deadline": (Str, self.deadline),
+            "UntilCancelled": (Str, self.until_cancelled),
             "Fail": (Str, self.fail),
         })
 
@@ -264,6 +273,35 @@ def test_server_answers_deadline_exceeded_while_handler_still_runs(serve, probe:
     [(sid, resp)] = raw_exchange(srv.path, frame, answers=1)
     assert sid == 1 and resp.status.code == Code.DEADLINE_EXCEEDED
     assert probe.blocked.is_set()
+
+
+def test_handler_context_is_cancelled_at_the_deadline(serve, probe: Probe) -> None:
+    srv = serve(probe.service())
+    frame = encode_frame(1, FrameType.REQUEST, request("UntilCancelled", timeout_nano=200_000_000))
+    [(_, resp)] = raw_exchange(srv.path, frame, answers=1)
+    assert resp.status.code == Code.DEADLINE_EXCEEDED
+    assert probe.saw_cancel.wait(30)
+
+
+def test_handler_context_is_cancelled_when_the_connection_closes(serve, probe: Probe) -> None:
+    srv = serve(probe.service())
+    client = Client(srv.address)
+    errors: list[BaseException] = []
+
+    def waiting_call() -> None:
+        try:
+            call(client, "UntilCancelled")
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=waiting_call)
+    t.start()
+    assert probe.waiting_cancel.wait(30)
+    assert not probe.saw_cancel.is_set()
+    client.close()  # containerd going away mid-Wait
+    assert probe.saw_cancel.wait(30)
+    t.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionError)
 
 
 def test_even_stream_id_gets_invalid_argument(serve, probe: Probe) -> None:
