@@ -1,7 +1,8 @@
 """ttrpc -- containerd's lightweight RPC protocol -- in pure Python.
 
 codec: sans-IO framing and message layer; errors: status codes and exceptions; server and client:
-threaded socket implementations on top of the codec.
+threaded socket implementations on top of the codec; concurrency: the server's thread helpers.
+The API the shim relies on is TTRPC-CONTRACT.md (lead's notes); everything else here is additive.
 """
 
 from shim.ttrpc.client import Client, parse_address
