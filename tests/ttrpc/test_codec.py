@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -157,3 +158,19 @@ def test_oversized_response_becomes_an_error_answer() -> None:
     data = encode_response(11, Code.OK, "", b"\0" * MAX_PAYLOAD)
     (event,) = ClientProtocol().receive_data(data)
     assert event.response.status.code == Code.RESOURCE_EXHAUSTED and event.stream_id == 11
+
+
+def test_any_split_of_a_stream_decodes_to_the_same_frames() -> None:
+    rng = random.Random(7)
+    frames = [
+        Frame(2 * i + 1, rng.choice((1, 2, 3, 9)), rng.randrange(8), rng.randbytes(rng.randrange(0, 3000)))
+        for i in range(60)
+    ]
+    wire = b"".join(encode_frame(f.stream_id, f.type, f.payload, f.flags) for f in frames)
+    for _ in range(20):
+        dec, got, pos = FrameDecoder(), [], 0
+        while pos < len(wire):
+            step = rng.choice((1, 2, 9, 10, 11, 500, 4096))
+            got += dec.feed(wire[pos : pos + step])
+            pos += step
+        assert got == frames

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import struct
@@ -326,6 +327,18 @@ def test_oversized_request_gets_resource_exhausted_and_connection_survives(serve
     assert by_stream[1].status.code == Code.RESOURCE_EXHAUSTED
     assert by_stream[3].status.code == Code.OK
     assert Str.FromString(by_stream[3].payload).value == "|after"
+
+
+def test_garbage_on_one_connection_does_not_hurt_the_server(serve, probe: Probe) -> None:
+    srv = serve(probe.service())
+    rng = random.Random(3)
+    for _ in range(5):
+        junk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        junk.connect(str(srv.path))
+        junk.sendall(rng.randbytes(rng.randrange(1, 20000)))
+        junk.close()
+    with Client(srv.address) as client:
+        assert call(client, "Echo", "still serving") == "|still serving"
 
 
 def test_unknown_frame_type_is_ignored(serve, probe: Probe) -> None:
