@@ -27,7 +27,7 @@ def parse_metadata_urls(values: list[str] | None) -> dict[str, str]:
         name, sep, url = value.partition("=")
         if sep and name in PROVIDERS:
             urls[name] = url
-        elif "://" in value:
+        elif "://" in value and not (sep and name.isidentifier()):  # "oracle=http://..." is a typo, not a URL
             urls.update(dict.fromkeys(PROVIDERS, value))
         else:
             raise ValueError(f"--metadata-url {value!r}: expected URL or PROVIDER=URL with PROVIDER in {PROVIDERS}")
