@@ -233,7 +233,9 @@ class StatusServer:
 
         self._httpd = ThreadingHTTPServer(listen, Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="agent-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="agent-http", daemon=True
+        )
 
     @property
     def address(self) -> tuple[str, int]:
