@@ -13,7 +13,7 @@ import json
 import logging
 import time
 
-from shim.agent import http
+from shim.agent import fetch
 from shim.agent.notice import MetadataError, Notice, Watcher
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,9 @@ class AwsWatcher(Watcher):
     # ---- tokens --------------------------------------------------------------------------------
 
     def _fetch_token(self) -> str:
-        resp = http.request(
+        resp = fetch.request(
             "PUT",
-            http.join(self.base_url, TOKEN_PATH),
+            fetch.join(self.base_url, TOKEN_PATH),
             headers={TOKEN_TTL_HEADER: str(self.token_ttl_s)},
             timeout=self.timeout,
         )
@@ -74,13 +74,13 @@ class AwsWatcher(Watcher):
             return self._fetch_token()
         return self._token
 
-    def _get(self, path: str) -> http.Response:
-        url = http.join(self.base_url, path)
-        resp = http.request("GET", url, headers={TOKEN_HEADER: self._token_now()}, timeout=self.timeout)
+    def _get(self, path: str) -> fetch.Response:
+        url = fetch.join(self.base_url, path)
+        resp = fetch.request("GET", url, headers={TOKEN_HEADER: self._token_now()}, timeout=self.timeout)
         if resp.status == 401:  # expired or revoked token (e.g. IMDS restarted): renew once
             log.info("aws: IMDSv2 token rejected, renewing it")
             self._token = None
-            resp = http.request("GET", url, headers={TOKEN_HEADER: self._token_now()}, timeout=self.timeout)
+            resp = fetch.request("GET", url, headers={TOKEN_HEADER: self._token_now()}, timeout=self.timeout)
         return resp
 
     # ---- notices -------------------------------------------------------------------------------
@@ -120,8 +120,8 @@ class AwsWatcher(Watcher):
 def probe(base_url: str = DEFAULT_BASE_URL, timeout: float = 1.0) -> bool:
     """An IMDSv2 endpoint hands out a session token for a PUT; nothing else does."""
     try:
-        resp = http.request(
-            "PUT", http.join(base_url, TOKEN_PATH), headers={TOKEN_TTL_HEADER: "60"}, timeout=timeout
+        resp = fetch.request(
+            "PUT", fetch.join(base_url, TOKEN_PATH), headers={TOKEN_TTL_HEADER: "60"}, timeout=timeout
         )
     except MetadataError:
         return False

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 
-from shim.agent import http
+from shim.agent import fetch
 from shim.agent.notice import MetadataError, Notice, Watcher
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ class AzureWatcher(Watcher):
         """This VM's name, to tell its events from those of its set's neighbours; None if unknown."""
         if not self._vm_name_known:
             try:
-                url = http.join(self.base_url, VM_NAME_PATH)
-                resp = http.request("GET", url, headers=HEADERS, timeout=self.timeout)
+                url = fetch.join(self.base_url, VM_NAME_PATH)
+                resp = fetch.request("GET", url, headers=HEADERS, timeout=self.timeout)
             except MetadataError as exc:
                 log.warning("azure: cannot read this VM's name (%s); will retry", exc)
                 return None
@@ -62,7 +62,7 @@ class AzureWatcher(Watcher):
         return self._vm_name
 
     def poll(self) -> Notice | None:
-        resp = http.request("GET", http.join(self.base_url, EVENTS_PATH), headers=HEADERS, timeout=self.timeout)
+        resp = fetch.request("GET", fetch.join(self.base_url, EVENTS_PATH), headers=HEADERS, timeout=self.timeout)
         if resp.status != 200:
             raise MetadataError(f"GET {EVENTS_PATH} answered {resp.status}: {resp.text[:200]!r}")
         try:
@@ -93,9 +93,9 @@ class AzureWatcher(Watcher):
         if not event_id:
             return
         body = json.dumps({"StartRequests": [{"EventId": event_id}]}).encode()
-        resp = http.request(
+        resp = fetch.request(
             "POST",
-            http.join(self.base_url, EVENTS_PATH),
+            fetch.join(self.base_url, EVENTS_PATH),
             headers={**HEADERS, "Content-Type": "application/json"},
             body=body,
             timeout=self.timeout,
@@ -108,7 +108,7 @@ class AzureWatcher(Watcher):
 def probe(base_url: str = DEFAULT_BASE_URL, timeout: float = 1.0) -> bool:
     """Azure IMDS answers /metadata/instance with JSON when asked with Metadata: true."""
     try:
-        resp = http.request("GET", http.join(base_url, INSTANCE_PATH), headers=HEADERS, timeout=timeout)
+        resp = fetch.request("GET", fetch.join(base_url, INSTANCE_PATH), headers=HEADERS, timeout=timeout)
     except MetadataError:
         return False
     if resp.status != 200:

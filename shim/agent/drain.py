@@ -29,16 +29,21 @@ OK, FAILED, TIMED_OUT = "ok", "failed", "timed_out"
 MARGIN_FRACTION = 0.2
 MIN_MARGIN_S = 1.0
 MAX_MARGIN_S = 10.0
+MIN_ATTEMPT_S = 2.0
 # The shim is asked to finish a little before the call times out, so its own error text arrives.
 SHIM_SLACK_S = 0.5
 
 
 def plan_deadline(notice_deadline: float, now: float | None = None) -> float:
-    """Our wall-clock deadline for a notice's checkpoints: the notice's, less a safety margin."""
+    """Our wall-clock deadline for a notice's checkpoints: the notice's, less a safety margin.
+
+    Never less than MIN_ATTEMPT_S from now: a notice seen late (its time already near or past) still
+    gets a try, since the instance evidently still runs and a checkpoint is all there is to gain.
+    """
     now = time.time() if now is None else now
     window = max(0.0, notice_deadline - now)
     margin = min(MAX_MARGIN_S, max(MIN_MARGIN_S, window * MARGIN_FRACTION))
-    return now + max(0.0, window - margin)
+    return now + max(MIN_ATTEMPT_S, window - margin)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import logging
 import time
 import urllib.parse
 
-from shim.agent import http
+from shim.agent import fetch
 from shim.agent.notice import MetadataError, Notice, Watcher
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,13 @@ class GcpWatcher(Watcher):
         self._etag: str | None = None
 
     def poll(self) -> Notice | None:
-        url = http.join(self.base_url, PREEMPTED_PATH)
+        url = fetch.join(self.base_url, PREEMPTED_PATH)
         timeout = self.timeout
         if self.long_poll and self._etag:
             query = {"wait_for_change": "true", "last_etag": self._etag, "timeout_sec": str(self.long_poll_timeout_s)}
             url += "?" + urllib.parse.urlencode(query)
             timeout = self.long_poll_timeout_s + self.timeout  # the server holds the answer that long
-        resp = http.request("GET", url, headers=FLAVOR, timeout=timeout)
+        resp = fetch.request("GET", url, headers=FLAVOR, timeout=timeout)
         if resp.status != 200:
             self._etag = None  # start over with a plain GET
             raise MetadataError(f"GET {PREEMPTED_PATH} answered {resp.status}: {resp.text[:200]!r}")
@@ -65,7 +65,7 @@ class GcpWatcher(Watcher):
 def probe(base_url: str = DEFAULT_BASE_URL, timeout: float = 1.0) -> bool:
     """The GCP metadata server answers with the header Metadata-Flavor: Google."""
     try:
-        resp = http.request("GET", http.join(base_url, "/computeMetadata/v1/"), headers=FLAVOR, timeout=timeout)
+        resp = fetch.request("GET", fetch.join(base_url, "/computeMetadata/v1/"), headers=FLAVOR, timeout=timeout)
     except MetadataError:
         return False
     return resp.status == 200 and resp.headers.get("Metadata-Flavor", "") == "Google"

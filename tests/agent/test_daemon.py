@@ -176,3 +176,22 @@ def test_registry_gauges_cover_periodic_checkpoints_and_errors(run_dir, standins
     assert 'revenant_agent_provider_info{provider="none"} 1' in text
     assert get(agent, "/healthz")[0] == 200
     assert get(agent, "/nope")[0] == 404
+
+
+def test_stop_during_a_drain_lets_the_drain_finish_first(metadata_server, standins, run_dir):
+    """What SIGTERM does: no new polls, but the running drain still reports (and acknowledges)."""
+    srv = metadata_server(("azure",))
+    standins.add("job")
+    stuck = standins.add("stuck", behavior="hang")
+    agent = Agent(run_dir, AzureWatcher(srv.url), poll_interval=0.1, listen=None)
+    agent.start()
+    try:
+        notice_deadline = time.time() + 6
+        srv.azure_add_event("Preempt", in_s=6)
+        wait_for(lambda: stuck.calls, what="the drain to reach the hung shim")
+        assert agent.reports == []
+    finally:
+        agent.stop()
+    assert time.time() < notice_deadline
+    assert {r.id: r.status for r in agent.reports[0].results} == {"job": "ok", "stuck": "timed_out"}
+    assert len(srv.state.azure_acks) == 1

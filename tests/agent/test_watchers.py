@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from shim.agent import http
+from shim.agent import fetch
 from shim.agent.aws import AwsWatcher
 from shim.agent.azure import AzureWatcher
 from shim.agent.gcp import GcpWatcher
@@ -19,7 +19,7 @@ from shim.agent.notice import MetadataError
 
 def test_aws_server_refuses_requests_without_a_token(metadata_server) -> None:
     srv = metadata_server(("aws",))
-    resp = http.request("GET", srv.url + "/latest/meta-data/spot/instance-action")
+    resp = fetch.request("GET", srv.url + "/latest/meta-data/spot/instance-action")
     assert resp.status == 401
 
 
@@ -99,7 +99,7 @@ def test_aws_unreachable_raises_metadata_error() -> None:
 
 def test_gcp_server_requires_the_flavor_header(metadata_server) -> None:
     srv = metadata_server(("gcp",))
-    assert http.request("GET", srv.url + "/computeMetadata/v1/instance/preempted").status == 403
+    assert fetch.request("GET", srv.url + "/computeMetadata/v1/instance/preempted").status == 403
 
 
 def test_gcp_false_then_true_by_plain_polling(metadata_server) -> None:
