@@ -12,7 +12,7 @@ from typing import Any
 
 from shim.agent.daemon import Agent
 from shim.agent.detect import PROVIDERS, make_watcher, parse_metadata_urls
-from shim.agent.drain import OK, DrainReport, drain
+from shim.agent.drain import FAILED, OK, TIMED_OUT, DrainReport, drain
 from shim.agent.logfmt import setup_logging
 from shim.registry import default_run_dir, list_tasks
 
@@ -121,10 +121,9 @@ def format_report(report: DrainReport) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in (headers, *rows)]
-    failed = len(report.results) - report.count(OK)
     lines.append(
-        f"{report.count(OK)} ok, {failed} failed of {len(report.results)} task(s) "
-        f"in {report.finished - report.started:.1f}s"
+        f"{report.count(OK)} ok, {report.count(FAILED)} failed, {report.count(TIMED_OUT)} timed out "
+        f"of {len(report.results)} task(s) in {report.finished - report.started:.1f}s"
     )
     return "\n".join(lines)
 
@@ -143,7 +142,7 @@ def run_drain(args: argparse.Namespace) -> int:
         else:
             print(f"no protected tasks in {run_dir}")
         return 0
-    if not args.json:
+    if not args.json:  # progress on stderr: stdout stays the table
         mode = "final checkpoint (tasks stop)" if exit_tasks else "leave-running checkpoint"
         print(f"{mode} of {len(records)} protected task(s), deadline {args.timeout:.0f}s ...", file=sys.stderr)
     report = drain(records, exit=exit_tasks, deadline=time.time() + args.timeout, reason="revenant drain")

@@ -133,7 +133,11 @@ def checkpoint_task(
         result.freeze_s = resp.freeze_s
         result.total_s = resp.total_s
     except DeadlineExceeded as exc:
-        result = _base_result(record, TIMED_OUT, f"deadline exceeded: {exc.message}")
+        if "no answer within" in exc.message:  # our own call timed out (not the shim's verdict)
+            text = f"no answer from the shim within {max(0.0, left):.1f}s (deadline)"
+        else:
+            text = f"deadline exceeded: {exc.message}"
+        result = _base_result(record, TIMED_OUT, text)
     except TtrpcError as exc:
         result = _base_result(record, FAILED, f"{exc.code.name}: {exc.message}")
     except TimeoutError as exc:  # the connect itself (a shim that accepts nothing)

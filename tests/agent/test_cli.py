@@ -32,7 +32,7 @@ def test_drain_reports_a_table_and_fails_when_a_task_fails(standins, run_dir: Pa
     assert set(row) == {"default/job-a", "default/job-bad"}
     assert " ok " in row["default/job-a"] and "4.0 KiB" in row["default/job-a"]
     assert " failed " in row["default/job-bad"] and "store unreachable" in row["default/job-bad"]
-    assert lines[-1].startswith("1 ok, 1 failed of 2 task(s)")
+    assert lines[-1].startswith("1 ok, 1 failed, 0 timed out of 2 task(s)")
     assert all(c.request.exit for s in standins.shims[:2] for c in s.calls)
     assert standins.shims[2].calls == []
 
