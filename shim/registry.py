@@ -66,6 +66,10 @@ class TaskRecord:
     # Fields written by a newer shim that this version does not know, kept so a rewrite loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.last_checkpoint, dict):  # accept the JSON shape from callers too
+            self.last_checkpoint = LastCheckpoint.from_dict(self.last_checkpoint)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
         """Build a record from its JSON object; raises ValueError on missing or mistyped fields."""

@@ -77,8 +77,11 @@ def run_agent(args: argparse.Namespace) -> int:
         log.error("agent: %s", exc)
         return 2
 
+    received: list[int] = []
+
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("agent: %s received, stopping", signal.Signals(signum).name)
+        # Only flag it here: logging from a signal handler can deadlock on the handler's lock.
+        received.append(signum)
         agent.stop_event.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -87,6 +90,8 @@ def run_agent(args: argparse.Namespace) -> int:
     try:
         while not agent.stop_event.wait(1.0):
             pass
+        if received:
+            log.info("agent: %s received, stopping", signal.Signals(received[0]).name)
     finally:
         agent.stop()
     return 0

@@ -122,3 +122,10 @@ def test_names_that_are_not_containerd_identifiers_are_refused(tmp_path: Path, n
         write_task(tmp_path, record(id, namespace))
     with pytest.raises(ValueError):
         remove_task(tmp_path, namespace, id)
+
+
+def test_last_checkpoint_may_be_given_in_its_json_shape(tmp_path: Path) -> None:
+    rec = record(last_checkpoint={"seq": 2, "time": 5.0, "bytes_uploaded": 9, "duration_s": 0.5})
+    assert rec.last_checkpoint == LastCheckpoint(seq=2, time=5.0, bytes_uploaded=9, duration_s=0.5)
+    write_task(tmp_path, rec)
+    assert list_tasks(tmp_path)[0].last_checkpoint.seq == 2
