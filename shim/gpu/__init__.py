@@ -4,7 +4,8 @@ CRIU cannot dump device memory. The driver can move a process's GPU state into i
 (lock -> checkpoint), after which CRIU dumps it like any other memory, and put it back after a CRIU
 restore (restore -> unlock). States: RUNNING -> LOCKED -> CHECKPOINTED -> LOCKED -> RUNNING.
 
-API for the checkpoint engine (all names importable from `shim.gpu`):
+API for the checkpoint engine (all names importable from `shim.gpu`). The engine's DumpHooks are
+GpuDumpHooks (shim/gpu/hooks.py, built on what follows); the parts, for other callers:
 
     coord = GpuCoordinator()                      # or the module-level helpers below (one per process)
     with coord.quiesced(pids, lock_timeout_ms=10_000) as session:
@@ -17,6 +18,10 @@ API for the checkpoint engine (all names importable from `shim.gpu`):
     ok = check_compatible(checkpoint_metadata["gpu"], coord.node_info())   # BEFORE runc restore
     if not ok: refuse, with ok.reason
     coord.resume_restored(pids, expected=checkpoint_metadata["gpu"]["cuda_processes"])
+
+    session = coord.begin(pids)                   # the same without `with`:
+    try: dump() except BaseException as e: session.abort(e); raise
+    session.after_dump(leave_running=...)
 
 Guarantees:
 - `pids` are the container's processes (cgroup.procs / runc ps); the CUDA ones are those with an fd or
@@ -50,6 +55,7 @@ tests/gpu/run_on_gpu.sh.
 
 from .coordinator import (
     GpuCoordinator,
+    GpuIncompatible,
     GpuQuiesceError,
     GpuResumeError,
     GpuRollbackError,
@@ -59,6 +65,7 @@ from .coordinator import (
 )
 from .discovery import ProcRef, find_cuda_processes
 from .driver import CudaDriver, CudaError, GpuError, GpuUnavailable, ProcessState
+from .hooks import GpuDumpHooks, runc_pids
 from .info import Compatibility, check_compatible, node_gpu_info
 
 _default: GpuCoordinator | None = None
@@ -81,8 +88,9 @@ def resume_restored(pids, *, expected: int | None = None):
 
 
 __all__ = [
-    "Compatibility", "CudaDriver", "CudaError", "GpuCoordinator", "GpuError", "GpuQuiesceError",
+    "Compatibility", "CudaDriver", "CudaError", "GpuCoordinator", "GpuDumpHooks", "GpuError",
+    "GpuIncompatible", "GpuQuiesceError",
     "GpuResumeError", "GpuRollbackError", "GpuSession", "GpuStepError", "GpuUnavailable", "ProcRef",
     "ProcessState", "StepFailure", "check_compatible", "default_coordinator", "find_cuda_processes",
-    "node_gpu_info", "quiesced", "resume_restored",
+    "node_gpu_info", "quiesced", "resume_restored", "runc_pids",
 ]

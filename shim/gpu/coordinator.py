@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from .discovery import ProcRef, device_prefixes, find_cuda_processes, rss_bytes, start_time
 from .driver import CudaDriver, CudaError, GpuError, GpuUnavailable, ProcessState
-from .info import gpu_memory_by_pid, node_gpu_info
+from .info import Compatibility, check_compatible, gpu_memory_by_pid, node_gpu_info
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class GpuRollbackError(GpuStepError):
 
 class GpuResumeError(GpuStepError):
     """Restore or unlock failed after a dump (leave-running) or after runc restore."""
+
+
+class GpuIncompatible(GpuError):
+    """This node's GPUs differ from the checkpoint's (model or count) or it has no GPU support."""
 
 
 class _Stuck(Exception):
@@ -157,26 +161,43 @@ class GpuCoordinator:
         return find_cuda_processes(pids, self.device_prefixes or device_prefixes())
 
     # -- checkpoint ------------------------------------------------------------------------------------------
-    @contextmanager
-    def quiesced(self, pids: Iterable[int], *, lock_timeout_ms: int | None = None) -> Iterator[GpuSession]:
-        """Lock + checkpoint every CUDA process of pids; the body dumps; then session.after_dump(...).
+    def begin(self, pids: Iterable[int], *, lock_timeout_ms: int | None = None) -> GpuSession:
+        """Lock + checkpoint every CUDA process of pids and return the session; the caller dumps, then
+        calls session.after_dump(leave_running) on success or session.abort(cause) on failure.
 
-        Raises GpuQuiesceError before the body when lock/checkpoint fails (all processes returned to
-        RUNNING first, unless err.rollback says otherwise). If the body raises, every process is returned
-        to RUNNING and the body's exception propagates (GpuRollbackError instead if that return failed).
+        Raises GpuQuiesceError when lock/checkpoint fails (every process returned to RUNNING first,
+        unless err.rollback says otherwise): the dump must not run then.
         """
         session = GpuSession(self, self.cuda_processes(pids),
                              self.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms)
         session._quiesce()
+        return session
+
+    @contextmanager
+    def quiesced(self, pids: Iterable[int], *, lock_timeout_ms: int | None = None) -> Iterator[GpuSession]:
+        """begin() as a context manager: the body dumps and calls session.after_dump(...).
+
+        If the body raises, every process is returned to RUNNING and the body's exception propagates
+        (GpuRollbackError instead if that return failed). Leaving without after_dump() resumes every
+        process still alive.
+        """
+        session = self.begin(pids, lock_timeout_ms=lock_timeout_ms)
         try:
             yield session
         except BaseException as e:
-            session._abort(e)
+            session.abort(e)
             raise
         else:
             if not session.finished:
                 log.warning("GPU session closed without after_dump(); resuming the processes still alive")
                 session.after_dump(leave_running=None)
+
+    def require_compatible(self, saved: dict[str, Any] | None) -> Compatibility:
+        """check_compatible() against this node; GpuIncompatible (with the reason) when it fails."""
+        verdict = check_compatible(saved, self.node_info())
+        if not verdict:
+            raise GpuIncompatible(f"refusing to restore here: {verdict.reason}")
+        return verdict
 
     # -- restore ---------------------------------------------------------------------------------------------
     def resume_restored(self, pids: Iterable[int], *, expected: int | None = None) -> dict[str, Any]:
@@ -421,7 +442,7 @@ class GpuSession:
         log.info("GPU resumed %d process(es) after the dump: restore %.3f s, unlock %.3f s",
                  len(alive), self.stats["restore_s"], self.stats["unlock_s"])
 
-    def _abort(self, cause: BaseException) -> None:
+    def abort(self, cause: BaseException) -> None:
         """The dump failed: return every process to RUNNING. Raises GpuRollbackError if that fails."""
         if self.finished:
             return
@@ -442,6 +463,6 @@ def stats_as_json(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "GpuCoordinator", "GpuQuiesceError", "GpuResumeError", "GpuRollbackError", "GpuSession", "GpuStepError",
-    "StepFailure", "stats_as_json",
+    "GpuCoordinator", "GpuIncompatible", "GpuQuiesceError", "GpuResumeError", "GpuRollbackError", "GpuSession",
+    "GpuStepError", "StepFailure", "stats_as_json",
 ]

@@ -4,10 +4,15 @@ Only the standard library is used so this module also runs under the GPU machine
 
 Signatures and argument structs, as in cuda.h (each args struct is 64 bytes; reserved fields must be zero):
     CUresult cuCheckpointProcessGetState(int pid, CUprocessState *state);
-    CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args);        # {uint timeoutMs; uint reserved0; u64 reserved1[7]}
-    CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args);  # {u64 reserved[8]}
-    CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args);  # {CUcheckpointGpuPair *gpuPairs; uint gpuPairsCount; char reserved[44]; u64 reserved1}
-    CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args);    # {u64 reserved[8]}
+    CUresult cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args);
+        {unsigned int timeoutMs; unsigned int reserved0; cuuint64_t reserved1[7]}
+    CUresult cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args);
+        {cuuint64_t reserved[8]}
+    CUresult cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args);
+        {CUcheckpointGpuPair *gpuPairs; unsigned int gpuPairsCount; char reserved[52 - sizeof(ptr)];
+         cuuint64_t reserved1}
+    CUresult cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args);
+        {cuuint64_t reserved[8]}
 cuInit(0) must succeed before any of them (else CUDA_ERROR_NOT_INITIALIZED).
 """
 
@@ -154,7 +159,8 @@ class CudaDriver:
                    if not hasattr(lib, s)]
         if missing:
             raise GpuUnavailable(
-                f"no GPU support: {path} lacks {', '.join(missing)} (the checkpoint API needs driver 550+ / CUDA 12.8 API)")
+                f"no GPU support: {path} lacks {', '.join(missing)} "
+                "(the checkpoint API needs driver 550+ / CUDA 12.8 API)")
         drv = cls(lib, path)
         rc = lib.cuInit(0)
         if rc != CUDA_SUCCESS:

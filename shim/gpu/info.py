@@ -111,12 +111,12 @@ def check_compatible(saved: Mapping[str, Any] | None, node: Mapping[str, Any]) -
                                     f"{node.get('reason')}")
     have_models = Counter(node.get("models") or [])
     have_count = int(node.get("count") or 0)
+    seen = (f"the checkpoint was taken on {_describe(want_count, want_models)}, "
+            f"this node has {_describe(have_count, have_models)}")
     if have_count != want_count:
-        return Compatibility(False, f"GPU count differs: the checkpoint was taken on {_describe(want_count, want_models)}, "
-                                    f"this node has {_describe(have_count, have_models)}")
+        return Compatibility(False, f"GPU count differs: {seen}")
     if have_models != want_models:
-        return Compatibility(False, f"GPU model differs: the checkpoint was taken on {_describe(want_count, want_models)}, "
-                                    f"this node has {_describe(have_count, have_models)}")
+        return Compatibility(False, f"GPU model differs: {seen}")
     return Compatibility(True, f"same GPUs: {_describe(have_count, have_models)}")
 
 

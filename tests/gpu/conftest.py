@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakecuda import FakeCuda
+
+from harness.fakecuda import FakeCuda
 
 HERE = Path(__file__).parent
 

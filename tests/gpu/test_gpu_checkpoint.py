@@ -13,12 +13,14 @@ import os
 from pathlib import Path
 
 import pytest
-from fakecuda import FakeCuda
 
+from harness.fakecuda import FakeCuda
 from shim.gpu import (
     CudaDriver,
     CudaError,
     GpuCoordinator,
+    GpuDumpHooks,
+    GpuIncompatible,
     GpuQuiesceError,
     GpuResumeError,
     GpuRollbackError,
@@ -401,3 +403,45 @@ def test_compatibility_check(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatc
     cpu_only = {"cuda_processes": 0, "node": None}
     assert check_compatible(cpu_only, (none and {}) or {"available": False}).ok
     assert check_compatible(None, node("")).ok
+
+
+# -- the checkpoint engine's hooks --------------------------------------------------------------------------
+
+def test_dump_hooks_leave_running_and_metadata(fake_cuda: FakeCuda) -> None:
+    x, y = two(fake_cuda)
+    hooks = GpuDumpHooks(lambda cid: {"job": [x, y]}[cid], fake_cuda.coordinator())
+    hooks.before_dump("job")
+    assert fake_cuda.state(x) == fake_cuda.state(y) == "checkpointed"
+    hooks.after_dump("job", leave_running=True, failed=False)
+    assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
+    meta = hooks.take_metadata("job")
+    assert meta is not None and meta["cuda_processes"] == 2
+
+
+def test_dump_hooks_failed_dump_and_cpu_container(fake_cuda: FakeCuda) -> None:
+    x, y = two(fake_cuda)
+    plain = fake_cuda.spawn("plain").pid
+    hooks = GpuDumpHooks(lambda cid: {"gpu": [x, y], "cpu": [plain]}[cid], fake_cuda.coordinator())
+    hooks.before_dump("gpu")
+    hooks.after_dump("gpu", leave_running=False, failed=True)
+    assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
+    assert hooks.take_metadata("gpu") is None
+    hooks.before_dump("cpu")
+    hooks.after_dump("cpu", leave_running=True, failed=False)
+    assert hooks.take_metadata("cpu") is None  # nothing GPU to record
+    assert fake_cuda.state(plain) is None
+
+
+def test_dump_hooks_restore_checks_the_node_first(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = checkpoint_metadata(fake_cuda, monkeypatch, "NVIDIA H100 80GB HBM3")
+    a = fake_cuda.spawn("plain").pid
+    fake_cuda.set_state(a, "checkpointed")  # as CRIU restores it
+    hooks = GpuDumpHooks(lambda cid: [a], fake_cuda.coordinator())
+    monkeypatch.setenv("FAKE_CUDA_DEVICES", "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(GpuIncompatible, match="refusing to restore here: GPU model differs"):
+        hooks.expect_restore("job", saved)
+    monkeypatch.setenv("FAKE_CUDA_DEVICES", "NVIDIA H100 80GB HBM3")
+    hooks.expect_restore("job", saved)
+    hooks.after_restore("job")
+    assert hooks.restore_reports["job"]["cuda_processes"] == 1
+    assert fake_cuda.state(a) == "running"

@@ -1,4 +1,4 @@
-"""The fake CUDA driver of one test (see fake_libcuda.c) and real child processes that use a fake device."""
+"""The fake CUDA driver of one test (tests/gpu/fake_libcuda.c) and real child processes using a fake device."""
 
 from __future__ import annotations
 
