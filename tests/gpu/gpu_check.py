@@ -65,7 +65,7 @@ def kill_all() -> None:
 
 def start_job(py: str, log: Path, args: argparse.Namespace) -> int:
     """The job in its own session (CRIU dumps a tree that owns its session), stdio on /dev/null."""
-    cmd = [py, str(HERE / "torch_job.py"), "--log", str(log), "--steps", str(args.steps),
+    cmd = [py, str(HERE / args.job), "--log", str(log), "--steps", str(args.steps),
            "--gib", str(args.gib), "--seed", str(args.seed), "--step-sleep", str(args.step_sleep)]
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -186,6 +186,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--step-sleep", type=float, default=0.02)
     ap.add_argument("--no-probes", action="store_true")
+    ap.add_argument("--job", default="torch_job.py")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU rehearsal with the fake libcuda and standin_job.py: after criu restore, mark the "
+                         "pid CHECKPOINTED in the fake (the real driver carries that state inside the process)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +205,7 @@ def main() -> int:
             raise RuntimeError(reason)
         result["node"] = coord.node_info()
         say(f"node: {json.dumps(result['node'])}")
-        if not args.no_probes:
+        if not args.no_probes and not args.dry_run:
             result["probes"] = probes(coord, args.python)
             say(f"probes: {result['probes']}")
 
@@ -248,6 +252,8 @@ def main() -> int:
                          *CRIU_OPTS)
         if start_time(pid) is None:
             raise RuntimeError(f"criu restore returned but pid {pid} is not running")
+        if args.dry_run:
+            Path(os.environ["FAKE_CUDA_STATE_DIR"], f"state.{pid}").write_text("checkpointed\n")
         resumed = coord.resume_restored([pid], expected=1)
         result["restore"] = {"criu_restore_s": round(restore_s, 3), "gpu": resumed,
                              "total_s": round(time.monotonic() - t0, 3)}
