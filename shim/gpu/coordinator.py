@@ -120,6 +120,9 @@ class GpuCoordinator:
         lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS,
         call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
         lock_grace_s: float = LOCK_GRACE_S,
+        retries: int = 1,
+        retry_delay_s: float = 0.5,
+        state_timeout_s: float = 10.0,
     ):
         self._driver = driver
         self._libcuda = libcuda
@@ -129,6 +132,9 @@ class GpuCoordinator:
         self.lock_timeout_ms = lock_timeout_ms
         self.call_timeout_s = call_timeout_s
         self.lock_grace_s = lock_grace_s
+        self.retries = retries  # extra attempts of a failed restore/unlock on the way back to RUNNING
+        self.retry_delay_s = retry_delay_s
+        self.state_timeout_s = state_timeout_s  # GetState of a pid that may not be a CUDA process at all
         self._reapers: list[threading.Thread] = []
 
     # -- driver ----------------------------------------------------------------------------------------------
@@ -217,7 +223,7 @@ class GpuCoordinator:
         for p in procs:
             try:
                 st = _call_with_deadline("cuCheckpointProcessGetState", p.pid, lambda p=p: drv.get_state(p.pid),
-                                         self.call_timeout_s)
+                                         self.state_timeout_s)
             except (CudaError, _Stuck) as e:
                 log.debug("pid %d is not a CUDA process (%s)", p.pid, e)
                 continue
@@ -303,20 +309,30 @@ def _drive_to_running(coord: GpuCoordinator, drv: CudaDriver, procs: list[ProcRe
                 continue
             if st != from_state:
                 continue
-            try:
-                _timed(stats, p.pid, f"{phase}_s",
-                       lambda p=p, method=method, call=call: _call_with_deadline(
-                           call, p.pid, lambda: method(p.pid), coord.call_timeout_s))
-            except _Stuck as e:
-                failures.append(StepFailure(p.pid, phase, str(e), None, "unknown (a background thread will "
-                                            "return it to RUNNING when the call returns)"))
-                failed_pids.add(p.pid)
-                coord._reap_later(p, e)
-            except CudaError as e:
-                f = _failure(p.pid, phase, e)
-                f.state_after = _state_name(drv, p.pid)
-                failures.append(f)
-                failed_pids.add(p.pid)
+            for attempt in range(coord.retries + 1):
+                try:
+                    _timed(stats, p.pid, f"{phase}_s",
+                           lambda p=p, method=method, call=call: _call_with_deadline(
+                               call, p.pid, lambda: method(p.pid), coord.call_timeout_s))
+                    break
+                except _Stuck as e:
+                    failures.append(StepFailure(p.pid, phase, str(e), None, "unknown (a background thread will "
+                                                "return it to RUNNING when the call returns)"))
+                    failed_pids.add(p.pid)
+                    coord._reap_later(p, e)
+                    break
+                except CudaError as e:
+                    state_after = _state_name(drv, p.pid)
+                    if attempt < coord.retries and state_after == from_state.name:
+                        # A transient failure (the driver says the call changed nothing): try again.
+                        log.warning("GPU %s of pid %d failed (%s); retrying", phase, p.pid, e.name)
+                        time.sleep(coord.retry_delay_s)
+                        continue
+                    f = _failure(p.pid, phase, e)
+                    f.state_after = state_after
+                    failures.append(f)
+                    failed_pids.add(p.pid)
+                    break
     for p in procs:
         if p.pid in failed_pids or not p.alive():
             continue

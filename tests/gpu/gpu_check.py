@@ -144,9 +144,12 @@ def probes(coord: GpuCoordinator, py: str) -> dict[str, Any]:
     sleeper = subprocess.Popen(["sleep", "60"])
     started(sleeper.pid)
     try:
-        out["get_state_non_cuda"] = f"state {drv.get_state(sleeper.pid)!r}"
+        st = _call_with_deadline("get_state", sleeper.pid, lambda: drv.get_state(sleeper.pid), 20)
+        out["get_state_non_cuda"] = f"state {st!r}"
     except CudaError as e:
         out["get_state_non_cuda"] = f"{e.name} ({e.code})"
+    except Exception as e:  # the watchdog
+        out["get_state_non_cuda"] = f"{type(e).__name__}: {e}"
     sleeper.kill()
     sleeper.wait()
     # A kernel that spins ~4 s: a lock with a 300 ms timeout cannot complete while it runs.
@@ -157,6 +160,7 @@ def probes(coord: GpuCoordinator, py: str) -> dict[str, Any]:
     try:
         assert spin.stdout is not None
         spin.stdout.readline()
+        out["get_state_cuda"] = repr(drv.get_state(spin.pid))
         t0 = time.monotonic()
         try:
             _call_with_deadline("lock", spin.pid, lambda: drv.lock(spin.pid, 300), 20)

@@ -287,6 +287,16 @@ def test_restore_failure_after_leave_running_dump(fake_cuda: FakeCuda) -> None:
     assert fake_cuda.state(x) == "running"
 
 
+def test_transient_restore_failure_is_retried(fake_cuda: FakeCuda) -> None:
+    x, y = two(fake_cuda)
+    fake_cuda.add_fault(f"restore {y} fail 2 once")
+    with fake_cuda.coordinator().quiesced([x, y]) as session:
+        session.after_dump(leave_running=True)
+    assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
+    assert [c for c in fake_cuda.calls() if c.startswith(f"cuCheckpointProcessRestore {y}")] == [
+        f"cuCheckpointProcessRestore {y} -> 2", f"cuCheckpointProcessRestore {y} -> 0"]
+
+
 def test_unlock_failure_after_leave_running_dump(fake_cuda: FakeCuda) -> None:
     x, y = two(fake_cuda)
     fake_cuda.add_fault(f"unlock {x} fail 999")
@@ -326,8 +336,8 @@ def test_lock_that_ignores_its_timeout_is_abandoned_and_undone_later(fake_cuda: 
 
 def test_stuck_restore_after_dump_is_reported_and_finished_later(fake_cuda: FakeCuda) -> None:
     (x,) = [fake_cuda.spawn("fd").pid]
-    fake_cuda.add_fault(f"restore {x} stall 1500 once")
-    coord = fake_cuda.coordinator(call_timeout_s=0.3)
+    fake_cuda.add_fault(f"restore {x} stall 3000 once")
+    coord = fake_cuda.coordinator(call_timeout_s=1.0)
     with coord.quiesced([x]) as session, pytest.raises(GpuResumeError, match="did not return") as err:
         session.after_dump(leave_running=True)
     assert "background thread" in str(err.value)

@@ -60,6 +60,7 @@ class FakeCuda:
         kw.setdefault("lock_timeout_ms", 2000)
         kw.setdefault("call_timeout_s", 20.0)
         kw.setdefault("lock_grace_s", 5.0)
+        kw.setdefault("retry_delay_s", 0.05)
         return GpuCoordinator(**kw)
 
     # -- real processes ----------------------------------------------------------------------------------
