@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .discovery import ProcRef, device_prefixes, find_cuda_processes, rss_bytes, start_time
-from .driver import CudaDriver, CudaError, GpuError, GpuUnavailable, ProcessState
+from .driver import CUDA_ERROR_ILLEGAL_STATE, CudaDriver, CudaError, GpuError, GpuUnavailable, ProcessState
 from .info import Compatibility, check_compatible, gpu_memory_by_pid, node_gpu_info
 
 log = logging.getLogger(__name__)
@@ -301,13 +301,14 @@ def _drive_to_running(coord: GpuCoordinator, drv: CudaDriver, procs: list[ProcRe
         for p in procs:
             if p.pid in failed_pids or not p.alive():
                 continue
+            st: ProcessState | int | None
             try:
                 st = drv.get_state(p.pid)
             except CudaError as e:
-                failures.append(_failure(p.pid, "get_state", e))
-                failed_pids.add(p.pid)
-                continue
-            if st != from_state:
+                # State unknown: make the call anyway; ILLEGAL_STATE then only means "was not in from_state".
+                log.warning("GPU: cannot read the state of pid %d (%s); trying %s anyway", p.pid, e.name, phase)
+                st = None
+            if st is not None and st != from_state:
                 continue
             for attempt in range(coord.retries + 1):
                 try:
@@ -322,6 +323,8 @@ def _drive_to_running(coord: GpuCoordinator, drv: CudaDriver, procs: list[ProcRe
                     coord._reap_later(p, e)
                     break
                 except CudaError as e:
+                    if st is None and e.code == CUDA_ERROR_ILLEGAL_STATE:
+                        break  # the blind attempt found the process in another state: nothing to do here
                     state_after = _state_name(drv, p.pid)
                     if attempt < coord.retries and state_after == from_state.name:
                         # A transient failure (the driver says the call changed nothing): try again.

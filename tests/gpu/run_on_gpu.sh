@@ -13,6 +13,9 @@
 # containerd nor runc nor a registry to fetch them from, and the shim's task service is not written yet;
 # the same GPU module drives a plain CRIU dump/restore of the job's process tree instead.
 #
+# Benchmark figures for bench/RESULTS.md come from the same run (gpu_check.json: lock/checkpoint/dump/
+# restore/unlock seconds, stall, restart_to_first_step_s); for 16 GiB of state run it again with
+#   GIB=16 STEPS=200 CHECKPOINT_AT=60 bash tests/gpu/run_on_gpu.sh
 # Budget: ~15 s of probes, ~20 s reference, ~60 s checkpointed run with dump/restore of ~5 GB; well inside
 # the 10-minute limit (hard stop at 540 s). Every process started is killed on the way out.
 set -uo pipefail
@@ -26,6 +29,8 @@ py=${PYTHON:-python3}
 steps=${STEPS:-400}
 ckpt_at=${CHECKPOINT_AT:-150}
 gib=${GIB:-4}
+# GPU_CHECK_ARGS: extra gpu_check.py arguments; "--job standin_job.py --dry-run" (with the fake libcuda's
+# environment, see tests/gpu/test_gpu_check_rehearsal.py) rehearses this script on a machine without a GPU.
 
 if [[ ! -x $criu_dir/criu ]]; then
   echo "run_on_gpu: $criu_dir/criu missing: run tests/gpu/fetch-criu.sh here and carry tests/gpu/.criu" >&2
@@ -47,7 +52,12 @@ kill_recorded() {
   # The pids gpu_check.py recorded as it started them (normally it has killed them already).
   local pid
   [[ -f $work/pids ]] || return 0
-  while read -r pid; do kill -KILL "$pid" 2>/dev/null; done < "$work/pids"
+  while read -r pid; do
+    # Only if the pid still runs one of our programs (not a recycled pid).
+    tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" \
+      | grep -q -e torch_job.py -e standin_job.py -e torch.cuda._sleep -e '^sleep 60' \
+      && kill -KILL "$pid" 2>/dev/null
+  done < "$work/pids"
 }
 trap cleanup EXIT
 
@@ -63,7 +73,7 @@ echo "== check"
 export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 timeout -k 10 540 "$py" "$repo/tests/gpu/gpu_check.py" --work "$work" --out "$out" --criu "$criu_dir/criu" \
-  --python "$py" --steps "$steps" --checkpoint-at "$ckpt_at" --gib "$gib" &
+  --python "$py" --steps "$steps" --checkpoint-at "$ckpt_at" --gib "$gib" ${GPU_CHECK_ARGS:-} &
 controller=$!
 wait "$controller"
 rc=$?

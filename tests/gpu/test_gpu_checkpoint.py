@@ -257,6 +257,18 @@ def test_checkpoint_failure_that_breaks_the_process_is_reported(fake_cuda: FakeC
     assert fake_cuda.state(y) == "running"  # the other process was still returned to RUNNING
 
 
+def test_rollback_when_the_state_cannot_be_read(fake_cuda: FakeCuda) -> None:
+    x, y = two(fake_cuda)
+    fake_cuda.add_fault(f"lock {y} fail 2")
+    fake_cuda.add_fault(f"getstate {x} fail 999 once")  # the first GetState of the rollback fails
+    with pytest.raises(GpuQuiesceError) as err, fake_cuda.coordinator().quiesced([x, y]):
+        pytest.fail("the dump must not run")
+    assert err.value.job_left_running
+    # restore was tried blind (ILLEGAL_STATE: it was LOCKED, not CHECKPOINTED), then unlock ran.
+    assert steps(fake_cuda) == [("Lock", x), ("Lock", y), ("Restore", x), ("Unlock", x)]
+    assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
+
+
 def test_failed_dump_returns_every_process_to_running(fake_cuda: FakeCuda) -> None:
     x, y = two(fake_cuda)
     with pytest.raises(RuntimeError, match="runc checkpoint failed") as err, \
