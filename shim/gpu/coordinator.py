@@ -391,11 +391,12 @@ class GpuSession:
         rss_before = {p.pid: rss_bytes(p.pid) for p in self.processes}
         coord = self._coord
         deadline = (self.lock_timeout_ms / 1000 + coord.lock_grace_s) if self.lock_timeout_ms else coord.call_timeout_s
+        gone: set[int] = set()
         for step, call, method, limit in (
             ("lock", "cuCheckpointProcessLock", lambda pid: drv.lock(pid, self.lock_timeout_ms), deadline),
             ("checkpoint", "cuCheckpointProcessCheckpoint", drv.checkpoint, coord.call_timeout_s),
         ):
-            for p in self.processes:
+            for p in [p for p in self.processes if p.pid not in gone]:
                 try:
                     _timed(self.stats, p.pid, f"{step}_s",
                            lambda p=p, call=call, method=method, limit=limit: _call_with_deadline(
@@ -403,6 +404,11 @@ class GpuSession:
                 except (CudaError, _Stuck) as e:
                     if isinstance(e, _Stuck):
                         coord._reap_later(p, e)
+                    elif step == "lock" and not p.alive():
+                        # It exited between discovery and lock: nothing of it to checkpoint.
+                        self.events.append(f"CUDA process {p.pid} exited before it could be locked")
+                        gone.add(p.pid)
+                        continue
                     failure = _failure(p.pid, step, e)
                     rollback = _drive_to_running(coord, drv, self.processes, {})
                     self.finished = True
@@ -411,6 +417,9 @@ class GpuSession:
                            + ("every CUDA process is RUNNING again" if not rollback else "ROLLBACK FAILED"))
                     log.error("%s: %s", msg, failure)
                     raise cls(msg, [failure], rollback) from e
+        if gone:
+            self.processes = [p for p in self.processes if p.pid not in gone]
+            self.stats["cuda_pids"] = [p.pid for p in self.processes]
         self._record_bytes(smi, rss_before)
         log.info("GPU quiesced %d process(es): lock %.3f s, checkpoint %.3f s, %d bytes (%s)",
                  len(self.processes), self.stats["lock_s"], self.stats["checkpoint_s"],

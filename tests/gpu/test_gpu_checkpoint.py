@@ -24,6 +24,7 @@ from shim.gpu import (
     GpuQuiesceError,
     GpuResumeError,
     GpuRollbackError,
+    GpuSession,
     GpuUnavailable,
     ProcessState,
     check_compatible,
@@ -186,6 +187,19 @@ def test_leave_running_dump_call_order_and_stats(fake_cuda: FakeCuda) -> None:
         assert st[key] >= 0 and all(key in st["per_process"][str(p)] for p in (x, y))
     assert st["gpu_bytes_source"] == "rss-growth" and st["gpu_bytes"] >= 0
     assert st["per_process"][str(x)]["rss_before_bytes"] > 0
+
+
+def test_process_that_exits_before_its_lock_is_dropped(fake_cuda: FakeCuda) -> None:
+    a, b = fake_cuda.spawn("fd"), fake_cuda.spawn("fd")
+    coord = fake_cuda.coordinator()
+    refs = coord.cuda_processes([a.pid, b.pid])
+    fake_cuda.kill(b)  # exits between discovery and lock
+    session = GpuSession(coord, refs, 1000)
+    session._quiesce()
+    assert [p.pid for p in session.processes] == [a.pid]
+    assert f"{b.pid} exited before it could be locked" in session.events[0]
+    session.after_dump(leave_running=True)
+    assert fake_cuda.state(a.pid) == "running"
 
 
 def test_dump_that_stops_the_container(fake_cuda: FakeCuda) -> None:
