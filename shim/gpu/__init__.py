@@ -14,9 +14,9 @@ GpuDumpHooks (shim/gpu/hooks.py, built on what follows); the parts, for other ca
         # or session.after_dump(leave_running=False) when the dump stopped the container
     metadata["gpu"] = session.metadata()          # cuda_processes, node (model/count/driver), stats
 
+    ok = check_compatible(checkpoint_metadata["gpu"], coord.node_info())   # before runc restore
+    if not ok: refuse, with ok.reason             # (coord.require_compatible() raises GpuIncompatible)
     runc_restore(...)
-    ok = check_compatible(checkpoint_metadata["gpu"], coord.node_info())   # BEFORE runc restore
-    if not ok: refuse, with ok.reason
     coord.resume_restored(pids, expected=checkpoint_metadata["gpu"]["cuda_processes"])
 
     session = coord.begin(pids)                   # the same without `with`:
@@ -32,12 +32,14 @@ Guarantees:
   dump (a dump would silently lose the GPU state).
 - Every process is locked (driver timeout lock_timeout_ms; a watchdog of lock_timeout + 30 s guards
   against a driver that ignores it), then every process is checkpointed. Any failure there returns every
-  process to RUNNING (restore the checkpointed, then unlock the locked) and raises GpuQuiesceError
+  process to RUNNING (restore the checkpointed, then unlock the locked; a failed restore/unlock that
+  left the state unchanged is retried once; an unreadable state gets restore + unlock blind) and raises
+  GpuQuiesceError
   before the body runs. If the body (the dump) raises, the same rollback runs and the body's exception
   propagates with a note; if the rollback itself fails, GpuRollbackError names each pid, the failed
   call and the state it was left in (err.rollback). A driver call that never returns is abandoned after
   its watchdog and a background thread returns the process to RUNNING once it does
-  (coord.wait_for_stuck_calls()).
+  (coord.wait_for_stuck_calls()). A process that exits between discovery and its lock is dropped.
 - after_dump() failures raise GpuResumeError: the checkpoint is complete, but the job's GPU could not be
   resumed. Leaving the `with` block without after_dump() resumes every live process (and logs it).
 - resume_restored() finds restored processes through the driver (a checkpointed process has closed its

@@ -233,7 +233,7 @@ class GpuCoordinator:
         stats: dict[str, Any] = {"restore_s": 0.0, "unlock_s": 0.0, "per_process": {}}
         failures = _drive_to_running(self, drv, candidates, stats)
         report = {"cuda_processes": len(candidates), "pids": [p.pid for p in candidates],
-                  "resume_s": round(time.monotonic() - t0, 6), **stats}
+                  "resume_s": round(time.monotonic() - t0, 6), **stats_as_json(stats)}
         if failures:
             raise GpuResumeError("GPU restore after CRIU restore failed; the restored job cannot run on:",
                                  failures)
