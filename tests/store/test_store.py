@@ -17,15 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.store import (
-    BackendUnavailable,
-    CheckpointNotFound,
-    ChunkCorrupt,
-    Chunker,
-    StoreError,
-    open_store,
-)
-from tests.store.util import (
+from harness.store_util import (
     MIB,
     chunks_only_in,
     corrupt_chunk,
@@ -34,6 +26,14 @@ from tests.store.util import (
     newest_name,
     tree_digest,
     truncate_manifest,
+)
+from snapshotter.store import (
+    BackendUnavailable,
+    CheckpointNotFound,
+    ChunkCorrupt,
+    Chunker,
+    StoreError,
+    open_store,
 )
 
 KEY = "default/mypod/main"
@@ -51,10 +51,7 @@ class Target:
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
     if request.param == "file":
         return Target(f"file://{tmp_path}/store")
-    if request.param == "s3":
-        srv = request.getfixturevalue("s3_server")
-    else:
-        srv = request.getfixturevalue("oci_registry")
+    srv = request.getfixturevalue("s3_server" if request.param == "s3" else "oci_registry")
     return Target(srv.url, srv)
 
 

@@ -1,4 +1,4 @@
-"""Helpers for store tests: building trees, comparing them, damaging stored objects per backend."""
+"""Helpers for store tests (tests/store): building trees, comparing them, damaging stored objects."""
 
 from __future__ import annotations
 
