@@ -1,35 +1,213 @@
-"""Entry point of `containerd-shim-revenant-v1`, the binary containerd runs for io.containerd.revenant.v1."""
+"""Entry point of `containerd-shim-revenant-v1`, the binary containerd runs for io.containerd.revenant.v1.
+
+containerd runs it three ways (cwd = the bundle): `start` (create the shim's socket, fork the server,
+print the address), `delete` (clean up after a dead shim; print a DeleteResponse), and `-v`.
+The `start` path imports as little as possible: containerd waits for it on every container start.
+"""
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
+VERSION = "0.1.0"
+SOCKET_DIR = "/run/containerd/s"
+GROUP_ANNOTATIONS = (b"io.kubernetes.cri.sandbox-id",)
 
-def build_parser() -> argparse.ArgumentParser:
-    # containerd passes Go-style single-dash flags before the action (`-namespace NS ... start`).
-    p = argparse.ArgumentParser(
-        prog="containerd-shim-revenant-v1",
-        description="containerd runtime shim v2 for io.containerd.revenant.v1",
-    )
-    p.add_argument("-namespace", dest="namespace", default="")
-    p.add_argument("-address", dest="address", default="")
-    p.add_argument("-publish-binary", dest="publish_binary", default="")
-    p.add_argument("-id", dest="id", default="")
-    p.add_argument("-bundle", dest="bundle", default="")
-    p.add_argument("-socket", dest="socket", default="")
-    p.add_argument("-debug", dest="debug", action="store_true")
-    p.add_argument("-v", dest="version", action="store_true", help="print the version and exit")
+
+class Args:
+    """Go-style single-dash flags before the action (`-namespace NS -id ID ... start`). A hand parser:
+    argparse alone costs a few milliseconds of import on every container start."""
+
+    FLAGS = {"-namespace": "namespace", "-address": "address", "-publish-binary": "publish_binary",
+             "-id": "id", "-bundle": "bundle", "-socket": "socket"}
+    BOOLS = {"-debug": "debug", "-v": "version"}
+
+    def __init__(self) -> None:
+        self.namespace = self.address = self.publish_binary = self.id = self.bundle = self.socket = ""
+        self.debug = self.version = False
+        self.action = ""
+
+
+def parse_args(argv: list[str]) -> Args:
+    a = Args()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        name = "-" + name.lstrip("-") if name.startswith("-") else name
+        if name in Args.FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise SystemExit(f"flag needs an argument: {arg}")
+                value = argv[i]
+            setattr(a, Args.FLAGS[name], value)
+        elif name in Args.BOOLS:
+            setattr(a, Args.BOOLS[name], value.lower() not in ("false", "0") if eq else True)
+        elif name in ("start", "delete") and not a.action:
+            a.action = name
+        elif name in ("-h", "-help"):
+            print("usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
+                  " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v] [start|delete]")
+            raise SystemExit(0)
+        else:
+            raise SystemExit(f"containerd-shim-revenant-v1: unknown argument {arg!r}")
+        i += 1
+    return a
+
+
+def build_parser() -> object:
+    """Kept for callers that want an argparse view of the flags (documentation, completion)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="containerd-shim-revenant-v1",
+                                description="containerd runtime shim v2 for io.containerd.revenant.v1")
+    for flag, dest in Args.FLAGS.items():
+        p.add_argument(flag, dest=dest, default="")
+    for flag, dest in Args.BOOLS.items():
+        p.add_argument(flag, dest=dest, action="store_true")
     p.add_argument("action", nargs="?", choices=["start", "delete"])
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.version:
-        print("containerd-shim-revenant-v1 (revenant) 0.1.0")
+def socket_path(address: str, namespace: str, group: str) -> str:
+    import hashlib
+    import posixpath
+
+    key = posixpath.normpath(posixpath.join(address, namespace, group))
+    return f"{SOCKET_DIR}/{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _group_of(cid: str) -> str:
+    """The sandbox a CRI container belongs to: its containers share one shim."""
+    try:
+        with open("config.json", "rb") as f:
+            data = f.read()
+    except OSError:
+        return cid
+    if not any(key in data for key in GROUP_ANNOTATIONS):
+        return cid
+    import json
+
+    annotations = json.loads(data).get("annotations") or {}
+    for key in GROUP_ANNOTATIONS:
+        if annotations.get(key.decode()):
+            return str(annotations[key.decode()])
+    return cid
+
+
+def _listen(path: str):  # -> socket.socket | None (None: a live shim already serves it)
+    import socket
+
+    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    for _ in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            if e.errno != 98:  # EADDRINUSE
+                raise
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                return None
+            except OSError:
+                os.unlink(path)  # left by a dead shim
+            finally:
+                probe.close()
+            continue
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        return sock
+    raise OSError(f"cannot listen on {path}")
+
+
+def _write_file(name: str, text: str) -> None:
+    tmp = name + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, name)
+
+
+def action_start(args: Args) -> int:
+    path = socket_path(args.address, args.namespace, _group_of(args.id))
+    address = "unix://" + path
+    listener = _listen(path)
+    if listener is None:
+        _write_file("address", address)
+        sys.stdout.write(address)
         return 0
-    print("containerd-shim-revenant-v1: not implemented yet", file=sys.stderr)
+    pid = os.fork()
+    if pid == 0:  # the shim server; never returns
+        try:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)  # containerd reads `start`'s stdout until EOF: let go of it now
+            os.dup2(null, 2)
+            from shim.server import serve
+
+            code = serve(args, listener, path)
+        except BaseException:
+            code = 1
+            import traceback
+
+            traceback.print_exc()
+        os._exit(code)
+    listener.close()
+    _write_file("shim.pid", str(pid))
+    _write_file("address", address)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def action_delete(args: Args) -> int:
+    import logging
+    import time
+
+    from revenant_pb.containerd.task.v2 import shim_pb2
+    from shim import mounts, runtime_options, shimlog
+    from shim.runc import Runc, RuncError
+
+    shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "id": args.id,
+                                  "namespace": args.namespace})
+    log = logging.getLogger("shim.delete")
+    bundle = args.bundle or os.getcwd()
+    opts = runtime_options.RuntimeOptions.load(bundle) or runtime_options.RuntimeOptions(
+        root=runtime_options.default_root(bundle, args.namespace))
+    runc = Runc(root=opts.root, log_path=os.path.join(bundle, "log.json"), binary=opts.binary,
+                systemd_cgroup=opts.systemd_cgroup)
+    try:
+        runc.delete(args.id, force=True)
+    except RuncError as e:
+        if not e.not_found:
+            log.warning("cleanup of %s: %s", args.id, e)
+    try:
+        mounts.unmount_all(os.path.join(bundle, "rootfs"))
+    except OSError as e:
+        log.warning("unmount rootfs of %s: %s", args.id, e)
+    resp = shim_pb2.DeleteResponse(exit_status=128 + 9)  # the task was killed (SIGKILL)
+    resp.exited_at.FromNanoseconds(time.time_ns())
+    sys.stdout.buffer.write(resp.SerializeToString())
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.version:
+        print(f"containerd-shim-revenant-v1 (revenant) {VERSION}")
+        return 0
+    if not args.namespace:
+        args.namespace = os.environ.get("NAMESPACE", "")
+    if args.action == "start":
+        return action_start(args)
+    if args.action == "delete":
+        return action_delete(args)
+    print("containerd-shim-revenant-v1: expected an action: start or delete", file=sys.stderr)
     return 1
 
 

@@ -1,0 +1,261 @@
+"""A process's stdio as containerd describes it: FIFO paths, `binary://` and `file://` log URIs, or a
+terminal whose pty master runc sends over a console socket (SCM_RIGHTS).
+
+Without a terminal the container gets the FIFO (or log) descriptors themselves; no copying thread sits
+in the data path. The shim keeps a reader on each output FIFO (so a client that goes away does not
+turn container writes into EPIPE) and a writer on the stdin FIFO (so the container sees EOF only after
+CloseIO, never before the client opened its end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import termios
+import threading
+import urllib.parse
+from collections.abc import Callable
+
+from shim.runc import IOFds
+
+log = logging.getLogger(__name__)
+
+BINARY_READY_TIMEOUT = 10.0
+Spawner = Callable[..., subprocess.Popen[bytes]]
+
+
+def _open_output_fifo(path: str) -> tuple[int, int]:
+    """(write end for the process, reader the shim keeps)."""
+    keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        w = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(keep)
+        raise
+    return w, keep
+
+
+def _open_input_fifo(path: str) -> tuple[int, int]:
+    """(blocking read end for the process, writer the shim keeps until CloseIO)."""
+    r = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        keep = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(r)
+        raise
+    flags = fcntl.fcntl(r, fcntl.F_GETFL)
+    fcntl.fcntl(r, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return r, keep
+
+
+class ProcessIO:
+    def __init__(self, container_id: str, namespace: str, stdin: str, stdout: str, stderr: str,
+                 terminal: bool, spawn: Spawner | None = None) -> None:
+        self.container_id, self.namespace = container_id, namespace
+        self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
+        self._spawn: Spawner = spawn or subprocess.Popen
+        self._child_fds: list[int] = []  # handed to runc; closed once runc has them
+        self._keep: list[int] = []  # held for the process's lifetime
+        self._stdin_keep: int | None = None
+        self.fds = IOFds()
+        self.console: int | None = None  # pty master
+        self._console_dir: str | None = None
+        self._console_listener: socket.socket | None = None
+        self._copiers: list[threading.Thread] = []
+        self._stdin_src: int | None = None
+        self._lock = threading.Lock()
+
+    # -- before runc -----------------------------------------------------------------------------
+    def prepare(self) -> str | None:
+        """Open everything; returns the console socket path when a terminal is wanted."""
+        try:
+            if self.terminal:
+                return self._listen_console()
+            if self.stdin:
+                r, keep = _open_input_fifo(self.stdin)
+                self._child_fds.append(r)
+                self._stdin_keep = keep
+                self.fds.stdin = r
+            self._prepare_outputs()
+            return None
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare_outputs(self) -> None:
+        scheme = urllib.parse.urlparse(self.stdout).scheme if self.stdout else ""
+        if scheme == "binary":
+            self._start_log_binary(urllib.parse.urlparse(self.stdout))
+        elif scheme == "file":
+            path = urllib.parse.urlparse(self.stdout).path
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            self._child_fds.append(fd)
+            self.fds.stdout = self.fds.stderr = fd
+        else:
+            if self.stdout:
+                w, keep = _open_output_fifo(self.stdout)
+                self._child_fds.append(w)
+                self._keep.append(keep)
+                self.fds.stdout = w
+            if self.stderr:
+                w, keep = _open_output_fifo(self.stderr)
+                self._child_fds.append(w)
+                self._keep.append(keep)
+                self.fds.stderr = w
+
+    def _start_log_binary(self, uri: urllib.parse.ParseResult) -> None:
+        # The logging-binary protocol: fd 3 stdout, fd 4 stderr, fd 5 closed by the binary when ready.
+        args: list[str] = []
+        for key, values in urllib.parse.parse_qs(uri.query, keep_blank_values=True).items():
+            args.append(key)
+            if values and values[0]:
+                args.append(values[0])
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        env = {**os.environ, "CONTAINER_ID": self.container_id, "CONTAINER_NAMESPACE": self.namespace}
+
+        def dup_to_3_4_5() -> None:
+            for target, fd in ((3, out_r), (4, err_r), (5, ready_w)):
+                os.dup2(fd, target)  # dup2 clears FD_CLOEXEC on the copy
+
+        try:
+            self._spawn([uri.path, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL, preexec_fn=dup_to_3_4_5, start_new_session=True)
+        finally:
+            for fd in (out_r, err_r, ready_w):
+                os.close(fd)
+        try:
+            import select
+
+            ready, _, _ = select.select([ready_r], [], [], BINARY_READY_TIMEOUT)
+            if not ready:
+                raise TimeoutError(f"logging binary {uri.path} not ready within {BINARY_READY_TIMEOUT}s")
+        finally:
+            os.close(ready_r)
+        self._child_fds += [out_w, err_w]
+        self.fds.stdout, self.fds.stderr = out_w, err_w
+
+    def _listen_console(self) -> str:
+        self._console_dir = tempfile.mkdtemp(prefix="pty", dir="/tmp")
+        path = os.path.join(self._console_dir, "pty.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        self._console_listener = listener
+        return path
+
+    # -- after runc create/exec ------------------------------------------------------------------
+    def after_start(self, timeout: float = 10.0) -> None:
+        """runc holds its copies now: drop ours, and for a terminal receive the pty master."""
+        for fd in self._child_fds:
+            os.close(fd)
+        self._child_fds.clear()
+        if self.terminal:
+            self._receive_console(timeout)
+            self._start_console_copy()
+
+    def _receive_console(self, timeout: float) -> None:
+        assert self._console_listener is not None
+        self._console_listener.settimeout(timeout)
+        conn, _ = self._console_listener.accept()
+        with conn:
+            conn.settimeout(timeout)
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        if not fds:
+            raise RuntimeError("runc sent no pty master over the console socket")
+        self.console = fds[0]
+        os.set_inheritable(self.console, False)
+        self._close_console_socket()
+
+    def _close_console_socket(self) -> None:
+        if self._console_listener is not None:
+            self._console_listener.close()
+            self._console_listener = None
+        if self._console_dir is not None:
+            shutil.rmtree(self._console_dir, ignore_errors=True)
+            self._console_dir = None
+
+    def _start_console_copy(self) -> None:
+        assert self.console is not None
+        if self.stdout:
+            w, keep = _open_output_fifo(self.stdout)
+            self._keep.append(keep)
+            t = threading.Thread(target=self._copy_out, args=(self.console, w), name="pty-out", daemon=True)
+            t.start()
+            self._copiers.append(t)
+        if self.stdin:
+            r, keep = _open_input_fifo(self.stdin)
+            self._stdin_keep = keep
+            self._stdin_src = r
+            threading.Thread(target=self._copy_in, args=(r, self.console), name="pty-in", daemon=True).start()
+
+    @staticmethod
+    def _copy_out(src: int, dst: int) -> None:
+        try:
+            while True:
+                try:
+                    data = os.read(src, 32768)
+                except OSError as e:  # EIO: every slave end closed, the process is gone
+                    if e.errno != errno.EIO:
+                        log.warning("pty read: %s", e)
+                    break
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(dst, view):]
+        except OSError as e:
+            log.warning("pty copy to %s stopped: %s", dst, e)
+        finally:
+            os.close(dst)
+
+    @staticmethod
+    def _copy_in(src: int, dst: int) -> None:
+        try:
+            while data := os.read(src, 32768):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(dst, view):]
+        except OSError as e:
+            log.debug("stdin copy ended: %s", e)
+
+    # -- during and after the process's life -----------------------------------------------------
+    def resize(self, width: int, height: int) -> None:
+        if self.console is None:
+            return
+        fcntl.ioctl(self.console, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            if self._stdin_keep is not None:
+                os.close(self._stdin_keep)
+                self._stdin_keep = None
+
+    def wait_output(self, timeout: float = 2.0) -> None:
+        """Let a terminal's output reach the client before the exit is reported."""
+        for t in self._copiers:
+            t.join(timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            fds = [*self._child_fds, *self._keep]
+            fds += [fd for fd in (self._stdin_keep, self._stdin_src) if fd is not None]
+            self._child_fds, self._keep, self._stdin_keep, self._stdin_src = [], [], None, None
+            console, self.console = self.console, None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if console is not None:
+            with contextlib.suppress(OSError):
+                os.close(console)
+        self._close_console_socket()
