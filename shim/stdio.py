@@ -1,10 +1,11 @@
 """A process's stdio as containerd describes it: FIFO paths, `binary://` and `file://` log URIs, or a
 terminal whose pty master runc sends over a console socket (SCM_RIGHTS).
 
-Without a terminal the container gets the FIFO (or log) descriptors themselves; no copying thread sits
-in the data path. The shim keeps a reader on each output FIFO (so a client that goes away does not
-turn container writes into EPIPE) and a writer on the stdin FIFO (so the container sees EOF only after
-CloseIO, never before the client opened its end).
+Without a terminal the container's stdout/stderr are the FIFO (or log) descriptors themselves; no
+copying thread sits in the output path. The shim keeps a reader on each output FIFO so a client that
+goes away does not turn container writes into EPIPE. Stdin is copied by a thread from the FIFO into a
+pipe: the container must see EOF only once the client has opened its end and closed it (or CloseIO),
+never because the client had not opened it yet.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import shutil
 import socket
 import struct
@@ -43,17 +45,49 @@ def _open_output_fifo(path: str) -> tuple[int, int]:
     return w, keep
 
 
-def _open_input_fifo(path: str) -> tuple[int, int]:
-    """(blocking read end for the process, writer the shim keeps until CloseIO)."""
-    r = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        keep = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except BaseException:
-        os.close(r)
-        raise
-    flags = fcntl.fcntl(r, fcntl.F_GETFL)
-    fcntl.fcntl(r, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-    return r, keep
+class StdinCopier:
+    """Copies a stdin FIFO into `dst` until the client closes its end or CloseIO stops it.
+
+    The FIFO is opened non-blocking; Linux reports no hang-up on a FIFO that never had a writer, so
+    polling it waits for the client to connect instead of reading a premature EOF.
+    """
+
+    def __init__(self, path: str, dst: int, close_dst: bool) -> None:
+        self.fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.dst, self.close_dst = dst, close_dst
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._run, name="stdin", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([self.fifo, self._stop_r], [], [])
+                if self._stop_r in ready:
+                    break
+                try:
+                    data = os.read(self.fifo, 32768)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.dst, view):]
+        except OSError as e:
+            log.debug("stdin copy ended: %s", e)
+        finally:
+            for fd in (self.fifo, self._stop_r, *((self.dst,) if self.close_dst else ())):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def stop(self) -> None:
+        """Stop copying and (unless it is a pty) close the process's stdin."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self._thread.join(2.0)
+        with contextlib.suppress(OSError):
+            os.close(self._stop_w)
 
 
 class ProcessIO:
@@ -64,13 +98,12 @@ class ProcessIO:
         self._spawn: Spawner = spawn or subprocess.Popen
         self._child_fds: list[int] = []  # handed to runc; closed once runc has them
         self._keep: list[int] = []  # held for the process's lifetime
-        self._stdin_keep: int | None = None
+        self._stdin: StdinCopier | None = None
         self.fds = IOFds()
         self.console: int | None = None  # pty master
         self._console_dir: str | None = None
         self._console_listener: socket.socket | None = None
         self._copiers: list[threading.Thread] = []
-        self._stdin_src: int | None = None
         self._lock = threading.Lock()
 
     # -- before runc -----------------------------------------------------------------------------
@@ -80,10 +113,10 @@ class ProcessIO:
             if self.terminal:
                 return self._listen_console()
             if self.stdin:
-                r, keep = _open_input_fifo(self.stdin)
+                r, w = os.pipe2(os.O_CLOEXEC)
                 self._child_fds.append(r)
-                self._stdin_keep = keep
                 self.fds.stdin = r
+                self._stdin = StdinCopier(self.stdin, w, close_dst=True)
             self._prepare_outputs()
             return None
         except BaseException:
@@ -194,10 +227,7 @@ class ProcessIO:
             t.start()
             self._copiers.append(t)
         if self.stdin:
-            r, keep = _open_input_fifo(self.stdin)
-            self._stdin_keep = keep
-            self._stdin_src = r
-            threading.Thread(target=self._copy_in, args=(r, self.console), name="pty-in", daemon=True).start()
+            self._stdin = StdinCopier(self.stdin, self.console, close_dst=False)
 
     @staticmethod
     def _copy_out(src: int, dst: int) -> None:
@@ -219,16 +249,6 @@ class ProcessIO:
         finally:
             os.close(dst)
 
-    @staticmethod
-    def _copy_in(src: int, dst: int) -> None:
-        try:
-            while data := os.read(src, 32768):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(dst, view):]
-        except OSError as e:
-            log.debug("stdin copy ended: %s", e)
-
     # -- during and after the process's life -----------------------------------------------------
     def resize(self, width: int, height: int) -> None:
         if self.console is None:
@@ -237,9 +257,9 @@ class ProcessIO:
 
     def close_stdin(self) -> None:
         with self._lock:
-            if self._stdin_keep is not None:
-                os.close(self._stdin_keep)
-                self._stdin_keep = None
+            copier, self._stdin = self._stdin, None
+        if copier is not None:
+            copier.stop()
 
     def wait_output(self, timeout: float = 2.0) -> None:
         """Let a terminal's output reach the client before the exit is reported."""
@@ -249,9 +269,11 @@ class ProcessIO:
     def close(self) -> None:
         with self._lock:
             fds = [*self._child_fds, *self._keep]
-            fds += [fd for fd in (self._stdin_keep, self._stdin_src) if fd is not None]
-            self._child_fds, self._keep, self._stdin_keep, self._stdin_src = [], [], None, None
+            self._child_fds, self._keep = [], []
+            copier, self._stdin = self._stdin, None
             console, self.console = self.console, None
+        if copier is not None:
+            copier.stop()
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
