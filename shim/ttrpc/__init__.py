@@ -1,7 +1,12 @@
 """ttrpc -- containerd's lightweight RPC protocol -- in pure Python.
 
 codec: sans-IO framing and message layer; errors: status codes and exceptions; server and client:
-threaded socket implementations on top of the codec.
+threaded socket implementations on top of the codec; concurrency: the server's thread helpers.
+
+Serve:   Server([Service("containerd.task.v2.Task", {"State": (StateRequest, handler)})]).serve(listener)
+         where handler(ctx: Context, request) -> response message, raising NotFound etc. for errors.
+Call:    Client("unix:///path").call("svc.Name", "Method", request, ResponseType, timeout=5,
+                                     metadata={NAMESPACE_KEY: "default"})
 """
 
 from shim.ttrpc.client import Client, parse_address

@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from revenant_pb.ttrpc import ttrpc_pb2
 
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.errors import Code
 
 HEADER = struct.Struct(">IIBB")
@@ -71,28 +71,33 @@ class FrameDecoder:
         self._skip = 0  # payload bytes of an oversized frame still to discard
 
     def feed(self, data: bytes) -> list[Frame | OversizedFrame]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[Frame | OversizedFrame] = []
-        while True:
-            if self._skip:
-                n = min(self._skip, len(self._buf))
-                del self._buf[:n]
-                self._skip -= n
+        pos = 0  # consumed so far; the buffer is trimmed once per feed, not once per frame
+        with memoryview(buf) as view:
+            while True:
                 if self._skip:
-                    return out
-            if len(self._buf) < HEADER_SIZE:
-                return out
-            length, stream_id, type_, flags = HEADER.unpack_from(self._buf)
-            if length > self.max_payload:
-                del self._buf[:HEADER_SIZE]
-                self._skip = length
-                out.append(OversizedFrame(stream_id, type_, flags, length))
-                continue
-            end = HEADER_SIZE + length
-            if len(self._buf) < end:
-                return out
-            out.append(Frame(stream_id, type_, flags, bytes(self._buf[HEADER_SIZE:end])))
-            del self._buf[:end]
+                    n = min(self._skip, len(buf) - pos)
+                    pos += n
+                    self._skip -= n
+                    if self._skip:
+                        break
+                if len(buf) - pos < HEADER_SIZE:
+                    break
+                length, stream_id, type_, flags = HEADER.unpack_from(buf, pos)
+                if length > self.max_payload:
+                    pos += HEADER_SIZE
+                    self._skip = length
+                    out.append(OversizedFrame(stream_id, type_, flags, length))
+                    continue
+                end = pos + HEADER_SIZE + length
+                if len(buf) < end:
+                    break
+                out.append(Frame(stream_id, type_, flags, bytes(view[pos + HEADER_SIZE : end])))
+                pos = end
+        del buf[:pos]
+        return out
 
     @property
     def buffered(self) -> int:

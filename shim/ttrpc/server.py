@@ -8,8 +8,6 @@ per-connection write lock so frames never interleave.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import selectors
 import socket
@@ -19,9 +17,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError, Message
-from revenant_pb.ttrpc import ttrpc_pb2
 
+from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.codec import RequestReceived, ServerProtocol, StreamRejected, encode_response
+from shim.ttrpc.concurrency import DeadlineWatcher, Workers
 from shim.ttrpc.errors import Code, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,9 @@ class Context:
     deadline: float | None = None  # time.monotonic() value, None when the caller set no timeout
     service: str = ""
     method: str = ""
+    # Set when nobody waits for this call's answer any more: its deadline was answered for it, or the
+    # connection closed (containerd restarted). A long handler (Wait) may watch it to stop early.
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def time_left(self) -> float | None:
         """Seconds until the deadline (never negative), None without one."""
@@ -64,14 +66,16 @@ class Server:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when a connection's active count drops
         self._connections: set[_Connection] = set()
-        self._listeners: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
-        self._serving = 0
+        self._serving = 0  # serve() calls running
+        self._serve_threads: set[int] = set()
+        self._started = False  # serve() was ever called: then its last call drains, not shutdown()
         self._grace = 10.0
         # Writing one byte that nobody reads keeps this readable for every serve() loop at once.
         self._wake_r, self._wake_w = socket.socketpair()
-        self._deadlines = _DeadlineWatcher()
+        self._deadlines = DeadlineWatcher()
+        self._workers = Workers()
         self._handler_thread = threading.local()
 
     def register(self, service: Service) -> None:
@@ -87,13 +91,14 @@ class Server:
             if self._stopping.is_set():
                 return
             self._serving += 1
-            self._listeners.add(listener)
+            self._started = True
+            self._serve_threads.add(threading.get_ident())
         try:
             self._accept_loop(listener)
         finally:
             with self._lock:
-                self._listeners.discard(listener)
                 self._serving -= 1
+                self._serve_threads.discard(threading.get_ident())
                 last = self._serving == 0
             with contextlib.suppress(OSError):
                 listener.close()  # stop accepting, as Go's Server.Shutdown does
@@ -104,17 +109,20 @@ class Server:
         """Stop accepting, let running requests finish for up to `grace` seconds, close connections.
 
         Called from a handler (the shim's Shutdown RPC), it returns at once so that handler can still
-        answer; serve() sends that answer before it closes the connection and returns.
+        answer; serve() sends that answer before it closes the connection and returns. Called from the
+        thread running serve() (a signal handler in the main thread) it returns at once too: serve()
+        drains when the signal handler returns. Otherwise it waits until serve() has returned.
         """
         self._grace = grace
         self._stopping.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
         with self._lock:
-            serving = self._serving > 0
-        if not serving:
+            started = self._started
+            in_serve = threading.get_ident() in self._serve_threads
+        if not started:
             self._drain()
-        elif not getattr(self._handler_thread, "active", False):
+        elif not in_serve and not getattr(self._handler_thread, "active", False):
             self._stopped.wait(grace + 5.0)
 
     def __enter__(self) -> Server:
@@ -168,6 +176,9 @@ class Server:
         for conn in conns:
             conn.close()
         self._deadlines.stop()
+        self._workers.stop()
+        self._wake_r.close()
+        self._wake_w.close()
         self._stopped.set()
 
     def _forget(self, conn: _Connection) -> None:
@@ -183,15 +194,24 @@ class Server:
             return
         with self._lock:
             conn.active += 1
-        name = f"ttrpc-{event.request.method or 'call'}"
-        threading.Thread(target=self._handle, args=(conn, event), name=name, daemon=True).start()
+        self._workers.submit(self._handle, conn, event)
 
     def _handle(self, conn: _Connection, event: RequestReceived) -> None:
         self._handler_thread.active = True
-        call = _Call(conn, event.stream_id)
-        req = event.request
         try:
-            ctx = _context_for(req)
+            self._answer(conn, event)
+        finally:
+            with self._lock:
+                conn.active -= 1
+                self._idle.notify_all()
+            self._handler_thread.active = False
+
+    def _answer(self, conn: _Connection, event: RequestReceived) -> None:
+        req = event.request
+        ctx = _context_for(req)
+        call = _Call(conn, event.stream_id, ctx.cancelled)
+        conn.track(call)
+        try:
             if ctx.deadline is not None:
                 self._deadlines.add(ctx.deadline, call)
             code, message, payload = self._invoke(ctx, req)
@@ -202,10 +222,7 @@ class Server:
             log.exception("ttrpc: failed to answer %s/%s", req.service, req.method)
             call.answer(Code.INTERNAL, "ttrpc: internal server error")
         finally:
-            with self._lock:
-                conn.active -= 1
-                self._idle.notify_all()
-            self._handler_thread.active = False
+            conn.untrack(call)
 
     def _invoke(self, ctx: Context, req: ttrpc_pb2.Request) -> tuple[int, str, bytes]:
         svc = self._services.get(req.service)
@@ -249,6 +266,17 @@ class _Connection:
         self._protocol = ServerProtocol()
         self._write_lock = threading.Lock()
         self._closed = False
+        self._calls: set[_Call] = set()  # running calls, to cancel when the connection closes
+
+    def track(self, call: _Call) -> None:
+        with self._write_lock:
+            self._calls.add(call)
+            if self._closed:
+                call.cancelled.set()
+
+    def untrack(self, call: _Call) -> None:
+        with self._write_lock:
+            self._calls.discard(call)
 
     def read_loop(self) -> None:
         try:
@@ -288,16 +316,28 @@ class _Connection:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
+            for call in self._calls:
+                call.cancelled.set()
 
 
 class _Call:
     """One request's single answer: the handler's result or the deadline watcher's, whichever is first."""
 
-    def __init__(self, conn: _Connection, stream_id: int) -> None:
+    def __init__(self, conn: _Connection, stream_id: int, cancelled: threading.Event) -> None:
         self._conn = conn
         self._stream_id = stream_id
         self._lock = threading.Lock()
         self._answered = False
+        self.cancelled = cancelled
+
+    def expire(self) -> None:
+        """The deadline passed: answer DeadlineExceeded unless already answered, and cancel the handler."""
+        self.answer(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
+        self.cancelled.set()
+
+    @property
+    def answered(self) -> bool:
+        return self._answered
 
     def answer(self, code: int, message: str = "", payload: bytes = b"") -> bool:
         with self._lock:
@@ -305,50 +345,3 @@ class _Call:
                 return False
             self._answered = True
         return self._conn.send(encode_response(self._stream_id, code, message, payload))
-
-
-class _DeadlineWatcher:
-    """One thread per server that answers DeadlineExceeded for calls still running at their deadline.
-
-    The handler thread itself keeps running (Python threads cannot be cancelled); its late result is
-    dropped because the call was already answered.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Call]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    def add(self, deadline: float, call: _Call) -> None:
-        with self._cond:
-            if self._stopped:
-                return
-            heapq.heappush(self._heap, (deadline, next(self._seq), call))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ttrpc-deadlines", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._heap.clear()
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if self._stopped:
-                        return
-                    if not self._heap:
-                        self._cond.wait()
-                        continue
-                    left = self._heap[0][0] - time.monotonic()
-                    if left <= 0:
-                        call = heapq.heappop(self._heap)[2]
-                        break
-                    self._cond.wait(left)
-            call.answer(Code.DEADLINE_EXCEEDED, "context deadline exceeded")

@@ -111,6 +111,30 @@ def write_oci_archive(out: Path, ref: str, layer: bytes, cmd: list[str]) -> Path
     return out
 
 
+def extract_rootfs(archive: Path, dest: Path) -> Path:
+    """Unpack the single layer of an archive written by write_oci_archive into `dest` (a runc rootfs)."""
+    with tarfile.open(archive) as outer:
+        def blob(digest: str) -> bytes:
+            member = outer.extractfile(f"blobs/sha256/{digest.split(':', 1)[1]}")
+            if member is None:
+                raise ValueError(f"{archive}: blob {digest} missing")
+            return member.read()
+
+        index = json.loads(blob_of_index(outer))
+        manifest = json.loads(blob(index["manifests"][0]["digest"]))
+        (layer,) = manifest["layers"]
+        with tarfile.open(fileobj=io.BytesIO(blob(layer["digest"]))) as inner:
+            inner.extractall(dest, filter="tar")
+    return dest
+
+
+def blob_of_index(outer: tarfile.TarFile) -> bytes:
+    member = outer.extractfile("index.json")
+    if member is None:
+        raise ValueError("archive has no index.json")
+    return member.read()
+
+
 def build_memjob(out_dir: Path) -> Path:
     """Compile memjob statically so it runs in a busybox image and on the host alike."""
     gcc = require("gcc", "gcc libc6-dev")
