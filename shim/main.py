@@ -141,6 +141,9 @@ def action_start(args: Args) -> int:
         return 0
     pid = os.fork()
     if pid == 0:  # the shim server; never returns
+        import time
+
+        t0 = time.monotonic()
         try:
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
@@ -149,7 +152,7 @@ def action_start(args: Args) -> int:
             os.dup2(null, 2)
             from shim.server import serve
 
-            code = serve(args, listener, path)
+            code = serve(args, listener, path, t0)
         except BaseException:
             code = 1
             import traceback
@@ -164,34 +167,72 @@ def action_start(args: Args) -> int:
     return 0
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
+    """containerd.task.v2.DeleteResponse{pid=1, exit_status=2, exited_at=3 Timestamp{seconds=1, nanos=2}},
+    encoded by hand: importing protobuf would cost the `delete` action more than everything else it does,
+    and containerd waits for it when a shim goes away (after every task, not only after crashes)."""
+    seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
+    ts = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    out = b""
+    if pid:
+        out += b"\x08" + _varint(pid)
+    if exit_status:
+        out += b"\x10" + _varint(exit_status)
+    return out + b"\x1a" + _varint(len(ts)) + ts
+
+
+def _is_mount_point(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ", 5)[4] == path for line in f)
+
+
+def _warn(args: Args, message: str) -> None:
+    # containerd logs the stderr of `delete`; same logrus-style line as the shim's own log.
+    sys.stderr.write(f'level=warning msg="{message}" runtime=io.containerd.revenant.v1 id={args.id}\n')
+
+
 def action_delete(args: Args) -> int:
-    import logging
+    """Clean up after a shim that is gone: kill and delete the runc container, unmount the rootfs.
+    After a normal task deletion there is nothing left, and the fast path touches neither runc nor
+    protobuf."""
     import time
 
-    from revenant_pb.containerd.task.v2 import shim_pb2
-    from shim import mounts, runtime_options, shimlog
-    from shim.runc import Runc, RuncError
+    from shim import runtime_options
 
-    shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "id": args.id,
-                                  "namespace": args.namespace})
-    log = logging.getLogger("shim.delete")
-    bundle = args.bundle or os.getcwd()
+    bundle = os.path.abspath(args.bundle or os.getcwd())
     opts = runtime_options.RuntimeOptions.load(bundle) or runtime_options.RuntimeOptions(
         root=runtime_options.default_root(bundle, args.namespace))
-    runc = Runc(root=opts.root, log_path=os.path.join(bundle, "log.json"), binary=opts.binary,
-                systemd_cgroup=opts.systemd_cgroup)
-    try:
-        runc.delete(args.id, force=True)
-    except RuncError as e:
-        if not e.not_found:
-            log.warning("cleanup of %s: %s", args.id, e)
-    try:
-        mounts.unmount_all(os.path.join(bundle, "rootfs"))
-    except OSError as e:
-        log.warning("unmount rootfs of %s: %s", args.id, e)
-    resp = shim_pb2.DeleteResponse(exit_status=128 + 9)  # the task was killed (SIGKILL)
-    resp.exited_at.FromNanoseconds(time.time_ns())
-    sys.stdout.buffer.write(resp.SerializeToString())
+    if os.path.exists(os.path.join(opts.root, args.id)):  # runc still knows the container
+        from shim.runc import Runc, RuncError
+
+        runc = Runc(root=opts.root, log_path=os.path.join(bundle, "log.json"), binary=opts.binary,
+                    systemd_cgroup=opts.systemd_cgroup)
+        try:
+            runc.delete(args.id, force=True)
+        except RuncError as e:
+            if not e.not_found:
+                _warn(args, f"cleanup of {args.id}: {e}")
+    rootfs = os.path.join(bundle, "rootfs")
+    if _is_mount_point(rootfs):
+        from shim import mounts
+
+        try:
+            mounts.unmount_all(rootfs)
+        except OSError as e:
+            _warn(args, f"unmount rootfs of {args.id}: {e}")
+    # The task was killed (SIGKILL), as containerd's runc shim reports it.
+    sys.stdout.buffer.write(encode_delete_response(0, 128 + 9, time.time_ns()))
     sys.stdout.flush()
     return 0
 

@@ -11,42 +11,48 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 OPTIONS_FILE = "revenant-options.json"
 OPTIONS_TYPE = "containerd.runc.v1.Options"
 
 
-@dataclass
 class RuntimeOptions:
-    root: str
-    binary: str = "runc"
-    systemd_cgroup: bool = False
-    no_pivot_root: bool = False
-    no_new_keyring: bool = False
-    criu_image_path: str = ""
-    criu_work_path: str = ""
+    """A plain class, not a dataclass: the `delete` action loads it and dataclasses' import (inspect)
+    would be most of that action's cost."""
+
+    FIELDS = ("root", "binary", "systemd_cgroup", "no_pivot_root", "no_new_keyring", "criu_image_path",
+              "criu_work_path")
+
+    def __init__(self, root: str, binary: str = "runc", systemd_cgroup: bool = False,
+                 no_pivot_root: bool = False, no_new_keyring: bool = False, criu_image_path: str = "",
+                 criu_work_path: str = "") -> None:
+        self.root, self.binary, self.systemd_cgroup = root, binary, systemd_cgroup
+        self.no_pivot_root, self.no_new_keyring = no_pivot_root, no_new_keyring
+        self.criu_image_path, self.criu_work_path = criu_image_path, criu_work_path
+
+    def __repr__(self) -> str:
+        return f"RuntimeOptions({', '.join(f'{k}={getattr(self, k)!r}' for k in self.FIELDS)})"
 
     def save(self, bundle: str) -> None:
-        path = Path(bundle, OPTIONS_FILE)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, path)
+        path = os.path.join(bundle, OPTIONS_FILE)
+        with open(path + ".tmp", "w") as f:
+            f.write(json.dumps({k: getattr(self, k) for k in self.FIELDS}))
+        os.replace(path + ".tmp", path)
 
     @classmethod
     def load(cls, bundle: str) -> RuntimeOptions | None:
         try:
-            data = json.loads(Path(bundle, OPTIONS_FILE).read_text())
+            with open(os.path.join(bundle, OPTIONS_FILE)) as f:
+                data = json.load(f)
         except (OSError, ValueError):
             return None
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        return cls(**{k: v for k, v in data.items() if k in cls.FIELDS})
 
 
 def default_root(bundle: str, namespace: str) -> str:
-    bundle_path = Path(bundle).resolve()
-    state = bundle_path.parent.parent.parent  # <state>/io.containerd.runtime.v2.task/<ns>/<id>
-    return str(state / "revenant" / "runc" / namespace)
+    # <state>/io.containerd.runtime.v2.task/<ns>/<id>
+    state = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(bundle))))
+    return os.path.join(state, "revenant", "runc", namespace)
 
 
 def from_request(options_any: object | None, bundle: str, namespace: str) -> RuntimeOptions:

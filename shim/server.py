@@ -6,13 +6,14 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 from shim import shimlog
 
 log = logging.getLogger(__name__)
 
 
-def serve(args, listener, socket_path: str) -> int:  # args: shim.main.Args
+def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.main.Args
     fd = shimlog.open_log_fifo("log")
     if fd is not None:
         os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too
@@ -40,7 +41,8 @@ def serve(args, listener, socket_path: str) -> int:  # args: shim.main.Args
             reaper.stop()
 
     threading.Thread(target=serve_then_stop, name="ttrpc-accept", daemon=True).start()
-    log.info("shim %d serving on %s", os.getpid(), socket_path)
+    started = f" ({(time.monotonic() - t0) * 1e3:.0f} ms after fork)" if t0 is not None else ""
+    log.info("shim %d serving on %s%s", os.getpid(), socket_path, started)
     reaper.loop()  # main thread: SIGCHLD handling runs here
     publisher.close()
     with contextlib.suppress(OSError):

@@ -16,17 +16,18 @@ import fcntl
 import logging
 import os
 import select
-import shutil
 import socket
 import struct
 import subprocess
-import tempfile
 import termios
 import threading
-import urllib.parse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shim.runc import IOFds
+
+if TYPE_CHECKING:
+    import urllib.parse
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class ProcessIO:
             raise
 
     def _prepare_outputs(self) -> None:
+        import urllib.parse  # only log URIs need it; the shim's start-up cost matters
+
         scheme = urllib.parse.urlparse(self.stdout).scheme if self.stdout else ""
         if scheme == "binary":
             self._start_log_binary(urllib.parse.urlparse(self.stdout))
@@ -146,6 +149,8 @@ class ProcessIO:
                 self.fds.stderr = w
 
     def _start_log_binary(self, uri: urllib.parse.ParseResult) -> None:
+        import urllib.parse
+
         # The logging-binary protocol: fd 3 stdout, fd 4 stderr, fd 5 closed by the binary when ready.
         args: list[str] = []
         for key, values in urllib.parse.parse_qs(uri.query, keep_blank_values=True).items():
@@ -179,6 +184,8 @@ class ProcessIO:
         self.fds.stdout, self.fds.stderr = out_w, err_w
 
     def _listen_console(self) -> str:
+        import tempfile
+
         self._console_dir = tempfile.mkdtemp(prefix="pty", dir="/tmp")
         path = os.path.join(self._console_dir, "pty.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -215,6 +222,8 @@ class ProcessIO:
             self._console_listener.close()
             self._console_listener = None
         if self._console_dir is not None:
+            import shutil
+
             shutil.rmtree(self._console_dir, ignore_errors=True)
             self._console_dir = None
 

@@ -26,6 +26,7 @@ from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from revenant_pb.containerd.v1.types import task_pb2 as types
 from shim import mounts, runtime_options
 from shim.events import pack_any
+from shim.oom import OOMWatcher
 from shim.process import Process, State
 from shim.reaper import Reaper
 from shim.runc import IOFds, Runc, RuncError
@@ -54,7 +55,7 @@ class EventSink(Protocol):
     def publish(self, event: object) -> None: ...
 
 
-class CheckpointEngine(Protocol):
+class CheckpointBackend(Protocol):
     """What a checkpoint implementation provides; the service owns locking and state changes."""
 
     def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None: ...
@@ -96,7 +97,7 @@ def _runc_failed(e: RuncError) -> TtrpcError:
 
 class TaskService:
     def __init__(self, namespace: str, publisher: EventSink, reaper: Reaper | None,
-                 on_shutdown: Callable[[], None], checkpoint_engine: CheckpointEngine | None = None) -> None:
+                 on_shutdown: Callable[[], None], checkpoint_engine: CheckpointBackend | None = None) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
@@ -107,6 +108,7 @@ class TaskService:
         self._by_pid: dict[int, Process] = {}
         self._early_exits: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._exits: queue.Queue[tuple[int, int]] = queue.Queue()
+        self._oom: OOMWatcher | None = None
         if reaper is not None:
             reaper.subscribe(lambda pid, status: self._exits.put((pid, status)))
         threading.Thread(target=self._exit_loop, name="exits", daemon=True).start()
@@ -161,6 +163,8 @@ class TaskService:
         with proc.lock:
             if proc.io is not None:
                 proc.io.wait_output()
+            if proc.is_init and self._oom is not None:
+                self._oom.check(proc.container_id)  # TaskOOM before TaskExit, while the cgroup exists
             if not proc.set_exited(status):
                 return
             assert proc.exit is not None
@@ -230,6 +234,8 @@ class TaskService:
         early = self._register_pid(init.pid, init)
         if early is not None:
             self._process_exited(init, early)
+        else:
+            self._watch_oom(c)  # before Start: the process cannot run out of memory before it runs
 
     def _cleanup_failed_create(self, c: Container) -> None:
         if c.init.io is not None:
@@ -266,6 +272,11 @@ class TaskService:
             if early is not None:
                 self._process_exited(proc, early)
         return api.StartResponse(pid=proc.pid)
+
+    def _watch_oom(self, c: Container) -> None:
+        if self._oom is None:
+            self._oom = OOMWatcher(lambda cid: self.publisher.publish(events.TaskOOM(container_id=cid)))
+        self._oom.add(c.id, c.init.pid)
 
     def _start_exec(self, c: Container, proc: Process) -> int | None:
         if c.init.state is not State.RUNNING:
@@ -345,6 +356,8 @@ class TaskService:
         for ex in list(c.execs.values()):
             if ex.io is not None:
                 ex.io.close()
+        if self._oom is not None:
+            self._oom.remove(c.id)
         with self._lock:
             self.containers.pop(c.id, None)
             self._by_pid.pop(c.init.pid, None)

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -192,3 +193,20 @@ def test_broken_config_fails_clearly_and_leaves_nothing(runtime: Runtime, tmp_pa
     assert node_runc_containers(runtime.node) == []
 
 
+
+
+def test_oom_kill_is_reported(runtime: Runtime, test_images):
+    image = runtime.node.import_image(test_images.memjob)
+    events = subprocess.Popen([require("ctr", "containerd"), "-a", runtime.node.address, "events"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=runtime.node.env)
+    try:
+        time.sleep(0.5)  # let the subscription start
+        res = runtime.node.ctr("run", "--rm", *runtime.run_flags(), "--memory-limit", str(32 << 20), image,
+                               "hog", "memjob", "--mib", "128", "--mutate", "0.1", "--interval-ms", "10",
+                               "--seed", "1", "--steps", "3", check=False, input="")
+        assert res.returncode == 137, res
+        time.sleep(1.0)
+    finally:
+        events.terminate()
+        out, _ = events.communicate(timeout=10)
+    assert "/tasks/oom" in out, out

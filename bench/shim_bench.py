@@ -1,0 +1,132 @@
+"""Shim benchmark: revenant's shim vs the stock runc shim, side by side on one private containerd.
+
+  * start-to-exit: wall time of `ctr run --rm <busybox> <id> true`, median (and p10/p90) of N runs,
+    the two runtimes interleaved so machine noise hits both alike;
+  * idle shim RSS: resident memory of the shim serving one `sleep` task, after it settled;
+  * where revenant's time goes: interpreter start, the `start` action, the server's imports.
+
+    .venv/bin/python bench/shim_bench.py --runs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness.containerd import ContainerdNode  # noqa: E402
+from harness.images import build_test_images  # noqa: E402
+
+RUNC, REVENANT = "io.containerd.runc.v2", "io.containerd.revenant.v1"
+VENV_PY = REPO / ".venv" / "bin" / "python"
+SHIM = REPO / ".venv" / "bin" / "containerd-shim-revenant-v1"
+
+
+def run_flags(node: ContainerdNode, runtime: str) -> list[str]:
+    return ["--runtime", runtime] + (["--runc-root", str(node.runc_root)] if runtime == RUNC else [])
+
+
+def time_run(node: ContainerdNode, runtime: str, image: str, cid: str) -> float:
+    t0 = time.perf_counter()
+    node.ctr("run", "--rm", *run_flags(node, runtime), image, cid, "true", input="")
+    return time.perf_counter() - t0
+
+
+def shim_rss_kib(node: ContainerdNode, runtime: str, image: str, cid: str) -> tuple[int, int]:
+    """(VmRSS, Pss) in KiB of the shim serving an idle task."""
+    node.ctr("run", "-d", *run_flags(node, runtime), image, cid, "sleep", "1000", input="")
+    time.sleep(2.0)  # let start-up garbage settle
+    pid = None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if node.address.encode() in argv and cid.encode() in argv:
+            pid = int(proc.name)
+    assert pid is not None, f"no shim found for {cid}"
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+    rollup = (Path("/proc") / str(pid) / "smaps_rollup").read_text()
+    pss = int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
+    node.ctr("task", "kill", "-s", "SIGKILL", cid)
+    for _ in range(100):
+        if node.ctr("task", "ls", "-q").stdout.split().count(cid) == 0 or \
+                "STOPPED" in node.ctr("task", "ls").stdout:
+            break
+        time.sleep(0.05)
+    node.ctr("task", "rm", "-f", cid, check=False)
+    node.ctr("container", "rm", cid, check=False)
+    return rss, pss
+
+
+def median_wall(argv: list[str], n: int = 15) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def breakdown() -> dict[str, float]:
+    return {
+        "python -c pass (venv interpreter start)": median_wall([str(VENV_PY), "-c", "pass"]),
+        "shim -v (interpreter + entry point)": median_wall([str(SHIM), "-v"]),
+        "import of the server modules": median_wall(
+            [str(VENV_PY), "-c", "import shim.server, shim.task_service, shim.events, shim.ttrpc"]),
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=30)
+    args = ap.parse_args()
+
+    images = build_test_images(Path(tempfile.mkdtemp(prefix="shim-bench-images-")))
+    node = ContainerdNode("bench")
+    node.start()
+    try:
+        image = node.import_image(images.busybox)
+        for rt in (RUNC, REVENANT):  # warm caches (page cache, snapshot) for both
+            time_run(node, rt, image, "warm")
+        times: dict[str, list[float]] = {RUNC: [], REVENANT: []}
+        for i in range(args.runs):
+            order = (RUNC, REVENANT) if i % 2 == 0 else (REVENANT, RUNC)
+            for rt in order:
+                times[rt].append(time_run(node, rt, image, f"b{i}"))
+        rss = {rt: shim_rss_kib(node, rt, image, f"idle-{i}") for i, rt in enumerate((RUNC, REVENANT))}
+    finally:
+        node.destroy()
+    parts = breakdown()
+
+    med = {rt: statistics.median(v) for rt, v in times.items()}
+    print(f"runs per runtime: {args.runs}")
+    print("| shim | median (ms) | p10 (ms) | p90 (ms) | idle shim VmRSS (MiB) | idle shim Pss (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for rt in (RUNC, REVENANT):
+        v = times[rt]
+        print(f"| {rt} | {med[rt] * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} | "
+              f"{rss[rt][0] / 1024:.1f} | {rss[rt][1] / 1024:.1f} |")
+    print(f"\nratio revenant/runc (median start-to-exit): {med[REVENANT] / med[RUNC]:.2f}")
+    print("\nrevenant start-up parts (median wall, ms):")
+    for name, value in parts.items():
+        print(f"  {name}: {value * 1e3:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
