@@ -39,11 +39,9 @@ def time_run(node: ContainerdNode, runtime: str, image: str, cid: str) -> float:
     return time.perf_counter() - t0
 
 
-def shim_rss_kib(node: ContainerdNode, runtime: str, image: str, cid: str) -> tuple[int, int]:
-    """(VmRSS, Pss) in KiB of the shim serving an idle task."""
-    node.ctr("run", "-d", *run_flags(node, runtime), image, cid, "sleep", "1000", input="")
-    time.sleep(2.0)  # let start-up garbage settle
-    pid = None
+def shim_pids(node: ContainerdNode, runtime: str) -> list[int]:
+    binary = b"containerd-shim-runc-v2" if runtime == RUNC else b"containerd-shim-revenant-v1"
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -51,22 +49,40 @@ def shim_rss_kib(node: ContainerdNode, runtime: str, image: str, cid: str) -> tu
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if node.address.encode() in argv and cid.encode() in argv:
-            pid = int(proc.name)
-    assert pid is not None, f"no shim found for {cid}"
+        if node.address.encode() in argv and binary in argv[0] + (argv[1] if len(argv) > 1 else b""):
+            pids.append(int(proc.name))
+    return pids
+
+
+def rss_pss_kib(pid: int) -> tuple[int, int]:
     status = (Path("/proc") / str(pid) / "status").read_text()
     rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
     rollup = (Path("/proc") / str(pid) / "smaps_rollup").read_text()
     pss = int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
-    node.ctr("task", "kill", "-s", "SIGKILL", cid)
-    for _ in range(100):
-        if node.ctr("task", "ls", "-q").stdout.split().count(cid) == 0 or \
-                "STOPPED" in node.ctr("task", "ls").stdout:
-            break
-        time.sleep(0.05)
-    node.ctr("task", "rm", "-f", cid, check=False)
-    node.ctr("container", "rm", cid, check=False)
     return rss, pss
+
+
+def idle_memory(node: ContainerdNode, runtime: str, image: str, count: int) -> tuple[int, int, int]:
+    """(shim processes, total VmRSS KiB, total Pss KiB) of the shims serving `count` idle tasks."""
+    ids = [f"idle-{runtime.split('.')[-2]}-{i}" for i in range(count)]
+    for cid in ids:
+        node.ctr("run", "-d", *run_flags(node, runtime), image, cid, "sleep", "1000", input="")
+    time.sleep(2.0)  # let start-up garbage settle
+    pids = shim_pids(node, runtime)
+    rss = pss = 0
+    for pid in pids:
+        r, p = rss_pss_kib(pid)
+        rss, pss = rss + r, pss + p
+    for cid in ids:
+        node.ctr("task", "kill", "-s", "SIGKILL", cid, check=False)
+    for cid in ids:
+        for _ in range(100):
+            if "STOPPED" in node.ctr("task", "ls").stdout.split(cid, 1)[-1].split("\n", 1)[0]:
+                break
+            time.sleep(0.05)
+        node.ctr("task", "rm", "-f", cid, check=False)
+        node.ctr("container", "rm", cid, check=False)
+    return len(pids), rss, pss
 
 
 def median_wall(argv: list[str], n: int = 15) -> float:
@@ -108,19 +124,22 @@ def main() -> int:
             order = (RUNC, REVENANT) if i % 2 == 0 else (REVENANT, RUNC)
             for rt in order:
                 times[rt].append(time_run(node, rt, image, f"b{i}"))
-        rss = {rt: shim_rss_kib(node, rt, image, f"idle-{i}") for i, rt in enumerate((RUNC, REVENANT))}
+        one = {rt: idle_memory(node, rt, image, 1) for rt in (RUNC, REVENANT)}
+        ten = {rt: idle_memory(node, rt, image, 10) for rt in (RUNC, REVENANT)}
     finally:
         node.destroy()
     parts = breakdown()
 
     med = {rt: statistics.median(v) for rt, v in times.items()}
     print(f"runs per runtime: {args.runs}")
-    print("| shim | median (ms) | p10 (ms) | p90 (ms) | idle shim VmRSS (MiB) | idle shim Pss (MiB) |")
+    print("| shim | median (ms) | p10 (ms) | p90 (ms) | 1 idle task: shim VmRSS / Pss (MiB) "
+          "| 10 idle tasks: shims, total VmRSS / Pss (MiB) |")
     print("|---|---|---|---|---|---|")
     for rt in (RUNC, REVENANT):
         v = times[rt]
         print(f"| {rt} | {med[rt] * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} | "
-              f"{rss[rt][0] / 1024:.1f} | {rss[rt][1] / 1024:.1f} |")
+              f"{one[rt][1] / 1024:.1f} / {one[rt][2] / 1024:.1f} | "
+              f"{ten[rt][0]}, {ten[rt][1] / 1024:.1f} / {ten[rt][2] / 1024:.1f} |")
     print(f"\nratio revenant/runc (median start-to-exit): {med[REVENANT] / med[RUNC]:.2f}")
     print("\nrevenant start-up parts (median wall, ms):")
     for name, value in parts.items():

@@ -7,12 +7,14 @@ The `start` path imports as little as possible: containerd waits for it on every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 VERSION = "0.1.0"
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = (b"io.kubernetes.cri.sandbox-id",)
+SHARED_GROUP = "revenant-shared-shim"
 
 
 class Args:
@@ -79,29 +81,107 @@ def socket_path(address: str, namespace: str, group: str) -> str:
     return f"{SOCKET_DIR}/{hashlib.sha256(key.encode()).hexdigest()}"
 
 
+def shared_shims() -> bool:
+    """One shim per containerd and namespace (default) instead of one per container.
+    REVENANT_SHIM_SHARED=0 in containerd's environment restores one shim per container."""
+    return os.environ.get("REVENANT_SHIM_SHARED", "1") not in ("0", "false", "no")
+
+
 def _group_of(cid: str) -> str:
-    """The sandbox a CRI container belongs to: its containers share one shim."""
+    """The shim a container goes to. A CRI pod's containers share their sandbox's shim (as with
+    containerd's runc shim); other containers share one shim per containerd and namespace, so a
+    Python server starts once instead of per container, and its memory is paid once."""
     try:
         with open("config.json", "rb") as f:
             data = f.read()
     except OSError:
-        return cid
-    if not any(key in data for key in GROUP_ANNOTATIONS):
-        return cid
-    import json
+        data = b""
+    if any(key in data for key in GROUP_ANNOTATIONS):
+        import json
 
-    annotations = json.loads(data).get("annotations") or {}
-    for key in GROUP_ANNOTATIONS:
-        if annotations.get(key.decode()):
-            return str(annotations[key.decode()])
-    return cid
+        annotations = json.loads(data).get("annotations") or {}
+        for key in GROUP_ANNOTATIONS:
+            if annotations.get(key.decode()):
+                return str(annotations[key.decode()])
+    return SHARED_GROUP if shared_shims() else cid
 
 
-def _listen(path: str):  # -> socket.socket | None (None: a live shim already serves it)
+def _ttrpc_reserve(sock, cid: str, timeout: float) -> bool:  # sock: a connected socket.socket
+    """Call revenant.shim.v1.Shim/Reserve{id} with a hand-built ttrpc frame (importing protobuf and
+    the ttrpc client here would cost more than the whole `start` action). True when the shim took it."""
+    import struct
+
+    def field(number: int, data: bytes) -> bytes:
+        return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+    request = field(1, b"revenant.shim.v1.Shim") + field(2, b"Reserve") + field(3, field(1, cid.encode()))
+    sock.settimeout(timeout)
+    sock.sendall(struct.pack(">IIBB", len(request), 1, 1, 0) + request)  # stream 1, type request
+
+    def recv_exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("shim closed the connection")
+            buf += chunk
+        return buf
+
+    length, _, msg_type, _ = struct.unpack(">IIBB", recv_exact(10))
+    response = recv_exact(length)
+    if msg_type != 2:
+        return False
+    return _status_code(response) == 0
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def _status_code(response: bytes) -> int:
+    """ttrpc.Response{status=1 google.rpc.Status{code=1}}: the code, 0 when absent."""
+    i = 0
+    while i < len(response):
+        key, i = _read_varint(response, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _read_varint(response, i)
+        elif wire == 2:
+            n, i = _read_varint(response, i)
+            if key >> 3 == 1:  # status
+                status, j = response[i:i + n], 0
+                while j < len(status):
+                    skey, j = _read_varint(status, j)
+                    if skey == 0x08:
+                        return _read_varint(status, j)[0]
+                    if skey & 7 == 2:
+                        sn, j = _read_varint(status, j)
+                        j += sn
+                    else:
+                        _, j = _read_varint(status, j)
+                return 0
+            i += n
+        else:
+            return -1  # not a ttrpc response
+    return 0
+
+
+def _listen(path: str, cid: str):  # -> socket.socket | None (None: a live shim took the container)
+    """Bind the shim socket, or reserve a place in the live shim already serving it. A shim that is
+    on its way out refuses the reservation; then wait for it to let go of the path and bind anew."""
     import socket
+    import time
 
     os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
-    for _ in range(2):
+    deadline = time.monotonic() + 10.0
+    while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -109,19 +189,28 @@ def _listen(path: str):  # -> socket.socket | None (None: a live shim already se
             sock.close()
             if e.errno != 98:  # EADDRINUSE
                 raise
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                return None
-            except OSError:
+        else:
+            os.chmod(path, 0o600)
+            sock.listen(128)
+            return sock
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            probe.close()
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # left by a dead shim
-            finally:
-                probe.close()
             continue
-        os.chmod(path, 0o600)
-        sock.listen(128)
-        return sock
-    raise OSError(f"cannot listen on {path}")
+        try:
+            if _ttrpc_reserve(probe, cid, timeout=max(0.1, deadline - time.monotonic())):
+                return None
+        except OSError:
+            pass  # exiting, or too busy to answer in time
+        finally:
+            probe.close()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the shim at {path} neither took {cid} nor went away")
+        time.sleep(0.02)
 
 
 def _write_file(name: str, text: str) -> None:
@@ -134,7 +223,7 @@ def _write_file(name: str, text: str) -> None:
 def action_start(args: Args) -> int:
     path = socket_path(args.address, args.namespace, _group_of(args.id))
     address = "unix://" + path
-    listener = _listen(path)
+    listener = _listen(path, args.id)
     if listener is None:
         _write_file("address", address)
         sys.stdout.write(address)

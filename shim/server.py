@@ -12,6 +12,10 @@ from shim import shimlog
 
 log = logging.getLogger(__name__)
 
+# Seconds a shim waits after its last task before exiting, so the next container reuses it (one
+# interpreter start instead of one per container). Overridden by REVENANT_SHIM_LINGER.
+DEFAULT_LINGER = 10.0
+
 
 def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.main.Args
     fd = shimlog.open_log_fifo("log")
@@ -29,8 +33,23 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     reaper = Reaper()
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
     server = Server()
-    service = TaskService(args.namespace, publisher, reaper, on_shutdown=server.shutdown)
+    own_socket = os.stat(socket_path).st_ino
+
+    def shutdown() -> None:
+        # Let go of the path first so a new `start` can bind it at once, but never remove a socket
+        # that a newer shim already bound there.
+        with contextlib.suppress(OSError):
+            if os.stat(socket_path).st_ino == own_socket:
+                os.unlink(socket_path)
+        server.shutdown()
+
+    from shim.main import shared_shims
+
+    # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
+    linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
+    service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger)
     server.register(service.service())
+    server.register(service.shim_service())
 
     def serve_then_stop() -> None:
         try:
@@ -45,7 +64,5 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     log.info("shim %d serving on %s%s", os.getpid(), socket_path, started)
     reaper.loop()  # main thread: SIGCHLD handling runs here
     publisher.close()
-    with contextlib.suppress(OSError):
-        os.unlink(socket_path)
     log.info("shim %d exiting", os.getpid())
     return 0

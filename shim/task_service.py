@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,6 +47,8 @@ from shim.ttrpc import (
 log = logging.getLogger(__name__)
 
 TASK_SERVICE = "containerd.task.v2.Task"
+SHIM_SERVICE = "revenant.shim.v1.Shim"
+RESERVATION_TTL = 60.0  # a reserved container that containerd never creates stops holding the shim
 VERSION = "revenant-shim 0.1.0"
 _STATUS = {State.CREATED: types.CREATED, State.RUNNING: types.RUNNING, State.PAUSED: types.PAUSED,
            State.STOPPED: types.STOPPED, State.DELETED: types.STOPPED}
@@ -97,7 +100,8 @@ def _runc_failed(e: RuncError) -> TtrpcError:
 
 class TaskService:
     def __init__(self, namespace: str, publisher: EventSink, reaper: Reaper | None,
-                 on_shutdown: Callable[[], None], checkpoint_engine: CheckpointBackend | None = None) -> None:
+                 on_shutdown: Callable[[], None], checkpoint_engine: CheckpointBackend | None = None,
+                 linger: float = 0.0) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
@@ -109,6 +113,12 @@ class TaskService:
         self._early_exits: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._exits: queue.Queue[tuple[int, int]] = queue.Queue()
         self._oom: OOMWatcher | None = None
+        # Lifetime: after its last task the shim lingers `linger` seconds for the next container
+        # (`start` reserves a place first), then exits; once exiting it refuses reservations.
+        self.linger = linger
+        self._reserved: dict[str, float] = {}  # container id -> monotonic expiry
+        self._exiting = False
+        self._linger_timer: threading.Timer | None = None
         if reaper is not None:
             reaper.subscribe(lambda pid, status: self._exits.put((pid, status)))
         threading.Thread(target=self._exit_loop, name="exits", daemon=True).start()
@@ -124,6 +134,11 @@ class TaskService:
             "Connect": api.ConnectRequest, "Shutdown": api.ShutdownRequest,
         }
         return Service(TASK_SERVICE, {name: (req, getattr(self, name)) for name, req in rpcs.items()})
+
+    def shim_service(self) -> Service:
+        from revenant_pb.revenant.shim.v1 import shim_pb2 as shim_api
+
+        return Service(SHIM_SERVICE, {"Reserve": (shim_api.ReserveRequest, self.Reserve)})
 
     def _runner(self) -> Callable[..., object]:
         from shim.reaper import run_plain
@@ -193,7 +208,11 @@ class TaskService:
         with self._lock:
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists in this shim")
+            if self._exiting:
+                raise FailedPrecondition("this shim is shutting down")
             self.containers[req.id] = container
+            self._reserved.pop(req.id, None)
+            self._cancel_linger()
         try:
             self._create(container, req)
         except BaseException:
@@ -492,10 +511,51 @@ class TaskService:
     def Shutdown(self, ctx: Context, req: api.ShutdownRequest) -> empty_pb2.Empty:
         with self._lock:
             if self.containers:
-                return empty_pb2.Empty()  # other tasks of the group still live here
+                return empty_pb2.Empty()  # other tasks still live here
+            if self.linger > 0 and not req.now:
+                self._arm_linger()
+                return empty_pb2.Empty()
+        self._exit_if_idle()
+        return empty_pb2.Empty()
+
+    # -- shim lifetime ---------------------------------------------------------------------------
+    def Reserve(self, ctx: Context, req: object) -> empty_pb2.Empty:
+        cid = getattr(req, "id", "")
+        with self._lock:
+            if self._exiting:
+                raise FailedPrecondition("this shim is shutting down")
+            self._reserved[cid] = time.monotonic() + RESERVATION_TTL
+            self._cancel_linger()
+            self._arm_linger()  # expires the reservation if containerd never creates the task
+        return empty_pb2.Empty()
+
+    def _cancel_linger(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+
+    def _arm_linger(self) -> None:
+        self._cancel_linger()
+        delay = self.linger
+        if self._reserved:
+            delay = max(delay, min(self._reserved.values()) - time.monotonic())
+        self._linger_timer = threading.Timer(max(delay, 0.01), self._exit_if_idle)
+        self._linger_timer.daemon = True
+        self._linger_timer.start()
+
+    def _exit_if_idle(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._reserved = {cid: t for cid, t in self._reserved.items() if t > now}
+            if self.containers or self._exiting:
+                return
+            if self._reserved:
+                self._arm_linger()
+                return
+            self._exiting = True
+            self._cancel_linger()
         log.info("no task left: shutting down")
         self.on_shutdown()
-        return empty_pb2.Empty()
 
 
 def _read_pid(path: str) -> int:
