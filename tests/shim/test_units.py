@@ -44,9 +44,23 @@ def test_parse_go_style_flags():
 
 def test_group_annotation_selects_the_sandbox(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main._group_of("c1") == "c1"  # no config.json
+    assert main._group_of("c1") == main.SHARED_GROUP  # no sandbox: the namespace's shared shim
+    monkeypatch.setenv("REVENANT_SHIM_SHARED", "0")
+    assert main._group_of("c1") == "c1"
     (tmp_path / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}}')
     assert main._group_of("c1") == "pod1"
+    monkeypatch.delenv("REVENANT_SHIM_SHARED")
+    assert main._group_of("c1") == "pod1"
+
+
+def test_ttrpc_status_parsing():
+    from revenant_pb.google.rpc import status_pb2
+    from revenant_pb.ttrpc import ttrpc_pb2
+
+    ok = ttrpc_pb2.Response(payload=b"x").SerializeToString()
+    assert main._status_code(ok) == 0
+    failed = ttrpc_pb2.Response(status=status_pb2.Status(code=9, message="exiting")).SerializeToString()
+    assert main._status_code(failed) == 9
 
 
 def test_state_machine_rejects_illegal_calls():
