@@ -47,7 +47,8 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
 
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
-    service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger)
+    service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger,
+                          log_to_bundle=shimlog.retarget_stderr)
     server.register(service.service())
     server.register(service.shim_service())
 

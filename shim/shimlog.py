@@ -61,3 +61,12 @@ def setup(fd: int, debug: bool, fields: dict[str, str]) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def retarget_stderr(bundle: str) -> None:
+    """Point the shim's log (fd 2) at `bundle`'s log FIFO. A shared shim outlives the bundle it started
+    in; containerd reads the FIFO of every bundle it starts a task in, so the newest live one is read."""
+    fd = open_log_fifo(os.path.join(bundle, "log"))
+    if fd is not None:
+        os.dup2(fd, 2)
+        os.close(fd)

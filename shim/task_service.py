@@ -101,7 +101,7 @@ def _runc_failed(e: RuncError) -> TtrpcError:
 class TaskService:
     def __init__(self, namespace: str, publisher: EventSink, reaper: Reaper | None,
                  on_shutdown: Callable[[], None], checkpoint_engine: CheckpointBackend | None = None,
-                 linger: float = 0.0) -> None:
+                 linger: float = 0.0, log_to_bundle: Callable[[str], None] | None = None) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
@@ -116,6 +116,7 @@ class TaskService:
         # Lifetime: after its last task the shim lingers `linger` seconds for the next container
         # (`start` reserves a place first), then exits; once exiting it refuses reservations.
         self.linger = linger
+        self.log_to_bundle = log_to_bundle
         self._reserved: dict[str, float] = {}  # container id -> monotonic expiry
         self._exiting = False
         self._linger_timer: threading.Timer | None = None
@@ -220,6 +221,8 @@ class TaskService:
                 self.containers.pop(req.id, None)
             self._cleanup_failed_create(container)
             raise
+        if self.log_to_bundle is not None:
+            self.log_to_bundle(bundle)
         self.publisher.publish(events.TaskCreate(
             container_id=req.id, bundle=bundle, rootfs=list(req.rootfs),
             io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
@@ -380,6 +383,9 @@ class TaskService:
         with self._lock:
             self.containers.pop(c.id, None)
             self._by_pid.pop(c.init.pid, None)
+            newest = next(reversed(self.containers.values()), None)
+        if newest is not None and self.log_to_bundle is not None:
+            self.log_to_bundle(newest.bundle)  # this bundle's FIFO goes away with it
 
     def State(self, ctx: Context, req: api.StateRequest) -> api.StateResponse:
         c = self._container(req.id)
