@@ -173,34 +173,50 @@ def _status_code(response: bytes) -> int:
     return 0
 
 
+def _bind_or_connect(path: str):  # -> (listener, None) | (None, connected socket to a live shim)
+    """Under a lock on the socket directory, so two `start`s never both replace a dead shim's socket."""
+    import fcntl
+    import socket
+
+    dir_fd = os.open(SOCKET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        for _ in range(2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+            except OSError as e:
+                sock.close()
+                if e.errno != 98:  # EADDRINUSE
+                    raise
+            else:
+                os.chmod(path, 0o600)
+                sock.listen(128)
+                return sock, None
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                return None, probe
+            except OSError:
+                probe.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # left by a dead shim
+        raise OSError(f"cannot bind {path}")
+    finally:
+        os.close(dir_fd)  # releases the lock
+
+
 def _listen(path: str, cid: str):  # -> socket.socket | None (None: a live shim took the container)
     """Bind the shim socket, or reserve a place in the live shim already serving it. A shim that is
     on its way out refuses the reservation; then wait for it to let go of the path and bind anew."""
-    import socket
     import time
 
     os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
     deadline = time.monotonic() + 10.0
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-        except OSError as e:
-            sock.close()
-            if e.errno != 98:  # EADDRINUSE
-                raise
-        else:
-            os.chmod(path, 0o600)
-            sock.listen(128)
-            return sock
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            probe.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # left by a dead shim
-            continue
+        listener, probe = _bind_or_connect(path)
+        if listener is not None:
+            return listener
         try:
             if _ttrpc_reserve(probe, cid, timeout=max(0.1, deadline - time.monotonic())):
                 return None

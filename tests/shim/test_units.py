@@ -132,3 +132,21 @@ def test_runc_stats_to_cgroup_v1_metrics():
     assert (m.pids.current, m.pids.limit) == (3, 100)
     assert m.blkio.io_service_bytes_recursive[0].value == 512
     assert m.hugetlb[0].pagesize == "2MB"
+
+
+def test_start_replaces_a_dead_shims_socket(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(main, "SOCKET_DIR", str(tmp_path))
+    path = str(tmp_path / "s")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens: a shim that was SIGKILLed
+    listener = main._listen(path, "c1")
+    try:
+        assert listener is not None
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)  # the new listener owns the path
+        client.close()
+    finally:
+        listener.close()
