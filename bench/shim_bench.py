@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from harness.containerd import ContainerdNode  # noqa: E402
 from harness.images import build_test_images  # noqa: E402
+from harness.tools import SYSTEM_PATH  # noqa: E402
 
 RUNC, REVENANT = "io.containerd.runc.v2", "io.containerd.revenant.v1"
 VENV_PY = REPO / ".venv" / "bin" / "python"
@@ -94,35 +95,50 @@ def median_wall(argv: list[str], n: int = 15) -> float:
     return statistics.median(times)
 
 
-def breakdown() -> dict[str, float]:
+def breakdown(installed_bin: Path) -> dict[str, float]:
     bundle = Path(tempfile.mkdtemp(prefix="shim-bench-")) / "state" / "io.containerd.runtime.v2.task" / "ns" / "x"
     (bundle / "rootfs").mkdir(parents=True)
     return {
-        "shim delete, nothing left to clean (containerd runs it after every task)": median_wall(
+        "shim delete, nothing left to clean (containerd runs it after every task), dev venv": median_wall(
             [str(SHIM), "-namespace", "ns", "-id", "x", "-bundle", str(bundle), "delete"]),
+        "the same, installed layout": median_wall(
+            [str(installed_bin / "containerd-shim-revenant-v1"), "-namespace", "ns", "-id", "x", "-bundle",
+             str(bundle), "delete"]),
+        "installed layout: python -c pass": median_wall([str(installed_bin / "python"), "-c", "pass"]),
         "python -c pass (venv interpreter start)": median_wall([str(VENV_PY), "-c", "pass"]),
+        "python -S -c pass (no site: without the editable install's import finder)": median_wall(
+            [str(VENV_PY), "-S", "-c", "pass"]),
         "shim -v (interpreter + entry point)": median_wall([str(SHIM), "-v"]),
         "import of the server modules": median_wall(
             [str(VENV_PY), "-c", "import shim.server, shim.task_service, shim.events, shim.ttrpc"]),
     }
 
 
-def cold_runs(busybox: Path, runs: int) -> list[float]:
-    """revenant with a fresh shim per container (REVENANT_SHIM_SHARED=0): the Python server's start-up
-    on every run, as after a lingering shared shim has exited."""
-    node = ContainerdNode("cold")
-    node.env["REVENANT_SHIM_SHARED"] = "0"
-    node.start()
-    try:
-        image = node.import_image(busybox)
-        time_run(node, REVENANT, image, "warm")
-        return [time_run(node, REVENANT, image, f"c{i}") for i in range(runs)]
-    finally:
-        node.destroy()
+def installed_layout() -> Path:
+    """A venv laid out like `pip install .` leaves it: plain sys.path entries, no editable-install
+    import hook in site (which the dev venv's every interpreter start pays). Returns its bin/."""
+    root = Path(tempfile.mkdtemp(prefix="shim-bench-venv-"))
+    subprocess.run([str(VENV_PY), "-m", "venv", "--without-pip", str(root)], check=True)
+    dev_site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
+    site = next((root / "lib").glob("python3*/site-packages"))
+    (site / "revenant.pth").write_text(f"{REPO}\n{REPO / 'proto'}\n{dev_site}\n")
+    script = root / "bin" / "containerd-shim-revenant-v1"
+    script.write_text(f"#!{root / 'bin' / 'python'}\nimport sys\nfrom shim.main import main\n"
+                      "if __name__ == '__main__':\n    sys.exit(main())\n")
+    script.chmod(0o755)
+    return root / "bin"
 
 
 def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+VARIANTS = {
+    "runc": "io.containerd.runc.v2 (stock Go shim)",
+    "revenant": "io.containerd.revenant.v1, dev venv (editable install)",
+    "installed": "io.containerd.revenant.v1, installed layout (no editable import hook)",
+    "cold": "io.containerd.revenant.v1, installed layout, REVENANT_SHIM_SHARED=0 (fresh shim per run)",
+}
 
 
 def main() -> int:
@@ -131,39 +147,50 @@ def main() -> int:
     args = ap.parse_args()
 
     images = build_test_images(Path(tempfile.mkdtemp(prefix="shim-bench-images-")))
-    cold = cold_runs(images.busybox, args.runs)
-    node = ContainerdNode("bench")
-    node.start()
+    installed_bin = installed_layout()
+    nodes: dict[str, ContainerdNode] = {}
     try:
-        image = node.import_image(images.busybox)
-        for rt in (RUNC, REVENANT):  # warm caches (page cache, snapshot) for both
-            time_run(node, rt, image, "warm")
-        times: dict[str, list[float]] = {RUNC: [], REVENANT: []}
+        for name in ("dev", "installed", "cold"):
+            node = ContainerdNode(f"bench-{name}")
+            if name != "dev":
+                node.env["PATH"] = f"{installed_bin}:{SYSTEM_PATH}"
+            if name == "cold":
+                node.env["REVENANT_SHIM_SHARED"] = "0"
+            nodes[name] = node
+            node.start()
+        image = {name: node.import_image(images.busybox) for name, node in nodes.items()}
+        plan = {"runc": ("dev", RUNC), "revenant": ("dev", REVENANT), "installed": ("installed", REVENANT),
+                "cold": ("cold", REVENANT)}
+        for variant, (name, rt) in plan.items():  # warm page cache and snapshots
+            time_run(nodes[name], rt, image[name], f"warm-{variant}")
+        times: dict[str, list[float]] = {v: [] for v in plan}
         for i in range(args.runs):
-            order = (RUNC, REVENANT) if i % 2 == 0 else (REVENANT, RUNC)
-            for rt in order:
-                times[rt].append(time_run(node, rt, image, f"b{i}"))
-        one = {rt: idle_memory(node, rt, image, 1) for rt in (RUNC, REVENANT)}
-        ten = {rt: idle_memory(node, rt, image, 10) for rt in (RUNC, REVENANT)}
+            order = list(plan) if i % 2 == 0 else list(reversed(plan))  # noise hits all alike
+            for variant in order:
+                name, rt = plan[variant]
+                times[variant].append(time_run(nodes[name], rt, image[name], f"b{i}-{variant}"))
+        memory = {
+            "runc": [idle_memory(nodes["dev"], RUNC, image["dev"], n) for n in (1, 10)],
+            "installed": [idle_memory(nodes["installed"], REVENANT, image["installed"], n) for n in (1, 10)],
+        }
     finally:
-        node.destroy()
-    parts = breakdown()
+        for node in nodes.values():
+            node.destroy()
+    parts = breakdown(installed_bin)
 
-    med = {rt: statistics.median(v) for rt, v in times.items()}
-    print(f"runs per runtime: {args.runs}")
-    print("| shim | median (ms) | p10 (ms) | p90 (ms) | 1 idle task: shim VmRSS / Pss (MiB) "
-          "| 10 idle tasks: shims, total VmRSS / Pss (MiB) |")
-    print("|---|---|---|---|---|---|")
-    for rt in (RUNC, REVENANT):
-        v = times[rt]
-        print(f"| {rt} | {med[rt] * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} | "
-              f"{one[rt][1] / 1024:.1f} / {one[rt][2] / 1024:.1f} | "
-              f"{ten[rt][0]}, {ten[rt][1] / 1024:.1f} / {ten[rt][2] / 1024:.1f} |")
-    cold_med = statistics.median(cold)
-    print(f"| {REVENANT}, REVENANT_SHIM_SHARED=0 (fresh shim per run; separate node, run before) | "
-          f"{cold_med * 1e3:.0f} | {pct(cold, 0.1) * 1e3:.0f} | {pct(cold, 0.9) * 1e3:.0f} | | |")
-    print(f"\nratio revenant/runc (median start-to-exit): {med[REVENANT] / med[RUNC]:.2f}"
-          f" (fresh shim per container: {cold_med / med[RUNC]:.2f})")
+    base = statistics.median(times["runc"])
+    print(f"runs per variant: {args.runs}, interleaved")
+    print("| shim | median (ms) | p10 (ms) | p90 (ms) | ratio to runc shim |")
+    print("|---|---|---|---|---|")
+    for variant, v in times.items():
+        med = statistics.median(v)
+        print(f"| {VARIANTS[variant]} | {med * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} "
+              f"| {med / base:.2f} |")
+    print("\n| shim | idle shims for 1 task | VmRSS / Pss (MiB) | shims for 10 tasks | total VmRSS / Pss (MiB) |")
+    print("|---|---|---|---|---|")
+    for variant, (one, ten) in memory.items():
+        print(f"| {VARIANTS[variant]} | {one[0]} | {one[1] / 1024:.1f} / {one[2] / 1024:.1f} "
+              f"| {ten[0]} | {ten[1] / 1024:.1f} / {ten[2] / 1024:.1f} |")
     print("\nrevenant start-up parts (median wall, ms):")
     for name, value in parts.items():
         print(f"  {name}: {value * 1e3:.1f}")
