@@ -18,10 +18,8 @@ import os
 import select
 import socket
 import struct
-import subprocess
 import termios
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shim.runc import IOFds
@@ -32,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BINARY_READY_TIMEOUT = 10.0
-Spawner = Callable[..., subprocess.Popen[bytes]]
 
 
 def _open_output_fifo(path: str) -> tuple[int, int]:
@@ -93,10 +90,9 @@ class StdinCopier:
 
 class ProcessIO:
     def __init__(self, container_id: str, namespace: str, stdin: str, stdout: str, stderr: str,
-                 terminal: bool, spawn: Spawner | None = None) -> None:
+                 terminal: bool) -> None:
         self.container_id, self.namespace = container_id, namespace
         self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
-        self._spawn: Spawner = spawn or subprocess.Popen
         self._child_fds: list[int] = []  # handed to runc; closed once runc has them
         self._keep: list[int] = []  # held for the process's lifetime
         self._stdin: StdinCopier | None = None
@@ -161,20 +157,22 @@ class ProcessIO:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         env = {**os.environ, "CONTAINER_ID": self.container_id, "CONTAINER_NAMESPACE": self.namespace}
-
-        def dup_to_3_4_5() -> None:
-            for target, fd in ((3, out_r), (4, err_r), (5, ready_w)):
-                os.dup2(fd, target)  # dup2 clears FD_CLOEXEC on the copy
-
+        # posix_spawn, not Popen(preexec_fn=...): no Python code between fork and exec in a threaded
+        # process. Sources are moved above 5 first: dup2(fd, fd) would keep FD_CLOEXEC set.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (out_r, err_r, ready_w)]
         try:
-            self._spawn([uri.path, *args], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, preexec_fn=dup_to_3_4_5, start_new_session=True)
+            os.posix_spawn(uri.path, [uri.path, *args], env, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, high[0], 3),
+                (os.POSIX_SPAWN_DUP2, high[1], 4),
+                (os.POSIX_SPAWN_DUP2, high[2], 5),
+            ])
         finally:
-            for fd in (out_r, err_r, ready_w):
+            for fd in (out_r, err_r, ready_w, *high):
                 os.close(fd)
         try:
-            import select
-
             ready, _, _ = select.select([ready_r], [], [], BINARY_READY_TIMEOUT)
             if not ready:
                 raise TimeoutError(f"logging binary {uri.path} not ready within {BINARY_READY_TIMEOUT}s")

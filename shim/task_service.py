@@ -237,8 +237,7 @@ class TaskService:
             mounts.mount_all([mounts.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs], rootfs)
             c.rootfs_mounted = True
         init = c.init
-        init.io = ProcessIO(c.id, c.namespace, init.stdin, init.stdout, init.stderr, init.terminal,
-                            spawn=self.reaper.spawn if self.reaper else None)
+        init.io = ProcessIO(c.id, c.namespace, init.stdin, init.stdout, init.stderr, init.terminal)
         console_socket = init.io.prepare()
         if req.checkpoint:
             if self.checkpoint_engine is None:
@@ -333,8 +332,7 @@ class TaskService:
         c.init.check("exec")
         proc = Process(container_id=c.id, exec_id=req.exec_id, bundle=c.bundle, stdin=req.stdin,
                        stdout=req.stdout, stderr=req.stderr, terminal=req.terminal, spec=req.spec.value)
-        proc.io = ProcessIO(c.id, c.namespace, req.stdin, req.stdout, req.stderr, req.terminal,
-                            spawn=self.reaper.spawn if self.reaper else None)
+        proc.io = ProcessIO(c.id, c.namespace, req.stdin, req.stdout, req.stderr, req.terminal)
         with self._lock:
             if req.exec_id in c.execs:
                 raise AlreadyExists(f"exec {req.exec_id} already exists in {c.id}")

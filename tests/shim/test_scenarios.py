@@ -210,3 +210,40 @@ def test_oom_kill_is_reported(runtime: Runtime, test_images):
         events.terminate()
         out, _ = events.communicate(timeout=10)
     assert "/tasks/oom" in out, out
+
+
+def test_log_uris_file_and_binary(runtime: Runtime, tmp_path: Path):
+    log_file = tmp_path / "file.log"
+    runtime.run("filelog", "sh", "-c", "echo to-file; echo err-to-file >&2",
+                flags=("--rm", "--log-uri", f"file://{log_file}"))
+    assert "to-file" in log_file.read_text() and "err-to-file" in log_file.read_text()
+
+    # The logging-binary protocol: stdout on fd 3, stderr on fd 4, fd 5 closed once ready.
+    out = tmp_path / "binary.log"
+    logger = tmp_path / "logger.sh"
+    logger.write_text("#!/bin/sh\nexec 5>&-\ncat <&3 >\"$1.out\" &\ncat <&4 >\"$1.err\"\nwait\n")
+    logger.chmod(0o755)
+    runtime.run("binlog", "sh", "-c", "echo to-binary; echo err-to-binary >&2",
+                flags=("--rm", "--log-uri", f"binary://{logger}?{out}"))
+    wait_until(lambda: Path(f"{out}.err").exists() and "err-to-binary" in Path(f"{out}.err").read_text(),
+               30, "the logging binary received stderr")
+    wait_until(lambda: "to-binary" in Path(f"{out}.out").read_text(), 30, "the logging binary received stdout")
+
+
+def test_update_resources_over_the_task_api(runtime: Runtime):
+    """ctr 1.6 has no `task update`: call Task/Update on the shim's own socket, as containerd does."""
+    from google.protobuf import empty_pb2
+
+    from revenant_pb.containerd.task.v2 import shim_pb2
+    from shim.ttrpc import NAMESPACE_KEY, Client
+
+    runtime.run("upd", "sleep", "1000", flags=("-d",))
+    address = (runtime.node.bundle("upd") / "address").read_text().strip()
+    req = shim_pb2.UpdateTaskRequest(id="upd")
+    req.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+    req.resources.value = json.dumps({"memory": {"limit": 64 << 20}}).encode()
+    with Client(address, timeout=30) as client:
+        client.call("containerd.task.v2.Task", "Update", req, empty_pb2.Empty,
+                    metadata={NAMESPACE_KEY: runtime.node.namespace})
+    limit = Path(f"/sys/fs/cgroup/memory/{runtime.node.namespace}/upd/memory.limit_in_bytes")
+    assert int(limit.read_text()) == 64 << 20
