@@ -51,6 +51,7 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
                           log_to_bundle=shimlog.retarget_stderr)
     server.register(service.service())
     server.register(service.shim_service())
+    service.expect(args.id)  # a shim whose containerd never sends Create does not live forever
 
     def serve_then_stop() -> None:
         try:

@@ -524,14 +524,17 @@ class TaskService:
 
     # -- shim lifetime ---------------------------------------------------------------------------
     def Reserve(self, ctx: Context, req: object) -> empty_pb2.Empty:
-        cid = getattr(req, "id", "")
+        self.expect(getattr(req, "id", ""))
+        return empty_pb2.Empty()
+
+    def expect(self, cid: str) -> None:
+        """A container is about to be created here: stay up for it (RESERVATION_TTL at most)."""
         with self._lock:
             if self._exiting:
                 raise FailedPrecondition("this shim is shutting down")
             self._reserved[cid] = time.monotonic() + RESERVATION_TTL
             self._cancel_linger()
             self._arm_linger()  # expires the reservation if containerd never creates the task
-        return empty_pb2.Empty()
 
     def _cancel_linger(self) -> None:
         if self._linger_timer is not None:

@@ -66,3 +66,24 @@ def test_shim_lifecycle(node: ContainerdNode):
         assert res.stdout.strip() == "reused"
     # ... and then exits, releasing its socket
     wait_until(lambda: not revenant_shims(node), 30, "no revenant shim left")
+
+
+def test_cri_sandbox_groups_share_a_shim(test_images):
+    """Containers annotated with one io.kubernetes.cri.sandbox-id share their sandbox's shim, also with
+    one shim per container otherwise (as containerd's runc shim groups a pod)."""
+    node = ContainerdNode("pod")
+    node.env["REVENANT_SHIM_SHARED"] = "0"
+    node.env["REVENANT_SHIM_LINGER"] = "1"
+    try:
+        node.start()
+        image = node.import_image(test_images.busybox)
+        for cid, pod in (("pause", "pod-a"), ("app", "pod-a"), ("other", "pod-b")):
+            node.ctr("run", "-d", "--runtime", REVENANT_SHIM, "--annotation",
+                     f"io.kubernetes.cri.sandbox-id={pod}", image, cid, "sleep", "1000", input="")
+        assert len(revenant_shims(node)) == 2
+        addresses = {cid: (node.bundle(cid) / "address").read_text() for cid in ("pause", "app", "other")}
+        assert addresses["pause"] == addresses["app"] != addresses["other"]
+        res = node.ctr("task", "exec", "--exec-id", "e", "app", "echo", "in-pod", input="")
+        assert res.stdout.strip() == "in-pod"
+    finally:
+        node.destroy()
