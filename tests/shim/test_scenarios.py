@@ -81,6 +81,10 @@ def test_detached_task_exec_with_and_without_tty(runtime: Runtime):
     assert "/dev/pts/" in out and "exec-tty-done" in out
     assert task_status(runtime.node, "box") == "RUNNING"
 
+    # a detached exec shows up in `ctr task ps` with its exec id (ProcessInfo.info = ProcessDetails)
+    runtime.ctr("task", "exec", "-d", "--exec-id", "background", "box", "sleep", "1000")
+    wait_until(lambda: "background" in runtime.ctr("task", "ps", "box").stdout, 30, "exec listed by ps")
+
 
 def test_kill_pause_resume_ps_metrics(runtime: Runtime):
     # pid 1 ignores signals it has no handler for: trap TERM to see a SIGTERM end the task
