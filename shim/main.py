@@ -106,9 +106,10 @@ def _group_of(cid: str) -> str:
     return SHARED_GROUP if shared_shims() else cid
 
 
-def _ttrpc_reserve(sock, cid: str, timeout: float) -> bool:  # sock: a connected socket.socket
+def _ttrpc_reserve(sock, cid: str, timeout: float) -> int:  # sock: a connected socket.socket
     """Call revenant.shim.v1.Shim/Reserve{id} with a hand-built ttrpc frame (importing protobuf and
-    the ttrpc client here would cost more than the whole `start` action). True when the shim took it."""
+    the ttrpc client here would cost more than the whole `start` action). Returns the shim's pid when
+    it took the container, 0 when it refused."""
     import struct
 
     def field(number: int, data: bytes) -> bytes:
@@ -129,9 +130,9 @@ def _ttrpc_reserve(sock, cid: str, timeout: float) -> bool:  # sock: a connected
 
     length, _, msg_type, _ = struct.unpack(">IIBB", recv_exact(10))
     response = recv_exact(length)
-    if msg_type != 2:
-        return False
-    return _status_code(response) == 0
+    if msg_type != 2 or _status_code(response) != 0:
+        return 0
+    return max(_reserve_pid(response), 1)
 
 
 def _read_varint(data: bytes, i: int) -> tuple[int, int]:
@@ -147,29 +148,12 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
 
 def _status_code(response: bytes) -> int:
     """ttrpc.Response{status=1 google.rpc.Status{code=1}}: the code, 0 when absent."""
-    i = 0
-    while i < len(response):
-        key, i = _read_varint(response, i)
-        wire = key & 7
-        if wire == 0:
-            _, i = _read_varint(response, i)
-        elif wire == 2:
-            n, i = _read_varint(response, i)
-            if key >> 3 == 1:  # status
-                status, j = response[i:i + n], 0
-                while j < len(status):
-                    skey, j = _read_varint(status, j)
-                    if skey == 0x08:
-                        return _read_varint(status, j)[0]
-                    if skey & 7 == 2:
-                        sn, j = _read_varint(status, j)
-                        j += sn
-                    else:
-                        _, j = _read_varint(status, j)
-                return 0
-            i += n
-        else:
-            return -1  # not a ttrpc response
+    for number, wire, status in _fields(response):
+        if number == 1 and wire == 2:
+            for inner, inner_wire, code in _fields(status):
+                if inner == 1 and inner_wire == 0:
+                    return code
+            return 0
     return 0
 
 
@@ -206,7 +190,32 @@ def _bind_or_connect(path: str):  # -> (listener, None) | (None, connected socke
         os.close(dir_fd)  # releases the lock
 
 
-def _listen(path: str, cid: str):  # -> socket.socket | None (None: a live shim took the container)
+def _fields(data: bytes):  # -> Iterator[(field number, wire type, int value | bytes)]
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        if key & 7 == 0:
+            value, i = _read_varint(data, i)
+            yield key >> 3, 0, value
+        elif key & 7 == 2:
+            n, i = _read_varint(data, i)
+            yield key >> 3, 2, data[i:i + n]
+            i += n
+        else:
+            return
+
+
+def _reserve_pid(response: bytes) -> int:
+    """ttrpc.Response{payload=2 ReserveResponse{pid=1}}."""
+    for number, wire, payload in _fields(response):
+        if number == 2 and wire == 2:
+            for inner, inner_wire, value in _fields(payload):
+                if inner == 1 and inner_wire == 0:
+                    return value
+    return 0
+
+
+def _listen(path: str, cid: str):  # -> (socket.socket | None, shim pid) (None: a live shim took it)
     """Bind the shim socket, or reserve a place in the live shim already serving it. A shim that is
     on its way out refuses the reservation; then wait for it to let go of the path and bind anew."""
     import time
@@ -216,10 +225,11 @@ def _listen(path: str, cid: str):  # -> socket.socket | None (None: a live shim 
     while True:
         listener, probe = _bind_or_connect(path)
         if listener is not None:
-            return listener
+            return listener, 0
         try:
-            if _ttrpc_reserve(probe, cid, timeout=max(0.1, deadline - time.monotonic())):
-                return None
+            pid = _ttrpc_reserve(probe, cid, timeout=max(0.1, deadline - time.monotonic()))
+            if pid:
+                return None, pid
         except OSError:
             pass  # exiting, or too busy to answer in time
         finally:
@@ -239,8 +249,9 @@ def _write_file(name: str, text: str) -> None:
 def action_start(args: Args) -> int:
     path = socket_path(args.address, args.namespace, _group_of(args.id))
     address = "unix://" + path
-    listener = _listen(path, args.id)
+    listener, shim_pid = _listen(path, args.id)
     if listener is None:
+        _write_file("shim.pid", str(shim_pid))
         _write_file("address", address)
         sys.stdout.write(address)
         return 0

@@ -523,9 +523,11 @@ class TaskService:
         return empty_pb2.Empty()
 
     # -- shim lifetime ---------------------------------------------------------------------------
-    def Reserve(self, ctx: Context, req: object) -> empty_pb2.Empty:
+    def Reserve(self, ctx: Context, req: object) -> object:
+        from revenant_pb.revenant.shim.v1 import shim_pb2 as shim_api
+
         self.expect(getattr(req, "id", ""))
-        return empty_pb2.Empty()
+        return shim_api.ReserveResponse(pid=os.getpid())
 
     def expect(self, cid: str) -> None:
         """A container is about to be created here: stay up for it (RESERVATION_TTL at most)."""

@@ -47,7 +47,9 @@ def test_shim_lifecycle(node: ContainerdNode):
     shared = node.env.get("REVENANT_SHIM_SHARED") != "0"
     for cid in ("one", "two"):
         node.ctr("run", "-d", "--runtime", REVENANT_SHIM, node.image, cid, "sleep", "1000", input="")
-    assert len(revenant_shims(node)) == (1 if shared else 2)
+    shims = revenant_shims(node)
+    assert len(shims) == (1 if shared else 2)
+    assert {int((node.bundle(c) / "shim.pid").read_text()) for c in ("one", "two")} == set(shims)
     res = node.ctr("task", "exec", "--exec-id", "e", "two", "sh", "-c", "echo from-two", input="")
     assert res.stdout.strip() == "from-two"
 

@@ -61,6 +61,11 @@ def test_ttrpc_status_parsing():
     assert main._status_code(ok) == 0
     failed = ttrpc_pb2.Response(status=status_pb2.Status(code=9, message="exiting")).SerializeToString()
     assert main._status_code(failed) == 9
+    from revenant_pb.revenant.shim.v1 import shim_pb2 as shim_api
+
+    reserved = ttrpc_pb2.Response(payload=shim_api.ReserveResponse(pid=4242).SerializeToString())
+    assert main._status_code(reserved.SerializeToString()) == 0
+    assert main._reserve_pid(reserved.SerializeToString()) == 4242
 
 
 def test_state_machine_rejects_illegal_calls():
@@ -142,7 +147,7 @@ def test_start_replaces_a_dead_shims_socket(tmp_path, monkeypatch):
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(path)
     stale.close()  # the file stays, nobody listens: a shim that was SIGKILLed
-    listener = main._listen(path, "c1")
+    listener, _ = main._listen(path, "c1")
     try:
         assert listener is not None
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
