@@ -7,7 +7,6 @@ The `start` path imports as little as possible: containerd waits for it on every
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -74,11 +73,14 @@ def build_parser() -> object:
 
 
 def socket_path(address: str, namespace: str, group: str) -> str:
-    import hashlib
     import posixpath
 
+    try:
+        from _sha256 import sha256  # the builtin; hashlib would load OpenSSL first
+    except ImportError:
+        from hashlib import sha256
     key = posixpath.normpath(posixpath.join(address, namespace, group))
-    return f"{SOCKET_DIR}/{hashlib.sha256(key.encode()).hexdigest()}"
+    return f"{SOCKET_DIR}/{sha256(key.encode()).hexdigest()}"
 
 
 def shared_shims() -> bool:
@@ -160,13 +162,13 @@ def _status_code(response: bytes) -> int:
 def _bind_or_connect(path: str):  # -> (listener, None) | (None, connected socket to a live shim)
     """Under a lock on the socket directory, so two `start`s never both replace a dead shim's socket."""
     import fcntl
-    import socket
+    from _socket import AF_UNIX, SOCK_STREAM, socket  # socket.py would import enum and selectors
 
     dir_fd = os.open(SOCKET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)
         for _ in range(2):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = socket(AF_UNIX, SOCK_STREAM)
             try:
                 sock.bind(path)
             except OSError as e:
@@ -177,14 +179,14 @@ def _bind_or_connect(path: str):  # -> (listener, None) | (None, connected socke
                 os.chmod(path, 0o600)
                 sock.listen(128)
                 return sock, None
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe = socket(AF_UNIX, SOCK_STREAM)
             try:
                 probe.connect(path)
                 return None, probe
             except OSError:
                 probe.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # left by a dead shim
+                if os.path.exists(path):
+                    os.unlink(path)  # left by a dead shim (the directory lock keeps others away)
         raise OSError(f"cannot bind {path}")
     finally:
         os.close(dir_fd)  # releases the lock
@@ -266,9 +268,12 @@ def action_start(args: Args) -> int:
             os.dup2(null, 0)
             os.dup2(null, 1)  # containerd reads `start`'s stdout until EOF: let go of it now
             os.dup2(null, 2)
+            import socket
+
             from shim.server import serve
 
-            code = serve(args, listener, path, t0)
+            # start used the bare _socket type; the server wants a full socket.socket
+            code = serve(args, socket.socket(fileno=listener.detach()), path, t0)
         except BaseException:
             code = 1
             import traceback

@@ -9,10 +9,9 @@ the shim is gone, finds the same root.
 
 from __future__ import annotations
 
-import json
 import os
 
-OPTIONS_FILE = "revenant-options.json"
+OPTIONS_FILE = "revenant-options"  # key=value lines: the `delete` action reads it without json (re)
 OPTIONS_TYPE = "containerd.runc.v1.Options"
 
 
@@ -34,19 +33,31 @@ class RuntimeOptions:
         return f"RuntimeOptions({', '.join(f'{k}={getattr(self, k)!r}' for k in self.FIELDS)})"
 
     def save(self, bundle: str) -> None:
+        lines = []
+        for key in self.FIELDS:
+            value = str(getattr(self, key))
+            if "\n" in value:
+                raise ValueError(f"runtime option {key} must not contain a newline: {value!r}")
+            lines.append(f"{key}={value}\n")
         path = os.path.join(bundle, OPTIONS_FILE)
         with open(path + ".tmp", "w") as f:
-            f.write(json.dumps({k: getattr(self, k) for k in self.FIELDS}))
+            f.write("".join(lines))
         os.replace(path + ".tmp", path)
 
     @classmethod
     def load(cls, bundle: str) -> RuntimeOptions | None:
         try:
             with open(os.path.join(bundle, OPTIONS_FILE)) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+                pairs = [line.rstrip("\n").partition("=") for line in f]
+        except OSError:
             return None
-        return cls(**{k: v for k, v in data.items() if k in cls.FIELDS})
+        values: dict[str, object] = {k: v for k, _, v in pairs if k in cls.FIELDS}
+        if "root" not in values:
+            return None
+        for key in ("systemd_cgroup", "no_pivot_root", "no_new_keyring"):
+            if key in values:
+                values[key] = values[key] == "True"
+        return cls(**values)  # type: ignore[arg-type]
 
 
 def default_root(bundle: str, namespace: str) -> str:
