@@ -2,7 +2,7 @@
 
 Containers are keyed by id (one shim may serve a whole sandbox group). Process lifecycles live in
 shim.process; runc is driven through shim.runc; exits come from the subreaper (shim.reaper) and are
-matched to processes here. Checkpoint/restore is delegated to a pluggable CheckpointEngine, so adding
+matched to processes here. Checkpoint/restore is delegated to a pluggable CheckpointBackend, so adding
 one (the checkpoint issue) does not change this service.
 """
 
@@ -59,7 +59,12 @@ class EventSink(Protocol):
 
 
 class CheckpointBackend(Protocol):
-    """What a checkpoint implementation provides; the service owns locking and state changes."""
+    """What a checkpoint implementation provides; the service owns locking, states and events.
+
+    Inside the shim every child must be started through the subreaper (`container.runc`, whose runner
+    is Reaper.run, or Reaper.spawn/wait_command): a plain subprocess.run would race the reaper's
+    wait(-1) and see exit status 0 for a runc/CRIU that failed. A restored init's pid must come back
+    from restore_start so its exit is matched."""
 
     def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None: ...
 
