@@ -16,16 +16,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="revenant-snapshotter", description="revenant proxy snapshotter")
     p.add_argument("--address", default="/run/revenant/snapshotter.sock", help="unix socket to serve on")
     p.add_argument("--root", default="/var/lib/revenant/snapshotter", help="snapshot state directory")
-    p.add_argument("--store", default=None,
-                   help="checkpoint store URL used for restores when a snapshot's labels name none")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="checkpoint store URL used for restores when a snapshot's labels name none",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Imported late so `--help` works even before `make proto`.
     from snapshotter.overlay import OverlaySnapshotter
     from snapshotter.service import serve

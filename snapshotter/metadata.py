@@ -92,8 +92,17 @@ FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
 
 def _row(r: tuple) -> Snapshot:
     return Snapshot(
-        id=r[0], namespace=r[1], key=r[2], kind=Kind(r[3]), parent=r[4], parent_id=r[5],
-        created_ns=r[6], updated_ns=r[7], labels=json.loads(r[8]), size=r[9], inodes=r[10],
+        id=r[0],
+        namespace=r[1],
+        key=r[2],
+        kind=Kind(r[3]),
+        parent=r[4],
+        parent_id=r[5],
+        created_ns=r[6],
+        updated_ns=r[7],
+        labels=json.loads(r[8]),
+        size=r[9],
+        inodes=r[10],
     )
 
 
@@ -147,7 +156,9 @@ class Transaction:
         return _row(r)
 
     def exists(self, ns: str, key: str) -> bool:
-        return self._db.execute("SELECT 1 FROM snapshots WHERE ns=? AND key=?", (ns, key)).fetchone() is not None
+        return (
+            self._db.execute("SELECT 1 FROM snapshots WHERE ns=? AND key=?", (ns, key)).fetchone() is not None
+        )
 
     def all(self, ns: str | None = None) -> list[Snapshot]:
         if ns is None:
@@ -170,7 +181,10 @@ class Transaction:
         return chain
 
     def has_children(self, snap_id: int) -> bool:
-        return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=? LIMIT 1", (snap_id,)).fetchone() is not None
+        return (
+            self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=? LIMIT 1", (snap_id,)).fetchone()
+            is not None
+        )
 
     def create(self, ns: str, key: str, kind: Kind, parent: str, labels: dict[str, str]) -> Snapshot:
         if self.exists(ns, key):
@@ -192,7 +206,9 @@ class Transaction:
         )
         return self.by_id(int(cur.lastrowid))
 
-    def commit_active(self, ns: str, key: str, name: str, labels: dict[str, str], size: int, inodes: int) -> Snapshot:
+    def commit_active(
+        self, ns: str, key: str, name: str, labels: dict[str, str], size: int, inodes: int
+    ) -> Snapshot:
         """Turn active `key` into committed `name`; the id (and so the directory) is kept."""
         snap = self.get(ns, key)
         if snap.kind != Kind.ACTIVE:

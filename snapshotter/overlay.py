@@ -139,7 +139,9 @@ class OverlaySnapshotter:
         return [Mount(type="overlay", source="overlay", options=tuple(options))]
 
     # ---- RPC operations ------------------------------------------------------------------------
-    def prepare(self, ns: str, key: str, parent: str, labels: dict[str, str], kind: Kind = Kind.ACTIVE) -> list[Mount]:
+    def prepare(
+        self, ns: str, key: str, parent: str, labels: dict[str, str], kind: Kind = Kind.ACTIVE
+    ) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty: invalid argument")
         restore = restore_request(labels) if kind == Kind.ACTIVE else None
@@ -168,8 +170,15 @@ class OverlaySnapshotter:
                 os.rename(td, target)
                 _fsync_dir(self.snapshots_dir)
                 mounts = self._mounts(snap, chain)
-            log.info("prepared %s/%s kind=%s parent=%r id=%d%s", ns, key, kind.label, parent, snap.id,
-                     f" restored from {restore[0]}" if restore else "")
+            log.info(
+                "prepared %s/%s kind=%s parent=%r id=%d%s",
+                ns,
+                key,
+                kind.label,
+                parent,
+                snap.id,
+                f" restored from {restore[0]}" if restore else "",
+            )
             return mounts
         except BaseException:
             shutil.rmtree(td, ignore_errors=True)
@@ -234,13 +243,15 @@ class OverlaySnapshotter:
                     if p == "labels":
                         new = dict(labels)
                     elif p.startswith("labels."):
-                        k = p[len("labels."):]
+                        k = p[len("labels.") :]
                         if k in labels:
                             new[k] = labels[k]
                         else:
                             new.pop(k, None)
                     else:
-                        raise InvalidArgument(f"cannot update {p!r} field on snapshot {name}: invalid argument")
+                        raise InvalidArgument(
+                            f"cannot update {p!r} field on snapshot {name}: invalid argument"
+                        )
             return tx.set_labels(snap.id, new)
 
     def usage(self, ns: str, key: str) -> Usage:
@@ -258,7 +269,8 @@ class OverlaySnapshotter:
         with self.meta.read() as tx:
             snaps = tx.all(ns)
         return [
-            s for s in snaps
+            s
+            for s in snaps
             if flt.matches(parsed, flt.snapshot_adaptor(s.key, s.parent, s.kind.label, s.labels))
         ]
 

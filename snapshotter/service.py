@@ -63,7 +63,10 @@ def _namespace(context: grpc.ServicerContext) -> str:
 
 
 def _mounts_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
-    return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in mounts]
+    return [
+        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
+        for m in mounts
+    ]
 
 
 def _ts(ns: int) -> timestamp_pb2.Timestamp:
@@ -72,8 +75,12 @@ def _ts(ns: int) -> timestamp_pb2.Timestamp:
 
 def _info(s: md.Snapshot) -> pb.Info:
     return pb.Info(
-        name=s.key, parent=s.parent, kind=int(s.kind), created_at=_ts(s.created_ns),
-        updated_at=_ts(s.updated_ns), labels=s.labels,
+        name=s.key,
+        parent=s.parent,
+        kind=int(s.kind),
+        created_at=_ts(s.created_ns),
+        updated_at=_ts(s.updated_ns),
+        labels=s.labels,
     )
 
 
@@ -82,14 +89,17 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.snap = snap
 
     @_grpc_errors
-    def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
+    def Prepare(
+        self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareSnapshotResponse:
         mounts = self.snap.prepare(_namespace(context), request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=_mounts_pb(mounts))
 
     @_grpc_errors
     def View(self, request: pb.ViewSnapshotRequest, context: grpc.ServicerContext) -> pb.ViewSnapshotResponse:
-        mounts = self.snap.prepare(_namespace(context), request.key, request.parent, dict(request.labels),
-                                   kind=md.Kind.VIEW)
+        mounts = self.snap.prepare(
+            _namespace(context), request.key, request.parent, dict(request.labels), kind=md.Kind.VIEW
+        )
         return pb.ViewSnapshotResponse(mounts=_mounts_pb(mounts))
 
     @_grpc_errors
@@ -111,13 +121,17 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return pb.StatSnapshotResponse(info=_info(self.snap.stat(_namespace(context), request.key)))
 
     @_grpc_errors
-    def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
+    def Update(
+        self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.UpdateSnapshotResponse:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         snap = self.snap.update(_namespace(context), request.info.name, dict(request.info.labels), paths)
         return pb.UpdateSnapshotResponse(info=_info(snap))
 
     @_grpc_errors
-    def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
+    def List(
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ListSnapshotsResponse]:
         # Resolve (and validate filters) before streaming, so errors carry their proper code.
         snaps = self.snap.list(_namespace(context), list(request.filters))
         return self._stream(snaps)
@@ -125,7 +139,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     @staticmethod
     def _stream(snaps: list[md.Snapshot]) -> Iterator[pb.ListSnapshotsResponse]:
         for i in range(0, len(snaps), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[_info(s) for s in snaps[i:i + LIST_BATCH]])
+            yield pb.ListSnapshotsResponse(info=[_info(s) for s in snaps[i : i + LIST_BATCH]])
 
     @_grpc_errors
     def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext) -> pb.UsageResponse:

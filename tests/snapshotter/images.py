@@ -43,7 +43,9 @@ def _busybox_layer(tf: tarfile.TarFile) -> None:
     for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "var"):
         _dir(tf, d, 0o1777 if d == "tmp" else 0o755)
     tf.add(str(BUSYBOX), "bin/busybox")
-    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = subprocess.run(
+        [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for applet in applets:
         if applet == "busybox":
             continue
@@ -81,23 +83,40 @@ def build_image(out: Path) -> Path:
         {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob(layer), "size": len(layer)}
         for layer in layers
     ]
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(config),
-                   "size": len(config)},
-        "layers": layer_descs,
-    }).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": blob(config),
+                "size": len(config),
+            },
+            "layers": layer_descs,
+        }
+    ).encode()
     mdigest = blob(manifest)
-    index = json.dumps({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
-                       "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": IMAGE_REF}}],
-    }).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": mdigest,
+                    "size": len(manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": IMAGE_REF},
+                }
+            ],
+        }
+    ).encode()
     with tarfile.open(out, "w") as tf:
         for name, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index)]:
             _file(tf, name, data)
