@@ -217,7 +217,8 @@ class Transaction:
             raise AlreadyExists(f"snapshot {name}: already exists")
         now = time.time_ns()
         self._db.execute(
-            "UPDATE snapshots SET key=?, kind=?, labels=?, size=?, inodes=?, created_ns=?, updated_ns=? WHERE id=?",
+            "UPDATE snapshots SET key=?, kind=?, labels=?, size=?, inodes=?, created_ns=?, updated_ns=?"
+            " WHERE id=?",
             (name, int(Kind.COMMITTED), json.dumps(labels, sort_keys=True), size, inodes, now, now, snap.id),
         )
         return self.by_id(snap.id)

@@ -195,7 +195,8 @@ class OverlaySnapshotter:
         url = store_url or self.store_url
         if not url:
             raise InvalidArgument(
-                f"restore of {ckpt_key!r} asked but no store: set label {LABEL_STORE} or --store: invalid argument"
+                f"restore of {ckpt_key!r} asked but no store: set label {LABEL_STORE} or --store:"
+                " invalid argument"
             )
         restore_writable_layer(url, ckpt_key, seq, upper)
 
