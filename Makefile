@@ -44,7 +44,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(PY) -m shim.demo
+	PYTHONPATH=tests $(PY) -m harness.demo_baseline
 
 bench: setup
 	$(PY) -m bench

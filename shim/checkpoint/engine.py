@@ -1,0 +1,176 @@
+"""The checkpoint engine: runc + CRIU dumps and restores of one container, with statistics.
+
+The ttrpc Task service, the periodic checkpointer, the spot-notice agent and the CLI all go through
+this one class, so ordering rules live in one place: checkpoints of one container are serialized,
+hooks (GPU lock/checkpoint) run around the dump and are always undone on error, and a failure names
+CRIU's own error lines while the full log is kept beside the bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from .criu_log import error_lines
+from .criu_stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
+from .options import CheckpointOptions, RestoreOptions
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """runc/CRIU could not checkpoint or restore; the message carries CRIU's error lines."""
+
+    def __init__(self, message: str, log_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
+class DumpHooks(Protocol):
+    """Work around the dump that CRIU cannot do itself (the CUDA checkpoint API, for one)."""
+
+    def before_dump(self, container_id: str) -> None: ...
+    def after_dump(self, container_id: str, *, leave_running: bool, failed: bool) -> None: ...
+    def after_restore(self, container_id: str) -> None: ...
+
+
+@dataclass
+class CheckpointResult:
+    image_dir: Path
+    duration_s: float
+    stats: DumpStats | None
+    image_bytes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "image_dir": str(self.image_dir),
+            "duration_s": round(self.duration_s, 6),
+            "image_bytes": self.image_bytes,
+            "criu": self.stats.as_dict() if self.stats else None,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+
+
+@dataclass
+class RestoreResult:
+    pid: int
+    duration_s: float
+    stats: RestoreStats | None
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class CheckpointEngine:
+    def __init__(self, runc: str = "runc", root: Path | None = None, hooks: DumpHooks | None = None) -> None:
+        self.runc = runc
+        self.root = root
+        self.hooks = hooks
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def _runc(self, *args: str) -> list[str]:
+        cmd = [self.runc]
+        if self.root is not None:
+            cmd += ["--root", str(self.root)]
+        return [*cmd, *args]
+
+    def _lock(self, container_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(container_id, threading.Lock())
+
+    def checkpoint(self, container_id: str, image_dir: Path, options: CheckpointOptions,
+                   keep_log_in: Path | None = None) -> CheckpointResult:
+        """Dump the container into `image_dir`; serialized per container."""
+        with self._lock(container_id):
+            return self._checkpoint(container_id, image_dir, options, keep_log_in)
+
+    def _checkpoint(self, container_id: str, image_dir: Path, options: CheckpointOptions,
+                    keep_log_in: Path | None) -> CheckpointResult:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        work = options.work_path or image_dir.parent / f".{image_dir.name}.work"
+        work.mkdir(parents=True, exist_ok=True)
+        args = ["checkpoint", "--image-path", str(image_dir), "--work-path", str(work), *options.criu_flags()]
+        if not options.exit:
+            args.append("--leave-running")
+        for ns in options.empty_namespaces:
+            args += ["--empty-ns", ns]
+        timings: dict[str, float] = {}
+        start = time.monotonic()
+        if self.hooks:
+            self.hooks.before_dump(container_id)
+            timings["hooks_before_s"] = time.monotonic() - start
+        dump_start = time.monotonic()
+        failed = True
+        try:
+            res = subprocess.run(self._runc(*args, container_id), capture_output=True, text=True)
+            failed = res.returncode != 0
+        finally:
+            timings["runc_checkpoint_s"] = time.monotonic() - dump_start
+            if self.hooks:
+                t = time.monotonic()
+                self.hooks.after_dump(container_id, leave_running=not options.exit, failed=failed)
+                timings["hooks_after_s"] = time.monotonic() - t
+        if failed:
+            kept = self._keep_log(work / "dump.log", keep_log_in, "criu-dump.log")
+            raise CheckpointError(self._failure("checkpoint", container_id, res.stderr, work / "dump.log", kept),
+                                  kept)
+        stats = read_dump_stats(work)
+        if options.work_path is None:
+            shutil.rmtree(work, ignore_errors=True)
+        result = CheckpointResult(image_dir, time.monotonic() - start, stats, directory_bytes(image_dir), timings)
+        log.info("checkpointed %s in %.3fs (%d bytes, frozen %s us)", container_id, result.duration_s,
+                 result.image_bytes, stats.frozen_time_us if stats else "?")
+        return result
+
+    def restore(self, container_id: str, bundle: Path, image_dir: Path, options: RestoreOptions,
+                pid_file: Path, work_path: Path | None = None, console_socket: str | None = None,
+                stdio: tuple[IO[bytes] | int | None, IO[bytes] | int | None, IO[bytes] | int | None] = (
+                    None, None, None),
+                keep_log_in: Path | None = None) -> RestoreResult:
+        """`runc restore --detach` of `image_dir` as `container_id`; the restored process inherits
+        `stdio` in place of the streams it had at dump time (runc maps them from descriptors.json)."""
+        work = work_path or bundle / "criu-work"
+        work.mkdir(parents=True, exist_ok=True)
+        args = ["restore", "--detach", "--image-path", str(image_dir), "--work-path", str(work),
+                "--pid-file", str(pid_file), "--no-subreaper", "--bundle", str(bundle),
+                *options.checkpoint.criu_flags()]
+        if options.no_pivot:
+            args.append("--no-pivot")
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        start = time.monotonic()
+        with self._lock(container_id):
+            res = subprocess.run(self._runc(*args, container_id), stdin=stdio[0], stdout=stdio[1],
+                                 stderr=stdio[2] if stdio[2] is not None else subprocess.PIPE)
+        if res.returncode != 0:
+            kept = self._keep_log(work / "restore.log", keep_log_in, "criu-restore.log")
+            stderr = res.stderr.decode(errors="replace") if isinstance(res.stderr, bytes) else ""
+            raise CheckpointError(self._failure("restore", container_id, stderr, work / "restore.log", kept), kept)
+        if self.hooks:
+            self.hooks.after_restore(container_id)
+        pid = int(pid_file.read_text().strip())
+        return RestoreResult(pid, time.monotonic() - start, read_restore_stats(work))
+
+    @staticmethod
+    def _keep_log(log_file: Path, keep_in: Path | None, name: str) -> Path | None:
+        if keep_in is None or not log_file.exists():
+            return log_file if log_file.exists() else None
+        keep_in.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_file, keep_in / name)
+        return keep_in / name
+
+    @staticmethod
+    def _failure(what: str, container_id: str, runc_stderr: str, log_file: Path, kept: Path | None) -> str:
+        criu = error_lines(log_file)
+        detail = "; ".join(criu) if criu else (runc_stderr.strip().splitlines() or ["no error output"])[-1]
+        where = f" (full CRIU log: {kept})" if kept else ""
+        return f"{what} of {container_id} failed: {detail}{where}"

@@ -1,0 +1,1 @@
+"""Test harness: real containerd nodes, locally built images and storage servers, all on this machine."""
