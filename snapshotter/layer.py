@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapshotter.faults import crash_point
 from snapshotter.metadata import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -480,6 +481,8 @@ def apply_writable_layer(tar_path: str | Path, upper: str | Path) -> dict[str, i
     with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
         for m in tf:
             applier.apply(tf, m)
+            if applier.stats["entries"] == 2:
+                crash_point("restore-mid-apply")
     applier.finish()
     return applier.stats
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapshotter import filters as flt
+from snapshotter.faults import crash_point
 from snapshotter.metadata import (
     AlreadyExists,
     FailedPrecondition,
@@ -157,6 +158,7 @@ class OverlaySnapshotter:
                 os.mkdir(td / "work", 0o711)
             if restore is not None:
                 self._restore_into(td / "fs", *restore)
+            crash_point("prepare-before-commit")
             with self.meta.transaction() as tx:
                 snap = tx.create(ns, key, kind, parent, labels)
                 chain = tx.parent_chain(snap)
@@ -170,6 +172,8 @@ class OverlaySnapshotter:
                 os.rename(td, target)
                 _fsync_dir(self.snapshots_dir)
                 mounts = self._mounts(snap, chain)
+                crash_point("prepare-after-rename")
+            crash_point("prepare-after-commit")
             log.info(
                 "prepared %s/%s kind=%s parent=%r id=%d%s",
                 ns,
@@ -216,16 +220,20 @@ class OverlaySnapshotter:
                 raise FailedPrecondition(f"snapshot {key} is not active: failed precondition")
             usage = disk_usage(self.upper_path(snap.id))
             tx.commit_active(ns, key, name, labels, usage.size, usage.inodes)
+            crash_point("commit-before-commit")
+        crash_point("commit-after-commit")
         log.info("committed %s/%s as %s (id=%d, %d bytes)", ns, key, name, snap.id, usage.size)
 
     def remove(self, ns: str, key: str) -> None:
         with self.meta.transaction() as tx:
             snap = tx.remove(ns, key)
         # The row is gone for good; from here on the directory is a leftover if we crash.
+        crash_point("remove-after-commit")
         src = self.snapshots_dir / str(snap.id)
         dead = self.snapshots_dir / f"rm-{snap.id}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(src, dead)
+            crash_point("remove-after-rename")
             shutil.rmtree(dead, ignore_errors=True)
         log.info("removed %s/%s (id=%d)", ns, key, snap.id)
 

@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
+
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from revenant_pb.containerd.types import mount_pb2
-
 from snapshotter import metadata as md
 from snapshotter.overlay import Mount, OverlaySnapshotter
 

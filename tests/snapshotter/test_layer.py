@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from snap_listing import diff_listings, tree_listing
 
+from harness.tree_listing import diff_listings, tree_listing
 from snapshotter.layer import (
     LAYER_FILE,
     LayerError,
