@@ -43,9 +43,7 @@ def _busybox_layer(tf: tarfile.TarFile) -> None:
     for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root", "var"):
         _dir(tf, d, 0o1777 if d == "tmp" else 0o755)
     tf.add(str(BUSYBOX), "bin/busybox")
-    applets = subprocess.run(
-        [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
-    ).stdout.split()
+    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
     for applet in applets:
         if applet == "busybox":
             continue

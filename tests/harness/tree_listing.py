@@ -9,9 +9,7 @@ import stat
 from pathlib import Path
 
 
-def tree_listing(
-    root: Path, skip_xattr_prefixes: tuple[str, ...] = ("trusted.overlay.",)
-) -> dict[str, tuple]:
+def tree_listing(root: Path, skip_xattr_prefixes: tuple[str, ...] = ("trusted.overlay.",)) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     root = Path(root)
     inode_first: dict[tuple[int, int], str] = {}

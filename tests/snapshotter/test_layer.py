@@ -107,9 +107,7 @@ def test_capture_restore_round_trip(tmp_path: Path) -> None:
 def test_capture_from_mounts(tmp_path: Path) -> None:
     up = tmp_path / "up"
     up.mkdir()
-    mounts = [
-        Mount("overlay", "overlay", ("index=off", f"workdir={tmp_path}/w", f"upperdir={up}", "lowerdir=/x"))
-    ]
+    mounts = [Mount("overlay", "overlay", ("index=off", f"workdir={tmp_path}/w", f"upperdir={up}", "lowerdir=/x"))]
     assert upper_dir_from_mounts(mounts) == up
     assert upper_dir_from_mounts([Mount("bind", str(up), ("rw", "rbind"))]) == up
 
