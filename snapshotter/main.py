@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="/var/lib/revenant/snapshotter", help="snapshot state directory")
     p.add_argument(
         "--store",
-        default=None,
-        help="checkpoint store URL used for restores when a snapshot's labels name none",
+        default=os.environ.get("REVENANT_STORE") or None,
+        help="checkpoint store URL for restores whose labels name none (default: $REVENANT_STORE)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
