@@ -146,9 +146,14 @@ class OverlaySnapshotter:
         if not key:
             raise InvalidArgument("snapshot key must not be empty: invalid argument")
         restore = restore_request(labels) if kind == Kind.ACTIVE else None
-        with self.meta.read() as tx:  # fail fast, before any expensive restore
-            if tx.exists(ns, key):
-                raise AlreadyExists(f"snapshot {key}: already exists")
+        if restore is not None:
+            with self.meta.read() as tx:  # fail fast, before an expensive download
+                if tx.exists(ns, key):
+                    raise AlreadyExists(f"snapshot {key}: already exists")
+                if parent:
+                    p = tx.get(ns, parent)
+                    if p.kind != Kind.COMMITTED:
+                        raise InvalidArgument(f"parent {parent!r} is not committed snapshot: invalid argument")
         td = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir))
         target: Path | None = None
         try:
