@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules that contribute sub-commands; each defines register(subparsers) and sets `func` on its parsers.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["snapshotter.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
