@@ -535,6 +535,32 @@ def restore_writable_layer(store_url: str, key: str, seq: int | None, upper: Pat
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def restore_writable_layer_into_mounts(
+    mounts: Sequence[Any], store_url: str, key: str, seq: int | None = None
+) -> dict[str, Any]:
+    """Fill the (empty) upper dir of an already prepared rootfs from checkpoint `key`.
+
+    For the shim, when the rootfs was prepared without the restore label (CRI, `ctr run`): works
+    with any overlay snapshotter. The layer is built in a sibling directory and renamed over the
+    empty upper dir in one step, so a failure or a crash never leaves a half-filled rootfs.
+    """
+    upper = upper_dir_from_mounts(mounts)
+    if any(upper.iterdir()):
+        raise FailedPrecondition(f"upper dir {upper} is not empty: the container already has a writable layer")
+    st = os.stat(upper)
+    staging = Path(tempfile.mkdtemp(prefix=".revenant-restore-", dir=upper.parent))
+    try:
+        filled = staging / "fs"
+        filled.mkdir()
+        stats = restore_writable_layer(store_url, key, seq, filled)
+        os.chown(filled, st.st_uid, st.st_gid)
+        os.chmod(filled, stat.S_IMODE(st.st_mode))
+        os.rename(filled, upper)  # replaces the empty directory atomically
+        return stats
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def checkpoint_writable_layer(
     source: str | Path | Sequence[Any], store_url: str, key: str, metadata: dict[str, Any] | None = None
 ) -> Any:

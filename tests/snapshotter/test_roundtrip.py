@@ -22,7 +22,13 @@ from harness.containerd import ContainerdNode
 from harness.snapshotter_proc import RevenantNode, containerd_snapshots
 from harness.tree_listing import diff_listings, tree_listing
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.layer import LAYER_FILE, LAYER_INFO, checkpoint_writable_layer, sha256_file
+from snapshotter.layer import (
+    LAYER_FILE,
+    LAYER_INFO,
+    checkpoint_writable_layer,
+    restore_writable_layer_into_mounts,
+    sha256_file,
+)
 from snapshotter.overlay import LABEL_RESTORE_FROM, LABEL_STORE
 
 CKPT_KEY = "revenant-test/job/main"
@@ -83,8 +89,9 @@ def prepare_restored(node: ContainerdNode, key: str, parent: str, labels: dict[s
 def write_container_layer(a: RevenantNode, image: Path, ref: str, tmp: Path) -> dict[str, tuple]:
     node = a.node
     node.ctr("images", "import", "--snapshotter", "revenant", str(image), timeout=300)
-    node.ctr("run", "--snapshotter", "revenant", "--runc-root", str(node.runc_root), ref, "job",
-             "sh", "-c", CONTAINER_SCRIPT)
+    node.ctr(
+        "run", "--snapshotter", "revenant", "--runc-root", str(node.runc_root), ref, "job", "sh", "-c", CONTAINER_SCRIPT
+    )
     mounts = node_mounts(node, "job")
     # busybox has no setfattr: set xattrs from the host through the container's own overlay.
     with mounted(mounts, tmp / "a-rw") as m:
@@ -109,7 +116,9 @@ def test_writable_layer_round_trip_across_nodes(
 
     b.node.ctr("images", "import", "--snapshotter", "revenant", str(layered_image), timeout=300)
     mounts = prepare_restored(
-        b.node, "job-restored", top_layer(b.node),
+        b.node,
+        "job-restored",
+        top_layer(b.node),
         {LABEL_RESTORE_FROM: f"{CKPT_KEY}@{ckpt.seq}", LABEL_STORE: store_url},
     )
     assert mounts[0].type == "overlay"
@@ -119,12 +128,29 @@ def test_writable_layer_round_trip_across_nodes(
 
     # A container on node B runs on the restored tree.
     with mounted(mounts, tmp_path / "b-rw") as m:
-        out = b.node.ctr("run", "--rm", "--rootfs", "--runc-root", str(b.node.runc_root), str(m), "probe",
-                         "sh", "-c", "cat /data/renamed.txt /data/replace-dir/new.txt; ls /data/replace-dir;"
-                         " test -e /data/delete-me.txt || echo deleted; stat -c '%u:%g %a' /srv/app/deep/owned.txt;"
-                         " tail -1 /etc/passwd").stdout
-    assert out.split("\n") == ["the container renames this", "new", "new.txt", "deleted", "1234:5678 4750",
-                               "changed", ""]
+        out = b.node.ctr(
+            "run",
+            "--rm",
+            "--rootfs",
+            "--runc-root",
+            str(b.node.runc_root),
+            str(m),
+            "probe",
+            "sh",
+            "-c",
+            "cat /data/renamed.txt /data/replace-dir/new.txt; ls /data/replace-dir;"
+            " test -e /data/delete-me.txt || echo deleted; stat -c '%u:%g %a' /srv/app/deep/owned.txt;"
+            " tail -1 /etc/passwd",
+        ).stdout
+    assert out.split("\n") == [
+        "the container renames this",
+        "new",
+        "new.txt",
+        "deleted",
+        "1234:5678 4750",
+        "changed",
+        "",
+    ]
 
 
 def test_restore_uses_default_store_and_latest(revenant_node_factory, layered_image, layered_ref, tmp_path) -> None:
@@ -188,8 +214,9 @@ def test_hostile_checkpoint_rejected_through_containerd(revenant_node_factory, l
     assert snapshot_dirs(b) == dirs
 
 
-def test_sigkill_during_restore_leaves_no_half_layer(revenant_node_factory, layered_image, layered_ref,
-                                                     tmp_path) -> None:
+def test_sigkill_during_restore_leaves_no_half_layer(
+    revenant_node_factory, layered_image, layered_ref, tmp_path
+) -> None:
     store_url = f"file://{tmp_path / 'store'}"
     a = revenant_node_factory("a")
     before = write_container_layer(a, layered_image, layered_ref, tmp_path)
@@ -206,5 +233,26 @@ def test_sigkill_during_restore_leaves_no_half_layer(revenant_node_factory, laye
     assert snapshot_dirs(b) == dirs
     # containerd's own record of the failed Prepare is gone too; the retry restores everything.
     mounts = prepare_restored(b.node, "r", parent, {LABEL_RESTORE_FROM: CKPT_KEY})
+    with mounted(mounts, tmp_path / "b-ro", readonly=True) as m:
+        assert diff_listings(before, tree_listing(m)) == []
+
+
+@pytest.mark.parametrize("snapshotter", ["revenant", "overlayfs"])
+def test_shim_path_restores_into_prepared_rootfs(
+    revenant_node_factory, layered_image, layered_ref, tmp_path, snapshotter: str
+) -> None:
+    """No label (CRI, `ctr run`): the shim fills the fresh rootfs's upper dir from the checkpoint."""
+    store_url = f"file://{tmp_path / 'store'}"
+    a = revenant_node_factory("a")
+    before = write_container_layer(a, layered_image, layered_ref, tmp_path)
+    checkpoint_writable_layer(node_mounts(a.node, "job"), store_url, CKPT_KEY)
+    b = revenant_node_factory("b")
+    b.node.ctr("images", "import", "--snapshotter", snapshotter, str(layered_image), timeout=300)
+    b.node.ctr("containers", "create", "--snapshotter", snapshotter, layered_ref, "job", "sh")
+    with containerd_snapshots(b.node.address, b.node.namespace) as (stub, md):
+        mounts = list(stub.Mounts(pb.MountsRequest(snapshotter=snapshotter, key="job"), metadata=md).mounts)
+    restore_writable_layer_into_mounts(mounts, store_url, CKPT_KEY)
+    with pytest.raises(Exception, match="not empty"):
+        restore_writable_layer_into_mounts(mounts, store_url, CKPT_KEY)
     with mounted(mounts, tmp_path / "b-ro", readonly=True) as m:
         assert diff_listings(before, tree_listing(m)) == []
