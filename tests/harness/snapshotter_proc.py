@@ -117,3 +117,22 @@ class RevenantNode:
     @property
     def snap_root(self) -> Path:
         return self.snapshotter.root
+
+
+def wait_containerd_reaches(node: ContainerdNode, key: str, snapshotter: str = "revenant", timeout: float = 30) -> None:
+    """Block until containerd's connection to the proxy snapshotter works again.
+
+    containerd dials a proxy plugin in the background and, after a failed dial (snapshotter
+    restarted), answers UNAVAILABLE until its reconnect backoff expires. Usage of an existing
+    snapshot `key` goes through containerd's metadata layer to the backend, so it is the probe.
+    """
+    deadline = time.monotonic() + timeout
+    with containerd_snapshots(node.address, node.namespace) as (stub, md):
+        while True:
+            try:
+                stub.Usage(pb.UsageRequest(snapshotter=snapshotter, key=key), metadata=md, timeout=5)
+                return
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)

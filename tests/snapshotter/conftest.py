@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -37,7 +38,11 @@ def revenant_node_factory(
     def make(name: str = "node", store: str | None = None) -> RevenantNode:
         node = node_factory(name)
         snap = SnapshotterProcess(node.snapshotter_address, node.dir / "revenant-snapshotter", store=store)
+        # containerd dials proxy plugins at start-up and backs off after a failed dial: start the
+        # snapshotter first, then (re)start containerd, so the first dial finds it.
+        node.stop()
         snap.start()
+        node.start()
         rn = RevenantNode(node, snap)
         made.append(rn)
         return rn
@@ -48,7 +53,8 @@ def revenant_node_factory(
     for rn in reversed(made):
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(rn.snapshotter.log_path, keep / f"snapshotter-{rn.node.name}.log")
+            with contextlib.suppress(OSError):  # a test may have destroyed the node already
+                shutil.copy(rn.snapshotter.log_path, keep / f"snapshotter-{rn.node.name}.log")
         # containerd removes containers (and so snapshots) through the snapshotter: keep it up for that.
         rn.node.destroy(keep_logs_in=keep)
         rn.snapshotter.kill()

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from harness.snapshotter_proc import RevenantNode, SnapshotterProcess
+from harness.snapshotter_proc import RevenantNode, SnapshotterProcess, wait_containerd_reaches
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 
 NS = (("containerd-namespace", "crash"),)
@@ -154,11 +154,18 @@ def test_sigkill_at_random_moments_under_load(snap: SnapshotterProcess) -> None:
         precious_intact(snap)
 
 
+def top_layer(node) -> str:
+    rows = [r.split() for r in node.ctr("snapshots", "--snapshotter", "revenant", "ls").stdout.splitlines()[1:]]
+    return next(r[0] for r in rows if r[-1] == "Committed")
+
+
 def test_containerd_survives_snapshotter_sigkill(revenant_node: RevenantNode, test_images) -> None:
     node, snap = revenant_node.node, revenant_node.snapshotter
     node.ctr("images", "import", "--snapshotter", "revenant", str(test_images.busybox), timeout=300)
+    layer = top_layer(node)
     snap.kill()
     snap.start()
+    wait_containerd_reaches(node, layer)
     out = node.ctr(
         "run",
         "--rm",

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tarfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import grpc
 import pytest
 
 from harness.containerd import ContainerdNode
-from harness.snapshotter_proc import RevenantNode, containerd_snapshots
+from harness.snapshotter_proc import RevenantNode, containerd_snapshots, wait_containerd_reaches
 from harness.tree_listing import diff_listings, tree_listing
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.layer import (
@@ -78,12 +79,21 @@ def node_mounts(node: ContainerdNode, key: str):
         return list(stub.Mounts(pb.MountsRequest(snapshotter="revenant", key=key), metadata=md).mounts)
 
 
-def prepare_restored(node: ContainerdNode, key: str, parent: str, labels: dict[str, str]):
+def prepare_restored(node: ContainerdNode, key: str, parent: str, labels: dict[str, str], reconnect_s: float = 0):
+    """Prepare through containerd. reconnect_s: retry while containerd's gRPC connection to a
+    restarted snapshotter is still in its reconnect backoff (it answers UNAVAILABLE meanwhile)."""
+    deadline = time.monotonic() + reconnect_s
     with containerd_snapshots(node.address, node.namespace) as (stub, md):
         req = pb.PrepareSnapshotRequest(
             snapshotter="revenant", key=key, parent=parent, labels={"containerd.io/gc.root": "test", **labels}
         )
-        return list(stub.Prepare(req, metadata=md).mounts)
+        while True:
+            try:
+                return list(stub.Prepare(req, metadata=md).mounts)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def write_container_layer(a: RevenantNode, image: Path, ref: str, tmp: Path) -> dict[str, tuple]:
@@ -128,21 +138,25 @@ def test_writable_layer_round_trip_across_nodes(
 
     # A container on node B runs on the restored tree.
     with mounted(mounts, tmp_path / "b-rw") as m:
-        out = b.node.ctr(
+        res = b.node.ctr(
             "run",
             "--rm",
             "--rootfs",
             "--runc-root",
             str(b.node.runc_root),
+            "--env",
+            "PATH=/bin",
             str(m),
             "probe",
-            "sh",
+            "/bin/sh",
             "-c",
             "cat /data/renamed.txt /data/replace-dir/new.txt; ls /data/replace-dir;"
             " test -e /data/delete-me.txt || echo deleted; stat -c '%u:%g %a' /srv/app/deep/owned.txt;"
             " tail -1 /etc/passwd",
-        ).stdout
-    assert out.split("\n") == [
+            check=False,
+        )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n") == [
         "the container renames this",
         "new",
         "new.txt",
@@ -226,13 +240,15 @@ def test_sigkill_during_restore_leaves_no_half_layer(
     parent = top_layer(b.node)
     dirs = snapshot_dirs(b)
     b.snapshotter.restart(env={"REVENANT_SNAPSHOTTER_CRASH_AT": "restore-mid-apply"})
+    wait_containerd_reaches(b.node, parent)
     with pytest.raises(grpc.RpcError):
         prepare_restored(b.node, "r", parent, {LABEL_RESTORE_FROM: CKPT_KEY})
     assert b.snapshotter.wait_dead() == -9
     b.snapshotter.start()  # startup removes the half-built new-* directory
+    wait_containerd_reaches(b.node, parent)
     assert snapshot_dirs(b) == dirs
     # containerd's own record of the failed Prepare is gone too; the retry restores everything.
-    mounts = prepare_restored(b.node, "r", parent, {LABEL_RESTORE_FROM: CKPT_KEY})
+    mounts = prepare_restored(b.node, "r", parent, {LABEL_RESTORE_FROM: CKPT_KEY}, reconnect_s=0)
     with mounted(mounts, tmp_path / "b-ro", readonly=True) as m:
         assert diff_listings(before, tree_listing(m)) == []
 
