@@ -514,17 +514,20 @@ def verify_layer(dir_: Path) -> Path:
 
 def restore_writable_layer(store_url: str, key: str, seq: int | None, upper: Path) -> dict[str, Any]:
     """Fetch checkpoint `key` (seq, or the latest usable one) and fill the empty `upper` from it."""
-    from snapshotter.store import open_store
+    from snapshotter.store import CheckpointNotFound, StoreError, open_store
 
     scratch = Path(tempfile.mkdtemp(prefix="restore-", dir=upper.parent))
     try:
-        store = open_store(store_url)
+        where = f"{key}{'@' + str(seq) if seq is not None else ''}"
         try:
-            ckpt = store.get(key, scratch, seq=seq, fallback=seq is None)
-        except Exception as e:
-            if "notfound" in type(e).__name__.lower() or isinstance(e, (KeyError, FileNotFoundError)):
-                raise NotFound(f"checkpoint {key}{'@' + str(seq) if seq is not None else ''}: {e}") from e
-            raise FailedPrecondition(f"checkpoint {key}: cannot fetch from {store_url}: {e}") from e
+            with open_store(store_url) as store:
+                # The store verifies every chunk against its BLAKE3 digest; with no seq it falls
+                # back to the previous checkpoint when the latest is damaged.
+                ckpt = store.get(key, scratch, seq=seq, fallback=seq is None)
+        except CheckpointNotFound as e:
+            raise NotFound(f"checkpoint {where}: {e}") from e
+        except (StoreError, ValueError) as e:
+            raise FailedPrecondition(f"checkpoint {where}: cannot fetch from {store_url}: {e}") from e
         tar_path = verify_layer(scratch)
         stats = apply_writable_layer(tar_path, upper)
         log.info(
@@ -571,4 +574,5 @@ def checkpoint_writable_layer(
         info = capture_writable_layer(source, tmp)
         meta = dict(metadata or {})
         meta.setdefault("writable_layer", asdict(info))
-        return open_store(store_url).put(key, Path(tmp), metadata=meta)
+        with open_store(store_url) as store:
+            return store.put(key, Path(tmp), metadata=meta)

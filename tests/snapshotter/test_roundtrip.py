@@ -212,7 +212,8 @@ def hostile_checkpoint(tmp: Path, store_url: str, key: str) -> None:
     (src / LAYER_INFO).write_text(json.dumps({"sha256": digest}))
     from snapshotter.store import open_store
 
-    open_store(store_url).put(key, src, metadata={})
+    with open_store(store_url) as store:
+        store.put(key, src, metadata={})
 
 
 def test_hostile_checkpoint_rejected_through_containerd(revenant_node_factory, layered_image, tmp_path) -> None:
