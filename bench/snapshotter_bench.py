@@ -31,7 +31,12 @@ from harness.containerd import ContainerdNode  # noqa: E402
 from harness.layered_image import build_image  # noqa: E402
 from harness.snapshotter_proc import SnapshotterProcess, containerd_snapshots  # noqa: E402
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
-from snapshotter.layer import apply_writable_layer, capture_writable_layer  # noqa: E402
+from snapshotter.layer import (  # noqa: E402
+    apply_writable_layer,
+    capture_writable_layer,
+    checkpoint_writable_layer,
+    restore_writable_layer,
+)
 
 SNAPSHOTTERS = ("overlayfs", "revenant")
 MIB = 1 << 20
@@ -179,12 +184,12 @@ def make_mixed_layer(upper: Path, total_mib: int, seed: int = 3) -> int:
             p = d / f"f{i:06d}"
             with open(p, "wb") as f:
                 # half random (incompressible), half repetitive
-                # half the files random (incompressible), half repetitive
-                chunk = rng.randbytes(min(size, MIB)) if i % 2 else bytes([i % 251]) * min(size, MIB)
+                # half the files random (incompressible, no duplicates), half text-like (compressible)
+                text = (f"line {i} of a log a container wrote\n" * 40_000).encode()[:MIB]
                 left = size
                 while left > 0:
-                    n = min(left, len(chunk))
-                    f.write(chunk[:n])
+                    n = min(left, MIB)
+                    f.write(os.urandom(n) if i % 2 else text[:n])
                     left -= n
             if i % 50 == 0:
                 os.symlink(p.name, d / f"link{i}")
@@ -200,8 +205,8 @@ def make_mixed_layer(upper: Path, total_mib: int, seed: int = 3) -> int:
 
 
 def bench_layer(total_mib: int, work: Path) -> dict[str, float]:
-    upper, out, restored = work / "upper", work / "captured", work / "restored"
-    for d in (upper, restored):
+    upper, out, restored, restored2 = work / "upper", work / "captured", work / "restored", work / "restored2"
+    for d in (upper, restored, restored2):
         d.mkdir(parents=True)
     data = make_mixed_layer(upper, total_mib)
     subprocess.run(["sync"], check=True)
@@ -212,7 +217,23 @@ def bench_layer(total_mib: int, work: Path) -> dict[str, float]:
     apply_writable_layer(out / "rootfs-diff.tar", restored)
     subprocess.run(["sync", "-f", str(restored)], check=True)
     t_res = time.perf_counter() - t0
+    # End to end through the store (file:// backend on the same disk): capture + put, get + apply.
+    store_url = f"file://{work / 'store'}"
+    t0 = time.perf_counter()
+    ckpt = checkpoint_writable_layer(upper, store_url, "bench/layer")
+    t_put = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    restore_writable_layer(store_url, "bench/layer", None, restored2)
+    subprocess.run(["sync", "-f", str(restored2)], check=True)
+    t_get = time.perf_counter() - t0
+    stored = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
     return {
+        "capture_put_s": t_put,
+        "capture_put_mib_s": data / MIB / t_put,
+        "get_restore_s": t_get,
+        "get_restore_mib_s": data / MIB / t_get,
+        "stored_mib": stored / MIB,
+        "uploaded_mib": ckpt.bytes_uploaded / MIB,
         "data_mib": data / MIB,
         "entries": info.entries,
         "tar_mib": info.size / MIB,
@@ -266,6 +287,15 @@ def main() -> int:
         print("| step | seconds | MiB/s |\n|---|---|---|")
         print(f"| capture (upper dir -> tar) | {lr['capture_s']:.2f} | {lr['capture_mib_s']:.0f} |")
         print(f"| restore (tar -> new upper dir, synced) | {lr['restore_s']:.2f} | {lr['restore_mib_s']:.0f} |")
+        print(
+            f"| capture + store put (file://, chunk+hash+zstd) | {lr['capture_put_s']:.2f} |"
+            f" {lr['capture_put_mib_s']:.0f} |"
+        )
+        print(f"| store get (verify) + restore, synced | {lr['get_restore_s']:.2f} | {lr['get_restore_mib_s']:.0f} |")
+        print(
+            f"store holds {lr['stored_mib']:.0f} MiB for {lr['data_mib']:.0f} MiB of data"
+            f" (uploaded {lr['uploaded_mib']:.0f} MiB)"
+        )
     finally:
         node.destroy()  # removes containers through the snapshotter, so it goes first
         snap.kill()
