@@ -484,7 +484,22 @@ def apply_writable_layer(tar_path: str | Path, upper: str | Path) -> dict[str, i
             if applier.stats["entries"] == 2:
                 crash_point("restore-mid-apply")
     applier.finish()
+    _syncfs(upper)  # the snapshot row is committed next: its files must be on disk before that
     return applier.stats
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) on the filesystem holding path (Python has no os.syncfs)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
