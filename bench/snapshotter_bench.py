@@ -152,6 +152,7 @@ def bench_unpack(node: ContainerdNode, image: Path, runs: int) -> dict[str, dict
             results[sn].append(time.perf_counter() - t0)
             if sn != "none":
                 _remove_all_snapshots(node, sn)
+                _wait_backend_empty(node, sn)
     return {sn: {"median_s": statistics.median(v), "min_s": min(v)} for sn, v in results.items()}
 
 
@@ -166,6 +167,22 @@ def _remove_all_snapshots(node: ContainerdNode, sn: str) -> None:
             if r[0] not in parents:  # containerd's GC may beat us to it: no check
                 node.ctr("snapshots", "--snapshotter", sn, "rm", r[0], check=False)
     raise RuntimeError(f"{sn}: snapshots left after removal: {rows}")
+
+
+def _wait_backend_empty(node: ContainerdNode, sn: str, timeout: float = 120) -> None:
+    """containerd removes backend snapshots in its GC, after `ctr snapshots rm` returns: wait for
+    the backend's directories to be gone, so one run's deletions do not slow the next run."""
+    snapdir = (
+        node.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+        if sn == "overlayfs"
+        else node.dir / "revenant-snapshotter" / "snapshots"
+    )
+    deadline = time.monotonic() + timeout
+    while any(snapdir.iterdir()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{sn}: backend still holds {sorted(p.name for p in snapdir.iterdir())}")
+        time.sleep(0.2)
+    subprocess.run(["sync"], check=True)
 
 
 def make_mixed_layer(upper: Path, total_mib: int, seed: int = 3) -> int:

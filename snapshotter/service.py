@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -41,6 +42,7 @@ def _grpc_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(self: SnapshotsService, request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.perf_counter()
         try:
             return fn(self, request, context)
         except md.SnapshotError as e:
@@ -50,6 +52,8 @@ def _grpc_errors(fn: F) -> F:
         except Exception as e:
             code, message = grpc.StatusCode.INTERNAL, f"{fn.__name__}: {e}"
             log.exception("%s failed", fn.__name__)
+        finally:
+            log.debug("%s %s: %.1f ms", fn.__name__, getattr(request, "key", ""), (time.perf_counter() - t0) * 1000)
         context.abort(code, message)  # raises; outside the try so it is never caught above
 
     return wrapper  # type: ignore[return-value]
