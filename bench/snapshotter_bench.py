@@ -314,8 +314,10 @@ def main() -> int:
             f" (uploaded {lr['uploaded_mib']:.0f} MiB)"
         )
     finally:
-        node.destroy()  # removes containers through the snapshotter, so it goes first
-        snap.kill()
+        try:
+            node.destroy()  # removes containers through the snapshotter, so it goes first
+        finally:
+            snap.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

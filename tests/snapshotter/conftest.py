@@ -40,24 +40,26 @@ def revenant_node_factory(
         snap = SnapshotterProcess(node.snapshotter_address, node.dir / "revenant-snapshotter", store=store)
         # containerd dials proxy plugins at start-up and backs off after a failed dial: start the
         # snapshotter first, then (re)start containerd, so the first dial finds it.
+        rn = RevenantNode(node, snap)
+        made.append(rn)  # before start: teardown must kill the snapshotter even if start-up fails
         node.stop()
         snap.start()
         node.start()
-        rn = RevenantNode(node, snap)
-        made.append(rn)
         return rn
 
     yield make
     failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
     keep = REPO / "test-logs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid) if failed else None
     for rn in reversed(made):
-        if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):  # a test may have destroyed the node already
-                shutil.copy(rn.snapshotter.log_path, keep / f"snapshotter-{rn.node.name}.log")
-        # containerd removes containers (and so snapshots) through the snapshotter: keep it up for that.
-        rn.node.destroy(keep_logs_in=keep)
-        rn.snapshotter.kill()
+        try:
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):  # a test may have destroyed the node already
+                    shutil.copy(rn.snapshotter.log_path, keep / f"snapshotter-{rn.node.name}.log")
+            # containerd removes containers (and so snapshots) through the snapshotter: keep it up for that.
+            rn.node.destroy(keep_logs_in=keep)
+        finally:
+            rn.snapshotter.kill()
 
 
 @pytest.fixture
