@@ -7,7 +7,11 @@ import importlib
 import sys
 
 # Modules that contribute sub-commands; each defines register(subparsers) and sets `func` on its parsers.
-SUBCOMMAND_MODULES: list[str] = ["snapshotter.cli"]
+SUBCOMMAND_MODULES: list[str] = [
+    "shim.agent.cli",
+    "shim.cli.gpu",
+    "snapshotter.cli",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

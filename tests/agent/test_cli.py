@@ -1,0 +1,108 @@
+"""`revenant drain` and `revenant agent` as processes, against the stand-in shims of conftest.py (real
+ttrpc servers implementing revenant.v1.Control per the contract, standing in for the unfinished shim)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REVENANT = [sys.executable, "-c", "import sys; from shim.cli import main; sys.exit(main())"]
+
+
+def revenant(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*REVENANT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_drain_reports_a_table_and_fails_when_a_task_fails(standins, run_dir: Path) -> None:
+    standins.add("job-a")
+    standins.add("job-bad", behavior="fail")
+    standins.add("untouched", register=False)
+    proc = revenant("drain", "--run-dir", str(run_dir), "--timeout", "20")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["TASK", "KEY", "RESULT", "SEQ", "UPLOADED", "FROZEN", "TIME", "ERROR"]
+    row = {line.split()[0]: line for line in lines[1:-1]}
+    assert set(row) == {"default/job-a", "default/job-bad"}
+    assert " ok " in row["default/job-a"] and "4.0 KiB" in row["default/job-a"]
+    assert " failed " in row["default/job-bad"] and "store unreachable" in row["default/job-bad"]
+    assert lines[-1].startswith("1 ok, 1 failed, 0 timed out of 2 task(s)")
+    assert all(c.request.exit for s in standins.shims[:2] for c in s.calls)
+    assert standins.shims[2].calls == []
+
+
+def test_drain_json_and_leave_running(standins, run_dir: Path) -> None:
+    shim = standins.add("job")
+    proc = revenant("drain", "--run-dir", str(run_dir), "--json", "--leave-running")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True and doc["exit"] is False
+    (task,) = doc["tasks"]
+    assert task["id"] == "job" and task["status"] == "ok" and task["seq"] == 1 and task["bytes_uploaded"] == 4096
+    assert shim.calls[0].request.exit is False
+
+
+def test_drain_with_no_protected_tasks(run_dir: Path) -> None:
+    proc = revenant("drain", "--run-dir", str(run_dir))
+    assert proc.returncode == 0 and "no protected tasks" in proc.stdout
+
+
+def test_drain_uses_revenant_run_dir_from_the_environment(standins, run_dir: Path) -> None:
+    standins.add("job")
+    env = {**os.environ, "REVENANT_RUN_DIR": str(run_dir)}
+    proc = subprocess.run([*REVENANT, "drain", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tasks"][0]["id"] == "job"
+
+
+def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_server, standins, run_dir):
+    srv = metadata_server(("aws",))
+    shim = standins.add("job")
+    proc = subprocess.Popen(
+        [*REVENANT, "agent", "--provider", "auto", "--metadata-url", srv.url, "--poll-interval", "0.2",
+         "--listen", "127.0.0.1:0", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    logs: list[dict] = []
+    reader = threading.Thread(target=lambda: logs.extend(json.loads(line) for line in proc.stderr), daemon=True)
+    reader.start()
+    try:
+        def logged(event: str) -> dict | None:
+            return next((entry for entry in list(logs) if entry.get("event") == event), None)
+
+        end = time.monotonic() + 30
+        while not logged("listening") and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.05)
+        listening = logged("listening")
+        assert listening, f"agent did not start: {logs}"
+        base = f"http://{listening['host']}:{listening['port']}"
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
+            assert json.loads(resp.read())["provider"] == "aws"  # auto-detected
+
+        notice_deadline = srv.aws_terminate(20)
+        while not logged("drain_summary") and time.monotonic() < end:
+            time.sleep(0.05)
+        summary = logged("drain_summary")
+        assert summary and summary["ok"] is True and summary["exit"] is True
+        assert time.time() < notice_deadline
+        result = logged("checkpoint_result")
+        assert result["id"] == "job" and result["status"] == "ok" and result["seq"] == 1
+        assert logged("notice")["action"] == "terminate"
+        assert len(shim.calls) == 1 and shim.calls[0].request.exit
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
+            assert 'revenant_agent_notices_total{provider="aws",action="terminate"} 1' in resp.read().decode()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+    assert any("SIGTERM received" in entry["msg"] for entry in logs)
