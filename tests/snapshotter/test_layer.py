@@ -186,3 +186,19 @@ def test_hostile_diff_rejected(tmp_path: Path, case: str) -> None:
     assert outside_changes == []
     assert sentinel.read_text() == "untouched"
     assert not Path("/tmp/escape.txt").exists()
+
+
+def test_layer_cli_capture_ls_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shim.cli import main as revenant
+
+    up = tmp_path / "up"
+    (up / "d").mkdir(parents=True)
+    (up / "d/f").write_text("content\n")
+    os.mknod(up / "gone", 0o020000, os.makedev(0, 0))
+    assert revenant(["layer", "capture", str(up), str(tmp_path / "out")]) == 0
+    assert revenant(["layer", "ls", str(tmp_path / "out" / LAYER_FILE)]) == 0
+    listing = capsys.readouterr().out
+    assert "d/f" in listing and ".wh.gone" in listing
+    assert revenant(["layer", "apply", str(tmp_path / "out" / LAYER_FILE), str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new/d/f").read_text() == "content\n"
+    assert os.stat(tmp_path / "new/gone").st_rdev == 0
