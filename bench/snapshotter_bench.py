@@ -190,6 +190,7 @@ def make_mixed_layer(upper: Path, total_mib: int, seed: int = 3) -> int:
     rng = random.Random(seed)
     budget = total_mib * MIB
     written = 0
+    text = b"".join(f"line {n} of a log a container wrote\n".encode() for n in range(40_000))[:MIB]
     shares = [(0.25, 512, 64 * 1024), (0.35, 256 * 1024, 4 * MIB), (0.40, 32 * MIB, 128 * MIB)]
     for share, lo, hi in shares:
         target = written + int(budget * share)
@@ -200,9 +201,7 @@ def make_mixed_layer(upper: Path, total_mib: int, seed: int = 3) -> int:
             d.mkdir(parents=True, exist_ok=True)
             p = d / f"f{i:06d}"
             with open(p, "wb") as f:
-                # half random (incompressible), half repetitive
                 # half the files random (incompressible, no duplicates), half text-like (compressible)
-                text = (f"line {i} of a log a container wrote\n" * 40_000).encode()[:MIB]
                 left = size
                 while left > 0:
                     n = min(left, MIB)
@@ -268,51 +267,24 @@ def main() -> int:
     ap.add_argument("--unpack-files", type=int, default=5000, help="small files in the unpack image")
     ap.add_argument("--unpack-big-mib", type=int, default=200, help="MiB of big files in the unpack image")
     ap.add_argument("--layer-mib", type=int, default=256, help="data in the mixed writable layer")
+    ap.add_argument("--parts", default="pc,unpack,layer", help="comma list of: pc (Prepare+Commit), unpack, layer")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp"))
     node = ContainerdNode("bench")
     snap = SnapshotterProcess(node.snapshotter_address, node.dir / "revenant-snapshotter")
+    parts = set(args.parts.split(","))
     try:
+        snap.start()  # before containerd, whose first dial of the proxy plugin must find it
         node.start()
-        snap.start()
         version = subprocess.run(["containerd", "--version"], capture_output=True, text=True).stdout.split()[2]
         print(f"# snapshotter bench (containerd {version}, {os.cpu_count()} CPUs)")
-        pc = bench_prepare_commit(node, args.iterations)
-        print(f"\n## Prepare+Commit through containerd ({args.iterations} pairs)")
-        print("| snapshotter | mean ms | p50 ms | p95 ms |\n|---|---|---|---|")
-        for sn, r in pc.items():
-            print(f"| {sn} | {r['mean_ms']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
-        print(f"ratio revenant/overlayfs (mean): {pc['revenant']['mean_ms'] / pc['overlayfs']['mean_ms']:.2f}x")
-
-        image = build_unpack_image(work / "unpack.tar", args.unpack_files, args.unpack_big_mib)
-        up = bench_unpack(node, image, args.unpack_runs)
-        print(
-            f"\n## Image unpack ({image.stat().st_size / MIB:.0f} MiB image: busybox layers + {args.unpack_files}"
-            f" small files + {args.unpack_big_mib} MiB big files; median of {args.unpack_runs})"
-        )
-        print("| snapshotter | median s | min s |\n|---|---|---|")
-        for sn, r in up.items():  # "none" = import --no-unpack: reading the tar, no unpack
-            print(f"| {sn} | {r['median_s']:.2f} | {r['min_s']:.2f} |")
-        print(f"ratio revenant/overlayfs (median): {up['revenant']['median_s'] / up['overlayfs']['median_s']:.2f}x")
-
-        lr = bench_layer(args.layer_mib, work / "layer")
-        print(
-            f"\n## Writable layer capture/restore ({lr['data_mib']:.0f} MiB mixed data, {lr['entries']} entries,"
-            f" plus a 2 GiB sparse file with 1 MiB of data; tar {lr['tar_mib']:.0f} MiB)"
-        )
-        print("| step | seconds | MiB/s |\n|---|---|---|")
-        print(f"| capture (upper dir -> tar) | {lr['capture_s']:.2f} | {lr['capture_mib_s']:.0f} |")
-        print(f"| restore (tar -> new upper dir, synced) | {lr['restore_s']:.2f} | {lr['restore_mib_s']:.0f} |")
-        print(
-            f"| capture + store put (file://, chunk+hash+zstd) | {lr['capture_put_s']:.2f} |"
-            f" {lr['capture_put_mib_s']:.0f} |"
-        )
-        print(f"| store get (verify) + restore, synced | {lr['get_restore_s']:.2f} | {lr['get_restore_mib_s']:.0f} |")
-        print(
-            f"store holds {lr['stored_mib']:.0f} MiB for {lr['data_mib']:.0f} MiB of data"
-            f" (uploaded {lr['uploaded_mib']:.0f} MiB)"
-        )
+        if "pc" in parts:
+            _report_prepare_commit(node, args)
+        if "unpack" in parts:
+            _report_unpack(node, args, work)
+        if "layer" in parts:
+            _report_layer(args, work)
     finally:
         try:
             node.destroy()  # removes containers through the snapshotter, so it goes first
@@ -320,6 +292,48 @@ def main() -> int:
             snap.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _report_prepare_commit(node: ContainerdNode, args: argparse.Namespace) -> None:
+    pc = bench_prepare_commit(node, args.iterations)
+    print(f"\n## Prepare+Commit through containerd ({args.iterations} pairs)")
+    print("| snapshotter | mean ms | p50 ms | p95 ms |\n|---|---|---|---|")
+    for sn, r in pc.items():
+        print(f"| {sn} | {r['mean_ms']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
+    print(f"ratio revenant/overlayfs (mean): {pc['revenant']['mean_ms'] / pc['overlayfs']['mean_ms']:.2f}x")
+
+
+def _report_unpack(node: ContainerdNode, args: argparse.Namespace, work: Path) -> None:
+    image = build_unpack_image(work / "unpack.tar", args.unpack_files, args.unpack_big_mib)
+    up = bench_unpack(node, image, args.unpack_runs)
+    print(
+        f"\n## Image unpack ({image.stat().st_size / MIB:.0f} MiB image: busybox layers + {args.unpack_files}"
+        f" small files + {args.unpack_big_mib} MiB big files; median of {args.unpack_runs})"
+    )
+    print("| snapshotter | median s | min s |\n|---|---|---|")
+    for sn, r in up.items():  # "none" = import --no-unpack: reading the tar, no unpack
+        print(f"| {sn} | {r['median_s']:.2f} | {r['min_s']:.2f} |")
+    print(f"ratio revenant/overlayfs (median): {up['revenant']['median_s'] / up['overlayfs']['median_s']:.2f}x")
+
+
+def _report_layer(args: argparse.Namespace, work: Path) -> None:
+    lr = bench_layer(args.layer_mib, work / "layer")
+    print(
+        f"\n## Writable layer capture/restore ({lr['data_mib']:.0f} MiB mixed data, {lr['entries']} entries,"
+        f" plus a 2 GiB sparse file with 1 MiB of data; tar {lr['tar_mib']:.0f} MiB)"
+    )
+    print("| step | seconds | MiB/s |\n|---|---|---|")
+    print(f"| capture (upper dir -> tar) | {lr['capture_s']:.2f} | {lr['capture_mib_s']:.0f} |")
+    print(f"| restore (tar -> new upper dir, synced) | {lr['restore_s']:.2f} | {lr['restore_mib_s']:.0f} |")
+    print(
+        f"| capture + store put (file://, chunk+hash+zstd) | {lr['capture_put_s']:.2f} |"
+        f" {lr['capture_put_mib_s']:.0f} |"
+    )
+    print(f"| store get (verify) + restore, synced | {lr['get_restore_s']:.2f} | {lr['get_restore_mib_s']:.0f} |")
+    print(
+        f"store holds {lr['stored_mib']:.0f} MiB for {lr['data_mib']:.0f} MiB of data"
+        f" (uploaded {lr['uploaded_mib']:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":
