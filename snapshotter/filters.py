@@ -137,18 +137,19 @@ def matches(filters: list[Filter], adapt: Adaptor) -> bool:
 
 
 def snapshot_adaptor(name: str, parent: str, kind: str, labels: Mapping[str, str]) -> Adaptor:
-    """Fields as containerd's metadata adaptSnapshot exposes them."""
+    """Fields as containerd's adaptSnapshot exposes them: kind is "active", "view" or "committed";
+    name and parent always count as present; labels.<key> (dots rejoined) present when set."""
 
     def adapt(path: list[str]) -> tuple[str, bool]:
         if not path:
             return "", False
         head = path[0]
         if head == "name":
-            return name, bool(name)
+            return name, True
         if head == "parent":
-            return parent, bool(parent)
+            return parent, True
         if head == "kind":
-            return kind, True
+            return kind.lower(), kind != "Unknown"
         if head == "labels" and len(path) >= 2:
             key = ".".join(path[1:])
             return labels.get(key, ""), key in labels

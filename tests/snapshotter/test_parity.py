@@ -268,18 +268,19 @@ def test_list_filters_and_update_through_containerd(revenant_node: RevenantNode)
         t.snap("label", "f-act", "team=red")
         with containerd_snapshots(rn.node.address, rn.node.namespace) as (stub, md):
             for flt in (
+                "kind==active",
                 "kind==Active",
-                "kind==Committed",
+                "kind==committed",
                 "parent==f-base",
                 "name==f-view",
                 'labels."team"==red',
-                "kind==View,parent==f-base",
+                "kind==view,parent==f-base",
                 "labels.team",
             ):
                 resp = stub.List(pb.ListSnapshotsRequest(snapshotter=t.sn, filters=[flt]), metadata=md)
                 t.note(f"list {flt}", sorted(i.name for r in resp for i in r.info))
             both = stub.List(
-                pb.ListSnapshotsRequest(snapshotter=t.sn, filters=["kind==View", "kind==Active"]), metadata=md
+                pb.ListSnapshotsRequest(snapshotter=t.sn, filters=["kind==view", "kind==active"]), metadata=md
             )
             t.note("list OR", sorted(i.name for r in both for i in r.info))
             info = pb.Info(name="f-act", labels={"a": "1", "b": "2"})
@@ -298,3 +299,41 @@ def test_list_filters_and_update_through_containerd(revenant_node: RevenantNode)
             t.snap("rm", key)
 
     run_both(rn, scenario)
+
+
+def test_our_list_filters_agree_with_containerds(revenant_node: RevenantNode) -> None:
+    """containerd filters in its metadata layer; ours filter on our own socket. Same answers.
+
+    Only labels under containerd.io/snapshot/ reach a proxy snapshotter, so label filters use those.
+    """
+    rn = revenant_node
+    t = Transcript(rn, "revenant")
+    t.snap("prepare", "g-base-a")
+    t.snap("commit", "g-base", "g-base-a")
+    t.snap("prepare", "g-act", "g-base")
+    t.snap("view", "g-view", "g-base")
+    for key in ("g-view", "g-base"):
+        t.snap("label", key, "containerd.io/gc.root=keep")
+    t.snap("label", "g-act", "containerd.io/snapshot/team=red")
+    t.snap("label", "g-view", "containerd.io/snapshot/team=blue")
+    assert all(outcome == "ok" for _, outcome in t.lines), t.lines
+    team = 'labels."containerd.io/snapshot/team"'
+    filters = [
+        "kind==active",
+        "kind==view",
+        "kind==committed",
+        f"{team}==red",
+        f"{team}!=red",
+        team,
+        f"kind==view,{team}==blue",
+        f"{team}~=^b",
+    ]
+    with containerd_snapshots(rn.node.address, rn.node.namespace) as (stub, md), rn.snapshotter.client() as ours:
+        for flt in filters:
+            theirs = stub.List(pb.ListSnapshotsRequest(snapshotter="revenant", filters=[flt]), metadata=md)
+            mine = ours.List(pb.ListSnapshotsRequest(filters=[flt]))
+            names_theirs = sorted(i.name for r in theirs for i in r.info)
+            # Our backend keys are containerd's namespaced ones: <namespace>/<n>/<key>.
+            names_mine = sorted(i.name.split("/", 2)[2] for r in mine for i in r.info)
+            assert names_mine == names_theirs, (flt, names_mine, names_theirs)
+            assert names_theirs or flt == f"{team}~=^x", f"{flt} matched nothing: a useless check"

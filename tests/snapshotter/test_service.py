@@ -89,8 +89,9 @@ def test_list_filters(snap: SnapshotterProcess) -> None:
         c.Commit(pb.CommitSnapshotRequest(name="base", key="a"), metadata=NS)
         c.Prepare(pb.PrepareSnapshotRequest(key="act", parent="base", labels={"team": "red", "x.y": "z"}), metadata=NS)
         c.View(pb.ViewSnapshotRequest(key="v", parent="base", labels={"team": "blue"}), metadata=NS)
-        assert names(c, ["kind==Active"]) == ["act"]
-        assert names(c, ["kind==Committed"]) == ["base"]
+        assert names(c, ["kind==active"]) == ["act"]
+        assert names(c, ["kind==committed"]) == ["base"]
+        assert names(c, ["kind==Active"]) == []  # containerd spells kinds in lower case
         assert names(c, ["parent==base"]) == ["act", "v"]
         assert names(c, ["name==v"]) == ["v"]
         assert names(c, ['labels."team"==red']) == ["act"]
@@ -99,8 +100,9 @@ def test_list_filters(snap: SnapshotterProcess) -> None:
         assert names(c, ["labels.team"]) == ["act", "v"]
         assert names(c, ["labels.team!=red"]) == ["base", "v"]
         assert names(c, ["name~=^a"]) == ["act"]
-        assert names(c, ["parent==base,kind==View"]) == ["v"]
-        assert names(c, ["kind==View", "kind==Committed"]) == ["base", "v"]
+        assert names(c, ["parent==base,kind==view"]) == ["v"]
+        assert names(c, ["kind==view", "kind==committed"]) == ["base", "v"]
+        assert names(c, ["parent!=base,kind==committed"]) == ["base"]  # parent "" is present, != base
         assert names(c, ['name=="act"']) == ["act"]
         assert code_of(names, c, ["name=="]) == grpc.StatusCode.INVALID_ARGUMENT
         assert code_of(names, c, ["name~=("]) == grpc.StatusCode.INVALID_ARGUMENT
