@@ -111,7 +111,9 @@ class OverlaySnapshotter:
         os.chmod(self.root, 0o700)
         self.meta = MetadataStore(self.root / "metadata.db")
         self.index_off = _overlay_supports_index()
-        self._remove_temporaries()
+        # Nothing is in flight at start-up, so every directory without a row is a leftover of a
+        # crash. (containerd 1.6 cannot send Cleanup to a proxy snapshotter, so do it here.)
+        self.cleanup(include_new=True)
 
     def close(self) -> None:
         self.meta.close()
@@ -235,7 +237,7 @@ class OverlaySnapshotter:
         # The row is gone for good; from here on the directory is a leftover if we crash.
         crash_point("remove-after-commit")
         src = self.snapshots_dir / str(snap.id)
-        dead = self.snapshots_dir / f"rm-{snap.id}"
+        dead = self.snapshots_dir / f"rm-{snap.id}-{os.urandom(4).hex()}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(src, dead)
             crash_point("remove-after-rename")
@@ -288,25 +290,30 @@ class OverlaySnapshotter:
             if flt.matches(parsed, flt.snapshot_adaptor(s.key, s.parent, s.kind.label, s.labels))
         ]
 
-    def cleanup(self) -> list[str]:
-        """Delete every directory under snapshots/ that no committed row owns."""
+    def cleanup(self, include_new: bool = False) -> list[str]:
+        """Delete every directory under snapshots/ that no committed row owns.
+
+        new-* directories belong to a Prepare in flight unless include_new (start-up).
+        """
+        doomed: list[tuple[str, str]] = []
+        # Under the metadata lock: a Prepare renames its directory into place and commits its row
+        # while holding it, so no live snapshot can appear between reading the rows and the scan.
         with self.meta.read() as tx:
             live = {str(i) for i in tx.ids()}
-        removed = []
-        for entry in os.scandir(self.snapshots_dir):
-            if entry.name in live:
-                continue
-            if entry.name.startswith("new-"):
-                continue  # may belong to a Prepare in flight; startup removes stale ones
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.name)
+            for entry in os.scandir(self.snapshots_dir):
+                if entry.name in live or (entry.name.startswith("new-") and not include_new):
+                    continue
+                path = entry.path
+                if not entry.name.startswith("rm-"):
+                    path = os.path.join(self.snapshots_dir, f"rm-{entry.name}-{os.urandom(4).hex()}")
+                    try:
+                        os.rename(entry.path, path)
+                    except FileNotFoundError:
+                        continue  # a concurrent Remove got there first
+                doomed.append((entry.name, path))
+        for _, path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+        removed = [name for name, _ in doomed]
         if removed:
             log.info("cleanup removed %d leftover directories: %s", len(removed), ", ".join(sorted(removed)))
         return removed
-
-    def _remove_temporaries(self) -> None:
-        # At startup nothing is in flight: half-built and half-removed snapshots are leftovers.
-        for entry in os.scandir(self.snapshots_dir):
-            if entry.name.startswith(("new-", "rm-")):
-                log.info("removing leftover %s from an interrupted operation", entry.name)
-                shutil.rmtree(entry.path, ignore_errors=True)

@@ -151,3 +151,34 @@ def test_cleanup_removes_leftovers(snap: SnapshotterProcess) -> None:
         left = sorted(os.listdir(sdir))
         assert left == ["1"], left
         assert names(c, []) == ["a"]
+
+
+def test_cleanup_concurrent_with_prepares_never_removes_a_live_snapshot(snap: SnapshotterProcess) -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def cleaner() -> None:
+        with snap.client() as c:
+            while not stop.is_set():
+                c.Cleanup(pb.CleanupRequest(), metadata=NS)
+
+    t = threading.Thread(target=cleaner)
+    t.start()
+    try:
+        with snap.client() as c:
+            for i in range(60):
+                c.Prepare(pb.PrepareSnapshotRequest(key=f"k{i}"), metadata=NS)
+                if i % 3 == 0:
+                    c.Remove(pb.RemoveSnapshotRequest(key=f"k{i}"), metadata=NS)
+    finally:
+        stop.set()
+        t.join()
+    sdir = snap.root / "snapshots"
+    with snap.client() as c:
+        c.Cleanup(pb.CleanupRequest(), metadata=NS)
+        live = names(c, [])
+        for key in live:
+            m = c.Mounts(pb.MountsRequest(key=key), metadata=NS).mounts[0]
+            assert Path(m.source).is_dir(), f"{key}: its directory was removed by a concurrent Cleanup"
+    assert len(live) == 40 and len(os.listdir(sdir)) == 40
