@@ -137,7 +137,7 @@ def _append_layers(base: Path, layers: list[bytes], out: Path) -> Path:
     return out
 
 
-def bench_unpack(node: ContainerdNode, image: Path, runs: int) -> dict[str, dict[str, float]]:
+def bench_unpack(node: ContainerdNode, image: Path, runs: int, revenant_root: Path) -> dict[str, dict[str, float]]:
     """`ctr images import --snapshotter X` with the content already in containerd: the tar is read
     again (the same for both) and the layers are unpacked. `none` = import --no-unpack, the floor."""
     node.ctr("images", "import", "--no-unpack", str(image), timeout=600)  # content in, nothing unpacked
@@ -152,7 +152,7 @@ def bench_unpack(node: ContainerdNode, image: Path, runs: int) -> dict[str, dict
             results[sn].append(time.perf_counter() - t0)
             if sn != "none":
                 _remove_all_snapshots(node, sn)
-                _wait_backend_empty(node, sn)
+                _wait_backend_empty(node, sn, revenant_root)
     return {sn: {"median_s": statistics.median(v), "min_s": min(v)} for sn, v in results.items()}
 
 
@@ -169,13 +169,13 @@ def _remove_all_snapshots(node: ContainerdNode, sn: str) -> None:
     raise RuntimeError(f"{sn}: snapshots left after removal: {rows}")
 
 
-def _wait_backend_empty(node: ContainerdNode, sn: str, timeout: float = 120) -> None:
+def _wait_backend_empty(node: ContainerdNode, sn: str, revenant_root: Path, timeout: float = 120) -> None:
     """containerd removes backend snapshots in its GC, after `ctr snapshots rm` returns: wait for
     the backend's directories to be gone, so one run's deletions do not slow the next run."""
     snapdir = (
         node.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
         if sn == "overlayfs"
-        else node.dir / "revenant-snapshotter" / "snapshots"
+        else revenant_root / "snapshots"
     )
     deadline = time.monotonic() + timeout
     while any(snapdir.iterdir()):
@@ -272,7 +272,8 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp"))
     node = ContainerdNode("bench")
-    snap = SnapshotterProcess(node.snapshotter_address, node.dir / "revenant-snapshotter")
+    # Beside the node's dir, not in it: the harness walks the node dir while tearing it down.
+    snap = SnapshotterProcess(node.snapshotter_address, work / "revenant-snapshotter")
     parts = set(args.parts.split(","))
     try:
         snap.start()  # before containerd, whose first dial of the proxy plugin must find it
@@ -305,7 +306,7 @@ def _report_prepare_commit(node: ContainerdNode, args: argparse.Namespace) -> No
 
 def _report_unpack(node: ContainerdNode, args: argparse.Namespace, work: Path) -> None:
     image = build_unpack_image(work / "unpack.tar", args.unpack_files, args.unpack_big_mib)
-    up = bench_unpack(node, image, args.unpack_runs)
+    up = bench_unpack(node, image, args.unpack_runs, work / "revenant-snapshotter")
     print(
         f"\n## Image unpack ({image.stat().st_size / MIB:.0f} MiB image: busybox layers + {args.unpack_files}"
         f" small files + {args.unpack_big_mib} MiB big files; median of {args.unpack_runs})"

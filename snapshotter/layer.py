@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -63,6 +64,9 @@ class LayerInfo:
     opaque_dirs: int = 0
     skipped: list[str] = field(default_factory=list)  # sockets/devices capture cannot carry
     media_type: str = MEDIA_TYPE
+    # What the layer sits on: the chain ID of the image's top layer (the container snapshot's
+    # parent, e.g. "sha256:..."). A restore onto another base is refused when both are known.
+    base: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -179,11 +183,15 @@ def _base_info(rel: str, st: os.stat_result, xattrs: dict[str, bytes]) -> tarfil
     return ti
 
 
-def capture_writable_layer(source: str | Path | Sequence[Any], out_dir: str | Path) -> LayerInfo:
+def capture_writable_layer(
+    source: str | Path | Sequence[Any], out_dir: str | Path, base: str | None = None
+) -> LayerInfo:
     """Write the diff held by an overlay upper dir (or by a snapshot's mounts) into out_dir.
 
     Creates out_dir/rootfs-diff.tar and out_dir/rootfs-diff.json; returns the LayerInfo. The
-    container should be paused or frozen so the tree does not change while it is read.
+    container should be paused or frozen so the tree does not change while it is read. `base`:
+    the parent chain ID of the container's snapshot (containerd Snapshots.Stat(...).info.parent),
+    recorded so a restore onto a different image is refused.
     """
     upper = str(source) if isinstance(source, (str, Path)) else str(upper_dir_from_mounts(source))
     if not os.path.isdir(upper):
@@ -191,7 +199,7 @@ def capture_writable_layer(source: str | Path | Sequence[Any], out_dir: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tar_path = out / LAYER_FILE
-    info = LayerInfo(sha256="", size=0, entries=0, data_bytes=0)
+    info = LayerInfo(sha256="", size=0, entries=0, data_bytes=0, base=base)
     seen_inodes: dict[tuple[int, int], str] = {}
     tmp = tar_path.with_suffix(".tar.part")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
@@ -201,9 +209,7 @@ def capture_writable_layer(source: str | Path | Sequence[Any], out_dir: str | Pa
             parent, _, name = rel.rpartition("/")
             if stat.S_ISCHR(mode) and st.st_rdev == 0:
                 # overlay whiteout -> OCI whiteout file
-                ti = tarfile.TarInfo(
-                    f"{parent}/{WHITEOUT_PREFIX}{name}" if parent else WHITEOUT_PREFIX + name
-                )
+                ti = tarfile.TarInfo(f"{parent}/{WHITEOUT_PREFIX}{name}" if parent else WHITEOUT_PREFIX + name)
                 ti.mode, ti.mtime = 0o644, st.st_mtime
                 tf.addfile(ti)
                 info.whiteouts += 1
@@ -333,15 +339,11 @@ class _Applier:
                 st = os.lstat(cur)
             except FileNotFoundError:
                 if not create:
-                    raise LayerError(
-                        f"entry {entry!r}: {os.path.relpath(cur, self.root)!r} does not exist"
-                    ) from None
+                    raise LayerError(f"entry {entry!r}: {os.path.relpath(cur, self.root)!r} does not exist") from None
                 os.mkdir(cur, 0o755)
                 continue
             if stat.S_ISLNK(st.st_mode):
-                raise LayerError(
-                    f"entry {entry!r}: path goes through symlink {os.path.relpath(cur, self.root)!r}"
-                )
+                raise LayerError(f"entry {entry!r}: path goes through symlink {os.path.relpath(cur, self.root)!r}")
             if not stat.S_ISDIR(st.st_mode):
                 raise LayerError(f"entry {entry!r}: {os.path.relpath(cur, self.root)!r} is not a directory")
         return cur
@@ -510,8 +512,16 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def verify_layer(dir_: Path) -> Path:
-    """The layer tar in a fetched checkpoint dir, after checking it against its recorded digest."""
+def chain_id_of(parent_key: str) -> str:
+    """The image chain ID in a snapshot key: containerd hands proxy snapshotters keys of the form
+    <namespace>/<n>/<key>; direct callers use the bare key."""
+    m = re.match(r"^[^/]+/\d+/(.+)$", parent_key)
+    return m.group(1) if m else parent_key
+
+
+def verify_layer(dir_: Path, expected_base: str | None = None) -> Path:
+    """The layer tar in a fetched checkpoint dir, after checking it against its recorded digest
+    and, when both are known, that it was captured on `expected_base`."""
     found = sorted(dir_.rglob(LAYER_FILE))
     if not found:
         raise NotFound(f"checkpoint has no writable layer ({LAYER_FILE})")
@@ -520,14 +530,23 @@ def verify_layer(dir_: Path) -> Path:
     tar_path = found[0]
     info_path = tar_path.with_name(LAYER_INFO)
     if info_path.exists():
-        want = json.loads(info_path.read_text())["sha256"]
+        recorded = json.loads(info_path.read_text())
+        base = recorded.get("base")
+        if expected_base and base and chain_id_of(expected_base) != base:
+            raise FailedPrecondition(
+                f"the writable layer was captured on base {base}, this rootfs sits on"
+                f" {chain_id_of(expected_base)}: a different image"
+            )
+        want = recorded["sha256"]
         got = sha256_file(tar_path)
         if got != want:
             raise FailedPrecondition(f"writable layer digest mismatch: recorded {want}, fetched {got}")
     return tar_path
 
 
-def restore_writable_layer(store_url: str, key: str, seq: int | None, upper: Path) -> dict[str, Any]:
+def restore_writable_layer(
+    store_url: str, key: str, seq: int | None, upper: Path, expected_base: str | None = None
+) -> dict[str, Any]:
     """Fetch checkpoint `key` (seq, or the latest usable one) and fill the empty `upper` from it."""
     from snapshotter.store import CheckpointNotFound, StoreError, open_store
 
@@ -543,18 +562,16 @@ def restore_writable_layer(store_url: str, key: str, seq: int | None, upper: Pat
             raise NotFound(f"checkpoint {where}: {e}") from e
         except (StoreError, ValueError) as e:
             raise FailedPrecondition(f"checkpoint {where}: cannot fetch from {store_url}: {e}") from e
-        tar_path = verify_layer(scratch)
+        tar_path = verify_layer(scratch, expected_base)
         stats = apply_writable_layer(tar_path, upper)
-        log.info(
-            "restored writable layer of %s seq=%s into %s: %s", key, getattr(ckpt, "seq", "?"), upper, stats
-        )
+        log.info("restored writable layer of %s seq=%s into %s: %s", key, getattr(ckpt, "seq", "?"), upper, stats)
         return {"seq": getattr(ckpt, "seq", None), **stats}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def restore_writable_layer_into_mounts(
-    mounts: Sequence[Any], store_url: str, key: str, seq: int | None = None
+    mounts: Sequence[Any], store_url: str, key: str, seq: int | None = None, expected_base: str | None = None
 ) -> dict[str, Any]:
     """Fill the (empty) upper dir of an already prepared rootfs from checkpoint `key`.
 
@@ -570,7 +587,7 @@ def restore_writable_layer_into_mounts(
     try:
         filled = staging / "fs"
         filled.mkdir()
-        stats = restore_writable_layer(store_url, key, seq, filled)
+        stats = restore_writable_layer(store_url, key, seq, filled, expected_base)
         os.chown(filled, st.st_uid, st.st_gid)
         os.chmod(filled, stat.S_IMODE(st.st_mode))
         os.rename(filled, upper)  # replaces the empty directory atomically
@@ -580,13 +597,17 @@ def restore_writable_layer_into_mounts(
 
 
 def checkpoint_writable_layer(
-    source: str | Path | Sequence[Any], store_url: str, key: str, metadata: dict[str, Any] | None = None
+    source: str | Path | Sequence[Any],
+    store_url: str,
+    key: str,
+    metadata: dict[str, Any] | None = None,
+    base: str | None = None,
 ) -> Any:
     """Capture a writable layer and put it in the store as its own checkpoint of `key`."""
     from snapshotter.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="revenant-layer-") as tmp:
-        info = capture_writable_layer(source, tmp)
+        info = capture_writable_layer(source, tmp, base=base)
         meta = dict(metadata or {})
         meta.setdefault("writable_layer", asdict(info))
         with open_store(store_url) as store:

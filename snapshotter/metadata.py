@@ -156,9 +156,7 @@ class Transaction:
         return _row(r)
 
     def exists(self, ns: str, key: str) -> bool:
-        return (
-            self._db.execute("SELECT 1 FROM snapshots WHERE ns=? AND key=?", (ns, key)).fetchone() is not None
-        )
+        return self._db.execute("SELECT 1 FROM snapshots WHERE ns=? AND key=?", (ns, key)).fetchone() is not None
 
     def all(self, ns: str | None = None) -> list[Snapshot]:
         if ns is None:
@@ -181,10 +179,7 @@ class Transaction:
         return chain
 
     def has_children(self, snap_id: int) -> bool:
-        return (
-            self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=? LIMIT 1", (snap_id,)).fetchone()
-            is not None
-        )
+        return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id=? LIMIT 1", (snap_id,)).fetchone() is not None
 
     def create(self, ns: str, key: str, kind: Kind, parent: str, labels: dict[str, str]) -> Snapshot:
         if self.exists(ns, key):
@@ -200,15 +195,12 @@ class Transaction:
             parent_id = p.id
         now = time.time_ns()
         cur = self._db.execute(
-            "INSERT INTO snapshots (ns, key, kind, parent_id, created_ns, updated_ns, labels)"
-            " VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO snapshots (ns, key, kind, parent_id, created_ns, updated_ns, labels) VALUES (?,?,?,?,?,?,?)",
             (ns, key, int(kind), parent_id, now, now, json.dumps(labels, sort_keys=True)),
         )
         return self.by_id(int(cur.lastrowid))
 
-    def commit_active(
-        self, ns: str, key: str, name: str, labels: dict[str, str], size: int, inodes: int
-    ) -> Snapshot:
+    def commit_active(self, ns: str, key: str, name: str, labels: dict[str, str], size: int, inodes: int) -> Snapshot:
         """Turn active `key` into committed `name`; the id (and so the directory) is kept."""
         snap = self.get(ns, key)
         if snap.kind != Kind.ACTIVE:
@@ -217,8 +209,7 @@ class Transaction:
             raise AlreadyExists(f"snapshot {name}: already exists")
         now = time.time_ns()
         self._db.execute(
-            "UPDATE snapshots SET key=?, kind=?, labels=?, size=?, inodes=?, created_ns=?, updated_ns=?"
-            " WHERE id=?",
+            "UPDATE snapshots SET key=?, kind=?, labels=?, size=?, inodes=?, created_ns=?, updated_ns=? WHERE id=?",
             (name, int(Kind.COMMITTED), json.dumps(labels, sort_keys=True), size, inodes, now, now, snap.id),
         )
         return self.by_id(snap.id)

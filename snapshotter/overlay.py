@@ -142,9 +142,7 @@ class OverlaySnapshotter:
         return [Mount(type="overlay", source="overlay", options=tuple(options))]
 
     # ---- RPC operations ------------------------------------------------------------------------
-    def prepare(
-        self, ns: str, key: str, parent: str, labels: dict[str, str], kind: Kind = Kind.ACTIVE
-    ) -> list[Mount]:
+    def prepare(self, ns: str, key: str, parent: str, labels: dict[str, str], kind: Kind = Kind.ACTIVE) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty: invalid argument")
         restore = restore_request(labels) if kind == Kind.ACTIVE else None
@@ -164,7 +162,7 @@ class OverlaySnapshotter:
             if kind == Kind.ACTIVE:
                 os.mkdir(td / "work", 0o711)
             if restore is not None:
-                self._restore_into(td / "fs", *restore)
+                self._restore_into(td / "fs", *restore, parent=parent)
             crash_point("prepare-before-commit")
             with self.meta.transaction() as tx:
                 snap = tx.create(ns, key, kind, parent, labels)
@@ -200,16 +198,15 @@ class OverlaySnapshotter:
                     shutil.rmtree(target, ignore_errors=True)
             raise
 
-    def _restore_into(self, upper: Path, ckpt_key: str, seq: int | None, store_url: str | None) -> None:
+    def _restore_into(self, upper: Path, ckpt_key: str, seq: int | None, store_url: str | None, parent: str) -> None:
         from snapshotter.layer import restore_writable_layer
 
         url = store_url or self.store_url
         if not url:
             raise InvalidArgument(
-                f"restore of {ckpt_key!r} asked but no store: set label {LABEL_STORE} or --store:"
-                " invalid argument"
+                f"restore of {ckpt_key!r} asked but no store: set label {LABEL_STORE} or --store: invalid argument"
             )
-        restore_writable_layer(url, ckpt_key, seq, upper)
+        restore_writable_layer(url, ckpt_key, seq, upper, expected_base=parent or None)
 
     def mounts(self, ns: str, key: str) -> list[Mount]:
         with self.meta.read() as tx:
@@ -265,9 +262,7 @@ class OverlaySnapshotter:
                         else:
                             new.pop(k, None)
                     else:
-                        raise InvalidArgument(
-                            f"cannot update {p!r} field on snapshot {name}: invalid argument"
-                        )
+                        raise InvalidArgument(f"cannot update {p!r} field on snapshot {name}: invalid argument")
             return tx.set_labels(snap.id, new)
 
     def usage(self, ns: str, key: str) -> Usage:
@@ -284,11 +279,7 @@ class OverlaySnapshotter:
         parsed = flt.parse_all(filter_texts)
         with self.meta.read() as tx:
             snaps = tx.all(ns)
-        return [
-            s
-            for s in snaps
-            if flt.matches(parsed, flt.snapshot_adaptor(s.key, s.parent, s.kind.label, s.labels))
-        ]
+        return [s for s in snaps if flt.matches(parsed, flt.snapshot_adaptor(s.key, s.parent, s.kind.label, s.labels))]
 
     def cleanup(self, include_new: bool = False) -> list[str]:
         """Delete every directory under snapshots/ that no committed row owns.

@@ -67,10 +67,7 @@ def _namespace(context: grpc.ServicerContext) -> str:
 
 
 def _mounts_pb(mounts: list[Mount]) -> list[mount_pb2.Mount]:
-    return [
-        mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
-        for m in mounts
-    ]
+    return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in mounts]
 
 
 def _ts(ns: int) -> timestamp_pb2.Timestamp:
@@ -93,9 +90,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.snap = snap
 
     @_grpc_errors
-    def Prepare(
-        self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext
-    ) -> pb.PrepareSnapshotResponse:
+    def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
         mounts = self.snap.prepare(_namespace(context), request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=_mounts_pb(mounts))
 
@@ -125,9 +120,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return pb.StatSnapshotResponse(info=_info(self.snap.stat(_namespace(context), request.key)))
 
     @_grpc_errors
-    def Update(
-        self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext
-    ) -> pb.UpdateSnapshotResponse:
+    def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         snap = self.snap.update(_namespace(context), request.info.name, dict(request.info.labels), paths)
         return pb.UpdateSnapshotResponse(info=_info(snap))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,7 +39,10 @@ def revenant_node_factory(
 
     def make(name: str = "node", store: str | None = None) -> RevenantNode:
         node = node_factory(name)
-        snap = SnapshotterProcess(node.snapshotter_address, node.dir / "revenant-snapshotter", store=store)
+        # The snapshotter's root lives beside the node's dir, not in it: the harness walks the node
+        # dir while tearing it down, and snapshot removals running at that moment would race it.
+        root = Path(tempfile.mkdtemp(prefix=f"rv-snap-{name}-", dir="/tmp")) / "root"
+        snap = SnapshotterProcess(node.snapshotter_address, root, store=store)
         # containerd dials proxy plugins at start-up and backs off after a failed dial: start the
         # snapshotter first, then (re)start containerd, so the first dial finds it.
         rn = RevenantNode(node, snap)
@@ -60,6 +65,16 @@ def revenant_node_factory(
             rn.node.destroy(keep_logs_in=keep)
         finally:
             rn.snapshotter.kill()
+            _remove_snapshotter_dir(rn.snapshotter.root.parent)
+
+
+def _remove_snapshotter_dir(path: Path) -> None:
+    prefix = str(path) + "/"
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
+    for mp in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

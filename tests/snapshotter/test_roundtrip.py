@@ -74,6 +74,12 @@ def top_layer(node: ContainerdNode) -> str:
     return top
 
 
+def snapshot_parent(node: ContainerdNode, key: str, snapshotter: str = "revenant") -> str:
+    """The container snapshot's parent: the image's chain ID, what the shim records as `base`."""
+    with containerd_snapshots(node.address, node.namespace) as (stub, md):
+        return stub.Stat(pb.StatSnapshotRequest(snapshotter=snapshotter, key=key), metadata=md).info.parent
+
+
 def node_mounts(node: ContainerdNode, key: str):
     with containerd_snapshots(node.address, node.namespace) as (stub, md):
         return list(stub.Mounts(pb.MountsRequest(snapshotter="revenant", key=key), metadata=md).mounts)
@@ -121,10 +127,22 @@ def test_writable_layer_round_trip_across_nodes(
     before = write_container_layer(a, layered_image, layered_ref, tmp_path)
     assert "data/delete-me.txt" not in before and "data/replace-dir/old-a.txt" not in before
 
-    ckpt = checkpoint_writable_layer(node_mounts(a.node, "job"), store_url, CKPT_KEY, metadata={"node": "a"})
+    base = snapshot_parent(a.node, "job")
+    assert base.startswith("sha256:")
+    ckpt = checkpoint_writable_layer(node_mounts(a.node, "job"), store_url, CKPT_KEY, metadata={"node": "a"}, base=base)
     a.node.destroy()  # node A is gone
 
     b.node.ctr("images", "import", "--snapshotter", "revenant", str(layered_image), timeout=300)
+    assert top_layer(b.node) == base  # same image, same chain ID on both nodes
+    # Onto another base (the image's lower layer) the layer would be wrong: refused, nothing kept.
+    lower = next(
+        r
+        for r in b.node.ctr("snapshots", "--snapshotter", "revenant", "ls").stdout.split()
+        if r != base and r.startswith("sha256:")
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        prepare_restored(b.node, "wrong-base", lower, {LABEL_RESTORE_FROM: CKPT_KEY, LABEL_STORE: store_url})
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "different image" in e.value.details()
     mounts = prepare_restored(
         b.node,
         "job-restored",
