@@ -163,9 +163,28 @@ def test_containerd_survives_snapshotter_sigkill(revenant_node: RevenantNode, te
     node, snap = revenant_node.node, revenant_node.snapshotter
     node.ctr("images", "import", "--snapshotter", "revenant", str(test_images.busybox), timeout=300)
     layer = top_layer(node)
+    runc = ("--runc-root", str(node.runc_root))
+    node.ctr(
+        "run",
+        "-d",
+        "--snapshotter",
+        "revenant",
+        *runc,
+        test_images.busybox_ref,
+        "long",
+        "sh",
+        "-c",
+        "echo before > /kept; sleep 600",
+    )
     snap.kill()
     snap.start()
     wait_containerd_reaches(node, layer)
+    # The running container never noticed: its rootfs is a kernel mount, its writes are kept.
+    assert node.ctr("tasks", "exec", "--exec-id", "probe", "long", "cat", "/kept").stdout == "before\n"
+    node.ctr("tasks", "kill", "-s", "SIGKILL", "long")
+    node.ctr("tasks", "rm", "-f", "long")
+    node.ctr("containers", "rm", "long")  # removes its snapshot through the restarted snapshotter
+    assert "long" not in node.ctr("snapshots", "--snapshotter", "revenant", "ls").stdout
     out = node.ctr(
         "run",
         "--rm",
