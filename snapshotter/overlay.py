@@ -6,8 +6,8 @@ Layout under --root (the same shape as containerd's overlayfs snapshotter):
     snapshots/<id>/work      overlay workdir (active snapshots only)
     snapshots/new-*          a snapshot being built; renamed to <id> inside the creating transaction
     snapshots/rm-*           a removed snapshot being deleted
-Crash rules: a directory without a committed row is a leftover (Cleanup deletes it, startup deletes
-new-*/rm-*); a row is deleted before its directory, so a committed snapshot never loses its data.
+Crash rules: a directory without a committed row is a leftover (start-up and Cleanup delete it); a
+row is deleted before its directory, so a committed snapshot never loses its data.
 """
 
 from __future__ import annotations
@@ -218,11 +218,18 @@ class OverlaySnapshotter:
     def commit(self, ns: str, name: str, key: str, labels: dict[str, str]) -> None:
         if not name:
             raise InvalidArgument("commit name must not be empty: invalid argument")
-        with self.meta.transaction() as tx:
+        with self.meta.read() as tx:
             snap = tx.get(ns, key)
-            if snap.kind != Kind.ACTIVE:
-                raise FailedPrecondition(f"snapshot {key} is not active: failed precondition")
+        if snap.kind != Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key} is not active: failed precondition")
+        # Measured outside the lock: a big upper dir takes a while and must not stall other calls.
+        try:
             usage = disk_usage(self.upper_path(snap.id))
+        except FileNotFoundError:
+            raise NotFound(f"snapshot {key}: removed while committing: not found") from None
+        with self.meta.transaction() as tx:
+            if tx.get(ns, key).id != snap.id:
+                raise NotFound(f"snapshot {key}: replaced while committing: not found")
             tx.commit_active(ns, key, name, labels, usage.size, usage.inodes)
             crash_point("commit-before-commit")
         crash_point("commit-after-commit")
