@@ -11,6 +11,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "shim.agent.cli",
     "shim.cli.gpu",
     "snapshotter.cli",
+    "snapshotter.store.cli",
 ]
 
 

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 
+class _Aborted(Exception):
+    """A chunk skipped because another chunk of the same put already failed."""
+
+
 class _Counter:
     """Thread-safe byte counter that reports progress."""
 
@@ -188,8 +192,12 @@ class Store:
         slots = threading.BoundedSemaphore(self.max_inflight)
         backend = self.backend
 
+        abort = threading.Event()  # first failure stops the rest quickly (no retry storm)
+
         def store_chunk(fd: int, off: int, length: int) -> str:
             try:
+                if abort.is_set():
+                    raise _Aborted
                 data = os.pread(fd, length, off)
                 if len(data) != length:
                     raise StoreError(f"short read at {off} (file changed during put?)")
@@ -222,6 +230,11 @@ class Store:
                         del inflight[digest]
                     ev.set()
                 return digest
+            except _Aborted:
+                raise
+            except BaseException:
+                abort.set()
+                raise
             finally:
                 slots.release()
                 counter.add(length)
@@ -234,6 +247,8 @@ class Store:
                 for ref, fut in pending:
                     try:
                         ref[2] = fut.result()
+                    except _Aborted:
+                        pass
                     except BaseException as e:  # collect, re-raise the first after draining
                         failed.append(e)
             finally:
@@ -242,19 +257,24 @@ class Store:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-put") as pool:
             try:
                 for e in files:
+                    if abort.is_set():
+                        break
                     fd = os.open(src / e["path"], os.O_RDONLY)
                     pending: list[tuple[list[Any], Future[str]]] = []
                     open_files.append((fd, pending))
+                    data_bytes = 0
                     for ext_off, ext_len in data_extents(fd, e["size"]):
+                        data_bytes += ext_len
                         for off, length in self._cuts(fd, ext_off, ext_len):
-                            if failed:
-                                raise failed[0]
+                            if abort.is_set():
+                                break
                             slots.acquire()
                             ref: list[Any] = [off, length, None]
                             e["chunks"].append(ref)
                             pending.append((ref, pool.submit(store_chunk, fd, off, length)))
                             stats["bytes_read"] += length
                             stats["chunks_total"] += 1
+                    counter.add(e["size"] - data_bytes)  # holes count as done: progress ends at 100%
                     while len(open_files) > 32:
                         finish(*open_files.popleft())
             finally:
