@@ -283,7 +283,8 @@ def test_list_filters_and_update_through_containerd(revenant_node: RevenantNode)
                 pb.ListSnapshotsRequest(snapshotter=t.sn, filters=["kind==view", "kind==active"]), metadata=md
             )
             t.note("list OR", sorted(i.name for r in both for i in r.info))
-            info = pb.Info(name="f-act", labels={"a": "1", "b": "2"})
+            # keep gc.root: an unreferenced snapshot without it is fair game for containerd's GC
+            info = pb.Info(name="f-act", labels={"a": "1", "b": "2", "containerd.io/gc.root": "keep"})
             up = stub.Update(
                 pb.UpdateSnapshotRequest(
                     snapshotter=t.sn, info=info, update_mask=field_mask_pb2.FieldMask(paths=["labels.a"])
