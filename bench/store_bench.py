@@ -1,0 +1,169 @@
+"""Checkpoint store benchmark, side by side with tar + zstd, on a CRIU-like dump.
+
+    .venv/bin/python -m bench.store_bench [--size MIB] [--backends file,s3,oci] [--chunker fixed:65536]
+
+The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter repetitive, mixed in
+256 KiB runs like a real heap) plus a few small image files. Steps, each timed:
+  1. baseline `tar -c DIR | zstd -1 -T0 > F`        vs  revenant put into a fresh local store
+  2. 5% of the pages rewritten (runs of --run-pages pages at random page offsets), second put:
+     uploaded bytes vs the first put's
+  3. baseline `zstd -d -c F | tar -x -C DIR`         vs  revenant get (every chunk verified)
+  4. the same first put and get against SeaweedFS (S3) and the distribution registry (OCI), in MB/s
+Prints a markdown table; exit status 0 even when a target is missed (it is a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from snapshotter.store import Chunker, open_store  # noqa: E402
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+def make_dump(d: Path, size_mib: int, seed: int = 1) -> None:
+    d.mkdir(parents=True)
+    rng = random.Random(seed)
+    run = 64 * PAGE  # 256 KiB of one kind at a time
+    pattern = (b"heap-object-%06d;" * (run // 17 + 1))[:run]
+    with open(d / "pages-1.img", "wb") as f:
+        for i in range(size_mib * MIB // run):
+            kind = rng.random()
+            if kind < 0.5:
+                f.write(os.urandom(run))
+            elif kind < 0.75:
+                f.write(bytes(run))
+            else:
+                f.write(pattern.replace(b"heap", b"%04d" % (i % 10000), 1))
+    for name, n in (("core-1.img", 1900), ("mm-1.img", 3800), ("pagemap-1.img", 5600), ("files.img", 2900)):
+        (d / name).write_bytes(os.urandom(n))
+    (d / "inventory.img").write_bytes(b"")
+
+
+def mutate(path: Path, fraction: float, run_pages: int, seed: int = 2) -> int:
+    rng = random.Random(seed)
+    npages = path.stat().st_size // PAGE
+    runs = max(1, int(npages * fraction) // run_pages)
+    with open(path, "r+b") as f:
+        for _ in range(runs):
+            start = rng.randrange(0, npages - run_pages)
+            f.seek(start * PAGE)
+            f.write(os.urandom(run_pages * PAGE))
+    return runs * run_pages * PAGE
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024, help="page image size in MiB (default 1024)")
+    ap.add_argument("--backends", default="file,s3,oci", help="comma list of file,s3,oci")
+    ap.add_argument("--chunker", default=None, help="fixed:SIZE or fastcdc:AVG (default: the store's)")
+    ap.add_argument("--run-pages", type=int, default=64, help="pages per mutated run (default 64)")
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
+    args = ap.parse_args(argv)
+    opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
+    work = Path(tempfile.mkdtemp(prefix="revenant-bench-", dir=args.workdir))
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        dump = work / "dump"
+        make_dump(dump, args.size)
+        total = sum(p.stat().st_size for p in dump.iterdir())
+        mb = total / 1e6
+        sh("sync")
+
+        t_tar, _ = timed(lambda: sh(f"tar -C {dump} -cf - . | zstd -1 -T0 -q -o {work}/base.tar.zst"))
+        tar_size = (work / "base.tar.zst").stat().st_size
+        store = open_store(f"file://{work}/store", **opts)
+        t_put, info1 = timed(lambda: store.put("bench/job/main", dump))
+        rows.append(("put (local) vs tar|zstd -1 -T0", f"{t_put:.2f} s ({mb / t_put:.0f} MB/s)",
+                     f"{t_tar:.2f} s ({mb / t_tar:.0f} MB/s)", f"{t_put / t_tar:.2f}x (target <= 1.25x)"))
+        rows.append(("stored bytes", f"{info1.bytes_uploaded / 1e6:.0f} MB", f"{tar_size / 1e6:.0f} MB",
+                     f"{info1.bytes_uploaded / tar_size:.2f}x"))
+
+        changed = mutate(dump / "pages-1.img", 0.05, args.run_pages)
+        t_put2, info2 = timed(lambda: store.put("bench/job/main", dump))
+        what = f"second put after 5% pages changed ({changed / 1e6:.0f} MB in {args.run_pages}-page runs)"
+        rows.append((what,
+                     f"{info2.bytes_uploaded / 1e6:.1f} MB uploaded in {t_put2:.2f} s",
+                     f"{info1.bytes_uploaded / 1e6:.0f} MB (first put)",
+                     f"{100 * info2.bytes_uploaded / info1.bytes_uploaded:.1f}% (target <= 8%)"))
+
+        sh("sync")
+        t_untar, _ = timed(lambda: sh(
+            f"mkdir {work}/untar && zstd -d -c -q {work}/base.tar.zst | tar -C {work}/untar -xf -"))
+        t_get, _ = timed(lambda: store.get("bench/job/main", work / "restored"))
+        rows.append(("get+verify (local) vs zstd -d|tar -x", f"{t_get:.2f} s ({mb / t_get:.0f} MB/s)",
+                     f"{t_untar:.2f} s ({mb / t_untar:.0f} MB/s)",
+                     f"{t_get / t_untar:.2f}x (target <= 1.25x)"))
+        shutil.rmtree(work / "restored")
+        shutil.rmtree(work / "untar")
+        store.close()
+
+        for backend in [b for b in args.backends.split(",") if b in ("s3", "oci")]:
+            rows.append(_remote(backend, work, dump, mb, opts))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nrevenant store benchmark: {total / MIB:.0f} MiB dump, chunker "
+          f"{(opts.get('chunker') or Chunker()).describe()}, {os.cpu_count()} CPUs\n")
+    print("| step | revenant | baseline | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tuple[str, str, str, str]:
+    from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY, Registry, SeaweedS3
+
+    root = work / f"srv-{backend}"
+    root.mkdir()
+    if backend == "s3":
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+        srv = SeaweedS3(root)
+        srv.start()
+        url = f"s3://revenant-test/bench?endpoint={srv.endpoint}"
+    else:
+        srv = Registry(root)
+        srv.start()
+        url = f"oci://127.0.0.1:{srv.port}/bench?insecure=1"
+    try:
+        store = open_store(url, **opts)
+        t_put, info = timed(lambda: store.put("bench/job/main", dump))
+        t_get, _ = timed(lambda: store.get("bench/job/main", work / f"restored-{backend}"))
+        store.close()
+        shutil.rmtree(work / f"restored-{backend}")
+        return (f"{backend} put / get ({info.bytes_uploaded / 1e6:.0f} MB stored)",
+                f"put {t_put:.2f} s ({mb / t_put:.0f} MB/s)",
+                f"get {t_get:.2f} s ({mb / t_get:.0f} MB/s)", "")
+    finally:
+        if backend == "s3":
+            srv.shutdown()
+        else:
+            srv.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""oci:// backend: the OCI distribution API over plain HTTP(S) (urllib3).
+
+oci://host:port/repo[?insecure=1][&mount_from=repoA,repoB][&chunked_mb=N]
+
+- Chunks are blobs (named by sha256 of the stored bytes, as the registry requires); the BLAKE3 name of
+  each chunk is kept in layer annotations, so the blake3 -> blob map is rebuilt from the manifests.
+- Uploads HEAD first and skip blobs the registry has, try a cross-repository mount from `mount_from`,
+  then upload monolithically (small) or in PATCH pieces of chunked_mb (default 8 MiB).
+- Each checkpoint is an OCI image manifest with artifactType application/vnd.revenant.checkpoint.v1:
+  first layer = the revenant manifest, then one layer per chunk (so registry GC keeps them). Tags are
+  `<key slug>.<key hash>.<seq>-<nonce>` plus `<key slug>.<key hash>.latest`; `tags/list` lists them.
+- Locks are tiny artifacts tagged `revenant-lock.<name>`. Blobs cannot be listed through the API, so
+  `gc` here only drops manifests; the registry's own garbage-collect reclaims unreferenced blobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from typing import Any
+from urllib.parse import urljoin
+
+import urllib3
+
+from ..errors import StoreError
+from ..keys import tag_prefix
+from .base import Backend, NotFound, TransientError
+
+ARTIFACT_TYPE = "application/vnd.revenant.checkpoint.v1"
+LOCK_ARTIFACT_TYPE = "application/vnd.revenant.lock.v1"
+MANIFEST_MT = "application/vnd.oci.image.manifest.v1+json"
+EMPTY_MT = "application/vnd.oci.empty.v1+json"
+EMPTY = b"{}"
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY).hexdigest()
+REVENANT_MANIFEST_MT = "application/vnd.revenant.checkpoint.manifest.v1"
+CHUNK_MT = "application/vnd.revenant.chunk.v1"
+A_BLAKE3 = "io.revenant.chunk.blake3"
+A_KEY = "io.revenant.checkpoint.key"
+A_NAME = "io.revenant.checkpoint.name"
+A_LOCK = "io.revenant.lock"
+LOCK_TAG = "revenant-lock."
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class OCIBackend(Backend):
+    def __init__(self, host: str, repo: str, query: dict[str, str], url: str) -> None:
+        if not host or not repo:
+            raise StoreError(f"oci URL must be oci://host[:port]/repository: {url!r}")
+        self.url = url
+        scheme = "http" if query.get("insecure") in ("1", "true", "yes") else "https"
+        self.base = f"{scheme}://{host}/v2/{repo}"
+        self.repo = repo
+        self.mount_from = [r for r in query.get("mount_from", "").split(",") if r]
+        self.chunked = int(float(query.get("chunked_mb", "8")) * (1 << 20))
+        self.http = urllib3.PoolManager(maxsize=32, retries=False,
+                                        timeout=urllib3.Timeout(connect=5, read=120))
+        self._lock = threading.Lock()
+        self._blobs: dict[str, tuple[str, int]] = {}  # blake3 -> (sha256 digest, size)
+        self._indexed = False
+        self._have_empty = False
+        self._index_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ HTTP
+    def _req(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any):
+        if not url.startswith("http"):
+            url = self.base + url
+        try:
+            r = self.http.request(method, url, redirect=True, **kw)
+        except urllib3.exceptions.HTTPError as e:
+            raise TransientError(f"{what}: {e}") from e
+        if r.status in ok:
+            return r
+        if r.status == 404:
+            raise NotFound(f"{what}: not found")
+        if r.status >= 500 or r.status == 429:
+            raise TransientError(f"{what}: HTTP {r.status}")
+        raise StoreError(f"{what}: HTTP {r.status}: {r.data[:300]!r}")
+
+    def _blob_exists(self, digest: str) -> bool:
+        try:
+            self._req("HEAD", f"/blobs/{digest}", f"HEAD blob {digest}")
+            return True
+        except NotFound:
+            return False
+
+    def _upload_blob(self, data: bytes) -> str:
+        digest = _sha(data)
+        if self._blob_exists(digest):
+            return digest
+        loc = None
+        for source in self.mount_from:
+            r = self._req("POST", f"/blobs/uploads/?mount={digest}&from={source}", "mount blob",
+                          ok=(201, 202))
+            if r.status == 201:
+                return digest
+            loc = r.headers["Location"]  # not mounted: the registry opened a normal upload session
+            break
+        if loc is None:
+            loc = self._req("POST", "/blobs/uploads/", "start upload", ok=(202,)).headers["Location"]
+        loc = urljoin(self.base, loc)
+        if len(data) > self.chunked:
+            for start in range(0, len(data), self.chunked):
+                piece = data[start : start + self.chunked]
+                r = self._req("PATCH", loc, "upload piece", ok=(202,), body=piece, headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"{start}-{start + len(piece) - 1}", "Content-Length": str(len(piece))})
+                loc = urljoin(self.base, r.headers["Location"])
+            body = b""
+        else:
+            body = data
+        sep = "&" if "?" in loc else "?"
+        self._req("PUT", f"{loc}{sep}digest={digest}", "finish upload", ok=(201,), body=body,
+                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))})
+        return digest
+
+    def _get_blob(self, digest: str) -> bytes:
+        r = self._req("GET", f"/blobs/{digest}", f"GET blob {digest}")
+        return r.data
+
+    def _tags(self) -> list[str]:
+        tags: list[str] = []
+        url = "/tags/list?n=1000"
+        while url:
+            try:
+                r = self._req("GET", url, "list tags")
+            except NotFound:  # repository does not exist yet
+                return []
+            tags += json.loads(r.data).get("tags") or []
+            link = r.headers.get("Link", "")
+            url = link[link.index("<") + 1 : link.index(">")] if "<" in link else ""
+            if url.startswith("/v2/"):
+                url = urljoin(self.base, url)
+        return tags
+
+    def _get_manifest_doc(self, ref: str) -> tuple[dict[str, Any], str, bytes]:
+        r = self._req("GET", f"/manifests/{ref}", f"GET manifest {ref}", headers={"Accept": MANIFEST_MT})
+        return json.loads(r.data), r.headers.get("Docker-Content-Digest", _sha(r.data)), r.data
+
+    def _put_manifest_doc(self, ref: str, raw: bytes) -> None:
+        try:
+            self._req("PUT", f"/manifests/{ref}", f"PUT manifest {ref}", ok=(201,), body=raw,
+                      headers={"Content-Type": MANIFEST_MT})
+        except StoreError as e:
+            # Another client committing the same blob at this moment makes the registry briefly see it
+            # as unknown or invalid (seen with two writers); the blob is there on the next try.
+            if "DIGEST_INVALID" in str(e) or "BLOB_UNKNOWN" in str(e):
+                raise TransientError(str(e)) from e
+            raise
+
+    def _delete_ref(self, ref: str) -> None:
+        try:
+            r = self._req("HEAD", f"/manifests/{ref}", f"HEAD manifest {ref}",
+                          headers={"Accept": MANIFEST_MT})
+        except NotFound:
+            return
+        digest = r.headers["Docker-Content-Digest"]
+        with contextlib.suppress(NotFound):
+            self._req("DELETE", f"/manifests/{digest}", f"DELETE manifest {ref}", ok=(202, 200))
+
+    def _remember(self, doc: dict[str, Any]) -> None:
+        with self._lock:
+            for layer in doc.get("layers", []):
+                b3 = (layer.get("annotations") or {}).get(A_BLAKE3)
+                if b3:
+                    self._blobs[b3] = (layer["digest"], layer["size"])
+
+    def _index(self) -> None:
+        with self._index_lock:  # one listing, not one per upload thread
+            if not self._indexed:
+                self._build_index()
+
+    def _build_index(self) -> None:
+        for tag in self._tags():
+            if not tag.startswith(LOCK_TAG) and not tag.endswith(".latest"):
+                try:
+                    self._remember(self._get_manifest_doc(tag)[0])
+                except NotFound:
+                    continue
+        self._indexed = True
+
+    # ------------------------------------------------------------------ chunks
+    def has_chunk(self, digest: str) -> bool:
+        self._index()
+        with self._lock:
+            return digest in self._blobs
+
+    def put_chunk(self, digest: str, data: bytes) -> None:
+        sha = self._upload_blob(data)
+        with self._lock:
+            self._blobs[digest] = (sha, len(data))
+
+    def _locate(self, digest: str) -> tuple[str, int]:
+        with self._lock:
+            loc = self._blobs.get(digest)
+        if loc is None:
+            self._indexed = False
+            self._index()
+            with self._lock:
+                loc = self._blobs.get(digest)
+        if loc is None:
+            raise NotFound(f"chunk {digest} is not referenced by any manifest in {self.repo}")
+        return loc
+
+    def get_chunk(self, digest: str) -> bytes:
+        return self._get_blob(self._locate(digest)[0])
+
+    def delete_chunk(self, digest: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._req("DELETE", f"/blobs/{self._locate(digest)[0]}", "DELETE blob", ok=(202, 200))
+
+    # ------------------------------------------------------------------ manifests
+    def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
+        self._ensure_empty()
+        mdigest = self._upload_blob(data)
+        layers = [{"mediaType": REVENANT_MANIFEST_MT, "digest": mdigest, "size": len(data)}]
+        for d in sorted(chunks):
+            sha, size = self._locate(d)
+            layers.append({"mediaType": CHUNK_MT, "digest": sha, "size": size, "annotations": {A_BLAKE3: d}})
+        doc = {
+            "schemaVersion": 2, "mediaType": MANIFEST_MT, "artifactType": ARTIFACT_TYPE,
+            "config": {"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)},
+            "layers": layers,
+            "annotations": {A_KEY: key, A_NAME: name, "org.opencontainers.image.created":
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        }
+        self._put_manifest_doc(tag_prefix(key) + name, json.dumps(doc, separators=(",", ":")).encode())
+
+    def get_manifest(self, key: str, name: str) -> bytes:
+        doc, _digest, _raw = self._get_manifest_doc(tag_prefix(key) + name)
+        self._remember(doc)
+        layers = doc.get("layers") or []
+        if not layers or layers[0].get("mediaType") != REVENANT_MANIFEST_MT:
+            return b""  # decodes as a damaged manifest, named by the caller
+        try:
+            return self._get_blob(layers[0]["digest"])
+        except NotFound:
+            return b""
+
+    def list_manifests(self, key: str | None) -> list[tuple[str, str]]:
+        out = []
+        if key is not None:
+            prefix = tag_prefix(key)
+            for tag in self._tags():
+                rest = tag[len(prefix):] if tag.startswith(prefix) else ""
+                if rest and rest != "latest":
+                    out.append((key, rest))
+            return out
+        for tag in self._tags():
+            if tag.startswith(LOCK_TAG) or tag.endswith(".latest"):
+                continue
+            try:
+                doc, _digest, _raw = self._get_manifest_doc(tag)
+            except NotFound:
+                continue
+            ann = doc.get("annotations") or {}
+            if doc.get("artifactType") == ARTIFACT_TYPE and A_KEY in ann and A_NAME in ann:
+                out.append((ann[A_KEY], ann[A_NAME]))
+        return out
+
+    def delete_manifest(self, key: str, name: str) -> None:
+        self._delete_ref(tag_prefix(key) + name)
+
+    def manifests_changed(self, key: str) -> None:
+        """Point `<key>.latest` at the newest checkpoint so `key:latest`-style lookups work."""
+        from ..model import parse_manifest_name
+
+        names = sorted((p, n) for _k, n in self.list_manifests(key) if (p := parse_manifest_name(n)))
+        if not names:
+            self._delete_ref(tag_prefix(key) + "latest")
+            return
+        newest_seq = names[-1][0][0]
+        newest = min(n for p, n in names if p[0] == newest_seq)
+        try:
+            _doc, _digest, raw = self._get_manifest_doc(tag_prefix(key) + newest)
+            self._put_manifest_doc(tag_prefix(key) + "latest", raw)
+        except NotFound:
+            pass
+
+    # ------------------------------------------------------------------ locks
+    def _ensure_empty(self) -> None:
+        if not self._have_empty:
+            self._upload_blob(EMPTY)
+            self._have_empty = True
+
+    def put_lock(self, name: str, data: bytes) -> None:
+        self._ensure_empty()
+        doc = {
+            "schemaVersion": 2, "mediaType": MANIFEST_MT, "artifactType": LOCK_ARTIFACT_TYPE,
+            "config": {"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)},
+            "layers": [{"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)}],
+            "annotations": {A_LOCK: data.decode()},
+        }
+        self._put_manifest_doc(LOCK_TAG + name, json.dumps(doc).encode())
+
+    def list_locks(self) -> list[tuple[str, bytes]]:
+        out = []
+        for tag in self._tags():
+            if tag.startswith(LOCK_TAG):
+                try:
+                    doc = self._get_manifest_doc(tag)[0]
+                except NotFound:
+                    continue
+                out.append((tag[len(LOCK_TAG):], (doc.get("annotations") or {}).get(A_LOCK, "").encode()))
+        return out
+
+    def delete_lock(self, name: str) -> None:
+        self._delete_ref(LOCK_TAG + name)
+
+    def close(self) -> None:
+        self.http.clear()

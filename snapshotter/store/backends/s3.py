@@ -1,0 +1,151 @@
+"""s3:// backend (boto3): s3://bucket/prefix?endpoint=http://host:port[&region=..][&multipart_mb=N].
+
+Credentials come the standard boto3 way (environment, ~/.aws, instance role). Objects larger than
+multipart_mb (default 8) go up as multipart uploads. Layout under prefix as in the file backend:
+chunks/<d[:2]>/<digest>, manifests/<encoded key>/<seq>-<nonce>, locks/<name>.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.exceptions as bex
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from ..errors import StoreError
+from ..keys import decode_key, encode_key
+from .base import Backend, NotFound, TransientError
+
+_TRANSIENT = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
+              bex.ConnectTimeoutError, bex.ResponseStreamingError)
+
+
+def _classify(e: Exception, what: str) -> Exception:
+    if isinstance(e, _TRANSIENT):
+        return TransientError(f"{what}: {e}")
+    if isinstance(e, bex.ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(f"{what}: not found")
+        if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
+            return TransientError(f"{what}: {code} ({status})")
+        return StoreError(f"{what}: {code}: {e}")
+    if isinstance(e, bex.BotoCoreError):
+        return TransientError(f"{what}: {e}")
+    return e
+
+
+class S3Backend(Backend):
+    def __init__(self, bucket: str, prefix: str, query: dict[str, str], url: str) -> None:
+        if not bucket:
+            raise StoreError(f"s3 URL needs a bucket: {url!r}")
+        self.url = url
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self.multipart = int(float(query.get("multipart_mb", "8")) * (1 << 20))
+        cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                     s3={"addressing_style": "path"}, max_pool_connections=32)
+        self.s3 = boto3.session.Session().client(
+            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"),
+            config=cfg)
+        self.transfer = TransferConfig(multipart_threshold=self.multipart, multipart_chunksize=self.multipart,
+                                       max_concurrency=4)
+
+    def _call(self, what: str, fn, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except Exception as e:
+            raise _classify(e, what) from e
+
+    def _put(self, name: str, data: bytes) -> None:
+        key = self.prefix + name
+        if len(data) >= self.multipart:
+            self._call(f"upload {key}", self.s3.upload_fileobj, io.BytesIO(data), self.bucket, key,
+                       Config=self.transfer)
+        else:
+            self._call(f"put {key}", self.s3.put_object, Bucket=self.bucket, Key=key, Body=data)
+
+    def _get(self, name: str) -> bytes:
+        key = self.prefix + name
+        resp = self._call(f"get {key}", self.s3.get_object, Bucket=self.bucket, Key=key)
+        return self._call(f"read {key}", resp["Body"].read)
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self._call(f"head {name}", self.s3.head_object, Bucket=self.bucket, Key=self.prefix + name)
+            return True
+        except NotFound:
+            return False
+
+    def _delete(self, name: str) -> None:
+        self._call(f"delete {name}", self.s3.delete_object, Bucket=self.bucket, Key=self.prefix + name)
+
+    def _list(self, sub: str) -> Iterator[dict[str, Any]]:
+        paginator = self.s3.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + sub)
+        try:
+            for page in pages:
+                yield from page.get("Contents", [])
+        except Exception as e:
+            raise _classify(e, f"list {sub}") from e
+
+    # chunks
+    def has_chunk(self, digest: str) -> bool:
+        return self._exists(f"chunks/{digest[:2]}/{digest}")
+
+    def put_chunk(self, digest: str, data: bytes) -> None:
+        self._put(f"chunks/{digest[:2]}/{digest}", data)
+
+    def get_chunk(self, digest: str) -> bytes:
+        return self._get(f"chunks/{digest[:2]}/{digest}")
+
+    def delete_chunk(self, digest: str) -> None:
+        self._delete(f"chunks/{digest[:2]}/{digest}")
+
+    def list_chunks(self) -> Iterator[tuple[str, float]]:
+        for obj in self._list("chunks/"):
+            yield obj["Key"].rsplit("/", 1)[-1], obj["LastModified"].timestamp()
+
+    # manifests
+    def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
+        self._put(f"manifests/{encode_key(key)}/{name}", data)
+
+    def get_manifest(self, key: str, name: str) -> bytes:
+        return self._get(f"manifests/{encode_key(key)}/{name}")
+
+    def list_manifests(self, key: str | None) -> list[tuple[str, str]]:
+        sub = f"manifests/{encode_key(key)}/" if key is not None else "manifests/"
+        out = []
+        for obj in self._list(sub):
+            parts = obj["Key"][len(self.prefix):].split("/")
+            if len(parts) == 3:
+                out.append((decode_key(parts[1]), parts[2]))
+        return out
+
+    def delete_manifest(self, key: str, name: str) -> None:
+        self._delete(f"manifests/{encode_key(key)}/{name}")
+
+    # locks
+    def put_lock(self, name: str, data: bytes) -> None:
+        self._put(f"locks/{name}", data)
+
+    def list_locks(self) -> list[tuple[str, bytes]]:
+        out = []
+        for obj in self._list("locks/"):
+            name = obj["Key"].rsplit("/", 1)[-1]
+            try:
+                out.append((name, self._get(f"locks/{name}")))
+            except NotFound:
+                continue
+        return out
+
+    def delete_lock(self, name: str) -> None:
+        self._delete(f"locks/{name}")
+
+    def close(self) -> None:
+        self.s3.close()

@@ -1,0 +1,164 @@
+"""`revenant store put|get|ls|verify|gc`: the checkpoint store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import Chunker, open_store
+from .errors import StoreError
+
+DEFAULT_STORE = "file:///var/lib/revenant/store"
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+        self.start = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.1 and done < total):
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        rate = done / max(now - self.start, 1e-6) / 1e6
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {done / 1e6:9.1f} MB {rate:7.1f} MB/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=2, default=str) if args.json else text)
+
+
+def _open(args: argparse.Namespace):
+    opts: dict[str, Any] = {}
+    if getattr(args, "chunker", None):
+        opts["chunker"] = Chunker.parse(args.chunker)
+    return open_store(args.store, **opts)
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    metadata = json.loads(args.metadata) if args.metadata else {}
+    bar = ProgressBar("put")
+    with _open(args) as store:
+        info = store.put(args.key, Path(args.dir), metadata=metadata, progress=bar)
+    bar.close()
+    _emit(args, info.to_dict(),
+          f"seq {info.seq}  read {info.bytes_read} bytes  uploaded {info.bytes_uploaded} bytes  "
+          f"dedup ratio {info.dedup_ratio:.2f}  chunks {info.chunks_new}/{info.chunks_total} new")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    bar = ProgressBar("get")
+    with _open(args) as store:
+        info = store.get(args.key, Path(args.dir), seq=args.seq, fallback=not args.no_fallback, progress=bar)
+    bar.close()
+    _emit(args, info.to_dict(), f"restored {args.key} seq {info.seq} ({info.files} files) into {args.dir}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        infos = store.list(args.key)
+    if args.json:
+        _emit(args, [i.to_dict() for i in infos], "")
+        return 0
+    print(f"{'KEY':<40} {'SEQ':>5} {'PARENT':>6} {'CREATED':<20} {'FILES':>6} {'BYTES':>14} {'UPLOADED':>14}")
+    for i in infos:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created))
+        print(f"{i.key:<40} {i.seq:>5} {i.parent if i.parent is not None else '-':>6} {created:<20} "
+              f"{i.files:>6} {i.bytes_read:>14} {i.bytes_uploaded:>14}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        problems = store.verify(args.key)
+    _emit(args, {"ok": not problems, "problems": problems},
+          "\n".join(problems) if problems else "ok: every checkpoint and chunk verified")
+    return 1 if problems else 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        pruned: dict[str, list[int]] = {}
+        if args.keep is not None:
+            keys = [args.key] if args.key else sorted({i.key for i in store.list()})
+            for k in keys:
+                pruned[k] = store.prune(k, args.keep)
+        stats = store.gc(grace_seconds=args.grace)
+    stats["pruned"] = pruned
+    _emit(args, stats, " ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0
+
+
+def _wrap(fn):
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return fn(args)
+        except (StoreError, ValueError, OSError) as e:
+            print(f"revenant store {args.store_command}: error: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("store", help="the checkpoint store: put, get, ls, verify, gc")
+    sub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("-v", "--verbose", action="store_true")
+
+    sp = sub.add_parser("put", help="store DIR as the next checkpoint of KEY")
+    common(sp)
+    sp.add_argument("--key", required=True)
+    sp.add_argument("--metadata", help="JSON object stored with the checkpoint")
+    sp.add_argument("--chunker", help="fixed:SIZE or fastcdc:AVG (default: the store's)")
+    sp.add_argument("dir")
+    sp.set_defaults(func=_wrap(cmd_put))
+
+    sp = sub.add_parser("get", help="restore a checkpoint of KEY into DIR (must be empty or absent)")
+    common(sp)
+    sp.add_argument("--key", required=True)
+    sp.add_argument("--seq", type=int, help="sequence number (default: newest usable)")
+    sp.add_argument("--no-fallback", action="store_true", help="fail instead of using an older checkpoint")
+    sp.add_argument("dir")
+    sp.set_defaults(func=_wrap(cmd_get))
+
+    sp = sub.add_parser("ls", help="list checkpoints")
+    common(sp)
+    sp.add_argument("--key")
+    sp.set_defaults(func=_wrap(cmd_ls))
+
+    sp = sub.add_parser("verify", help="check every manifest and chunk (exit 1 on problems)")
+    common(sp)
+    sp.add_argument("--key")
+    sp.set_defaults(func=_wrap(cmd_verify))
+
+    sp = sub.add_parser("gc", help="prune old checkpoints (--keep) and delete unreferenced chunks")
+    common(sp)
+    sp.add_argument("--key", help="prune only this key")
+    sp.add_argument("--keep", type=int, help="keep the newest N checkpoints per key")
+    sp.add_argument("--grace", type=float, default=3600.0,
+                    help="only delete chunks older than this many seconds (default 3600)")
+    sp.set_defaults(func=_wrap(cmd_gc))

@@ -1,0 +1,581 @@
+"""The content-addressed checkpoint store: put, get, list, verify, prune, gc, delete."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from . import chunking
+from .backends.base import Backend, NotFound
+from .chunking import Chunker
+from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, ManifestCorrupt, StoreError
+from .locks import PutLock, live_locks
+from .model import ZERO, CheckpointInfo, Manifest, manifest_name, parse_manifest_name
+from .walk import apply_metadata, data_extents, scan_tree
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+class _Aborted(Exception):
+    """A chunk skipped because another chunk of the same put already failed."""
+
+
+class _Counter:
+    """Thread-safe byte counter that reports progress."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+        self.lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            done = self.done
+        if self.progress:
+            self.progress(done, self.total)
+
+
+class Store:
+    def __init__(
+        self,
+        backend: Backend,
+        chunker: Chunker | None = None,
+        workers: int = 8,
+        level: int = 1,
+        lock_stale: float = 600.0,
+        max_inflight: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.chunker = chunker or Chunker()
+        self.workers = workers
+        self.level = level
+        self.lock_stale = lock_stale
+        # Bounded memory: at most this many chunks read but not yet stored (or fetched, not written).
+        self.max_inflight = max_inflight or workers * 4
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ naming and listing
+    def _names(self, key: str | None) -> dict[str, dict[int, list[str]]]:
+        """key -> seq -> manifest names (nonce order). More than one name per seq is a commit race."""
+        out: dict[str, dict[int, list[str]]] = {}
+        for k, name in self.backend.retry("list manifests", lambda: self.backend.list_manifests(key)):
+            parsed = parse_manifest_name(name)
+            if parsed is None:
+                continue
+            out.setdefault(k, {}).setdefault(parsed[0], []).append(name)
+        for seqs in out.values():
+            for names in seqs.values():
+                names.sort()
+        return out
+
+    def _committed(self, key: str) -> dict[int, str]:
+        """seq -> the manifest name that readers use for it (lowest nonce)."""
+        return {seq: names[0] for seq, names in self._names(key).get(key, {}).items()}
+
+    def _load(self, key: str, name: str) -> Manifest:
+        what = f"manifest of {key!r} {name}"
+        try:
+            blob = self.backend.retry(f"get {what}", lambda: self.backend.get_manifest(key, name))
+        except NotFound:
+            raise CheckpointNotFound(f"{what} disappeared (deleted concurrently?)") from None
+        m = Manifest.decode(blob, what)
+        if m.key != key:
+            raise ManifestCorrupt(f"{what} names key {m.key!r}")
+        return m
+
+    def list(self, key: str | None = None) -> list[CheckpointInfo]:
+        infos = []
+        for k, seqs in sorted(self._names(key).items()):
+            for _seq, names in sorted(seqs.items()):
+                try:
+                    infos.append(self._load(k, names[0]).info(names[0]))
+                except (ManifestCorrupt, CheckpointNotFound) as e:
+                    log.warning("skipping checkpoint: %s", e)
+        return infos
+
+    def latest(self, key: str, verify: bool = False) -> CheckpointInfo | None:
+        """Newest committed checkpoint whose manifest decodes (and, with verify, whose chunks verify)."""
+        for seq, name in sorted(self._committed(key).items(), reverse=True):
+            try:
+                m = self._load(key, name)
+            except (ManifestCorrupt, CheckpointNotFound) as e:
+                log.warning("checkpoint %r seq %d unusable, trying an older one: %s", key, seq, e)
+                continue
+            if verify:
+                problems = self._verify_manifests([m], set())
+                if problems:
+                    log.warning(
+                        "checkpoint %r seq %d fails verification, trying an older one: %s",
+                        key,
+                        seq,
+                        "; ".join(problems),
+                    )
+                    continue
+            return m.info(name)
+        return None
+
+    # ------------------------------------------------------------------ put
+    def put(
+        self, key: str, src_dir: Path, metadata: dict[str, Any] | None = None, progress: Progress | None = None
+    ) -> CheckpointInfo:
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise StoreError(f"put {key!r}: {src} is not a directory")
+        nonce = secrets.token_hex(6)
+        with PutLock(self.backend, nonce, self.lock_stale):
+            committed = self._committed(key)
+            known: set[str] = set()
+            if committed:
+                # Chunks of the newest checkpoint exist (GC cannot run while we hold the put lock).
+                try:
+                    known = self._load(key, committed[max(committed)]).chunk_digests()
+                except (ManifestCorrupt, CheckpointNotFound) as e:
+                    log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
+            entries = scan_tree(src)
+            stats = self._upload(src, entries, known, progress)
+            manifest = Manifest(
+                key=key,
+                seq=0,
+                parent=None,
+                created=time.time(),
+                chunker=self.chunker.describe(),
+                metadata=dict(metadata or {}),
+                entries=entries,
+                stats=stats,
+            )
+            info = self._commit(manifest, nonce)
+        log.info(
+            "put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new)",
+            key,
+            info.seq,
+            info.files,
+            info.bytes_read,
+            info.bytes_uploaded,
+            info.chunks_new,
+            info.chunks_total,
+        )
+        return info
+
+    def _upload(
+        self, src: Path, entries: list[dict[str, Any]], known: set[str], progress: Progress | None
+    ) -> dict[str, int]:
+        files = [e for e in entries if e["type"] == "file"]
+        counter = _Counter(sum(e["size"] for e in files), progress)
+        stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
+        lock = threading.Lock()
+        inflight: dict[str, threading.Event] = {}
+        slots = threading.BoundedSemaphore(self.max_inflight)
+        backend = self.backend
+
+        abort = threading.Event()  # first failure stops the rest quickly (no retry storm)
+
+        def store_chunk(fd: int, off: int, length: int) -> str:
+            try:
+                if abort.is_set():
+                    raise _Aborted
+                data = os.pread(fd, length, off)
+                if len(data) != length:
+                    raise StoreError(f"short read at {off} (file changed during put?)")
+                if chunking.is_zero(data):
+                    return ZERO
+                digest = blake3.blake3(data, max_threads=1).hexdigest()
+                with lock:
+                    if digest in known:
+                        return digest
+                    ev = inflight.get(digest)
+                    owner = ev is None
+                    if owner:
+                        ev = inflight[digest] = threading.Event()
+                if not owner:
+                    ev.wait()
+                    return digest
+                try:
+                    uploaded = 0
+                    if not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
+                        blob = chunking.encode_chunk(data, self.level)
+                        backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
+                        uploaded = len(blob)
+                    with lock:
+                        known.add(digest)
+                        if uploaded:
+                            stats["bytes_uploaded"] += uploaded
+                            stats["chunks_new"] += 1
+                finally:
+                    with lock:
+                        del inflight[digest]
+                    ev.set()
+                return digest
+            except _Aborted:
+                raise
+            except BaseException:
+                abort.set()
+                raise
+            finally:
+                slots.release()
+                counter.add(length)
+
+        open_files: deque[tuple[int, list[tuple[list[Any], Future[str]]]]] = deque()
+        failed: list[BaseException] = []
+
+        def finish(fd: int, pending: list[tuple[list[Any], Future[str]]]) -> None:
+            try:
+                for ref, fut in pending:
+                    try:
+                        ref[2] = fut.result()
+                    except _Aborted:
+                        pass
+                    except BaseException as e:  # collect, re-raise the first after draining
+                        failed.append(e)
+            finally:
+                os.close(fd)
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-put") as pool:
+            try:
+                for e in files:
+                    if abort.is_set():
+                        break
+                    fd = os.open(src / e["path"], os.O_RDONLY)
+                    pending: list[tuple[list[Any], Future[str]]] = []
+                    open_files.append((fd, pending))
+                    data_bytes = 0
+                    for ext_off, ext_len in data_extents(fd, e["size"]):
+                        data_bytes += ext_len
+                        for off, length in self._cuts(fd, ext_off, ext_len):
+                            if abort.is_set():
+                                break
+                            slots.acquire()
+                            ref: list[Any] = [off, length, None]
+                            e["chunks"].append(ref)
+                            pending.append((ref, pool.submit(store_chunk, fd, off, length)))
+                            stats["bytes_read"] += length
+                            stats["chunks_total"] += 1
+                    counter.add(e["size"] - data_bytes)  # holes count as done: progress ends at 100%
+                    while len(open_files) > 32:
+                        finish(*open_files.popleft())
+            finally:
+                while open_files:
+                    finish(*open_files.popleft())
+        if failed:
+            raise failed[0]
+        return stats
+
+    def _cuts(self, fd: int, ext_off: int, ext_len: int):
+        if self.chunker.kind == "fixed":
+            # Boundaries on absolute multiples of the size, so extents split the same way every time.
+            size = self.chunker.size
+            off, end = ext_off, ext_off + ext_len
+            while off < end:
+                nxt = min((off // size + 1) * size, end)
+                yield off, nxt - off
+                off = nxt
+            return
+        # Content-defined: cut an mmap of the extent in windows; bounded memory (page cache only).
+        window = max(64 << 20, self.chunker.size * 16)
+        pos = ext_off
+        end = ext_off + ext_len
+        while pos < end:
+            wstart = pos - pos % mmap.ALLOCATIONGRANULARITY
+            wlen = min(window, end - wstart)
+            with mmap.mmap(fd, wlen, access=mmap.ACCESS_READ, offset=wstart) as mm:
+                view = memoryview(mm)[pos - wstart :]
+                vlen = len(view)
+                last_full = wstart + wlen >= end
+                cuts = list(self.chunker.cuts(view))
+                view.release()
+            consumed = 0
+            for off, length in cuts:
+                # The last chunk of a window is provisional unless the window reaches the end.
+                if not last_full and off + length == vlen:
+                    break
+                yield pos + off, length
+                consumed = off + length
+            if consumed == 0:
+                consumed = vlen  # pathological: no cut in a whole window
+            pos += consumed
+
+    def _commit(self, manifest: Manifest, nonce: str) -> CheckpointInfo:
+        """Write the manifest last; resolve a race with another writer of the same key."""
+        key = manifest.key
+        digests = manifest.chunk_digests()
+        old_name: str | None = None
+        for _attempt in range(50):
+            names = self._names(key).get(key, {})
+            winners = {s: n[0] for s, n in names.items()}
+            manifest.seq = max(names, default=0) + 1
+            manifest.parent = max((s for s in winners if winners[s] != old_name), default=None)
+            name = manifest_name(manifest.seq, nonce)
+            data = manifest.encode()
+            self.backend.retry("write manifest", lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
+            if old_name:
+                self.backend.retry(
+                    "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
+                )
+            others = [n for n in self._names(key).get(key, {}).get(manifest.seq, []) if n != name]
+            if not others:
+                self.backend.manifests_changed(key)
+                return manifest.info(name)
+            # Another writer took this seq: whoever sees the clash moves up (the other may have returned).
+            log.info("put %r: seq %d taken concurrently by %s, moving up", key, manifest.seq, others)
+            old_name = name
+            time.sleep(secrets.randbelow(100) / 1000)
+        raise StoreError(f"put {key!r}: could not commit after 50 attempts (too many concurrent writers)")
+
+    # ------------------------------------------------------------------ get
+    def get(
+        self, key: str, dest_dir: Path, seq: int | None = None, fallback: bool = True, progress: Progress | None = None
+    ) -> CheckpointInfo:
+        committed = self._committed(key)
+        if seq is not None:
+            if seq not in committed:
+                raise CheckpointNotFound(f"no checkpoint {key!r} seq {seq} in {self.url}")
+            order = [seq]
+        else:
+            order = sorted(committed, reverse=True)
+            if not fallback:
+                order = order[:1]
+        if not order:
+            raise CheckpointNotFound(f"no committed checkpoint for {key!r} in {self.url}")
+        errors: list[str] = []
+        last: StoreError | None = None
+        for s in order:
+            try:
+                m = self._load(key, committed[s])
+                self._restore(m, Path(dest_dir), progress)
+                if errors:
+                    log.warning(
+                        "restored %r from OLDER checkpoint seq %d because newer ones are damaged: %s",
+                        key,
+                        s,
+                        "; ".join(errors),
+                    )
+                return m.info(committed[s])
+            except (ChunkCorrupt, ManifestCorrupt, CheckpointNotFound) as e:
+                last = e
+                errors.append(f"seq {s}: {e}")
+                if s != order[-1]:
+                    log.warning("checkpoint %r seq %d is damaged, falling back: %s", key, s, e)
+        assert last is not None
+        if len(errors) == 1:
+            raise last
+        raise StoreError(f"no usable checkpoint for {key!r}: " + "; ".join(errors)) from last
+
+    def _restore(self, m: Manifest, dest: Path, progress: Progress | None) -> None:
+        if dest.exists() and any(dest.iterdir()):
+            raise StoreError(f"restore destination {dest} is not empty")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            self._materialize(m, tmp, progress)
+            if dest.exists():
+                dest.rmdir()
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _materialize(self, m: Manifest, root: Path, progress: Progress | None) -> None:
+        files = [e for e in m.entries if e["type"] == "file"]
+        counter = _Counter(sum(c[1] for e in files for c in e["chunks"]), progress)
+        slots = threading.BoundedSemaphore(self.max_inflight)
+        is_root = os.geteuid() == 0
+
+        def fetch(fd: int, off: int, length: int, digest: str, where: str) -> None:
+            try:
+                if digest == ZERO:
+                    return  # a hole: ftruncate already made it read as zeros
+                data = self._fetch_verified(digest, length, where)
+                view = memoryview(data)
+                pos = off
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    view, pos = view[n:], pos + n
+            finally:
+                slots.release()
+                counter.add(length)
+
+        for e in m.entries:
+            p = root / e["path"]
+            if e["type"] == "dir":
+                p.mkdir(exist_ok=True)
+            elif e["type"] == "symlink":
+                os.symlink(e["target"], p)
+        fds: list[int] = []
+        futures: list[Future[None]] = []
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-get") as pool:
+                for e in files:
+                    fd = os.open(root / e["path"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    fds.append(fd)
+                    os.ftruncate(fd, e["size"])
+                    for off, length, digest in e["chunks"]:
+                        if futures and futures[0].done():
+                            futures.pop(0).result()
+                        slots.acquire()
+                        where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {off}"
+                        futures.append(pool.submit(fetch, fd, off, length, digest, where))
+                for f in futures:
+                    f.result()
+        finally:
+            for fd in fds:
+                os.close(fd)
+        # Metadata last, deepest first, so writing children does not disturb parents' mtimes.
+        for e in sorted(m.entries, key=lambda e: e["path"].count("/"), reverse=True):
+            apply_metadata(root / e["path"], e, is_root)
+
+    def _fetch_verified(self, digest: str, length: int, where: str) -> bytes:
+        try:
+            blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
+        except NotFound:
+            raise ChunkCorrupt(digest, "is missing", where) from None
+        try:
+            data = chunking.decode_chunk(blob, length)
+        except Exception as e:
+            raise ChunkCorrupt(digest, f"cannot be decoded: {e}", where) from e
+        if len(data) != length or blake3.blake3(data, max_threads=1).hexdigest() != digest:
+            raise ChunkCorrupt(digest, "does not match its digest (damaged)", where)
+        return data
+
+    # ------------------------------------------------------------------ verify
+    def verify(self, key: str | None = None) -> list[str]:
+        problems: list[str] = []
+        manifests: list[Manifest] = []
+        for k, seqs in sorted(self._names(key).items()):
+            for seq, names in sorted(seqs.items()):
+                try:
+                    manifests.append(self._load(k, names[0]))
+                except (ManifestCorrupt, CheckpointNotFound) as e:
+                    problems.append(f"{k!r} seq {seq}: {e}")
+        problems += self._verify_manifests(manifests, set())
+        return problems
+
+    def _verify_manifests(self, manifests: list[Manifest], checked: set[str]) -> list[str]:
+        problems: list[str] = []
+        bad: dict[str, str] = {}
+        todo: dict[str, tuple[int, str]] = {}
+        for m in manifests:
+            for e in m.entries:
+                if e["type"] != "file":
+                    continue
+                for off, length, digest in e["chunks"]:
+                    if digest != ZERO and digest not in checked and digest not in todo:
+                        todo[digest] = (length, f"file {e['path']} offset {off}")
+
+        def check(digest: str) -> None:
+            length, where = todo[digest]
+            try:
+                self._fetch_verified(digest, length, where)
+            except ChunkCorrupt as e:
+                bad[digest] = e.detail
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-verify") as pool:
+            for f in [pool.submit(check, d) for d in todo]:
+                f.result()
+        checked.update(todo)
+        for m in manifests:
+            for e in m.entries:
+                if e["type"] != "file":
+                    continue
+                for off, _length, digest in e["chunks"]:
+                    if digest in bad:
+                        problems.append(
+                            f"{m.key!r} seq {m.seq}: chunk {digest} {bad[digest]} (file {e['path']} offset {off})"
+                        )
+        return problems
+
+    # ------------------------------------------------------------------ retention
+    def delete(self, key: str, seq: int) -> None:
+        names = self._names(key).get(key, {}).get(seq)
+        if not names:
+            raise CheckpointNotFound(f"no checkpoint {key!r} seq {seq} in {self.url}")
+        for n in names:
+            self.backend.retry("delete manifest", lambda n=n: self.backend.delete_manifest(key, n))
+        self.backend.manifests_changed(key)
+
+    def prune(self, key: str, keep: int) -> list[int]:
+        """Delete all but the newest `keep` checkpoints of key; returns the deleted seqs."""
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        seqs = sorted(self._committed(key), reverse=True)[keep:]
+        for s in seqs:
+            self.delete(key, s)
+        return seqs
+
+    def gc(self, grace_seconds: float = 3600.0) -> dict[str, Any]:
+        """Delete chunks no manifest references and older than grace_seconds (mark and sweep).
+
+        Runs only while no put holds a live lock; otherwise returns {"skipped": reason}.
+        """
+        nonce = secrets.token_hex(6)
+        lock = f"gc-{nonce}"
+        b = self.backend
+        from .locks import _lock_body
+
+        b.retry("write lock", lambda: b.put_lock(lock, _lock_body()))
+        try:
+            puts = live_locks(b, "put-", self.lock_stale)
+            if puts:
+                return {"skipped": f"writers active: {', '.join(puts)}", "chunks_deleted": 0}
+            referenced: set[str] = set()
+            manifests = 0
+            unreadable = []
+            for k, seqs in self._names(None).items():
+                for names in seqs.values():
+                    for n in names:
+                        try:
+                            referenced |= self._load(k, n).chunk_digests()
+                            manifests += 1
+                        except (ManifestCorrupt, CheckpointNotFound) as e:
+                            unreadable.append(str(e))
+            listing = b.list_chunks()
+            stats: dict[str, Any] = {
+                "manifests": manifests,
+                "chunks_referenced": len(referenced),
+                "chunks_deleted": 0,
+                "unreadable_manifests": unreadable,
+            }
+            if listing is None:
+                stats["note"] = (
+                    "this backend cannot list blobs; unreferenced blobs are removed by the "
+                    "server's own garbage collection"
+                )
+                return stats
+            cutoff = time.time() - grace_seconds
+            for digest, mtime in list(listing):
+                if digest not in referenced and mtime < cutoff:
+                    b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
+                    stats["chunks_deleted"] += 1
+            return stats
+        finally:
+            try:
+                b.retry("remove lock", lambda: b.delete_lock(lock))
+            except StoreError as e:
+                log.warning("could not remove lock %s: %s", lock, e)
+
+
+__all__ = ["BackendUnavailable", "Store"]

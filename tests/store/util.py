@@ -1,0 +1,137 @@
+"""Helpers for store tests: building trees, comparing them, damaging stored objects per backend."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import stat
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from snapshotter.store import Store
+from snapshotter.store.backends.local import LocalBackend
+from snapshotter.store.backends.oci import OCIBackend
+from snapshotter.store.backends.s3 import S3Backend
+from snapshotter.store.keys import encode_key, tag_prefix
+
+MIB = 1 << 20
+
+
+def make_tree(root: Path, seed: int, big_mib: int = 4) -> Path:
+    """A CRIU-like directory: a page image (half random, half repetitive), small files, odd files."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    half = big_mib * MIB // 2
+    pages = rng.randbytes(half) + (b"repetitive-page-%08d\n" % seed) * (half // 26) + bytes(half % 26)
+    (root / "pages-1.img").write_bytes(pages)
+    (root / "core-1.img").write_bytes(rng.randbytes(1900))
+    (root / "empty.img").write_bytes(b"")
+    (root / "one-byte").write_bytes(b"x")
+    sub = root / "rootfs-diff" / "etc"
+    sub.mkdir(parents=True)
+    (sub / "config").write_text(f"seed={seed}\n")
+    os.chmod(sub / "config", 0o640)
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(root / "run.sh", 0o751)
+    (root / "emptydir").mkdir()
+    os.symlink("rootfs-diff/etc/config", root / "link")
+    with open(root / "sparse.img", "wb") as f:  # 64 MiB apparent, 2 small data islands
+        f.truncate(64 * MIB)
+        f.seek(10 * MIB + 123)
+        f.write(rng.randbytes(5000))
+        f.seek(64 * MIB - 3)
+        f.write(b"end")
+    return root
+
+
+def mutate(path: Path, fraction: float, seed: int, run_pages: int = 16) -> None:
+    """Overwrite `fraction` of the 4 KiB pages of a file in place, in runs of run_pages pages."""
+    rng = random.Random(seed)
+    size = path.stat().st_size
+    npages = size // 4096
+    runs = max(1, int(npages * fraction) // run_pages)
+    with open(path, "r+b") as f:
+        for start in rng.sample(range(npages // run_pages), runs):
+            f.seek(start * run_pages * 4096)
+            f.write(rng.randbytes(run_pages * 4096))
+
+
+def tree_digest(root: Path) -> dict[str, tuple]:
+    """path -> (type, mode, content hash or link target), for comparing restored trees."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                h = hashlib.sha256()
+                with open(p, "rb") as f:
+                    while b := f.read(MIB):
+                        h.update(b)
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_size, h.hexdigest())
+    return out
+
+
+def newest_name(store: Store, key: str) -> str:
+    committed = store._committed(key)
+    return committed[max(committed)]
+
+
+def chunks_only_in(store: Store, key: str, name: str, other: str) -> list[str]:
+    return sorted(store._load(key, name).chunk_digests() - store._load(key, other).chunk_digests())
+
+
+def corrupt_chunk(store: Store, server, digest: str) -> None:
+    """Flip one byte in the middle of a stored chunk, behind the store's back."""
+    b = store.backend
+    if isinstance(b, LocalBackend):
+        p = b._chunk_path(digest)
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    elif isinstance(b, S3Backend):
+        key = f"{b.prefix}chunks/{digest[:2]}/{digest}"
+        data = bytearray(b.s3.get_object(Bucket=b.bucket, Key=key)["Body"].read())
+        data[len(data) // 2] ^= 0xFF
+        b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(data))
+    elif isinstance(b, OCIBackend):
+        sha = b._locate(digest)[0].split(":", 1)[1]
+        p = server.server.root / "data" / "docker/registry/v2/blobs/sha256" / sha[:2] / sha / "data"
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        p.write_bytes(bytes(data))
+    else:
+        raise AssertionError(b)
+
+
+def truncate_manifest(store: Store, key: str, name: str) -> None:
+    b = store.backend
+    if isinstance(b, LocalBackend):
+        p = b.root / "manifests" / encode_key(key) / name
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif isinstance(b, S3Backend):
+        k = f"{b.prefix}manifests/{encode_key(key)}/{name}"
+        data = b.s3.get_object(Bucket=b.bucket, Key=k)["Body"].read()
+        b.s3.put_object(Bucket=b.bucket, Key=k, Body=data[: len(data) // 2])
+    elif isinstance(b, OCIBackend):
+        # Registry blobs are immutable and digest-checked: re-point the tag at a truncated manifest blob.
+        tag = tag_prefix(key) + name
+        doc, _digest, _raw = b._get_manifest_doc(tag)
+        blob = b._get_blob(doc["layers"][0]["digest"])
+        cut = blob[: len(blob) // 2]
+        doc["layers"][0] = {**doc["layers"][0], "digest": b._upload_blob(cut), "size": len(cut)}
+        b._put_manifest_doc(tag, json.dumps(doc).encode())
+    else:
+        raise AssertionError(b)
+
+
+def s3_bucket_prefix(url: str) -> tuple[str, str, str]:
+    u = urlsplit(url)
+    return u.netloc, u.path.strip("/"), parse_qs(u.query)["endpoint"][0]
