@@ -59,8 +59,10 @@ def main(argv: list[str]) -> None:
             new = sum(ln for dg, ln in second.items() if dg not in first)
             mbps = (sum(f.stat().st_size for f in d1.iterdir()) + total2) / (t1 + t2) / 1e6
             pct = 100 * new / total2
-            print(f"| {d1.parent.name} | {name} | {len(first)} | {new / 1e6:.1f} MB | {pct:.1f}% "
-                  f"| {mbps:.0f} |", flush=True)
+            print(
+                f"| {d1.parent.name} | {name} | {len(first)} | {new / 1e6:.1f} MB | {pct:.1f}% | {mbps:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

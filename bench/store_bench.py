@@ -96,27 +96,49 @@ def main(argv: list[str] | None = None) -> int:
         tar_size = (work / "base.tar.zst").stat().st_size
         store = open_store(f"file://{work}/store", **opts)
         t_put, info1 = timed(lambda: store.put("bench/job/main", dump))
-        rows.append(("put (local) vs tar|zstd -1 -T0", f"{t_put:.2f} s ({mb / t_put:.0f} MB/s)",
-                     f"{t_tar:.2f} s ({mb / t_tar:.0f} MB/s)", f"{t_put / t_tar:.2f}x (target <= 1.25x)"))
-        rows.append(("stored bytes", f"{info1.bytes_uploaded / 1e6:.0f} MB", f"{tar_size / 1e6:.0f} MB",
-                     f"{info1.bytes_uploaded / tar_size:.2f}x"))
+        rows.append(
+            (
+                "put (local) vs tar|zstd -1 -T0",
+                f"{t_put:.2f} s ({mb / t_put:.0f} MB/s)",
+                f"{t_tar:.2f} s ({mb / t_tar:.0f} MB/s)",
+                f"{t_put / t_tar:.2f}x (target <= 1.25x)",
+            )
+        )
+        rows.append(
+            (
+                "stored bytes",
+                f"{info1.bytes_uploaded / 1e6:.0f} MB",
+                f"{tar_size / 1e6:.0f} MB",
+                f"{info1.bytes_uploaded / tar_size:.2f}x",
+            )
+        )
 
         changed = mutate(dump / "pages-1.img", 0.05, args.run_pages)
         t_put2, info2 = timed(lambda: store.put("bench/job/main", dump))
         what = f"second put after 5% pages changed ({changed / 1e6:.0f} MB in {args.run_pages}-page runs)"
-        rows.append((what,
-                     f"{info2.bytes_uploaded / 1e6:.1f} MB uploaded in {t_put2:.2f} s",
-                     f"{info1.bytes_uploaded / 1e6:.0f} MB (first put)",
-                     f"{100 * info2.bytes_uploaded / info1.bytes_uploaded:.1f}% (target <= 8%; "
-                     f"floor {100 * changed / info1.bytes_uploaded:.1f}%: the rewritten pages are random)"))
+        rows.append(
+            (
+                what,
+                f"{info2.bytes_uploaded / 1e6:.1f} MB uploaded in {t_put2:.2f} s",
+                f"{info1.bytes_uploaded / 1e6:.0f} MB (first put)",
+                f"{100 * info2.bytes_uploaded / info1.bytes_uploaded:.1f}% (target <= 8%; "
+                f"floor {100 * changed / info1.bytes_uploaded:.1f}%: the rewritten pages are random)",
+            )
+        )
 
         sh("sync")
-        t_untar, _ = timed(lambda: sh(
-            f"mkdir {work}/untar && zstd -d -c -q {work}/base.tar.zst | tar -C {work}/untar -xf -"))
+        t_untar, _ = timed(
+            lambda: sh(f"mkdir {work}/untar && zstd -d -c -q {work}/base.tar.zst | tar -C {work}/untar -xf -")
+        )
         t_get, _ = timed(lambda: store.get("bench/job/main", work / "restored"))
-        rows.append(("get+verify (local) vs zstd -d|tar -x", f"{t_get:.2f} s ({mb / t_get:.0f} MB/s)",
-                     f"{t_untar:.2f} s ({mb / t_untar:.0f} MB/s)",
-                     f"{t_get / t_untar:.2f}x (target <= 1.25x)"))
+        rows.append(
+            (
+                "get+verify (local) vs zstd -d|tar -x",
+                f"{t_get:.2f} s ({mb / t_get:.0f} MB/s)",
+                f"{t_untar:.2f} s ({mb / t_untar:.0f} MB/s)",
+                f"{t_get / t_untar:.2f}x (target <= 1.25x)",
+            )
+        )
         shutil.rmtree(work / "restored")
         shutil.rmtree(work / "untar")
         store.close()
@@ -126,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nrevenant store benchmark: {total / MIB:.0f} MiB dump, chunker "
-          f"{(opts.get('chunker') or Chunker()).describe()}, {os.cpu_count()} CPUs\n")
+    print(
+        f"\nrevenant store benchmark: {total / MIB:.0f} MiB dump, chunker "
+        f"{(opts.get('chunker') or Chunker()).describe()}, {os.cpu_count()} CPUs\n"
+    )
     print("| step | revenant | baseline | ratio |")
     print("|---|---|---|---|")
     for r in rows:
@@ -156,9 +180,12 @@ def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tupl
         t_get, _ = timed(lambda: store.get("bench/job/main", work / f"restored-{backend}"))
         store.close()
         shutil.rmtree(work / f"restored-{backend}")
-        return (f"{backend} put / get ({info.bytes_uploaded / 1e6:.0f} MB stored)",
-                f"put {t_put:.2f} s ({mb / t_put:.0f} MB/s)",
-                f"get {t_get:.2f} s ({mb / t_get:.0f} MB/s)", "")
+        return (
+            f"{backend} put / get ({info.bytes_uploaded / 1e6:.0f} MB stored)",
+            f"put {t_put:.2f} s ({mb / t_put:.0f} MB/s)",
+            f"get {t_get:.2f} s ({mb / t_get:.0f} MB/s)",
+            "",
+        )
     finally:
         if backend == "s3":
             srv.shutdown()

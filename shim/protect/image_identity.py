@@ -18,6 +18,21 @@ GRPC_NAMESPACE_KEY = "containerd-namespace"
 class ImageIdentity:
     name: str
     digest: str  # the image's target (manifest or index) digest; "" when containerd has no image record
+    base: str = ""  # parent (chain ID) of the container's rootfs snapshot: what the writable layer sits on
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "digest": self.digest, "base": self.base}
+
+    def differs_from(self, recorded: dict[str, str] | None) -> str | None:
+        """Why a checkpoint taken on `recorded` must not be restored onto this image, or None."""
+        if not recorded:
+            return None
+        for field_name in ("digest", "base"):
+            was, now = recorded.get(field_name, ""), getattr(self, field_name)
+            if was and now and was != now:
+                return (f"the image differs from the checkpoint's ({field_name} {was} at checkpoint, "
+                        f"{now} now; image {recorded.get('name', '?')} -> {self.name})")
+        return None
 
 
 def image_of(grpc_address: str, namespace: str, container_id: str, timeout: float = 10.0) -> ImageIdentity | None:
@@ -26,6 +41,7 @@ def image_of(grpc_address: str, namespace: str, container_id: str, timeout: floa
 
     from revenant_pb.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
     from revenant_pb.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+    from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 
     target = grpc_address if grpc_address.startswith("unix:") else f"unix://{grpc_address}"
     metadata = ((GRPC_NAMESPACE_KEY, namespace),)
@@ -34,17 +50,22 @@ def image_of(grpc_address: str, namespace: str, container_id: str, timeout: floa
             container = containers_pb2_grpc.ContainersStub(channel).Get(
                 containers_pb2.GetContainerRequest(id=container_id), metadata=metadata, timeout=timeout
             ).container
-            if not container.image:
-                return ImageIdentity("", "")
-            try:
-                image = images_pb2_grpc.ImagesStub(channel).Get(
-                    images_pb2.GetImageRequest(name=container.image), metadata=metadata, timeout=timeout
-                ).image
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:
-                    return ImageIdentity(container.image, "")
-                raise
-            return ImageIdentity(container.image, image.target.digest)
+            base = ""
+            if container.snapshotter and container.snapshot_key:
+                base = snapshots_pb2_grpc.SnapshotsStub(channel).Stat(
+                    snapshots_pb2.StatSnapshotRequest(snapshotter=container.snapshotter, key=container.snapshot_key),
+                    metadata=metadata, timeout=timeout,
+                ).info.parent
+            digest = ""
+            if container.image:
+                try:
+                    digest = images_pb2_grpc.ImagesStub(channel).Get(
+                        images_pb2.GetImageRequest(name=container.image), metadata=metadata, timeout=timeout
+                    ).image.target.digest
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+            return ImageIdentity(container.image, digest, base)
     except grpc.RpcError as e:
         log.warning("cannot ask containerd at %s which image %s runs: %s", grpc_address, container_id, e.details())
         return None

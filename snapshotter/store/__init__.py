@@ -1,8 +1,8 @@
 """Content-addressed, deduplicated, compressed and verified checkpoint store.
 
-    store = open_store("file:///var/lib/revenant/store")
-    info = store.put("default/mypod/main", Path("/scratch/ckpt"), metadata={...})
-    store.get("default/mypod/main", Path("/restore/here"))
+store = open_store("file:///var/lib/revenant/store")
+info = store.put("default/mypod/main", Path("/scratch/ckpt"), metadata={...})
+store.get("default/mypod/main", Path("/restore/here"))
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ def open_store(url: str, **options: object) -> Store:
 
 
 __all__ = [
-    "BackendUnavailable", "CheckpointInfo", "CheckpointNotFound", "ChunkCorrupt", "Chunker",
-    "ManifestCorrupt", "Store", "StoreError", "open_store",
+    "BackendUnavailable",
+    "CheckpointInfo",
+    "CheckpointNotFound",
+    "ChunkCorrupt",
+    "Chunker",
+    "ManifestCorrupt",
+    "Store",
+    "StoreError",
+    "open_store",
 ]

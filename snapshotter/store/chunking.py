@@ -56,8 +56,6 @@ class Chunker:
         return cls(kind or DEFAULT_KIND, int(size) if size else DEFAULT_CHUNK_SIZE)
 
 
-
-
 def encode_chunk(data: bytes | memoryview, level: int = 1) -> bytes:
     """One type byte then the payload: zstd when it saves space, raw otherwise."""
     comp = _compressor(level).compress(data)

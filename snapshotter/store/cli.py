@@ -58,9 +58,12 @@ def cmd_put(args: argparse.Namespace) -> int:
     with _open(args) as store:
         info = store.put(args.key, Path(args.dir), metadata=metadata, progress=bar)
     bar.close()
-    _emit(args, info.to_dict(),
-          f"seq {info.seq}  read {info.bytes_read} bytes  uploaded {info.bytes_uploaded} bytes  "
-          f"dedup ratio {info.dedup_ratio:.2f}  chunks {info.chunks_new}/{info.chunks_total} new")
+    _emit(
+        args,
+        info.to_dict(),
+        f"seq {info.seq}  read {info.bytes_read} bytes  uploaded {info.bytes_uploaded} bytes  "
+        f"dedup ratio {info.dedup_ratio:.2f}  chunks {info.chunks_new}/{info.chunks_total} new",
+    )
     return 0
 
 
@@ -82,16 +85,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{'KEY':<40} {'SEQ':>5} {'PARENT':>6} {'CREATED':<20} {'FILES':>6} {'BYTES':>14} {'UPLOADED':>14}")
     for i in infos:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created))
-        print(f"{i.key:<40} {i.seq:>5} {i.parent if i.parent is not None else '-':>6} {created:<20} "
-              f"{i.files:>6} {i.bytes_read:>14} {i.bytes_uploaded:>14}")
+        print(
+            f"{i.key:<40} {i.seq:>5} {i.parent if i.parent is not None else '-':>6} {created:<20} "
+            f"{i.files:>6} {i.bytes_read:>14} {i.bytes_uploaded:>14}"
+        )
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args) as store:
         problems = store.verify(args.key)
-    _emit(args, {"ok": not problems, "problems": problems},
-          "\n".join(problems) if problems else "ok: every checkpoint and chunk verified")
+    _emit(
+        args,
+        {"ok": not problems, "problems": problems},
+        "\n".join(problems) if problems else "ok: every checkpoint and chunk verified",
+    )
     return 1 if problems else 0
 
 
@@ -110,13 +118,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def _wrap(fn):
     def run(args: argparse.Namespace) -> int:
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         try:
             return fn(args)
         except (StoreError, ValueError, OSError) as e:
             print(f"revenant store {args.store_command}: error: {e}", file=sys.stderr)
             return 1
+
     return run
 
 
@@ -159,6 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common(sp)
     sp.add_argument("--key", help="prune only this key")
     sp.add_argument("--keep", type=int, help="keep the newest N checkpoints per key")
-    sp.add_argument("--grace", type=float, default=3600.0,
-                    help="only delete chunks older than this many seconds (default 3600)")
+    sp.add_argument(
+        "--grace", type=float, default=3600.0, help="only delete chunks older than this many seconds (default 3600)"
+    )
     sp.set_defaults(func=_wrap(cmd_gc))

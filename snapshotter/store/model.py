@@ -38,10 +38,17 @@ class CheckpointInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "key": self.key, "seq": self.seq, "parent": self.parent, "created": self.created,
-            "files": self.files, "bytes_read": self.bytes_read, "bytes_uploaded": self.bytes_uploaded,
-            "chunks_total": self.chunks_total, "chunks_new": self.chunks_new,
-            "dedup_ratio": round(self.dedup_ratio, 3), "metadata": self.metadata,
+            "key": self.key,
+            "seq": self.seq,
+            "parent": self.parent,
+            "created": self.created,
+            "files": self.files,
+            "bytes_read": self.bytes_read,
+            "bytes_uploaded": self.bytes_uploaded,
+            "chunks_total": self.chunks_total,
+            "chunks_new": self.chunks_new,
+            "dedup_ratio": round(self.dedup_ratio, 3),
+            "metadata": self.metadata,
         }
 
 
@@ -61,11 +68,17 @@ class Manifest:
     def info(self, name: str = "") -> CheckpointInfo:
         s = self.stats
         return CheckpointInfo(
-            key=self.key, seq=self.seq, parent=self.parent, created=self.created,
+            key=self.key,
+            seq=self.seq,
+            parent=self.parent,
+            created=self.created,
             files=sum(1 for e in self.entries if e["type"] == "file"),
-            bytes_read=s.get("bytes_read", 0), bytes_uploaded=s.get("bytes_uploaded", 0),
-            chunks_total=s.get("chunks_total", 0), chunks_new=s.get("chunks_new", 0),
-            metadata=self.metadata, name=name,
+            bytes_read=s.get("bytes_read", 0),
+            bytes_uploaded=s.get("bytes_uploaded", 0),
+            chunks_total=s.get("chunks_total", 0),
+            chunks_new=s.get("chunks_new", 0),
+            metadata=self.metadata,
+            name=name,
         )
 
     def chunk_digests(self) -> set[str]:
@@ -73,9 +86,15 @@ class Manifest:
 
     def encode(self) -> bytes:
         doc = {
-            "format": FORMAT, "key": self.key, "seq": self.seq, "parent": self.parent,
-            "created": self.created, "chunker": self.chunker, "metadata": self.metadata,
-            "stats": self.stats, "entries": self.entries,
+            "format": FORMAT,
+            "key": self.key,
+            "seq": self.seq,
+            "parent": self.parent,
+            "created": self.created,
+            "chunker": self.chunker,
+            "metadata": self.metadata,
+            "stats": self.stats,
+            "entries": self.entries,
         }
         payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":")).encode())
         return _MAGIC + blake3.blake3(payload).hexdigest().encode() + b"\n" + payload
@@ -95,8 +114,14 @@ class Manifest:
         if doc.get("format") != FORMAT:
             raise ManifestCorrupt(f"{what} has unknown format {doc.get('format')!r}")
         return cls(
-            key=doc["key"], seq=doc["seq"], parent=doc["parent"], created=doc["created"],
-            chunker=doc["chunker"], metadata=doc["metadata"], entries=doc["entries"], stats=doc["stats"],
+            key=doc["key"],
+            seq=doc["seq"],
+            parent=doc["parent"],
+            created=doc["created"],
+            chunker=doc["chunker"],
+            metadata=doc["metadata"],
+            entries=doc["entries"],
+            stats=doc["stats"],
         )
 
 

@@ -49,8 +49,15 @@ class _Counter:
 
 
 class Store:
-    def __init__(self, backend: Backend, chunker: Chunker | None = None, workers: int = 8,
-                 level: int = 1, lock_stale: float = 600.0, max_inflight: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        chunker: Chunker | None = None,
+        workers: int = 8,
+        level: int = 1,
+        lock_stale: float = 600.0,
+        max_inflight: int | None = None,
+    ) -> None:
         self.backend = backend
         self.chunker = chunker or Chunker()
         self.workers = workers
@@ -122,15 +129,20 @@ class Store:
             if verify:
                 problems = self._verify_manifests([m], set())
                 if problems:
-                    log.warning("checkpoint %r seq %d fails verification, trying an older one: %s",
-                                key, seq, "; ".join(problems))
+                    log.warning(
+                        "checkpoint %r seq %d fails verification, trying an older one: %s",
+                        key,
+                        seq,
+                        "; ".join(problems),
+                    )
                     continue
             return m.info(name)
         return None
 
     # ------------------------------------------------------------------ put
-    def put(self, key: str, src_dir: Path, metadata: dict[str, Any] | None = None,
-            progress: Progress | None = None) -> CheckpointInfo:
+    def put(
+        self, key: str, src_dir: Path, metadata: dict[str, Any] | None = None, progress: Progress | None = None
+    ) -> CheckpointInfo:
         src = Path(src_dir)
         if not src.is_dir():
             raise StoreError(f"put {key!r}: {src} is not a directory")
@@ -151,20 +163,36 @@ class Store:
                 known |= listing
             entries = scan_tree(src)
             stats = self._upload(src, entries, known, progress, listed=listing is not None)
-            manifest = Manifest(key=key, seq=0, parent=None, created=time.time(),
-                                chunker=self.chunker.describe(), metadata=dict(metadata or {}),
-                                entries=entries, stats=stats)
+            manifest = Manifest(
+                key=key,
+                seq=0,
+                parent=None,
+                created=time.time(),
+                chunker=self.chunker.describe(),
+                metadata=dict(metadata or {}),
+                entries=entries,
+                stats=stats,
+            )
             info = self._commit(manifest, nonce)
-        log.info("put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new)", key, info.seq,
-                 info.files, info.bytes_read, info.bytes_uploaded, info.chunks_new, info.chunks_total)
+        log.info(
+            "put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new)",
+            key,
+            info.seq,
+            info.files,
+            info.bytes_read,
+            info.bytes_uploaded,
+            info.chunks_new,
+            info.chunks_total,
+        )
         return info
 
     def _chunk_names(self) -> set[str] | None:
         listing = self.backend.list_chunks()
         return None if listing is None else {d for d, _mtime in listing}
 
-    def _upload(self, src: Path, entries: list[dict[str, Any]], known: set[str],
-                progress: Progress | None, listed: bool = False) -> dict[str, int]:
+    def _upload(
+        self, src: Path, entries: list[dict[str, Any]], known: set[str], progress: Progress | None, listed: bool = False
+    ) -> dict[str, int]:
         files = [e for e in entries if e["type"] == "file"]
         counter = _Counter(sum(e["size"] for e in files), progress)
         stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
@@ -311,11 +339,11 @@ class Store:
             manifest.parent = max((s for s in winners if winners[s] != old_name), default=None)
             name = manifest_name(manifest.seq, nonce)
             data = manifest.encode()
-            self.backend.retry("write manifest",
-                               lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
+            self.backend.retry("write manifest", lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
             if old_name:
-                self.backend.retry("remove superseded manifest",
-                                   lambda o=old_name: self.backend.delete_manifest(key, o))
+                self.backend.retry(
+                    "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
+                )
             others = [n for n in self._names(key).get(key, {}).get(manifest.seq, []) if n != name]
             if not others:
                 self.backend.manifests_changed(key)
@@ -327,8 +355,9 @@ class Store:
         raise StoreError(f"put {key!r}: could not commit after 50 attempts (too many concurrent writers)")
 
     # ------------------------------------------------------------------ get
-    def get(self, key: str, dest_dir: Path, seq: int | None = None, fallback: bool = True,
-            progress: Progress | None = None) -> CheckpointInfo:
+    def get(
+        self, key: str, dest_dir: Path, seq: int | None = None, fallback: bool = True, progress: Progress | None = None
+    ) -> CheckpointInfo:
         committed = self._committed(key)
         if seq is not None:
             if seq not in committed:
@@ -347,8 +376,12 @@ class Store:
                 m = self._load(key, committed[s])
                 self._restore(m, Path(dest_dir), progress)
                 if errors:
-                    log.warning("restored %r from OLDER checkpoint seq %d because newer ones are damaged: %s",
-                                key, s, "; ".join(errors))
+                    log.warning(
+                        "restored %r from OLDER checkpoint seq %d because newer ones are damaged: %s",
+                        key,
+                        s,
+                        "; ".join(errors),
+                    )
                 return m.info(committed[s])
             except (ChunkCorrupt, ManifestCorrupt, CheckpointNotFound) as e:
                 last = e
@@ -479,8 +512,9 @@ class Store:
                     continue
                 for off, _length, digest in e["chunks"]:
                     if digest in bad:
-                        problems.append(f"{m.key!r} seq {m.seq}: chunk {digest} {bad[digest]} "
-                                        f"(file {e['path']} offset {off})")
+                        problems.append(
+                            f"{m.key!r} seq {m.seq}: chunk {digest} {bad[digest]} (file {e['path']} offset {off})"
+                        )
         return problems
 
     # ------------------------------------------------------------------ retention
@@ -528,11 +562,17 @@ class Store:
                         except (ManifestCorrupt, CheckpointNotFound) as e:
                             unreadable.append(str(e))
             listing = b.list_chunks()
-            stats: dict[str, Any] = {"manifests": manifests, "chunks_referenced": len(referenced),
-                                     "chunks_deleted": 0, "unreadable_manifests": unreadable}
+            stats: dict[str, Any] = {
+                "manifests": manifests,
+                "chunks_referenced": len(referenced),
+                "chunks_deleted": 0,
+                "unreadable_manifests": unreadable,
+            }
             if listing is None:
-                stats["note"] = ("this backend cannot list blobs; unreferenced blobs are removed by the "
-                                 "server's own garbage collection")
+                stats["note"] = (
+                    "this backend cannot list blobs; unreferenced blobs are removed by the "
+                    "server's own garbage collection"
+                )
                 return stats
             cutoff = time.time() - grace_seconds
             for digest, mtime in list(listing):

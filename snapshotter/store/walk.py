@@ -19,8 +19,13 @@ def scan_tree(src: Path) -> list[dict[str, Any]]:
             full = os.path.join(dirpath, name)
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             st = os.lstat(full)
-            base = {"path": rel, "mode": stat.S_IMODE(st.st_mode), "mtime": st.st_mtime,
-                    "uid": st.st_uid, "gid": st.st_gid}
+            base = {
+                "path": rel,
+                "mode": stat.S_IMODE(st.st_mode),
+                "mtime": st.st_mtime,
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+            }
             if stat.S_ISLNK(st.st_mode):
                 entries.append({**base, "type": "symlink", "target": os.readlink(full)})
             elif stat.S_ISDIR(st.st_mode):

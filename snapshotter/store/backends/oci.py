@@ -58,8 +58,7 @@ class OCIBackend(Backend):
         self.repo = repo
         self.mount_from = [r for r in query.get("mount_from", "").split(",") if r]
         self.chunked = int(float(query.get("chunked_mb", "8")) * (1 << 20))
-        self.http = urllib3.PoolManager(maxsize=32, retries=False,
-                                        timeout=urllib3.Timeout(connect=5, read=120))
+        self.http = urllib3.PoolManager(maxsize=32, retries=False, timeout=urllib3.Timeout(connect=5, read=120))
         self._lock = threading.Lock()
         self._blobs: dict[str, tuple[str, int]] = {}  # blake3 -> (sha256 digest, size)
         self._indexed = False
@@ -95,8 +94,7 @@ class OCIBackend(Backend):
             return digest
         loc = None
         for source in self.mount_from:
-            r = self._req("POST", f"/blobs/uploads/?mount={digest}&from={source}", "mount blob",
-                          ok=(201, 202))
+            r = self._req("POST", f"/blobs/uploads/?mount={digest}&from={source}", "mount blob", ok=(201, 202))
             if r.status == 201:
                 return digest
             loc = r.headers["Location"]  # not mounted: the registry opened a normal upload session
@@ -107,16 +105,31 @@ class OCIBackend(Backend):
         if len(data) > self.chunked:
             for start in range(0, len(data), self.chunked):
                 piece = data[start : start + self.chunked]
-                r = self._req("PATCH", loc, "upload piece", ok=(202,), body=piece, headers={
-                    "Content-Type": "application/octet-stream",
-                    "Content-Range": f"{start}-{start + len(piece) - 1}", "Content-Length": str(len(piece))})
+                r = self._req(
+                    "PATCH",
+                    loc,
+                    "upload piece",
+                    ok=(202,),
+                    body=piece,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{start}-{start + len(piece) - 1}",
+                        "Content-Length": str(len(piece)),
+                    },
+                )
                 loc = urljoin(self.base, r.headers["Location"])
             body = b""
         else:
             body = data
         sep = "&" if "?" in loc else "?"
-        self._req("PUT", f"{loc}{sep}digest={digest}", "finish upload", ok=(201,), body=body,
-                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))})
+        self._req(
+            "PUT",
+            f"{loc}{sep}digest={digest}",
+            "finish upload",
+            ok=(201,),
+            body=body,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))},
+        )
         return digest
 
     def _get_blob(self, digest: str) -> bytes:
@@ -144,8 +157,14 @@ class OCIBackend(Backend):
 
     def _put_manifest_doc(self, ref: str, raw: bytes) -> None:
         try:
-            self._req("PUT", f"/manifests/{ref}", f"PUT manifest {ref}", ok=(201,), body=raw,
-                      headers={"Content-Type": MANIFEST_MT})
+            self._req(
+                "PUT",
+                f"/manifests/{ref}",
+                f"PUT manifest {ref}",
+                ok=(201,),
+                body=raw,
+                headers={"Content-Type": MANIFEST_MT},
+            )
         except StoreError as e:
             # Another client committing the same blob at this moment makes the registry briefly see it
             # as unknown or invalid (seen with two writers); the blob is there on the next try.
@@ -155,8 +174,7 @@ class OCIBackend(Backend):
 
     def _delete_ref(self, ref: str) -> None:
         try:
-            r = self._req("HEAD", f"/manifests/{ref}", f"HEAD manifest {ref}",
-                          headers={"Accept": MANIFEST_MT})
+            r = self._req("HEAD", f"/manifests/{ref}", f"HEAD manifest {ref}", headers={"Accept": MANIFEST_MT})
         except NotFound:
             return
         digest = r.headers["Docker-Content-Digest"]
@@ -223,11 +241,16 @@ class OCIBackend(Backend):
             sha, size = self._locate(d)
             layers.append({"mediaType": CHUNK_MT, "digest": sha, "size": size, "annotations": {A_BLAKE3: d}})
         doc = {
-            "schemaVersion": 2, "mediaType": MANIFEST_MT, "artifactType": ARTIFACT_TYPE,
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MT,
+            "artifactType": ARTIFACT_TYPE,
             "config": {"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)},
             "layers": layers,
-            "annotations": {A_KEY: key, A_NAME: name, "org.opencontainers.image.created":
-                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            "annotations": {
+                A_KEY: key,
+                A_NAME: name,
+                "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
         }
         self._put_manifest_doc(tag_prefix(key) + name, json.dumps(doc, separators=(",", ":")).encode())
 
@@ -247,7 +270,7 @@ class OCIBackend(Backend):
         if key is not None:
             prefix = tag_prefix(key)
             for tag in self._tags():
-                rest = tag[len(prefix):] if tag.startswith(prefix) else ""
+                rest = tag[len(prefix) :] if tag.startswith(prefix) else ""
                 if rest and rest != "latest":
                     out.append((key, rest))
             return out
@@ -291,7 +314,9 @@ class OCIBackend(Backend):
     def put_lock(self, name: str, data: bytes) -> None:
         self._ensure_empty()
         doc = {
-            "schemaVersion": 2, "mediaType": MANIFEST_MT, "artifactType": LOCK_ARTIFACT_TYPE,
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MT,
+            "artifactType": LOCK_ARTIFACT_TYPE,
             "config": {"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)},
             "layers": [{"mediaType": EMPTY_MT, "digest": EMPTY_DIGEST, "size": len(EMPTY)}],
             "annotations": {A_LOCK: data.decode()},
@@ -306,7 +331,7 @@ class OCIBackend(Backend):
                     doc = self._get_manifest_doc(tag)[0]
                 except NotFound:
                     continue
-                out.append((tag[len(LOCK_TAG):], (doc.get("annotations") or {}).get(A_LOCK, "").encode()))
+                out.append((tag[len(LOCK_TAG) :], (doc.get("annotations") or {}).get(A_LOCK, "").encode()))
         return out
 
     def delete_lock(self, name: str) -> None:

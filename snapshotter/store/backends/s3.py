@@ -20,8 +20,13 @@ from ..errors import StoreError
 from ..keys import decode_key, encode_key
 from .base import Backend, NotFound, TransientError
 
-_TRANSIENT = (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ReadTimeoutError,
-              bex.ConnectTimeoutError, bex.ResponseStreamingError)
+_TRANSIENT = (
+    bex.EndpointConnectionError,
+    bex.ConnectionClosedError,
+    bex.ReadTimeoutError,
+    bex.ConnectTimeoutError,
+    bex.ResponseStreamingError,
+)
 
 
 def _classify(e: Exception, what: str) -> Exception:
@@ -48,13 +53,19 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.prefix = f"{prefix}/" if prefix else ""
         self.multipart = int(float(query.get("multipart_mb", "8")) * (1 << 20))
-        cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60,
-                     s3={"addressing_style": "path"}, max_pool_connections=32)
+        cfg = Config(
+            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            s3={"addressing_style": "path"},
+            max_pool_connections=32,
+        )
         self.s3 = boto3.session.Session().client(
-            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"),
-            config=cfg)
-        self.transfer = TransferConfig(multipart_threshold=self.multipart, multipart_chunksize=self.multipart,
-                                       max_concurrency=4)
+            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"), config=cfg
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
+        )
 
     def _call(self, what: str, fn, *args: Any, **kw: Any) -> Any:
         try:
@@ -65,8 +76,9 @@ class S3Backend(Backend):
     def _put(self, name: str, data: bytes) -> None:
         key = self.prefix + name
         if len(data) >= self.multipart:
-            self._call(f"upload {key}", self.s3.upload_fileobj, io.BytesIO(data), self.bucket, key,
-                       Config=self.transfer)
+            self._call(
+                f"upload {key}", self.s3.upload_fileobj, io.BytesIO(data), self.bucket, key, Config=self.transfer
+            )
         else:
             self._call(f"put {key}", self.s3.put_object, Bucket=self.bucket, Key=key, Body=data)
 
@@ -122,7 +134,7 @@ class S3Backend(Backend):
         sub = f"manifests/{encode_key(key)}/" if key is not None else "manifests/"
         out = []
         for obj in self._list(sub):
-            parts = obj["Key"][len(self.prefix):].split("/")
+            parts = obj["Key"][len(self.prefix) :].split("/")
             if len(parts) == 3:
                 out.append((decode_key(parts[1]), parts[2]))
         return out

@@ -1,0 +1,70 @@
+"""The long-lived shim process: subreaper, ttrpc server with the Task service, event publisher."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+from shim import shimlog
+
+log = logging.getLogger(__name__)
+
+# Seconds a shim waits after its last task before exiting, so the next container reuses it (one
+# interpreter start instead of one per container). Overridden by REVENANT_SHIM_LINGER.
+DEFAULT_LINGER = 10.0
+
+
+def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.main.Args
+    fd = shimlog.open_log_fifo("log")
+    if fd is not None:
+        os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too
+        os.close(fd)
+    shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "namespace": args.namespace})
+
+    from shim.events import Publisher
+    from shim.reaper import Reaper, set_child_subreaper
+    from shim.task_service import TaskService
+    from shim.ttrpc import Server
+
+    set_child_subreaper()
+    reaper = Reaper()
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), args.namespace)
+    server = Server()
+    own_socket = os.stat(socket_path).st_ino
+
+    def shutdown() -> None:
+        # Let go of the path first so a new `start` can bind it at once, but never remove a socket
+        # that a newer shim already bound there.
+        with contextlib.suppress(OSError):
+            if os.stat(socket_path).st_ino == own_socket:
+                os.unlink(socket_path)
+        server.shutdown()
+
+    from shim.main import shared_shims
+
+    # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
+    linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
+    service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger,
+                          log_to_bundle=shimlog.retarget_stderr)
+    server.register(service.service())
+    server.register(service.shim_service())
+    service.expect(args.id)  # a shim whose containerd never sends Create does not live forever
+
+    def serve_then_stop() -> None:
+        try:
+            server.serve(listener)
+        except Exception:
+            log.exception("ttrpc server failed")
+        finally:
+            reaper.stop()
+
+    threading.Thread(target=serve_then_stop, name="ttrpc-accept", daemon=True).start()
+    started = f" ({(time.monotonic() - t0) * 1e3:.0f} ms after fork)" if t0 is not None else ""
+    log.info("shim %d serving on %s%s", os.getpid(), socket_path, started)
+    reaper.loop()  # main thread: SIGCHLD handling runs here
+    publisher.close()
+    log.info("shim %d exiting", os.getpid())
+    return 0
