@@ -579,6 +579,7 @@ class Store:
                 if digest not in referenced and mtime < cutoff:
                     b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
                     stats["chunks_deleted"] += 1
+            b.finish_gc(grace_seconds)
             return stats
         finally:
             try:

@@ -92,6 +92,15 @@ def corrupt_chunk(store: Store, server, digest: str) -> None:
     """Flip one byte in the middle of a stored chunk, behind the store's back."""
     b = store.backend
     if isinstance(b, LocalBackend):
+        b._reload()
+        if digest in b._index:  # packed: flip a byte inside its slice of the pack file
+            pack, off, n = b._index[digest]
+            with open(b._pack_path(pack, "pack"), "r+b") as f:
+                f.seek(off + n // 2)
+                byte = f.read(1)[0]
+                f.seek(off + n // 2)
+                f.write(bytes([byte ^ 0xFF]))
+            return
         p = b._chunk_path(digest)
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0xFF

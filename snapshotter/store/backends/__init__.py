@@ -17,7 +17,7 @@ def open_backend(url: str) -> Backend:
             raise StoreError(f"file URL must be file:///absolute/path, got {url!r}")
         from .local import LocalBackend
 
-        return LocalBackend(Path(u.path), url)
+        return LocalBackend(Path(u.path), url, packs=query.get("packs", "1") not in ("0", "false", "no"))
     if u.scheme == "s3":
         from .s3 import S3Backend
 

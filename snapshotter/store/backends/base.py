@@ -63,6 +63,9 @@ class Backend(ABC):
     @abstractmethod
     def delete_manifest(self, key: str, name: str) -> None: ...
 
+    def finish_gc(self, grace_seconds: float) -> None:  # noqa: B027 - optional hook
+        """Called at the end of a gc sweep (the file backend rewrites packs here)."""
+
     def manifests_changed(self, key: str) -> None:  # noqa: B027 - optional hook
         """Called after a commit or delete for key (the OCI backend repoints its `latest` tag)."""
 
