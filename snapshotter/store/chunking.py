@@ -4,8 +4,9 @@ Chunking was chosen by measurement on real CRIU dumps (bench/RESULTS.md, "## Sto
 dumps of one process, pages-N.img shifts by whole pages whenever the process maps or grows memory
 before a region, which breaks fixed-offset chunks (98% of the second dump "new" with fixed 64 KiB vs
 79% with FastCDC 64 KiB, 36% with FastCDC 16 KiB); when nothing shifts both are close (6.9% vs 8.7%).
-FastCDC at a 64 KiB average is the default: robust to shifts, while keeping the number of stored
-objects (one per chunk) manageable. `fixed:SIZE` remains available.
+FastCDC at a 64 KiB average is the default: robust to shifts, while keeping the number of S3 objects
+and registry blobs (one per chunk; the file backend packs them) manageable. `fixed:SIZE` remains
+available.
 """
 
 from __future__ import annotations
