@@ -18,6 +18,7 @@ from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointOptions
 from shim.policy import NodeConfig, Protection
+from shim.runc import Runc
 
 from .image_identity import ImageIdentity
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
@@ -36,6 +37,7 @@ class ProtectedContainer:
     id: str
     bundle: Path
     protection: Protection
+    runc: Runc
     init_pid: int = 0
     upper_dir: Path | None = None  # the rootfs overlay's upperdir; None: no writable layer to carry
     image: ImageIdentity | None = None
@@ -117,7 +119,7 @@ class Checkpointer:
             c.pause()
             paused = True
         try:
-            dump = self.engine.checkpoint(c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
+            dump = self.engine.checkpoint(c.runc, c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
             gone = exit  # after an exit dump the task no longer exists: nothing to resume
             layer = None
             if c.upper_dir is not None:
