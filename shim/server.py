@@ -47,8 +47,15 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
 
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
+    from shim.checkpoint import CheckpointEngine
+    from shim.checkpoint.backend import RuncCheckpointBackend
+    from shim.gpu.hooks import GpuDumpHooks
+
+    # GPU hooks list a container's processes through its own Runc (the subreaper's runner).
+    gpu_hooks = GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid))
+    backend = RuncCheckpointBackend(CheckpointEngine(hooks=gpu_hooks))
     service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger,
-                          log_to_bundle=shimlog.retarget_stderr)
+                          log_to_bundle=shimlog.retarget_stderr, checkpoint_engine=backend)
     server.register(service.service())
     server.register(service.shim_service())
     service.expect(args.id)  # a shim whose containerd never sends Create does not live forever
