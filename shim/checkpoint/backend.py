@@ -92,13 +92,16 @@ class RuncCheckpointBackend:
 
     def restore_create(self, container: Container, request: api.CreateTaskRequest, io: IOFds,
                        console_socket: str | None) -> None:
-        source = Path(request.checkpoint)
+        """Remember how to restore at Start. The images are container.checkpoint: containerd's unpacked
+        copy (linked into the bundle here) or a directory the protection manager fetched from the store."""
+        source = Path(container.checkpoint)
         if not (source / "inventory.img").is_file():
             raise InvalidArgument(f"{source} is not a CRIU checkpoint (no inventory.img)")
-        target = Path(container.bundle) / RESTORE_DIR
-        shutil.rmtree(target, ignore_errors=True)
-        link_or_copy_tree(source, target)
-        container.checkpoint = str(target)
+        if request.checkpoint:
+            target = Path(container.bundle) / RESTORE_DIR
+            shutil.rmtree(target, ignore_errors=True)
+            link_or_copy_tree(source, target)
+            container.checkpoint = str(target)
         restore = RestoreOptions(checkpoint=CheckpointOptions(terminal=request.terminal),
                                  no_pivot=container.options.no_pivot_root)
         with self._lock:
@@ -106,7 +109,7 @@ class RuncCheckpointBackend:
 
     def restore_start(self, container: Container) -> int:
         with self._lock:
-            pending = self._pending.pop(container.id, None)
+            pending = self._pending.get(container.id)
         if pending is None:
             raise FailedPrecondition(f"{container.id} was not created from a checkpoint")
         io, console_socket, options = pending
@@ -117,10 +120,11 @@ class RuncCheckpointBackend:
                                          pid_file=bundle / "init.pid", io=io, work_path=work,
                                          console_socket=console_socket, keep_log_in=bundle)
         except CheckpointError as e:
-            raise TtrpcError(str(e)) from None
-        finally:
-            if container.init.io is not None:
-                container.init.io.after_start()  # runc holds the child ends now (or failed)
+            raise TtrpcError(str(e)) from None  # the stdio stays ours: a fallback may still use it
+        with self._lock:
+            self._pending.pop(container.id, None)
+        if container.init.io is not None:
+            container.init.io.after_start()  # runc's restored process holds the child ends now
         log.info("restored %s as pid %d in %.3fs", container.id, result.pid, result.duration_s)
         shutil.rmtree(bundle / RESTORE_DIR, ignore_errors=True)
         return result.pid
