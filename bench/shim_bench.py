@@ -135,9 +135,9 @@ def pct(values: list[float], q: float) -> float:
 
 VARIANTS = {
     "runc": "io.containerd.runc.v2 (stock Go shim)",
-    "revenant": "io.containerd.revenant.v1, dev venv (editable install)",
-    "installed": "io.containerd.revenant.v1, installed layout (no editable import hook)",
-    "cold": "io.containerd.revenant.v1, installed layout, REVENANT_SHIM_SHARED=0 (fresh shim per run)",
+    "revenant": "io.containerd.revenant.v1, dev venv (editable install), REVENANT_SHIM_SHARED=1",
+    "installed": "io.containerd.revenant.v1, installed layout (no editable import hook), REVENANT_SHIM_SHARED=1",
+    "cold": "io.containerd.revenant.v1, installed layout, default: a fresh shim per container",
 }
 
 
@@ -154,8 +154,8 @@ def main() -> int:
             node = ContainerdNode(f"bench-{name}")
             if name != "dev":
                 node.env["PATH"] = f"{installed_bin}:{SYSTEM_PATH}"
-            if name == "cold":
-                node.env["REVENANT_SHIM_SHARED"] = "0"
+            if name != "cold":
+                node.env["REVENANT_SHIM_SHARED"] = "1"
             nodes[name] = node
             node.start()
         image = {name: node.import_image(images.busybox) for name, node in nodes.items()}

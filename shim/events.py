@@ -50,8 +50,9 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._thread.start()
 
-    def publish(self, event: Message) -> None:
-        topic = TOPICS[event.DESCRIPTOR.name]
+    def publish(self, event: Message, topic: str | None = None) -> None:
+        """Send a task event (topic from its type), or any message under an explicit topic."""
+        topic = topic or TOPICS[event.DESCRIPTOR.name]
         env = events_pb2.Envelope(timestamp=now_timestamp(), namespace=self.namespace, topic=topic,
                                   event=pack_any(event))
         log.debug("event %s %s", topic, str(event).replace("\n", " "))

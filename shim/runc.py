@@ -137,6 +137,14 @@ class Runc:
     def resume(self, cid: str) -> None:
         self._run("resume", cid)
 
+    def checkpoint(self, cid: str, args: Sequence[str]) -> None:
+        """`runc checkpoint ARGS cid` (image/work paths and CRIU flags built by the checkpoint engine)."""
+        self._run("checkpoint", *args, cid)
+
+    def restore(self, cid: str, args: Sequence[str], io: IOFds) -> None:
+        """`runc restore ARGS cid`: the restored process gets `io` in place of its dumped stdio."""
+        self._run("restore", *args, cid, io=io)
+
     def update(self, cid: str, resources_json: bytes) -> None:
         self._run("update", "--resources", "-", cid, input=resources_json)
 

@@ -47,10 +47,27 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
 
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
+    from google.protobuf import wrappers_pb2
+
+    from shim.checkpoint import CheckpointEngine
+    from shim.checkpoint.backend import RuncCheckpointBackend
+    from shim.gpu.hooks import GpuDumpHooks
+    from shim.protect.manager import ProtectionManager
+
+    # GPU hooks list a container's processes through its own Runc (the subreaper's runner). One engine
+    # for ctr's checkpoints and revenant's own, so checkpoints of one task never overlap.
+    gpu_hooks = GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid))
+    engine = CheckpointEngine(hooks=gpu_hooks)
+    protection = ProtectionManager(
+        args.namespace, f"unix://{socket_path}", engine=engine,
+        publish=lambda topic, text: publisher.publish(wrappers_pb2.StringValue(value=text), topic=topic),
+    )
     service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger,
-                          log_to_bundle=shimlog.retarget_stderr)
+                          log_to_bundle=shimlog.retarget_stderr, checkpoint_engine=RuncCheckpointBackend(engine),
+                          protection=protection)
     server.register(service.service())
     server.register(service.shim_service())
+    server.register(protection.control_service())
     service.expect(args.id)  # a shim whose containerd never sends Create does not live forever
 
     def serve_then_stop() -> None:

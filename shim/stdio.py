@@ -1,9 +1,11 @@
 """A process's stdio as containerd describes it: FIFO paths, `binary://` and `file://` log URIs, or a
 terminal whose pty master runc sends over a console socket (SCM_RIGHTS).
 
-Without a terminal the container's stdout/stderr are the FIFO (or log) descriptors themselves; no
-copying thread sits in the output path. The shim keeps a reader on each output FIFO so a client that
-goes away does not turn container writes into EPIPE. Stdin is copied by a thread from the FIFO into a
+Without a terminal the container's stdout/stderr are pipes that a shim thread copies into the FIFO
+(or log file), as containerd's runc shim does: CRIU can only checkpoint a process whose stdio are pipes
+(runc re-wires them at restore from descriptors.json); a host FIFO or file outside the container's
+mounts makes every dump fail. The shim keeps a reader on each output FIFO so a client that goes away
+does not turn writes into EPIPE. Stdin is copied by a thread from the FIFO into a
 pipe: the container must see EOF only once the client has opened its end and closed it (or CloseIO),
 never because the client had not opened it yet.
 """
@@ -130,19 +132,28 @@ class ProcessIO:
             path = urllib.parse.urlparse(self.stdout).path
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-            self._child_fds.append(fd)
-            self.fds.stdout = self.fds.stderr = fd
+            dup = os.dup(fd)
+            os.set_inheritable(dup, False)
+            self.fds.stdout = self._pipe_into(fd, "stdout")
+            self.fds.stderr = self._pipe_into(dup, "stderr")
         else:
             if self.stdout:
                 w, keep = _open_output_fifo(self.stdout)
-                self._child_fds.append(w)
                 self._keep.append(keep)
-                self.fds.stdout = w
+                self.fds.stdout = self._pipe_into(w, "stdout")
             if self.stderr:
                 w, keep = _open_output_fifo(self.stderr)
-                self._child_fds.append(w)
                 self._keep.append(keep)
-                self.fds.stderr = w
+                self.fds.stderr = self._pipe_into(w, "stderr")
+
+    def _pipe_into(self, dst: int, name: str) -> int:
+        """A pipe whose write end goes to the process; a thread copies what it writes into dst."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self._child_fds.append(w)
+        t = threading.Thread(target=self._copy_out, args=(r, dst, True), name=f"{name}-copy", daemon=True)
+        t.start()
+        self._copiers.append(t)
+        return w
 
     def _start_log_binary(self, uri: urllib.parse.ParseResult) -> None:
         import urllib.parse
@@ -237,14 +248,15 @@ class ProcessIO:
             self._stdin = StdinCopier(self.stdin, self.console, close_dst=False)
 
     @staticmethod
-    def _copy_out(src: int, dst: int) -> None:
+    def _copy_out(src: int, dst: int, close_src: bool = False) -> None:
+        """Copy until EOF (every writer closed) or EIO (a pty whose slave ends all closed)."""
         try:
             while True:
                 try:
-                    data = os.read(src, 32768)
-                except OSError as e:  # EIO: every slave end closed, the process is gone
+                    data = os.read(src, 65536)
+                except OSError as e:
                     if e.errno != errno.EIO:
-                        log.warning("pty read: %s", e)
+                        log.warning("stdio read: %s", e)
                     break
                 if not data:
                     break
@@ -252,9 +264,11 @@ class ProcessIO:
                 while view:
                     view = view[os.write(dst, view):]
         except OSError as e:
-            log.warning("pty copy to %s stopped: %s", dst, e)
+            log.warning("stdio copy to fd %s stopped: %s", dst, e)
         finally:
             os.close(dst)
+            if close_src:
+                os.close(src)
 
     # -- during and after the process's life -----------------------------------------------------
     def resize(self, width: int, height: int) -> None:

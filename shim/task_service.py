@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from google.protobuf import empty_pb2
 
@@ -43,6 +43,9 @@ from shim.ttrpc import (
     TtrpcError,
     Unimplemented,
 )
+
+if TYPE_CHECKING:
+    from shim.protect.manager import ProtectionManager
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,9 @@ class Container:
     options: runtime_options.RuntimeOptions
     init: Process
     rootfs_mounted: bool = False
+    rootfs: list[mounts.Mount] = field(default_factory=list)
     checkpoint: str = ""  # set when the task is created from a checkpoint (restore at Start)
+    console_socket: str | None = None  # a terminal's console socket, kept for a restore at Start
     execs: dict[str, Process] = field(default_factory=dict)
 
     def process(self, exec_id: str) -> Process:
@@ -106,12 +111,14 @@ def _runc_failed(e: RuncError) -> TtrpcError:
 class TaskService:
     def __init__(self, namespace: str, publisher: EventSink, reaper: Reaper | None,
                  on_shutdown: Callable[[], None], checkpoint_engine: CheckpointBackend | None = None,
-                 linger: float = 0.0, log_to_bundle: Callable[[str], None] | None = None) -> None:
+                 linger: float = 0.0, log_to_bundle: Callable[[str], None] | None = None,
+                 protection: ProtectionManager | None = None) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
         self.on_shutdown = on_shutdown
         self.checkpoint_engine = checkpoint_engine
+        self.protection = protection  # revenant's transparent checkpoints (shim.protect.manager)
         self._lock = threading.Lock()  # containers, pid registry
         self.containers: dict[str, Container] = {}
         self._by_pid: dict[int, Process] = {}
@@ -236,19 +243,37 @@ class TaskService:
 
     def _create(self, c: Container, req: api.CreateTaskRequest) -> None:
         c.options.save(c.bundle)
-        rootfs = os.path.join(c.bundle, "rootfs")
-        if req.rootfs:
-            os.makedirs(rootfs, mode=0o711, exist_ok=True)
-            mounts.mount_all([mounts.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs], rootfs)
-            c.rootfs_mounted = True
+        if self.protection is not None:
+            # Before the rootfs is mounted: a checkpoint's writable layer may fill its upper dir.
+            self.protection.before_create(c, req)
+        c.rootfs = [mounts.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+        if c.rootfs:
+            self._mount_rootfs(c)
         init = c.init
         init.io = ProcessIO(c.id, c.namespace, init.stdin, init.stdout, init.stderr, init.terminal)
         console_socket = init.io.prepare()
-        if req.checkpoint:
+        if c.checkpoint:
             if self.checkpoint_engine is None:
                 raise Unimplemented("creating a task from a checkpoint needs the checkpoint engine")
             self.checkpoint_engine.restore_create(c, req, init.io.fds, console_socket)
+            c.console_socket = console_socket
             return
+        self._runc_create(c, console_socket)
+
+    def _mount_rootfs(self, c: Container) -> None:
+        rootfs = os.path.join(c.bundle, "rootfs")
+        os.makedirs(rootfs, mode=0o711, exist_ok=True)
+        mounts.mount_all(c.rootfs, rootfs)
+        c.rootfs_mounted = True
+
+    def _unmount_rootfs(self, c: Container) -> None:
+        if c.rootfs_mounted:
+            mounts.unmount_all(os.path.join(c.bundle, "rootfs"))
+            c.rootfs_mounted = False
+
+    def _runc_create(self, c: Container, console_socket: str | None) -> None:
+        init = c.init
+        assert init.io is not None
         pid_file = os.path.join(c.bundle, "init.pid")
         try:
             c.runc.create(c.id, c.bundle, pid_file, init.io.fds, console_socket=console_socket,
@@ -264,6 +289,8 @@ class TaskService:
             self._watch_oom(c)  # before Start: the process cannot run out of memory before it runs
 
     def _cleanup_failed_create(self, c: Container) -> None:
+        if self.protection is not None:
+            self.protection.deleted(c.id)
         if c.init.io is not None:
             c.init.io.close()
         with contextlib.suppress(RuncError):
@@ -279,9 +306,7 @@ class TaskService:
             proc.check("start")
             if proc.is_init:
                 if c.checkpoint:
-                    assert self.checkpoint_engine is not None
-                    proc.pid = self.checkpoint_engine.restore_start(c)
-                    early = self._register_pid(proc.pid, proc)
+                    early = self._start_from_checkpoint(c)
                 else:
                     try:
                         c.runc.start(c.id)
@@ -290,6 +315,9 @@ class TaskService:
                     early = None
                 proc.advance("start")
                 self.publisher.publish(events.TaskStart(container_id=c.id, pid=proc.pid))
+                if self.protection is not None:
+                    self.protection.started(c, pause=lambda: self._protective_pause(c),
+                                            resume=lambda: c.runc.resume(c.id))
             else:
                 early = self._start_exec(c, proc)
                 proc.advance("start")
@@ -298,6 +326,39 @@ class TaskService:
             if early is not None:
                 self._process_exited(proc, early)
         return api.StartResponse(pid=proc.pid)
+
+    def _start_from_checkpoint(self, c: Container) -> int | None:
+        """runc restore; a store checkpoint that fails falls back to older ones, then to a fresh start."""
+        assert self.checkpoint_engine is not None
+        while True:
+            try:
+                c.init.pid = self.checkpoint_engine.restore_start(c)
+                early = self._register_pid(c.init.pid, c.init)
+                if early is None:
+                    self._watch_oom(c)
+                return early
+            except TtrpcError as e:
+                if self.protection is None or not self.protection.has_store_restore(c.id):
+                    raise
+                if not self.protection.restore_failed(c, e, unmount=lambda: self._unmount_rootfs(c),
+                                                      mount=lambda: self._mount_rootfs(c)):
+                    break
+        # No checkpoint left that restores: the task starts from its image, as if never checkpointed.
+        self._runc_create(c, c.console_socket)
+        if c.init.exit is not None:
+            return None
+        try:
+            c.runc.start(c.id)
+        except RuncError as e:
+            raise _runc_failed(e) from None
+        return None
+
+    def _protective_pause(self, c: Container) -> bool:
+        """Freeze a running task for a protective checkpoint; a task the user paused stays as it is."""
+        if c.init.state is not State.RUNNING:
+            return False
+        c.runc.pause(c.id)
+        return True
 
     def _watch_oom(self, c: Container) -> None:
         if self._oom is None:
@@ -375,9 +436,9 @@ class TaskService:
         except RuncError as e:
             if not e.not_found:
                 raise _runc_failed(e) from None
-        if c.rootfs_mounted:
-            mounts.unmount_all(os.path.join(c.bundle, "rootfs"))
-            c.rootfs_mounted = False
+        self._unmount_rootfs(c)
+        if self.protection is not None:
+            self.protection.deleted(c.id)
         for ex in list(c.execs.values()):
             if ex.io is not None:
                 ex.io.close()
@@ -445,6 +506,8 @@ class TaskService:
         proc = c.process(req.exec_id)
         # No process lock: a kill must get through while Start or an exit holds it.
         proc.check("kill")
+        if proc.is_init and self.protection is not None and self.protection.before_kill(c, req.signal):
+            return empty_pb2.Empty()  # the final checkpoint stopped the task; its exit follows
         if proc.is_init:
             try:
                 c.runc.kill(c.id, req.signal, all_processes=req.all)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
+
+from shim.runc import IOFds, Runc, RuncError
 
 from .criu_log import error_lines
 from .criu_stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
@@ -70,35 +71,30 @@ def directory_bytes(path: Path) -> int:
 
 
 class CheckpointEngine:
-    def __init__(self, runc: str = "runc", root: Path | None = None, hooks: DumpHooks | None = None) -> None:
-        self.runc = runc
-        self.root = root
+    """Checkpoints and restores through a `shim.runc.Runc` (the caller's root, log and runner: inside
+    the shim that runner is the subreaper's, so runc's exit status is never stolen)."""
+
+    def __init__(self, hooks: DumpHooks | None = None) -> None:
         self.hooks = hooks
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-
-    def _runc(self, *args: str) -> list[str]:
-        cmd = [self.runc]
-        if self.root is not None:
-            cmd += ["--root", str(self.root)]
-        return [*cmd, *args]
 
     def _lock(self, container_id: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault(container_id, threading.Lock())
 
-    def checkpoint(self, container_id: str, image_dir: Path, options: CheckpointOptions,
+    def checkpoint(self, runc: Runc, container_id: str, image_dir: Path, options: CheckpointOptions,
                    keep_log_in: Path | None = None) -> CheckpointResult:
         """Dump the container into `image_dir`; serialized per container."""
         with self._lock(container_id):
-            return self._checkpoint(container_id, image_dir, options, keep_log_in)
+            return self._checkpoint(runc, container_id, image_dir, options, keep_log_in)
 
-    def _checkpoint(self, container_id: str, image_dir: Path, options: CheckpointOptions,
+    def _checkpoint(self, runc: Runc, container_id: str, image_dir: Path, options: CheckpointOptions,
                     keep_log_in: Path | None) -> CheckpointResult:
         image_dir.mkdir(parents=True, exist_ok=True)
         work = options.work_path or image_dir.parent / f".{image_dir.name}.work"
         work.mkdir(parents=True, exist_ok=True)
-        args = ["checkpoint", "--image-path", str(image_dir), "--work-path", str(work), *options.criu_flags()]
+        args = ["--image-path", str(image_dir), "--work-path", str(work), *options.criu_flags()]
         if not options.exit:
             args.append("--leave-running")
         for ns in options.empty_namespaces:
@@ -109,20 +105,20 @@ class CheckpointEngine:
             self.hooks.before_dump(container_id)
             timings["hooks_before_s"] = time.monotonic() - start
         dump_start = time.monotonic()
-        failed = True
+        error: RuncError | None = None
         try:
-            res = subprocess.run(self._runc(*args, container_id), capture_output=True, text=True)
-            failed = res.returncode != 0
+            runc.checkpoint(container_id, args)
+        except RuncError as e:
+            error = e
         finally:
             timings["runc_checkpoint_s"] = time.monotonic() - dump_start
             if self.hooks:
                 t = time.monotonic()
-                self.hooks.after_dump(container_id, leave_running=not options.exit, failed=failed)
+                self.hooks.after_dump(container_id, leave_running=not options.exit, failed=error is not None)
                 timings["hooks_after_s"] = time.monotonic() - t
-        if failed:
+        if error is not None:
             kept = self._keep_log(work / "dump.log", keep_log_in, "criu-dump.log")
-            raise CheckpointError(self._failure("checkpoint", container_id, res.stderr, work / "dump.log", kept),
-                                  kept)
+            raise CheckpointError(self._failure("checkpoint", container_id, error, work / "dump.log", kept), kept)
         stats = read_dump_stats(work)
         if options.work_path is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -131,16 +127,14 @@ class CheckpointEngine:
                  result.image_bytes, stats.frozen_time_us if stats else "?")
         return result
 
-    def restore(self, container_id: str, bundle: Path, image_dir: Path, options: RestoreOptions,
-                pid_file: Path, work_path: Path | None = None, console_socket: str | None = None,
-                stdio: tuple[IO[bytes] | int | None, IO[bytes] | int | None, IO[bytes] | int | None] = (
-                    None, None, None),
+    def restore(self, runc: Runc, container_id: str, bundle: Path, image_dir: Path, options: RestoreOptions,
+                pid_file: Path, io: IOFds, work_path: Path | None = None, console_socket: str | None = None,
                 keep_log_in: Path | None = None) -> RestoreResult:
         """`runc restore --detach` of `image_dir` as `container_id`; the restored process inherits
-        `stdio` in place of the streams it had at dump time (runc maps them from descriptors.json)."""
+        `io` in place of the streams it had at dump time (runc maps them from descriptors.json)."""
         work = work_path or bundle / "criu-work"
         work.mkdir(parents=True, exist_ok=True)
-        args = ["restore", "--detach", "--image-path", str(image_dir), "--work-path", str(work),
+        args = ["--detach", "--image-path", str(image_dir), "--work-path", str(work),
                 "--pid-file", str(pid_file), "--no-subreaper", "--bundle", str(bundle),
                 *options.checkpoint.criu_flags()]
         if options.no_pivot:
@@ -149,12 +143,12 @@ class CheckpointEngine:
             args += ["--console-socket", console_socket]
         start = time.monotonic()
         with self._lock(container_id):
-            res = subprocess.run(self._runc(*args, container_id), stdin=stdio[0], stdout=stdio[1],
-                                 stderr=stdio[2] if stdio[2] is not None else subprocess.PIPE)
-        if res.returncode != 0:
-            kept = self._keep_log(work / "restore.log", keep_log_in, "criu-restore.log")
-            stderr = res.stderr.decode(errors="replace") if isinstance(res.stderr, bytes) else ""
-            raise CheckpointError(self._failure("restore", container_id, stderr, work / "restore.log", kept), kept)
+            try:
+                runc.restore(container_id, args, io)
+            except RuncError as e:
+                kept = self._keep_log(work / "restore.log", keep_log_in, "criu-restore.log")
+                raise CheckpointError(self._failure("restore", container_id, e, work / "restore.log", kept),
+                                      kept) from e
         if self.hooks:
             self.hooks.after_restore(container_id)
         pid = int(pid_file.read_text().strip())
@@ -169,8 +163,8 @@ class CheckpointEngine:
         return keep_in / name
 
     @staticmethod
-    def _failure(what: str, container_id: str, runc_stderr: str, log_file: Path, kept: Path | None) -> str:
+    def _failure(what: str, container_id: str, error: RuncError, log_file: Path, kept: Path | None) -> str:
         criu = error_lines(log_file)
-        detail = "; ".join(criu) if criu else (runc_stderr.strip().splitlines() or ["no error output"])[-1]
+        detail = "; ".join(criu) if criu else str(error)
         where = f" (full CRIU log: {kept})" if kept else ""
         return f"{what} of {container_id} failed: {detail}{where}"

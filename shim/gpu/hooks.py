@@ -1,12 +1,12 @@
 """The checkpoint engine's DumpHooks (shim.checkpoint.engine.DumpHooks) for containers that may use CUDA.
 
-    hooks = GpuDumpHooks(runc_pids("runc", runc_root))
-    engine = CheckpointEngine(runc, root, hooks=hooks)
-    engine.checkpoint(cid, ...)                  # before_dump: lock + checkpoint; after_dump: resume/abort
+    hooks = GpuDumpHooks(runc.ps)               # inside the shim: the container's shim.runc.Runc
+    engine = CheckpointEngine(hooks=hooks)
+    engine.checkpoint(runc, cid, ...)            # before_dump: lock + checkpoint; after_dump: resume/abort
     metadata["gpu"] = hooks.take_metadata(cid)   # None for a CPU-only container
 
     hooks.expect_restore(cid, metadata["gpu"])   # BEFORE engine.restore: refuses other GPUs (GpuIncompatible)
-    engine.restore(cid, ...)                     # after_restore: restore + unlock the restored processes
+    engine.restore(runc, cid, ...)               # after_restore: restore + unlock the restored processes
 
 Errors propagate out of the engine's calls: GpuQuiesceError from before_dump (no dump ran),
 GpuRollbackError / GpuResumeError from after_dump, GpuResumeError / GpuUnavailable from after_restore.
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def runc_pids(runc: str = "runc", root: Path | None = None) -> Callable[[str], list[int]]:
-    """pids_of for GpuDumpHooks: `runc ps --format json <id>` lists the container's host pids."""
+    """pids_of for GpuDumpHooks outside the shim (tests, tools): `runc ps --format json <id>`.
+
+    Inside the shim use the container's Runc.ps, which runs through the subreaper."""
     def pids_of(container_id: str) -> list[int]:
         cmd = [runc, *(["--root", str(root)] if root else []), "ps", "--format", "json", container_id]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)

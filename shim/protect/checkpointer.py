@@ -18,6 +18,7 @@ from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointOptions
 from shim.policy import NodeConfig, Protection
+from shim.runc import Runc
 
 from .image_identity import ImageIdentity
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
@@ -36,10 +37,12 @@ class ProtectedContainer:
     id: str
     bundle: Path
     protection: Protection
+    runc: Runc
     init_pid: int = 0
     upper_dir: Path | None = None  # the rootfs overlay's upperdir; None: no writable layer to carry
     image: ImageIdentity | None = None
-    pause: Callable[[], None] | None = None  # freeze the whole container (runc pause)
+    # Freeze the whole container if it runs; True when it paused it (a user's pause is left alone).
+    pause: Callable[[], bool] | None = None
     resume: Callable[[], None] | None = None
     checkpoint_options: CheckpointOptions = field(default_factory=CheckpointOptions)
     extra_metadata: Callable[[], dict[str, Any]] | None = None  # e.g. GPU state of the dump
@@ -112,12 +115,10 @@ class Checkpointer:
 
         options = CheckpointOptions(**{**asdict(c.checkpoint_options), "exit": exit})
         frozen_at = time.monotonic()
-        paused = gone = False
-        if c.pause is not None:
-            c.pause()
-            paused = True
+        gone = False
+        paused = c.pause() if c.pause is not None else False
         try:
-            dump = self.engine.checkpoint(c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
+            dump = self.engine.checkpoint(c.runc, c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
             gone = exit  # after an exit dump the task no longer exists: nothing to resume
             layer = None
             if c.upper_dir is not None:

@@ -18,6 +18,7 @@ from harness.images import extract_rootfs
 from harness.memjob import expected_checksum, wait_for
 from harness.tools import require
 from shim.checkpoint import CheckpointEngine, CheckpointError, CheckpointOptions, RestoreOptions
+from shim.runc import IOFds, Runc
 
 MIB, SEED = 32, 5
 
@@ -37,6 +38,7 @@ class Bundle:
         config["root"]["readonly"] = False
         (self.dir / "config.json").write_text(json.dumps(config))
         self.outputs: dict[str, list[str]] = {}
+        self.driver = Runc(root=str(self.root), log_path=str(base / "runc.log"), binary=runc)
 
     def _reader(self, name: str, stream) -> None:
         lines = self.outputs.setdefault(name, [])
@@ -89,14 +91,14 @@ def bundle(tmp_path, test_images):
 
 
 @pytest.fixture
-def engine(bundle):
-    return CheckpointEngine(runc=bundle.runc, root=bundle.root)
+def engine():
+    return CheckpointEngine()
 
 
 def test_leave_running_checkpoint_reports_criu_statistics(bundle, engine, tmp_path):
     bundle.run("job")
     bundle.wait_steps("job", 3)
-    result = engine.checkpoint("job", tmp_path / "image", CheckpointOptions())
+    result = engine.checkpoint(bundle.driver, "job", tmp_path / "image", CheckpointOptions())
     assert bundle.status("job") == "running"
     assert list((tmp_path / "image").glob("pages-*.img")), "no memory pages in the image"
     assert result.stats is not None
@@ -110,14 +112,14 @@ def test_leave_running_checkpoint_reports_criu_statistics(bundle, engine, tmp_pa
 def test_restore_goes_on_with_the_exact_memory_state(bundle, engine, tmp_path, test_images):
     bundle.run("job")
     bundle.wait_steps("job", 3)
-    engine.checkpoint("job", tmp_path / "image", CheckpointOptions(exit=True))
+    engine.checkpoint(bundle.driver, "job", tmp_path / "image", CheckpointOptions(exit=True))
     assert bundle.status("job") is None or bundle.status("job") == "stopped"
     dumped_at = bundle.steps("job")[-1][0]
     subprocess.run([bundle.runc, "--root", str(bundle.root), "delete", "-f", "job"], check=True)
 
     out = bundle.pipe_for("restored")
-    result = engine.restore("restored", bundle.dir, tmp_path / "image", RestoreOptions(),
-                            pid_file=tmp_path / "restored.pid", work_path=tmp_path / "rwork", stdio=(None, out, out))
+    result = engine.restore(bundle.driver, "restored", bundle.dir, tmp_path / "image", RestoreOptions(),
+                            pid_file=tmp_path / "restored.pid", io=IOFds(None, out, out), work_path=tmp_path / "rwork")
     assert result.pid > 0
     assert bundle.status("restored") == "running"
     steps = bundle.wait_steps("restored", dumped_at + 3)
@@ -133,7 +135,7 @@ def test_concurrent_checkpoints_of_one_task_are_serialized(bundle, engine, tmp_p
 
     def dump(i: int) -> None:
         try:
-            engine.checkpoint("job", tmp_path / f"image{i}", CheckpointOptions())
+            engine.checkpoint(bundle.driver, "job", tmp_path / f"image{i}", CheckpointOptions())
         except BaseException as e:  # collected and asserted below
             errors.append(e)
 
@@ -154,7 +156,7 @@ def test_failed_dump_names_criu_error_and_keeps_log(bundle, engine, tmp_path):
     host_file.close()
     keep = tmp_path / "kept"
     with pytest.raises(CheckpointError) as exc:
-        engine.checkpoint("job", tmp_path / "image", CheckpointOptions(), keep_log_in=keep)
+        engine.checkpoint(bundle.driver, "job", tmp_path / "image", CheckpointOptions(), keep_log_in=keep)
     assert "Can't lookup mount" in str(exc.value) or "Dump files" in str(exc.value), str(exc.value)
     assert "RLIMIT_NOFILE" not in str(exc.value)
     assert exc.value.log_path == keep / "criu-dump.log" and exc.value.log_path.stat().st_size > 0
@@ -167,7 +169,7 @@ def test_restore_from_garbage_fails_cleanly(bundle, engine, tmp_path):
     (garbage / "inventory.img").write_bytes(b"\x00not an image" * 100)
     (garbage / "pages-1.img").write_bytes(b"\xff" * 8192)
     with pytest.raises(CheckpointError) as exc:
-        engine.restore("ghost", bundle.dir, garbage, RestoreOptions(), pid_file=tmp_path / "ghost.pid",
-                       work_path=tmp_path / "gwork", keep_log_in=tmp_path / "kept")
+        engine.restore(bundle.driver, "ghost", bundle.dir, garbage, RestoreOptions(), pid_file=tmp_path / "ghost.pid",
+                       io=IOFds(), work_path=tmp_path / "gwork", keep_log_in=tmp_path / "kept")
     assert "restore of ghost failed" in str(exc.value)
     assert bundle.status("ghost") is None, "a failed restore left a container behind"

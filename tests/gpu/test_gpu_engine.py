@@ -17,6 +17,7 @@ from harness.memjob import wait_for
 from harness.tools import require
 from shim.checkpoint import CheckpointEngine, CheckpointError, CheckpointOptions
 from shim.gpu import GpuDumpHooks, runc_pids
+from shim.runc import Runc
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,14 +66,15 @@ def gpu_bundle(tmp_path: Path, test_images, fake_cuda: FakeCuda, monkeypatch: py
 def test_engine_with_gpu_hooks(gpu_bundle: GpuBundle, fake_cuda: FakeCuda, tmp_path: Path) -> None:
     pids_of = runc_pids(gpu_bundle.runc, gpu_bundle.root)
     hooks = GpuDumpHooks(pids_of, fake_cuda.coordinator(device_prefixes=("/dev/nvidia",)))
-    engine = CheckpointEngine(runc=gpu_bundle.runc, root=gpu_bundle.root, hooks=hooks)
+    engine = CheckpointEngine(hooks=hooks)
+    driver = Runc(root=str(gpu_bundle.root), log_path=str(tmp_path / "runc.log"), binary=gpu_bundle.runc)
     gpu_bundle.run("job")
     pids = wait_for(lambda: (found if len(found := pids_of("job")) == 2 else None), 30, "sh and its sleep")
     cuda = [p.pid for p in hooks.coordinator.cuda_processes(pids)]
     assert len(cuda) == 1, "only sh holds the device"
     (sh,) = cuda
 
-    engine.checkpoint("job", tmp_path / "image", CheckpointOptions())  # leave running
+    engine.checkpoint(driver, "job", tmp_path / "image", CheckpointOptions())  # leave running
     assert gpu_bundle.status("job") == "running"
     assert [c.split()[0].removeprefix("cuCheckpointProcess") for c in fake_cuda.calls()
             if c.startswith("cuCheckpointProcess")] == ["Lock", "Checkpoint", "Restore", "Unlock"]
@@ -83,7 +85,7 @@ def test_engine_with_gpu_hooks(gpu_bundle: GpuBundle, fake_cuda: FakeCuda, tmp_p
     # A dump that fails after the GPU was quiesced: the job must be RUNNING again.
     calls_before = len(fake_cuda.calls())
     with pytest.raises(CheckpointError):  # runc refuses an unknown namespace after before_dump ran
-        engine.checkpoint("job", tmp_path / "image2", CheckpointOptions(empty_namespaces=("bogus",)))
+        engine.checkpoint(driver, "job", tmp_path / "image2", CheckpointOptions(empty_namespaces=("bogus",)))
     assert [c.split()[0].removeprefix("cuCheckpointProcess") for c in fake_cuda.calls()[calls_before:]
             if c.startswith("cuCheckpointProcess")] == ["Lock", "Checkpoint", "Restore", "Unlock"]
     assert fake_cuda.state(sh) == "running"

@@ -74,7 +74,11 @@ class ContainerdNode:
         self.config_path = self.dir / "config.toml"
         self.log_path = self.dir / "containerd.log"
         self.namespace = NAMESPACE
-        self.env = {**os.environ, "PATH": f"{VENV_BIN}:{SYSTEM_PATH}"}
+        # revenant's node-level state (registry of protected tasks, node config) stays inside the node.
+        self.revenant_run_dir = self.dir / "revenant-run"
+        self.revenant_config = self.dir / "revenant.toml"
+        self.env = {**os.environ, "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
+                    "REVENANT_RUN_DIR": str(self.revenant_run_dir), "REVENANT_CONFIG": str(self.revenant_config)}
         self._proc: subprocess.Popen[bytes] | None = None
         self._containerd = require("containerd", "containerd")
         self._ctr = require("ctr", "containerd")

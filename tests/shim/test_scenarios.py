@@ -220,7 +220,9 @@ def test_log_uris_file_and_binary(runtime: Runtime, tmp_path: Path):
     log_file = tmp_path / "file.log"
     runtime.run("filelog", "sh", "-c", "echo to-file; echo err-to-file >&2",
                 flags=("--rm", "--log-uri", f"file://{log_file}"))
-    assert "to-file" in log_file.read_text() and "err-to-file" in log_file.read_text()
+    # Both shims copy output asynchronously: the file may lag the task's exit by a moment.
+    wait_until(lambda: "to-file" in log_file.read_text() and "err-to-file" in log_file.read_text(), 10,
+               "stdout and stderr in the log file")
 
     # The logging-binary protocol: stdout on fd 3, stderr on fd 4, fd 5 closed once ready.
     out = tmp_path / "binary.log"

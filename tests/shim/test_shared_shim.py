@@ -1,5 +1,6 @@
-"""revenant runs one shim per containerd namespace (CRI pods: one per sandbox), which lingers after its
-last task; these tests pin that lifecycle down, including the per-container mode."""
+"""revenant runs one shim per container (CRI pods: one per sandbox) by default, or with
+REVENANT_SHIM_SHARED=1 one per containerd namespace that lingers after its last task; these tests pin
+both lifecycles down."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def revenant_shims(node: ContainerdNode) -> list[int]:
 def node(request: pytest.FixtureRequest, test_images) -> Iterator[ContainerdNode]:
     node = ContainerdNode("share")
     node.env["REVENANT_SHIM_LINGER"] = "1"
-    if request.param == "per-container":
-        node.env["REVENANT_SHIM_SHARED"] = "0"
+    if request.param == "shared":
+        node.env["REVENANT_SHIM_SHARED"] = "1"
     try:
         node.start()
         node.image = node.import_image(test_images.busybox)  # type: ignore[attr-defined]
@@ -44,7 +45,7 @@ def node(request: pytest.FixtureRequest, test_images) -> Iterator[ContainerdNode
 
 
 def test_shim_lifecycle(node: ContainerdNode):
-    shared = node.env.get("REVENANT_SHIM_SHARED") != "0"
+    shared = node.env.get("REVENANT_SHIM_SHARED") == "1"
     for cid in ("one", "two"):
         node.ctr("run", "-d", "--runtime", REVENANT_SHIM, node.image, cid, "sleep", "1000", input="")
     shims = revenant_shims(node)
@@ -74,7 +75,6 @@ def test_cri_sandbox_groups_share_a_shim(test_images):
     """Containers annotated with one io.kubernetes.cri.sandbox-id share their sandbox's shim, also with
     one shim per container otherwise (as containerd's runc shim groups a pod)."""
     node = ContainerdNode("pod")
-    node.env["REVENANT_SHIM_SHARED"] = "0"
     node.env["REVENANT_SHIM_LINGER"] = "1"
     try:
         node.start()
@@ -96,6 +96,7 @@ def test_killing_a_shared_shim_cleans_up_every_task_it_served(test_images):
     from .helpers import node_mounts, node_runc_containers
 
     node = ContainerdNode("crash")
+    node.env["REVENANT_SHIM_SHARED"] = "1"
     try:
         node.start()
         image = node.import_image(test_images.busybox)

@@ -44,9 +44,10 @@ def test_parse_go_style_flags():
 
 def test_group_annotation_selects_the_sandbox(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("REVENANT_SHIM_SHARED", raising=False)
+    assert main._group_of("c1") == "c1"  # default: a shim per container
+    monkeypatch.setenv("REVENANT_SHIM_SHARED", "1")
     assert main._group_of("c1") == main.SHARED_GROUP  # no sandbox: the namespace's shared shim
-    monkeypatch.setenv("REVENANT_SHIM_SHARED", "0")
-    assert main._group_of("c1") == "c1"
     (tmp_path / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}}')
     assert main._group_of("c1") == "pod1"
     monkeypatch.delenv("REVENANT_SHIM_SHARED")

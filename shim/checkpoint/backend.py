@@ -1,0 +1,130 @@
+"""The Task service's checkpoint backend: `ctr task checkpoint`, `ctr container checkpoint --task`
+and create-from-checkpoint (`ctr containers restore --live`), as containerd's runc shim does them.
+
+Checkpoint: CheckpointTaskRequest.options is a containerd.runc.v1.CheckpointOptions; the image goes
+to options.image_path or else request.path. Create with `checkpoint` set leaves the task "created from
+a checkpoint"; Start runs `runc restore`. containerd may delete the directory it unpacked the
+checkpoint into once Create returns, so Create links (or copies) the images into the bundle first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shim.runc import IOFds
+from shim.ttrpc import FailedPrecondition, InvalidArgument, TtrpcError
+
+from .engine import CheckpointEngine, CheckpointError, CheckpointResult
+from .options import CheckpointOptions, RestoreOptions
+
+if TYPE_CHECKING:
+    from revenant_pb.containerd.task.v2 import shim_pb2 as api
+    from shim.task_service import Container
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
+RESTORE_DIR = "checkpoint"  # inside the bundle: the images a created-from-checkpoint task restores
+
+
+def checkpoint_options_from(any_options: Any) -> tuple[CheckpointOptions, str]:
+    """CheckpointOptions (and the image path it names) from CheckpointTaskRequest.options."""
+    if any_options is None or not any_options.type_url:
+        return CheckpointOptions(), ""
+    if not any_options.type_url.endswith(CHECKPOINT_OPTIONS_TYPE):
+        raise InvalidArgument(f"checkpoint options of type {any_options.type_url!r}; "
+                              f"this shim takes {CHECKPOINT_OPTIONS_TYPE}")
+    from revenant_pb.containerd.runc.v1 import oci_pb2
+
+    o = oci_pb2.CheckpointOptions()
+    o.ParseFromString(any_options.value)
+    try:
+        opts = CheckpointOptions(exit=o.exit, open_tcp=o.open_tcp, external_unix_sockets=o.external_unix_sockets,
+                                 terminal=o.terminal, file_locks=o.file_locks,
+                                 empty_namespaces=tuple(o.empty_namespaces), cgroups_mode=o.cgroups_mode,
+                                 work_path=Path(o.work_path) if o.work_path else None)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    return opts, o.image_path
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Hard-link the images when they share a filesystem with the bundle (instant), else copy."""
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link_or_copy, symlinks=True)
+
+
+class RuncCheckpointBackend:
+    """shim.task_service.CheckpointBackend over the checkpoint engine."""
+
+    def __init__(self, engine: CheckpointEngine | None = None,
+                 on_checkpoint: Callable[[Container, CheckpointResult], None] | None = None) -> None:
+        self.engine = engine or CheckpointEngine()
+        self.on_checkpoint = on_checkpoint
+        self._pending: dict[str, tuple[IOFds, str | None, RestoreOptions]] = {}
+        self._lock = threading.Lock()
+        self.last_results: dict[str, CheckpointResult] = {}
+
+    def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None:
+        options, image_path = checkpoint_options_from(request.options if request.HasField("options") else None)
+        target = image_path or request.path
+        if not target:
+            raise InvalidArgument("CheckpointTaskRequest has neither a path nor options.image_path")
+        try:
+            result = self.engine.checkpoint(container.runc, container.id, Path(target), options,
+                                            keep_log_in=Path(container.bundle))
+        except CheckpointError as e:
+            raise TtrpcError(str(e)) from None
+        self.last_results[container.id] = result
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(container, result)
+
+    def restore_create(self, container: Container, request: api.CreateTaskRequest, io: IOFds,
+                       console_socket: str | None) -> None:
+        """Remember how to restore at Start. The images are container.checkpoint: containerd's unpacked
+        copy (linked into the bundle here) or a directory the protection manager fetched from the store."""
+        source = Path(container.checkpoint)
+        if not (source / "inventory.img").is_file():
+            raise InvalidArgument(f"{source} is not a CRIU checkpoint (no inventory.img)")
+        if request.checkpoint:
+            target = Path(container.bundle) / RESTORE_DIR
+            shutil.rmtree(target, ignore_errors=True)
+            link_or_copy_tree(source, target)
+            container.checkpoint = str(target)
+        restore = RestoreOptions(checkpoint=CheckpointOptions(terminal=request.terminal),
+                                 no_pivot=container.options.no_pivot_root)
+        with self._lock:
+            self._pending[container.id] = (io, console_socket, restore)
+
+    def restore_start(self, container: Container) -> int:
+        with self._lock:
+            pending = self._pending.get(container.id)
+        if pending is None:
+            raise FailedPrecondition(f"{container.id} was not created from a checkpoint")
+        io, console_socket, options = pending
+        bundle = Path(container.bundle)
+        work = Path(container.options.criu_work_path) if container.options.criu_work_path else bundle / "criu-work"
+        try:
+            result = self.engine.restore(container.runc, container.id, bundle, Path(container.checkpoint), options,
+                                         pid_file=bundle / "init.pid", io=io, work_path=work,
+                                         console_socket=console_socket, keep_log_in=bundle)
+        except CheckpointError as e:
+            raise TtrpcError(str(e)) from None  # the stdio stays ours: a fallback may still use it
+        with self._lock:
+            self._pending.pop(container.id, None)
+        if container.init.io is not None:
+            container.init.io.after_start()  # runc's restored process holds the child ends now
+        log.info("restored %s as pid %d in %.3fs", container.id, result.pid, result.duration_s)
+        shutil.rmtree(bundle / RESTORE_DIR, ignore_errors=True)
+        return result.pid

@@ -1,0 +1,299 @@
+"""Transparent protection inside the shim: one ProtectionManager per shim process.
+
+Lifecycle hooks the Task service calls:
+  before_create  -> policy from the bundle's annotations (bad values fail Create); for a protected
+                    container with a usable checkpoint, fill the rootfs upper dir from it and make the
+                    task "created from a checkpoint" so Start restores instead of starting fresh.
+  restore_failed -> at Start, a checkpoint that CRIU could not restore: prepare the next older one,
+                    or start fresh, saying why.
+  started        -> registry record for the agent and CLI; periodic checkpoints begin.
+  before_kill    -> with checkpoint-on-stop, a stop signal first takes a final checkpoint (bounded).
+  deleted        -> periodic checkpoints stop; the registry record goes.
+and serves revenant.v1.Control (Checkpoint, Status) on the shim's socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shim import registry
+from shim.checkpoint import CheckpointEngine, CheckpointError
+from shim.policy import NodeConfig, PolicyError, protection_for
+from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
+
+from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
+from .image_identity import ImageIdentity, image_of
+from .periodic import PeriodicCheckpoints
+from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
+
+if TYPE_CHECKING:
+    from revenant_pb.containerd.task.v2 import shim_pb2 as api
+    from shim.task_service import Container
+
+log = logging.getLogger(__name__)
+
+CONTROL_SERVICE = "revenant.v1.Control"
+CONFIG_ENV = "REVENANT_CONFIG"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
+RESTORE_TOPIC = "/revenant/restore"
+
+
+@dataclass
+class Protected:
+    container: ProtectedContainer
+    plan: RestorePlan | None = None
+    tried_seqs: list[int] = field(default_factory=list)
+    restored_from: int | None = None
+    fresh_reason: str | None = None
+    periodic: PeriodicCheckpoints | None = None
+    last_report: CheckpointReport | None = None
+    last_error: str | None = None
+    busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
+
+
+def load_node_config() -> NodeConfig:
+    return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
+
+
+def upper_dir_of(rootfs: Any) -> Path | None:
+    """The overlay upperdir among CreateTaskRequest.rootfs mounts (None: no writable layer to carry)."""
+    for m in rootfs:
+        if m.type == "overlay":
+            for o in m.options:
+                if o.startswith("upperdir="):
+                    return Path(o.removeprefix("upperdir="))
+    return None
+
+
+def bundle_annotations(bundle: str) -> dict[str, str]:
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return dict(json.load(f).get("annotations") or {})
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None
+
+
+class ProtectionManager:
+    def __init__(self, namespace: str, socket_address: str, publish: Callable[[str, str], None] | None = None,
+                 node: NodeConfig | None = None, engine: CheckpointEngine | None = None) -> None:
+        self.namespace = namespace
+        self.address = socket_address
+        self.publish = publish
+        self._node = node
+        self.engine = engine or CheckpointEngine()
+        self.restorer = Restorer()
+        self._protected: dict[str, Protected] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def node(self) -> NodeConfig:
+        if self._node is None:
+            self._node = load_node_config()
+        return self._node
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(os.environ.get(registry.RUN_DIR_ENV) or self.node.run_dir)
+
+    def get(self, cid: str) -> Protected | None:
+        with self._lock:
+            return self._protected.get(cid)
+
+    # -- Create ----------------------------------------------------------------------------------
+    def before_create(self, c: Container, req: api.CreateTaskRequest) -> None:
+        """Called before the rootfs is mounted (the upper dir may be filled from a checkpoint)."""
+        annotations = bundle_annotations(c.bundle)
+        try:
+            protection = protection_for(annotations, self.node)
+        except PolicyError as e:
+            raise InvalidArgument(str(e)) from None
+        if protection is None:
+            return
+        image = image_of(os.environ.get("GRPC_ADDRESS", ""), c.namespace, c.id) if os.environ.get(
+            "GRPC_ADDRESS") else None
+        pc = ProtectedContainer(namespace=c.namespace, id=c.id, bundle=Path(c.bundle), protection=protection,
+                                runc=c.runc, upper_dir=upper_dir_of(req.rootfs), image=image)
+        p = Protected(pc)
+        with self._lock:
+            self._protected[c.id] = p
+        log.info("%s/%s is protected: key %s, store %s, interval %ss, checkpoint-on-stop %s, keep %d",
+                 c.namespace, c.id, protection.key, protection.store, protection.interval_s,
+                 protection.checkpoint_on_stop, protection.keep)
+        if req.checkpoint:
+            return  # an explicit create-from-checkpoint (ctr restore) wins over the store
+        self._plan_restore(c, p, image)
+
+    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
+        pc = p.container
+        result = self.restorer.prepare(pc.protection, Path(c.bundle), pc.upper_dir, image, skip_seqs=p.tried_seqs)
+        if isinstance(result, NoUsableCheckpoint):
+            p.plan, c.checkpoint = None, ""
+            if result.reasons:
+                p.fresh_reason = str(result)
+                log.warning("%s", result)
+                self._event(c.id, "fresh", str(result))
+            else:
+                log.info("%s: no checkpoint yet, starting fresh", pc.protection.key)
+            return
+        p.plan = result
+        p.tried_seqs.append(result.seq)
+        c.checkpoint = str(result.criu_dir)
+        for reason in result.skipped:
+            log.warning("skipped checkpoint: %s", reason)
+        log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
+
+    def has_store_restore(self, cid: str) -> bool:
+        p = self.get(cid)
+        return p is not None and p.plan is not None
+
+    # -- Start -----------------------------------------------------------------------------------
+    def restore_failed(self, c: Container, error: TtrpcError, unmount: Callable[[], None],
+                       mount: Callable[[], None]) -> bool:
+        """A store checkpoint failed to restore: prepare the next one. True: try restoring again;
+        False: no checkpoint left, start fresh (c.checkpoint cleared)."""
+        p = self.get(c.id)
+        assert p is not None and p.plan is not None
+        failed = p.plan
+        log.warning("restore of %s seq %d failed, falling back: %s", failed.key, failed.seq, error)
+        failed.discard()
+        unmount()
+        if p.container.upper_dir is not None:
+            clear_upper_dir(p.container.upper_dir)
+        self._plan_restore(c, p, p.container.image)
+        if p.plan is None:
+            reason = f"checkpoint {failed.key}@{failed.seq} did not restore ({error})"
+            p.fresh_reason = f"{p.fresh_reason}; {reason}" if p.fresh_reason else reason
+            self._event(c.id, "fresh", p.fresh_reason)
+        mount()
+        return p.plan is not None
+
+    def started(self, c: Container, pause: Callable[[], bool], resume: Callable[[], None]) -> None:
+        p = self.get(c.id)
+        if p is None:
+            return
+        pc = p.container
+        pc.init_pid = c.init.pid
+        pc.pause, pc.resume = pause, resume
+        if p.plan is not None:
+            p.restored_from = p.plan.seq
+            self._event(c.id, "restored", f"{pc.protection.key}@{p.plan.seq}")
+            p.plan.discard()
+            p.plan = None
+        if pc.protection.interval_s > 0:
+            p.periodic = PeriodicCheckpoints(f"{c.namespace}/{c.id}", pc.protection.interval_s,
+                                             lambda: self.checkpoint(c.id, exit=False, reason="periodic"))
+            p.periodic.start()
+        self._write_record(p)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint(self, cid: str, *, exit: bool, reason: str, timeout_s: float | None = None) -> CheckpointReport:
+        p = self.get(cid)
+        if p is None:
+            raise NotFound(f"container {cid} is not protected by revenant (no checkpoint key)")
+        pc = p.container
+        if not pc.init_pid:
+            raise FailedPrecondition(f"{cid} has not started")
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        if not p.busy.acquire(timeout=timeout_s if timeout_s else -1):
+            raise FailedPrecondition(f"a checkpoint of {cid} is still running")
+        try:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TtrpcError(f"no time left to checkpoint {cid}")
+            report = Checkpointer(self.engine, self.node).take(pc, exit=exit, reason=reason)
+        except (CheckpointError, OSError, ValueError) as e:
+            p.last_error = f"{reason} checkpoint failed: {e}"
+            self._write_record(p)
+            raise TtrpcError(p.last_error) from None
+        except Exception as e:  # store errors and the like: report, keep the task protected
+            p.last_error = f"{reason} checkpoint failed: {type(e).__name__}: {e}"
+            self._write_record(p)
+            raise TtrpcError(p.last_error) from None
+        finally:
+            p.busy.release()
+        p.last_report, p.last_error = report, None
+        self._write_record(p)
+        return report
+
+    def before_kill(self, c: Container, sig: int) -> bool:
+        """Final checkpoint on a stop signal when asked for; True when it already stopped the task."""
+        p = self.get(c.id)
+        if p is None or not p.container.protection.checkpoint_on_stop or sig not in STOP_SIGNALS:
+            return False
+        if p.periodic is not None:
+            p.periodic.stop()
+        try:
+            self.checkpoint(c.id, exit=True, reason=f"stop signal {sig}", timeout_s=self.node.stop_deadline_s)
+        except TtrpcError as e:
+            log.error("final checkpoint of %s before stopping failed; stopping without it: %s", c.id, e)
+            return False
+        return True
+
+    # -- Delete ----------------------------------------------------------------------------------
+    def deleted(self, cid: str) -> None:
+        with self._lock:
+            p = self._protected.pop(cid, None)
+        if p is None:
+            return
+        if p.periodic is not None:
+            p.periodic.stop()
+        if p.plan is not None:
+            p.plan.discard()
+        registry.remove_task(self.run_dir, p.container.namespace, cid)
+
+    # -- registry, events, Control ---------------------------------------------------------------
+    def record(self, p: Protected) -> registry.TaskRecord:
+        pc = p.container
+        last = None
+        if p.last_report is not None:
+            last = registry.LastCheckpoint(seq=p.last_report.seq, time=time.time(),
+                                           bytes_uploaded=p.last_report.bytes_uploaded,
+                                           duration_s=p.last_report.total_s)
+        prev = registry.read_task(registry.task_path(self.run_dir, pc.namespace, pc.id))
+        if last is None and prev is not None:
+            last = prev.last_checkpoint
+        return registry.TaskRecord(
+            namespace=pc.namespace, id=pc.id, address=self.address, key=pc.protection.key,
+            store=pc.protection.store, interval_s=pc.protection.interval_s,
+            checkpoint_on_stop=pc.protection.checkpoint_on_stop, keep=pc.protection.keep, shim_pid=os.getpid(),
+            task_pid=pc.init_pid, last_checkpoint=last, last_error=p.last_error,
+            extra={"restored_from": p.restored_from, "fresh_reason": p.fresh_reason},
+        )
+
+    def _write_record(self, p: Protected) -> None:
+        try:
+            registry.write_task(self.run_dir, self.record(p))
+        except OSError as e:
+            log.warning("cannot write the registry record of %s: %s", p.container.id, e)
+
+    def _event(self, cid: str, what: str, detail: str) -> None:
+        if self.publish is not None:
+            self.publish(RESTORE_TOPIC, json.dumps({"container_id": cid, "outcome": what, "detail": detail}))
+
+    def control_service(self) -> Service:
+        from revenant_pb.revenant.v1 import control_pb2 as ctl
+
+        def do_checkpoint(ctx: Context, req: ctl.CheckpointRequest) -> ctl.CheckpointResponse:
+            timeout = req.timeout_ms / 1000 if req.timeout_ms else ctx.time_left()
+            r = self.checkpoint(req.id, exit=req.exit, reason=req.reason or "requested", timeout_s=timeout)
+            return ctl.CheckpointResponse(key=r.key, seq=r.seq, bytes_read=r.bytes_read,
+                                          bytes_uploaded=r.bytes_uploaded, freeze_s=r.freeze_s,
+                                          total_s=r.total_s, stats_json=json.dumps(r.stats))
+
+        def do_status(ctx: Context, req: ctl.StatusRequest) -> ctl.StatusResponse:
+            p = self.get(req.id)
+            if p is None:
+                raise NotFound(f"container {req.id} is not protected by revenant")
+            return ctl.StatusResponse(record_json=self.record(p).to_json())
+
+        return Service(CONTROL_SERVICE, {"Checkpoint": (ctl.CheckpointRequest, do_checkpoint),
+                                         "Status": (ctl.StatusRequest, do_status)})
+
