@@ -24,6 +24,7 @@ from harness.memjob import (
     wait_for_step,
 )
 from harness.protect import (
+    EventWatcher,
     Job,
     checkpointed_steps,
     destroy_node,
@@ -32,6 +33,9 @@ from harness.protect import (
     marker_of,
     registry_record,
     run_job,
+    shim_log,
+    store_checkpoints,
+    task_status,
     wait_for_seq,
     wait_stopped,
 )
@@ -132,3 +136,199 @@ def test_node_lost_without_notice_resumes_from_last_periodic(cluster: Cluster, t
     # for, bounded generously) is the most a periodic checkpoint may be behind.
     assert 0 <= lost <= 5 * (3 + 3), f"lost {lost} steps (A reached {steps_a[-1].n}, checkpoint at {at_checkpoint})"
     cluster.check_memory(job, steps_b)
+
+
+def _uploads_started(node: ContainerdNode, cid: str) -> int:
+    return shim_log(node).count(f"uploading checkpoint of {node.namespace}/{cid}: 0/")
+
+
+def test_notice_during_a_periodic_checkpoint(s3_server, cluster: Cluster, metadata_server, agent_factory) -> None:
+    """The S3 upload of a periodic checkpoint takes seconds here: the notice lands in the middle of one.
+    The final checkpoint waits for it, then commits after it; B resumes from the final one."""
+    job = Job("job", new_key(), s3_server.url)
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_seq(cluster.a, job.cid, 1, timeout=180)
+    agent = agent_factory(cluster.a.revenant_run_dir, metadata_server.url)
+    wait_for(lambda: _uploads_started(cluster.a, job.cid) >= 2, 60, "the second periodic upload to start")
+    in_flight = last_seq(cluster.a, job.cid) + 1
+    metadata_server.aws_terminate(120)
+    agent.wait_drain(timeout=240)
+    (result,) = agent.results()
+    assert result["status"] == "ok", agent.text()
+    assert result["seq"] > in_flight - 1, result
+    wait_stopped(cluster.a, job.cid)
+    steps_a = read_steps(job_log(cluster.a, job.cid))
+    destroy_node(cluster.a)
+
+    steps_b = cluster.resume_on_b(job)
+    rec = registry_record(cluster.b, job.cid)
+    assert rec is not None and rec["restored_from"] == result["seq"], rec
+    assert steps_a[-1].n in {s.n for s in steps_b}, "steps lost despite the notice"
+    assert_continuous(steps_b)
+    cluster.check_memory(job, steps_b)
+
+
+def test_one_notice_checkpoints_every_protected_container_and_leaves_others_alone(
+        cluster: Cluster, tmp_path: Path, metadata_server, agent_factory) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    jobs = [Job(f"job{i}", new_key(), store, seed=20 + i, marker=f"m{i}-{uuid.uuid4().hex[:6]}")
+            for i in range(2)]
+    for job in jobs:
+        run_job(cluster.a, cluster.image_a, job)
+    # Same runtime, no checkpoint key: revenant must leave it alone.
+    free = Job("free", "", store)
+    run_job(cluster.a, cluster.image_a, free, annotations={}, command=["/bin/memjob", "--mib", "16", "--mutate",
+            "0.05", "--seed", "3", "--interval-ms", "200"])
+    for job in jobs:
+        wait_for_seq(cluster.a, job.cid, 1)
+    assert registry_record(cluster.a, "free") is None
+    agent = agent_factory(cluster.a.revenant_run_dir, metadata_server.url)
+    metadata_server.aws_terminate(120)
+    agent.wait_drain()
+    results = {r["id"]: r for r in agent.results()}
+    assert set(results) == {"job0", "job1"}, agent.text()
+    assert all(r["status"] == "ok" for r in results.values()), results
+    for job in jobs:
+        wait_stopped(cluster.a, job.cid)
+    assert task_status(cluster.a, "free") == "RUNNING", "the unprotected task was stopped"
+    assert registry_record(cluster.a, "free") is None
+    log_a = shim_log(cluster.a)
+    assert f"{cluster.a.namespace}/free is protected" not in log_a
+    assert "checkpointed free" not in log_a and f"of {cluster.a.namespace}/free" not in log_a
+    assert not list(cluster.a.bundle("free").glob("checkpoint*")), "something checkpointed the unprotected task"
+    last_a = {job.cid: read_steps(job_log(cluster.a, job.cid))[-1].n for job in jobs}
+    destroy_node(cluster.a)
+
+    for job in jobs:
+        steps_b = cluster.resume_on_b(job)
+        assert marker_of(cluster.b, job.cid) == job.marker
+        assert last_a[job.cid] in {s.n for s in steps_b}
+        cluster.check_memory(job, steps_b)
+
+
+def test_store_down_at_notice_time(s3_server, cluster: Cluster, metadata_server, agent_factory) -> None:
+    """The final checkpoint cannot be stored: the agent reports the failure clearly; the last good
+    periodic checkpoint stays; B restores it once the store is back."""
+    job = Job("job", new_key(), s3_server.url, interval="2s")
+    run_job(cluster.a, cluster.image_a, job)
+    good = wait_for_seq(cluster.a, job.cid, 1, timeout=180)
+    agent = agent_factory(cluster.a.revenant_run_dir, metadata_server.url)
+    s3_server.stop()
+    try:
+        good = last_seq(cluster.a, job.cid)  # a periodic one may have committed just before
+        metadata_server.aws_terminate(120)
+        agent.wait_drain(timeout=240)
+        (result,) = agent.results()
+        assert result["status"] == "failed", result
+        assert "store" in result["error"].lower() or "s3://" in result["error"], result["error"]
+        rec = registry_record(cluster.a, job.cid)
+        assert rec is not None and rec["last_error"], rec
+    finally:
+        destroy_node(cluster.a)
+        s3_server.start()
+    seqs = [c.seq for c in store_checkpoints(job.store, job.key)]
+    assert seqs and max(seqs) >= good, seqs
+
+    steps_b = cluster.resume_on_b(job)
+    rec = registry_record(cluster.b, job.cid)
+    assert rec is not None and rec["restored_from"] == max(seqs), rec
+    assert marker_of(cluster.b, job.cid) == job.marker
+    cluster.check_memory(job, steps_b)
+
+
+def _flip_byte_in_newest(store_url: str, key: str) -> tuple[int, str]:
+    """Damage one chunk only the newest checkpoint references; returns (seq, digest)."""
+    from snapshotter.store import open_store
+
+    store = open_store(store_url)
+    try:
+        committed = store._committed(key)
+        newest = max(committed)
+        older: set[str] = set()
+        for seq, name in committed.items():
+            if seq != newest:
+                older |= store._load(key, name).chunk_digests()
+        own = sorted(store._load(key, committed[newest]).chunk_digests() - older)
+    finally:
+        store.close()
+    assert own, "the newest checkpoint shares every chunk with older ones"
+    path = Path(store_url.removeprefix("file://")) / "chunks" / own[0][:2] / own[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    return newest, own[0]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(cluster: Cluster, tmp_path: Path) -> None:
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}")
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_seq(cluster.a, job.cid, 2)
+    destroy_node(cluster.a)
+    newest, digest = _flip_byte_in_newest(job.store, job.key)
+
+    steps_b = cluster.resume_on_b(job)
+    rec = registry_record(cluster.b, job.cid)
+    assert rec is not None and rec["restored_from"] == newest - 1, rec
+    assert digest in shim_log(cluster.b) or f"seq {newest}" in shim_log(cluster.b)
+    assert marker_of(cluster.b, job.cid) == job.marker
+    cluster.check_memory(job, steps_b)
+
+
+def test_changed_base_image_starts_fresh_and_says_why(cluster: Cluster, tmp_path: Path, test_images) -> None:
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}")
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_seq(cluster.a, job.cid, 1)
+    destroy_node(cluster.a)
+
+    busybox = cluster.b.import_image(test_images.busybox)
+    events = EventWatcher(cluster.b, tmp_path / "events-b.txt")
+    try:
+        run_job(cluster.b, busybox, job, command=["sleep", "600"])
+        wait_for(lambda: task_status(cluster.b, job.cid) == "RUNNING", 60, "the fresh task on B")
+        wait_for(lambda: events.lines("/revenant/restore"), 30, "the /revenant/restore event")
+    finally:
+        events.stop()
+    rec = registry_record(cluster.b, job.cid)
+    assert rec is not None and rec["restored_from"] is None and "image" in (rec["fresh_reason"] or ""), rec
+    (event,) = events.lines("/revenant/restore")
+    assert "fresh" in event and "image" in event, event
+    assert "starting fresh" in shim_log(cluster.b)
+    assert marker_of(cluster.b, job.cid) is None, "a layer from the other image was applied"
+
+
+def test_checkpoint_on_stop(cluster: Cluster, tmp_path: Path) -> None:
+    """`ctr task kill -s SIGTERM` on a container with checkpoint-on-stop takes a final checkpoint first."""
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}", interval="off", on_stop=True)
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_step(job_log(cluster.a, job.cid), 5)
+    assert not store_checkpoints(job.store, job.key)
+    cluster.a.ctr("task", "kill", "-s", "SIGTERM", job.cid, input="")
+    wait_stopped(cluster.a, job.cid)
+    (ckpt,) = store_checkpoints(job.store, job.key)
+    steps_a = read_steps(job_log(cluster.a, job.cid))
+    destroy_node(cluster.a)
+
+    steps_b = cluster.resume_on_b(job)
+    rec = registry_record(cluster.b, job.cid)
+    assert rec is not None and rec["restored_from"] == ckpt.seq, rec
+    assert steps_a[-1].n in {s.n for s in steps_b}
+    cluster.check_memory(job, steps_b)
+
+
+@pytest.mark.parametrize(("annotation", "value", "says"), [
+    ("revenant.io/checkpoint-interval", "soon", "not a duration"),
+    ("revenant.io/keep", "0", "at least 1"),
+    ("revenant.io/store", "ftp://somewhere", "not a store URL"),
+    ("revenant.io/checkpoint-on-stop", "maybe", "not true or false"),
+    ("revenant.io/checkpoint-key", "../escape", "must be"),
+])
+def test_bad_annotation_fails_create(containerd_node: ContainerdNode, test_images, tmp_path: Path,
+                                     annotation: str, value: str, says: str) -> None:
+    image = containerd_node.import_image(test_images.busybox)
+    job = Job("bad", "test/bad/main", f"file://{tmp_path / 'store'}")
+    res = run_job(containerd_node, image, job, check=False, annotations={**job.annotations(), annotation: value},
+                  command=["sleep", "600"])
+    assert res.returncode != 0
+    assert annotation in res.stderr and says in res.stderr, res.stderr
+    assert task_status(containerd_node, "bad") == "ABSENT"
