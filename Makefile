@@ -44,7 +44,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	PYTHONPATH=tests $(PY) -m harness.demo_baseline
+	PYTHONPATH=tests $(PY) -m harness.demo
 
 bench: setup
 	$(PY) -m bench
