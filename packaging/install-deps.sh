@@ -17,7 +17,7 @@ esac
 
 # Packages from the release's own suite.
 packages=(containerd runc iptables busybox-static docker-registry zstd
-          containernetworking-plugins iproute2 gcc libc6-dev make python3-venv)
+          containernetworking-plugins iproute2 gcc libc6-dev make python3-venv podman)
 
 missing=()
 for p in "${packages[@]}"; do
