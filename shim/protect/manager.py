@@ -267,7 +267,9 @@ class ProtectionManager:
             last = registry.LastCheckpoint(seq=p.last_report.seq, time=time.time(),
                                            bytes_uploaded=p.last_report.bytes_uploaded,
                                            duration_s=p.last_report.total_s)
-        prev = registry.read_task(registry.task_path(self.run_dir, pc.namespace, pc.id))
+        path = registry.task_path(self.run_dir, pc.namespace, pc.id)
+        # No record yet on the first write: read_task would warn that it "vanished".
+        prev = registry.read_task(path) if path.exists() else None
         if last is None and prev is not None:
             last = prev.last_checkpoint
         return registry.TaskRecord(
