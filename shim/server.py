@@ -59,7 +59,7 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     gpu_hooks = GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid))
     engine = CheckpointEngine(hooks=gpu_hooks)
     protection = ProtectionManager(
-        args.namespace, f"unix://{socket_path}", engine=engine,
+        args.namespace, f"unix://{socket_path}", engine=engine, grpc_address=args.address,
         publish=lambda topic, text: publisher.publish(wrappers_pb2.StringValue(value=text), topic=topic),
     )
     service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger,

@@ -84,9 +84,13 @@ def bundle_annotations(bundle: str) -> dict[str, str]:
 
 class ProtectionManager:
     def __init__(self, namespace: str, socket_address: str, publish: Callable[[str, str], None] | None = None,
-                 node: NodeConfig | None = None, engine: CheckpointEngine | None = None) -> None:
+                 node: NodeConfig | None = None, engine: CheckpointEngine | None = None,
+                 grpc_address: str = "") -> None:
         self.namespace = namespace
         self.address = socket_address
+        # containerd's gRPC socket, to ask which image a container runs. containerd 1.6 passes it only
+        # as the shim's -address flag (GRPC_ADDRESS in the environment came with 1.7).
+        self.grpc_address = grpc_address or os.environ.get("GRPC_ADDRESS", "")
         self.publish = publish
         self._node = node
         self.engine = engine or CheckpointEngine()
@@ -118,8 +122,10 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return
-        image = image_of(os.environ.get("GRPC_ADDRESS", ""), c.namespace, c.id) if os.environ.get(
-            "GRPC_ADDRESS") else None
+        image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
+        if image is None:
+            log.warning("%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
+                        "against a changed image", c.namespace, c.id)
         pc = ProtectedContainer(namespace=c.namespace, id=c.id, bundle=Path(c.bundle), protection=protection,
                                 runc=c.runc, upper_dir=upper_dir_of(req.rootfs), image=image)
         p = Protected(pc)
@@ -220,6 +226,10 @@ class ProtectionManager:
         finally:
             p.busy.release()
         p.last_report, p.last_error = report, None
+        if exit and p.periodic is not None:
+            # The task is gone after a final checkpoint: later periodic ones could only fail and
+            # overwrite the record's last_error with noise.
+            p.periodic.stop()
         self._write_record(p)
         return report
 
@@ -257,7 +267,9 @@ class ProtectionManager:
             last = registry.LastCheckpoint(seq=p.last_report.seq, time=time.time(),
                                            bytes_uploaded=p.last_report.bytes_uploaded,
                                            duration_s=p.last_report.total_s)
-        prev = registry.read_task(registry.task_path(self.run_dir, pc.namespace, pc.id))
+        path = registry.task_path(self.run_dir, pc.namespace, pc.id)
+        # No record yet on the first write: read_task would warn that it "vanished".
+        prev = registry.read_task(path) if path.exists() else None
         if last is None and prev is not None:
             last = prev.last_checkpoint
         return registry.TaskRecord(

@@ -1,0 +1,348 @@
+"""Issue 7 benchmark: transparent protection against the stock tools, side by side in one run.
+
+1. freeze: a periodic (leave-running) checkpoint through revenant (`revenant checkpoint`, dump staged
+   in /dev/shm, upload after the task runs on) vs `runc checkpoint --leave-running` of the same job into
+   a directory on local disk; the peak extra memory staging costs (/dev/shm growth, sampled).
+2. restore: `ctr run` of the same key on node B (Create to running, restored from the file:// store)
+   vs `zstd -d | tar -x` of a runc dump followed by `runc restore --detach`.
+3. Podman 4.3.1 on the same job: `checkpoint --export --compress=zstd --leave-running` and
+   `restore --import` (skipped with the reason when podman is not installed).
+4. notice-to-committed: AWS spot notice from the local metadata server -> a real `revenant agent` ->
+   final checkpoint committed into the S3 server (SeaweedFS).
+5. a run of N steps interrupted K times (final checkpoint + `ctr run` on the other node) vs the same run
+   uninterrupted: wall overhead and steps lost.
+
+Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the issue's figures (wrap it in
+`flock /tmp/revenant-heavy.lock`). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from harness.containerd import VENV_BIN, ContainerdNode  # noqa: E402
+from harness.images import build_test_images  # noqa: E402
+from harness.memjob import LOG_IN_CONTAINER, assert_continuous, read_steps, wait_for, wait_for_step  # noqa: E402
+from harness.metadata_server import MetadataServer  # noqa: E402
+from harness.protect import (  # noqa: E402
+    AgentProcess,
+    Job,
+    job_log,
+    registry_record,
+    run_job,
+    task_status,
+    wait_stopped,
+)
+from shim.checkpoint.criu_stats import read_dump_stats  # noqa: E402
+
+ROWS: list[tuple[str, str, str, str]] = []  # (measure, revenant, peer, note)
+
+
+def say(msg: str) -> None:
+    print(f"# {msg}", file=sys.stderr, flush=True)
+
+
+def row(measure: str, revenant: str, peer: str, note: str = "") -> None:
+    ROWS.append((measure, revenant, peer, note))
+    say(f"{measure}: revenant {revenant} | peer {peer} {note}")
+
+
+def memjob_cmd(mib: int, seed: int, interval_ms: int = 100, steps: int = 0) -> list[str]:
+    cmd = ["/bin/memjob", "--mib", str(mib), "--mutate", "0.05", "--seed", str(seed),
+           "--interval-ms", str(interval_ms), "--log", LOG_IN_CONTAINER]
+    return cmd + (["--steps", str(steps)] if steps else [])
+
+
+def revenant_cli(*args: str) -> dict[str, Any]:
+    out = subprocess.run([str(VENV_BIN / "revenant"), *args], capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"revenant {' '.join(args)}: {out.stderr or out.stdout}")
+    return json.loads(out.stdout)
+
+
+class ShmPeak(threading.Thread):
+    """Peak growth of /dev/shm usage over a baseline while it runs (the staging's memory cost)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.base = shutil.disk_usage("/dev/shm").used
+        self.peak = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            self.peak = max(self.peak, shutil.disk_usage("/dev/shm").used - self.base)
+
+
+def runc_root(node: ContainerdNode) -> Path:
+    return node.runc_root / node.namespace  # the stock shim's runc root: --runc-root/<namespace>
+
+
+def mib_s(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+# -- 1 + 2: freeze and restore ----------------------------------------------------------------------
+def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str, image_b: str, mib: int,
+                             work: Path, store: str) -> None:
+    # Stock: the same job under the stock runc shim, dumped by runc onto local disk.
+    a.ctr("run", "-d", "--runc-root", str(a.runc_root), image_a, "stock", *memjob_cmd(mib, 5), input="")
+    wait_for_step(a.rootfs("stock") / LOG_IN_CONTAINER.lstrip("/"), 3, timeout=120)
+    disk = Path(tempfile.mkdtemp(prefix="rv-bench-", dir="/var/tmp"))
+    try:
+        img, wk = disk / "leave-running", disk / "leave-running.work"
+        t = time.monotonic()
+        subprocess.run(["runc", "--root", str(runc_root(a)), "checkpoint", "--leave-running", "--image-path",
+                        str(img), "--work-path", str(wk), "stock"], check=True, capture_output=True, timeout=1800)
+        stock_wall = time.monotonic() - t
+        st = read_dump_stats(wk)
+        stock_frozen = st.frozen_time_us / 1e6 if st else stock_wall
+        shutil.rmtree(img, ignore_errors=True)
+
+        # A final runc dump of the stock job for the restore comparison; it also frees its memory.
+        img2, wk2 = disk / "final", disk / "final.work"
+        subprocess.run(["runc", "--root", str(runc_root(a)), "checkpoint", "--image-path", str(img2),
+                        "--work-path", str(wk2), "stock"], check=True, capture_output=True, timeout=1800)
+
+        # revenant: the periodic path, asked for now.
+        job = Job("job", "bench/protect/main", store, mib=mib, interval="off")
+        run_job(a, image_a, job, command=memjob_cmd(mib, 6))
+        wait_for_step(job_log(a, job.cid), 3, timeout=120)
+        peak = ShmPeak()
+        peak.start()
+        res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
+        peak.halt.set()
+        peak.join()
+        row(f"freeze, leave-running checkpoint ({mib} MiB)", f"{res['freeze_s']:.2f} s frozen",
+            f"{stock_frozen:.2f} s frozen (runc to /var/tmp, {stock_wall:.2f} s wall)",
+            f"ratio {res['freeze_s'] / stock_frozen:.2f}x; revenant committed in {res['total_s']:.2f} s")
+        row("peak extra memory of staging", f"{mib_s(peak.peak)} in /dev/shm (freed after upload)", "-",
+            f"{mib_s(res['bytes_read'])} checkpoint; /dev/shm is shared with other processes")
+
+        # Restore. Final checkpoint of the revenant job, then `ctr run` on B (Create to running).
+        revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(a.revenant_run_dir), "--json")
+        wait_stopped(a, job.cid)
+        t = time.monotonic()
+        run_job(b, image_b, job, command=memjob_cmd(mib, 6))
+        rev_restore = time.monotonic() - t
+        restored = (registry_record(b, job.cid) or {}).get("restored_from")
+        wait_for_step(job_log(b, job.cid), read_steps(job_log(b, job.cid))[-1].n + 2, timeout=120)
+        b.ctr("task", "kill", "-s", "SIGKILL", job.cid, check=False, input="")  # its memory, before the peer's
+
+        # Stock: `zstd -d | tar -x` of the final runc dump (archived untimed above) + `runc restore`
+        # into a copy of its bundle.
+        bundle = disk / "bundle"
+        (bundle / "rootfs").mkdir(parents=True)
+        subprocess.run(["cp", "-a", f"{a.rootfs('stock')}/.", str(bundle / "rootfs")], check=True)
+        spec = json.loads((a.bundle("stock") / "config.json").read_text())
+        spec["linux"]["cgroupsPath"] = f"/rv-bench-restore-{os.getpid()}"
+        spec["root"]["path"] = str(bundle / "rootfs")
+        (bundle / "config.json").write_text(json.dumps(spec))
+        archive = disk / "final.tar.zst"
+        subprocess.run(f"tar -C {img2} -cf - . | zstd -q -1 -T0 -o {archive}", shell=True, check=True)
+        dest, rroot = disk / "restore", disk / "runc-root"
+        dest.mkdir()
+        t = time.monotonic()
+        subprocess.run(f"zstd -q -d -c {archive} | tar -x -C {dest}", shell=True, check=True)
+        untar = time.monotonic() - t
+        # The restored job inherits runc's stdio: a file, not a pipe we would wait on forever.
+        with open(disk / "restore.out", "wb") as out:
+            r = subprocess.run(["runc", "--root", str(rroot), "restore", "--detach", "--image-path", str(dest),
+                                "--work-path", str(disk / "restore.work"), "--bundle", str(bundle),
+                                "stock-restored"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               timeout=1800)
+        stock_restore = time.monotonic() - t
+        r.stderr = (disk / "restore.out").read_text(errors="replace")
+        if r.returncode != 0:
+            tail = (disk / "restore.work" / "restore.log")
+            detail = tail.read_text()[-400:] if tail.exists() else r.stderr[-400:]
+            peer = f"runc restore failed: {detail.strip().splitlines()[-1] if detail.strip() else r.returncode}"
+        else:
+            peer = f"{stock_restore:.2f} s ({untar:.2f} s zstd -d \\| tar -x, archive {mib_s(archive.stat().st_size)})"
+            subprocess.run(["runc", "--root", str(rroot), "kill", "stock-restored", "KILL"], capture_output=True)
+            time.sleep(0.5)
+            subprocess.run(["runc", "--root", str(rroot), "delete", "-f", "stock-restored"], capture_output=True)
+        row(f"restore on B, to running ({mib} MiB)", f"{rev_restore:.2f} s (`ctr run`, from seq {restored})", peer,
+            f"ratio {rev_restore / stock_restore:.2f}x" if r.returncode == 0 else "")
+        b.ctr("task", "kill", "-s", "SIGKILL", job.cid, check=False, input="")
+        for node in (a, b):  # Delete drops the registry record: later sections see only their own tasks
+            node.ctr("task", "rm", "-f", job.cid, check=False, input="")
+            node.ctr("containers", "rm", job.cid, check=False, input="")
+    finally:
+        subprocess.run(["umount", "-R", str(disk / "bundle" / "rootfs")], capture_output=True)
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+# -- 3: podman --------------------------------------------------------------------------------------
+def bench_podman(images: Any, mib: int, work: Path) -> None:
+    podman = shutil.which("podman")
+    if podman is None:
+        row("podman checkpoint / restore", "-", "not run: podman not installed (apt-get install podman)")
+        return
+    root = work / "podman"
+    base = [podman, "--root", str(root / "root"), "--runroot", str(root / "run"), "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file"]
+
+    def pm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=1800)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"podman {' '.join(args)}: {r.stderr.strip()[-500:]}")
+        return r
+
+    try:
+        version = pm("version", "--format", "{{.Client.Version}}").stdout.strip()
+        pm("load", "-i", str(images.memjob))
+        ref = images.memjob_ref
+        pm("run", "-d", "--name", "pj", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
+           "nproc=4096:4096", ref, *memjob_cmd(mib, 8))
+        wait_for(lambda: "step=3" in pm("logs", "pj", check=False).stdout, 120, "podman job step 3")
+        archive = work / "podman-ckpt.tar.zst"
+        t = time.monotonic()
+        pm("container", "checkpoint", "--export", str(archive), "--compress", "zstd", "--leave-running", "pj")
+        ck = time.monotonic() - t
+        pm("rm", "-f", "pj")
+        t = time.monotonic()
+        pm("container", "restore", "--import", str(archive))
+        rs = time.monotonic() - t
+        row(f"podman {version}: checkpoint --export --leave-running / restore --import",
+            "(see rows above)", f"{ck:.2f} s export, {rs:.2f} s import (archive {mib_s(archive.stat().st_size)})")
+    except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
+        row("podman checkpoint / restore", "-", f"failed: {str(e)[:300]}")
+    finally:
+        pm("rm", "-af", "-t", "0", check=False)
+        subprocess.run([*base, "system", "reset", "-f"], capture_output=True, timeout=300)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- 4: notice to committed into S3 -----------------------------------------------------------------
+def bench_notice_s3(node: ContainerdNode, image: str, mib: int, work: Path) -> None:
+    from tests.harness.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, SeaweedS3
+
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = S3_ACCESS_KEY, S3_SECRET_KEY
+    srv = SeaweedS3(work / "seaweed")
+    metadata = MetadataServer(("aws",)).start()
+    agent = None
+    try:
+        srv.start()
+        # The shim inherits containerd's environment: restart the node so it has the credentials.
+        node.env.update({"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY})
+        node.restart()
+        store = f"s3://{S3_BUCKET}/bench-{os.getpid()}?endpoint={srv.endpoint}"
+        job = Job("s3job", "bench/notice/main", store, mib=mib, interval="off")
+        run_job(node, image, job, command=memjob_cmd(mib, 9))
+        wait_for_step(job_log(node, job.cid), 3, timeout=120)
+        agent = AgentProcess(node.revenant_run_dir, metadata.url, work / "agent.log")
+        agent.start()
+        t = time.monotonic()
+        metadata.aws_terminate(120)
+        agent.wait_drain(timeout=1800)
+        total = time.monotonic() - t
+        (res,) = [r for r in agent.results() if r["id"] == job.cid]
+        if res["status"] != "ok":
+            row(f"notice -> committed, S3 ({mib} MiB)", f"failed: {res['error']}", "-")
+        else:
+            row(f"notice -> committed, S3 ({mib} MiB)", f"{total:.1f} s",
+                "target <= 30 s for 4 GiB",
+                f"frozen {res['freeze_s']:.2f} s, {mib_s(res['bytes_uploaded'])} uploaded; agent polls every 0.5 s")
+    finally:
+        if agent is not None:
+            agent.stop()
+        metadata.stop()
+        srv.shutdown()
+
+
+# -- 5: interrupted vs uninterrupted ----------------------------------------------------------------
+def run_to_completion(nodes: list[ContainerdNode], images: dict[str, str], mib: int, steps: int,
+                      interruptions: int, store: str, tag: str) -> tuple[float, list[Any], float]:
+    """Run `steps` steps; with interruptions, move the job between nodes that many times, evenly spaced.
+    Returns (wall seconds, the steps in the final log, seconds spent in moves)."""
+    job = Job(f"run{tag}", f"bench/run-{tag}/main", store, mib=mib, interval="off")
+    cmd = memjob_cmd(mib, 12, interval_ms=100, steps=steps)
+    node = nodes[0]
+    t0 = time.monotonic()
+    run_job(node, images[node.name], job, command=cmd)
+    moves = 0.0
+    for k in range(1, interruptions + 1):
+        wait_for_step(job_log(node, job.cid), steps * k // (interruptions + 1), timeout=1800)
+        m = time.monotonic()
+        revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(node.revenant_run_dir), "--json")
+        wait_stopped(node, job.cid)
+        node.ctr("task", "rm", "-f", job.cid, check=False, input="")
+        node.ctr("containers", "rm", job.cid, check=False, input="")
+        node = nodes[k % len(nodes)]
+        run_job(node, images[node.name], job, command=cmd)
+        moves += time.monotonic() - m
+    wait_for(lambda: task_status(node, job.cid) == "STOPPED", 1800, f"{job.cid} to finish")
+    wall = time.monotonic() - t0
+    final = read_steps(job_log(node, job.cid))
+    node.ctr("task", "rm", "-f", job.cid, check=False, input="")
+    node.ctr("containers", "rm", job.cid, check=False, input="")
+    return wall, final, moves
+
+
+def bench_interruptions(a: ContainerdNode, b: ContainerdNode, images: dict[str, str], mib: int, steps: int,
+                        interruptions: int, store: str) -> None:
+    plain, _, _ = run_to_completion([a], images, mib, steps, 0, store, "plain")
+    wall, final, moves = run_to_completion([a, b], images, mib, steps, interruptions, store, "moved")
+    assert_continuous(final)
+    lost = steps - len({s.n for s in final})
+    row(f"{steps} steps, {interruptions} interruptions vs none ({mib} MiB)",
+        f"{wall:.1f} s wall, {lost} steps lost", f"{plain:.1f} s uninterrupted",
+        f"overhead {100 * (wall - plain) / plain:.1f} % ({moves:.1f} s in {interruptions} moves: final "
+        "checkpoint + `ctr run` restore; no reschedule gap)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mib", type=int, default=128, help="job memory in MiB (default 128)")
+    ap.add_argument("--gib", type=float, default=None, help="job memory in GiB (overrides --mib)")
+    ap.add_argument("--steps", type=int, default=300, help="steps of the interrupted/uninterrupted run")
+    ap.add_argument("--interruptions", type=int, default=4)
+    ap.add_argument("--skip", action="append", default=[], choices=("freeze", "podman", "s3", "run"))
+    args = ap.parse_args()
+    mib = int(args.gib * 1024) if args.gib else args.mib
+    work = Path(tempfile.mkdtemp(prefix="rv-pbench-", dir="/var/tmp"))
+    store = f"file://{work / 'store'}"
+    say(f"building images; job memory {mib} MiB; work dir {work}")
+    images = build_test_images(work / "images")
+    a, b = ContainerdNode("a"), ContainerdNode("b")
+    try:
+        a.start()
+        b.start()
+        refs = {"a": a.import_image(images.memjob), "b": b.import_image(images.memjob)}
+        if "freeze" not in args.skip:
+            bench_freeze_and_restore(a, b, refs["a"], refs["b"], mib, work, store)
+        if "podman" not in args.skip:
+            bench_podman(images, mib, work)
+        if "run" not in args.skip:
+            bench_interruptions(a, b, refs, mib, args.steps, args.interruptions, store)
+        if "s3" not in args.skip:
+            bench_notice_s3(a, refs["a"], mib, work)
+    finally:
+        a.destroy()
+        b.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\nCommand: .venv/bin/python bench/protect_bench.py {shlex.join(sys.argv[1:])}\n")
+    print("| measure | revenant | peer | note |\n|---|---|---|---|")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
