@@ -23,13 +23,13 @@ def test_checkpoint_and_restore_512mib(node_factory, test_images):
     mib = 512
     node = node_factory("a")
     image = node.import_image(test_images.memjob)
-    log = run_memjob(node, image, "big", mib, SEED)
+    log = run_memjob(node, image, "ck-big", mib, SEED)
     ref = "localhost/checkpoint/big:1"
-    ctr(node, "container", "checkpoint", "--task", "--rw", "big", ref)
+    ctr(node, "container", "checkpoint", "--task", "--rw", "ck-big", ref)
     at = last_step(log)
-    remove(node, "big")
-    ctr(node, "containers", "restore", "--live", "--rw", "big2", ref)
-    assert_resumed(node, "big2", test_images.memjob_binary, mib, SEED, at)
+    remove(node, "ck-big")
+    ctr(node, "containers", "restore", "--live", "--rw", "ck-big2", ref)
+    assert_resumed(node, "ck-big2", test_images.memjob_binary, mib, SEED, at)
 
 
 def _checkpoint_on(node: ContainerdNode, image: str, cid: str, ref: str, mib: int) -> int:
@@ -50,7 +50,7 @@ def test_move_between_nodes_by_export_and_by_registry(node_factory, test_images,
     registry = urlparse(oci_registry.url)
     ref = f"{registry.netloc}{registry.path}/moved:1"
     a = node_factory("a")
-    at = _checkpoint_on(a, a.import_image(test_images.memjob), "job", ref, mib)
+    at = _checkpoint_on(a, a.import_image(test_images.memjob), "ck-job", ref, mib)
     archive = tmp_path / "checkpoint.tar"
     ctr(a, "images", "export", "--skip-manifest-json", str(archive), ref)
     ctr(a, "images", "push", "--plain-http", ref)
@@ -59,12 +59,12 @@ def test_move_between_nodes_by_export_and_by_registry(node_factory, test_images,
     b = node_factory("b")
     b.import_image(test_images.memjob)  # the base image is there already, as on any node that ran it
     ctr(b, "images", "import", "--no-unpack", str(archive))
-    ctr(b, "containers", "restore", "--live", "--rw", "job", ref)
-    assert_resumed(b, "job", test_images.memjob_binary, mib, SEED, at)
+    ctr(b, "containers", "restore", "--live", "--rw", "ck-job", ref)
+    assert_resumed(b, "ck-job", test_images.memjob_binary, mib, SEED, at)
     b.destroy()
 
     c = node_factory("c")
     c.import_image(test_images.memjob)
     ctr(c, "content", "fetch", "--plain-http", ref)
-    ctr(c, "containers", "restore", "--live", "--rw", "job", ref)
-    assert_resumed(c, "job", test_images.memjob_binary, mib, SEED, at)
+    ctr(c, "containers", "restore", "--live", "--rw", "ck-job", ref)
+    assert_resumed(c, "ck-job", test_images.memjob_binary, mib, SEED, at)
