@@ -10,6 +10,7 @@ import sys
 SUBCOMMAND_MODULES: list[str] = [
     "shim.agent.cli",
     "shim.cli.gpu",
+    "shim.cli.stats",
     "snapshotter.cli",
     "snapshotter.store.cli",
 ]
