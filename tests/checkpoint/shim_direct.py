@@ -101,13 +101,13 @@ def clone_snapshot(node: ContainerdNode, source_key: str, key: str) -> list[moun
     return mounts
 
 
-def bundle_for(node: ContainerdNode, cid: str, spec_of: str) -> Path:
+def bundle_for(node: ContainerdNode, cid: str, spec_of: str | dict) -> Path:
     """A bundle where containerd would put it (so the shim derives the node's own runc root), holding
-    the spec of container `spec_of` with a cgroup of its own."""
+    the spec of container `spec_of` (or that spec itself) with a cgroup of its own."""
     bundle = node.bundle(cid)
     bundle.mkdir(parents=True)
     (bundle / "rootfs").mkdir()
-    spec = container_spec(node, spec_of)
+    spec = dict(spec_of) if isinstance(spec_of, dict) else container_spec(node, spec_of)
     spec["linux"]["cgroupsPath"] = f"/{node.namespace}/{cid}"
     (bundle / "config.json").write_text(json.dumps(spec))
     return bundle

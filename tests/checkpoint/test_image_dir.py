@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,10 @@ def node(node_factory, test_images):
     return n
 
 
-def resume_from(node, shim: Shim, cid: str, source: str, image_dir: Path, memjob_binary: Path,
-                checkpointed_at: int, rootfs=None) -> None:
-    """Create `cid` from `image_dir` on the shim, start it and prove it continues from the checkpoint."""
+def resume_from(node, shim: Shim, cid: str, source: str | dict, image_dir: Path, memjob_binary: Path,
+                checkpointed_at: int, rootfs=None, while_running: Callable[[], None] | None = None) -> None:
+    """Create `cid` from `image_dir` on the shim, start it and prove it continues from the checkpoint.
+    `source`: the container whose spec (and snapshot, unless `rootfs`) to use, or a spec."""
     bundle = bundle_for(node, cid, source)
     shim.create_from_checkpoint(cid, bundle, rootfs or snapshot_mounts(node, source), image_dir)
     shim.start(cid)
@@ -66,6 +68,8 @@ def resume_from(node, shim: Shim, cid: str, source: str, image_dir: Path, memjob
     verdict = wait_for(lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None),
                        60, "verify line")
     assert str(verdict).startswith("verify=ok"), verdict
+    if while_running is not None:
+        while_running()
     shim.remove(cid)
     remove_bundle(bundle)
 
