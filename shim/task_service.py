@@ -339,6 +339,7 @@ class TaskService:
                 return early
             except TtrpcError as e:
                 if self.protection is None or not self.protection.has_store_restore(c.id):
+                    self._cleanup_failed_restore(c)
                     raise
                 if not self.protection.restore_failed(c, e, unmount=lambda: self._unmount_rootfs(c),
                                                       mount=lambda: self._mount_rootfs(c)):
@@ -352,6 +353,16 @@ class TaskService:
         except RuncError as e:
             raise _runc_failed(e) from None
         return None
+
+    def _cleanup_failed_restore(self, c: Container) -> None:
+        """A restore that failed leaves the task CREATED for containerd to delete; whatever runc and
+        CRIU half-built (restored processes, runc state, cgroups) and the rootfs mount go now."""
+        with contextlib.suppress(RuncError):
+            c.runc.delete(c.id, force=True)
+        try:
+            self._unmount_rootfs(c)
+        except OSError as e:
+            log.warning("cannot unmount the rootfs of %s after its failed restore: %s", c.id, e)
 
     def _protective_pause(self, c: Container) -> bool:
         """Freeze a running task for a protective checkpoint; a task the user paused stays as it is."""

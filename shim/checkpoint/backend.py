@@ -21,6 +21,7 @@ from shim.runc import IOFds
 from shim.ttrpc import FailedPrecondition, InvalidArgument, TtrpcError
 
 from .engine import CheckpointEngine, CheckpointError, CheckpointResult
+from .image_check import DamagedImage, check_image_dir
 from .options import CheckpointOptions, RestoreOptions
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ class RuncCheckpointBackend:
         if not (source / "inventory.img").is_file():
             raise InvalidArgument(f"{source} is not a CRIU checkpoint (no inventory.img)")
         if request.checkpoint:
+            try:  # a user's directory may be damaged (store checkpoints are verified chunk by chunk)
+                check_image_dir(source)
+            except DamagedImage as e:
+                raise InvalidArgument(f"cannot restore {container.id} from {source}: {e}") from None
             target = Path(container.bundle) / RESTORE_DIR
             shutil.rmtree(target, ignore_errors=True)
             link_or_copy_tree(source, target)

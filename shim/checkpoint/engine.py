@@ -48,9 +48,11 @@ class CheckpointResult:
     stats: DumpStats | None
     image_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    finished_at: float = field(default_factory=time.time)  # wall clock, for "the last checkpoint"
 
     def as_dict(self) -> dict[str, object]:
         return {
+            "finished_at": round(self.finished_at, 3),
             "image_dir": str(self.image_dir),
             "duration_s": round(self.duration_s, 6),
             "image_bytes": self.image_bytes,
@@ -78,6 +80,8 @@ class CheckpointEngine:
         self.hooks = hooks
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        # The newest checkpoint of each container, whoever asked for it (ctr, periodic, agent, CLI).
+        self.last_results: dict[str, CheckpointResult] = {}
 
     def _lock(self, container_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -123,9 +127,21 @@ class CheckpointEngine:
         if options.work_path is None:
             shutil.rmtree(work, ignore_errors=True)
         result = CheckpointResult(image_dir, time.monotonic() - start, stats, directory_bytes(image_dir), timings)
-        log.info("checkpointed %s in %.3fs (%d bytes, frozen %s us)", container_id, result.duration_s,
-                 result.image_bytes, stats.frozen_time_us if stats else "?")
+        self.last_results[container_id] = result
+        if stats is None:
+            log.info("checkpointed %s in %.3fs (%d image bytes; CRIU wrote no statistics)", container_id,
+                     result.duration_s, result.image_bytes)
+        else:
+            log.info("checkpointed %s in %.3fs: freezing %d us, frozen %d us, memdump %d us, memwrite %d us, "
+                     "pages scanned %d, written %d, image bytes %d", container_id, result.duration_s,
+                     stats.freezing_time_us, stats.frozen_time_us, stats.memdump_time_us, stats.memwrite_time_us,
+                     stats.pages_scanned, stats.pages_written, result.image_bytes)
         return result
+
+    def last_stats(self, container_id: str) -> dict[str, object] | None:
+        """The newest checkpoint's statistics of a container as a JSON-able dict, or None."""
+        result = self.last_results.get(container_id)
+        return None if result is None else {"container_id": container_id, **result.as_dict()}
 
     def restore(self, runc: Runc, container_id: str, bundle: Path, image_dir: Path, options: RestoreOptions,
                 pid_file: Path, io: IOFds, work_path: Path | None = None, console_socket: str | None = None,

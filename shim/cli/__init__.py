@@ -11,6 +11,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "shim.agent.cli",
     "shim.cli.gpu",
     "shim.cli.protect",
+    "shim.cli.stats",
     "snapshotter.cli",
     "snapshotter.store.cli",
 ]

@@ -306,6 +306,16 @@ class ProtectionManager:
                 raise NotFound(f"container {req.id} is not protected by revenant")
             return ctl.StatusResponse(record_json=self.record(p).to_json())
 
+        def do_stats(ctx: Context, req: ctl.StatsRequest) -> ctl.StatsResponse:
+            stats = self.engine.last_stats(req.id)  # every checkpoint of this shim goes through the engine
+            if stats is None:
+                raise NotFound(f"container {req.id} has no checkpoint in this shim")
+            p = self.get(req.id)
+            if p is not None and p.last_report is not None:
+                stats["revenant"] = p.last_report.as_dict()  # the store side of a protective checkpoint
+            return ctl.StatsResponse(stats_json=json.dumps(stats))
+
         return Service(CONTROL_SERVICE, {"Checkpoint": (ctl.CheckpointRequest, do_checkpoint),
-                                         "Status": (ctl.StatusRequest, do_status)})
+                                         "Status": (ctl.StatusRequest, do_status),
+                                         "Stats": (ctl.StatsRequest, do_stats)})
 
