@@ -138,6 +138,14 @@ class CheckpointEngine:
                      stats.pages_scanned, stats.pages_written, result.image_bytes)
         return result
 
+    def forget(self, container_id: str) -> None:
+        """Drop what the engine keeps about a deleted container (a shared shim lives on)."""
+        self.last_results.pop(container_id, None)
+        with self._locks_guard:
+            lock = self._locks.get(container_id)
+            if lock is not None and not lock.locked():
+                del self._locks[container_id]
+
     def last_stats(self, container_id: str) -> dict[str, object] | None:
         """The newest checkpoint's statistics of a container as a JSON-able dict, or None."""
         result = self.last_results.get(container_id)

@@ -127,7 +127,8 @@ class ProtectionManager:
             log.warning("%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
                         "against a changed image", c.namespace, c.id)
         pc = ProtectedContainer(namespace=c.namespace, id=c.id, bundle=Path(c.bundle), protection=protection,
-                                runc=c.runc, upper_dir=upper_dir_of(req.rootfs), image=image)
+                                runc=c.runc, upper_dir=upper_dir_of(req.rootfs), image=image,
+                                extra_metadata=lambda: self._gpu_metadata(c.id))
         p = Protected(pc)
         with self._lock:
             self._protected[c.id] = p
@@ -140,7 +141,8 @@ class ProtectionManager:
 
     def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
         pc = p.container
-        result = self.restorer.prepare(pc.protection, Path(c.bundle), pc.upper_dir, image, skip_seqs=p.tried_seqs)
+        result = self.restorer.prepare(pc.protection, Path(c.bundle), pc.upper_dir, image, skip_seqs=p.tried_seqs,
+                                       compatible=lambda meta: self._gpu_refusal(c.id, meta))
         if isinstance(result, NoUsableCheckpoint):
             p.plan, c.checkpoint = None, ""
             if result.reasons:
@@ -156,6 +158,22 @@ class ProtectionManager:
         for reason in result.skipped:
             log.warning("skipped checkpoint: %s", reason)
         log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
+
+    def _gpu_metadata(self, cid: str) -> dict[str, Any]:
+        """The GPU part of the dump just taken (None for a CPU-only task), for the checkpoint's metadata."""
+        take = getattr(self.engine.hooks, "take_metadata", None)
+        return {"gpu": take(cid) if take else None}
+
+    def _gpu_refusal(self, cid: str, metadata: dict[str, Any]) -> str | None:
+        """Why this node cannot take a checkpoint's GPU state (other GPU model or count), or None."""
+        expect = getattr(self.engine.hooks, "expect_restore", None)
+        if expect is None or not metadata.get("gpu"):
+            return None  # a CPU-only checkpoint restores anywhere
+        try:
+            expect(cid, metadata.get("gpu"))
+        except Exception as e:  # GpuIncompatible, or no GPU support on a node asked to restore GPU state
+            return str(e)
+        return None
 
     def has_store_restore(self, cid: str) -> bool:
         p = self.get(cid)
@@ -249,6 +267,8 @@ class ProtectionManager:
 
     # -- Delete ----------------------------------------------------------------------------------
     def deleted(self, cid: str) -> None:
+        """Called for every deleted container, protected or not."""
+        self.engine.forget(cid)
         with self._lock:
             p = self._protected.pop(cid, None)
         if p is None:

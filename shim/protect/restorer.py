@@ -59,8 +59,13 @@ class Restorer:
         self.open_store = open_store
 
     def prepare(self, protection: Protection, scratch_base: Path, upper_dir: Path | None,
-                image: ImageIdentity | None, skip_seqs: Iterable[int] = ()) -> RestorePlan | NoUsableCheckpoint:
-        """Fetch and verify the newest usable checkpoint and fill `upper_dir` (empty) from its layer."""
+                image: ImageIdentity | None, skip_seqs: Iterable[int] = (),
+                compatible: Callable[[dict[str, Any]], str | None] | None = None,
+                ) -> RestorePlan | NoUsableCheckpoint:
+        """Fetch and verify the newest usable checkpoint and fill `upper_dir` (empty) from its layer.
+
+        `compatible(metadata)` may refuse a checkpoint this node cannot take (its GPUs differ) with
+        the reason; such a checkpoint is skipped like one taken on another image."""
         from snapshotter.store import StoreError
 
         reasons: list[str] = []
@@ -75,6 +80,8 @@ class Restorer:
                     continue
                 where = f"{protection.key}@{info.seq}"
                 mismatch = image.differs_from(info.metadata.get("image")) if image else None
+                if not mismatch and compatible is not None:
+                    mismatch = compatible(info.metadata)
                 if mismatch:
                     reasons.append(f"{where}: {mismatch}")
                     continue
