@@ -22,15 +22,16 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from snapshotter.faults import crash_point
 from snapshotter.metadata import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LAYER_FILE = "rootfs-diff.tar"
 LAYER_INFO = "rootfs-diff.json"
@@ -579,7 +580,14 @@ def restore_writable_layer_into_mounts(
     with any overlay snapshotter. The layer is built in a sibling directory and renamed over the
     empty upper dir in one step, so a failure or a crash never leaves a half-filled rootfs.
     """
-    upper = upper_dir_from_mounts(mounts)
+    return fill_empty_upper_dir(upper_dir_from_mounts(mounts),
+                                lambda filled: restore_writable_layer(store_url, key, seq, filled, expected_base))
+
+
+def fill_empty_upper_dir(upper: Path, fill: Callable[[Path], T]) -> T:
+    """Fill the empty overlay upper dir `upper` all or nothing: `fill` builds the tree in a sibling
+    directory, which then replaces `upper` in one rename, so a failure or a crash never leaves a
+    half-filled rootfs."""
     if any(upper.iterdir()):
         raise FailedPrecondition(f"upper dir {upper} is not empty: the container already has a writable layer")
     st = os.stat(upper)
@@ -587,11 +595,11 @@ def restore_writable_layer_into_mounts(
     try:
         filled = staging / "fs"
         filled.mkdir()
-        stats = restore_writable_layer(store_url, key, seq, filled, expected_base)
+        result = fill(filled)
         os.chown(filled, st.st_uid, st.st_gid)
         os.chmod(filled, stat.S_IMODE(st.st_mode))
         os.rename(filled, upper)  # replaces the empty directory atomically
-        return stats
+        return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

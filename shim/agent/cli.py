@@ -14,6 +14,7 @@ from shim.agent.daemon import Agent
 from shim.agent.detect import PROVIDERS, make_watcher, parse_metadata_urls
 from shim.agent.drain import FAILED, OK, TIMED_OUT, DrainReport, drain
 from shim.agent.logfmt import setup_logging
+from shim.cli.fmt import human_size
 from shim.registry import default_run_dir, list_tasks
 
 log = logging.getLogger(__name__)
@@ -97,17 +98,6 @@ def run_agent(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def format_report(report: DrainReport) -> str:
     headers = ("TASK", "KEY", "RESULT", "SEQ", "UPLOADED", "FROZEN", "TIME", "ERROR")
     rows = [
@@ -116,7 +106,7 @@ def format_report(report: DrainReport) -> str:
             r.key,
             r.status.replace("_", " "),
             "-" if r.seq is None else str(r.seq),
-            _size(r.bytes_uploaded),
+            human_size(r.bytes_uploaded),
             "-" if r.freeze_s is None else f"{r.freeze_s:.2f}s",
             f"{r.duration_s:.2f}s",
             r.error or "",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.agent.drain import OK, checkpoint_task
+from shim.cli.fmt import human_size
 from shim.registry import TaskRecord, default_run_dir, list_tasks
 
 
@@ -44,17 +45,6 @@ def register(subparsers: Any) -> None:
     hi.add_argument("--store", required=True, metavar="URL", help="store URL (file://, s3://, oci://)")
     hi.add_argument("--json", action="store_true", help="print the checkpoints as JSON")
     hi.set_defaults(func=cmd_history)
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def age(seconds: float) -> str:
@@ -101,7 +91,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in records:
         last = r.last_checkpoint
         rows.append((r.ref, r.key, r.store, f"#{last.seq} {age(now - last.time)}" if last else "never",
-                     size(last.bytes_uploaded) if last else "-", interval(r.interval_s),
+                     human_size(last.bytes_uploaded) if last else "-", interval(r.interval_s),
                      (r.last_error or "")[:80]))
     print(table(("CONTAINER", "KEY", "STORE", "LAST CHECKPOINT", "UPLOADED", "INTERVAL", "LAST ERROR"), rows))
     return 0
@@ -150,8 +140,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     elif result.status == OK:
-        print(f"{record.ref}: committed {record.key} seq {result.seq}: {size(result.bytes_read)} read, "
-              f"{size(result.bytes_uploaded)} uploaded, frozen {result.freeze_s or 0:.3f}s, "
+        print(f"{record.ref}: committed {record.key} seq {result.seq}: {human_size(result.bytes_read)} read, "
+              f"{human_size(result.bytes_uploaded)} uploaded, frozen {result.freeze_s or 0:.3f}s, "
               f"total {result.total_s or 0:.2f}s")
     else:
         print(f"{record.ref}: checkpoint {result.status.replace('_', ' ')}: {result.error}", file=sys.stderr)
@@ -189,8 +179,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     now = time.time()
     print(table(("SEQ", "CREATED", "REASON", "NODE", "SIZE", "UPLOADED", "CHUNKS NEW", "FROZEN"), [
         (str(r["seq"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) +
-         f" ({age(now - r['created'])})", str(r["reason"] or "-"), str(r["node"] or "-"), size(r["bytes_read"]),
-         size(r["bytes_uploaded"]), f"{r['chunks_new']}/{r['chunks_total']}",
+         f" ({age(now - r['created'])})", str(r["reason"] or "-"), str(r["node"] or "-"), human_size(r["bytes_read"]),
+         human_size(r["bytes_uploaded"]), f"{r['chunks_new']}/{r['chunks_total']}",
          "-" if r["freeze_s"] is None else f"{r['freeze_s']:.3f}s")
         for r in rows]))
     return 0

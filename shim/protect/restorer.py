@@ -9,9 +9,7 @@ container either restores from the newest usable one or starts fresh with every 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -112,25 +110,12 @@ def fill_upper_dir(checkpoint_dir: Path, upper_dir: Path) -> dict[str, int] | No
     The layer is built in a sibling directory and renamed over the (empty) upper dir in one step, so
     a failure leaves the upper dir as empty as it was.
     """
-    from snapshotter.layer import LAYER_FILE, apply_writable_layer, verify_layer
+    from snapshotter.layer import LAYER_FILE, apply_writable_layer, fill_empty_upper_dir, verify_layer
 
     if not list(checkpoint_dir.rglob(LAYER_FILE)):
         return None  # checkpoint taken without a writable layer (e.g. a read-only rootfs)
     tar_path = verify_layer(checkpoint_dir)
-    if any(upper_dir.iterdir()):
-        raise ValueError(f"upper dir {upper_dir} is not empty: refusing to mix two writable layers")
-    st = os.stat(upper_dir)
-    building = Path(tempfile.mkdtemp(prefix=".revenant-layer-", dir=upper_dir.parent))
-    try:
-        filled = building / "fs"
-        filled.mkdir()
-        stats = apply_writable_layer(tar_path, filled)
-        os.chown(filled, st.st_uid, st.st_gid)
-        os.chmod(filled, stat.S_IMODE(st.st_mode))
-        os.rename(filled, upper_dir)  # replaces the empty directory atomically
-        return stats
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+    return fill_empty_upper_dir(upper_dir, lambda filled: apply_writable_layer(tar_path, filled))
 
 
 def clear_upper_dir(upper_dir: Path) -> None:
