@@ -30,8 +30,6 @@ from .util import (
     ctr,
     expected_checksum,
     last_step,
-    node_mounts,
-    node_runc_containers,
     processes_in_rootfs,
     read_steps,
     run_memjob,
@@ -92,8 +90,8 @@ def _checkpointed_and_stopped(node, tmp_path) -> tuple[Path, int]:
 
 
 def _assert_nothing_left(node, cid: str, mounts_before: list[str]) -> None:
-    assert node_mounts(node) == mounts_before, "a mount was left behind"
-    assert cid not in node_runc_containers(node), "runc state was left behind"
+    assert node.mounts() == mounts_before, "a mount was left behind"
+    assert cid not in node.runc_containers(), "runc state was left behind"
     assert sorted(processes_in_rootfs(node)) == sorted(node.keeper_pids)
 
 
@@ -114,7 +112,7 @@ def test_bad_checkpoint_fails_clearly_and_leaves_nothing(node, test_images, tmp_
     else:  # the keeper's rootfs and spec: a different container, without the dumped process's files
         rootfs, spec_of = clone_snapshot(node, "ck-keeper", "ck-other"), "ck-keeper"
     node.keeper_pids = processes_in_rootfs(node)
-    mounts_before = node_mounts(node)
+    mounts_before = node.mounts()
     shim = Shim(node, "ck-keeper")
     bundle = bundle_for(node, "ck-bad", spec_of)
     with pytest.raises(TtrpcError) as failure:

@@ -17,7 +17,6 @@ from harness.memjob import (
     wait_for,
     wait_for_step,
 )
-from harness.tools import require
 
 REVENANT = "io.containerd.revenant.v1"
 
@@ -82,22 +81,6 @@ def last_step(log: Path) -> int:
 
 
 # -- what a node leaves behind ------------------------------------------------------------------
-def node_mounts(node: ContainerdNode) -> list[str]:
-    prefix = str(node.dir) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p.startswith(prefix)]
-
-
-def node_runc_containers(node: ContainerdNode) -> list[str]:
-    runc = require("runc", "runc")
-    ids: list[str] = []
-    for root in {p.parent.parent for p in Path(node.dir).rglob("state.json") if "rootfs" not in p.parts}:
-        res = subprocess.run([runc, "--root", str(root), "list", "-q"], capture_output=True, text=True)
-        ids += res.stdout.split()
-    return ids
-
-
 def processes_in_rootfs(node: ContainerdNode) -> list[int]:
     """Processes whose root directory lies inside the node (container processes, restored or not)."""
     prefix = str(node.dir) + "/"

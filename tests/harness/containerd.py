@@ -195,27 +195,39 @@ class ContainerdNode:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid_dir.name), signal.SIGKILL)
 
-    def _delete_runc_containers(self) -> None:
-        """Containers whose shim died stay in runc's state; find every runc root under the node."""
-        runc = require("runc", "runc")
+    # -- what the node has left: also what tests check after a failure path ---------------------
+    def mounts(self) -> list[str]:
+        """Mount points under the node's directory."""
+        prefix = str(self.dir) + "/"
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4].replace("\\040", " ") for line in f]
+        return [p for p in points if p.startswith(prefix)]
+
+    def runc_roots(self) -> set[Path]:
+        """Every runc state root under the node (the stock shim's --runc-root and revenant's own)."""
         roots: set[Path] = set()
         # os.walk ignores entries that vanish mid-walk (a shim may still be deleting its files).
         for dirpath, _dirs, files in os.walk(self.dir):
             if "state.json" in files and "rootfs" not in Path(dirpath).parts:
                 roots.add(Path(dirpath).parent)
-        for root in roots:
+        return roots
+
+    def runc_containers(self) -> dict[str, Path]:
+        """Container ids runc still knows under the node, with their runc root."""
+        runc = require("runc", "runc")
+        found: dict[str, Path] = {}
+        for root in self.runc_roots():
             ids = subprocess.run([runc, "--root", str(root), "list", "-q"], capture_output=True, text=True)
-            for cid in ids.stdout.split():
-                subprocess.run([runc, "--root", str(root), "kill", "-a", cid, "KILL"], capture_output=True)
-                subprocess.run([runc, "--root", str(root), "delete", "-f", cid], capture_output=True)
+            found.update(dict.fromkeys(ids.stdout.split(), root))
+        return found
+
+    def _delete_runc_containers(self) -> None:
+        """Containers whose shim died stay in runc's state."""
+        runc = require("runc", "runc")
+        for cid, root in self.runc_containers().items():
+            subprocess.run([runc, "--root", str(root), "kill", "-a", cid, "KILL"], capture_output=True)
+            subprocess.run([runc, "--root", str(root), "delete", "-f", cid], capture_output=True)
 
     def _unmount_all(self) -> None:
-        prefix = str(self.dir) + "/"
-        mounts = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mount_point = line.split()[4].replace("\\040", " ")
-                if mount_point.startswith(prefix):
-                    mounts.append(mount_point)
-        for mp in sorted(mounts, key=len, reverse=True):
+        for mp in sorted(self.mounts(), key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)

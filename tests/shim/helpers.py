@@ -64,22 +64,6 @@ def ctr_with_tty(node: ContainerdNode, *args: str, timeout: float = 60) -> tuple
     return code, out.decode(errors="replace")
 
 
-def node_mounts(node: ContainerdNode) -> list[str]:
-    prefix = str(node.dir) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p.startswith(prefix)]
-
-
-def node_runc_containers(node: ContainerdNode) -> list[str]:
-    runc = require("runc", "runc")
-    ids: list[str] = []
-    for root in {p.parent.parent for p in Path(node.dir).rglob("state.json")}:
-        res = subprocess.run([runc, "--root", str(root), "list", "-q"], capture_output=True, text=True)
-        ids += res.stdout.split()
-    return ids
-
-
 def processes_of_node(node: ContainerdNode, *container_ids: str) -> list[int]:
     """Shims of the node (their command line names its socket) for these container ids."""
     found = []

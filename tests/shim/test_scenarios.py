@@ -20,8 +20,6 @@ from harness.tools import require
 from .conftest import Runtime
 from .helpers import (
     ctr_with_tty,
-    node_mounts,
-    node_runc_containers,
     processes_of_node,
     shim_pid_of,
     task_status,
@@ -170,8 +168,8 @@ def test_shim_killed_with_sigkill_is_cleaned_up(runtime: Runtime):
     # containerd notices the closed connection and runs `<shim> delete`: task and container process gone
     wait_until(lambda: "orphan" not in runtime.ctr("task", "ls", "-q").stdout.split(), 60, "task removed")
     wait_until(lambda: not os.path.exists(f"/proc/{task_pid}"), 30, "container process killed")
-    assert not [m for m in node_mounts(runtime.node) if "/orphan/" in m + "/"]
-    assert "orphan" not in node_runc_containers(runtime.node)
+    assert not [m for m in runtime.node.mounts() if "/orphan/" in m + "/"]
+    assert "orphan" not in runtime.node.runc_containers()
 
 
 def test_broken_config_fails_clearly_and_leaves_nothing(runtime: Runtime, tmp_path: Path):
@@ -190,11 +188,11 @@ def test_broken_config_fails_clearly_and_leaves_nothing(runtime: Runtime, tmp_pa
     assert "bogus" in res.stderr, res.stderr
 
     def nothing_left() -> bool:
-        return not processes_of_node(runtime.node, "nobinary", "badspec") and not node_mounts(runtime.node)
+        return not processes_of_node(runtime.node, "nobinary", "badspec") and not runtime.node.mounts()
 
     wait_until(nothing_left, 30, "no shim, container process or mount left")
     assert runtime.ctr("task", "ls", "-q").stdout.split() == []
-    assert node_runc_containers(runtime.node) == []
+    assert list(runtime.node.runc_containers()) == []
 
 
 

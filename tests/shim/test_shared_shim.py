@@ -93,8 +93,6 @@ def test_cri_sandbox_groups_share_a_shim(test_images):
 
 def test_killing_a_shared_shim_cleans_up_every_task_it_served(test_images):
     """The price of sharing: all tasks of the shim go, and containerd's `delete` leaves nothing behind."""
-    from .helpers import node_mounts, node_runc_containers
-
     node = ContainerdNode("crash")
     node.env["REVENANT_SHIM_SHARED"] = "1"
     try:
@@ -107,8 +105,8 @@ def test_killing_a_shared_shim_cleans_up_every_task_it_served(test_images):
         os.kill(shim, 9)
         wait_until(lambda: node.ctr("task", "ls", "-q").stdout.split() == [], 60, "both tasks removed")
         wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in task_pids), 30, "processes gone")
-        assert node_runc_containers(node) == []
-        assert [m for m in node_mounts(node) if "/rootfs" in m] == []
+        assert list(node.runc_containers()) == []
+        assert [m for m in node.mounts() if "/rootfs" in m] == []
         res = node.ctr("run", "--rm", "--runtime", REVENANT_SHIM, image, "after", "echo", "fresh-shim",
                        input="")
         assert res.stdout.strip() == "fresh-shim"  # the dead shim's socket is replaced
