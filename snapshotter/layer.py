@@ -102,23 +102,6 @@ def _xattrs(path: str) -> dict[str, bytes]:
     return out
 
 
-def _data_segments(fd: int, size: int) -> list[tuple[int, int]]:
-    """(offset, length) of the data regions of a file, via SEEK_DATA/SEEK_HOLE."""
-    segs: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        end = min(end, size)
-        if end > start:
-            segs.append((start, end - start))
-        pos = end
-    return segs
-
-
 class _SparseReader:
     """Reads a GNU sparse 1.0 member body: the decimal map padded to a block, then the data."""
 
@@ -281,7 +264,9 @@ def _add_regular(tf: tarfile.TarFile, ti: tarfile.TarInfo, path: str, st: os.sta
         size = st.st_size
         ti.type = tarfile.REGTYPE
         if size > 0 and st.st_blocks * 512 < size:
-            segs = _data_segments(fd, size)
+            from snapshotter.store.walk import data_extents  # lazily: the store package is heavy to import
+
+            segs = list(data_extents(fd, size))
             reader = _SparseReader(fd, segs)
             real_name = ti.name
             dirname, _, base = real_name.rpartition("/")
