@@ -149,15 +149,20 @@ def _read_varint(data: bytes, i: int) -> tuple[int, int]:
             return value, i
 
 
-def _status_code(response: bytes) -> int:
-    """ttrpc.Response{status=1 google.rpc.Status{code=1}}: the code, 0 when absent."""
-    for number, wire, status in _fields(response):
-        if number == 1 and wire == 2:
-            for inner, inner_wire, code in _fields(status):
-                if inner == 1 and inner_wire == 0:
-                    return code
+def _nested_varint(message: bytes, outer: int, inner: int) -> int:
+    """Varint field `inner` of the first embedded message in field `outer`; 0 when absent."""
+    for number, wire, embedded in _fields(message):
+        if number == outer and wire == 2:
+            for field, field_wire, value in _fields(embedded):
+                if field == inner and field_wire == 0:
+                    return value
             return 0
     return 0
+
+
+def _status_code(response: bytes) -> int:
+    """ttrpc.Response{status=1 google.rpc.Status{code=1}}: the code, 0 when absent."""
+    return _nested_varint(response, 1, 1)
 
 
 def _bind_or_connect(path: str):  # -> (listener, None) | (None, connected socket to a live shim)
@@ -210,12 +215,7 @@ def _fields(data: bytes):  # -> Iterator[(field number, wire type, int value | b
 
 def _reserve_pid(response: bytes) -> int:
     """ttrpc.Response{payload=2 ReserveResponse{pid=1}}."""
-    for number, wire, payload in _fields(response):
-        if number == 2 and wire == 2:
-            for inner, inner_wire, value in _fields(payload):
-                if inner == 1 and inner_wire == 0:
-                    return value
-    return 0
+    return _nested_varint(response, 2, 1)
 
 
 def _listen(path: str, cid: str):  # -> (socket.socket | None, shim pid) (None: a live shim took it)
