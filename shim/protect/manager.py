@@ -56,6 +56,7 @@ class Protected:
     fresh_reason: str | None = None
     periodic: PeriodicCheckpoints | None = None
     last_report: CheckpointReport | None = None
+    last_committed_at: float = 0.0  # wall clock when last_report's checkpoint was committed
     last_error: str | None = None
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
 
@@ -243,7 +244,7 @@ class ProtectionManager:
             raise TtrpcError(p.last_error) from None
         finally:
             p.busy.release()
-        p.last_report, p.last_error = report, None
+        p.last_report, p.last_committed_at, p.last_error = report, time.time(), None
         if exit and p.periodic is not None:
             # The task is gone after a final checkpoint: later periodic ones could only fail and
             # overwrite the record's last_error with noise.
@@ -284,14 +285,9 @@ class ProtectionManager:
         pc = p.container
         last = None
         if p.last_report is not None:
-            last = registry.LastCheckpoint(seq=p.last_report.seq, time=time.time(),
+            last = registry.LastCheckpoint(seq=p.last_report.seq, time=p.last_committed_at,
                                            bytes_uploaded=p.last_report.bytes_uploaded,
                                            duration_s=p.last_report.total_s)
-        path = registry.task_path(self.run_dir, pc.namespace, pc.id)
-        # No record yet on the first write: read_task would warn that it "vanished".
-        prev = registry.read_task(path) if path.exists() else None
-        if last is None and prev is not None:
-            last = prev.last_checkpoint
         return registry.TaskRecord(
             namespace=pc.namespace, id=pc.id, address=self.address, key=pc.protection.key,
             store=pc.protection.store, interval_s=pc.protection.interval_s,
