@@ -26,8 +26,9 @@ BENCHMARKS = {
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="make bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="make bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run just these")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()

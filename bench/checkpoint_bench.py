@@ -58,16 +58,35 @@ def revenant_criu_stats(node: ContainerdNode, cid: str) -> dict:
     content store), then the shim's own record of that dump over Control/Stats."""
     name = ctr(node, "task", "checkpoint", cid).stdout.strip()
     ctr(node, "images", "rm", name)
-    out = subprocess.run([str(Path(sys.executable).parent / "revenant"), "stats", cid, "--json", "--namespace",
-                          node.namespace, "--state", str(node.state)], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "revenant"),
+            "stats",
+            cid,
+            "--json",
+            "--namespace",
+            node.namespace,
+            "--state",
+            str(node.state),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)["criu"]
 
 
 def one_run(node: ContainerdNode, image: str, runtime: str, gib: float, tag: str) -> dict[str, float]:
     cid, ref = f"bench-{tag}", f"localhost/bench/{tag}:1"
-    ctr(node, "run", "-d", *flags(node, runtime), image, cid, *memjob_args(int(gib * 1024), 7, mutate=0.01,
-                                                                            interval_ms=500))
+    ctr(
+        node,
+        "run",
+        "-d",
+        *flags(node, runtime),
+        image,
+        cid,
+        *memjob_args(int(gib * 1024), 7, mutate=0.01, interval_ms=500),
+    )
     log = node.rootfs(cid) / "var/log/memjob.log"
     wait_for_step(log, 2, timeout=600)  # every page written at least once
     # CRIU's statistics come from a `ctr task checkpoint` (leave running) just before the timed one.
@@ -89,10 +108,15 @@ def one_run(node: ContainerdNode, image: str, runtime: str, gib: float, tag: str
     ctr(node, "task", "rm", "-f", cid + "r")
     ctr(node, "containers", "rm", cid + "r")
     ctr(node, "images", "rm", ref)
-    return {"checkpoint_s": checkpoint_s, "frozen_s": criu.get("frozen_time_us", 0) / 1e6,
-            "freezing_s": criu.get("freezing_time_us", 0) / 1e6, "memdump_s": criu.get("memdump_time_us", 0) / 1e6,
-            "memwrite_s": criu.get("memwrite_time_us", 0) / 1e6, "pages_written": criu.get("pages_written", 0),
-            "restore_s": restore_s}
+    return {
+        "checkpoint_s": checkpoint_s,
+        "frozen_s": criu.get("frozen_time_us", 0) / 1e6,
+        "freezing_s": criu.get("freezing_time_us", 0) / 1e6,
+        "memdump_s": criu.get("memdump_time_us", 0) / 1e6,
+        "memwrite_s": criu.get("memwrite_time_us", 0) / 1e6,
+        "pages_written": criu.get("pages_written", 0),
+        "restore_s": restore_s,
+    }
 
 
 def main() -> int:
@@ -123,8 +147,10 @@ def main() -> int:
     for (gib, runtime), runs in sorted(results.items()):
         med = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in runs[0]}
         name = "revenant" if runtime == REVENANT else "runc (stock)"
-        print(f"| {gib:g} | {name} | {med['checkpoint_s']:.2f} | {med['frozen_s']:.3f} | {med['memdump_s']:.3f} | "
-              f"{med['memwrite_s']:.3f} | {int(med['pages_written'])} | {med['restore_s']:.2f} |")
+        print(
+            f"| {gib:g} | {name} | {med['checkpoint_s']:.2f} | {med['frozen_s']:.3f} | {med['memdump_s']:.3f} | "
+            f"{med['memwrite_s']:.3f} | {int(med['pages_written'])} | {med['restore_s']:.2f} |"
+        )
     print("\n| GiB | checkpoint ratio (revenant/stock) | frozen ratio | restore ratio |")
     print("|---|---|---|---|")
     for gib in sizes:
@@ -134,9 +160,11 @@ def main() -> int:
         def med(runs: list[dict[str, float]], k: str) -> float:
             return sorted(r[k] for r in runs)[len(runs) // 2]
 
-        print(f"| {gib:g} | {med(rv, 'checkpoint_s') / med(st, 'checkpoint_s'):.2f} | "
-              f"{med(rv, 'frozen_s') / max(med(st, 'frozen_s'), 1e-9):.2f} | "
-              f"{med(rv, 'restore_s') / med(st, 'restore_s'):.2f} |")
+        print(
+            f"| {gib:g} | {med(rv, 'checkpoint_s') / med(st, 'checkpoint_s'):.2f} | "
+            f"{med(rv, 'frozen_s') / max(med(st, 'frozen_s'), 1e-9):.2f} | "
+            f"{med(rv, 'restore_s') / med(st, 'restore_s'):.2f} |"
+        )
     return 0
 
 

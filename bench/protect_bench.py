@@ -63,8 +63,19 @@ def row(measure: str, revenant: str, peer: str, note: str = "") -> None:
 
 
 def memjob_cmd(mib: int, seed: int, interval_ms: int = 100, steps: int = 0) -> list[str]:
-    cmd = ["/bin/memjob", "--mib", str(mib), "--mutate", "0.05", "--seed", str(seed),
-           "--interval-ms", str(interval_ms), "--log", LOG_IN_CONTAINER]
+    cmd = [
+        "/bin/memjob",
+        "--mib",
+        str(mib),
+        "--mutate",
+        "0.05",
+        "--seed",
+        str(seed),
+        "--interval-ms",
+        str(interval_ms),
+        "--log",
+        LOG_IN_CONTAINER,
+    ]
     return cmd + (["--steps", str(steps)] if steps else [])
 
 
@@ -98,8 +109,9 @@ def mib_s(n: float) -> str:
 
 
 # -- 1 + 2: freeze and restore ----------------------------------------------------------------------
-def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str, image_b: str, mib: int,
-                             work: Path, store: str) -> None:
+def bench_freeze_and_restore(
+    a: ContainerdNode, b: ContainerdNode, image_a: str, image_b: str, mib: int, work: Path, store: str
+) -> None:
     # Stock: the same job under the stock runc shim, dumped by runc onto local disk.
     a.ctr("run", "-d", "--runc-root", str(a.runc_root), image_a, "stock", *memjob_cmd(mib, 5), input="")
     wait_for_step(a.rootfs("stock") / LOG_IN_CONTAINER.lstrip("/"), 3, timeout=120)
@@ -107,8 +119,23 @@ def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str,
     try:
         img, wk = disk / "leave-running", disk / "leave-running.work"
         t = time.monotonic()
-        subprocess.run(["runc", "--root", str(runc_root(a)), "checkpoint", "--leave-running", "--image-path",
-                        str(img), "--work-path", str(wk), "stock"], check=True, capture_output=True, timeout=1800)
+        subprocess.run(
+            [
+                "runc",
+                "--root",
+                str(runc_root(a)),
+                "checkpoint",
+                "--leave-running",
+                "--image-path",
+                str(img),
+                "--work-path",
+                str(wk),
+                "stock",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
         stock_wall = time.monotonic() - t
         st = read_dump_stats(wk)
         stock_frozen = st.frozen_time_us / 1e6 if st else stock_wall
@@ -116,8 +143,22 @@ def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str,
 
         # A final runc dump of the stock job for the restore comparison; it also frees its memory.
         img2, wk2 = disk / "final", disk / "final.work"
-        subprocess.run(["runc", "--root", str(runc_root(a)), "checkpoint", "--image-path", str(img2),
-                        "--work-path", str(wk2), "stock"], check=True, capture_output=True, timeout=1800)
+        subprocess.run(
+            [
+                "runc",
+                "--root",
+                str(runc_root(a)),
+                "checkpoint",
+                "--image-path",
+                str(img2),
+                "--work-path",
+                str(wk2),
+                "stock",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=1800,
+        )
 
         # revenant: the periodic path, asked for now.
         job = Job("job", "bench/protect/main", store, mib=mib, interval="off")
@@ -128,11 +169,18 @@ def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str,
         res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
         peak.halt.set()
         peak.join()
-        row(f"freeze, leave-running checkpoint ({mib} MiB)", f"{res['freeze_s']:.2f} s frozen",
+        row(
+            f"freeze, leave-running checkpoint ({mib} MiB)",
+            f"{res['freeze_s']:.2f} s frozen",
             f"{stock_frozen:.2f} s frozen (runc to /var/tmp, {stock_wall:.2f} s wall)",
-            f"ratio {res['freeze_s'] / stock_frozen:.2f}x; revenant committed in {res['total_s']:.2f} s")
-        row("peak extra memory of staging", f"{mib_s(peak.peak)} in /dev/shm (freed after upload)", "-",
-            f"{mib_s(res['bytes_read'])} checkpoint; /dev/shm is shared with other processes")
+            f"ratio {res['freeze_s'] / stock_frozen:.2f}x; revenant committed in {res['total_s']:.2f} s",
+        )
+        row(
+            "peak extra memory of staging",
+            f"{mib_s(peak.peak)} in /dev/shm (freed after upload)",
+            "-",
+            f"{mib_s(res['bytes_read'])} checkpoint; /dev/shm is shared with other processes",
+        )
 
         # Restore. Final checkpoint of the revenant job, then `ctr run` on B (Create to running).
         revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(a.revenant_run_dir), "--json")
@@ -162,14 +210,30 @@ def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str,
         untar = time.monotonic() - t
         # The restored job inherits runc's stdio: a file, not a pipe we would wait on forever.
         with open(disk / "restore.out", "wb") as out:
-            r = subprocess.run(["runc", "--root", str(rroot), "restore", "--detach", "--image-path", str(dest),
-                                "--work-path", str(disk / "restore.work"), "--bundle", str(bundle),
-                                "stock-restored"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               timeout=1800)
+            r = subprocess.run(
+                [
+                    "runc",
+                    "--root",
+                    str(rroot),
+                    "restore",
+                    "--detach",
+                    "--image-path",
+                    str(dest),
+                    "--work-path",
+                    str(disk / "restore.work"),
+                    "--bundle",
+                    str(bundle),
+                    "stock-restored",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=1800,
+            )
         stock_restore = time.monotonic() - t
         r.stderr = (disk / "restore.out").read_text(errors="replace")
         if r.returncode != 0:
-            tail = (disk / "restore.work" / "restore.log")
+            tail = disk / "restore.work" / "restore.log"
             detail = tail.read_text()[-400:] if tail.exists() else r.stderr[-400:]
             peer = f"runc restore failed: {detail.strip().splitlines()[-1] if detail.strip() else r.returncode}"
         else:
@@ -177,8 +241,12 @@ def bench_freeze_and_restore(a: ContainerdNode, b: ContainerdNode, image_a: str,
             subprocess.run(["runc", "--root", str(rroot), "kill", "stock-restored", "KILL"], capture_output=True)
             time.sleep(0.5)
             subprocess.run(["runc", "--root", str(rroot), "delete", "-f", "stock-restored"], capture_output=True)
-        row(f"restore on B, to running ({mib} MiB)", f"{rev_restore:.2f} s (`ctr run`, from seq {restored})", peer,
-            f"ratio {rev_restore / stock_restore:.2f}x" if r.returncode == 0 else "")
+        row(
+            f"restore on B, to running ({mib} MiB)",
+            f"{rev_restore:.2f} s (`ctr run`, from seq {restored})",
+            peer,
+            f"ratio {rev_restore / stock_restore:.2f}x" if r.returncode == 0 else "",
+        )
         b.ctr("task", "kill", "-s", "SIGKILL", job.cid, check=False, input="")
         for node in (a, b):  # Delete drops the registry record: later sections see only their own tasks
             node.ctr("task", "rm", "-f", job.cid, check=False, input="")
@@ -195,8 +263,17 @@ def bench_podman(images: Any, mib: int, work: Path) -> None:
         row("podman checkpoint / restore", "-", "not run: podman not installed (apt-get install podman)")
         return
     root = work / "podman"
-    base = [podman, "--root", str(root / "root"), "--runroot", str(root / "run"), "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file"]
+    base = [
+        podman,
+        "--root",
+        str(root / "root"),
+        "--runroot",
+        str(root / "run"),
+        "--cgroup-manager",
+        "cgroupfs",
+        "--events-backend",
+        "file",
+    ]
 
     def pm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=1800)
@@ -208,8 +285,20 @@ def bench_podman(images: Any, mib: int, work: Path) -> None:
         version = pm("version", "--format", "{{.Client.Version}}").stdout.strip()
         pm("load", "-i", str(images.memjob))
         ref = images.memjob_ref
-        pm("run", "-d", "--name", "pj", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
-           "nproc=4096:4096", ref, *memjob_cmd(mib, 8))
+        pm(
+            "run",
+            "-d",
+            "--name",
+            "pj",
+            "--network",
+            "none",
+            "--ulimit",
+            "nofile=1024:1024",
+            "--ulimit",
+            "nproc=4096:4096",
+            ref,
+            *memjob_cmd(mib, 8),
+        )
         wait_for(lambda: "step=3" in pm("logs", "pj", check=False).stdout, 120, "podman job step 3")
         archive = work / "podman-ckpt.tar.zst"
         t = time.monotonic()
@@ -219,8 +308,11 @@ def bench_podman(images: Any, mib: int, work: Path) -> None:
         t = time.monotonic()
         pm("container", "restore", "--import", str(archive))
         rs = time.monotonic() - t
-        row(f"podman {version}: checkpoint --export --leave-running / restore --import",
-            "(see rows above)", f"{ck:.2f} s export, {rs:.2f} s import (archive {mib_s(archive.stat().st_size)})")
+        row(
+            f"podman {version}: checkpoint --export --leave-running / restore --import",
+            "(see rows above)",
+            f"{ck:.2f} s export, {rs:.2f} s import (archive {mib_s(archive.stat().st_size)})",
+        )
     except (RuntimeError, AssertionError, subprocess.TimeoutExpired) as e:
         row("podman checkpoint / restore", "-", f"failed: {str(e)[:300]}")
     finally:
@@ -256,9 +348,12 @@ def bench_notice_s3(node: ContainerdNode, image: str, mib: int, work: Path) -> N
         if res["status"] != "ok":
             row(f"notice -> committed, S3 ({mib} MiB)", f"failed: {res['error']}", "-")
         else:
-            row(f"notice -> committed, S3 ({mib} MiB)", f"{total:.1f} s",
+            row(
+                f"notice -> committed, S3 ({mib} MiB)",
+                f"{total:.1f} s",
                 "target <= 30 s for 4 GiB",
-                f"frozen {res['freeze_s']:.2f} s, {mib_s(res['bytes_uploaded'])} uploaded; agent polls every 0.5 s")
+                f"frozen {res['freeze_s']:.2f} s, {mib_s(res['bytes_uploaded'])} uploaded; agent polls every 0.5 s",
+            )
     finally:
         if agent is not None:
             agent.stop()
@@ -267,8 +362,9 @@ def bench_notice_s3(node: ContainerdNode, image: str, mib: int, work: Path) -> N
 
 
 # -- 5: interrupted vs uninterrupted ----------------------------------------------------------------
-def run_to_completion(nodes: list[ContainerdNode], images: dict[str, str], mib: int, steps: int,
-                      interruptions: int, store: str, tag: str) -> tuple[float, list[Any], float]:
+def run_to_completion(
+    nodes: list[ContainerdNode], images: dict[str, str], mib: int, steps: int, interruptions: int, store: str, tag: str
+) -> tuple[float, list[Any], float]:
     """Run `steps` steps; with interruptions, move the job between nodes that many times, evenly spaced.
     Returns (wall seconds, the steps in the final log, seconds spent in moves)."""
     job = Job(f"run{tag}", f"bench/run-{tag}/main", store, mib=mib, interval="off")
@@ -295,16 +391,20 @@ def run_to_completion(nodes: list[ContainerdNode], images: dict[str, str], mib: 
     return wall, final, moves
 
 
-def bench_interruptions(a: ContainerdNode, b: ContainerdNode, images: dict[str, str], mib: int, steps: int,
-                        interruptions: int, store: str) -> None:
+def bench_interruptions(
+    a: ContainerdNode, b: ContainerdNode, images: dict[str, str], mib: int, steps: int, interruptions: int, store: str
+) -> None:
     plain, _, _ = run_to_completion([a], images, mib, steps, 0, store, "plain")
     wall, final, moves = run_to_completion([a, b], images, mib, steps, interruptions, store, "moved")
     assert_continuous(final)
     lost = steps - len({s.n for s in final})
-    row(f"{steps} steps, {interruptions} interruptions vs none ({mib} MiB)",
-        f"{wall:.1f} s wall, {lost} steps lost", f"{plain:.1f} s uninterrupted",
+    row(
+        f"{steps} steps, {interruptions} interruptions vs none ({mib} MiB)",
+        f"{wall:.1f} s wall, {lost} steps lost",
+        f"{plain:.1f} s uninterrupted",
         f"overhead {100 * (wall - plain) / plain:.1f} % ({moves:.1f} s in {interruptions} moves: final "
-        "checkpoint + `ctr run` restore; no reschedule gap)")
+        "checkpoint + `ctr run` restore; no reschedule gap)",
+    )
 
 
 def main() -> int:

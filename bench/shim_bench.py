@@ -1,11 +1,11 @@
 """Shim benchmark: revenant's shim vs the stock runc shim, side by side on one private containerd.
 
-  * start-to-exit: wall time of `ctr run --rm <busybox> <id> true`, median (and p10/p90) of N runs,
-    the two runtimes interleaved so machine noise hits both alike;
-  * idle shim RSS: resident memory of the shim serving one `sleep` task, after it settled;
-  * where revenant's time goes: interpreter start, the `start` action, the server's imports.
+* start-to-exit: wall time of `ctr run --rm <busybox> <id> true`, median (and p10/p90) of N runs,
+  the two runtimes interleaved so machine noise hits both alike;
+* idle shim RSS: resident memory of the shim serving one `sleep` task, after it settled;
+* where revenant's time goes: interpreter start, the `start` action, the server's imports.
 
-    .venv/bin/python bench/shim_bench.py --runs 30
+  .venv/bin/python bench/shim_bench.py --runs 30
 """
 
 from __future__ import annotations
@@ -100,17 +100,29 @@ def breakdown(installed_bin: Path) -> dict[str, float]:
     (bundle / "rootfs").mkdir(parents=True)
     return {
         "shim delete, nothing left to clean (containerd runs it after every task), dev venv": median_wall(
-            [str(SHIM), "-namespace", "ns", "-id", "x", "-bundle", str(bundle), "delete"]),
+            [str(SHIM), "-namespace", "ns", "-id", "x", "-bundle", str(bundle), "delete"]
+        ),
         "the same, installed layout": median_wall(
-            [str(installed_bin / "containerd-shim-revenant-v1"), "-namespace", "ns", "-id", "x", "-bundle",
-             str(bundle), "delete"]),
+            [
+                str(installed_bin / "containerd-shim-revenant-v1"),
+                "-namespace",
+                "ns",
+                "-id",
+                "x",
+                "-bundle",
+                str(bundle),
+                "delete",
+            ]
+        ),
         "installed layout: python -c pass": median_wall([str(installed_bin / "python"), "-c", "pass"]),
         "python -c pass (venv interpreter start)": median_wall([str(VENV_PY), "-c", "pass"]),
         "python -S -c pass (no site: without the editable install's import finder)": median_wall(
-            [str(VENV_PY), "-S", "-c", "pass"]),
+            [str(VENV_PY), "-S", "-c", "pass"]
+        ),
         "shim -v (interpreter + entry point)": median_wall([str(SHIM), "-v"]),
         "import of the server modules": median_wall(
-            [str(VENV_PY), "-c", "import shim.server, shim.task_service, shim.events, shim.ttrpc"]),
+            [str(VENV_PY), "-c", "import shim.daemon.server, shim.task.service, shim.task.events, shim.ttrpc"]
+        ),
     }
 
 
@@ -123,8 +135,10 @@ def installed_layout() -> Path:
     site = next((root / "lib").glob("python3*/site-packages"))
     (site / "revenant.pth").write_text(f"{REPO}\n{REPO / 'proto'}\n{dev_site}\n")
     script = root / "bin" / "containerd-shim-revenant-v1"
-    script.write_text(f"#!{root / 'bin' / 'python'}\nimport sys\nfrom shim.main import main\n"
-                      "if __name__ == '__main__':\n    sys.exit(main())\n")
+    script.write_text(
+        f"#!{root / 'bin' / 'python'}\nimport sys\nfrom shim.daemon.main import main\n"
+        "if __name__ == '__main__':\n    sys.exit(main())\n"
+    )
     script.chmod(0o755)
     return root / "bin"
 
@@ -159,8 +173,12 @@ def main() -> int:
             nodes[name] = node
             node.start()
         image = {name: node.import_image(images.busybox) for name, node in nodes.items()}
-        plan = {"runc": ("dev", RUNC), "revenant": ("dev", REVENANT), "installed": ("installed", REVENANT),
-                "cold": ("cold", REVENANT)}
+        plan = {
+            "runc": ("dev", RUNC),
+            "revenant": ("dev", REVENANT),
+            "installed": ("installed", REVENANT),
+            "cold": ("cold", REVENANT),
+        }
         for variant, (name, rt) in plan.items():  # warm page cache and snapshots
             time_run(nodes[name], rt, image[name], f"warm-{variant}")
         times: dict[str, list[float]] = {v: [] for v in plan}
@@ -184,13 +202,17 @@ def main() -> int:
     print("|---|---|---|---|---|")
     for variant, v in times.items():
         med = statistics.median(v)
-        print(f"| {VARIANTS[variant]} | {med * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} "
-              f"| {med / base:.2f} |")
+        print(
+            f"| {VARIANTS[variant]} | {med * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} "
+            f"| {med / base:.2f} |"
+        )
     print("\n| shim | idle shims for 1 task | VmRSS / Pss (MiB) | shims for 10 tasks | total VmRSS / Pss (MiB) |")
     print("|---|---|---|---|---|")
     for variant, (one, ten) in memory.items():
-        print(f"| {VARIANTS[variant]} | {one[0]} | {one[1] / 1024:.1f} / {one[2] / 1024:.1f} "
-              f"| {ten[0]} | {ten[1] / 1024:.1f} / {ten[2] / 1024:.1f} |")
+        print(
+            f"| {VARIANTS[variant]} | {one[0]} | {one[1] / 1024:.1f} / {one[2] / 1024:.1f} "
+            f"| {ten[0]} | {ten[1] / 1024:.1f} / {ten[2] / 1024:.1f} |"
+        )
     print("\nrevenant start-up parts (median wall, ms):")
     for name, value in parts.items():
         print(f"  {name}: {value * 1e3:.1f}")

@@ -31,7 +31,7 @@ from harness.containerd import ContainerdNode  # noqa: E402
 from harness.layered_image import build_image  # noqa: E402
 from harness.snapshotter_proc import SnapshotterProcess, containerd_snapshots  # noqa: E402
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
-from snapshotter.layer import (  # noqa: E402
+from shim.layer import (  # noqa: E402
     apply_writable_layer,
     capture_writable_layer,
     checkpoint_writable_layer,

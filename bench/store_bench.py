@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from snapshotter.store import Chunker, open_store  # noqa: E402
+from shim.store import Chunker, open_store  # noqa: E402
 
 MIB = 1 << 20
 PAGE = 4096

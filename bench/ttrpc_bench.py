@@ -83,7 +83,7 @@ def report(pair: str, what: str, call: Call, calls: int) -> list[str]:
     lat = latency(call, calls)
     tput1 = throughput(call, 1, calls)
     tput8 = throughput(call, 8, max(1, calls // 8))
-    line = (f"| {pair} | {what} | {lat['p50_us']:.0f} | {lat['p99_us']:.0f} | {tput1:.0f} | {tput8:.0f} |")
+    line = f"| {pair} | {what} | {lat['p50_us']:.0f} | {lat['p99_us']:.0f} | {tput1:.0f} | {tput8:.0f} |"
     print(line, flush=True)
     return [line]
 
@@ -99,8 +99,12 @@ def bench_python(calls: int) -> list[str]:
                 for size, label in ((16, "echo 16 B"), (64 << 10, "echo 64 KiB"), (1 << 20, "echo 1 MiB")):
                     req = wrappers_pb2.BytesValue(value=os.urandom(size))
                     n = calls if size <= 65536 else max(50, calls // 20)
-                    rows += report("python -> python", label,
-                                   lambda req=req: client.call("bench.Echo", "Echo", req, wrappers_pb2.BytesValue), n)
+                    rows += report(
+                        "python -> python",
+                        label,
+                        lambda req=req: client.call("bench.Echo", "Echo", req, wrappers_pb2.BytesValue),
+                        n,
+                    )
         finally:
             proc.kill()
             proc.wait()
@@ -123,16 +127,25 @@ def bench_go(calls: int) -> list[str]:
         address = (node.bundle(cid) / "address").read_text().strip()
         with Client(address) as shim:
             req = taskprobe_pb2.StateRequest(id=cid)
-            rows += report("python -> go runc shim", "Task/State", lambda: shim.call(
-                "containerd.task.v2.Task", "State", req, taskprobe_pb2.StateResponse, metadata=md), calls)
+            rows += report(
+                "python -> go runc shim",
+                "Task/State",
+                lambda: shim.call("containerd.task.v2.Task", "State", req, taskprobe_pb2.StateResponse, metadata=md),
+                calls,
+            )
         with Client(f"unix://{node.ttrpc_address}") as cd:
             env = events_pb2.Envelope(namespace=node.namespace, topic="/bench/ttrpc")
             env.event.type_url = "containerd.events.TaskExit"
             env.timestamp.GetCurrentTime()
             fwd = events_pb2.ForwardRequest(envelope=env)
-            rows += report("python -> go containerd", "Events/Forward", lambda: cd.call(
-                "containerd.services.events.ttrpc.v1.Events", "Forward", fwd, empty_pb2.Empty, metadata=md),
-                calls)
+            rows += report(
+                "python -> go containerd",
+                "Events/Forward",
+                lambda: cd.call(
+                    "containerd.services.events.ttrpc.v1.Events", "Forward", fwd, empty_pb2.Empty, metadata=md
+                ),
+                calls,
+            )
     finally:
         node.destroy()
         subprocess.run(["rm", "-rf", str(images_dir)], check=False)
@@ -144,8 +157,10 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=3000, help="calls per latency / single-thread run")
     ap.add_argument("--no-go", action="store_true", help="skip the Go peers (no containerd needed)")
     args = ap.parse_args()
-    print(f"# {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"# {platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     print("| pair | call | p50 latency (us) | p99 latency (us) | calls/s, 1 thread | calls/s, 8 threads |")
     print("|---|---|---|---|---|---|")
     bench_python(args.calls)

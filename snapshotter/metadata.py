@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RevenantError
+
 
 class Kind(enum.IntEnum):
     # Values are the wire values of containerd.services.snapshots.v1.Kind.
@@ -31,24 +33,8 @@ class Kind(enum.IntEnum):
         return {1: "View", 2: "Active", 3: "Committed"}.get(int(self), "Unknown")
 
 
-class SnapshotError(Exception):
-    """Base of the errors that map onto containerd's errdefs (and so onto gRPC codes)."""
-
-
-class NotFound(SnapshotError):
-    pass
-
-
-class AlreadyExists(SnapshotError):
-    pass
-
-
-class FailedPrecondition(SnapshotError):
-    pass
-
-
-class InvalidArgument(SnapshotError):
-    pass
+# The snapshotter raises revenant's domain errors; its gRPC service maps them to status codes.
+SnapshotError = RevenantError
 
 
 @dataclass

@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shim.faults import crash_point
 from snapshotter import filters as flt
-from snapshotter.faults import crash_point
 from snapshotter.metadata import (
     AlreadyExists,
     FailedPrecondition,
@@ -199,7 +199,7 @@ class OverlaySnapshotter:
             raise
 
     def _restore_into(self, upper: Path, ckpt_key: str, seq: int | None, store_url: str | None, parent: str) -> None:
-        from snapshotter.layer import restore_writable_layer
+        from shim.layer import restore_writable_layer
 
         url = store_url or self.store_url
         if not url:

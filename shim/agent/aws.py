@@ -120,9 +120,7 @@ class AwsWatcher(Watcher):
 def probe(base_url: str = DEFAULT_BASE_URL, timeout: float = 1.0) -> bool:
     """An IMDSv2 endpoint hands out a session token for a PUT; nothing else does."""
     try:
-        resp = fetch.request(
-            "PUT", fetch.join(base_url, TOKEN_PATH), headers={TOKEN_TTL_HEADER: "60"}, timeout=timeout
-        )
+        resp = fetch.request("PUT", fetch.join(base_url, TOKEN_PATH), headers={TOKEN_TTL_HEADER: "60"}, timeout=timeout)
     except MetadataError:
         return False
     return resp.status == 200 and bool(resp.body.strip())

@@ -16,7 +16,7 @@ from typing import Any
 from shim.agent.drain import DrainReport, drain, plan_deadline
 from shim.agent.metrics import Metrics, StatusServer
 from shim.agent.notice import MetadataError, Notice, Watcher
-from shim.registry import list_tasks
+from shim.protect.registry import list_tasks
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,12 @@ class Agent:
         if self.server is not None:
             self.server.start()
             host, port = self.server.address
-            log.info("agent: metrics on http://%s:%d/metrics, health on /healthz", host, port,
-                     extra={"fields": {"event": "listening", "host": host, "port": port}})
+            log.info(
+                "agent: metrics on http://%s:%d/metrics, health on /healthz",
+                host,
+                port,
+                extra={"fields": {"event": "listening", "host": host, "port": port}},
+            )
         if self.watcher is None:
             log.warning("agent: no notice provider; serving metrics only (use `revenant drain` by hand)")
             return
@@ -105,8 +109,9 @@ class Agent:
             self._poll_failures += 1
             # Log the first failure and then every 60th, not one line per poll for hours.
             if self._poll_failures == 1 or self._poll_failures % 60 == 0:
-                log.warning("agent: %s metadata poll failed (%d in a row): %s",
-                            self.watcher.provider, self._poll_failures, exc)
+                log.warning(
+                    "agent: %s metadata poll failed (%d in a row): %s", self.watcher.provider, self._poll_failures, exc
+                )
             return None
         except Exception:
             self.metrics.poll_failed()
@@ -133,9 +138,19 @@ class Agent:
         self.metrics.notice_seen(notice)
         log.warning(
             "agent: %s notice, instance may go in %.0fs; %s checkpoint of every protected task",
-            notice.describe(), notice.seconds_left(), "final" if notice.exit else "leave-running",
-            extra={"fields": {"event": "notice", "provider": notice.provider, "action": notice.action,
-                              "deadline": notice.deadline, "notice_id": notice.id, "raw": notice.raw}},
+            notice.describe(),
+            notice.seconds_left(),
+            "final" if notice.exit else "leave-running",
+            extra={
+                "fields": {
+                    "event": "notice",
+                    "provider": notice.provider,
+                    "action": notice.action,
+                    "deadline": notice.deadline,
+                    "notice_id": notice.id,
+                    "raw": notice.raw,
+                }
+            },
         )
         thread.start()
         return thread
@@ -166,8 +181,10 @@ class Agent:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         now = time.time()
-        info: dict[str, Any] = {"provider": self.watcher.provider if self.watcher else "none",
-                                "run_dir": str(self.run_dir)}
+        info: dict[str, Any] = {
+            "provider": self.watcher.provider if self.watcher else "none",
+            "run_dir": str(self.run_dir),
+        }
         with self._lock:
             if self.reports:
                 last = self.reports[-1]

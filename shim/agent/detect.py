@@ -64,8 +64,10 @@ def make_watcher(provider: str, urls: Mapping[str, str], **options: object) -> W
     if provider == "auto":
         found = detect(urls)
         if found is None:
-            log.warning("no cloud metadata service answered (tried %s); not watching for notices",
-                        ", ".join(f"{p} at {base_url(p, urls)}" for p in PROVIDERS))
+            log.warning(
+                "no cloud metadata service answered (tried %s); not watching for notices",
+                ", ".join(f"{p} at {base_url(p, urls)}" for p in PROVIDERS),
+            )
             return None
         log.info("detected %s metadata service at %s", found, base_url(found, urls))
         provider = found

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from revenant_pb.revenant.v1 import control_pb2
-from shim.registry import TaskRecord
+from shim.protect.registry import TaskRecord
 from shim.ttrpc import NAMESPACE_KEY, Client, DeadlineExceeded, TtrpcError
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,10 @@ def drain(
     ]
     log.info(
         "drain: checkpointing %d protected task(s), exit=%s, %.1fs to deadline, reason %r",
-        len(records), exit, deadline - time.time(), reason,
+        len(records),
+        exit,
+        deadline - time.time(),
+        reason,
     )
     for t in threads:
         t.start()
@@ -190,11 +193,20 @@ def drain(
     report.finished = time.time()
     for res in report.results:
         level = logging.INFO if res.status == OK else logging.ERROR
-        log.log(level, "drain: %s %s%s", res.ref, res.status, f": {res.error}" if res.error else "",
-                extra={"fields": {"event": "checkpoint_result", "reason": reason, "exit": exit, **res.to_dict()}})
+        log.log(
+            level,
+            "drain: %s %s%s",
+            res.ref,
+            res.status,
+            f": {res.error}" if res.error else "",
+            extra={"fields": {"event": "checkpoint_result", "reason": reason, "exit": exit, **res.to_dict()}},
+        )
     log.info(
         "drain: done in %.1fs: %d ok, %d failed, %d timed out",
-        report.finished - report.started, report.count(OK), report.count(FAILED), report.count(TIMED_OUT),
+        report.finished - report.started,
+        report.count(OK),
+        report.count(FAILED),
+        report.count(TIMED_OUT),
         extra={"fields": {"event": "drain_summary", **{k: v for k, v in report.to_dict().items() if k != "tasks"}}},
     )
     return report

@@ -19,7 +19,7 @@ from typing import Any
 
 from shim.agent.drain import DrainReport
 from shim.agent.notice import Notice
-from shim.registry import list_tasks
+from shim.protect.registry import list_tasks
 
 log = logging.getLogger(__name__)
 
@@ -144,32 +144,49 @@ class Metrics:
             fam = family("revenant_agent_notices_total", "counter", "Interruption notices acted on.")
             for labels, n in sorted(self._notices.items()):
                 fam.add(n, labels)
-            family("revenant_agent_metadata_poll_errors_total", "counter",
-                   "Metadata service polls that failed.").add(self._poll_errors)
+            family("revenant_agent_metadata_poll_errors_total", "counter", "Metadata service polls that failed.").add(
+                self._poll_errors
+            )
             if self._last_poll_ok is not None:
-                family("revenant_agent_last_poll_success_timestamp_seconds", "gauge",
-                       "When the metadata service last answered (epoch).").add(self._last_poll_ok)
+                family(
+                    "revenant_agent_last_poll_success_timestamp_seconds",
+                    "gauge",
+                    "When the metadata service last answered (epoch).",
+                ).add(self._last_poll_ok)
             fam = family("revenant_agent_drains_total", "counter", "Checkpoint fan-outs, by trigger and outcome.")
             for labels, n in sorted(self._drains.items()):
                 fam.add(n, labels)
             if self._last_drain is not None:
-                family("revenant_agent_last_drain_timestamp_seconds", "gauge",
-                       "When the last fan-out finished (epoch).").add(self._last_drain)
-            fam = family("revenant_agent_checkpoints_total", "counter",
-                         "Task checkpoints requested by the agent, by trigger and result (ok, failed, timed_out).")
+                family(
+                    "revenant_agent_last_drain_timestamp_seconds", "gauge", "When the last fan-out finished (epoch)."
+                ).add(self._last_drain)
+            fam = family(
+                "revenant_agent_checkpoints_total",
+                "counter",
+                "Task checkpoints requested by the agent, by trigger and result (ok, failed, timed_out).",
+            )
             for labels, n in sorted(self._results.items()):
                 fam.add(n, labels)
-            fam = family("revenant_agent_checkpoint_failures_total", "counter",
-                         "Task checkpoints requested by the agent that failed or timed out.")
+            fam = family(
+                "revenant_agent_checkpoint_failures_total",
+                "counter",
+                "Task checkpoints requested by the agent that failed or timed out.",
+            )
             for labels, n in sorted(self._results.items()):
                 if dict(labels)["result"] != "ok":
                     fam.add(n, labels)
-            fam = family("revenant_agent_checkpoint_bytes_uploaded_total", "counter",
-                         "Bytes uploaded to the store by agent-requested checkpoints.")
+            fam = family(
+                "revenant_agent_checkpoint_bytes_uploaded_total",
+                "counter",
+                "Bytes uploaded to the store by agent-requested checkpoints.",
+            )
             for labels, n in sorted(self._bytes_uploaded.items()):
                 fam.add(n, labels)
-            fam = family("revenant_agent_checkpoint_duration_seconds", "histogram",
-                         "Duration of successful agent-requested checkpoints, request to answer.")
+            fam = family(
+                "revenant_agent_checkpoint_duration_seconds",
+                "histogram",
+                "Duration of successful agent-requested checkpoints, request to answer.",
+            )
             for labels, hist in sorted(self._durations.items()):
                 for bound, count in zip(hist.buckets, hist.counts, strict=True):  # already cumulative
                     fam.add(count, (*labels, ("le", _num(bound))), "_bucket")
@@ -179,11 +196,15 @@ class Metrics:
 
         tasks = list_tasks(self.run_dir)
         family("revenant_protected_tasks", "gauge", "Protected tasks in the node registry.").add(len(tasks))
-        age = family("revenant_task_last_checkpoint_age_seconds", "gauge",
-                     "Seconds since the task's last committed checkpoint (absent: none yet).")
+        age = family(
+            "revenant_task_last_checkpoint_age_seconds",
+            "gauge",
+            "Seconds since the task's last committed checkpoint (absent: none yet).",
+        )
         seq = family("revenant_task_last_checkpoint_seq", "gauge", "Sequence number of the last checkpoint.")
-        size = family("revenant_task_last_checkpoint_bytes_uploaded", "gauge",
-                      "Bytes the last checkpoint uploaded to the store.")
+        size = family(
+            "revenant_task_last_checkpoint_bytes_uploaded", "gauge", "Bytes the last checkpoint uploaded to the store."
+        )
         dur = family("revenant_task_last_checkpoint_duration_seconds", "gauge", "Duration of the last checkpoint.")
         err = family("revenant_task_last_checkpoint_error", "gauge", "1 if the task's last checkpoint attempt failed.")
         for rec in tasks:

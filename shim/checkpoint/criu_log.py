@@ -17,7 +17,6 @@ def error_lines(log: Path, limit: int = 5) -> list[str]:
     except OSError:
         return []
     lines = [
-        line.strip() for line in text.splitlines()
-        if _ERROR.search(line) and not any(h.search(line) for h in _HARMLESS)
+        line.strip() for line in text.splitlines() if _ERROR.search(line) and not any(h.search(line) for h in _HARMLESS)
     ]
     return lines[-limit:]

@@ -67,8 +67,15 @@ def read_dump_stats(work_dir: Path) -> DumpStats | None:
     if not path.exists():
         return None
     d = _read_entry(path).dump
-    return DumpStats(d.freezing_time, d.frozen_time, d.memdump_time, d.memwrite_time,
-                     d.pages_scanned, d.pages_skipped_parent, d.pages_written)
+    return DumpStats(
+        d.freezing_time,
+        d.frozen_time,
+        d.memdump_time,
+        d.memwrite_time,
+        d.pages_scanned,
+        d.pages_skipped_parent,
+        d.pages_written,
+    )
 
 
 def read_restore_stats(work_dir: Path) -> RestoreStats | None:
@@ -76,5 +83,4 @@ def read_restore_stats(work_dir: Path) -> RestoreStats | None:
     if not path.exists():
         return None
     r = _read_entry(path).restore
-    return RestoreStats(r.pages_compared, r.pages_skipped_cow, r.forking_time, r.restore_time,
-                        r.pages_restored)
+    return RestoreStats(r.pages_compared, r.pages_skipped_cow, r.forking_time, r.restore_time, r.pages_restored)

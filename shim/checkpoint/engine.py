@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from shim.runc import IOFds, Runc, RuncError
+from shim.runc.driver import IOFds, Runc, RuncError
 
 from .criu_log import error_lines
 from .criu_stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
@@ -73,7 +73,7 @@ def directory_bytes(path: Path) -> int:
 
 
 class CheckpointEngine:
-    """Checkpoints and restores through a `shim.runc.Runc` (the caller's root, log and runner: inside
+    """Checkpoints and restores through a `shim.runc.driver.Runc` (the caller's root, log and runner: inside
     the shim that runner is the subreaper's, so runc's exit status is never stolen)."""
 
     def __init__(self, hooks: DumpHooks | None = None) -> None:
@@ -87,14 +87,21 @@ class CheckpointEngine:
         with self._locks_guard:
             return self._locks.setdefault(container_id, threading.Lock())
 
-    def checkpoint(self, runc: Runc, container_id: str, image_dir: Path, options: CheckpointOptions,
-                   keep_log_in: Path | None = None) -> CheckpointResult:
+    def checkpoint(
+        self,
+        runc: Runc,
+        container_id: str,
+        image_dir: Path,
+        options: CheckpointOptions,
+        keep_log_in: Path | None = None,
+    ) -> CheckpointResult:
         """Dump the container into `image_dir`; serialized per container."""
         with self._lock(container_id):
             return self._checkpoint(runc, container_id, image_dir, options, keep_log_in)
 
-    def _checkpoint(self, runc: Runc, container_id: str, image_dir: Path, options: CheckpointOptions,
-                    keep_log_in: Path | None) -> CheckpointResult:
+    def _checkpoint(
+        self, runc: Runc, container_id: str, image_dir: Path, options: CheckpointOptions, keep_log_in: Path | None
+    ) -> CheckpointResult:
         image_dir.mkdir(parents=True, exist_ok=True)
         work = options.work_path or image_dir.parent / f".{image_dir.name}.work"
         work.mkdir(parents=True, exist_ok=True)
@@ -129,13 +136,26 @@ class CheckpointEngine:
         result = CheckpointResult(image_dir, time.monotonic() - start, stats, directory_bytes(image_dir), timings)
         self.last_results[container_id] = result
         if stats is None:
-            log.info("checkpointed %s in %.3fs (%d image bytes; CRIU wrote no statistics)", container_id,
-                     result.duration_s, result.image_bytes)
+            log.info(
+                "checkpointed %s in %.3fs (%d image bytes; CRIU wrote no statistics)",
+                container_id,
+                result.duration_s,
+                result.image_bytes,
+            )
         else:
-            log.info("checkpointed %s in %.3fs: freezing %d us, frozen %d us, memdump %d us, memwrite %d us, "
-                     "pages scanned %d, written %d, image bytes %d", container_id, result.duration_s,
-                     stats.freezing_time_us, stats.frozen_time_us, stats.memdump_time_us, stats.memwrite_time_us,
-                     stats.pages_scanned, stats.pages_written, result.image_bytes)
+            log.info(
+                "checkpointed %s in %.3fs: freezing %d us, frozen %d us, memdump %d us, memwrite %d us, "
+                "pages scanned %d, written %d, image bytes %d",
+                container_id,
+                result.duration_s,
+                stats.freezing_time_us,
+                stats.frozen_time_us,
+                stats.memdump_time_us,
+                stats.memwrite_time_us,
+                stats.pages_scanned,
+                stats.pages_written,
+                result.image_bytes,
+            )
         return result
 
     def forget(self, container_id: str) -> None:
@@ -151,16 +171,36 @@ class CheckpointEngine:
         result = self.last_results.get(container_id)
         return None if result is None else {"container_id": container_id, **result.as_dict()}
 
-    def restore(self, runc: Runc, container_id: str, bundle: Path, image_dir: Path, options: RestoreOptions,
-                pid_file: Path, io: IOFds, work_path: Path | None = None, console_socket: str | None = None,
-                keep_log_in: Path | None = None) -> RestoreResult:
+    def restore(
+        self,
+        runc: Runc,
+        container_id: str,
+        bundle: Path,
+        image_dir: Path,
+        options: RestoreOptions,
+        pid_file: Path,
+        io: IOFds,
+        work_path: Path | None = None,
+        console_socket: str | None = None,
+        keep_log_in: Path | None = None,
+    ) -> RestoreResult:
         """`runc restore --detach` of `image_dir` as `container_id`; the restored process inherits
         `io` in place of the streams it had at dump time (runc maps them from descriptors.json)."""
         work = work_path or bundle / "criu-work"
         work.mkdir(parents=True, exist_ok=True)
-        args = ["--detach", "--image-path", str(image_dir), "--work-path", str(work),
-                "--pid-file", str(pid_file), "--no-subreaper", "--bundle", str(bundle),
-                *options.checkpoint.criu_flags()]
+        args = [
+            "--detach",
+            "--image-path",
+            str(image_dir),
+            "--work-path",
+            str(work),
+            "--pid-file",
+            str(pid_file),
+            "--no-subreaper",
+            "--bundle",
+            str(bundle),
+            *options.checkpoint.criu_flags(),
+        ]
         if options.no_pivot:
             args.append("--no-pivot")
         if console_socket:
@@ -171,8 +211,9 @@ class CheckpointEngine:
                 runc.restore(container_id, args, io)
             except RuncError as e:
                 kept = self._keep_log(work / "restore.log", keep_log_in, "criu-restore.log")
-                raise CheckpointError(self._failure("restore", container_id, e, work / "restore.log", kept),
-                                      kept) from e
+                raise CheckpointError(
+                    self._failure("restore", container_id, e, work / "restore.log", kept), kept
+                ) from e
         if self.hooks:
             self.hooks.after_restore(container_id)
         pid = int(pid_file.read_text().strip())

@@ -87,5 +87,4 @@ def check_image_dir(image_dir: Path) -> None:
         pages = image_dir / f"pages-{pages_id}.img"
         have = pages.stat().st_size if pages.exists() else 0
         if have < needed * PAGE_SIZE:
-            raise DamagedImage(f"{pages.name} is truncated: {have} bytes, {pagemap.name} lists "
-                               f"{needed * PAGE_SIZE}")
+            raise DamagedImage(f"{pages.name} is truncated: {have} bytes, {pagemap.name} lists {needed * PAGE_SIZE}")

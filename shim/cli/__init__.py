@@ -8,12 +8,12 @@ import sys
 
 # Modules that contribute sub-commands; each defines register(subparsers) and sets `func` on its parsers.
 SUBCOMMAND_MODULES: list[str] = [
-    "shim.agent.cli",
+    "shim.cli.agent",
     "shim.cli.gpu",
     "shim.cli.protect",
     "shim.cli.stats",
-    "snapshotter.cli",
-    "snapshotter.store.cli",
+    "shim.cli.layer",
+    "shim.cli.store",
 ]
 
 

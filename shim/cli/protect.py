@@ -16,31 +16,42 @@ from typing import Any
 
 from shim.agent.drain import OK, checkpoint_task
 from shim.cli.fmt import human_size
-from shim.registry import TaskRecord, default_run_dir, list_tasks
+from shim.protect.registry import TaskRecord, default_run_dir, list_tasks
 
 
 def register(subparsers: Any) -> None:
-    ls = subparsers.add_parser("ls", help="protected containers on this node (key, store, last checkpoint)",
-                               description="Protected containers on this node, from the node registry.")
-    ls.add_argument("--run-dir", default=None, metavar="DIR",
-                    help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)")
+    ls = subparsers.add_parser(
+        "ls",
+        help="protected containers on this node (key, store, last checkpoint)",
+        description="Protected containers on this node, from the node registry.",
+    )
+    ls.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
+    )
     ls.add_argument("--json", action="store_true", help="print the registry records as JSON")
     ls.set_defaults(func=cmd_ls)
 
-    ck = subparsers.add_parser("checkpoint", help="checkpoint a protected container now",
-                               description="Take a checkpoint of a protected container into its store now, "
-                               "through its shim. The container keeps running unless --exit.")
+    ck = subparsers.add_parser(
+        "checkpoint",
+        help="checkpoint a protected container now",
+        description="Take a checkpoint of a protected container into its store now, "
+        "through its shim. The container keeps running unless --exit.",
+    )
     ck.add_argument("container", help="container id")
     ck.add_argument("--namespace", "-n", default=None, help="containerd namespace (needed if the id is ambiguous)")
     ck.add_argument("--exit", action="store_true", help="final checkpoint: stop the container after the dump")
     ck.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds (600)")
-    ck.add_argument("--run-dir", default=None, metavar="DIR",
-                    help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)")
+    ck.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
+    )
     ck.add_argument("--json", action="store_true", help="print the result as JSON")
     ck.set_defaults(func=cmd_checkpoint)
 
-    hi = subparsers.add_parser("history", help="the checkpoints of a key in a store",
-                               description="Committed checkpoints of KEY in the store, oldest first.")
+    hi = subparsers.add_parser(
+        "history",
+        help="the checkpoints of a key in a store",
+        description="Committed checkpoints of KEY in the store, oldest first.",
+    )
     hi.add_argument("key", help="checkpoint key (revenant.io/checkpoint-key)")
     hi.add_argument("--store", required=True, metavar="URL", help="store URL (file://, s3://, oci://)")
     hi.add_argument("--json", action="store_true", help="print the checkpoints as JSON")
@@ -70,8 +81,9 @@ def interval(seconds: float) -> str:
 
 def table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in (headers, *rows))
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in (headers, *rows)
+    )
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
@@ -90,9 +102,17 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = []
     for r in records:
         last = r.last_checkpoint
-        rows.append((r.ref, r.key, r.store, f"#{last.seq} {age(now - last.time)}" if last else "never",
-                     human_size(last.bytes_uploaded) if last else "-", interval(r.interval_s),
-                     (r.last_error or "")[:80]))
+        rows.append(
+            (
+                r.ref,
+                r.key,
+                r.store,
+                f"#{last.seq} {age(now - last.time)}" if last else "never",
+                human_size(last.bytes_uploaded) if last else "-",
+                interval(r.interval_s),
+                (r.last_error or "")[:80],
+            )
+        )
     print(table(("CONTAINER", "KEY", "STORE", "LAST CHECKPOINT", "UPLOADED", "INTERVAL", "LAST ERROR"), rows))
     return 0
 
@@ -101,11 +121,14 @@ def find_record(records: list[TaskRecord], container: str, namespace: str | None
     matches = [r for r in records if r.id == container and (namespace is None or r.namespace == namespace)]
     if not matches:
         where = f" in namespace {namespace}" if namespace else ""
-        raise LookupError(f"{container}{where} is not a protected container on this node "
-                          "(no registry record; `revenant ls` lists them)")
+        raise LookupError(
+            f"{container}{where} is not a protected container on this node "
+            "(no registry record; `revenant ls` lists them)"
+        )
     if len(matches) > 1:
-        raise LookupError(f"{container} exists in namespaces {', '.join(r.namespace for r in matches)}: "
-                          "pick one with --namespace")
+        raise LookupError(
+            f"{container} exists in namespaces {', '.join(r.namespace for r in matches)}: pick one with --namespace"
+        )
     return matches[0]
 
 
@@ -133,16 +156,19 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         print(label, file=sys.stderr)
         threading.Thread(target=_progress, args=("checkpointing", done), daemon=True).start()
     try:
-        result = checkpoint_task(record, exit=args.exit, deadline=time.time() + args.timeout,
-                                 reason="revenant checkpoint")
+        result = checkpoint_task(
+            record, exit=args.exit, deadline=time.time() + args.timeout, reason="revenant checkpoint"
+        )
     finally:
         done.set()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     elif result.status == OK:
-        print(f"{record.ref}: committed {record.key} seq {result.seq}: {human_size(result.bytes_read)} read, "
-              f"{human_size(result.bytes_uploaded)} uploaded, frozen {result.freeze_s or 0:.3f}s, "
-              f"total {result.total_s or 0:.2f}s")
+        print(
+            f"{record.ref}: committed {record.key} seq {result.seq}: {human_size(result.bytes_read)} read, "
+            f"{human_size(result.bytes_uploaded)} uploaded, frozen {result.freeze_s or 0:.3f}s, "
+            f"total {result.total_s or 0:.2f}s"
+        )
     else:
         print(f"{record.ref}: checkpoint {result.status.replace('_', ' ')}: {result.error}", file=sys.stderr)
     return 0 if result.status == OK else 1
@@ -150,15 +176,26 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def history_row(info: Any) -> dict[str, Any]:
     md = info.metadata or {}
-    return {"key": info.key, "seq": info.seq, "parent": info.parent, "created": info.created,
-            "reason": md.get("reason"), "exit": md.get("exit"), "node": md.get("node"),
-            "image": (md.get("image") or {}).get("name"), "freeze_s": md.get("freeze_s"),
-            "files": info.files, "bytes_read": info.bytes_read, "bytes_uploaded": info.bytes_uploaded,
-            "chunks_total": info.chunks_total, "chunks_new": info.chunks_new}
+    return {
+        "key": info.key,
+        "seq": info.seq,
+        "parent": info.parent,
+        "created": info.created,
+        "reason": md.get("reason"),
+        "exit": md.get("exit"),
+        "node": md.get("node"),
+        "image": (md.get("image") or {}).get("name"),
+        "freeze_s": md.get("freeze_s"),
+        "files": info.files,
+        "bytes_read": info.bytes_read,
+        "bytes_uploaded": info.bytes_uploaded,
+        "chunks_total": info.chunks_total,
+        "chunks_new": info.chunks_new,
+    }
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from snapshotter.store import StoreError, open_store
+    from shim.store import StoreError, open_store
 
     try:
         store = open_store(args.store)
@@ -177,10 +214,22 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(f"no checkpoints of {args.key} in {args.store}")
         return 0
     now = time.time()
-    print(table(("SEQ", "CREATED", "REASON", "NODE", "SIZE", "UPLOADED", "CHUNKS NEW", "FROZEN"), [
-        (str(r["seq"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) +
-         f" ({age(now - r['created'])})", str(r["reason"] or "-"), str(r["node"] or "-"), human_size(r["bytes_read"]),
-         human_size(r["bytes_uploaded"]), f"{r['chunks_new']}/{r['chunks_total']}",
-         "-" if r["freeze_s"] is None else f"{r['freeze_s']:.3f}s")
-        for r in rows]))
+    print(
+        table(
+            ("SEQ", "CREATED", "REASON", "NODE", "SIZE", "UPLOADED", "CHUNKS NEW", "FROZEN"),
+            [
+                (
+                    str(r["seq"]),
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) + f" ({age(now - r['created'])})",
+                    str(r["reason"] or "-"),
+                    str(r["node"] or "-"),
+                    human_size(r["bytes_read"]),
+                    human_size(r["bytes_uploaded"]),
+                    f"{r['chunks_new']}/{r['chunks_total']}",
+                    "-" if r["freeze_s"] is None else f"{r['freeze_s']:.3f}s",
+                )
+                for r in rows
+            ],
+        )
+    )
     return 0

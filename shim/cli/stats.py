@@ -17,8 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("stats", help="statistics of a container's last checkpoint (from its shim)")
     p.add_argument("container")
     p.add_argument("--namespace", "-n", default=os.environ.get("CONTAINERD_NAMESPACE", "default"))
-    p.add_argument("--state", default="/run/containerd",
-                   help=f"containerd's state directory (the shim's address is in <state>/{TASK_DIR}/<ns>/<id>)")
+    p.add_argument(
+        "--state",
+        default="/run/containerd",
+        help=f"containerd's state directory (the shim's address is in <state>/{TASK_DIR}/<ns>/<id>)",
+    )
     p.add_argument("--address", help="the shim's ttrpc address (unix:///...), instead of looking it up")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=cmd_stats)
@@ -29,8 +32,9 @@ def shim_address(state: Path, namespace: str, container: str) -> str:
     try:
         return path.read_text().strip()
     except OSError as e:
-        raise SystemExit(f"revenant stats: no shim address for {namespace}/{container} ({e}); "
-                         "give --state or --address") from None
+        raise SystemExit(
+            f"revenant stats: no shim address for {namespace}/{container} ({e}); give --state or --address"
+        ) from None
 
 
 def fetch_stats(address: str, namespace: str, container: str) -> dict:
@@ -38,18 +42,29 @@ def fetch_stats(address: str, namespace: str, container: str) -> dict:
     from shim.ttrpc import NAMESPACE_KEY, Client
 
     with Client(address, timeout=30) as client:
-        resp = client.call(CONTROL_SERVICE, "Stats", control_pb2.StatsRequest(id=container),
-                           control_pb2.StatsResponse, metadata={NAMESPACE_KEY: namespace})
+        resp = client.call(
+            CONTROL_SERVICE,
+            "Stats",
+            control_pb2.StatsRequest(id=container),
+            control_pb2.StatsResponse,
+            metadata={NAMESPACE_KEY: namespace},
+        )
     return json.loads(resp.stats_json)
 
 
 def format_stats(stats: dict) -> str:
     criu = stats.get("criu") or {}
-    lines = [f"container        {stats.get('container_id')}",
-             f"total            {stats.get('duration_s', 0):.3f} s",
-             f"image bytes      {stats.get('image_bytes', 0)}"]
-    for key, label in (("freezing_time_us", "freezing time"), ("frozen_time_us", "frozen time"),
-                       ("memdump_time_us", "memory dump"), ("memwrite_time_us", "memory write")):
+    lines = [
+        f"container        {stats.get('container_id')}",
+        f"total            {stats.get('duration_s', 0):.3f} s",
+        f"image bytes      {stats.get('image_bytes', 0)}",
+    ]
+    for key, label in (
+        ("freezing_time_us", "freezing time"),
+        ("frozen_time_us", "frozen time"),
+        ("memdump_time_us", "memory dump"),
+        ("memwrite_time_us", "memory write"),
+    ):
         if key in criu:
             lines.append(f"{label:<16} {criu[key]} us")
     for key, label in (("pages_scanned", "pages scanned"), ("pages_written", "pages written")):

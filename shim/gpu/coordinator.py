@@ -174,8 +174,9 @@ class GpuCoordinator:
         Raises GpuQuiesceError when lock/checkpoint fails (every process returned to RUNNING first,
         unless err.rollback says otherwise): the dump must not run then.
         """
-        session = GpuSession(self, self.cuda_processes(pids),
-                             self.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms)
+        session = GpuSession(
+            self, self.cuda_processes(pids), self.lock_timeout_ms if lock_timeout_ms is None else lock_timeout_ms
+        )
         session._quiesce()
         return session
 
@@ -222,8 +223,9 @@ class GpuCoordinator:
         candidates: list[ProcRef] = []
         for p in procs:
             try:
-                st = _call_with_deadline("cuCheckpointProcessGetState", p.pid, lambda p=p: drv.get_state(p.pid),
-                                         self.state_timeout_s)
+                st = _call_with_deadline(
+                    "cuCheckpointProcessGetState", p.pid, lambda p=p: drv.get_state(p.pid), self.state_timeout_s
+                )
             except (CudaError, _Stuck) as e:
                 log.debug("pid %d is not a CUDA process (%s)", p.pid, e)
                 continue
@@ -232,21 +234,27 @@ class GpuCoordinator:
         t0 = time.monotonic()
         stats: dict[str, Any] = {"restore_s": 0.0, "unlock_s": 0.0, "per_process": {}}
         failures = _drive_to_running(self, drv, candidates, stats)
-        report = {"cuda_processes": len(candidates), "pids": [p.pid for p in candidates],
-                  "resume_s": round(time.monotonic() - t0, 6), **stats_as_json(stats)}
+        report = {
+            "cuda_processes": len(candidates),
+            "pids": [p.pid for p in candidates],
+            "resume_s": round(time.monotonic() - t0, 6),
+            **stats_as_json(stats),
+        }
         if failures:
-            raise GpuResumeError("GPU restore after CRIU restore failed; the restored job cannot run on:",
-                                 failures)
+            raise GpuResumeError("GPU restore after CRIU restore failed; the restored job cannot run on:", failures)
         if expected is not None and len(candidates) != expected:
             raise GpuResumeError(
                 f"the checkpoint held {expected} CUDA process(es) but the restored container has "
-                f"{len(candidates)} waiting for GPU restore ({[p.pid for p in candidates]})", [])
+                f"{len(candidates)} waiting for GPU restore ({[p.pid for p in candidates]})",
+                [],
+            )
         log.info("GPU resumed %d restored process(es) in %.3f s", len(candidates), report["resume_s"])
         return report
 
     # -- stuck calls -----------------------------------------------------------------------------------------
     def _reap_later(self, proc: ProcRef, stuck: _Stuck) -> None:
         """When a stuck call finally returns, drive its process back to RUNNING (it may have just locked)."""
+
         def reap() -> None:
             stuck.done.wait()
             if not proc.alive():
@@ -288,8 +296,9 @@ def _timed(stats: dict[str, Any], pid: int, key: str, fn: Callable[[], None]) ->
         stats.setdefault("per_process", {}).setdefault(pid, {})[key] = round(dt, 6)
 
 
-def _drive_to_running(coord: GpuCoordinator, drv: CudaDriver, procs: list[ProcRef],
-                      stats: dict[str, Any]) -> list[StepFailure]:
+def _drive_to_running(
+    coord: GpuCoordinator, drv: CudaDriver, procs: list[ProcRef], stats: dict[str, Any]
+) -> list[StepFailure]:
     """Return every live process of procs to RUNNING: restore all CHECKPOINTED, then unlock all LOCKED
     (the order a multi-process job needs). Returns what could not be done, with the state left."""
     failures: list[StepFailure] = []
@@ -312,13 +321,25 @@ def _drive_to_running(coord: GpuCoordinator, drv: CudaDriver, procs: list[ProcRe
                 continue
             for attempt in range(coord.retries + 1):
                 try:
-                    _timed(stats, p.pid, f"{phase}_s",
-                           lambda p=p, method=method, call=call: _call_with_deadline(
-                               call, p.pid, lambda: method(p.pid), coord.call_timeout_s))
+                    _timed(
+                        stats,
+                        p.pid,
+                        f"{phase}_s",
+                        lambda p=p, method=method, call=call: _call_with_deadline(
+                            call, p.pid, lambda: method(p.pid), coord.call_timeout_s
+                        ),
+                    )
                     break
                 except _Stuck as e:
-                    failures.append(StepFailure(p.pid, phase, str(e), None, "unknown (a background thread will "
-                                                "return it to RUNNING when the call returns)"))
+                    failures.append(
+                        StepFailure(
+                            p.pid,
+                            phase,
+                            str(e),
+                            None,
+                            "unknown (a background thread will return it to RUNNING when the call returns)",
+                        )
+                    )
                     failed_pids.add(p.pid)
                     coord._reap_later(p, e)
                     break
@@ -359,9 +380,16 @@ class GpuSession:
         self.lock_timeout_ms = lock_timeout_ms
         self.finished = False
         self.node: dict[str, Any] | None = None
-        self.stats: dict[str, Any] = {"cuda_pids": [p.pid for p in procs], "lock_s": 0.0, "checkpoint_s": 0.0,
-                                      "restore_s": 0.0, "unlock_s": 0.0, "gpu_bytes": 0,
-                                      "gpu_bytes_source": None, "per_process": {}}
+        self.stats: dict[str, Any] = {
+            "cuda_pids": [p.pid for p in procs],
+            "lock_s": 0.0,
+            "checkpoint_s": 0.0,
+            "restore_s": 0.0,
+            "unlock_s": 0.0,
+            "gpu_bytes": 0,
+            "gpu_bytes_source": None,
+            "per_process": {},
+        }
         self.events: list[str] = []  # human-readable notes for the checkpoint's log/events
 
     @property
@@ -371,8 +399,13 @@ class GpuSession:
 
     def metadata(self) -> dict[str, Any]:
         """The dict to store in the checkpoint metadata (check_compatible() reads it back)."""
-        return {"cuda_processes": len(self.processes), "pids": [p.pid for p in self.processes],
-                "node": self.node, "stats": stats_as_json(self.stats), "events": list(self.events)}
+        return {
+            "cuda_processes": len(self.processes),
+            "pids": [p.pid for p in self.processes],
+            "node": self.node,
+            "stats": stats_as_json(self.stats),
+            "events": list(self.events),
+        }
 
     # -- before the dump -------------------------------------------------------------------------------------
     def _quiesce(self) -> None:
@@ -385,7 +418,8 @@ class GpuSession:
             raise GpuQuiesceError(
                 "the container uses NVIDIA devices but this node cannot checkpoint GPU state; a CRIU dump "
                 "would lose it, so no dump is taken",
-                [StepFailure(p.pid, "discover", str(e)) for p in self.processes]) from e
+                [StepFailure(p.pid, "discover", str(e)) for p in self.processes],
+            ) from e
         self.node = self._coord.node_info()
         smi = gpu_memory_by_pid()
         rss_before = {p.pid: rss_bytes(p.pid) for p in self.processes}
@@ -398,9 +432,14 @@ class GpuSession:
         ):
             for p in [p for p in self.processes if p.pid not in gone]:
                 try:
-                    _timed(self.stats, p.pid, f"{step}_s",
-                           lambda p=p, call=call, method=method, limit=limit: _call_with_deadline(
-                               call, p.pid, lambda: method(p.pid), limit))
+                    _timed(
+                        self.stats,
+                        p.pid,
+                        f"{step}_s",
+                        lambda p=p, call=call, method=method, limit=limit: _call_with_deadline(
+                            call, p.pid, lambda: method(p.pid), limit
+                        ),
+                    )
                 except (CudaError, _Stuck) as e:
                     if isinstance(e, _Stuck):
                         coord._reap_later(p, e)
@@ -413,17 +452,23 @@ class GpuSession:
                     rollback = _drive_to_running(coord, drv, self.processes, {})
                     self.finished = True
                     cls = GpuQuiesceError
-                    msg = (f"GPU {step} failed before the dump; no dump was taken; "
-                           + ("every CUDA process is RUNNING again" if not rollback else "ROLLBACK FAILED"))
+                    msg = f"GPU {step} failed before the dump; no dump was taken; " + (
+                        "every CUDA process is RUNNING again" if not rollback else "ROLLBACK FAILED"
+                    )
                     log.error("%s: %s", msg, failure)
                     raise cls(msg, [failure], rollback) from e
         if gone:
             self.processes = [p for p in self.processes if p.pid not in gone]
             self.stats["cuda_pids"] = [p.pid for p in self.processes]
         self._record_bytes(smi, rss_before)
-        log.info("GPU quiesced %d process(es): lock %.3f s, checkpoint %.3f s, %d bytes (%s)",
-                 len(self.processes), self.stats["lock_s"], self.stats["checkpoint_s"],
-                 self.stats["gpu_bytes"], self.stats["gpu_bytes_source"])
+        log.info(
+            "GPU quiesced %d process(es): lock %.3f s, checkpoint %.3f s, %d bytes (%s)",
+            len(self.processes),
+            self.stats["lock_s"],
+            self.stats["checkpoint_s"],
+            self.stats["gpu_bytes"],
+            self.stats["gpu_bytes_source"],
+        )
 
     def _record_bytes(self, smi: dict[int, int], rss_before: dict[int, int | None]) -> None:
         total_smi = total_rss = 0
@@ -459,27 +504,36 @@ class GpuSession:
         if leave_running is True and dead:
             self.events.append(f"CUDA process(es) {[p.pid for p in dead]} exited during a leave-running dump")
         if leave_running is False and alive:
-            self.events.append(f"CUDA process(es) {[p.pid for p in alive]} survived a dump that should have "
-                               "stopped them; restored and unlocked them")
+            self.events.append(
+                f"CUDA process(es) {[p.pid for p in alive]} survived a dump that should have "
+                "stopped them; restored and unlocked them"
+            )
         if not alive:
             return
         failures = _drive_to_running(self._coord, self._coord.driver(), alive, self.stats)
         if failures:
-            raise GpuResumeError("GPU restore/unlock after the dump failed (the checkpoint is complete):",
-                                 failures)
-        log.info("GPU resumed %d process(es) after the dump: restore %.3f s, unlock %.3f s",
-                 len(alive), self.stats["restore_s"], self.stats["unlock_s"])
+            raise GpuResumeError("GPU restore/unlock after the dump failed (the checkpoint is complete):", failures)
+        log.info(
+            "GPU resumed %d process(es) after the dump: restore %.3f s, unlock %.3f s",
+            len(alive),
+            self.stats["restore_s"],
+            self.stats["unlock_s"],
+        )
 
     def abort(self, cause: BaseException) -> None:
         """The dump failed: return every process to RUNNING. Raises GpuRollbackError if that fails."""
         if self.finished:
             return
         self.finished = True
-        failures = _drive_to_running(self._coord, self._coord.driver(),
-                                     [p for p in self.processes if p.alive()], self.stats)
+        failures = _drive_to_running(
+            self._coord, self._coord.driver(), [p for p in self.processes if p.alive()], self.stats
+        )
         if failures:
-            raise GpuRollbackError(f"the dump failed ({cause!r}) and returning the GPU processes to RUNNING "
-                                   "failed:", [StepFailure(0, "dump", repr(cause))], failures) from cause
+            raise GpuRollbackError(
+                f"the dump failed ({cause!r}) and returning the GPU processes to RUNNING failed:",
+                [StepFailure(0, "dump", repr(cause))],
+                failures,
+            ) from cause
         cause.add_note(f"GPU: all {len(self.processes)} CUDA process(es) were restored and unlocked; the job runs on")
 
 
@@ -491,6 +545,13 @@ def stats_as_json(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "GpuCoordinator", "GpuIncompatible", "GpuQuiesceError", "GpuResumeError", "GpuRollbackError", "GpuSession",
-    "GpuStepError", "StepFailure", "stats_as_json",
+    "GpuCoordinator",
+    "GpuIncompatible",
+    "GpuQuiesceError",
+    "GpuResumeError",
+    "GpuRollbackError",
+    "GpuSession",
+    "GpuStepError",
+    "StepFailure",
+    "stats_as_json",
 ]

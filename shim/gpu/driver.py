@@ -155,12 +155,14 @@ class CudaDriver:
             lib = ctypes.CDLL(path)
         except OSError as e:
             raise GpuUnavailable(f"no GPU support: cannot load {path}: {e}") from e
-        missing = [s for s in (*CHECKPOINT_SYMBOLS, "cuInit", "cuGetErrorName", "cuGetErrorString")
-                   if not hasattr(lib, s)]
+        missing = [
+            s for s in (*CHECKPOINT_SYMBOLS, "cuInit", "cuGetErrorName", "cuGetErrorString") if not hasattr(lib, s)
+        ]
         if missing:
             raise GpuUnavailable(
                 f"no GPU support: {path} lacks {', '.join(missing)} "
-                "(the checkpoint API needs driver 550+ / CUDA 12.8 API)")
+                "(the checkpoint API needs driver 550+ / CUDA 12.8 API)"
+            )
         drv = cls(lib, path)
         rc = lib.cuInit(0)
         if rc != CUDA_SUCCESS:
@@ -192,8 +194,7 @@ class CudaDriver:
     def get_state(self, pid: int) -> ProcessState | int:
         """The process's CUprocessState (an int when the driver returns a value this code does not know)."""
         state = ctypes.c_int(-1)
-        self._check("cuCheckpointProcessGetState",
-                    self._lib.cuCheckpointProcessGetState(pid, ctypes.byref(state)), pid)
+        self._check("cuCheckpointProcessGetState", self._lib.cuCheckpointProcessGetState(pid, ctypes.byref(state)), pid)
         try:
             return ProcessState(state.value)
         except ValueError:
@@ -207,14 +208,14 @@ class CudaDriver:
     def checkpoint(self, pid: int) -> None:
         """LOCKED -> CHECKPOINTED: device memory copied to host memory, GPU resources released."""
         args = CUcheckpointCheckpointArgs()
-        self._check("cuCheckpointProcessCheckpoint",
-                    self._lib.cuCheckpointProcessCheckpoint(pid, ctypes.byref(args)), pid)
+        self._check(
+            "cuCheckpointProcessCheckpoint", self._lib.cuCheckpointProcessCheckpoint(pid, ctypes.byref(args)), pid
+        )
 
     def restore(self, pid: int) -> None:
         """CHECKPOINTED -> LOCKED: GPU resources re-acquired, memory copied back (same GPUs, no remapping)."""
         args = CUcheckpointRestoreArgs()
-        self._check("cuCheckpointProcessRestore",
-                    self._lib.cuCheckpointProcessRestore(pid, ctypes.byref(args)), pid)
+        self._check("cuCheckpointProcessRestore", self._lib.cuCheckpointProcessRestore(pid, ctypes.byref(args)), pid)
 
     def unlock(self, pid: int) -> None:
         """LOCKED -> RUNNING."""
@@ -245,8 +246,7 @@ class CudaDriver:
             uuid = CUuuid()
             get_uuid = getattr(lib, "cuDeviceGetUuid_v2", None) or lib.cuDeviceGetUuid
             self._check("cuDeviceGetUuid", get_uuid(ctypes.byref(uuid), dev))
-            out.append(DeviceInfo(i, name.value.decode(errors="replace"), _format_uuid(bytes(uuid.bytes)),
-                                  mem.value))
+            out.append(DeviceInfo(i, name.value.decode(errors="replace"), _format_uuid(bytes(uuid.bytes)), mem.value))
         return out
 
 

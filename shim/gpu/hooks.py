@@ -1,6 +1,6 @@
 """The checkpoint engine's DumpHooks (shim.checkpoint.engine.DumpHooks) for containers that may use CUDA.
 
-    hooks = GpuDumpHooks(runc.ps)               # inside the shim: the container's shim.runc.Runc
+    hooks = GpuDumpHooks(runc.ps)               # inside the shim: the container's shim.runc.driver.Runc
     engine = CheckpointEngine(hooks=hooks)
     engine.checkpoint(runc, cid, ...)            # before_dump: lock + checkpoint; after_dump: resume/abort
     metadata["gpu"] = hooks.take_metadata(cid)   # None for a CPU-only container
@@ -32,6 +32,7 @@ def runc_pids(runc: str = "runc", root: Path | None = None) -> Callable[[str], l
     """pids_of for GpuDumpHooks outside the shim (tests, tools): `runc ps --format json <id>`.
 
     Inside the shim use the container's Runc.ps, which runs through the subreaper."""
+
     def pids_of(container_id: str) -> list[int]:
         cmd = [runc, *(["--root", str(root)] if root else []), "ps", "--format", "json", container_id]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
@@ -45,8 +46,13 @@ def runc_pids(runc: str = "runc", root: Path | None = None) -> Callable[[str], l
 class GpuDumpHooks:
     """Keeps one GpuSession per container between before_dump and after_dump."""
 
-    def __init__(self, pids_of: Callable[[str], Iterable[int]], coordinator: GpuCoordinator | None = None,
-                 *, lock_timeout_ms: int | None = None):
+    def __init__(
+        self,
+        pids_of: Callable[[str], Iterable[int]],
+        coordinator: GpuCoordinator | None = None,
+        *,
+        lock_timeout_ms: int | None = None,
+    ):
         self._pids_of = pids_of
         self.coordinator = coordinator or GpuCoordinator()
         self.lock_timeout_ms = lock_timeout_ms

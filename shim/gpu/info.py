@@ -23,23 +23,39 @@ NVIDIA_SMI_ENV = "REVENANT_NVIDIA_SMI"
 def node_gpu_info(driver: CudaDriver | None, unavailable_reason: str | None = None) -> dict[str, Any]:
     """{available, reason, driver_api_version, driver_version, count, models, devices[]} of this node."""
     if driver is None:
-        return {"available": False, "reason": unavailable_reason or "no GPU support", "count": 0,
-                "models": [], "devices": [], "driver_api_version": None, "driver_version": None}
+        return {
+            "available": False,
+            "reason": unavailable_reason or "no GPU support",
+            "count": 0,
+            "models": [],
+            "devices": [],
+            "driver_api_version": None,
+            "driver_version": None,
+        }
     try:
         devices = driver.devices()
     except CudaError as e:
-        return {"available": False, "reason": f"cannot list devices: {e}", "count": 0, "models": [],
-                "devices": [], "driver_api_version": driver.driver_version(), "driver_version": None}
+        return {
+            "available": False,
+            "reason": f"cannot list devices: {e}",
+            "count": 0,
+            "models": [],
+            "devices": [],
+            "driver_api_version": driver.driver_version(),
+            "driver_version": None,
+        }
     return {
         "available": True,
         "reason": None,
         "libcuda": driver.path,
         "driver_api_version": driver.driver_version(),  # e.g. 13000 for CUDA 13.0
-        "driver_version": kernel_driver_version(),       # e.g. "580.159.04", None without NVML/nvidia-smi
+        "driver_version": kernel_driver_version(),  # e.g. "580.159.04", None without NVML/nvidia-smi
         "count": len(devices),
         "models": sorted(d.name for d in devices),
-        "devices": [{"index": d.index, "name": d.name, "uuid": d.uuid, "total_memory_bytes": d.total_memory_bytes}
-                    for d in devices],
+        "devices": [
+            {"index": d.index, "name": d.name, "uuid": d.uuid, "total_memory_bytes": d.total_memory_bytes}
+            for d in devices
+        ],
     }
 
 
@@ -106,13 +122,18 @@ def check_compatible(saved: Mapping[str, Any] | None, node: Mapping[str, Any]) -
     want_models = Counter(had.get("models") or [])
     want_count = int(had.get("count") or 0)
     if not node.get("available"):
-        return Compatibility(False, f"the checkpoint holds GPU state of {saved['cuda_processes']} CUDA process(es) "
-                                    f"on {_describe(want_count, want_models)}, but this node has no GPU support: "
-                                    f"{node.get('reason')}")
+        return Compatibility(
+            False,
+            f"the checkpoint holds GPU state of {saved['cuda_processes']} CUDA process(es) "
+            f"on {_describe(want_count, want_models)}, but this node has no GPU support: "
+            f"{node.get('reason')}",
+        )
     have_models = Counter(node.get("models") or [])
     have_count = int(node.get("count") or 0)
-    seen = (f"the checkpoint was taken on {_describe(want_count, want_models)}, "
-            f"this node has {_describe(have_count, have_models)}")
+    seen = (
+        f"the checkpoint was taken on {_describe(want_count, want_models)}, "
+        f"this node has {_describe(have_count, have_models)}"
+    )
     if have_count != want_count:
         return Compatibility(False, f"GPU count differs: {seen}")
     if have_models != want_models:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointOptions
-from shim.policy import NodeConfig, Protection
-from shim.runc import Runc
+from shim.protect.policy import NodeConfig, Protection
+from shim.runc.driver import Runc
 
 from .image_identity import ImageIdentity
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
@@ -63,12 +63,13 @@ class CheckpointReport:
 
 
 class Checkpointer:
-    def __init__(self, engine: CheckpointEngine, node: NodeConfig,
-                 open_store: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self, engine: CheckpointEngine, node: NodeConfig, open_store: Callable[[str], Any] | None = None
+    ) -> None:
         self.engine = engine
         self.node = node
         if open_store is None:
-            from snapshotter.store import open_store as open_store_default
+            from shim.store import open_store as open_store_default
 
             open_store = open_store_default
         self.open_store = open_store
@@ -101,17 +102,32 @@ class Checkpointer:
         finally:
             remove_staging_dir(staging)
         total_s = time.monotonic() - start
-        stats = {"criu": dump.as_dict(), "upload_s": round(upload_s, 6), "pruned": pruned,
-                 "chunks_total": info.chunks_total, "chunks_new": info.chunks_new}
-        log.info("checkpoint %s seq %d of %s/%s (%s): frozen %.3fs, total %.3fs, %d bytes read, %d uploaded",
-                 c.protection.key, info.seq, c.namespace, c.id, reason, freeze_s, total_s, info.bytes_read,
-                 info.bytes_uploaded)
-        return CheckpointReport(c.protection.key, info.seq, info.bytes_read, info.bytes_uploaded, freeze_s,
-                                total_s, stats)
+        stats = {
+            "criu": dump.as_dict(),
+            "upload_s": round(upload_s, 6),
+            "pruned": pruned,
+            "chunks_total": info.chunks_total,
+            "chunks_new": info.chunks_new,
+        }
+        log.info(
+            "checkpoint %s seq %d of %s/%s (%s): frozen %.3fs, total %.3fs, %d bytes read, %d uploaded",
+            c.protection.key,
+            info.seq,
+            c.namespace,
+            c.id,
+            reason,
+            freeze_s,
+            total_s,
+            info.bytes_read,
+            info.bytes_uploaded,
+        )
+        return CheckpointReport(
+            c.protection.key, info.seq, info.bytes_read, info.bytes_uploaded, freeze_s, total_s, stats
+        )
 
     def _freeze_and_dump(self, c: ProtectedContainer, staging: Path, *, exit: bool) -> tuple[float, Any, Any]:
         """Pause, dump, capture the layer, resume: the only span in which the job does not run."""
-        from snapshotter.layer import capture_writable_layer
+        from shim.layer import capture_writable_layer
 
         options = CheckpointOptions(**{**asdict(c.checkpoint_options), "exit": exit})
         frozen_at = time.monotonic()

@@ -30,8 +30,10 @@ class ImageIdentity:
         for field_name in ("digest", "base"):
             was, now = recorded.get(field_name, ""), getattr(self, field_name)
             if was and now and was != now:
-                return (f"the image differs from the checkpoint's ({field_name} {was} at checkpoint, "
-                        f"{now} now; image {recorded.get('name', '?')} -> {self.name})")
+                return (
+                    f"the image differs from the checkpoint's ({field_name} {was} at checkpoint, "
+                    f"{now} now; image {recorded.get('name', '?')} -> {self.name})"
+                )
         return None
 
 
@@ -47,21 +49,32 @@ def image_of(grpc_address: str, namespace: str, container_id: str, timeout: floa
     metadata = ((GRPC_NAMESPACE_KEY, namespace),)
     try:
         with grpc.insecure_channel(target) as channel:
-            container = containers_pb2_grpc.ContainersStub(channel).Get(
-                containers_pb2.GetContainerRequest(id=container_id), metadata=metadata, timeout=timeout
-            ).container
+            container = (
+                containers_pb2_grpc.ContainersStub(channel)
+                .Get(containers_pb2.GetContainerRequest(id=container_id), metadata=metadata, timeout=timeout)
+                .container
+            )
             base = ""
             if container.snapshotter and container.snapshot_key:
-                base = snapshots_pb2_grpc.SnapshotsStub(channel).Stat(
-                    snapshots_pb2.StatSnapshotRequest(snapshotter=container.snapshotter, key=container.snapshot_key),
-                    metadata=metadata, timeout=timeout,
-                ).info.parent
+                base = (
+                    snapshots_pb2_grpc.SnapshotsStub(channel)
+                    .Stat(
+                        snapshots_pb2.StatSnapshotRequest(
+                            snapshotter=container.snapshotter, key=container.snapshot_key
+                        ),
+                        metadata=metadata,
+                        timeout=timeout,
+                    )
+                    .info.parent
+                )
             digest = ""
             if container.image:
                 try:
-                    digest = images_pb2_grpc.ImagesStub(channel).Get(
-                        images_pb2.GetImageRequest(name=container.image), metadata=metadata, timeout=timeout
-                    ).image.target.digest
+                    digest = (
+                        images_pb2_grpc.ImagesStub(channel)
+                        .Get(images_pb2.GetImageRequest(name=container.image), metadata=metadata, timeout=timeout)
+                        .image.target.digest
+                    )
                 except grpc.RpcError as e:
                     if e.code() != grpc.StatusCode.NOT_FOUND:
                         raise

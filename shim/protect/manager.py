@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shim import registry
 from shim.checkpoint import CheckpointEngine, CheckpointError
-from shim.policy import NodeConfig, PolicyError, protection_for
+from shim.protect import registry
+from shim.protect.policy import NodeConfig, PolicyError, protection_for
 from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
@@ -37,7 +37,7 @@ from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
-    from shim.task_service import Container
+    from shim.task.service import Container
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,15 @@ def bundle_annotations(bundle: str) -> dict[str, str]:
 
 
 class ProtectionManager:
-    def __init__(self, namespace: str, socket_address: str, publish: Callable[[str, str], None] | None = None,
-                 node: NodeConfig | None = None, engine: CheckpointEngine | None = None,
-                 grpc_address: str = "") -> None:
+    def __init__(
+        self,
+        namespace: str,
+        socket_address: str,
+        publish: Callable[[str, str], None] | None = None,
+        node: NodeConfig | None = None,
+        engine: CheckpointEngine | None = None,
+        grpc_address: str = "",
+    ) -> None:
         self.namespace = namespace
         self.address = socket_address
         # containerd's gRPC socket, to ask which image a container runs. containerd 1.6 passes it only
@@ -125,25 +131,49 @@ class ProtectionManager:
             return
         image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
-            log.warning("%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
-                        "against a changed image", c.namespace, c.id)
-        pc = ProtectedContainer(namespace=c.namespace, id=c.id, bundle=Path(c.bundle), protection=protection,
-                                runc=c.runc, upper_dir=upper_dir_of(req.rootfs), image=image,
-                                extra_metadata=lambda: self._gpu_metadata(c.id))
+            log.warning(
+                "%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
+                "against a changed image",
+                c.namespace,
+                c.id,
+            )
+        pc = ProtectedContainer(
+            namespace=c.namespace,
+            id=c.id,
+            bundle=Path(c.bundle),
+            protection=protection,
+            runc=c.runc,
+            upper_dir=upper_dir_of(req.rootfs),
+            image=image,
+            extra_metadata=lambda: self._gpu_metadata(c.id),
+        )
         p = Protected(pc)
         with self._lock:
             self._protected[c.id] = p
-        log.info("%s/%s is protected: key %s, store %s, interval %ss, checkpoint-on-stop %s, keep %d",
-                 c.namespace, c.id, protection.key, protection.store, protection.interval_s,
-                 protection.checkpoint_on_stop, protection.keep)
+        log.info(
+            "%s/%s is protected: key %s, store %s, interval %ss, checkpoint-on-stop %s, keep %d",
+            c.namespace,
+            c.id,
+            protection.key,
+            protection.store,
+            protection.interval_s,
+            protection.checkpoint_on_stop,
+            protection.keep,
+        )
         if req.checkpoint:
             return  # an explicit create-from-checkpoint (ctr restore) wins over the store
         self._plan_restore(c, p, image)
 
     def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
         pc = p.container
-        result = self.restorer.prepare(pc.protection, Path(c.bundle), pc.upper_dir, image, skip_seqs=p.tried_seqs,
-                                       compatible=lambda meta: self._gpu_refusal(c.id, meta))
+        result = self.restorer.prepare(
+            pc.protection,
+            Path(c.bundle),
+            pc.upper_dir,
+            image,
+            skip_seqs=p.tried_seqs,
+            compatible=lambda meta: self._gpu_refusal(c.id, meta),
+        )
         if isinstance(result, NoUsableCheckpoint):
             p.plan, c.checkpoint = None, ""
             if result.reasons:
@@ -181,8 +211,9 @@ class ProtectionManager:
         return p is not None and p.plan is not None
 
     # -- Start -----------------------------------------------------------------------------------
-    def restore_failed(self, c: Container, error: TtrpcError, unmount: Callable[[], None],
-                       mount: Callable[[], None]) -> bool:
+    def restore_failed(
+        self, c: Container, error: TtrpcError, unmount: Callable[[], None], mount: Callable[[], None]
+    ) -> bool:
         """A store checkpoint failed to restore: prepare the next one. True: try restoring again;
         False: no checkpoint left, start fresh (c.checkpoint cleared)."""
         p = self.get(c.id)
@@ -214,8 +245,11 @@ class ProtectionManager:
             p.plan.discard()
             p.plan = None
         if pc.protection.interval_s > 0:
-            p.periodic = PeriodicCheckpoints(f"{c.namespace}/{c.id}", pc.protection.interval_s,
-                                             lambda: self.checkpoint(c.id, exit=False, reason="periodic"))
+            p.periodic = PeriodicCheckpoints(
+                f"{c.namespace}/{c.id}",
+                pc.protection.interval_s,
+                lambda: self.checkpoint(c.id, exit=False, reason="periodic"),
+            )
             p.periodic.start()
         self._write_record(p)
 
@@ -285,14 +319,25 @@ class ProtectionManager:
         pc = p.container
         last = None
         if p.last_report is not None:
-            last = registry.LastCheckpoint(seq=p.last_report.seq, time=p.last_committed_at,
-                                           bytes_uploaded=p.last_report.bytes_uploaded,
-                                           duration_s=p.last_report.total_s)
+            last = registry.LastCheckpoint(
+                seq=p.last_report.seq,
+                time=p.last_committed_at,
+                bytes_uploaded=p.last_report.bytes_uploaded,
+                duration_s=p.last_report.total_s,
+            )
         return registry.TaskRecord(
-            namespace=pc.namespace, id=pc.id, address=self.address, key=pc.protection.key,
-            store=pc.protection.store, interval_s=pc.protection.interval_s,
-            checkpoint_on_stop=pc.protection.checkpoint_on_stop, keep=pc.protection.keep, shim_pid=os.getpid(),
-            task_pid=pc.init_pid, last_checkpoint=last, last_error=p.last_error,
+            namespace=pc.namespace,
+            id=pc.id,
+            address=self.address,
+            key=pc.protection.key,
+            store=pc.protection.store,
+            interval_s=pc.protection.interval_s,
+            checkpoint_on_stop=pc.protection.checkpoint_on_stop,
+            keep=pc.protection.keep,
+            shim_pid=os.getpid(),
+            task_pid=pc.init_pid,
+            last_checkpoint=last,
+            last_error=p.last_error,
             extra={"restored_from": p.restored_from, "fresh_reason": p.fresh_reason},
         )
 
@@ -312,9 +357,15 @@ class ProtectionManager:
         def do_checkpoint(ctx: Context, req: ctl.CheckpointRequest) -> ctl.CheckpointResponse:
             timeout = req.timeout_ms / 1000 if req.timeout_ms else ctx.time_left()
             r = self.checkpoint(req.id, exit=req.exit, reason=req.reason or "requested", timeout_s=timeout)
-            return ctl.CheckpointResponse(key=r.key, seq=r.seq, bytes_read=r.bytes_read,
-                                          bytes_uploaded=r.bytes_uploaded, freeze_s=r.freeze_s,
-                                          total_s=r.total_s, stats_json=json.dumps(r.stats))
+            return ctl.CheckpointResponse(
+                key=r.key,
+                seq=r.seq,
+                bytes_read=r.bytes_read,
+                bytes_uploaded=r.bytes_uploaded,
+                freeze_s=r.freeze_s,
+                total_s=r.total_s,
+                stats_json=json.dumps(r.stats),
+            )
 
         def do_status(ctx: Context, req: ctl.StatusRequest) -> ctl.StatusResponse:
             p = self.get(req.id)
@@ -331,7 +382,11 @@ class ProtectionManager:
                 stats["revenant"] = p.last_report.as_dict()  # the store side of a protective checkpoint
             return ctl.StatsResponse(stats_json=json.dumps(stats))
 
-        return Service(CONTROL_SERVICE, {"Checkpoint": (ctl.CheckpointRequest, do_checkpoint),
-                                         "Status": (ctl.StatusRequest, do_status),
-                                         "Stats": (ctl.StatsRequest, do_stats)})
-
+        return Service(
+            CONTROL_SERVICE,
+            {
+                "Checkpoint": (ctl.CheckpointRequest, do_checkpoint),
+                "Status": (ctl.StatusRequest, do_status),
+                "Stats": (ctl.StatsRequest, do_stats),
+            },
+        )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shim.policy import Protection
+from shim.protect.policy import Protection
 
 from .checkpointer import CRIU_DIR
 from .image_identity import ImageIdentity
@@ -51,20 +51,25 @@ class NoUsableCheckpoint:
 class Restorer:
     def __init__(self, open_store: Callable[[str], Any] | None = None) -> None:
         if open_store is None:
-            from snapshotter.store import open_store as open_store_default
+            from shim.store import open_store as open_store_default
 
             open_store = open_store_default
         self.open_store = open_store
 
-    def prepare(self, protection: Protection, scratch_base: Path, upper_dir: Path | None,
-                image: ImageIdentity | None, skip_seqs: Iterable[int] = (),
-                compatible: Callable[[dict[str, Any]], str | None] | None = None,
-                ) -> RestorePlan | NoUsableCheckpoint:
+    def prepare(
+        self,
+        protection: Protection,
+        scratch_base: Path,
+        upper_dir: Path | None,
+        image: ImageIdentity | None,
+        skip_seqs: Iterable[int] = (),
+        compatible: Callable[[dict[str, Any]], str | None] | None = None,
+    ) -> RestorePlan | NoUsableCheckpoint:
         """Fetch and verify the newest usable checkpoint and fill `upper_dir` (empty) from its layer.
 
         `compatible(metadata)` may refuse a checkpoint this node cannot take (its GPUs differ) with
         the reason; such a checkpoint is skipped like one taken on another image."""
-        from snapshotter.store import StoreError
+        from shim.store import StoreError
 
         reasons: list[str] = []
         skip = set(skip_seqs)
@@ -110,7 +115,7 @@ def fill_upper_dir(checkpoint_dir: Path, upper_dir: Path) -> dict[str, int] | No
     The layer is built in a sibling directory and renamed over the (empty) upper dir in one step, so
     a failure leaves the upper dir as empty as it was.
     """
-    from snapshotter.layer import LAYER_FILE, apply_writable_layer, fill_empty_upper_dir, verify_layer
+    from shim.layer import LAYER_FILE, apply_writable_layer, fill_empty_upper_dir, verify_layer
 
     if not list(checkpoint_dir.rglob(LAYER_FILE)):
         return None  # checkpoint taken without a writable layer (e.g. a read-only rootfs)

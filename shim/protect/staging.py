@@ -47,8 +47,9 @@ def make_staging_dir(preferred: Path, fallback: Path, expected_bytes: int, prefi
             continue
         if base == fallback or free >= expected_bytes * HEADROOM:
             return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-        log.info("staging: %s has %d MiB free, %d MiB expected; using %s", base, free >> 20,
-                 expected_bytes >> 20, fallback)
+        log.info(
+            "staging: %s has %d MiB free, %d MiB expected; using %s", base, free >> 20, expected_bytes >> 20, fallback
+        )
     raise OSError(f"no usable staging directory ({preferred}, {fallback})")
 
 

@@ -26,9 +26,9 @@ _RECV_SIZE = 256 * 1024
 
 
 def parse_address(address: str) -> str:
-    """"unix:///path", "/path" -> path; "unix://@name", "@name" -> abstract socket name ("\\0name")."""
+    """ "unix:///path", "/path" -> path; "unix://@name", "@name" -> abstract socket name ("\\0name")."""
     if address.startswith("unix://"):
-        address = address[len("unix://"):]
+        address = address[len("unix://") :]
     elif "://" in address:
         raise ValueError(f"unsupported ttrpc address {address!r}: only unix:// sockets are supported")
     if not address:
@@ -169,9 +169,7 @@ class Client:
             req.metadata.add(key=key, value=value)
         size = req.ByteSize()
         if size > MAX_PAYLOAD:
-            raise ResourceExhausted(
-                f"{service}/{method}: request of {size} bytes exceeds the {MAX_PAYLOAD}-byte limit"
-            )
+            raise ResourceExhausted(f"{service}/{method}: request of {size} bytes exceeds the {MAX_PAYLOAD}-byte limit")
 
         conn = self._connection()
         stream_id, waiter = conn.start_call(req)

@@ -146,7 +146,8 @@ def encode_response(stream_id: int, code: int = Code.OK, message: str = "", payl
     if len(data) > MAX_PAYLOAD:
         # Answer with an error the peer can read instead of a frame it would refuse.
         return encode_response(
-            stream_id, Code.RESOURCE_EXHAUSTED,
+            stream_id,
+            Code.RESOURCE_EXHAUSTED,
             f"response of {len(data)} bytes exceeds the {MAX_PAYLOAD}-byte limit",
         )
     return encode_frame(stream_id, FrameType.RESPONSE, data)
@@ -164,24 +165,28 @@ class ServerProtocol:
             if frame.type != FrameType.REQUEST:
                 continue  # responses, data frames of streams we do not serve, future types: ignore
             if frame.stream_id % 2 != 1:
-                events.append(StreamRejected(
-                    frame.stream_id, Code.INVALID_ARGUMENT,
-                    "StreamID must be odd for client initiated streams",
-                ))
+                events.append(
+                    StreamRejected(
+                        frame.stream_id,
+                        Code.INVALID_ARGUMENT,
+                        "StreamID must be odd for client initiated streams",
+                    )
+                )
             elif isinstance(frame, OversizedFrame):
                 limit = self._decoder.max_payload
-                events.append(StreamRejected(
-                    frame.stream_id, Code.RESOURCE_EXHAUSTED,
-                    f"message length {frame.length} exceed maximum message size of {limit}",
-                ))
+                events.append(
+                    StreamRejected(
+                        frame.stream_id,
+                        Code.RESOURCE_EXHAUSTED,
+                        f"message length {frame.length} exceed maximum message size of {limit}",
+                    )
+                )
             else:
                 req = ttrpc_pb2.Request()
                 try:
                     req.ParseFromString(frame.payload)
                 except DecodeError as exc:
-                    events.append(
-                        StreamRejected(frame.stream_id, Code.INVALID_ARGUMENT, f"bad request: {exc}")
-                    )
+                    events.append(StreamRejected(frame.stream_id, Code.INVALID_ARGUMENT, f"bad request: {exc}"))
                     continue
                 events.append(RequestReceived(frame.stream_id, req))
         return events
@@ -212,10 +217,13 @@ class ClientProtocol:
                 continue
             if isinstance(frame, OversizedFrame):
                 limit = self._decoder.max_payload
-                events.append(StreamFailed(
-                    frame.stream_id, Code.RESOURCE_EXHAUSTED,
-                    f"response length {frame.length} exceeds maximum message size of {limit}",
-                ))
+                events.append(
+                    StreamFailed(
+                        frame.stream_id,
+                        Code.RESOURCE_EXHAUSTED,
+                        f"response length {frame.length} exceeds maximum message size of {limit}",
+                    )
+                )
                 continue
             resp = ttrpc_pb2.Response()
             try:

@@ -22,7 +22,7 @@ import pytest
 
 from harness.metadata_server import MetadataServer
 from revenant_pb.revenant.v1 import control_pb2
-from shim.registry import LastCheckpoint, TaskRecord, write_task
+from shim.protect.registry import LastCheckpoint, TaskRecord, write_task
 from shim.ttrpc import Context, Internal, NotFound, Server, Service
 
 CONTROL = "revenant.v1.Control"
@@ -97,19 +97,29 @@ class StandIns:
         """Start a stand-in shim for container `id`; `register=False` keeps it out of the registry."""
         address = f"unix://{self.sock_dir}/{namespace}-{id}.sock"
         record = TaskRecord(
-            namespace=namespace, id=id, address=address, key=f"{namespace}/pod-{id}/main",
-            store="file:///var/lib/revenant/store", interval_s=600, keep=3, shim_pid=1, task_pid=2,
+            namespace=namespace,
+            id=id,
+            address=address,
+            key=f"{namespace}/pod-{id}/main",
+            store="file:///var/lib/revenant/store",
+            interval_s=600,
+            keep=3,
+            shim_pid=1,
+            task_pid=2,
         )
         shim = StandInShim(record, behavior, self.run_dir, self.timeline)
-        svc = Service(CONTROL, {
-            "Checkpoint": (control_pb2.CheckpointRequest, shim.checkpoint),
-            "Status": (control_pb2.StatusRequest, shim.status),
-        })
+        svc = Service(
+            CONTROL,
+            {
+                "Checkpoint": (control_pb2.CheckpointRequest, shim.checkpoint),
+                "Status": (control_pb2.StatusRequest, shim.status),
+            },
+        )
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address.removeprefix("unix://"))
         listener.listen(16)
-        shim.server = Server([svc])
-        thread = threading.Thread(target=shim.server.serve, args=(listener,), daemon=True)
+        shim.daemon.server = Server([svc])
+        thread = threading.Thread(target=shim.daemon.server.serve, args=(listener,), daemon=True)
         thread.start()
         self._threads.append(thread)
         self.shims.append(shim)
@@ -121,8 +131,8 @@ class StandIns:
         for shim in self.shims:
             shim.release.set()
         for shim in self.shims:
-            assert shim.server is not None
-            shim.server.shutdown(grace=2.0)
+            assert shim.daemon.server is not None
+            shim.daemon.server.shutdown(grace=2.0)
         for thread in self._threads:
             thread.join(5)
 

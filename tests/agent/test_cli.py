@@ -65,14 +65,29 @@ def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_se
     srv = metadata_server(("aws",))
     shim = standins.add("job")
     proc = subprocess.Popen(
-        [*REVENANT, "agent", "--provider", "auto", "--metadata-url", srv.url, "--poll-interval", "0.2",
-         "--listen", "127.0.0.1:0", "--run-dir", str(run_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            *REVENANT,
+            "agent",
+            "--provider",
+            "auto",
+            "--metadata-url",
+            srv.url,
+            "--poll-interval",
+            "0.2",
+            "--listen",
+            "127.0.0.1:0",
+            "--run-dir",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     logs: list[dict] = []
     reader = threading.Thread(target=lambda: logs.extend(json.loads(line) for line in proc.stderr), daemon=True)
     reader.start()
     try:
+
         def logged(event: str) -> dict | None:
             return next((entry for entry in list(logs) if entry.get("event") == event), None)
 

@@ -16,7 +16,7 @@ from shim.agent.aws import AwsWatcher
 from shim.agent.azure import AzureWatcher
 from shim.agent.daemon import Agent
 from shim.agent.gcp import GcpWatcher
-from shim.registry import LastCheckpoint, write_task
+from shim.protect.registry import LastCheckpoint, write_task
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? \S+$')
 
@@ -86,8 +86,11 @@ def test_aws_notice_checkpoints_every_task_once_and_shows_in_metrics(metadata_se
     assert 'revenant_agent_checkpoint_duration_seconds_bucket{trigger="terminate",le="+Inf"} 2' in text
     assert 'revenant_agent_checkpoint_bytes_uploaded_total{trigger="terminate"} 8192' in text
     assert "revenant_protected_tasks 3" in text
-    assert re.search(r'revenant_task_last_checkpoint_age_seconds\{namespace="default",id="job-a",'
-                     r'key="default/pod-job-a/main"\} \S+', text)
+    assert re.search(
+        r'revenant_task_last_checkpoint_age_seconds\{namespace="default",id="job-a",'
+        r'key="default/pod-job-a/main"\} \S+',
+        text,
+    )
     assert 'revenant_task_last_checkpoint_seq{namespace="default",id="job-b",key="default/pod-job-b/main"} 1' in text
     assert 'id="job-bad"' not in text.split("revenant_task_last_checkpoint_age_seconds", 1)[1].split("# HELP")[0]
     health = json.loads(get(agent, "/healthz")[1])
@@ -115,8 +118,10 @@ def test_azure_preempt_is_acknowledged_after_the_checkpoints(metadata_server, st
     event = srv.azure_add_event("Preempt", in_s=20)
     wait_for(lambda: srv.state.azure_acks, what="the acknowledgement")
     assert srv.state.azure_acks == [{"StartRequests": [{"EventId": event["EventId"]}]}]
-    assert sorted(standins.timeline[:2]) == ["checkpointed default/job-a exit=True",
-                                             "checkpointed default/job-b exit=True"]
+    assert sorted(standins.timeline[:2]) == [
+        "checkpointed default/job-a exit=True",
+        "checkpointed default/job-b exit=True",
+    ]
     assert standins.timeline[2:] == [f"azure-ack {event['EventId']}"]
     assert agent.reports[0].ok
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from shim.agent.drain import FAILED, OK, TIMED_OUT, drain, plan_deadline
-from shim.registry import TaskRecord, list_tasks, write_task
+from shim.protect.registry import TaskRecord, list_tasks, write_task
 
 
 def test_every_registered_task_is_checkpointed_concurrently_and_reported(standins, run_dir) -> None:
@@ -58,8 +58,10 @@ def test_leave_running_checkpoint_sends_exit_false(standins, run_dir) -> None:
 
 def test_a_dead_shim_fails_clearly_without_holding_up_the_rest(standins, run_dir, tmp_path) -> None:
     standins.add("alive")
-    write_task(run_dir, TaskRecord(namespace="default", id="dead", address=f"unix://{tmp_path}/gone.sock",
-                                   key="default/pod-dead/main"))
+    write_task(
+        run_dir,
+        TaskRecord(namespace="default", id="dead", address=f"unix://{tmp_path}/gone.sock", key="default/pod-dead/main"),
+    )
     report = drain(list_tasks(run_dir), exit=True, deadline=time.time() + 10, reason="test")
     by_id = {r.id: r for r in report.results}
     assert by_id["alive"].status == OK

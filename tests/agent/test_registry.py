@@ -1,4 +1,4 @@
-"""The node registry (shim.registry): round trips, atomic rewrites, and readers that survive bad files."""
+"""The node registry (shim.protect.registry): round trips, atomic rewrites, and readers that survive bad files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.registry import LastCheckpoint, TaskRecord, list_tasks, read_task, remove_task, task_path, write_task
+from shim.protect.registry import LastCheckpoint, TaskRecord, list_tasks, read_task, remove_task, task_path, write_task
 
 
 def record(id: str = "job", namespace: str = "default", **kw: object) -> TaskRecord:
@@ -19,16 +19,29 @@ def record(id: str = "job", namespace: str = "default", **kw: object) -> TaskRec
 
 
 def test_round_trip_matches_the_contract_layout(tmp_path: Path) -> None:
-    rec = record(store="file:///var/lib/revenant/store", interval_s=600, checkpoint_on_stop=True, keep=3,
-                 shim_pid=1234, task_pid=5678,
-                 last_checkpoint=LastCheckpoint(seq=4, time=1764180000.5, bytes_uploaded=123, duration_s=2.1))
+    rec = record(
+        store="file:///var/lib/revenant/store",
+        interval_s=600,
+        checkpoint_on_stop=True,
+        keep=3,
+        shim_pid=1234,
+        task_pid=5678,
+        last_checkpoint=LastCheckpoint(seq=4, time=1764180000.5, bytes_uploaded=123, duration_s=2.1),
+    )
     path = write_task(tmp_path, rec)
     assert path == tmp_path / "tasks" / "default" / "job.json"
     doc = json.loads(path.read_text())
     assert doc == {
-        "namespace": "default", "id": "job", "address": "unix:///run/containerd/s/job", "key": "default/p/job",
-        "store": "file:///var/lib/revenant/store", "interval_s": 600, "checkpoint_on_stop": True, "keep": 3,
-        "shim_pid": 1234, "task_pid": 5678,
+        "namespace": "default",
+        "id": "job",
+        "address": "unix:///run/containerd/s/job",
+        "key": "default/p/job",
+        "store": "file:///var/lib/revenant/store",
+        "interval_s": 600,
+        "checkpoint_on_stop": True,
+        "keep": 3,
+        "shim_pid": 1234,
+        "task_pid": 5678,
         "last_checkpoint": {"seq": 4, "time": 1764180000.5, "bytes_uploaded": 123, "duration_s": 2.1},
         "last_error": None,
     }
@@ -68,7 +81,7 @@ def test_half_written_and_malformed_files_are_skipped_with_a_warning(tmp_path: P
     (ns / "other.json").write_text(record("someone-else").to_json())  # names another task: not trusted
     (ns / ".good.abc.tmp").write_text("{")  # a writer's temporary file
     (ns / "notes.txt").write_text("not a record")
-    with caplog.at_level(logging.WARNING, logger="shim.registry"):
+    with caplog.at_level(logging.WARNING, logger="shim.protect.registry"):
         tasks = list_tasks(tmp_path)
     assert [t.id for t in tasks] == ["good"]
     warned = caplog.text
@@ -80,7 +93,7 @@ def test_half_written_and_malformed_files_are_skipped_with_a_warning(tmp_path: P
 def test_a_file_that_vanishes_while_listing_is_skipped(tmp_path: Path, caplog) -> None:
     path = write_task(tmp_path, record())
     path.unlink()
-    with caplog.at_level(logging.WARNING, logger="shim.registry"):
+    with caplog.at_level(logging.WARNING, logger="shim.protect.registry"):
         assert read_task(path) is None
     assert "vanished" in caplog.text
 

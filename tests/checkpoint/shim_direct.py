@@ -38,8 +38,7 @@ class Shim:
 
     def call(self, method: str, request, response_type, timeout: float = 120):
         with Client(self.address, timeout=timeout) as client:
-            return client.call(TASK, method, request, response_type,
-                               metadata={NAMESPACE_KEY: self.node.namespace})
+            return client.call(TASK, method, request, response_type, metadata={NAMESPACE_KEY: self.node.namespace})
 
     def checkpoint(self, cid: str, image_dir: Path, exit: bool = False) -> None:
         from google.protobuf import empty_pb2
@@ -96,8 +95,9 @@ def clone_snapshot(node: ContainerdNode, source_key: str, key: str) -> list[moun
     info = json.loads(ctr(node, "snapshots", "info", source_key).stdout)
     ctr(node, "snapshots", "prepare", key, info["Parent"])
     mounts = snapshot_mounts(node, key)
-    subprocess.run(["cp", "-a", f"{upper_dir(snapshot_mounts(node, source_key))}/.", str(upper_dir(mounts))],
-                   check=True)
+    subprocess.run(
+        ["cp", "-a", f"{upper_dir(snapshot_mounts(node, source_key))}/.", str(upper_dir(mounts))], check=True
+    )
     return mounts
 
 

@@ -18,7 +18,7 @@ from harness.images import extract_rootfs
 from harness.memjob import expected_checksum, wait_for
 from harness.tools import require
 from shim.checkpoint import CheckpointEngine, CheckpointError, CheckpointOptions, RestoreOptions
-from shim.runc import IOFds, Runc
+from shim.runc.driver import IOFds, Runc
 
 MIB, SEED = 32, 5
 
@@ -57,8 +57,13 @@ class Bundle:
         import os
 
         w = self.pipe_for(cid)
-        subprocess.run([self.runc, "--root", str(self.root), "run", "-d", "--bundle", str(self.dir), cid],
-                       stdin=subprocess.DEVNULL, stdout=w, stderr=w, check=True)
+        subprocess.run(
+            [self.runc, "--root", str(self.root), "run", "-d", "--bundle", str(self.dir), cid],
+            stdin=subprocess.DEVNULL,
+            stdout=w,
+            stderr=w,
+            check=True,
+        )
         os.close(w)
 
     def steps(self, name: str) -> list[tuple[int, str]]:
@@ -118,8 +123,16 @@ def test_restore_goes_on_with_the_exact_memory_state(bundle, engine, tmp_path, t
     subprocess.run([bundle.runc, "--root", str(bundle.root), "delete", "-f", "job"], check=True)
 
     out = bundle.pipe_for("restored")
-    result = engine.restore(bundle.driver, "restored", bundle.dir, tmp_path / "image", RestoreOptions(),
-                            pid_file=tmp_path / "restored.pid", io=IOFds(None, out, out), work_path=tmp_path / "rwork")
+    result = engine.restore(
+        bundle.driver,
+        "restored",
+        bundle.dir,
+        tmp_path / "image",
+        RestoreOptions(),
+        pid_file=tmp_path / "restored.pid",
+        io=IOFds(None, out, out),
+        work_path=tmp_path / "rwork",
+    )
     assert result.pid > 0
     assert bundle.status("restored") == "running"
     steps = bundle.wait_steps("restored", dumped_at + 3)
@@ -151,8 +164,13 @@ def test_concurrent_checkpoints_of_one_task_are_serialized(bundle, engine, tmp_p
 def test_failed_dump_names_criu_error_and_keeps_log(bundle, engine, tmp_path):
     # A stdout on a host file that the container cannot see is a classic CRIU refusal.
     host_file = open(tmp_path / "outside.log", "wb")  # noqa: SIM115 - handed to runc
-    subprocess.run([bundle.runc, "--root", str(bundle.root), "run", "-d", "--bundle", str(bundle.dir), "job"],
-                   stdin=subprocess.DEVNULL, stdout=host_file, stderr=host_file, check=True)
+    subprocess.run(
+        [bundle.runc, "--root", str(bundle.root), "run", "-d", "--bundle", str(bundle.dir), "job"],
+        stdin=subprocess.DEVNULL,
+        stdout=host_file,
+        stderr=host_file,
+        check=True,
+    )
     host_file.close()
     keep = tmp_path / "kept"
     with pytest.raises(CheckpointError) as exc:
@@ -169,7 +187,16 @@ def test_restore_from_garbage_fails_cleanly(bundle, engine, tmp_path):
     (garbage / "inventory.img").write_bytes(b"\x00not an image" * 100)
     (garbage / "pages-1.img").write_bytes(b"\xff" * 8192)
     with pytest.raises(CheckpointError) as exc:
-        engine.restore(bundle.driver, "ghost", bundle.dir, garbage, RestoreOptions(), pid_file=tmp_path / "ghost.pid",
-                       io=IOFds(), work_path=tmp_path / "gwork", keep_log_in=tmp_path / "kept")
+        engine.restore(
+            bundle.driver,
+            "ghost",
+            bundle.dir,
+            garbage,
+            RestoreOptions(),
+            pid_file=tmp_path / "ghost.pid",
+            io=IOFds(),
+            work_path=tmp_path / "gwork",
+            keep_log_in=tmp_path / "kept",
+        )
     assert "restore of ghost failed" in str(exc.value)
     assert bundle.status("ghost") is None, "a failed restore left a container behind"

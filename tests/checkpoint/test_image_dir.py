@@ -50,8 +50,17 @@ def node(node_factory, test_images):
     return n
 
 
-def resume_from(node, shim: Shim, cid: str, source: str | dict, image_dir: Path, memjob_binary: Path,
-                checkpointed_at: int, rootfs=None, while_running: Callable[[], None] | None = None) -> None:
+def resume_from(
+    node,
+    shim: Shim,
+    cid: str,
+    source: str | dict,
+    image_dir: Path,
+    memjob_binary: Path,
+    checkpointed_at: int,
+    rootfs=None,
+    while_running: Callable[[], None] | None = None,
+) -> None:
     """Create `cid` from `image_dir` on the shim, start it and prove it continues from the checkpoint.
     `source`: the container whose spec (and snapshot, unless `rootfs`) to use, or a spec."""
     bundle = bundle_for(node, cid, source)
@@ -63,8 +72,9 @@ def resume_from(node, shim: Shim, cid: str, source: str | dict, image_dir: Path,
     assert steps[0].n <= 1
     assert steps[-1].checksum == expected_checksum(memjob_binary, MIB, SEED, steps[-1].n)
     shim.kill(cid, signal.SIGUSR1)
-    verdict = wait_for(lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None),
-                       60, "verify line")
+    verdict = wait_for(
+        lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None), 60, "verify line"
+    )
     assert str(verdict).startswith("verify=ok"), verdict
     if while_running is not None:
         while_running()
@@ -179,6 +189,8 @@ def test_checkpoint_of_an_exited_task_is_refused(node, tmp_path):
     with pytest.raises(TtrpcError) as refused:
         shim.checkpoint("ck-short", tmp_path / "never")
     assert refused.value.code == 9, refused.value  # FailedPrecondition
-    assert ctr(node, "task", "checkpoint", "--image-path", str(tmp_path / "never"), "ck-short",
-               check=False).returncode != 0
+    assert (
+        ctr(node, "task", "checkpoint", "--image-path", str(tmp_path / "never"), "ck-short", check=False).returncode
+        != 0
+    )
     assert not (tmp_path / "never" / "inventory.img").exists()

@@ -54,13 +54,28 @@ def test_external_netns_moves_to_another_namespace_path(node_factory, test_image
     with named_netns(f"ck-a-{tag}") as path_a:
         a = node_factory("a")
         image = a.import_image(test_images.memjob)
-        ctr(a, "run", "-d", "--runtime", REVENANT, "--with-ns", f"network:{path_a}", image, "ck-net",
-            *memjob_args(MIB, SEED))
+        ctr(
+            a,
+            "run",
+            "-d",
+            "--runtime",
+            REVENANT,
+            "--with-ns",
+            f"network:{path_a}",
+            image,
+            "ck-net",
+            *memjob_args(MIB, SEED),
+        )
         wait_for_step(memjob_log(a, "ck-net"), 2, timeout=60)
         assert netns_inode_of(task_pid(a, "ck-net")) == os.stat(path_a).st_ino  # it runs in A's namespace
         Shim(a, "ck-net").checkpoint("ck-net", images, exit=True)
-        wait_for(lambda: "ck-net" not in ctr(a, "task", "ls", "-q").stdout.split()
-                 or "STOPPED" in ctr(a, "task", "ls").stdout, 30, "the exit checkpoint stopped ck-net")
+        wait_for(
+            lambda: (
+                "ck-net" not in ctr(a, "task", "ls", "-q").stdout.split() or "STOPPED" in ctr(a, "task", "ls").stdout
+            ),
+            30,
+            "the exit checkpoint stopped ck-net",
+        )
         at = last_step(memjob_log(a, "ck-net"))
         spec = container_spec(a, "ck-net")
         subprocess.run(["cp", "-a", f"{upper_dir(snapshot_mounts(a, 'ck-net'))}/.", str(saved_upper)], check=True)
@@ -85,7 +100,8 @@ def test_external_netns_moves_to_another_namespace_path(node_factory, test_image
             pid = shim.call("State", api.StateRequest(id="ck-net"), api.StateResponse).pid
             seen["inode"] = netns_inode_of(pid)
 
-        resume_from(b, shim, "ck-net", spec, images, test_images.memjob_binary, at, rootfs=rootfs,
-                    while_running=check_netns)
+        resume_from(
+            b, shim, "ck-net", spec, images, test_images.memjob_binary, at, rootfs=rootfs, while_running=check_netns
+        )
         assert seen["inode"] == os.stat(path_b).st_ino, "the restored task is not in node B's namespace"
         assert seen["inode"] != os.stat("/proc/self/ns/net").st_ino

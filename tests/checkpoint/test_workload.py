@@ -73,8 +73,9 @@ def build_toy_image(tmp_path) -> tuple:
     src = tmp_path / "toy.c"
     src.write_text(TOY_C)
     binary = tmp_path / "toy"
-    subprocess.run([require("gcc", "gcc libc6-dev"), "-static", "-O2", "-Wall", "-o", str(binary), str(src)],
-                   check=True)
+    subprocess.run(
+        [require("gcc", "gcc libc6-dev"), "-static", "-O2", "-Wall", "-o", str(binary), str(src)], check=True
+    )
     layer = _rootfs_layer({"bin/toy": (binary.read_bytes(), 0o755)})
     return write_oci_archive(tmp_path / "toy.tar", "localhost/revenant/toy:test", layer, ["/bin/toy"])
 
@@ -101,8 +102,9 @@ def test_files_pipe_socketpair_children_and_writable_layer_come_back(node_factor
     ctr(node, "containers", "restore", "--live", "--rw", "ck-toy2", "localhost/checkpoint/toy:1")
 
     restored_log = node.rootfs("ck-toy2") / "var/log/toy.log"
-    wait_for(lambda: len(restored_log.read_text().splitlines()) >= lines_at_checkpoint + 10, 60,
-             "the restored toy to go on")
+    wait_for(
+        lambda: len(restored_log.read_text().splitlines()) >= lines_at_checkpoint + 10, 60, "the restored toy to go on"
+    )
     entries = parse(restored_log.read_text())
     ns = [e[0] for e in entries]
     assert ns == list(range(len(ns))), "the counter restarted or skipped: the processes did not come back"

@@ -43,8 +43,14 @@ def memjob_log(node: ContainerdNode, cid: str) -> Path:
 def remove(node: ContainerdNode, cid: str, container: bool = True) -> None:
     """Kill and delete the task (and the container) the way a user would."""
     ctr(node, "task", "kill", "-s", "SIGKILL", cid, check=False)
-    wait_for(lambda: ctr(node, "task", "rm", "-f", cid, check=False).returncode != 0
-             or cid not in ctr(node, "task", "ls", "-q").stdout.split(), 30, f"task {cid} removed")
+    wait_for(
+        lambda: (
+            ctr(node, "task", "rm", "-f", cid, check=False).returncode != 0
+            or cid not in ctr(node, "task", "ls", "-q").stdout.split()
+        ),
+        30,
+        f"task {cid} removed",
+    )
     if container:
         ctr(node, "containers", "rm", cid)
 
@@ -57,8 +63,9 @@ def task_status(node: ContainerdNode, cid: str) -> str:
     return "ABSENT"
 
 
-def assert_resumed(node: ContainerdNode, cid: str, memjob_binary: Path, mib: int, seed: int,
-                   checkpointed_at: int) -> list[Step]:
+def assert_resumed(
+    node: ContainerdNode, cid: str, memjob_binary: Path, mib: int, seed: int, checkpointed_at: int
+) -> list[Step]:
     """The restored job runs on from its checkpoint: its log (the writable layer came along) is one
     continuous run past `checkpointed_at`, the newest step's checksum is what replaying the job on the
     host gives, and a full-memory verification (SIGUSR1) passes."""
@@ -69,8 +76,11 @@ def assert_resumed(node: ContainerdNode, cid: str, memjob_binary: Path, mib: int
     last = steps[-1]
     assert last.checksum == expected_checksum(memjob_binary, mib, seed, last.n), last
     ctr(node, "task", "kill", "-s", "SIGUSR1", cid)
-    verdict = wait_for(lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None),
-                       120, f"{cid} verify line")
+    verdict = wait_for(
+        lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None),
+        120,
+        f"{cid} verify line",
+    )
     assert str(verdict).startswith("verify=ok"), verdict
     return steps
 

@@ -21,8 +21,10 @@ def fake_libcuda_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if gcc is None:
         pytest.fail("gcc is needed to build the fake libcuda: apt-get install -y gcc")
     out = tmp_path_factory.mktemp("fakecuda") / "libcuda.so.1"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(out),
-                    str(HERE / "fake_libcuda.c"), "-lpthread"], check=True)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(out), str(HERE / "fake_libcuda.c"), "-lpthread"],
+        check=True,
+    )
     return out
 
 

@@ -65,10 +65,23 @@ def kill_all() -> None:
 
 def start_job(py: str, log: Path, args: argparse.Namespace) -> int:
     """The job in its own session (CRIU dumps a tree that owns its session), stdio on /dev/null."""
-    cmd = [py, str(HERE / args.job), "--log", str(log), "--steps", str(args.steps),
-           "--gib", str(args.gib), "--seed", str(args.seed), "--step-sleep", str(args.step_sleep)]
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    cmd = [
+        py,
+        str(HERE / args.job),
+        "--log",
+        str(log),
+        "--steps",
+        str(args.steps),
+        "--gib",
+        str(args.gib),
+        "--seed",
+        str(args.seed),
+        "--step-sleep",
+        str(args.step_sleep),
+    ]
+    p = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     started(p.pid)
     CHILDREN[p.pid] = p
     return p.pid
@@ -153,9 +166,18 @@ def probes(coord: GpuCoordinator, py: str) -> dict[str, Any]:
     sleeper.kill()
     sleeper.wait()
     # A kernel that spins ~4 s: a lock with a 300 ms timeout cannot complete while it runs.
-    spin = subprocess.Popen([py, "-c", "import torch,sys; torch.cuda.init(); x=torch.zeros(1,device='cuda');"
-                             "print('ready',flush=True); torch.cuda._sleep(int(4e9)); torch.cuda.synchronize();"
-                             "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    spin = subprocess.Popen(
+        [
+            py,
+            "-c",
+            "import torch,sys; torch.cuda.init(); x=torch.zeros(1,device='cuda');"
+            "print('ready',flush=True); torch.cuda._sleep(int(4e9)); torch.cuda.synchronize();"
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     started(spin.pid)
     try:
         assert spin.stdout is not None
@@ -167,8 +189,9 @@ def probes(coord: GpuCoordinator, py: str) -> dict[str, Any]:
             out["lock_timeout"] = f"lock returned SUCCESS after {time.monotonic() - t0:.2f} s (no timeout)"
             drv.unlock(spin.pid)
         except CudaError as e:
-            out["lock_timeout"] = (f"{e.name} ({e.code}) after {time.monotonic() - t0:.2f} s, "
-                                   f"state after: {drv.get_state(spin.pid)!r}")
+            out["lock_timeout"] = (
+                f"{e.name} ({e.code}) after {time.monotonic() - t0:.2f} s, state after: {drv.get_state(spin.pid)!r}"
+            )
         except Exception as e:  # the watchdog: the driver did not honour timeoutMs
             out["lock_timeout"] = f"{type(e).__name__}: {e}"
     finally:
@@ -191,9 +214,12 @@ def main() -> int:
     ap.add_argument("--step-sleep", type=float, default=0.02)
     ap.add_argument("--no-probes", action="store_true")
     ap.add_argument("--job", default="torch_job.py")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="CPU rehearsal with the fake libcuda and standin_job.py: after criu restore, mark the "
-                         "pid CHECKPOINTED in the fake (the real driver carries that state inside the process)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU rehearsal with the fake libcuda and standin_job.py: after criu restore, mark the "
+        "pid CHECKPOINTED in the fake (the real driver carries that state inside the process)",
+    )
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -237,13 +263,18 @@ def main() -> int:
         stall0 = time.monotonic()
         with coord.quiesced([pid]) as session:
             at_step = last_step(log)
-            dump_s = criu(args, "dump", "-t", str(pid), "-D", str(img), "-o", "dump.log", "-v4",
-                          "--leave-running", *CRIU_OPTS)
+            dump_s = criu(
+                args, "dump", "-t", str(pid), "-D", str(img), "-o", "dump.log", "-v4", "--leave-running", *CRIU_OPTS
+            )
             session.after_dump(leave_running=True)
         stall = time.monotonic() - stall0
-        result["checkpoint"] = {"at_step": at_step, "criu_dump_s": round(dump_s, 3), "stall_s": round(stall, 3),
-                                "image_bytes": sum(f.stat().st_size for f in img.iterdir()),
-                                "gpu": session.metadata()}
+        result["checkpoint"] = {
+            "at_step": at_step,
+            "criu_dump_s": round(dump_s, 3),
+            "stall_s": round(stall, 3),
+            "image_bytes": sum(f.stat().st_size for f in img.iterdir()),
+            "gpu": session.metadata(),
+        }
         say(f"checkpoint at step {at_step}: {json.dumps(result['checkpoint'])}")
         target = at_step + args.run_on
         wait_for(lambda: last_step(log) >= target, 120, f"step {target} after the leave-running dump", pid, log)
@@ -252,27 +283,37 @@ def main() -> int:
         say(f"killed the job at step {last_step(log)}")
 
         t0 = time.monotonic()
-        restore_s = criu(args, "restore", "-D", str(img), "-o", "restore.log", "-v4", "--restore-detached",
-                         *CRIU_OPTS)
+        restore_s = criu(args, "restore", "-D", str(img), "-o", "restore.log", "-v4", "--restore-detached", *CRIU_OPTS)
         if start_time(pid) is None:
             raise RuntimeError(f"criu restore returned but pid {pid} is not running")
         if args.dry_run:
             Path(os.environ["FAKE_CUDA_STATE_DIR"], f"state.{pid}").write_text("checkpointed\n")
         resumed = coord.resume_restored([pid], expected=1)
-        result["restore"] = {"criu_restore_s": round(restore_s, 3), "gpu": resumed,
-                             "total_s": round(time.monotonic() - t0, 3)}
+        result["restore"] = {
+            "criu_restore_s": round(restore_s, 3),
+            "gpu": resumed,
+            "total_s": round(time.monotonic() - t0, 3),
+        }
         say(f"restored: {json.dumps(result['restore'], default=str)}")
         code = wait_exit(pid, 240)
         steps, checksum, errs = read_log(log)
         mismatches = [(s, v, ref_steps.get(s)) for s, vs in steps.items() for v in vs if [v] != ref_steps.get(s)]
         missing = sorted(set(ref_steps) - set(steps))
-        result.update(exit_code=code, checksum=checksum, reference_checksum=ref_sum, errors=errs,
-                      mismatches=mismatches[:20], missing_steps=missing[:20],
-                      replayed_steps=sorted(s for s, vs in steps.items() if len(vs) > 1))
+        result.update(
+            exit_code=code,
+            checksum=checksum,
+            reference_checksum=ref_sum,
+            errors=errs,
+            mismatches=mismatches[:20],
+            missing_steps=missing[:20],
+            replayed_steps=sorted(s for s, vs in steps.items() if len(vs) > 1),
+        )
         result["ok"] = code == 0 and not errs and not mismatches and not missing and checksum == ref_sum
-        say(f"trajectory: {len(steps)} steps, {len(result['replayed_steps'])} replayed after restore, "
+        say(
+            f"trajectory: {len(steps)} steps, {len(result['replayed_steps'])} replayed after restore, "
             f"{len(mismatches)} mismatches, {len(missing)} missing; checksum "
-            f"{'MATCHES' if checksum == ref_sum else f'DIFFERS {checksum} != {ref_sum}'}")
+            f"{'MATCHES' if checksum == ref_sum else f'DIFFERS {checksum} != {ref_sum}'}"
+        )
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         say(f"FAILED: {result['error']}")

@@ -29,8 +29,8 @@ def main() -> int:
     log_line(args.log, f"start pid={os.getpid()} device=standin state_bytes={len(state)}")
     for step in range(args.steps):
         off = (step * 4096 * 7) % (len(state) - 4096)
-        h = hashlib.sha256(state[off:off + 4096]).digest()
-        state[off:off + 32] = h
+        h = hashlib.sha256(state[off : off + 4096]).digest()
+        state[off : off + 32] = h
         log_line(args.log, f"step={step} loss={float(int.from_bytes(h[:6], 'big')).hex()}")
         time.sleep(args.step_sleep)
     log_line(args.log, f"done steps={args.steps} checksum={hashlib.sha256(state).hexdigest()}")

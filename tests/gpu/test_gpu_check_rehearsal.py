@@ -25,17 +25,41 @@ REPO = HERE.parent.parent
 def test_gpu_check_controller_dry_run(fake_cuda: FakeCuda, tmp_path: Path) -> None:
     criu = require("criu", "criu")
     carried = HERE / ".criu" / "criu"  # what the GPU machine uses, when fetch-criu.sh has been run
-    env = dict(os.environ,
-               REVENANT_LIBCUDA=str(fake_cuda.lib),
-               REVENANT_GPU_DEVICE_PREFIX=fake_cuda.prefix,
-               STANDIN_DEVICE=str(fake_cuda.device),
-               PYTHONPATH=f"{REPO}:{HERE}")
+    env = dict(
+        os.environ,
+        REVENANT_LIBCUDA=str(fake_cuda.lib),
+        REVENANT_GPU_DEVICE_PREFIX=fake_cuda.prefix,
+        STANDIN_DEVICE=str(fake_cuda.device),
+        PYTHONPATH=f"{REPO}:{HERE}",
+    )
     out = tmp_path / "out"
     res = subprocess.run(
-        [sys.executable, str(HERE / "gpu_check.py"), "--work", str(tmp_path / "work"), "--out", str(out),
-         "--criu", str(carried if carried.exists() else criu), "--job", "standin_job.py", "--dry-run",
-         "--steps", "160", "--checkpoint-at", "50", "--run-on", "20", "--gib", "0.03125"],
-        env=env, capture_output=True, text=True, timeout=280)
+        [
+            sys.executable,
+            str(HERE / "gpu_check.py"),
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+            "--criu",
+            str(carried if carried.exists() else criu),
+            "--job",
+            "standin_job.py",
+            "--dry-run",
+            "--steps",
+            "160",
+            "--checkpoint-at",
+            "50",
+            "--run-on",
+            "20",
+            "--gib",
+            "0.03125",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     result = json.loads((out / "gpu_check.json").read_text())
     assert res.returncode == 0 and result["ok"], res.stdout + res.stderr
     assert result["checksum"] == result["reference_checksum"]
@@ -45,7 +69,10 @@ def test_gpu_check_controller_dry_run(fake_cuda: FakeCuda, tmp_path: Path) -> No
     pid = result["checkpoint"]["gpu"]["pids"][0]
     assert fake_cuda.state(pid) == "running"  # left RUNNING before it exited
     assert [c.split()[0] for c in fake_cuda.calls() if c.split()[1:2] == [str(pid)]] == [
-        "cuCheckpointProcessLock", "cuCheckpointProcessCheckpoint", "cuCheckpointProcessRestore",
-        "cuCheckpointProcessUnlock",                               # after the leave-running dump
-        "cuCheckpointProcessRestore", "cuCheckpointProcessUnlock",  # after criu restore
+        "cuCheckpointProcessLock",
+        "cuCheckpointProcessCheckpoint",
+        "cuCheckpointProcessRestore",
+        "cuCheckpointProcessUnlock",  # after the leave-running dump
+        "cuCheckpointProcessRestore",
+        "cuCheckpointProcessUnlock",  # after criu restore
     ]

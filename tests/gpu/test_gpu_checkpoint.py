@@ -47,6 +47,7 @@ def steps(fc: FakeCuda) -> list[tuple[str, int]]:
 
 # -- no libcuda ---------------------------------------------------------------------------------------------
 
+
 def test_no_libcuda_leaves_cpu_containers_alone(fake_cuda: FakeCuda, tmp_path: Path) -> None:
     coord = fake_cuda.coordinator(libcuda=str(tmp_path / "missing" / "libcuda.so.1"))
     ok, reason = coord.available()
@@ -104,6 +105,7 @@ def test_cuinit_is_called_first_and_its_failure_means_no_gpu(fake_cuda: FakeCuda
 
 # -- bindings against the state machine --------------------------------------------------------------------
 
+
 def test_bindings_follow_the_state_machine_and_name_errors(fake_cuda: FakeCuda) -> None:
     drv = CudaDriver.load(str(fake_cuda.lib))
     p = fake_cuda.spawn("fd")
@@ -133,6 +135,7 @@ def test_bindings_follow_the_state_machine_and_name_errors(fake_cuda: FakeCuda) 
 
 # -- discovery ----------------------------------------------------------------------------------------------
 
+
 def test_discovery_finds_processes_with_device_fds_or_maps(fake_cuda: FakeCuda) -> None:
     by_fd = fake_cuda.spawn("fd")
     by_map = fake_cuda.spawn("map")
@@ -142,8 +145,9 @@ def test_discovery_finds_processes_with_device_fds_or_maps(fake_cuda: FakeCuda) 
     assert tids, "the threaded child should have a second thread"
     gone = fake_cuda.spawn("fd")
     fake_cuda.kill(gone)
-    found = find_cuda_processes([plain.pid, by_map.pid, by_fd.pid, threaded.pid, *tids, gone.pid, 999_999_999],
-                                (fake_cuda.prefix,))
+    found = find_cuda_processes(
+        [plain.pid, by_map.pid, by_fd.pid, threaded.pid, *tids, gone.pid, 999_999_999], (fake_cuda.prefix,)
+    )
     assert [p.pid for p in found] == sorted([by_fd.pid, by_map.pid, threaded.pid])
     assert find_cuda_processes([by_fd.pid], ("/dev/nvidia",)) == []
 
@@ -165,6 +169,7 @@ def test_procref_detects_a_recycled_pid(fake_cuda: FakeCuda) -> None:
 
 # -- the checkpoint flow ------------------------------------------------------------------------------------
 
+
 def test_leave_running_dump_call_order_and_stats(fake_cuda: FakeCuda) -> None:
     a, b, plain = fake_cuda.spawn("fd"), fake_cuda.spawn("map"), fake_cuda.spawn("plain")
     coord = fake_cuda.coordinator()
@@ -173,8 +178,16 @@ def test_leave_running_dump_call_order_and_stats(fake_cuda: FakeCuda) -> None:
         assert fake_cuda.state(a.pid) == fake_cuda.state(b.pid) == "checkpointed"  # what the dump sees
         session.after_dump(leave_running=True)
     x, y = sorted([a.pid, b.pid])
-    assert steps(fake_cuda) == [("Lock", x), ("Lock", y), ("Checkpoint", x), ("Checkpoint", y),
-                                ("Restore", x), ("Restore", y), ("Unlock", x), ("Unlock", y)]
+    assert steps(fake_cuda) == [
+        ("Lock", x),
+        ("Lock", y),
+        ("Checkpoint", x),
+        ("Checkpoint", y),
+        ("Restore", x),
+        ("Restore", y),
+        ("Unlock", x),
+        ("Unlock", y),
+    ]
     assert f"cuCheckpointProcessLock {x} 1234 -> 0" in fake_cuda.calls()
     assert fake_cuda.state(a.pid) == fake_cuda.state(b.pid) == "running"
     assert fake_cuda.state(plain.pid) is None  # never touched
@@ -232,6 +245,7 @@ def test_leaving_the_block_without_after_dump_resumes(fake_cuda: FakeCuda) -> No
 
 # -- recovery paths -----------------------------------------------------------------------------------------
 
+
 def two(fc: FakeCuda) -> tuple[int, int]:
     a, b = fc.spawn("fd"), fc.spawn("fd")
     return tuple(sorted([a.pid, b.pid]))  # type: ignore[return-value]
@@ -252,12 +266,21 @@ def test_lock_failure_unlocks_the_ones_already_locked(fake_cuda: FakeCuda) -> No
 def test_checkpoint_failure_restores_and_unlocks_everyone(fake_cuda: FakeCuda) -> None:
     x, y = two(fake_cuda)
     fake_cuda.add_fault(f"checkpoint {y} fail 304")
-    with pytest.raises(GpuQuiesceError, match="CUDA_ERROR_OPERATING_SYSTEM") as err, \
-            fake_cuda.coordinator().quiesced([x, y]):
+    with (
+        pytest.raises(GpuQuiesceError, match="CUDA_ERROR_OPERATING_SYSTEM") as err,
+        fake_cuda.coordinator().quiesced([x, y]),
+    ):
         pytest.fail("the dump must not run")
     assert err.value.job_left_running
-    assert steps(fake_cuda) == [("Lock", x), ("Lock", y), ("Checkpoint", x), ("Checkpoint", y),
-                                ("Restore", x), ("Unlock", x), ("Unlock", y)]
+    assert steps(fake_cuda) == [
+        ("Lock", x),
+        ("Lock", y),
+        ("Checkpoint", x),
+        ("Checkpoint", y),
+        ("Restore", x),
+        ("Unlock", x),
+        ("Unlock", y),
+    ]
     assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
 
 
@@ -285,8 +308,7 @@ def test_rollback_when_the_state_cannot_be_read(fake_cuda: FakeCuda) -> None:
 
 def test_failed_dump_returns_every_process_to_running(fake_cuda: FakeCuda) -> None:
     x, y = two(fake_cuda)
-    with pytest.raises(RuntimeError, match="runc checkpoint failed") as err, \
-            fake_cuda.coordinator().quiesced([x, y]):
+    with pytest.raises(RuntimeError, match="runc checkpoint failed") as err, fake_cuda.coordinator().quiesced([x, y]):
         raise RuntimeError("runc checkpoint failed")
     assert any("restored and unlocked" in n for n in err.value.__notes__)
     assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
@@ -320,7 +342,9 @@ def test_transient_restore_failure_is_retried(fake_cuda: FakeCuda) -> None:
         session.after_dump(leave_running=True)
     assert fake_cuda.state(x) == fake_cuda.state(y) == "running"
     assert [c for c in fake_cuda.calls() if c.startswith(f"cuCheckpointProcessRestore {y}")] == [
-        f"cuCheckpointProcessRestore {y} -> 2", f"cuCheckpointProcessRestore {y} -> 0"]
+        f"cuCheckpointProcessRestore {y} -> 2",
+        f"cuCheckpointProcessRestore {y} -> 0",
+    ]
 
 
 def test_unlock_failure_after_leave_running_dump(fake_cuda: FakeCuda) -> None:
@@ -334,11 +358,14 @@ def test_unlock_failure_after_leave_running_dump(fake_cuda: FakeCuda) -> None:
 
 # -- timeouts -----------------------------------------------------------------------------------------------
 
+
 def test_lock_timeout_leaves_the_job_running(fake_cuda: FakeCuda) -> None:
     x, y = two(fake_cuda)
     fake_cuda.add_fault(f"lock {y} delay 60000")  # the process would need a minute to reach a lockable point
-    with pytest.raises(GpuQuiesceError, match="CUDA_ERROR_TIMEOUT") as err, \
-            fake_cuda.coordinator().quiesced([x, y], lock_timeout_ms=300):
+    with (
+        pytest.raises(GpuQuiesceError, match="CUDA_ERROR_TIMEOUT") as err,
+        fake_cuda.coordinator().quiesced([x, y], lock_timeout_ms=300),
+    ):
         pytest.fail("the dump must not run")
     assert err.value.job_left_running
     assert f"cuCheckpointProcessLock {y} 300 -> 909" in fake_cuda.calls()
@@ -349,8 +376,10 @@ def test_lock_that_ignores_its_timeout_is_abandoned_and_undone_later(fake_cuda: 
     x, y = two(fake_cuda)
     fake_cuda.add_fault(f"lock {y} stall 2000")  # a driver call that does not honour timeoutMs
     coord = fake_cuda.coordinator(lock_grace_s=0.2)
-    with pytest.raises(GpuQuiesceError, match="did not return within") as err, \
-            coord.quiesced([x, y], lock_timeout_ms=100):
+    with (
+        pytest.raises(GpuQuiesceError, match="did not return within") as err,
+        coord.quiesced([x, y], lock_timeout_ms=100),
+    ):
         pytest.fail("the dump must not run")
     assert err.value.failures[0].pid == y
     assert fake_cuda.state(x) == "running"
@@ -372,6 +401,7 @@ def test_stuck_restore_after_dump_is_reported_and_finished_later(fake_cuda: Fake
 
 
 # -- after runc/criu restore --------------------------------------------------------------------------------
+
 
 def test_resume_restored_processes(fake_cuda: FakeCuda) -> None:
     # A CRIU-restored CUDA process holds no device file; the driver knows it as CHECKPOINTED.
@@ -411,6 +441,7 @@ def test_resume_restored_cpu_container(fake_cuda: FakeCuda) -> None:
 
 # -- compatibility ------------------------------------------------------------------------------------------
 
+
 def checkpoint_metadata(fc: FakeCuda, monkeypatch: pytest.MonkeyPatch, devices: str) -> dict:
     monkeypatch.setenv("FAKE_CUDA_DEVICES", devices)
     p = fc.spawn("fd")
@@ -430,8 +461,9 @@ def test_compatibility_check(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatc
 
     assert check_compatible(saved, node(f"{h100},{h100}")).ok
     one = check_compatible(saved, node(h100))
-    assert not one and one.reason == (f"GPU count differs: the checkpoint was taken on 2 x {h100}, "
-                                      f"this node has 1 x {h100}")
+    assert not one and one.reason == (
+        f"GPU count differs: the checkpoint was taken on 2 x {h100}, this node has 1 x {h100}"
+    )
     other = check_compatible(saved, node("NVIDIA H200,NVIDIA H200"))
     assert not other and other.reason.startswith("GPU model differs") and "2 x NVIDIA H200" in other.reason
     none = check_compatible(saved, fake_cuda.coordinator(libcuda=str(tmp_path / "no.so")).node_info())
@@ -442,6 +474,7 @@ def test_compatibility_check(fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatc
 
 
 # -- the checkpoint engine's hooks --------------------------------------------------------------------------
+
 
 def test_dump_hooks_leave_running_and_metadata(fake_cuda: FakeCuda) -> None:
     x, y = two(fake_cuda)

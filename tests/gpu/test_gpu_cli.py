@@ -17,8 +17,12 @@ def revenant(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 
 def test_gpu_cli(fake_cuda: FakeCuda, tmp_path: Path) -> None:
-    env = dict(os.environ, REVENANT_LIBCUDA=str(fake_cuda.lib), REVENANT_GPU_DEVICE_PREFIX=fake_cuda.prefix,
-               FAKE_CUDA_DEVICES="NVIDIA H100 80GB HBM3")
+    env = dict(
+        os.environ,
+        REVENANT_LIBCUDA=str(fake_cuda.lib),
+        REVENANT_GPU_DEVICE_PREFIX=fake_cuda.prefix,
+        FAKE_CUDA_DEVICES="NVIDIA H100 80GB HBM3",
+    )
     info = json.loads(revenant("gpu", "info", env=env).stdout)
     assert info["available"] and info["models"] == ["NVIDIA H100 80GB HBM3"]
 

@@ -17,7 +17,7 @@ from harness.memjob import wait_for
 from harness.tools import require
 from shim.checkpoint import CheckpointEngine, CheckpointError, CheckpointOptions
 from shim.gpu import GpuDumpHooks, runc_pids
-from shim.runc import Runc
+from shim.runc.driver import Runc
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,16 +32,22 @@ class GpuBundle:
         # sh keeps the "device" open on fd 3; its sleep child does not (3>&-).
         config["process"]["args"] = ["/bin/sh", "-c", "exec 3<>/dev/nvidia0; while :; do sleep 1000 3>&-; done"]
         config["root"]["readonly"] = False
-        config["mounts"].append({"destination": "/dev/nvidia0", "type": "bind", "source": str(device),
-                                 "options": ["bind", "rw"]})
+        config["mounts"].append(
+            {"destination": "/dev/nvidia0", "type": "bind", "source": str(device), "options": ["bind", "rw"]}
+        )
         (self.dir / "config.json").write_text(json.dumps(config))
 
     def runc_cmd(self, *args: str) -> list[str]:
         return [self.runc, "--root", str(self.root), *args]
 
     def run(self, cid: str) -> None:
-        subprocess.run(self.runc_cmd("run", "-d", "--bundle", str(self.dir), cid), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            self.runc_cmd("run", "-d", "--bundle", str(self.dir), cid),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
 
     def status(self, cid: str) -> str | None:
         res = subprocess.run(self.runc_cmd("state", cid), capture_output=True, text=True)
@@ -69,15 +75,18 @@ def test_engine_with_gpu_hooks(gpu_bundle: GpuBundle, fake_cuda: FakeCuda, tmp_p
     engine = CheckpointEngine(hooks=hooks)
     driver = Runc(root=str(gpu_bundle.root), log_path=str(tmp_path / "runc.log"), binary=gpu_bundle.runc)
     gpu_bundle.run("job")
-    pids = wait_for(lambda: (found if len(found := pids_of("job")) == 2 else None), 30, "sh and its sleep")
+    pids = wait_for(lambda: found if len(found := pids_of("job")) == 2 else None, 30, "sh and its sleep")
     cuda = [p.pid for p in hooks.coordinator.cuda_processes(pids)]
     assert len(cuda) == 1, "only sh holds the device"
     (sh,) = cuda
 
     engine.checkpoint(driver, "job", tmp_path / "image", CheckpointOptions())  # leave running
     assert gpu_bundle.status("job") == "running"
-    assert [c.split()[0].removeprefix("cuCheckpointProcess") for c in fake_cuda.calls()
-            if c.startswith("cuCheckpointProcess")] == ["Lock", "Checkpoint", "Restore", "Unlock"]
+    assert [
+        c.split()[0].removeprefix("cuCheckpointProcess")
+        for c in fake_cuda.calls()
+        if c.startswith("cuCheckpointProcess")
+    ] == ["Lock", "Checkpoint", "Restore", "Unlock"]
     assert fake_cuda.state(sh) == "running"
     meta = hooks.take_metadata("job")
     assert meta is not None and meta["pids"] == [sh] and meta["cuda_processes"] == 1
@@ -86,7 +95,10 @@ def test_engine_with_gpu_hooks(gpu_bundle: GpuBundle, fake_cuda: FakeCuda, tmp_p
     calls_before = len(fake_cuda.calls())
     with pytest.raises(CheckpointError):  # runc refuses an unknown namespace after before_dump ran
         engine.checkpoint(driver, "job", tmp_path / "image2", CheckpointOptions(empty_namespaces=("bogus",)))
-    assert [c.split()[0].removeprefix("cuCheckpointProcess") for c in fake_cuda.calls()[calls_before:]
-            if c.startswith("cuCheckpointProcess")] == ["Lock", "Checkpoint", "Restore", "Unlock"]
+    assert [
+        c.split()[0].removeprefix("cuCheckpointProcess")
+        for c in fake_cuda.calls()[calls_before:]
+        if c.startswith("cuCheckpointProcess")
+    ] == ["Lock", "Checkpoint", "Restore", "Unlock"]
     assert fake_cuda.state(sh) == "running"
     assert gpu_bundle.status("job") == "running"

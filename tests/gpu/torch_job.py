@@ -44,18 +44,19 @@ def run(args: argparse.Namespace) -> None:
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     table = torch.randn(rows, width, device=dev, generator=gen)
     model = torch.nn.Sequential(
-        torch.nn.Linear(width, 4096), torch.nn.GELU(),
-        torch.nn.Linear(4096, 4096), torch.nn.GELU(),
+        torch.nn.Linear(width, 4096),
+        torch.nn.GELU(),
+        torch.nn.Linear(4096, 4096),
+        torch.nn.GELU(),
         torch.nn.Linear(4096, width),
     ).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     batch = args.batch
     state_bytes = table.numel() * 4 + sum(p.numel() * 4 * 3 for p in model.parameters())
-    log_line(args.log, f"start pid={os.getpid()} device={torch.cuda.get_device_name(dev)} "
-                       f"state_bytes={state_bytes}")
+    log_line(args.log, f"start pid={os.getpid()} device={torch.cuda.get_device_name(dev)} state_bytes={state_bytes}")
     for step in range(args.steps):
         start = (step * batch) % (rows - batch)
-        x = table[start:start + batch]
+        x = table[start : start + batch]
         target = torch.sin(x).roll(1, dims=1)
         out = model(x)
         loss = torch.nn.functional.mse_loss(out, target)
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
         loss.backward()
         opt.step()
         with torch.no_grad():
-            table[start:start + batch] = 0.9 * x + 0.1 * out.detach()
+            table[start : start + batch] = 0.9 * x + 0.1 * out.detach()
         line = f"step={step} loss={loss.item().hex()}"  # .item() waits for the step's GPU work
         log_line(args.log, line)
         if args.step_sleep:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     for t in tensors:
         flat = t.contiguous().view(-1)
         for i in range(0, flat.numel(), 1 << 26):  # 256 MiB at a time to the host
-            digest.update(flat[i:i + (1 << 26)].cpu().numpy().tobytes())
+            digest.update(flat[i : i + (1 << 26)].cpu().numpy().tobytes())
     log_line(args.log, f"done steps={args.steps} checksum={digest.hexdigest()}")
 
 

@@ -77,8 +77,12 @@ class ContainerdNode:
         # revenant's node-level state (registry of protected tasks, node config) stays inside the node.
         self.revenant_run_dir = self.dir / "revenant-run"
         self.revenant_config = self.dir / "revenant.toml"
-        self.env = {**os.environ, "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
-                    "REVENANT_RUN_DIR": str(self.revenant_run_dir), "REVENANT_CONFIG": str(self.revenant_config)}
+        self.env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
+            "REVENANT_RUN_DIR": str(self.revenant_run_dir),
+            "REVENANT_CONFIG": str(self.revenant_config),
+        }
         self._proc: subprocess.Popen[bytes] | None = None
         self._containerd = require("containerd", "containerd")
         self._ctr = require("ctr", "containerd")
@@ -90,7 +94,10 @@ class ContainerdNode:
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(
                 [self._containerd, "--config", str(self.config_path)],
-                stdout=logf, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -127,8 +134,14 @@ class ContainerdNode:
         return self._proc is not None and self._proc.poll() is None
 
     # -- clients -------------------------------------------------------------------------------
-    def ctr(self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None,
-            namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+    def ctr(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 120,
+        input: str | None = None,
+        namespace: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [self._ctr, "-a", self.address, "-n", namespace or self.namespace, *args]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input, env=self.env)
         if check and res.returncode != 0:

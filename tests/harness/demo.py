@@ -67,8 +67,10 @@ class Timeline(threading.Thread):
                 seen = last["seq"]
                 self.uploads[seen] = int(last.get("bytes_uploaded", 0))
                 steps = read_steps(job_log(self.node, self.cid))
-                say(f"node A: checkpoint #{seen} committed (periodic): {mib(last.get('bytes_uploaded', 0))} "
-                    f"uploaded in {last.get('duration_s', 0):.1f}s; job at step {steps[-1].n if steps else '?'}")
+                say(
+                    f"node A: checkpoint #{seen} committed (periodic): {mib(last.get('bytes_uploaded', 0))} "
+                    f"uploaded in {last.get('duration_s', 0):.1f}s; job at step {steps[-1].n if steps else '?'}"
+                )
             if time.monotonic() - last_step_print > 5:
                 steps = read_steps(job_log(self.node, self.cid))
                 if steps:
@@ -90,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     metadata = MetadataServer(("aws",))
     agent: AgentProcess | None = None
     timeline: Timeline | None = None
-    job = Job("job", "demo/trainer/main", store, mib=args.mib, seed=7, interval=args.interval,
-              marker="written-on-node-A")
+    job = Job(
+        "job", "demo/trainer/main", store, mib=args.mib, seed=7, interval=args.interval, marker="written-on-node-A"
+    )
     try:
         node_a.start()
         node_b.start()
@@ -124,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"agent: final checkpoint FAILED: {results}")
             return 1
         final = results[0]
-        say(f"agent: checkpoint #{final['seq']} committed {notice_to_committed:.1f}s after the notice "
-            f"(frozen {final['freeze_s']:.2f}s, {mib(final['bytes_uploaded'])} uploaded); job stopped")
+        say(
+            f"agent: checkpoint #{final['seq']} committed {notice_to_committed:.1f}s after the notice "
+            f"(frozen {final['freeze_s']:.2f}s, {mib(final['bytes_uploaded'])} uploaded); job stopped"
+        )
         wait_stopped(node_a, job.cid)
         steps_a = read_steps(job_log(node_a, job.cid))
-        say(f"node A: job stopped at step {steps_a[-1].n}; destroying node A (containerd killed, root and "
-            "state wiped)")
+        say(f"node A: job stopped at step {steps_a[-1].n}; destroying node A (containerd killed, root and state wiped)")
         destroy_node(node_a)
         agent.stop()
 
@@ -140,16 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         steps_b = wait_for_step(log_b, steps_a[-1].n + 1, timeout=300)
         resume_s = time.monotonic() - t_run
         rec = registry_record(node_b, job.cid) or {}
-        say(f"node B: restored from checkpoint #{rec.get('restored_from')}; job at step {steps_b[-1].n} "
-            f"{resume_s:.1f}s after `ctr run`")
+        say(
+            f"node B: restored from checkpoint #{rec.get('restored_from')}; job at step {steps_b[-1].n} "
+            f"{resume_s:.1f}s after `ctr run`"
+        )
         steps_b = wait_for_step(log_b, steps_b[-1].n + 5, timeout=120)
         assert_continuous(steps_b)
         last = steps_b[-1]
         memory_ok = last.checksum == expected_checksum(images.memjob_binary, job.mib, job.seed, last.n)
         file_ok = marker_of(node_b, job.cid) == job.marker
-        say(f"node B: step {last.n} checksum {last.checksum} "
+        say(
+            f"node B: step {last.n} checksum {last.checksum} "
             f"{'matches' if memory_ok else 'DIFFERS from'} the host's replay; /data/marker "
-            f"{'came back' if file_ok else 'is MISSING'}")
+            f"{'came back' if file_ok else 'is MISSING'}"
+        )
         at_checkpoint = checkpointed_steps(store, job.key, final["seq"], work)[-1].n
         checkpoints = store_checkpoints(store, job.key)
 
@@ -157,15 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  steps done on node A            {steps_a[-1].n}")
         print(f"  steps in the final checkpoint   {at_checkpoint}")
         print(f"  steps lost                      {steps_a[-1].n - at_checkpoint}")
-        print(f"  notice -> checkpoint committed  {notice_to_committed:.1f}s "
-              f"(agent polls every {agent.poll_interval}s)")
+        print(
+            f"  notice -> checkpoint committed  {notice_to_committed:.1f}s (agent polls every {agent.poll_interval}s)"
+        )
         print(f"  ctr run on B -> job stepping    {resume_s:.1f}s")
         print(f"  memory verified (checksum)      {'yes' if memory_ok else 'NO'}")
         print(f"  writable layer verified         {'yes' if file_ok else 'NO'}")
         uploads = {**timeline.uploads, final["seq"]: final["bytes_uploaded"]}
         kept = {c.seq: c for c in checkpoints}
-        print(f"  bytes uploaded in total         {mib(sum(uploads.values()))} over {len(uploads)} checkpoints "
-              "(after dedup and compression)")
+        print(
+            f"  bytes uploaded in total         {mib(sum(uploads.values()))} over {len(uploads)} checkpoints "
+            "(after dedup and compression)"
+        )
         for seq, up in sorted(uploads.items()):
             c = kept.get(seq)
             md = (c.metadata or {}) if c else {}

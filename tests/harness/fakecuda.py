@@ -28,7 +28,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-
 class FakeCuda:
     """One test's fake driver: its own copy of the library (fresh static state), state dir and device."""
 
@@ -67,8 +66,12 @@ class FakeCuda:
     def spawn(self, mode: str = "fd") -> subprocess.Popen[str]:
         """mode fd: holds the fake device open; map: only maps it; thread: fd + a second thread;
         plain: never touches it."""
-        p = subprocess.Popen([sys.executable, "-c", CHILD, str(self.device), mode],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(self.device), mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self._children.append(p)
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready"

@@ -114,6 +114,7 @@ def write_oci_archive(out: Path, ref: str, layer: bytes, cmd: list[str]) -> Path
 def extract_rootfs(archive: Path, dest: Path) -> Path:
     """Unpack the single layer of an archive written by write_oci_archive into `dest` (a runc rootfs)."""
     with tarfile.open(archive) as outer:
+
         def blob(digest: str) -> bytes:
             member = outer.extractfile(f"blobs/sha256/{digest.split(':', 1)[1]}")
             if member is None:

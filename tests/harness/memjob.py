@@ -20,8 +20,19 @@ class Step:
 
 
 def memjob_args(mib: int, seed: int, mutate: float = 0.05, interval_ms: int = 200) -> list[str]:
-    return ["/bin/memjob", "--mib", str(mib), "--mutate", str(mutate), "--seed", str(seed),
-            "--interval-ms", str(interval_ms), "--log", LOG_IN_CONTAINER]
+    return [
+        "/bin/memjob",
+        "--mib",
+        str(mib),
+        "--mutate",
+        str(mutate),
+        "--seed",
+        str(seed),
+        "--interval-ms",
+        str(interval_ms),
+        "--log",
+        LOG_IN_CONTAINER,
+    ]
 
 
 def read_steps(log: Path) -> list[Step]:
@@ -53,8 +64,11 @@ def wait_for_step(log: Path, at_least: int, timeout: float = 60) -> list[Step]:
 def expected_checksum(memjob_binary: Path, mib: int, seed: int, step: int, mutate: float = 0.05) -> str:
     """Recompute, on the host, the checksum the job's whole memory must have after `step`."""
     out = subprocess.run(
-        [str(memjob_binary), "--mib", str(mib), "--mutate", str(mutate), "--seed", str(seed),
-         "--replay", str(step)], check=True, capture_output=True, text=True, timeout=300,
+        [str(memjob_binary), "--mib", str(mib), "--mutate", str(mutate), "--seed", str(seed), "--replay", str(step)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     ).stdout.strip()
     m = STEP_LINE.match(out)
     assert m, f"unexpected memjob --replay output: {out!r}"

@@ -39,8 +39,11 @@ class Job:
     keep: int | None = None
 
     def annotations(self) -> dict[str, str]:
-        a = {"revenant.io/checkpoint-key": self.key, "revenant.io/store": self.store,
-             "revenant.io/checkpoint-interval": self.interval}
+        a = {
+            "revenant.io/checkpoint-key": self.key,
+            "revenant.io/store": self.store,
+            "revenant.io/checkpoint-interval": self.interval,
+        }
         if self.on_stop:
             a["revenant.io/checkpoint-on-stop"] = "true"
         if self.keep is not None:
@@ -60,13 +63,30 @@ def annotation_flags(annotations: dict[str, str]) -> list[str]:
     return flags
 
 
-def run_job(node: ContainerdNode, image: str, job: Job, *, check: bool = True,
-            annotations: dict[str, str] | None = None,
-            command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_job(
+    node: ContainerdNode,
+    image: str,
+    job: Job,
+    *,
+    check: bool = True,
+    annotations: dict[str, str] | None = None,
+    command: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """`ctr run -d` with revenant's runtime and the job's annotations: the same call on A and on B."""
     ann = job.annotations() if annotations is None else annotations
-    return node.ctr("run", "-d", "--runtime", REVENANT_RUNTIME, *annotation_flags(ann), image, job.cid,
-                    *(command or job.command()), check=check, input="", timeout=300)
+    return node.ctr(
+        "run",
+        "-d",
+        "--runtime",
+        REVENANT_RUNTIME,
+        *annotation_flags(ann),
+        image,
+        job.cid,
+        *(command or job.command()),
+        check=check,
+        input="",
+        timeout=300,
+    )
 
 
 def job_log(node: ContainerdNode, cid: str) -> Path:
@@ -118,7 +138,7 @@ def destroy_node(node: ContainerdNode) -> None:
 
 
 def store_checkpoints(store_url: str, key: str) -> list[Any]:
-    from snapshotter.store import open_store
+    from shim.store import open_store
 
     store = open_store(store_url)
     try:
@@ -142,12 +162,30 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [str(VENV_BIN / "revenant"), "agent", "--provider", "aws", "--metadata-url",
-               f"aws={self.metadata_url}", "--poll-interval", str(self.poll_interval),
-               "--listen", "127.0.0.1:0", "--run-dir", str(self.run_dir), "--log-format", "json"]
+        cmd = [
+            str(VENV_BIN / "revenant"),
+            "agent",
+            "--provider",
+            "aws",
+            "--metadata-url",
+            f"aws={self.metadata_url}",
+            "--poll-interval",
+            str(self.poll_interval),
+            "--listen",
+            "127.0.0.1:0",
+            "--run-dir",
+            str(self.run_dir),
+            "--log-format",
+            "json",
+        ]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
+            )
         wait_for(lambda: "watching" in self.text() or self._died(), 30, "the agent to start")
         if self._died():
             raise RuntimeError(f"revenant agent exited at start-up:\n{self.text()}")
@@ -176,6 +214,7 @@ class AgentProcess:
 
     def wait_drain(self, timeout: float = 180) -> dict[str, Any]:
         """The drain_summary event of the first finished drain."""
+
         def summary() -> dict[str, Any] | None:
             for e in self.events():
                 if e.get("event") == "drain_summary":
@@ -209,9 +248,14 @@ class EventWatcher:
     def __init__(self, node: ContainerdNode, out: Path) -> None:
         self.out = out
         with open(out, "ab") as f:
-            self.proc = subprocess.Popen([node._ctr, "-a", node.address, "events"], stdout=f,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=node.env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [node._ctr, "-a", node.address, "events"],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=node.env,
+                start_new_session=True,
+            )
         time.sleep(0.5)  # subscribed before anything happens
 
     def lines(self, topic: str) -> list[str]:
@@ -226,12 +270,11 @@ class EventWatcher:
             self.proc.wait()
 
 
-
 def checkpointed_steps(store_url: str, key: str, seq: int, scratch: Path) -> list[Step]:
     """The job log as the checkpoint `seq` holds it (inside its writable layer): where the job stood."""
     import tarfile
 
-    from snapshotter.store import open_store
+    from shim.store import open_store
 
     dest = scratch / f"ckpt-{seq}"
     store = open_store(store_url)

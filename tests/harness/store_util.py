@@ -10,11 +10,11 @@ import stat
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from snapshotter.store import Store
-from snapshotter.store.backends.local import LocalBackend
-from snapshotter.store.backends.oci import OCIBackend
-from snapshotter.store.backends.s3 import S3Backend
-from snapshotter.store.keys import encode_key, tag_prefix
+from shim.store import Store
+from shim.store.backends.local import LocalBackend
+from shim.store.backends.oci import OCIBackend
+from shim.store.backends.s3 import S3Backend
+from shim.store.keys import encode_key, tag_prefix
 
 MIB = 1 << 20
 

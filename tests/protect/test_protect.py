@@ -64,14 +64,21 @@ class Cluster:
         """The last step's checksum equals the host's recomputation: every page came back."""
         last = steps[-1]
         assert last.checksum == expected_checksum(self.memjob_binary, job.mib, job.seed, last.n), (
-            f"{job.cid}: memory differs after restore at step {last.n}")
+            f"{job.cid}: memory differs after restore at step {last.n}"
+        )
 
 
 @pytest.fixture
 def cluster(node_factory: Callable[..., ContainerdNode], test_images, tmp_path: Path) -> Cluster:
     a, b = node_factory("a"), node_factory("b")
-    return Cluster(a, b, a.import_image(test_images.memjob), b.import_image(test_images.memjob),
-                   test_images.memjob_binary, tmp_path)
+    return Cluster(
+        a,
+        b,
+        a.import_image(test_images.memjob),
+        b.import_image(test_images.memjob),
+        test_images.memjob_binary,
+        tmp_path,
+    )
 
 
 # Fixture order matters: a test takes store_url BEFORE cluster, so the S3 credentials are in the
@@ -87,8 +94,7 @@ def new_key() -> str:
     return f"test/{uuid.uuid4().hex[:10]}/main"
 
 
-def test_spot_notice_moves_the_job_to_node_b(store_url: str, cluster: Cluster, metadata_server,
-                                              agent_factory) -> None:
+def test_spot_notice_moves_the_job_to_node_b(store_url: str, cluster: Cluster, metadata_server, agent_factory) -> None:
     """The demo: periodic checkpoints on A, a spot notice, the agent's final checkpoint, A destroyed,
     B resumes from the agent's checkpoint with memory and filesystem intact and no step lost."""
     job = Job("job", new_key(), store_url, marker=f"marker-{uuid.uuid4().hex[:8]}")
@@ -169,16 +175,21 @@ def test_notice_during_a_periodic_checkpoint(s3_server, cluster: Cluster, metada
 
 
 def test_one_notice_checkpoints_every_protected_container_and_leaves_others_alone(
-        cluster: Cluster, tmp_path: Path, metadata_server, agent_factory) -> None:
+    cluster: Cluster, tmp_path: Path, metadata_server, agent_factory
+) -> None:
     store = f"file://{tmp_path / 'store'}"
-    jobs = [Job(f"job{i}", new_key(), store, seed=20 + i, marker=f"m{i}-{uuid.uuid4().hex[:6]}")
-            for i in range(2)]
+    jobs = [Job(f"job{i}", new_key(), store, seed=20 + i, marker=f"m{i}-{uuid.uuid4().hex[:6]}") for i in range(2)]
     for job in jobs:
         run_job(cluster.a, cluster.image_a, job)
     # Same runtime, no checkpoint key: revenant must leave it alone.
     free = Job("free", "", store)
-    run_job(cluster.a, cluster.image_a, free, annotations={}, command=["/bin/memjob", "--mib", "16", "--mutate",
-            "0.05", "--seed", "3", "--interval-ms", "200"])
+    run_job(
+        cluster.a,
+        cluster.image_a,
+        free,
+        annotations={},
+        command=["/bin/memjob", "--mib", "16", "--mutate", "0.05", "--seed", "3", "--interval-ms", "200"],
+    )
     for job in jobs:
         wait_for_seq(cluster.a, job.cid, 1)
     assert registry_record(cluster.a, "free") is None
@@ -238,7 +249,7 @@ def test_store_down_at_notice_time(s3_server, cluster: Cluster, metadata_server,
 
 def _flip_byte_in_newest(store_url: str, key: str) -> tuple[int, str]:
     """Damage one chunk only the newest checkpoint references; returns (seq, digest)."""
-    from snapshotter.store import open_store
+    from shim.store import open_store
 
     store = open_store(store_url)
     try:
@@ -317,19 +328,29 @@ def test_checkpoint_on_stop(cluster: Cluster, tmp_path: Path) -> None:
     cluster.check_memory(job, steps_b)
 
 
-@pytest.mark.parametrize(("annotation", "value", "says"), [
-    ("revenant.io/checkpoint-interval", "soon", "not a duration"),
-    ("revenant.io/keep", "0", "at least 1"),
-    ("revenant.io/store", "ftp://somewhere", "not a store URL"),
-    ("revenant.io/checkpoint-on-stop", "maybe", "not true or false"),
-    ("revenant.io/checkpoint-key", "../escape", "must be"),
-])
-def test_bad_annotation_fails_create(containerd_node: ContainerdNode, test_images, tmp_path: Path,
-                                     annotation: str, value: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("annotation", "value", "says"),
+    [
+        ("revenant.io/checkpoint-interval", "soon", "not a duration"),
+        ("revenant.io/keep", "0", "at least 1"),
+        ("revenant.io/store", "ftp://somewhere", "not a store URL"),
+        ("revenant.io/checkpoint-on-stop", "maybe", "not true or false"),
+        ("revenant.io/checkpoint-key", "../escape", "must be"),
+    ],
+)
+def test_bad_annotation_fails_create(
+    containerd_node: ContainerdNode, test_images, tmp_path: Path, annotation: str, value: str, says: str
+) -> None:
     image = containerd_node.import_image(test_images.busybox)
     job = Job("bad", "test/bad/main", f"file://{tmp_path / 'store'}")
-    res = run_job(containerd_node, image, job, check=False, annotations={**job.annotations(), annotation: value},
-                  command=["sleep", "600"])
+    res = run_job(
+        containerd_node,
+        image,
+        job,
+        check=False,
+        annotations={**job.annotations(), annotation: value},
+        command=["sleep", "600"],
+    )
     assert res.returncode != 0
     assert annotation in res.stderr and says in res.stderr, res.stderr
     assert task_status(containerd_node, "bad") == "ABSENT"

@@ -32,10 +32,18 @@ class Runtime:
             flags += ["--runc-root", str(self.node.runc_root)]
         return flags
 
-    def run(self, cid: str, *cmd: str, flags: tuple[str, ...] = (), check: bool = True,
-            timeout: float = 120, input: str | None = ""):
-        return self.node.ctr("run", *self.run_flags(), *flags, self.image, cid, *cmd, check=check,
-                             timeout=timeout, input=input)
+    def run(
+        self,
+        cid: str,
+        *cmd: str,
+        flags: tuple[str, ...] = (),
+        check: bool = True,
+        timeout: float = 120,
+        input: str | None = "",
+    ):
+        return self.node.ctr(
+            "run", *self.run_flags(), *flags, self.image, cid, *cmd, check=check, timeout=timeout, input=input
+        )
 
     def ctr(self, *args: str, **kwargs):
         kwargs.setdefault("input", "")  # never hand ctr the test runner's own stdin

@@ -35,8 +35,14 @@ def task_status(node: ContainerdNode, cid: str) -> str:
 def ctr_with_tty(node: ContainerdNode, *args: str, timeout: float = 60) -> tuple[int, str]:
     """Run ctr with a pseudo-terminal as its stdio (`-t` needs a console); returns (code, output)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([require("ctr", "containerd"), "-a", node.address, "-n", node.namespace, *args],
-                            stdin=slave, stdout=slave, stderr=slave, env=node.env, start_new_session=True)
+    proc = subprocess.Popen(
+        [require("ctr", "containerd"), "-a", node.address, "-n", node.namespace, *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=node.env,
+        start_new_session=True,
+    )
     os.close(slave)
     out = bytearray()
     deadline = time.monotonic() + timeout

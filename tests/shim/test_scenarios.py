@@ -37,9 +37,26 @@ def test_run_rm_output_and_exit_codes(runtime: Runtime):
 
     # ctr run --rm in the foreground, SIGKILLed from outside: ctr exits with 128 + 9
     node = runtime.node
-    fg = subprocess.Popen([require("ctr", "containerd"), "-a", node.address, "-n", node.namespace, "run",
-                           "--rm", *runtime.run_flags(), runtime.image, "killed", "sleep", "1000"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=node.env)
+    fg = subprocess.Popen(
+        [
+            require("ctr", "containerd"),
+            "-a",
+            node.address,
+            "-n",
+            node.namespace,
+            "run",
+            "--rm",
+            *runtime.run_flags(),
+            runtime.image,
+            "killed",
+            "sleep",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=node.env,
+    )
     try:
         wait_until(lambda: task_status(node, "killed") == "RUNNING", 60, "killed RUNNING")
         runtime.ctr("task", "kill", "-s", "SIGKILL", "killed")
@@ -61,20 +78,21 @@ def test_stdin_reaches_the_container(runtime: Runtime):
 
 
 def test_run_with_tty(runtime: Runtime):
-    code, out = ctr_with_tty(runtime.node, "run", "--rm", "-t", *runtime.run_flags(), runtime.image, "tty1",
-                             "sh", "-c", "tty; echo tty-done")
+    code, out = ctr_with_tty(
+        runtime.node, "run", "--rm", "-t", *runtime.run_flags(), runtime.image, "tty1", "sh", "-c", "tty; echo tty-done"
+    )
     assert code == 0, out
     assert "/dev/pts/" in out and "tty-done" in out
 
 
 def test_detached_task_exec_with_and_without_tty(runtime: Runtime):
     runtime.run("box", "sleep", "1000", flags=("-d",))
-    res = runtime.ctr("task", "exec", "--exec-id", "plain", "box", "sh", "-c", "echo exec-out; exit 3",
-                      check=False)
+    res = runtime.ctr("task", "exec", "--exec-id", "plain", "box", "sh", "-c", "echo exec-out; exit 3", check=False)
     assert res.returncode == 3, res
     assert res.stdout.strip() == "exec-out"
-    code, out = ctr_with_tty(runtime.node, "task", "exec", "-t", "--exec-id", "withtty", "box",
-                             "sh", "-c", "tty; echo exec-tty-done")
+    code, out = ctr_with_tty(
+        runtime.node, "task", "exec", "-t", "--exec-id", "withtty", "box", "sh", "-c", "tty; echo exec-tty-done"
+    )
     assert code == 0, out
     assert "/dev/pts/" in out and "exec-tty-done" in out
     assert task_status(runtime.node, "box") == "RUNNING"
@@ -129,8 +147,18 @@ def test_task_start_attaches(runtime: Runtime):
         # must not touch (environment.md).
         pytest.skip("stock runc shim: ctr 1.6 cannot give `container create` a per-node runc root")
     # "--": ctr's flag parser would read the command's "-c" as its own --config
-    runtime.ctr("container", "create", "--runtime", runtime.name, runtime.image, "later",
-                "--", "sh", "-c", "echo attached-output; exit 5")
+    runtime.ctr(
+        "container",
+        "create",
+        "--runtime",
+        runtime.name,
+        runtime.image,
+        "later",
+        "--",
+        "sh",
+        "-c",
+        "echo attached-output; exit 5",
+    )
     res = runtime.ctr("task", "start", "later", check=False)
     assert res.returncode == 5, res
     assert res.stdout.strip() == "attached-output"
@@ -182,8 +210,7 @@ def test_broken_config_fails_clearly_and_leaves_nothing(runtime: Runtime, tmp_pa
     spec["linux"]["namespaces"].append({"type": "bogus"})
     config = tmp_path / "config.json"
     config.write_text(json.dumps(spec))
-    res = runtime.node.ctr("run", "--rm", *runtime.run_flags(), "--config", str(config), "badspec",
-                           check=False)
+    res = runtime.node.ctr("run", "--rm", *runtime.run_flags(), "--config", str(config), "badspec", check=False)
     assert res.returncode != 0
     assert "bogus" in res.stderr, res.stderr
 
@@ -195,17 +222,39 @@ def test_broken_config_fails_clearly_and_leaves_nothing(runtime: Runtime, tmp_pa
     assert list(runtime.node.runc_containers()) == []
 
 
-
-
 def test_oom_kill_is_reported(runtime: Runtime, test_images):
     image = runtime.node.import_image(test_images.memjob)
-    events = subprocess.Popen([require("ctr", "containerd"), "-a", runtime.node.address, "events"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=runtime.node.env)
+    events = subprocess.Popen(
+        [require("ctr", "containerd"), "-a", runtime.node.address, "events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=runtime.node.env,
+    )
     try:
         time.sleep(0.5)  # let the subscription start
-        res = runtime.node.ctr("run", "--rm", *runtime.run_flags(), "--memory-limit", str(32 << 20), image,
-                               "hog", "memjob", "--mib", "128", "--mutate", "0.1", "--interval-ms", "10",
-                               "--seed", "1", "--steps", "3", check=False, input="")
+        res = runtime.node.ctr(
+            "run",
+            "--rm",
+            *runtime.run_flags(),
+            "--memory-limit",
+            str(32 << 20),
+            image,
+            "hog",
+            "memjob",
+            "--mib",
+            "128",
+            "--mutate",
+            "0.1",
+            "--interval-ms",
+            "10",
+            "--seed",
+            "1",
+            "--steps",
+            "3",
+            check=False,
+            input="",
+        )
         assert res.returncode == 137, res
         time.sleep(1.0)
     finally:
@@ -216,21 +265,33 @@ def test_oom_kill_is_reported(runtime: Runtime, test_images):
 
 def test_log_uris_file_and_binary(runtime: Runtime, tmp_path: Path):
     log_file = tmp_path / "file.log"
-    runtime.run("filelog", "sh", "-c", "echo to-file; echo err-to-file >&2",
-                flags=("--rm", "--log-uri", f"file://{log_file}"))
+    runtime.run(
+        "filelog", "sh", "-c", "echo to-file; echo err-to-file >&2", flags=("--rm", "--log-uri", f"file://{log_file}")
+    )
     # Both shims copy output asynchronously: the file may lag the task's exit by a moment.
-    wait_until(lambda: "to-file" in log_file.read_text() and "err-to-file" in log_file.read_text(), 10,
-               "stdout and stderr in the log file")
+    wait_until(
+        lambda: "to-file" in log_file.read_text() and "err-to-file" in log_file.read_text(),
+        10,
+        "stdout and stderr in the log file",
+    )
 
     # The logging-binary protocol: stdout on fd 3, stderr on fd 4, fd 5 closed once ready.
     out = tmp_path / "binary.log"
     logger = tmp_path / "logger.sh"
-    logger.write_text("#!/bin/sh\nexec 5>&-\ncat <&3 >\"$1.out\" &\ncat <&4 >\"$1.err\"\nwait\n")
+    logger.write_text('#!/bin/sh\nexec 5>&-\ncat <&3 >"$1.out" &\ncat <&4 >"$1.err"\nwait\n')
     logger.chmod(0o755)
-    runtime.run("binlog", "sh", "-c", "echo to-binary; echo err-to-binary >&2",
-                flags=("--rm", "--log-uri", f"binary://{logger}?{out}"))
-    wait_until(lambda: Path(f"{out}.err").exists() and "err-to-binary" in Path(f"{out}.err").read_text(),
-               30, "the logging binary received stderr")
+    runtime.run(
+        "binlog",
+        "sh",
+        "-c",
+        "echo to-binary; echo err-to-binary >&2",
+        flags=("--rm", "--log-uri", f"binary://{logger}?{out}"),
+    )
+    wait_until(
+        lambda: Path(f"{out}.err").exists() and "err-to-binary" in Path(f"{out}.err").read_text(),
+        30,
+        "the logging binary received stderr",
+    )
     wait_until(lambda: "to-binary" in Path(f"{out}.out").read_text(), 30, "the logging binary received stdout")
 
 
@@ -247,7 +308,8 @@ def test_update_resources_over_the_task_api(runtime: Runtime):
     req.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
     req.resources.value = json.dumps({"memory": {"limit": 64 << 20}}).encode()
     with Client(address, timeout=30) as client:
-        client.call("containerd.task.v2.Task", "Update", req, empty_pb2.Empty,
-                    metadata={NAMESPACE_KEY: runtime.node.namespace})
+        client.call(
+            "containerd.task.v2.Task", "Update", req, empty_pb2.Empty, metadata={NAMESPACE_KEY: runtime.node.namespace}
+        )
     limit = Path(f"/sys/fs/cgroup/memory/{runtime.node.namespace}/upd/memory.limit_in_bytes")
     assert int(limit.read_text()) == 64 << 20

@@ -64,8 +64,7 @@ def test_shim_lifecycle(node: ContainerdNode):
     wait_until(lambda: task_status(node, "two") == "STOPPED", 30, "two STOPPED")
     node.ctr("task", "rm", "two")
     if shared:  # the shim waits for the next container for REVENANT_SHIM_LINGER seconds ...
-        res = node.ctr("run", "--rm", "--runtime", REVENANT_SHIM, node.image, "three", "echo", "reused",
-                       input="")
+        res = node.ctr("run", "--rm", "--runtime", REVENANT_SHIM, node.image, "three", "echo", "reused", input="")
         assert res.stdout.strip() == "reused"
     # ... and then exits, releasing its socket
     wait_until(lambda: not revenant_shims(node), 30, "no revenant shim left")
@@ -80,8 +79,19 @@ def test_cri_sandbox_groups_share_a_shim(test_images):
         node.start()
         image = node.import_image(test_images.busybox)
         for cid, pod in (("pause", "pod-a"), ("app", "pod-a"), ("other", "pod-b")):
-            node.ctr("run", "-d", "--runtime", REVENANT_SHIM, "--annotation",
-                     f"io.kubernetes.cri.sandbox-id={pod}", image, cid, "sleep", "1000", input="")
+            node.ctr(
+                "run",
+                "-d",
+                "--runtime",
+                REVENANT_SHIM,
+                "--annotation",
+                f"io.kubernetes.cri.sandbox-id={pod}",
+                image,
+                cid,
+                "sleep",
+                "1000",
+                input="",
+            )
         assert len(revenant_shims(node)) == 2
         addresses = {cid: (node.bundle(cid) / "address").read_text() for cid in ("pause", "app", "other")}
         assert addresses["pause"] == addresses["app"] != addresses["other"]
@@ -107,8 +117,7 @@ def test_killing_a_shared_shim_cleans_up_every_task_it_served(test_images):
         wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in task_pids), 30, "processes gone")
         assert list(node.runc_containers()) == []
         assert [m for m in node.mounts() if "/rootfs" in m] == []
-        res = node.ctr("run", "--rm", "--runtime", REVENANT_SHIM, image, "after", "echo", "fresh-shim",
-                       input="")
+        res = node.ctr("run", "--rm", "--runtime", REVENANT_SHIM, image, "after", "echo", "fresh-shim", input="")
         assert res.stdout.strip() == "fresh-shim"  # the dead shim's socket is replaced
     finally:
         node.destroy()

@@ -9,16 +9,18 @@ import pytest
 
 from revenant_pb.containerd.runc.v1 import oci_pb2
 from revenant_pb.containerd.task.v2 import shim_pb2
-from shim import main, runtime_options
-from shim.mounts import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, parse_options
-from shim.process import Process, State
-from shim.reaper import exit_status_of
-from shim.stats import metrics_from_runc
+from shim.daemon import main
+from shim.runc.reaper import exit_status_of
+from shim.task import runtime_options
+from shim.task.mounts import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, parse_options
+from shim.task.process import Process, State
+from shim.task.stats import metrics_from_runc
 from shim.ttrpc import FailedPrecondition, NotFound
 
 
-@pytest.mark.parametrize(("pid", "status", "ns"), [(0, 137, time.time_ns()), (1234, 0, 5), (1, 1, 0),
-                                                   (0, 0, 10**9), (2**31, 255, 2**62)])
+@pytest.mark.parametrize(
+    ("pid", "status", "ns"), [(0, 137, time.time_ns()), (1234, 0, 5), (1, 1, 0), (0, 0, 10**9), (2**31, 255, 2**62)]
+)
 def test_delete_response_encoding_matches_protobuf(pid, status, ns):
     ref = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
     ref.exited_at.FromNanoseconds(ns)
@@ -32,10 +34,17 @@ def test_socket_path_is_containerd_hash():
 
 
 def test_parse_go_style_flags():
-    a = main.parse_args(["-namespace", "k8s.io", "-address", "/a.sock", "-publish-binary", "/bin/c",
-                         "-id", "x", "-debug", "start"])
+    a = main.parse_args(
+        ["-namespace", "k8s.io", "-address", "/a.sock", "-publish-binary", "/bin/c", "-id", "x", "-debug", "start"]
+    )
     assert (a.namespace, a.address, a.publish_binary, a.id, a.debug, a.action) == (
-        "k8s.io", "/a.sock", "/bin/c", "x", True, "start")
+        "k8s.io",
+        "/a.sock",
+        "/bin/c",
+        "x",
+        True,
+        "start",
+    )
     assert main.parse_args(["--id=y", "-bundle", "/b", "delete"]).id == "y"
     assert main.parse_args(["-v"]).version
     with pytest.raises(SystemExit):
@@ -122,10 +131,12 @@ def test_mount_options():
 
 def test_runc_stats_to_cgroup_v1_metrics():
     data = {
-        "cpu": {"usage": {"total": 100, "percpu": [60, 40], "kernel": 10, "user": 90},
-                "throttling": {"periods": 2}},
-        "memory": {"cache": 7, "usage": {"usage": 4096, "limit": 8192, "max": 5000, "failcnt": 1},
-                   "raw": {"rss": 11, "pgfault": 12, "total_pgmajfault": 13}},
+        "cpu": {"usage": {"total": 100, "percpu": [60, 40], "kernel": 10, "user": 90}, "throttling": {"periods": 2}},
+        "memory": {
+            "cache": 7,
+            "usage": {"usage": 4096, "limit": 8192, "max": 5000, "failcnt": 1},
+            "raw": {"rss": 11, "pgfault": 12, "total_pgmajfault": 13},
+        },
         "pids": {"current": 3, "limit": 100},
         "blkio": {"ioServiceBytesRecursive": [{"major": 8, "minor": 0, "op": "Read", "value": 512}]},
         "hugetlb": {"2MB": {"usage": 1, "max": 2, "failcnt": 0}},

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.tree_listing import diff_listings, tree_listing
-from snapshotter.layer import (
+from shim.layer import (
     LAYER_FILE,
     LayerError,
     apply_writable_layer,

@@ -23,7 +23,7 @@ from harness.containerd import ContainerdNode
 from harness.snapshotter_proc import RevenantNode, containerd_snapshots, wait_containerd_reaches
 from harness.tree_listing import diff_listings, tree_listing
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from snapshotter.layer import (
+from shim.layer import (
     LAYER_FILE,
     LAYER_INFO,
     checkpoint_writable_layer,
@@ -228,7 +228,7 @@ def hostile_checkpoint(tmp: Path, store_url: str, key: str) -> None:
     (src / LAYER_FILE).write_bytes(buf.getvalue())
     digest = sha256_file(src / LAYER_FILE)
     (src / LAYER_INFO).write_text(json.dumps({"sha256": digest}))
-    from snapshotter.store import open_store
+    from shim.store import open_store
 
     with open_store(store_url) as store:
         store.put(key, src, metadata={})

@@ -27,7 +27,7 @@ from harness.store_util import (
     tree_digest,
     truncate_manifest,
 )
-from snapshotter.store import (
+from shim.store import (
     BackendUnavailable,
     CheckpointNotFound,
     ChunkCorrupt,
@@ -124,7 +124,7 @@ WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
-    from snapshotter.store import open_store
+    from shim.store import open_store
     print("start", flush=True)
     open_store(sys.argv[2]).put(sys.argv[3], Path(sys.argv[4]))
     print("done", flush=True)

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from snapshotter.store.chunking import Chunker, decode_chunk, encode_chunk
-from snapshotter.store.errors import ManifestCorrupt
-from snapshotter.store.keys import decode_key, encode_key, tag_prefix
-from snapshotter.store.model import Manifest
+from shim.store.chunking import Chunker, decode_chunk, encode_chunk
+from shim.store.errors import ManifestCorrupt
+from shim.store.keys import decode_key, encode_key, tag_prefix
+from shim.store.model import Manifest
 
 TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 

@@ -113,7 +113,9 @@ def test_server_rejects_even_stream_ids_with_invalid_argument() -> None:
     proto = ServerProtocol()
     events = proto.receive_data(request_frame(2) + request_frame(0) + request_frame(3))
     assert [(type(e), e.stream_id) for e in events] == [
-        (StreamRejected, 2), (StreamRejected, 0), (RequestReceived, 3),
+        (StreamRejected, 2),
+        (StreamRejected, 0),
+        (RequestReceived, 3),
     ]
     assert events[0].code == Code.INVALID_ARGUMENT
 
@@ -143,7 +145,8 @@ def test_client_decodes_responses_and_flags_oversized_ones() -> None:
     wire = (
         encode_response(1, Code.OK, "", b"payload")
         + encode_frame(3, FrameType.REQUEST, b"ignored")
-        + struct.pack(">IIBB", 65, 5, FrameType.RESPONSE, 0) + b"z" * 65
+        + struct.pack(">IIBB", 65, 5, FrameType.RESPONSE, 0)
+        + b"z" * 65
         + encode_response(7, Code.NOT_FOUND, "gone")
     )
     events = client.receive_data(wire)

@@ -35,8 +35,14 @@ def task_exit_event(container_id: str) -> any_pb2.Any:
 def forward(client: Client, namespace: str, topic: str, event: any_pb2.Any) -> None:
     envelope = events_pb2.Envelope(namespace=namespace, topic=topic, event=event)
     envelope.timestamp.GetCurrentTime()
-    client.call(EVENTS, "Forward", events_pb2.ForwardRequest(envelope=envelope), empty_pb2.Empty,
-                timeout=10, metadata={NAMESPACE_KEY: namespace})
+    client.call(
+        EVENTS,
+        "Forward",
+        events_pb2.ForwardRequest(envelope=envelope),
+        empty_pb2.Empty,
+        timeout=10,
+        metadata={NAMESPACE_KEY: namespace},
+    )
 
 
 class LineReader:
@@ -63,8 +69,9 @@ class LineReader:
 def test_forward_event_to_containerd_reaches_ctr_events(containerd_node) -> None:
     node = containerd_node
     ctr = require("ctr", "containerd")
-    proc = subprocess.Popen([ctr, "-a", node.address, "events"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=node.env)
+    proc = subprocess.Popen(
+        [ctr, "-a", node.address, "events"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=node.env
+    )
     try:
         reader = LineReader(proc)
         topic = f"/revenant/ttrpc-probe/{uuid.uuid4().hex[:12]}"
@@ -115,13 +122,13 @@ def test_connect_and_state_on_a_stock_runc_shim(containerd_node, test_images) ->
     md = {NAMESPACE_KEY: node.namespace}
 
     with Client(address, timeout=10) as client:
-        connected = client.call(TASK, "Connect", taskprobe_pb2.ConnectRequest(id=cid),
-                                taskprobe_pb2.ConnectResponse, metadata=md)
+        connected = client.call(
+            TASK, "Connect", taskprobe_pb2.ConnectRequest(id=cid), taskprobe_pb2.ConnectResponse, metadata=md
+        )
         assert connected.shim_pid > 0 and connected.task_pid > 0
         assert Path(f"/proc/{connected.shim_pid}").exists()
 
-        state = client.call(TASK, "State", taskprobe_pb2.StateRequest(id=cid),
-                            taskprobe_pb2.StateResponse, metadata=md)
+        state = client.call(TASK, "State", taskprobe_pb2.StateRequest(id=cid), taskprobe_pb2.StateResponse, metadata=md)
         assert state.id == cid
         assert state.pid == connected.task_pid
         assert state.status == STATUS_RUNNING
@@ -129,11 +136,17 @@ def test_connect_and_state_on_a_stock_runc_shim(containerd_node, test_images) ->
 
         # Go errors map back onto our exception classes, and calls interleave on one connection.
         with pytest.raises(NotFound):
-            client.call(TASK, "State", taskprobe_pb2.StateRequest(id=cid, exec_id="no-such-exec"),
-                        taskprobe_pb2.StateResponse, metadata=md)
+            client.call(
+                TASK,
+                "State",
+                taskprobe_pb2.StateRequest(id=cid, exec_id="no-such-exec"),
+                taskprobe_pb2.StateResponse,
+                metadata=md,
+            )
         with pytest.raises(Unimplemented):
-            client.call(TASK, "NoSuchMethod", taskprobe_pb2.StateRequest(id=cid),
-                        taskprobe_pb2.StateResponse, metadata=md)
+            client.call(
+                TASK, "NoSuchMethod", taskprobe_pb2.StateRequest(id=cid), taskprobe_pb2.StateResponse, metadata=md
+            )
 
         results: list[int] = []
         errors: list[BaseException] = []
@@ -141,8 +154,11 @@ def test_connect_and_state_on_a_stock_runc_shim(containerd_node, test_images) ->
         def state_many() -> None:
             try:
                 for _ in range(20):
-                    results.append(client.call(TASK, "State", taskprobe_pb2.StateRequest(id=cid),
-                                               taskprobe_pb2.StateResponse, metadata=md).pid)
+                    results.append(
+                        client.call(
+                            TASK, "State", taskprobe_pb2.StateRequest(id=cid), taskprobe_pb2.StateResponse, metadata=md
+                        ).pid
+                    )
             except BaseException as exc:
                 errors.append(exc)
 

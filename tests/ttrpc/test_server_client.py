@@ -94,13 +94,16 @@ class Probe:
         raise exc
 
     def service(self) -> Service:
-        return Service(SVC, {
-            "Echo": (Str, self.echo),
-            "Block": (Str, self.block),
-            "Deadline": (Str, self.deadline),
-            "UntilCancelled": (Str, self.until_cancelled),
-            "Fail": (Str, self.fail),
-        })
+        return Service(
+            SVC,
+            {
+                "Echo": (Str, self.echo),
+                "Block": (Str, self.block),
+                "Deadline": (Str, self.deadline),
+                "UntilCancelled": (Str, self.until_cancelled),
+                "Fail": (Str, self.fail),
+            },
+        )
 
 
 @pytest.fixture
@@ -224,8 +227,12 @@ def test_handler_sees_deadline_from_timeout_nano(serve, probe: Probe) -> None:
         assert call(client, "Deadline") == "set"  # the client's default timeout applies
 
 
-def raw_exchange(path: Path, *frames: bytes, answers: int, byte_by_byte: bool = False,
-                 ) -> list[tuple[int, ttrpc_pb2.Response]]:
+def raw_exchange(
+    path: Path,
+    *frames: bytes,
+    answers: int,
+    byte_by_byte: bool = False,
+) -> list[tuple[int, ttrpc_pb2.Response]]:
     """Send raw frames, return the answers as (stream_id, Response) pairs in arrival order."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(path))
@@ -263,7 +270,9 @@ def test_requests_sent_byte_by_byte_and_several_in_one_write(serve, probe: Probe
     for byte_by_byte in (True, False):
         answers = dict(raw_exchange(srv.path, *frames, answers=3, byte_by_byte=byte_by_byte))
         assert {sid: Str.FromString(r.payload).value for sid, r in answers.items()} == {
-            1: "|v1", 3: "|v3", 5: "|v5",
+            1: "|v1",
+            3: "|v3",
+            5: "|v5",
         }
 
 
@@ -401,8 +410,9 @@ def test_unknown_service_or_method_is_unimplemented(serve, probe: Probe) -> None
 
 def test_undecodable_request_payload_is_invalid_argument(serve, probe: Probe) -> None:
     srv = serve(probe.service())
-    frame = encode_frame(1, FrameType.REQUEST, ttrpc_pb2.Request(
-        service=SVC, method="Echo", payload=b"\x0a\xff").SerializeToString())
+    frame = encode_frame(
+        1, FrameType.REQUEST, ttrpc_pb2.Request(service=SVC, method="Echo", payload=b"\x0a\xff").SerializeToString()
+    )
     [(_, resp)] = raw_exchange(srv.path, frame, answers=1)
     assert resp.status.code == Code.INVALID_ARGUMENT
 

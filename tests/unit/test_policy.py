@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from shim.policy import (
+from shim.protect.policy import (
     DEFAULT_STORE,
     NodeConfig,
     PolicyError,
@@ -22,8 +22,10 @@ CRI = {
 }
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("10m", 600), ("1h30m", 5400), ("250ms", 0.25),
-                                                 ("off", 0), ("0", 0), ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("1h30m", 5400), ("250ms", 0.25), ("off", 0), ("0", 0), ("1.5h", 5400)],
+)
 def test_durations(text, seconds):
     assert parse_duration(text, "x") == pytest.approx(seconds)
 
@@ -43,28 +45,54 @@ def test_no_key_means_unprotected():
 def test_kubernetes_key_and_node_defaults():
     p = protection_for(CRI, NodeConfig())
     assert p is not None
-    assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == ("ml/trainer-0/main", DEFAULT_STORE,
-                                                                           0.0, False, 3)
+    assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == (
+        "ml/trainer-0/main",
+        DEFAULT_STORE,
+        0.0,
+        False,
+        3,
+    )
 
 
 def test_annotations_override_node_config(tmp_path):
     cfg = tmp_path / "config.toml"
-    cfg.write_text('store = "s3://bucket/ckpt?endpoint=http://127.0.0.1:8333"\ncheckpoint_interval = "5m"\n'
-                   'keep = 5\ncheckpoint_on_stop = true\n')
+    cfg.write_text(
+        'store = "s3://bucket/ckpt?endpoint=http://127.0.0.1:8333"\ncheckpoint_interval = "5m"\n'
+        "keep = 5\ncheckpoint_on_stop = true\n"
+    )
     node = NodeConfig.load(cfg)
     assert node.checkpoint_interval_s == 300 and node.keep == 5 and node.checkpoint_on_stop
-    p = protection_for({**CRI, "revenant.io/checkpoint-key": "team/job", "revenant.io/keep": "2",
-                        "revenant.io/checkpoint-on-stop": "false", "revenant.io/store": "file:///srv/ckpt"}, node)
+    p = protection_for(
+        {
+            **CRI,
+            "revenant.io/checkpoint-key": "team/job",
+            "revenant.io/keep": "2",
+            "revenant.io/checkpoint-on-stop": "false",
+            "revenant.io/store": "file:///srv/ckpt",
+        },
+        node,
+    )
     assert p is not None
-    assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == ("team/job", "file:///srv/ckpt", 300,
-                                                                           False, 2)
+    assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == (
+        "team/job",
+        "file:///srv/ckpt",
+        300,
+        False,
+        2,
+    )
 
 
-@pytest.mark.parametrize(("annotation", "value"), [
-    ("revenant.io/keep", "0"), ("revenant.io/keep", "three"), ("revenant.io/checkpoint-on-stop", "maybe"),
-    ("revenant.io/store", "ftp://x"), ("revenant.io/checkpoint-key", "../escape"),
-    ("revenant.io/checkpoint-key", "a key with spaces"),
-])
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("revenant.io/keep", "0"),
+        ("revenant.io/keep", "three"),
+        ("revenant.io/checkpoint-on-stop", "maybe"),
+        ("revenant.io/store", "ftp://x"),
+        ("revenant.io/checkpoint-key", "../escape"),
+        ("revenant.io/checkpoint-key", "a key with spaces"),
+    ],
+)
 def test_bad_values_are_errors_not_defaults(annotation, value):
     annotations = {"revenant.io/checkpoint-key": "k", annotation: value}
     with pytest.raises(PolicyError, match=annotation.replace(".", r"\.")):

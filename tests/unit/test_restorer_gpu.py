@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shim.policy import Protection
 from shim.protect.checkpointer import CRIU_DIR
+from shim.protect.policy import Protection
 from shim.protect.restorer import NoUsableCheckpoint, RestorePlan, Restorer
-from snapshotter.store import open_store
+from shim.store import open_store
 
 
 def _put(store_url: str, key: str, tmp: Path, name: str, gpu: dict | None) -> int:

@@ -19,12 +19,26 @@ class RuntimeOptions:
     """A plain class, not a dataclass: the `delete` action loads it and dataclasses' import (inspect)
     would be most of that action's cost."""
 
-    FIELDS = ("root", "binary", "systemd_cgroup", "no_pivot_root", "no_new_keyring", "criu_image_path",
-              "criu_work_path")
+    FIELDS = (
+        "root",
+        "binary",
+        "systemd_cgroup",
+        "no_pivot_root",
+        "no_new_keyring",
+        "criu_image_path",
+        "criu_work_path",
+    )
 
-    def __init__(self, root: str, binary: str = "runc", systemd_cgroup: bool = False,
-                 no_pivot_root: bool = False, no_new_keyring: bool = False, criu_image_path: str = "",
-                 criu_work_path: str = "") -> None:
+    def __init__(
+        self,
+        root: str,
+        binary: str = "runc",
+        systemd_cgroup: bool = False,
+        no_pivot_root: bool = False,
+        no_new_keyring: bool = False,
+        criu_image_path: str = "",
+        criu_work_path: str = "",
+    ) -> None:
         self.root, self.binary, self.systemd_cgroup = root, binary, systemd_cgroup
         self.no_pivot_root, self.no_new_keyring = no_pivot_root, no_new_keyring
         self.criu_image_path, self.criu_work_path = criu_image_path, criu_work_path

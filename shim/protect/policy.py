@@ -97,8 +97,15 @@ class NodeConfig:
         except tomllib.TOMLDecodeError as e:
             raise PolicyError(f"{path}: {e}") from None
         where = str(path)
-        known = {"store", "checkpoint_interval", "keep", "checkpoint_on_stop", "stop_deadline", "run_dir",
-                 "staging_dir"}
+        known = {
+            "store",
+            "checkpoint_interval",
+            "keep",
+            "checkpoint_on_stop",
+            "stop_deadline",
+            "run_dir",
+            "staging_dir",
+        }
         unknown = set(data) - known
         if unknown:
             raise PolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -106,13 +113,16 @@ class NodeConfig:
         if "store" in data:
             cfg = replace(cfg, store=validate_store_url(str(data["store"]), f"{where} store"))
         if "checkpoint_interval" in data:
-            cfg = replace(cfg, checkpoint_interval_s=parse_duration(str(data["checkpoint_interval"]),
-                                                                    f"{where} checkpoint_interval"))
+            cfg = replace(
+                cfg,
+                checkpoint_interval_s=parse_duration(str(data["checkpoint_interval"]), f"{where} checkpoint_interval"),
+            )
         if "keep" in data:
             cfg = replace(cfg, keep=parse_keep(data["keep"], f"{where} keep"))
         if "checkpoint_on_stop" in data:
-            cfg = replace(cfg, checkpoint_on_stop=parse_bool(str(data["checkpoint_on_stop"]),
-                                                             f"{where} checkpoint_on_stop"))
+            cfg = replace(
+                cfg, checkpoint_on_stop=parse_bool(str(data["checkpoint_on_stop"]), f"{where} checkpoint_on_stop")
+            )
         if "stop_deadline" in data:
             cfg = replace(cfg, stop_deadline_s=parse_duration(str(data["stop_deadline"]), f"{where} stop_deadline"))
         if "run_dir" in data:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shim.reaper import CommandResult, run_plain
+from shim.runc.reaper import CommandResult, run_plain
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class RuncError(RuntimeError):
 @dataclass
 class IOFds:
     """The stdio a runc create/exec hands to the container process (fds, or None for /dev/null)."""
+
     stdin: int | None = None
     stdout: int | None = None
     stderr: int | None = None
@@ -78,8 +79,9 @@ class Runc:
                 messages.append(entry.get("msg", line))
         return "; ".join(messages)
 
-    def _run(self, *args: str, input: bytes | None = None, io: IOFds | None = None,
-             timeout: float | None = None) -> bytes:
+    def _run(
+        self, *args: str, input: bytes | None = None, io: IOFds | None = None, timeout: float | None = None
+    ) -> bytes:
         argv = self._argv(*args)
         offset = self._log_offset()
         kwargs: dict[str, Any] = {}
@@ -101,8 +103,16 @@ class Runc:
         return res.stdout
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def create(self, cid: str, bundle: str, pid_file: str, io: IOFds, console_socket: str | None = None,
-               no_pivot: bool = False, no_new_keyring: bool = False) -> None:
+    def create(
+        self,
+        cid: str,
+        bundle: str,
+        pid_file: str,
+        io: IOFds,
+        console_socket: str | None = None,
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+    ) -> None:
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
@@ -115,8 +125,7 @@ class Runc:
     def start(self, cid: str) -> None:
         self._run("start", cid)
 
-    def exec(self, cid: str, process_json: str, pid_file: str, io: IOFds,
-             console_socket: str | None = None) -> None:
+    def exec(self, cid: str, process_json: str, pid_file: str, io: IOFds, console_socket: str | None = None) -> None:
         args = ["exec", "--detach", "--process", process_json, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]

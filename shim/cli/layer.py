@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _capture(args: argparse.Namespace) -> int:
-    from snapshotter.layer import capture_writable_layer
+    from shim.layer import capture_writable_layer
 
     info = capture_writable_layer(args.upper, args.out_dir)
     print(info.to_json())
@@ -43,7 +43,7 @@ def _capture(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from snapshotter.layer import checkpoint_writable_layer
+    from shim.layer import checkpoint_writable_layer
 
     ckpt = checkpoint_writable_layer(args.upper, args.store, args.key)
     print(json.dumps(asdict(ckpt) if hasattr(ckpt, "__dataclass_fields__") else {"result": str(ckpt)}, default=str))
@@ -59,7 +59,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from snapshotter.layer import apply_writable_layer
+    from shim.layer import apply_writable_layer
 
     args.upper.mkdir(parents=True, exist_ok=True)
     print(json.dumps(apply_writable_layer(args.tar, args.upper)))

@@ -109,7 +109,7 @@ class TaskRecord:
 
     @property
     def ref(self) -> str:
-        """"namespace/id", how logs and tables name a task."""
+        """ "namespace/id", how logs and tables name a task."""
         return f"{self.namespace}/{self.id}"
 
 
@@ -172,9 +172,7 @@ def read_task(path: Path) -> TaskRecord | None:
     expected = (path.parent.name, path.name.removesuffix(".json"))
     if (record.namespace, record.id) != expected:
         # Acting on it could checkpoint a task other than the one this file stands for.
-        log.warning(
-            "registry: %s names task %s, not %s/%s; skipping it", path, record.ref, *expected
-        )
+        log.warning("registry: %s names task %s, not %s/%s; skipping it", path, record.ref, *expected)
         return None
     return record
 

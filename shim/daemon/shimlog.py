@@ -9,8 +9,13 @@ import datetime
 import logging
 import os
 
-_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
-           logging.ERROR: "error", logging.CRITICAL: "fatal"}
+_LEVELS = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "fatal",
+}
 
 
 def _quote(value: str) -> str:
@@ -29,8 +34,11 @@ class LogrusFormatter(logging.Formatter):
         msg = record.getMessage()
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
-        parts = [f'time="{ts.replace("+00:00", "Z")}"', f"level={_LEVELS.get(record.levelno, 'info')}",
-                 f"msg={_quote(msg)}"]
+        parts = [
+            f'time="{ts.replace("+00:00", "Z")}"',
+            f"level={_LEVELS.get(record.levelno, 'info')}",
+            f"msg={_quote(msg)}",
+        ]
         parts += [f"{k}={_quote(v)}" for k, v in self.fields.items()]
         parts.append(f"logger={record.name}")
         return " ".join(parts)

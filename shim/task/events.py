@@ -24,10 +24,16 @@ RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 GIVE_UP_AFTER = 300.0  # a containerd away for 5 minutes will not want these events any more
 
 TOPICS = {
-    "TaskCreate": "/tasks/create", "TaskStart": "/tasks/start", "TaskExit": "/tasks/exit",
-    "TaskDelete": "/tasks/delete", "TaskExecAdded": "/tasks/exec-added",
-    "TaskExecStarted": "/tasks/exec-started", "TaskPaused": "/tasks/paused",
-    "TaskResumed": "/tasks/resumed", "TaskOOM": "/tasks/oom", "TaskCheckpointed": "/tasks/checkpointed",
+    "TaskCreate": "/tasks/create",
+    "TaskStart": "/tasks/start",
+    "TaskExit": "/tasks/exit",
+    "TaskDelete": "/tasks/delete",
+    "TaskExecAdded": "/tasks/exec-added",
+    "TaskExecStarted": "/tasks/exec-started",
+    "TaskPaused": "/tasks/paused",
+    "TaskResumed": "/tasks/resumed",
+    "TaskOOM": "/tasks/oom",
+    "TaskCheckpointed": "/tasks/checkpointed",
 }
 
 
@@ -53,8 +59,9 @@ class Publisher:
     def publish(self, event: Message, topic: str | None = None) -> None:
         """Send a task event (topic from its type), or any message under an explicit topic."""
         topic = topic or TOPICS[event.DESCRIPTOR.name]
-        env = events_pb2.Envelope(timestamp=now_timestamp(), namespace=self.namespace, topic=topic,
-                                  event=pack_any(event))
+        env = events_pb2.Envelope(
+            timestamp=now_timestamp(), namespace=self.namespace, topic=topic, event=pack_any(event)
+        )
         log.debug("event %s %s", topic, str(event).replace("\n", " "))
         self._queue.put(env)
 
@@ -78,8 +85,13 @@ class Publisher:
             try:
                 if self._client is None or self._client.closed:
                     self._client = Client(self.address, timeout=10.0)
-                self._client.call(EVENTS_SERVICE, "Forward", events_pb2.ForwardRequest(envelope=env),
-                                  empty_pb2.Empty, metadata={NAMESPACE_KEY: self.namespace})
+                self._client.call(
+                    EVENTS_SERVICE,
+                    "Forward",
+                    events_pb2.ForwardRequest(envelope=env),
+                    empty_pb2.Empty,
+                    metadata={NAMESPACE_KEY: self.namespace},
+                )
                 return
             except (OSError, ConnectionError, TtrpcError) as e:
                 if self._client is not None:
@@ -89,7 +101,6 @@ class Publisher:
                     log.error("dropping event %s after %.0fs: %s", env.topic, GIVE_UP_AFTER, e)
                     return
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                log.warning("forwarding %s to %s failed (%s); retrying in %.2fs", env.topic, self.address,
-                            e, delay)
+                log.warning("forwarding %s to %s failed (%s); retrying in %.2fs", env.topic, self.address, e, delay)
                 attempt += 1
                 time.sleep(delay)

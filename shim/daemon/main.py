@@ -20,8 +20,14 @@ class Args:
     """Go-style single-dash flags before the action (`-namespace NS -id ID ... start`). A hand parser:
     argparse alone costs a few milliseconds of import on every container start."""
 
-    FLAGS = {"-namespace": "namespace", "-address": "address", "-publish-binary": "publish_binary",
-             "-id": "id", "-bundle": "bundle", "-socket": "socket"}
+    FLAGS = {
+        "-namespace": "namespace",
+        "-address": "address",
+        "-publish-binary": "publish_binary",
+        "-id": "id",
+        "-bundle": "bundle",
+        "-socket": "socket",
+    }
     BOOLS = {"-debug": "debug", "-v": "version"}
 
     def __init__(self) -> None:
@@ -49,8 +55,10 @@ def parse_args(argv: list[str]) -> Args:
         elif name in ("start", "delete") and not a.action:
             a.action = name
         elif name in ("-h", "-help"):
-            print("usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
-                  " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v] [start|delete]")
+            print(
+                "usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
+                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v] [start|delete]"
+            )
             raise SystemExit(0)
         else:
             raise SystemExit(f"containerd-shim-revenant-v1: unknown argument {arg!r}")
@@ -62,8 +70,9 @@ def build_parser() -> object:
     """Kept for callers that want an argparse view of the flags (documentation, completion)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="containerd-shim-revenant-v1",
-                                description="containerd runtime shim v2 for io.containerd.revenant.v1")
+    p = argparse.ArgumentParser(
+        prog="containerd-shim-revenant-v1", description="containerd runtime shim v2 for io.containerd.revenant.v1"
+    )
     for flag, dest in Args.FLAGS.items():
         p.add_argument(flag, dest=dest, default="")
     for flag, dest in Args.BOOLS.items():
@@ -207,7 +216,7 @@ def _fields(data: bytes):  # -> Iterator[(field number, wire type, int value | b
             yield key >> 3, 0, value
         elif key & 7 == 2:
             n, i = _read_varint(data, i)
-            yield key >> 3, 2, data[i:i + n]
+            yield key >> 3, 2, data[i : i + n]
             i += n
         else:
             return
@@ -271,7 +280,7 @@ def action_start(args: Args) -> int:
             os.dup2(null, 2)
             import socket
 
-            from shim.server import serve
+            from shim.daemon.server import serve
 
             # start used the bare _socket type; the server wants a full socket.socket
             code = serve(args, socket.socket(fileno=listener.detach()), path, t0)
@@ -330,16 +339,21 @@ def action_delete(args: Args) -> int:
     protobuf."""
     import time
 
-    from shim import runtime_options
+    from shim.task import runtime_options
 
     bundle = os.path.abspath(args.bundle or os.getcwd())
     opts = runtime_options.RuntimeOptions.load(bundle) or runtime_options.RuntimeOptions(
-        root=runtime_options.default_root(bundle, args.namespace))
+        root=runtime_options.default_root(bundle, args.namespace)
+    )
     if os.path.exists(os.path.join(opts.root, args.id)):  # runc still knows the container
-        from shim.runc import Runc, RuncError
+        from shim.runc.driver import Runc, RuncError
 
-        runc = Runc(root=opts.root, log_path=os.path.join(bundle, "log.json"), binary=opts.binary,
-                    systemd_cgroup=opts.systemd_cgroup)
+        runc = Runc(
+            root=opts.root,
+            log_path=os.path.join(bundle, "log.json"),
+            binary=opts.binary,
+            systemd_cgroup=opts.systemd_cgroup,
+        )
         try:
             runc.delete(args.id, force=True)
         except RuncError as e:
@@ -347,7 +361,7 @@ def action_delete(args: Args) -> int:
                 _warn(args, f"cleanup of {args.id}: {e}")
     rootfs = os.path.join(bundle, "rootfs")
     if _is_mount_point(rootfs):
-        from shim import mounts
+        from shim.task import mounts
 
         try:
             mounts.unmount_all(rootfs)

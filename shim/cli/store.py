@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import Chunker, open_store
-from .errors import StoreError
+from shim.store import Chunker, open_store
+from shim.store.errors import StoreError
 
 DEFAULT_STORE = "file:///var/lib/revenant/store"
 

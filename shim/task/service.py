@@ -1,7 +1,7 @@
 """containerd.task.v2.Task over runc: every RPC of the shim v2 task API.
 
 Containers are keyed by id (one shim may serve a whole sandbox group). Process lifecycles live in
-shim.process; runc is driven through shim.runc; exits come from the subreaper (shim.reaper) and are
+shim.task.process; runc is driven through shim.runc.driver; exits come from the subreaper (shim.runc.reaper) and are
 matched to processes here. Checkpoint/restore is delegated to a pluggable CheckpointBackend, so adding
 one (the checkpoint issue) does not change this service.
 """
@@ -25,13 +25,13 @@ from revenant_pb.containerd.events import task_pb2 as events
 from revenant_pb.containerd.runc.v1 import oci_pb2
 from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from revenant_pb.containerd.v1.types import task_pb2 as types
-from shim import mounts, runtime_options
-from shim.events import pack_any
-from shim.oom import OOMWatcher
-from shim.process import Process, State
-from shim.reaper import Reaper
-from shim.runc import IOFds, Runc, RuncError
-from shim.stdio import ProcessIO
+from shim.runc.driver import IOFds, Runc, RuncError
+from shim.runc.reaper import Reaper
+from shim.task import mounts, runtime_options
+from shim.task.events import pack_any
+from shim.task.oom import OOMWatcher
+from shim.task.process import Process, State
+from shim.task.stdio import ProcessIO
 from shim.ttrpc import (
     AlreadyExists,
     Code,
@@ -53,8 +53,13 @@ TASK_SERVICE = "containerd.task.v2.Task"
 SHIM_SERVICE = "revenant.shim.v1.Shim"
 RESERVATION_TTL = 60.0  # a reserved container that containerd never creates stops holding the shim
 VERSION = "revenant-shim 0.1.0"
-_STATUS = {State.CREATED: types.CREATED, State.RUNNING: types.RUNNING, State.PAUSED: types.PAUSED,
-           State.STOPPED: types.STOPPED, State.DELETED: types.STOPPED}
+_STATUS = {
+    State.CREATED: types.CREATED,
+    State.RUNNING: types.RUNNING,
+    State.PAUSED: types.PAUSED,
+    State.STOPPED: types.STOPPED,
+    State.DELETED: types.STOPPED,
+}
 
 
 class EventSink(Protocol):
@@ -71,8 +76,9 @@ class CheckpointBackend(Protocol):
 
     def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None: ...
 
-    def restore_create(self, container: Container, request: api.CreateTaskRequest, io: IOFds,
-                       console_socket: str | None) -> None:
+    def restore_create(
+        self, container: Container, request: api.CreateTaskRequest, io: IOFds, console_socket: str | None
+    ) -> None:
         """Prepare a restore at Create (the task starts from request.checkpoint at Start)."""
 
     def restore_start(self, container: Container) -> int:
@@ -109,10 +115,17 @@ def _runc_failed(e: RuncError) -> TtrpcError:
 
 
 class TaskService:
-    def __init__(self, namespace: str, publisher: EventSink, reaper: Reaper | None,
-                 on_shutdown: Callable[[], None], checkpoint_engine: CheckpointBackend | None = None,
-                 linger: float = 0.0, log_to_bundle: Callable[[str], None] | None = None,
-                 protection: ProtectionManager | None = None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        publisher: EventSink,
+        reaper: Reaper | None,
+        on_shutdown: Callable[[], None],
+        checkpoint_engine: CheckpointBackend | None = None,
+        linger: float = 0.0,
+        log_to_bundle: Callable[[str], None] | None = None,
+        protection: ProtectionManager | None = None,
+    ) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
@@ -139,12 +152,23 @@ class TaskService:
     # -- ttrpc wiring ----------------------------------------------------------------------------
     def service(self) -> Service:
         rpcs = {
-            "State": api.StateRequest, "Create": api.CreateTaskRequest, "Start": api.StartRequest,
-            "Delete": api.DeleteRequest, "Pids": api.PidsRequest, "Pause": api.PauseRequest,
-            "Resume": api.ResumeRequest, "Checkpoint": api.CheckpointTaskRequest, "Kill": api.KillRequest,
-            "Exec": api.ExecProcessRequest, "ResizePty": api.ResizePtyRequest, "CloseIO": api.CloseIORequest,
-            "Update": api.UpdateTaskRequest, "Wait": api.WaitRequest, "Stats": api.StatsRequest,
-            "Connect": api.ConnectRequest, "Shutdown": api.ShutdownRequest,
+            "State": api.StateRequest,
+            "Create": api.CreateTaskRequest,
+            "Start": api.StartRequest,
+            "Delete": api.DeleteRequest,
+            "Pids": api.PidsRequest,
+            "Pause": api.PauseRequest,
+            "Resume": api.ResumeRequest,
+            "Checkpoint": api.CheckpointTaskRequest,
+            "Kill": api.KillRequest,
+            "Exec": api.ExecProcessRequest,
+            "ResizePty": api.ResizePtyRequest,
+            "CloseIO": api.CloseIORequest,
+            "Update": api.UpdateTaskRequest,
+            "Wait": api.WaitRequest,
+            "Stats": api.StatsRequest,
+            "Connect": api.ConnectRequest,
+            "Shutdown": api.ShutdownRequest,
         }
         return Service(TASK_SERVICE, {name: (req, getattr(self, name)) for name, req in rpcs.items()})
 
@@ -154,7 +178,7 @@ class TaskService:
         return Service(SHIM_SERVICE, {"Reserve": (shim_api.ReserveRequest, self.Reserve)})
 
     def _runner(self) -> Callable[..., object]:
-        from shim.reaper import run_plain
+        from shim.runc.reaper import run_plain
 
         return self.reaper.run if self.reaper is not None else run_plain
 
@@ -197,9 +221,15 @@ class TaskService:
                 return
             assert proc.exit is not None
             log.info("%s (pid %d) exited with status %d", proc.name, proc.pid, status)
-            self.publisher.publish(events.TaskExit(
-                container_id=proc.container_id, id=proc.exec_id or proc.container_id, pid=proc.pid,
-                exit_status=status, exited_at=proc.exit.timestamp()))
+            self.publisher.publish(
+                events.TaskExit(
+                    container_id=proc.container_id,
+                    id=proc.exec_id or proc.container_id,
+                    pid=proc.pid,
+                    exit_status=status,
+                    exited_at=proc.exit.timestamp(),
+                )
+            )
 
     # -- RPCs ------------------------------------------------------------------------------------
     def Create(self, ctx: Context, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
@@ -207,17 +237,37 @@ class TaskService:
             raise InvalidArgument("CreateTaskRequest.id is empty")
         bundle = req.bundle or os.getcwd()
         try:
-            opts = runtime_options.from_request(req.options if req.HasField("options") else None, bundle,
-                                                self.namespace)
+            opts = runtime_options.from_request(
+                req.options if req.HasField("options") else None, bundle, self.namespace
+            )
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         os.makedirs(opts.root, mode=0o711, exist_ok=True)
-        runc = Runc(root=opts.root, log_path=os.path.join(bundle, "log.json"), binary=opts.binary,
-                    systemd_cgroup=opts.systemd_cgroup, runner=self._runner())
-        init = Process(container_id=req.id, exec_id="", bundle=bundle, stdin=req.stdin, stdout=req.stdout,
-                       stderr=req.stderr, terminal=req.terminal)
-        container = Container(id=req.id, bundle=bundle, namespace=self.namespace, runc=runc, options=opts,
-                              init=init, checkpoint=req.checkpoint)
+        runc = Runc(
+            root=opts.root,
+            log_path=os.path.join(bundle, "log.json"),
+            binary=opts.binary,
+            systemd_cgroup=opts.systemd_cgroup,
+            runner=self._runner(),
+        )
+        init = Process(
+            container_id=req.id,
+            exec_id="",
+            bundle=bundle,
+            stdin=req.stdin,
+            stdout=req.stdout,
+            stderr=req.stderr,
+            terminal=req.terminal,
+        )
+        container = Container(
+            id=req.id,
+            bundle=bundle,
+            namespace=self.namespace,
+            runc=runc,
+            options=opts,
+            init=init,
+            checkpoint=req.checkpoint,
+        )
         with self._lock:
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id} already exists in this shim")
@@ -235,10 +285,16 @@ class TaskService:
             raise
         if self.log_to_bundle is not None:
             self.log_to_bundle(bundle)
-        self.publisher.publish(events.TaskCreate(
-            container_id=req.id, bundle=bundle, rootfs=list(req.rootfs),
-            io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
-            checkpoint=req.checkpoint, pid=init.pid))
+        self.publisher.publish(
+            events.TaskCreate(
+                container_id=req.id,
+                bundle=bundle,
+                rootfs=list(req.rootfs),
+                io=events.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal),
+                checkpoint=req.checkpoint,
+                pid=init.pid,
+            )
+        )
         return api.CreateTaskResponse(pid=init.pid)
 
     def _create(self, c: Container, req: api.CreateTaskRequest) -> None:
@@ -276,8 +332,15 @@ class TaskService:
         assert init.io is not None
         pid_file = os.path.join(c.bundle, "init.pid")
         try:
-            c.runc.create(c.id, c.bundle, pid_file, init.io.fds, console_socket=console_socket,
-                          no_pivot=c.options.no_pivot_root, no_new_keyring=c.options.no_new_keyring)
+            c.runc.create(
+                c.id,
+                c.bundle,
+                pid_file,
+                init.io.fds,
+                console_socket=console_socket,
+                no_pivot=c.options.no_pivot_root,
+                no_new_keyring=c.options.no_new_keyring,
+            )
         except RuncError as e:
             raise _runc_failed(e) from None
         init.io.after_start()
@@ -316,13 +379,13 @@ class TaskService:
                 proc.advance("start")
                 self.publisher.publish(events.TaskStart(container_id=c.id, pid=proc.pid))
                 if self.protection is not None:
-                    self.protection.started(c, pause=lambda: self._protective_pause(c),
-                                            resume=lambda: c.runc.resume(c.id))
+                    self.protection.started(
+                        c, pause=lambda: self._protective_pause(c), resume=lambda: c.runc.resume(c.id)
+                    )
             else:
                 early = self._start_exec(c, proc)
                 proc.advance("start")
-                self.publisher.publish(events.TaskExecStarted(container_id=c.id, exec_id=proc.exec_id,
-                                                              pid=proc.pid))
+                self.publisher.publish(events.TaskExecStarted(container_id=c.id, exec_id=proc.exec_id, pid=proc.pid))
             if early is not None:
                 self._process_exited(proc, early)
         return api.StartResponse(pid=proc.pid)
@@ -341,8 +404,9 @@ class TaskService:
                 if self.protection is None or not self.protection.has_store_restore(c.id):
                     self._cleanup_failed_restore(c)
                     raise
-                if not self.protection.restore_failed(c, e, unmount=lambda: self._unmount_rootfs(c),
-                                                      mount=lambda: self._mount_rootfs(c)):
+                if not self.protection.restore_failed(
+                    c, e, unmount=lambda: self._unmount_rootfs(c), mount=lambda: self._mount_rootfs(c)
+                ):
                     break
         # No checkpoint left that restores: the task starts from its image, as if never checkpointed.
         self._runc_create(c, c.console_socket)
@@ -407,8 +471,16 @@ class TaskService:
         if not req.exec_id:
             raise InvalidArgument("ExecProcessRequest.exec_id is empty")
         c.init.check("exec")
-        proc = Process(container_id=c.id, exec_id=req.exec_id, bundle=c.bundle, stdin=req.stdin,
-                       stdout=req.stdout, stderr=req.stderr, terminal=req.terminal, spec=req.spec.value)
+        proc = Process(
+            container_id=c.id,
+            exec_id=req.exec_id,
+            bundle=c.bundle,
+            stdin=req.stdin,
+            stdout=req.stdout,
+            stderr=req.stderr,
+            terminal=req.terminal,
+            spec=req.spec.value,
+        )
         proc.io = ProcessIO(c.id, c.namespace, req.stdin, req.stdout, req.stderr, req.terminal)
         with self._lock:
             if req.exec_id in c.execs:
@@ -437,8 +509,9 @@ class TaskService:
         if exit_ is not None:
             resp.exited_at.CopyFrom(exit_.timestamp())
         if proc.is_init:
-            self.publisher.publish(events.TaskDelete(container_id=c.id, pid=proc.pid, exit_status=status,
-                                                     exited_at=resp.exited_at))
+            self.publisher.publish(
+                events.TaskDelete(container_id=c.id, pid=proc.pid, exit_status=status, exited_at=resp.exited_at)
+            )
         return resp
 
     def _delete_init(self, c: Container) -> None:
@@ -465,9 +538,17 @@ class TaskService:
     def State(self, ctx: Context, req: api.StateRequest) -> api.StateResponse:
         c = self._container(req.id)
         p = c.process(req.exec_id)
-        resp = api.StateResponse(id=p.exec_id or c.id, bundle=c.bundle, pid=p.pid, status=_STATUS[p.state],
-                                 stdin=p.stdin, stdout=p.stdout, stderr=p.stderr, terminal=p.terminal,
-                                 exec_id=p.exec_id)
+        resp = api.StateResponse(
+            id=p.exec_id or c.id,
+            bundle=c.bundle,
+            pid=p.pid,
+            status=_STATUS[p.state],
+            stdin=p.stdin,
+            stdout=p.stdout,
+            stderr=p.stderr,
+            terminal=p.terminal,
+            exec_id=p.exec_id,
+        )
         if p.exit is not None:
             resp.exit_status = p.exit.status
             resp.exited_at.CopyFrom(p.exit.timestamp())
@@ -566,7 +647,7 @@ class TaskService:
         return api.WaitResponse(exit_status=exit_.status, exited_at=exit_.timestamp())
 
     def Stats(self, ctx: Context, req: api.StatsRequest) -> api.StatsResponse:
-        from shim.stats import metrics_from_runc
+        from shim.task.stats import metrics_from_runc
 
         c = self._container(req.id)
         c.init.check("stats")

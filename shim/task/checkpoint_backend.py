@@ -17,16 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shim.runc import IOFds
+from shim.checkpoint.engine import CheckpointEngine, CheckpointError, CheckpointResult
+from shim.checkpoint.image_check import DamagedImage, check_image_dir
+from shim.checkpoint.options import CheckpointOptions, RestoreOptions
+from shim.runc.driver import IOFds
 from shim.ttrpc import FailedPrecondition, InvalidArgument, TtrpcError
-
-from .engine import CheckpointEngine, CheckpointError, CheckpointResult
-from .image_check import DamagedImage, check_image_dir
-from .options import CheckpointOptions, RestoreOptions
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
-    from shim.task_service import Container
+    from shim.task.service import Container
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +38,24 @@ def checkpoint_options_from(any_options: Any) -> tuple[CheckpointOptions, str]:
     if any_options is None or not any_options.type_url:
         return CheckpointOptions(), ""
     if not any_options.type_url.endswith(CHECKPOINT_OPTIONS_TYPE):
-        raise InvalidArgument(f"checkpoint options of type {any_options.type_url!r}; "
-                              f"this shim takes {CHECKPOINT_OPTIONS_TYPE}")
+        raise InvalidArgument(
+            f"checkpoint options of type {any_options.type_url!r}; this shim takes {CHECKPOINT_OPTIONS_TYPE}"
+        )
     from revenant_pb.containerd.runc.v1 import oci_pb2
 
     o = oci_pb2.CheckpointOptions()
     o.ParseFromString(any_options.value)
     try:
-        opts = CheckpointOptions(exit=o.exit, open_tcp=o.open_tcp, external_unix_sockets=o.external_unix_sockets,
-                                 terminal=o.terminal, file_locks=o.file_locks,
-                                 empty_namespaces=tuple(o.empty_namespaces), cgroups_mode=o.cgroups_mode,
-                                 work_path=Path(o.work_path) if o.work_path else None)
+        opts = CheckpointOptions(
+            exit=o.exit,
+            open_tcp=o.open_tcp,
+            external_unix_sockets=o.external_unix_sockets,
+            terminal=o.terminal,
+            file_locks=o.file_locks,
+            empty_namespaces=tuple(o.empty_namespaces),
+            cgroups_mode=o.cgroups_mode,
+            work_path=Path(o.work_path) if o.work_path else None,
+        )
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
     return opts, o.image_path
@@ -57,6 +63,7 @@ def checkpoint_options_from(any_options: Any) -> tuple[CheckpointOptions, str]:
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
     """Hard-link the images when they share a filesystem with the bundle (instant), else copy."""
+
     def link_or_copy(s: str, d: str) -> None:
         try:
             os.link(s, d)
@@ -67,10 +74,13 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
 
 
 class RuncCheckpointBackend:
-    """shim.task_service.CheckpointBackend over the checkpoint engine."""
+    """shim.task.service.CheckpointBackend over the checkpoint engine."""
 
-    def __init__(self, engine: CheckpointEngine | None = None,
-                 on_checkpoint: Callable[[Container, CheckpointResult], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: CheckpointEngine | None = None,
+        on_checkpoint: Callable[[Container, CheckpointResult], None] | None = None,
+    ) -> None:
         self.engine = engine or CheckpointEngine()
         self.on_checkpoint = on_checkpoint
         self._pending: dict[str, tuple[IOFds, str | None, RestoreOptions]] = {}
@@ -83,16 +93,18 @@ class RuncCheckpointBackend:
         if not target:
             raise InvalidArgument("CheckpointTaskRequest has neither a path nor options.image_path")
         try:
-            result = self.engine.checkpoint(container.runc, container.id, Path(target), options,
-                                            keep_log_in=Path(container.bundle))
+            result = self.engine.checkpoint(
+                container.runc, container.id, Path(target), options, keep_log_in=Path(container.bundle)
+            )
         except CheckpointError as e:
             raise TtrpcError(str(e)) from None
         self.last_results[container.id] = result
         if self.on_checkpoint is not None:
             self.on_checkpoint(container, result)
 
-    def restore_create(self, container: Container, request: api.CreateTaskRequest, io: IOFds,
-                       console_socket: str | None) -> None:
+    def restore_create(
+        self, container: Container, request: api.CreateTaskRequest, io: IOFds, console_socket: str | None
+    ) -> None:
         """Remember how to restore at Start. The images are container.checkpoint: containerd's unpacked
         copy (linked into the bundle here) or a directory the protection manager fetched from the store."""
         source = Path(container.checkpoint)
@@ -107,8 +119,9 @@ class RuncCheckpointBackend:
             shutil.rmtree(target, ignore_errors=True)
             link_or_copy_tree(source, target)
             container.checkpoint = str(target)
-        restore = RestoreOptions(checkpoint=CheckpointOptions(terminal=request.terminal),
-                                 no_pivot=container.options.no_pivot_root)
+        restore = RestoreOptions(
+            checkpoint=CheckpointOptions(terminal=request.terminal), no_pivot=container.options.no_pivot_root
+        )
         with self._lock:
             self._pending[container.id] = (io, console_socket, restore)
 
@@ -121,9 +134,18 @@ class RuncCheckpointBackend:
         bundle = Path(container.bundle)
         work = Path(container.options.criu_work_path) if container.options.criu_work_path else bundle / "criu-work"
         try:
-            result = self.engine.restore(container.runc, container.id, bundle, Path(container.checkpoint), options,
-                                         pid_file=bundle / "init.pid", io=io, work_path=work,
-                                         console_socket=console_socket, keep_log_in=bundle)
+            result = self.engine.restore(
+                container.runc,
+                container.id,
+                bundle,
+                Path(container.checkpoint),
+                options,
+                pid_file=bundle / "init.pid",
+                io=io,
+                work_path=work,
+                console_socket=console_socket,
+                keep_log_in=bundle,
+            )
         except CheckpointError as e:
             raise TtrpcError(str(e)) from None  # the stdio stays ours: a fallback may still use it
         with self._lock:

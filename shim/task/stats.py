@@ -9,16 +9,25 @@ from revenant_pb.io.containerd.cgroups.v1 import metrics_pb2
 
 # MemoryStat field -> key in runc's memory "raw" map (the cgroup's memory.stat)
 _RAW_KEYS = {
-    "pg_pg_in": "pgpgin", "pg_pg_out": "pgpgout", "pg_fault": "pgfault", "pg_maj_fault": "pgmajfault",
+    "pg_pg_in": "pgpgin",
+    "pg_pg_out": "pgpgout",
+    "pg_fault": "pgfault",
+    "pg_maj_fault": "pgmajfault",
     "hierarchical_swap_limit": "hierarchical_memsw_limit",
-    "total_pg_pg_in": "total_pgpgin", "total_pg_pg_out": "total_pgpgout",
-    "total_pg_fault": "total_pgfault", "total_pg_maj_fault": "total_pgmajfault",
+    "total_pg_pg_in": "total_pgpgin",
+    "total_pg_pg_out": "total_pgpgout",
+    "total_pg_fault": "total_pgfault",
+    "total_pg_maj_fault": "total_pgmajfault",
 }
 _BLKIO = {
-    "ioServiceBytesRecursive": "io_service_bytes_recursive", "ioServicedRecursive": "io_serviced_recursive",
-    "ioQueueRecursive": "io_queued_recursive", "ioServiceTimeRecursive": "io_service_time_recursive",
-    "ioWaitTimeRecursive": "io_wait_time_recursive", "ioMergedRecursive": "io_merged_recursive",
-    "ioTimeRecursive": "io_time_recursive", "sectorsRecursive": "sectors_recursive",
+    "ioServiceBytesRecursive": "io_service_bytes_recursive",
+    "ioServicedRecursive": "io_serviced_recursive",
+    "ioQueueRecursive": "io_queued_recursive",
+    "ioServiceTimeRecursive": "io_service_time_recursive",
+    "ioWaitTimeRecursive": "io_wait_time_recursive",
+    "ioMergedRecursive": "io_merged_recursive",
+    "ioTimeRecursive": "io_time_recursive",
+    "sectorsRecursive": "sectors_recursive",
 }
 
 
@@ -55,11 +64,11 @@ def metrics_from_runc(data: dict[str, Any]) -> metrics_pb2.Metrics:
     m.pids.current, m.pids.limit = pids.get("current", 0), pids.get("limit", 0)
 
     for size, h in sorted((data.get("hugetlb") or {}).items()):
-        m.hugetlb.add(pagesize=size, usage=h.get("usage", 0), max=h.get("max", 0),
-                      failcnt=h.get("failcnt", 0))
+        m.hugetlb.add(pagesize=size, usage=h.get("usage", 0), max=h.get("max", 0), failcnt=h.get("failcnt", 0))
     blkio = data.get("blkio") or {}
     for key, field_name in _BLKIO.items():
         for e in blkio.get(key) or []:
-            getattr(m.blkio, field_name).add(op=e.get("op", ""), major=e.get("major", 0),
-                                             minor=e.get("minor", 0), value=e.get("value", 0))
+            getattr(m.blkio, field_name).add(
+                op=e.get("op", ""), major=e.get("major", 0), minor=e.get("minor", 0), value=e.get("value", 0)
+            )
     return m

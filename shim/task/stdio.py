@@ -24,7 +24,7 @@ import termios
 import threading
 from typing import TYPE_CHECKING
 
-from shim.runc import IOFds
+from shim.runc.driver import IOFds
 
 if TYPE_CHECKING:
     import urllib.parse
@@ -73,7 +73,7 @@ class StdinCopier:
                     break
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(self.dst, view):]
+                    view = view[os.write(self.dst, view) :]
         except OSError as e:
             log.debug("stdin copy ended: %s", e)
         finally:
@@ -91,8 +91,7 @@ class StdinCopier:
 
 
 class ProcessIO:
-    def __init__(self, container_id: str, namespace: str, stdin: str, stdout: str, stderr: str,
-                 terminal: bool) -> None:
+    def __init__(self, container_id: str, namespace: str, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
         self.container_id, self.namespace = container_id, namespace
         self.stdin, self.stdout, self.stderr, self.terminal = stdin, stdout, stderr, terminal
         self._child_fds: list[int] = []  # handed to runc; closed once runc has them
@@ -172,14 +171,20 @@ class ProcessIO:
         # process. Sources are moved above 5 first: dup2(fd, fd) would keep FD_CLOEXEC set.
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (out_r, err_r, ready_w)]
         try:
-            os.posix_spawn(uri.path, [uri.path, *args], env, setsid=True, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-                (os.POSIX_SPAWN_DUP2, high[0], 3),
-                (os.POSIX_SPAWN_DUP2, high[1], 4),
-                (os.POSIX_SPAWN_DUP2, high[2], 5),
-            ])
+            os.posix_spawn(
+                uri.path,
+                [uri.path, *args],
+                env,
+                setsid=True,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, high[0], 3),
+                    (os.POSIX_SPAWN_DUP2, high[1], 4),
+                    (os.POSIX_SPAWN_DUP2, high[2], 5),
+                ],
+            )
         finally:
             for fd in (out_r, err_r, ready_w, *high):
                 os.close(fd)
@@ -262,7 +267,7 @@ class ProcessIO:
                     break
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(dst, view):]
+                    view = view[os.write(dst, view) :]
         except OSError as e:
             log.warning("stdio copy to fd %s stopped: %s", dst, e)
         finally:

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from shim import shimlog
+from shim.daemon import shimlog
 
 log = logging.getLogger(__name__)
 
@@ -17,16 +17,16 @@ log = logging.getLogger(__name__)
 DEFAULT_LINGER = 10.0
 
 
-def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.main.Args
+def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.daemon.main.Args
     fd = shimlog.open_log_fifo("log")
     if fd is not None:
         os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too
         os.close(fd)
     shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "namespace": args.namespace})
 
-    from shim.events import Publisher
-    from shim.reaper import Reaper, set_child_subreaper
-    from shim.task_service import TaskService
+    from shim.runc.reaper import Reaper, set_child_subreaper
+    from shim.task.events import Publisher
+    from shim.task.service import TaskService
     from shim.ttrpc import Server
 
     set_child_subreaper()
@@ -43,28 +43,38 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
                 os.unlink(socket_path)
         server.shutdown()
 
-    from shim.main import shared_shims
+    from shim.daemon.main import shared_shims
 
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
     from google.protobuf import wrappers_pb2
 
     from shim.checkpoint import CheckpointEngine
-    from shim.checkpoint.backend import RuncCheckpointBackend
     from shim.gpu.hooks import GpuDumpHooks
     from shim.protect.manager import ProtectionManager
+    from shim.task.checkpoint_backend import RuncCheckpointBackend
 
     # GPU hooks list a container's processes through its own Runc (the subreaper's runner). One engine
     # for ctr's checkpoints and revenant's own, so checkpoints of one task never overlap.
     gpu_hooks = GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid))
     engine = CheckpointEngine(hooks=gpu_hooks)
     protection = ProtectionManager(
-        args.namespace, f"unix://{socket_path}", engine=engine, grpc_address=args.address,
+        args.namespace,
+        f"unix://{socket_path}",
+        engine=engine,
+        grpc_address=args.address,
         publish=lambda topic, text: publisher.publish(wrappers_pb2.StringValue(value=text), topic=topic),
     )
-    service = TaskService(args.namespace, publisher, reaper, on_shutdown=shutdown, linger=linger,
-                          log_to_bundle=shimlog.retarget_stderr, checkpoint_engine=RuncCheckpointBackend(engine),
-                          protection=protection)
+    service = TaskService(
+        args.namespace,
+        publisher,
+        reaper,
+        on_shutdown=shutdown,
+        linger=linger,
+        log_to_bundle=shimlog.retarget_stderr,
+        checkpoint_engine=RuncCheckpointBackend(engine),
+        protection=protection,
+    )
     server.register(service.service())
     server.register(service.shim_service())
     server.register(protection.control_service())

@@ -123,8 +123,9 @@ class Reaper:
         proc.returncode = code  # so Popen never calls waitpid itself
         return code
 
-    def run(self, argv: Sequence[str], input: bytes | None = None, timeout: float | None = None,
-            **popen_kwargs: object) -> CommandResult:
+    def run(
+        self, argv: Sequence[str], input: bytes | None = None, timeout: float | None = None, **popen_kwargs: object
+    ) -> CommandResult:
         """Like subprocess.run with stdout captured unless the caller redirects it."""
         popen_kwargs.setdefault("stdout", subprocess.PIPE)
         popen_kwargs.setdefault("stdin", subprocess.PIPE if input is not None else subprocess.DEVNULL)
@@ -144,8 +145,9 @@ class Reaper:
         return CommandResult(argv, status, out)
 
 
-def run_plain(argv: Sequence[str], input: bytes | None = None, timeout: float | None = None,
-              **popen_kwargs: object) -> CommandResult:
+def run_plain(
+    argv: Sequence[str], input: bytes | None = None, timeout: float | None = None, **popen_kwargs: object
+) -> CommandResult:
     """The same contract without a reaper (the `delete` action, tests)."""
     popen_kwargs.setdefault("stdout", subprocess.PIPE)
     popen_kwargs.setdefault("stdin", subprocess.PIPE if input is not None else subprocess.DEVNULL)

@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from snapshotter.faults import crash_point
-from snapshotter.metadata import FailedPrecondition, InvalidArgument, NotFound
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound
+from shim.faults import crash_point
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -264,7 +264,7 @@ def _add_regular(tf: tarfile.TarFile, ti: tarfile.TarInfo, path: str, st: os.sta
         size = st.st_size
         ti.type = tarfile.REGTYPE
         if size > 0 and st.st_blocks * 512 < size:
-            from snapshotter.store.walk import data_extents  # lazily: the store package is heavy to import
+            from shim.store.walk import data_extents  # lazily: the store package is heavy to import
 
             segs = list(data_extents(fd, size))
             reader = _SparseReader(fd, segs)
@@ -534,7 +534,7 @@ def restore_writable_layer(
     store_url: str, key: str, seq: int | None, upper: Path, expected_base: str | None = None
 ) -> dict[str, Any]:
     """Fetch checkpoint `key` (seq, or the latest usable one) and fill the empty `upper` from it."""
-    from snapshotter.store import CheckpointNotFound, StoreError, open_store
+    from shim.store import CheckpointNotFound, StoreError, open_store
 
     scratch = Path(tempfile.mkdtemp(prefix="restore-", dir=upper.parent))
     try:
@@ -565,8 +565,9 @@ def restore_writable_layer_into_mounts(
     with any overlay snapshotter. The layer is built in a sibling directory and renamed over the
     empty upper dir in one step, so a failure or a crash never leaves a half-filled rootfs.
     """
-    return fill_empty_upper_dir(upper_dir_from_mounts(mounts),
-                                lambda filled: restore_writable_layer(store_url, key, seq, filled, expected_base))
+    return fill_empty_upper_dir(
+        upper_dir_from_mounts(mounts), lambda filled: restore_writable_layer(store_url, key, seq, filled, expected_base)
+    )
 
 
 def fill_empty_upper_dir(upper: Path, fill: Callable[[Path], T]) -> T:
@@ -597,7 +598,7 @@ def checkpoint_writable_layer(
     base: str | None = None,
 ) -> Any:
     """Capture a writable layer and put it in the store as its own checkpoint of `key`."""
-    from snapshotter.store import open_store
+    from shim.store import open_store
 
     with tempfile.TemporaryDirectory(prefix="revenant-layer-") as tmp:
         info = capture_writable_layer(source, tmp, base=base)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
-from shim.stdio import ProcessIO
+from shim.task.stdio import ProcessIO
 from shim.ttrpc import FailedPrecondition, NotFound
 
 

@@ -15,7 +15,7 @@ from shim.agent.detect import PROVIDERS, make_watcher, parse_metadata_urls
 from shim.agent.drain import FAILED, OK, TIMED_OUT, DrainReport, drain
 from shim.agent.logfmt import setup_logging
 from shim.cli.fmt import human_size
-from shim.registry import default_run_dir, list_tasks
+from shim.protect.registry import default_run_dir, list_tasks
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,34 @@ def register(subparsers: Any) -> None:
         "checkpoints every protected task on this node concurrently within the notice's deadline. "
         "Serves Prometheus metrics on /metrics and health on /healthz.",
     )
-    p.add_argument("--provider", choices=("auto", "none", *PROVIDERS), default="auto",
-                   help="metadata service to watch (default: auto-detect; none: metrics only)")
-    p.add_argument("--metadata-url", action="append", metavar="[PROVIDER=]URL",
-                   help="metadata base URL, for every provider or one (repeatable), e.g. aws=http://127.0.0.1:8080")
-    p.add_argument("--poll-interval", type=float, default=5.0, metavar="S",
-                   help="seconds between polls (default 5, as AWS suggests; GCP long-polls instead)")
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"address for /metrics and /healthz (default {DEFAULT_LISTEN}; port 0 picks one)")
-    p.add_argument("--run-dir", default=None, metavar="DIR",
-                   help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)")
+    p.add_argument(
+        "--provider",
+        choices=("auto", "none", *PROVIDERS),
+        default="auto",
+        help="metadata service to watch (default: auto-detect; none: metrics only)",
+    )
+    p.add_argument(
+        "--metadata-url",
+        action="append",
+        metavar="[PROVIDER=]URL",
+        help="metadata base URL, for every provider or one (repeatable), e.g. aws=http://127.0.0.1:8080",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between polls (default 5, as AWS suggests; GCP long-polls instead)",
+    )
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address for /metrics and /healthz (default {DEFAULT_LISTEN}; port 0 picks one)",
+    )
+    p.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
+    )
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default json)")
     p.set_defaults(func=run_agent)
 
@@ -49,10 +67,12 @@ def register(subparsers: Any) -> None:
         description="Final checkpoint of every protected task in the node registry, concurrently; each task "
         "is stopped after its dump. Exits non-zero if any task failed.",
     )
-    d.add_argument("--run-dir", default=None, metavar="DIR",
-                   help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)")
-    d.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="deadline for all checkpoints together (default 120)")
+    d.add_argument(
+        "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
+    )
+    d.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="deadline for all checkpoints together (default 120)"
+    )
     d.add_argument("--leave-running", action="store_true", help="checkpoint but keep the tasks running")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(func=run_drain)
@@ -114,8 +134,7 @@ def format_report(report: DrainReport) -> str:
         for r in report.results
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in (headers, *rows)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (headers, *rows)]
     lines.append(
         f"{report.count(OK)} ok, {report.count(FAILED)} failed, {report.count(TIMED_OUT)} timed out "
         f"of {len(report.results)} task(s) in {report.finished - report.started:.1f}s"
