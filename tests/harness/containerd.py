@@ -24,7 +24,8 @@ from .tools import SYSTEM_PATH, require
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "revenant-test"
+# Distinct per checkout when several suites run at once: containerd puts a task in cgroup /<namespace>/<id>.
+NAMESPACE = os.environ.get("REVENANT_TEST_NAMESPACE", "revenant-test")
 VENV_BIN = Path(sys.executable).parent
 
 
