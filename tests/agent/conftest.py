@@ -118,8 +118,8 @@ class StandIns:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address.removeprefix("unix://"))
         listener.listen(16)
-        shim.daemon.server = Server([svc])
-        thread = threading.Thread(target=shim.daemon.server.serve, args=(listener,), daemon=True)
+        shim.server = Server([svc])
+        thread = threading.Thread(target=shim.server.serve, args=(listener,), daemon=True)
         thread.start()
         self._threads.append(thread)
         self.shims.append(shim)
@@ -131,8 +131,8 @@ class StandIns:
         for shim in self.shims:
             shim.release.set()
         for shim in self.shims:
-            assert shim.daemon.server is not None
-            shim.daemon.server.shutdown(grace=2.0)
+            assert shim.server is not None
+            shim.server.shutdown(grace=2.0)
         for thread in self._threads:
             thread.join(5)
 
