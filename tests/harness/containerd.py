@@ -89,6 +89,15 @@ class ContainerdNode:
         self._ctr = require("ctr", "containerd")
         require("runc", "runc")
         self.config_path.write_text(_config(self, extra_config))
+        self.revenant_scratch = self.dir / "revenant-scratch"
+        self.write_revenant_config()
+
+    def write_revenant_config(self, text: str | None = None) -> None:
+        """The node's revenant config (a shim reads it at its first Create). The default is a test node's:
+        store URLs in annotations allowed, intervals down to 1s, scratch inside the node's directory."""
+        if text is None:
+            text = f'allow_store_urls = true\nmin_checkpoint_interval = "1s"\nscratch_dir = "{self.revenant_scratch}"\n'
+        self.revenant_config.write_text(text)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 30) -> None:
