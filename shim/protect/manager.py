@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 from shim.checkpoint import CheckpointEngine, CheckpointError
 from shim.protect import registry
 from shim.protect.policy import NodeConfig, PolicyError, protection_for
-from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
+from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError, Unavailable
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, image_of
 from .periodic import PeriodicCheckpoints
-from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
+from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, RestoreUnavailable, clear_upper_dir
+from .staging import sweep_leftovers
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
@@ -59,6 +60,9 @@ class Protected:
     last_committed_at: float = 0.0  # wall clock when last_report's checkpoint was committed
     last_error: str | None = None
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
+    # Guards the registry record: once Delete removed it, a checkpoint finishing late must not rewrite it.
+    record_lock: threading.Lock = field(default_factory=threading.Lock)
+    gone: bool = False
 
 
 def load_node_config() -> NodeConfig:
@@ -104,6 +108,7 @@ class ProtectionManager:
         self.restorer = Restorer()
         self._protected: dict[str, Protected] = {}
         self._lock = threading.Lock()
+        self._swept = False
 
     @property
     def node(self) -> NodeConfig:
@@ -129,7 +134,12 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return
+        if not self._swept:  # a killed shim's staged dumps and restore scratch hold a job's memory
+            self._swept = True
+            sweep_leftovers(self.node.staging_dir, self.node.scratch_dir)
         image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
+        if image is None and self.grpc_address:
+            raise Unavailable(f"cannot ask containerd which image {c.id} runs: a restore could not be checked")
         if image is None:
             log.warning(
                 "%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
@@ -166,14 +176,18 @@ class ProtectionManager:
 
     def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
         pc = p.container
-        result = self.restorer.prepare(
-            pc.protection,
-            Path(c.bundle),
-            pc.upper_dir,
-            image,
-            skip_seqs=p.tried_seqs,
-            compatible=lambda meta: self._gpu_refusal(c.id, meta),
-        )
+        try:
+            result = self.restorer.prepare(
+                pc.protection,
+                self.node.scratch_dir,
+                pc.upper_dir,
+                image,
+                skip_seqs=p.tried_seqs,
+                compatible=lambda meta: self._gpu_refusal(c.id, meta),
+            )
+        except RestoreUnavailable as e:
+            raise Unavailable(f"{pc.protection.key}: checkpoints unreadable, not starting fresh: {e}") from None
+        pc.keep_seqs = pc.keep_seqs | set(result.unused_seqs) | set(p.tried_seqs)
         if isinstance(result, NoUsableCheckpoint):
             p.plan, c.checkpoint = None, ""
             if result.reasons:
@@ -244,14 +258,17 @@ class ProtectionManager:
             self._event(c.id, "restored", f"{pc.protection.key}@{p.plan.seq}")
             p.plan.discard()
             p.plan = None
-        if pc.protection.interval_s > 0:
+        self._start_periodic(c, p)
+        self._write_record(p)
+
+    def _start_periodic(self, c: Container, p: Protected) -> None:
+        if p.container.protection.interval_s > 0:
             p.periodic = PeriodicCheckpoints(
                 f"{c.namespace}/{c.id}",
-                pc.protection.interval_s,
+                p.container.protection.interval_s,
                 lambda: self.checkpoint(c.id, exit=False, reason="periodic"),
             )
             p.periodic.start()
-        self._write_record(p)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint(self, cid: str, *, exit: bool, reason: str, timeout_s: float | None = None) -> CheckpointReport:
@@ -287,7 +304,10 @@ class ProtectionManager:
         return report
 
     def before_kill(self, c: Container, sig: int) -> bool:
-        """Final checkpoint on a stop signal when asked for; True when it already stopped the task."""
+        """Final checkpoint on a stop signal when asked for; True when it already stopped the task.
+
+        If it fails the task runs on (the checkpointer thawed it) and a SIGTERM/SIGINT fails with the
+        reason, to be retried; only SIGKILL stops the job without it, and says so."""
         p = self.get(c.id)
         if p is None or not p.container.protection.checkpoint_on_stop or sig not in STOP_SIGNALS:
             return False
@@ -296,8 +316,14 @@ class ProtectionManager:
         try:
             self.checkpoint(c.id, exit=True, reason=f"stop signal {sig}", timeout_s=self.node.stop_deadline_s)
         except TtrpcError as e:
-            log.error("final checkpoint of %s before stopping failed; stopping without it: %s", c.id, e)
-            return False
+            if sig == signal.SIGKILL:
+                log.error("final checkpoint of %s failed; SIGKILL stops it without one: %s", c.id, e)
+                return False
+            self._start_periodic(c, p)
+            raise Unavailable(
+                f"{c.id} keeps running: its final checkpoint failed ({e}); stop it again to retry, or "
+                "SIGKILL stops it without a final checkpoint"
+            ) from None
         return True
 
     # -- Delete ----------------------------------------------------------------------------------
@@ -312,7 +338,9 @@ class ProtectionManager:
             p.periodic.stop()
         if p.plan is not None:
             p.plan.discard()
-        registry.remove_task(self.run_dir, p.container.namespace, cid)
+        with p.record_lock:
+            p.gone = True
+            registry.remove_task(self.run_dir, p.container.namespace, cid)
 
     # -- registry, events, Control ---------------------------------------------------------------
     def record(self, p: Protected) -> registry.TaskRecord:
@@ -343,7 +371,9 @@ class ProtectionManager:
 
     def _write_record(self, p: Protected) -> None:
         try:
-            registry.write_task(self.run_dir, self.record(p))
+            with p.record_lock:
+                if not p.gone:
+                    registry.write_task(self.run_dir, self.record(p))
         except OSError as e:
             log.warning("cannot write the registry record of %s: %s", p.container.id, e)
 
