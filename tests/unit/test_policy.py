@@ -292,3 +292,11 @@ def test_store_url_options_are_checked_at_create(url, says):
 def test_good_store_urls_pass(url):
     p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": url}, NodeConfig(allow_store_urls=True))
     assert p is not None and p.store == url
+
+
+def test_periodic_checkpoints_refuse_an_interval_their_thread_cannot_wait() -> None:
+    from shim.protect.periodic import PeriodicCheckpoints
+
+    for interval in (0, -1, 100000000000 * 3600.0):
+        with pytest.raises(ValueError, match="interval must be positive and at most"):
+            PeriodicCheckpoints("ns/c", interval, lambda: None)
