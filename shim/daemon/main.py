@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-VERSION = "0.1.0"
+from shim.version import __version__ as VERSION
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = (b"io.kubernetes.cri.sandbox-id",)
 SHARED_GROUP = "revenant-shared-shim"
@@ -28,7 +28,7 @@ class Args:
         "-bundle": "bundle",
         "-socket": "socket",
     }
-    BOOLS = {"-debug": "debug", "-v": "version"}
+    BOOLS = {"-debug": "debug", "-v": "version", "-version": "version"}
 
     def __init__(self) -> None:
         self.namespace = self.address = self.publish_binary = self.id = self.bundle = self.socket = ""
@@ -57,7 +57,7 @@ def parse_args(argv: list[str]) -> Args:
         elif name in ("-h", "-help"):
             print(
                 "usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
-                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v] [start|delete]"
+                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v|--version] [start|delete]"
             )
             raise SystemExit(0)
         else:
