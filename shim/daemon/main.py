@@ -11,6 +11,7 @@ import os
 import sys
 
 from shim.version import __version__ as VERSION
+
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = (b"io.kubernetes.cri.sandbox-id",)
 SHARED_GROUP = "revenant-shared-shim"
