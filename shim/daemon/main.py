@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-from shim.version import __version__ as VERSION
-
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = (b"io.kubernetes.cri.sandbox-id",)
 SHARED_GROUP = "revenant-shared-shim"
@@ -377,7 +375,9 @@ def action_delete(args: Args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
-        print(f"containerd-shim-revenant-v1 (revenant) {VERSION}")
+        from shim.version import __version__  # not at the top: `start` need not open one more file
+
+        print(f"containerd-shim-revenant-v1 (revenant) {__version__}")
         return 0
     if not args.namespace:
         args.namespace = os.environ.get("NAMESPACE", "")
