@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the product as users install it: build the wheel, install it into a fresh virtualenv
-# WITHOUT dev extras (no grpcio-tools, no pytest, no source tree on the path), and run each command once:
+# WITHOUT dev extras (no grpcio-tools, no pytest, no source tree on the path), import every module it holds,
+# and run each command once:
 #   revenant --version; a `revenant store` put/get/verify round trip on a file:// store (content compared);
 #   revenant-snapshotter on a unix socket answering a real gRPC Stat (NotFound) and stopping on SIGTERM;
 #   containerd-shim-revenant-v1 -v and --version.
@@ -30,9 +31,25 @@ wheel=$(ls "$work"/dist/revenant-"$version"-*.whl)
 step "installing $(basename "$wheel") into a fresh virtualenv, no extras"
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$wheel" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-"$work/venv/bin/python" -c 'import revenant_pb, shim, snapshotter' || fail "the installed packages do not import"
 bin=$work/venv/bin
 cd "$work"  # nothing of the checkout on sys.path from here on
+
+step "every module of the wheel imports with only the declared dependencies"
+"$bin/python" - <<'PY' || fail "a module needs an undeclared dependency or is missing from the wheel"
+import importlib
+import pkgutil
+
+failed = []
+for top in ("shim", "snapshotter", "revenant_pb"):
+    package = importlib.import_module(top)
+    assert "site-packages" in package.__file__, package.__file__
+    for module in pkgutil.walk_packages(package.__path__, top + "."):
+        try:
+            importlib.import_module(module.name)
+        except Exception as e:  # report them all, not the first
+            failed.append(f"{module.name}: {e!r}")
+raise SystemExit("\n".join(failed) or None)
+PY
 
 step "revenant --version"
 out=$("$bin/revenant" --version)
