@@ -2,7 +2,7 @@
 
 Only the module of the command being run is imported (the agent, store and protection modules pull in
 boto3, protobuf and grpc); the others appear in the parser by name and help alone, so `revenant --help`
-still lists every command. `tests/unit/test_cli_lazy.py` checks this table against the modules."""
+still lists every command. `tests/unit/test_entry_points.py` checks this table against the modules."""
 
 from __future__ import annotations
 
