@@ -163,8 +163,8 @@ def validate_store_url(url: str, what: str) -> str:
         if not _S3_BUCKET_OK.match(u.netloc):
             raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not an S3 bucket name")
         if "endpoint" in opt:
-            e = urlsplit(opt["endpoint"])
-            if e.scheme not in ("http", "https") or not e.hostname or e.path not in ("", "/") or e.query:
+            ep = urlsplit(opt["endpoint"])
+            if ep.scheme not in ("http", "https") or not ep.hostname or ep.path not in ("", "/") or ep.query:
                 raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT]")
         if "region" in opt and not _REGION_OK.match(opt["region"]):
             raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
@@ -265,13 +265,20 @@ class NodeConfig:
             if not 0 < deadline <= MAX_STOP_DEADLINE_S:
                 raise PolicyError(f"{where} stop_deadline: {data['stop_deadline']!r} is outside 1s .. 1h")
             cfg = replace(cfg, stop_deadline_s=deadline)
-        for name in ("run_dir", "staging_dir", "scratch_dir"):
-            if name in data:
-                value = Path(str(data[name]))
-                if not value.is_absolute():
-                    raise PolicyError(f"{where} {name}: {data[name]!r} is not an absolute path")
-                cfg = replace(cfg, **{name: value})
+        if "run_dir" in data:
+            cfg = replace(cfg, run_dir=_absolute(data["run_dir"], f"{where} run_dir"))
+        if "staging_dir" in data:
+            cfg = replace(cfg, staging_dir=_absolute(data["staging_dir"], f"{where} staging_dir"))
+        if "scratch_dir" in data:
+            cfg = replace(cfg, scratch_dir=_absolute(data["scratch_dir"], f"{where} scratch_dir"))
         return cfg
+
+
+def _absolute(value: object, what: str) -> Path:
+    path = Path(str(value))
+    if not path.is_absolute():
+        raise PolicyError(f"{what}: {value!r} is not an absolute path")
+    return path
 
 
 def _stores(data: dict[str, Any], where: str) -> dict[str, str]:

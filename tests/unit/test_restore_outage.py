@@ -1,13 +1,12 @@
 """Only "no usable checkpoint" may start a job fresh: an unreachable store or a node without room for
 the checkpoint is an outage (RestoreUnavailable, Create fails and is retried), and retention never
 prunes the checkpoints a container could not use. Real file:// stores, a real refused S3 endpoint and
-a real (small) tmpfs."""
+on-disk scratch (tests/protect/test_local_resources.py mounts a small tmpfs, as root)."""
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,25 +43,6 @@ def test_an_unreachable_store_is_an_outage_not_a_fresh_start(tmp_path: Path) -> 
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     with pytest.raises(RestoreUnavailable, match="cannot list the checkpoints of team/job"):
         Restorer().prepare(_protection(url), _scratch(tmp_path), None, None)
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_no_room_for_the_checkpoint_is_an_outage(tmp_path: Path, small_tmpfs: Path) -> None:
-    url = f"file://{tmp_path / 'store'}"
-    _put(url, "team/job", tmp_path / "src", size=4 << 20)
-    with pytest.raises(RestoreUnavailable, match="MiB free"):
-        Restorer().prepare(_protection(url), small_tmpfs, None, None)
-    assert not list(small_tmpfs.iterdir())
 
 
 def test_an_unsafe_scratch_dir_is_an_outage(tmp_path: Path) -> None:
