@@ -100,7 +100,11 @@ class Restorer:
         reasons: list[str] = []
         unused: list[int] = []
         skip = set(skip_seqs)
-        with self.open_store(protection.store) as store:
+        try:
+            opened = self.open_store(protection.store)
+        except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
+            raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
+        with opened as store:
             try:
                 candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
             except Exception as e:

@@ -79,3 +79,9 @@ def test_retention_keeps_checkpoints_the_container_could_not_use(tmp_path: Path)
         left = sorted(i.seq for i in store.list("team/job"))
     assert pruned == sorted(new[:2], reverse=True)
     assert left == sorted(old + new[2:])
+
+
+def test_a_store_that_cannot_be_opened_is_an_outage(tmp_path: Path) -> None:
+    # The store refuses to open (here a URL the backend rejects; with encryption, an unreadable key file).
+    with pytest.raises(RestoreUnavailable, match="cannot open the store of team/job"):
+        Restorer().prepare(_protection("file://not-absolute/x"), _scratch(tmp_path), None, None)
