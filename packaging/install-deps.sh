@@ -74,4 +74,24 @@ if ! out=$(criu check 2>&1); then
   die "CRIU cannot checkpoint on this kernel ('criu check' said: ${out}). Need a kernel with CONFIG_CHECKPOINT_RESTORE and criu >= 4.0."
 fi
 command -v iptables-restore >/dev/null || die "iptables-restore is missing: runc checkpoint needs it"
+# containerd 1.7 beside the system's 1.6, for the Kubernetes tests that run both: Debian 13's package
+# unpacked into a private directory (never installed: the system containerd stays as it is).
+CONTAINERD17_DIR=/opt/revenant-test/containerd-1.7
+if ! "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\.7\.'; then
+  if [ "$debian_major" = 12 ]; then
+    [ -f /etc/apt/sources.list.d/revenant-trixie.sources ] || die "the trixie suite is missing (added with criu above)"
+    suite=(-t trixie)
+  else
+    suite=()
+  fi
+  apt_update
+  tmp=$(mktemp -d)
+  log "unpacking containerd 1.7 from Debian 13 into $CONTAINERD17_DIR"
+  (cd "$tmp" && apt-get download -qq "${suite[@]}" containerd >/dev/null 2>&1) || die "apt-get download containerd (1.7) failed"
+  rm -rf "$CONTAINERD17_DIR.new" && mkdir -p "$CONTAINERD17_DIR.new"
+  dpkg -x "$tmp"/containerd_*.deb "$CONTAINERD17_DIR.new"
+  rm -rf "$tmp" "$CONTAINERD17_DIR" && mv "$CONTAINERD17_DIR.new" "$CONTAINERD17_DIR"
+  "$CONTAINERD17_DIR/usr/bin/containerd" --version | grep -q ' 1\.7\.' || die "the unpacked containerd is not 1.7"
+fi
+
 log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | sed -n 's/^Version: *//p')"
