@@ -133,8 +133,11 @@ def main() -> int:
                 f"  revenant per pod: {per_pod['revenant'][0]:.1f} MiB RSS (target <= 30 MiB), "
                 f"{per_pod['revenant'][0] / per_pod['runc'][0]:.1f}x runc's"
             )
-    finally:
-        node.destroy()
+    except BaseException:
+        node.destroy(keep_logs_in=work)  # the node's containerd (and shim) log, for the failure
+        print(f"failed; containerd's log is kept in {work}", file=sys.stderr)
+        raise
+    node.destroy()
     return 0
 
 

@@ -38,7 +38,7 @@ from shim.protect.policy import (
 from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
-from .image_identity import ImageIdentity, image_of
+from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
 
@@ -148,7 +148,8 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return
-        image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
+        # Asked of containerd in a child process, in parallel with the rest of Create and Start.
+        image = ImageLookup(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
             log.warning(
                 "%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
@@ -183,7 +184,7 @@ class ProtectionManager:
             return  # an explicit create-from-checkpoint (ctr restore) wins over the store
         self._plan_restore(c, p, image)
 
-    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
+    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | ImageLookup | None) -> None:
         pc = p.container
         result = self.restorer.prepare(
             pc.protection,

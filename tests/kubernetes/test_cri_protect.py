@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness.cri import EXITED, RUNNING, ContainerSpec, PodSpec, read_cri_log
-from harness.images import MEMJOB_REF
+from harness.images import MEMJOB_REF, _rootfs_layer, write_oci_archive
 from harness.memjob import (
     LOG_IN_CONTAINER,
     STEP_LINE,
@@ -67,6 +67,16 @@ class ProtectedPod:
         pod_id, [cid] = node.cri.start_pod(self.pod(node), "revenant", [self.container()])
         node.cri.wait_state(cid, RUNNING)
         return pod_id, cid
+
+
+def store_list(url: str, key: str) -> list:
+    from shim.store import open_store
+
+    store = open_store(url)
+    try:
+        return store.list(key)
+    finally:
+        store.close()
 
 
 def job_log(node, cid: str) -> Path:
@@ -147,6 +157,12 @@ def test_pod_resumes_on_b_after_node_a_is_lost(version, cri_node_factory, job, t
     assert protected_ids(a) == [cid], "only the app container is protected, never the pod sandbox"
     rec = record(a, cid)
     assert (rec["pod"], rec["pod_namespace"], rec["container"]) == (POD, "ml", "main")
+    # The checkpoint names the image containerd runs (asked in a child process: the pod's long-lived
+    # shim never loads grpc).
+    (info, *_) = store_list(job.store, job.key)
+    image = info.metadata.get("image") or {}
+    assert image.get("name") == MEMJOB_REF and image.get("digest", "").startswith("sha256:"), info.metadata
+    assert b"cygrpc" not in Path(f"/proc/{rec['shim_pid']}/maps").read_bytes(), "grpc loaded into the shim"
     a.close()
     seq = last_seq(a, cid)
     destroy_node(a.node)  # no notice: containerd, the shim and the pod die with the node
@@ -193,3 +209,28 @@ def agent_metrics(agent) -> str:
     port = next(e["port"] for e in agent.events() if e.get("event") == "listening")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         return resp.read().decode()
+
+
+def test_a_changed_image_starts_fresh(cri_node_factory, job, test_images, tmp_path: Path) -> None:
+    """B runs another image under the same name: the checkpoint is not restored onto it (old memory
+    against new binaries); the pod starts fresh and the record says why."""
+    a = cri_node_factory("a", VERSIONS[0])
+    _pod_id, cid = job.start(a)
+    wait_for(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
+    a.close()
+    destroy_node(a.node)
+
+    b = cri_node_factory("b", VERSIONS[0])
+    changed = write_oci_archive(
+        tmp_path / "memjob-v2.tar",
+        MEMJOB_REF,
+        _rootfs_layer({"bin/memjob": (test_images.memjob_binary.read_bytes(), 0o755), "etc/v2": (b"2\n", 0o644)}),
+        ["/bin/memjob"],
+    )
+    b.node.ctr("images", "import", str(changed), namespace="k8s.io", timeout=300)
+    _pod_b, cid_b = job.start(b)
+    wait_for(lambda: read_steps(job_log(b, cid_b)), 120, "the job running on B")
+    rec = record(b, cid_b)
+    assert not rec.get("restored_from"), f"restored onto a changed image: {rec}"
+    assert "image differs" in (rec.get("fresh_reason") or ""), rec
+    assert read_steps(job_log(b, cid_b))[0].n == 1
