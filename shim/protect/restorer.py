@@ -24,7 +24,7 @@ from typing import Any
 from shim.protect.policy import Protection
 
 from .checkpointer import CRIU_DIR
-from .image_identity import ImageIdentity
+from .image_identity import ImageIdentity, ImageLookup
 from .staging import HEADROOM, owned_name, secure_root
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Restorer:
         protection: Protection,
         scratch_base: Path,
         upper_dir: Path | None,
-        image: ImageIdentity | None,
+        image: ImageIdentity | ImageLookup | None,
         skip_seqs: Iterable[int] = (),
         compatible: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> RestorePlan | NoUsableCheckpoint:
@@ -115,6 +115,9 @@ class Restorer:
                 if info.seq in skip:
                     continue
                 where = f"{protection.key}@{info.seq}"
+                if isinstance(image, ImageLookup) and image.result() is None:
+                    # containerd could not say which image this is: an outage, not a reason to restore unchecked
+                    raise RestoreUnavailable("cannot ask containerd which image the container runs (see the log)")
                 mismatch = image.differs_from(info.metadata.get("image")) if image else None
                 if not mismatch and compatible is not None:
                     mismatch = compatible(info.metadata)
