@@ -85,3 +85,16 @@ def test_a_store_that_cannot_be_opened_is_an_outage(tmp_path: Path) -> None:
     # The store refuses to open (here a URL the backend rejects; with encryption, an unreadable key file).
     with pytest.raises(RestoreUnavailable, match="cannot open the store of team/job"):
         Restorer().prepare(_protection("file://not-absolute/x"), _scratch(tmp_path), None, None)
+
+
+def test_an_image_containerd_cannot_name_is_an_outage_once_there_is_something_to_restore(tmp_path: Path) -> None:
+    from shim.protect.image_identity import ImageLookup
+
+    url = f"file://{tmp_path / 'store'}"
+    nowhere = f"unix://{tmp_path / 'no-containerd.sock'}"
+    # Nothing to restore: the unknown image does not matter.
+    fresh = Restorer().prepare(_protection(url), _scratch(tmp_path), None, ImageLookup(nowhere, "ns", "c1"))
+    assert isinstance(fresh, NoUsableCheckpoint) and not fresh.reasons
+    _put(url, "team/job", tmp_path / "a")
+    with pytest.raises(RestoreUnavailable, match="cannot ask containerd which image"):
+        Restorer().prepare(_protection(url), _scratch(tmp_path), None, ImageLookup(nowhere, "ns", "c1"))
