@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +33,7 @@ class DockerHost:
             self.destroy(FAILED_LOGS / f"docker-host-{name}")
             raise
 
-    def docker(self, *args: str, **kw):  # noqa: ANN201
+    def docker(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.docker_daemon.docker(*args, **kw)
 
     def destroy(self, keep_logs_in: Path | None = None) -> None:
