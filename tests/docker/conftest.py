@@ -36,6 +36,9 @@ class DockerHost:
     def docker(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.docker_daemon.docker(*args, **kw)
 
+    def inspect_restarts(self, container: str) -> int:
+        return int(self.docker("inspect", "-f", "{{.RestartCount}}", container).stdout.strip())
+
     def destroy(self, keep_logs_in: Path | None = None) -> None:
         self.docker_daemon.destroy(keep_logs_in)
         self.node.destroy(keep_logs_in)
