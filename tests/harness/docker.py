@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -129,7 +130,8 @@ class DockerDaemon:
             cmd, capture_output=True, text=True, timeout=timeout, input=input if input is not None else "", env=self.env
         )
         if check and res.returncode != 0:
-            raise subprocess.CalledProcessError(res.returncode, cmd, res.stdout, res.stderr)
+            said = res.stderr.strip() or res.stdout.strip()
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({res.returncode}): {said}")
         return res
 
     def load(self, oci_archive: Path) -> str:

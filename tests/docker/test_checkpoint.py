@@ -1,0 +1,85 @@
+"""Checkpoints the Docker way (experimental dockerd): `docker checkpoint create/ls/rm` and `docker start
+--checkpoint`, through revenant's shim, with dockerd's own checkpoint directory and with --checkpoint-dir.
+memjob's checksum, recomputed on the host, proves the memory came back."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness.docker import REVENANT_RUNTIME
+from harness.memjob import LOG_IN_CONTAINER, assert_continuous, expected_checksum, memjob_args, read_steps, wait_for
+
+from .conftest import DockerHost
+from .test_protect import steps_of, wait_steps
+
+pytestmark = pytest.mark.timeout(600)
+
+MIB, SEED = 32, 5
+
+
+def status(host: DockerHost, name: str) -> str:
+    return host.docker("inspect", "-f", "{{.State.Status}}", name).stdout.strip()
+
+
+@pytest.mark.parametrize("own_dir", [False, True], ids=["dockerd-dir", "checkpoint-dir"])
+def test_checkpoint_and_start_from_it(docker_host: DockerHost, test_images, tmp_path: Path, own_dir: bool) -> None:
+    name = f"ck-{uuid.uuid4().hex[:8]}"
+    dir_flags = ["--checkpoint-dir", str(tmp_path / "checkpoints")] if own_dir else []
+    docker_host.docker(
+        "run", "-d", "--name", name, "--network", "none", "--runtime", REVENANT_RUNTIME,
+        docker_host.memjob, *memjob_args(MIB, SEED, interval_ms=100),
+    )  # fmt: skip
+    try:
+        wait_steps(docker_host, name, 5)
+        # a leave-running checkpoint first: the job goes on
+        docker_host.docker("checkpoint", "create", "--leave-running", *dir_flags, name, "early")
+        assert status(docker_host, name) == "running"
+        reached = steps_of(docker_host, name)[-1].n
+        wait_steps(docker_host, name, reached + 3)
+
+        # dockerd sends checkpoint options (exit) only to its runc runtimes: with any other runtime a
+        # checkpoint leaves the container running, and the user stops it.
+        before = steps_of(docker_host, name)[-1].n
+        docker_host.docker("checkpoint", "create", *dir_flags, name, "final")
+        assert status(docker_host, name) == "running"
+        docker_host.docker("kill", name)
+        wait_for(lambda: status(docker_host, name) == "exited", 60, "the container to stop")
+        ls = docker_host.docker("checkpoint", "ls", *dir_flags, name).stdout.split()
+        assert "early" in ls and "final" in ls, ls
+        killed_at = steps_of_stopped(docker_host, name)
+        if own_dir:
+            # CRIU's images, written by revenant's shim, unpacked by dockerd into the user's directory
+            assert (tmp_path / "checkpoints" / "final" / "inventory.img").is_file()
+            # dockerd 26 creates and lists checkpoints in a custom directory but starts only from its own
+            res = docker_host.docker("start", "--checkpoint", "final", *dir_flags, name, check=False)
+            assert res.returncode != 0 and "custom checkpointdir is not supported" in res.stderr, res
+            docker_host.docker("checkpoint", "rm", *dir_flags, name, "early")
+            ls = docker_host.docker("checkpoint", "ls", *dir_flags, name).stdout.split()
+            assert "early" not in ls and "final" in ls, ls
+            return
+
+        docker_host.docker("start", "--checkpoint", "final", *dir_flags, name)
+        assert status(docker_host, name) == "running"
+        steps = wait_steps(docker_host, name, killed_at + 3)
+        # The log (in the writable layer) runs to the kill; the restored memory goes on from the checkpoint.
+        restart = max(i for i in range(1, len(steps)) if steps[i].n <= steps[i - 1].n)
+        resumed = steps[restart:]
+        assert before < resumed[0].n <= killed_at + 1, (before, resumed[0], killed_at)
+        assert_continuous(resumed)
+        assert_continuous(steps[:restart])
+        last = steps[-1]
+        assert last.checksum == expected_checksum(test_images.memjob_binary, MIB, SEED, last.n)
+
+        docker_host.docker("checkpoint", "rm", *dir_flags, name, "early")
+        ls = docker_host.docker("checkpoint", "ls", *dir_flags, name).stdout.split()
+        assert "early" not in ls and "final" in ls, ls
+    finally:
+        docker_host.docker("rm", "-f", name, check=False)
+
+
+def steps_of_stopped(host: DockerHost, name: str) -> int:
+    """The last step in the stopped container's log, read from its writable layer on the host."""
+    return read_steps(host.docker_daemon.upper_dir(name) / LOG_IN_CONTAINER.lstrip("/"))[-1].n
