@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "shim.cli.stats",
     "shim.cli.layer",
     "shim.cli.store",
+    "shim.cli.rehearse",
 ]
 
 
