@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import shlex
 import subprocess
 import time
 import uuid
@@ -203,6 +202,9 @@ class RehearsalReport:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
 
+    def __str__(self) -> str:
+        return render(self)
+
 
 @dataclass
 class RehearsalPlan:
@@ -357,5 +359,37 @@ class Rehearsal:
         return cid
 
 
-def command_line(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
+def _fmt_s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
+def render(report: RehearsalReport) -> str:
+    from .fmt import human_size
+    from .protect import table
+
+    rows = []
+    for i in report.interruptions:
+        rows.append(
+            (
+                str(i.n),
+                f"{i.at_s:.1f}s",
+                f"ok #{i.seq}" if i.checkpoint_ok else "FAILED",
+                _fmt_s(i.freeze_s),
+                human_size(i.checkpoint_bytes) if i.checkpoint_bytes is not None else "-",
+                _fmt_s(i.restore_s),
+                "yes" if i.resumed else "NO",
+                i.reason or "",
+            )
+        )
+    lines = [
+        f"rehearsal of {report.image} on {report.engine}: key {report.key}, store {report.store}",
+        table(("#", "AT", "CHECKPOINT", "FROZEN", "SIZE", "RESTORE", "RESUMED", "WHY NOT"), rows),
+    ]
+    for i in report.interruptions:
+        if i.detail and i.detail != i.reason:
+            lines.append(f"  #{i.n}: {i.detail}")
+    if report.error:
+        lines.append(f"rehearsal failed: {report.error}")
+    resumed = sum(1 for i in report.interruptions if i.resumed)
+    lines.append(f"{resumed}/{len(report.interruptions)} interruptions resumed: {'OK' if report.ok else 'NOT OK'}")
+    return "\n".join(lines)

@@ -12,8 +12,7 @@ from typing import Any
 
 from shim.protect.registry import default_run_dir
 
-from .fmt import human_size
-from .rehearsal import ContainerdEngine, DockerEngine, Engine, Rehearsal, RehearsalPlan, RehearsalReport
+from .rehearsal import ContainerdEngine, DockerEngine, Engine, Rehearsal, RehearsalPlan, render
 
 
 def register(subparsers: Any) -> None:
@@ -59,41 +58,6 @@ def _engine(args: argparse.Namespace) -> Engine:
     if args.engine == "containerd":
         return ContainerdEngine(address=args.address, namespace=args.namespace)
     return DockerEngine(host=args.docker_host, run_args=("--network", args.network))
-
-
-def _fmt_s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}s"
-
-
-def render(report: RehearsalReport) -> str:
-    from .protect import table
-
-    rows = []
-    for i in report.interruptions:
-        rows.append(
-            (
-                str(i.n),
-                f"{i.at_s:.1f}s",
-                f"ok #{i.seq}" if i.checkpoint_ok else "FAILED",
-                _fmt_s(i.freeze_s),
-                human_size(i.checkpoint_bytes) if i.checkpoint_bytes is not None else "-",
-                _fmt_s(i.restore_s),
-                "yes" if i.resumed else "NO",
-                i.reason or "",
-            )
-        )
-    lines = [
-        f"rehearsal of {report.image} on {report.engine}: key {report.key}, store {report.store}",
-        table(("#", "AT", "CHECKPOINT", "FROZEN", "SIZE", "RESTORE", "RESUMED", "WHY NOT"), rows),
-    ]
-    for i in report.interruptions:
-        if i.detail and i.detail != i.reason:
-            lines.append(f"  #{i.n}: {i.detail}")
-    if report.error:
-        lines.append(f"rehearsal failed: {report.error}")
-    resumed = sum(1 for i in report.interruptions if i.resumed)
-    lines.append(f"{resumed}/{len(report.interruptions)} interruptions resumed: {'OK' if report.ok else 'NOT OK'}")
-    return "\n".join(lines)
 
 
 def cmd_rehearse(args: argparse.Namespace) -> int:
