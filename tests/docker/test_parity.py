@@ -11,8 +11,6 @@ import subprocess
 import time
 import uuid
 
-import pytest
-
 from harness.docker import DOCKER, DOCKER_NAMESPACE, REVENANT_RUNTIME
 
 from .conftest import DockerHost
@@ -104,22 +102,31 @@ def test_detached_logs_exec_top_stats_pause(docker_host: DockerHost, runtime: st
         docker_host.docker("rm", "-f", name, check=False)
 
 
-@pytest.mark.parametrize(("how", "code"), [(("stop", "-t", "1"), 137), (("kill",), 137), (("kill", "-s", "TERM"), 143)])
-def test_stop_and_kill_exit_codes(docker_host: DockerHost, runtime: str, how: tuple[str, ...], code: int):
-    name = _name("stop")
-    # sh as pid 1 ignores SIGTERM unless it traps it: the trap makes TERM fatal with 143
-    script = "trap 'exit 143' TERM; sleep 1000 & wait" if how == ("kill", "-s", "TERM") else "sleep 1000"
-    run(docker_host, runtime, "-d", "--name", name, docker_host.busybox, "sh", "-c", script, check=True)
+STOPS = {("stop", "-t", "1"): 137, ("kill",): 137, ("kill", "-s", "TERM"): 143}
+
+
+def test_stop_and_kill_exit_codes(docker_host: DockerHost, runtime: str):
+    # The TERM trap makes TERM fatal with 143; the stopped one ignores TERM, so stop ends it with KILL.
+    # "ready" once the trap is set: a signal before that would find sh's default (pid 1 ignores TERM).
+    names = {how: _name("stop") for how in STOPS}
     try:
-        docker_host.docker(*how, name)
-        wait_until(lambda: state(docker_host, name)["Status"] == "exited", 30, "exit")
-        assert state(docker_host, name)["ExitCode"] == code
-        assert docker_host.docker("wait", name).stdout.strip() == str(code)
+        for how, name in names.items():
+            trap = "trap '' TERM" if how[0] == "stop" else "trap 'exit 143' TERM"
+            script = f"{trap}; echo ready; sleep 1000 & wait"
+            run(docker_host, runtime, "-d", "--name", name, docker_host.busybox, "sh", "-c", script, check=True)
+        for how, name in names.items():
+            wait_until(lambda name=name: "ready" in docker_host.docker("logs", name).stdout, 30, "ready")
+            docker_host.docker(*how, name)
+        stop = names[("stop", "-t", "1")]
+        for how, name in names.items():
+            wait_until(lambda name=name: state(docker_host, name)["Status"] == "exited", 30, f"{how} to end it")
+            assert state(docker_host, name)["ExitCode"] == STOPS[how], how
+            assert docker_host.docker("wait", name).stdout.strip() == str(STOPS[how])
         # a stopped container starts again
-        docker_host.docker("start", name)
-        assert state(docker_host, name)["Status"] == "running"
+        docker_host.docker("start", stop)
+        assert state(docker_host, stop)["Status"] == "running"
     finally:
-        docker_host.docker("rm", "-f", name, check=False)
+        docker_host.docker("rm", "-f", *names.values(), check=False)
 
 
 def test_restart_policies(docker_host: DockerHost, runtime: str):

@@ -51,7 +51,7 @@ def test_revenant_rehearsal_fixture_on_a_job_that_survives(
     report = revenant_rehearsal(
         docker_env.busybox,
         ["sh", "-c", COUNTER],
-        interruptions=2,
+        interruptions=1,
         min_s=1,
         max_s=2,
         seed=3,
@@ -60,8 +60,8 @@ def test_revenant_rehearsal_fixture_on_a_job_that_survives(
         run_dir=docker_env.node.revenant_run_dir,
     )
     assert report.ok, report  # type: ignore[attr-defined]
-    assert [i.resumed for i in report.interruptions] == [True, True]  # type: ignore[attr-defined]
-    assert "2/2 interruptions resumed: OK" in str(report)
+    assert [i.resumed for i in report.interruptions] == [True]  # type: ignore[attr-defined]
+    assert "1/1 interruptions resumed: OK" in str(report)
     assert docker_env.docker("ps", "-aq").stdout.strip() == ""
 
 
