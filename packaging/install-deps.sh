@@ -69,9 +69,9 @@ PIN
   fi
 fi
 
-# Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io (dockerd >= 23 runs shim v2
-# runtimes by name; the trixie suite is there on Debian 12, added above for criu) unpacked into a private directory, so the system's containerd and runc stay as they are
-# (installing the package would pull Debian 13's containerd/runc on Debian 12).
+# Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io and docker-cli (dockerd >= 23
+# runs shim v2 runtimes by name; on Debian 12 the trixie suite was added above for criu), unpacked into a
+# directory of their own: installing them would pull Debian 13's containerd and runc over the system's.
 DOCKER_DIR=${REVENANT_DOCKER_DIR:-/opt/revenant-test/docker}
 DOCKER_VERSION_PREFIX=26.
 docker_ok() {

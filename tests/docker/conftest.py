@@ -4,15 +4,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from harness.containerd import ContainerdNode
-from harness.docker import REVENANT_RUNTIME, RUNC_RUNTIME, DockerDaemon
+from harness.docker import REVENANT_RUNTIME, RUNC_RUNTIME, DockerHost
 from harness.images import TestImages
 from harness.metadata_server import MetadataServer
 from harness.protect import AgentProcess
@@ -20,35 +17,9 @@ from harness.protect import AgentProcess
 FAILED_LOGS = Path(__file__).resolve().parents[2] / "test-logs"
 
 
-class DockerHost:
-    """A node and its dockerd, with the test images loaded: one "host" a Docker user has."""
-
-    def __init__(self, name: str, images: TestImages) -> None:
-        self.node = ContainerdNode(name)
-        self.node.start()
-        self.docker_daemon = DockerDaemon(self.node, f"{name}-docker")
-        try:
-            self.docker_daemon.start()
-            self.busybox = self.docker_daemon.load(images.busybox)
-            self.memjob = self.docker_daemon.load(images.memjob)
-        except BaseException:
-            self.destroy(FAILED_LOGS / f"docker-host-{name}")
-            raise
-
-    def docker(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return self.docker_daemon.docker(*args, **kw)
-
-    def inspect_restarts(self, container: str) -> int:
-        return int(self.docker("inspect", "-f", "{{.RestartCount}}", container).stdout.strip())
-
-    def destroy(self, keep_logs_in: Path | None = None) -> None:
-        self.docker_daemon.destroy(keep_logs_in)
-        self.node.destroy(keep_logs_in)
-
-
 @pytest.fixture(scope="module")
 def docker_host(test_images: TestImages, request: pytest.FixtureRequest) -> Iterator[DockerHost]:
-    host = DockerHost("dk", test_images)
+    host = DockerHost("dk", test_images, FAILED_LOGS)
     yield host
     failed = request.session.testsfailed > 0
     host.destroy(FAILED_LOGS / f"docker-{request.module.__name__}" if failed else None)
@@ -62,7 +33,7 @@ def docker_host_factory(
     hosts: list[DockerHost] = []
 
     def make(name: str) -> DockerHost:
-        host = DockerHost(name, test_images)
+        host = DockerHost(name, test_images, FAILED_LOGS)
         hosts.append(host)
         return host
 

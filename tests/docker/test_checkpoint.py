@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.docker import REVENANT_RUNTIME
+from harness.docker import REVENANT_RUNTIME, DockerHost
 from harness.memjob import LOG_IN_CONTAINER, assert_continuous, expected_checksum, memjob_args, read_steps, wait_for
 
-from .conftest import DockerHost
 from .test_protect import steps_of, wait_steps
 
 pytestmark = pytest.mark.timeout(600)

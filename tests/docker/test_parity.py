@@ -11,9 +11,7 @@ import subprocess
 import time
 import uuid
 
-from harness.docker import DOCKER, DOCKER_NAMESPACE, REVENANT_RUNTIME
-
-from .conftest import DockerHost
+from harness.docker import DOCKER, DOCKER_NAMESPACE, REVENANT_RUNTIME, DockerHost
 
 
 def _name(prefix: str) -> str:

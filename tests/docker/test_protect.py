@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.containerd import VENV_BIN
-from harness.docker import DOCKER_NAMESPACE, REVENANT_RUNTIME
+from harness.docker import DOCKER_NAMESPACE, REVENANT_RUNTIME, DockerHost
 from harness.memjob import (
     LOG_IN_CONTAINER,
     STEP_LINE,
@@ -27,8 +27,6 @@ from harness.memjob import (
     wait_for,
 )
 from harness.protect import MARKER_PATH, Job, annotation_flags
-
-from .conftest import DockerHost
 
 pytestmark = pytest.mark.timeout(600)
 

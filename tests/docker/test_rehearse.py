@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness.containerd import VENV_BIN
-
-from .conftest import DockerHost
+from harness.docker import DockerHost
 
 pytestmark = pytest.mark.timeout(600)
 

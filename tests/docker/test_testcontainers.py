@@ -9,9 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from harness.docker import DOCKER_NAMESPACE, REVENANT_RUNTIME
+from harness.docker import DOCKER_NAMESPACE, REVENANT_RUNTIME, DockerHost
 
-from .conftest import DockerHost
 from .test_rehearse import COUNTER, tcp_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(600)

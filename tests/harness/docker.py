@@ -20,10 +20,12 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .containerd import ContainerdNode
+from .images import TestImages
 
 DOCKER_DIR = Path(os.environ.get("REVENANT_DOCKER_DIR", "/opt/revenant-test/docker"))
 DOCKERD = DOCKER_DIR / "usr" / "sbin" / "dockerd"
@@ -204,3 +206,29 @@ class DockerDaemon:
             with contextlib.suppress(OSError):
                 shutil.copy(self.log_path, keep_logs_in / f"dockerd-{self.name}.log")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DockerHost:
+    """A node and its dockerd, with the test images loaded: one "host" a Docker user has."""
+
+    def __init__(self, name: str, images: TestImages, failed_logs: Path | None = None) -> None:
+        self.node = ContainerdNode(name)
+        self.node.start()
+        self.docker_daemon = DockerDaemon(self.node, f"{name}-docker")
+        try:
+            self.docker_daemon.start()
+            self.busybox = self.docker_daemon.load(images.busybox)
+            self.memjob = self.docker_daemon.load(images.memjob)
+        except BaseException:
+            self.destroy(failed_logs / f"docker-host-{name}" if failed_logs else None)
+            raise
+
+    def docker(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.docker_daemon.docker(*args, **kw)
+
+    def inspect_restarts(self, container: str) -> int:
+        return int(self.docker("inspect", "-f", "{{.RestartCount}}", container).stdout.strip())
+
+    def destroy(self, keep_logs_in: Path | None = None) -> None:
+        self.docker_daemon.destroy(keep_logs_in)
+        self.node.destroy(keep_logs_in)
