@@ -69,22 +69,24 @@ PIN
   fi
 fi
 
-# Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io and docker-cli (dockerd >= 23
-# runs shim v2 runtimes by name; on Debian 12 the trixie suite was added above for criu), unpacked into a
-# directory of their own: installing them would pull Debian 13's containerd and runc over the system's.
+# Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io, docker-cli and
+# docker-compose (dockerd >= 23 runs shim v2 runtimes by name; on Debian 12 the trixie suite was added
+# above for criu), unpacked into a directory of their own: installing them would pull Debian 13's
+# containerd and runc over the system's.
 DOCKER_DIR=${REVENANT_DOCKER_DIR:-/opt/revenant-test/docker}
 DOCKER_VERSION_PREFIX=26.
 docker_ok() {
   [ -x "$DOCKER_DIR/usr/sbin/dockerd" ] && [ -x "$DOCKER_DIR/usr/bin/docker" ] || return 1
+  [ -x "$DOCKER_DIR/usr/bin/docker-compose" ] || return 1
   "$DOCKER_DIR/usr/sbin/dockerd" --version 2>/dev/null | grep -q "version ${DOCKER_VERSION_PREFIX}"
 }
 if ! docker_ok; then
   apt_update
-  log "unpacking Debian 13's docker.io and docker-cli into $DOCKER_DIR"
+  log "unpacking Debian 13's docker.io, docker-cli and docker-compose into $DOCKER_DIR"
   dl=$(mktemp -d)
   chmod 755 "$dl"   # apt downloads as _apt
-  (cd "$dl" && apt-get download -qq docker.io/trixie docker-cli/trixie >/dev/null 2>&1) ||
-    die "apt-get download docker.io docker-cli failed"
+  (cd "$dl" && apt-get download -qq docker.io/trixie docker-cli/trixie docker-compose/trixie >/dev/null 2>&1) ||
+    die "apt-get download docker.io docker-cli docker-compose failed"
   rm -rf "$DOCKER_DIR.new"
   mkdir -p "$DOCKER_DIR.new"
   for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$DOCKER_DIR.new"; done

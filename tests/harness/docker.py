@@ -30,6 +30,7 @@ from .images import TestImages
 DOCKER_DIR = Path(os.environ.get("REVENANT_DOCKER_DIR", "/opt/revenant-test/docker"))
 DOCKERD = DOCKER_DIR / "usr" / "sbin" / "dockerd"
 DOCKER = DOCKER_DIR / "usr" / "bin" / "docker"
+DOCKER_COMPOSE = DOCKER_DIR / "usr" / "bin" / "docker-compose"
 DOCKER_NAMESPACE = "moby"
 REVENANT_RUNTIME = "io.containerd.revenant.v1"
 RUNC_RUNTIME = "runc"  # Docker's default runtime: containerd's runc shim with dockerd's own runc root
