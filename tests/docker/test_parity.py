@@ -188,3 +188,16 @@ def test_interactive_tty(docker_host: DockerHost, runtime: str):
             proc.kill()
             proc.wait()
         os.close(primary)
+
+
+def test_short_runtime_name_from_daemon_json(docker_host: DockerHost):
+    """daemon.json `runtimes: {revenant: {runtimeType: io.containerd.revenant.v1}}` (the README's)."""
+    name = _name("short")
+    res = docker_host.docker(
+        "run", "-d", "--name", name, "--network", "none", "--runtime", "revenant", docker_host.busybox, "sleep", "100"
+    )
+    try:
+        assert res.returncode == 0, res
+        assert shim_binary(docker_host, name) == REVENANT_RUNTIME
+    finally:
+        docker_host.docker("rm", "-f", name, check=False)

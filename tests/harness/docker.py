@@ -34,6 +34,8 @@ DOCKER_COMPOSE = DOCKER_DIR / "usr" / "bin" / "docker-compose"
 DOCKER_NAMESPACE = "moby"
 REVENANT_RUNTIME = "io.containerd.revenant.v1"
 RUNC_RUNTIME = "runc"  # Docker's default runtime: containerd's runc shim with dockerd's own runc root
+# The README's /etc/docker/daemon.json: a short name for revenant's runtime (the full name works without it).
+DAEMON_JSON = {"runtimes": {"revenant": {"runtimeType": REVENANT_RUNTIME}}}
 
 
 def require_docker() -> None:
@@ -91,8 +93,12 @@ class DockerDaemon:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> DockerDaemon:
+        config = self.dir / "daemon.json"
+        config.write_text(json.dumps(DAEMON_JSON))
         cmd = [
             str(DOCKERD),
+            "--config-file",
+            str(config),
             "--data-root",
             str(self.data_root),
             "--exec-root",
