@@ -44,7 +44,7 @@ _REASONS: list[tuple[re.Pattern[str], str]] = [
         "(watch from a helper outside the job, or poll)",
     ),
     (
-        re.compile(r"\bdevice\b|/dev/|char(acter)? dev|tty|unsupported mapping", re.IGNORECASE),
+        re.compile(r"\bdevice\b|/dev/|char(acter)? dev|\(chr \d+:\d+\)|tty|unsupported mapping", re.IGNORECASE),
         "the job has a device open (a /dev node, a terminal or a device mapping) that cannot be moved",
     ),
     (

@@ -81,3 +81,18 @@ def test_a_job_holding_a_tcp_connection_cannot_move(docker_host: DockerHost, tcp
     assert "open TCP connection" in out, out
     assert "FAILED" in out and "0/1 interruptions resumed: NOT OK" in out, out
     assert docker_host.docker("ps", "-aq").stdout.strip() == ""
+
+
+def test_plain_containerd_engine(docker_host: DockerHost, test_images) -> None:
+    node = docker_host.node
+    image = node.import_image(test_images.busybox)
+    res = rehearse(
+        docker_host, "--engine", "containerd", "--address", node.address, "--namespace", node.namespace,
+        "-n", "1", "--min", "1", "--max", "1", "--progress-file", "/tmp/progress", "--json",
+        image, "--", "sh", "-c", COUNTER,
+    )  # fmt: skip
+    report = json.loads(res.stdout)
+    assert res.returncode == 0, json.dumps(report)
+    (only,) = report["interruptions"]
+    assert only["resumed"] and only["progress_after"] >= only["progress_before"] > 0, only
+    assert node.ctr("containers", "ls", "-q").stdout.strip() == ""
