@@ -89,7 +89,10 @@ def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
     if not isinstance(root, str):
         raise InvalidArgument(f"the bundle's root.path is not a string: {root!r}")
     try:
-        return mounts.overlay_at(os.path.join(bundle, root))  # an absolute root.path replaces the bundle
+        overlay = mounts.overlay_at(os.path.join(bundle, root))  # an absolute root.path replaces the bundle
+        if overlay is not None:
+            mounts.overlay_remount_data(overlay)  # a restore unmounts it: it must mount again
+        return overlay
     except ValueError as e:
         raise FailedPrecondition(f"cannot carry the writable layer: {e}") from None
 
@@ -225,7 +228,11 @@ class ProtectionManager:
         try:
             return change()
         finally:
-            mounts.remount_overlay(p.premounted)
+            try:
+                mounts.remount_overlay(p.premounted)
+            except OSError as e:  # the task cannot run on an empty root: say so, Create fails after this
+                log.error("cannot mount the rootfs overlay at %s again: %s", p.premounted.mount_point, e)
+                raise
 
     def _gpu_metadata(self, cid: str) -> dict[str, Any]:
         """The GPU part of the dump just taken (None for a CPU-only task), for the checkpoint's metadata."""

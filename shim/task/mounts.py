@@ -219,15 +219,21 @@ def overlay_at(mount_point: str, mountinfo: list[MountInfo] | None = None) -> Mo
     return top
 
 
-def remount_overlay(m: MountInfo) -> None:
-    """Mount an overlay again as `m` described it (after its upper dir was filled while unmounted)."""
-    flags, _propagation, _ = parse_options(o for o in m.mount_options if o in _FLAGS)
+def overlay_remount_data(m: MountInfo) -> str:
+    """The mount(2) data that mounts the overlay `m` again; ValueError when its paths make that impossible
+    (checked before anything is unmounted)."""
     data = [o for o in m.super_options if o not in ("rw", "ro")]
     for o in data:
         # The kernel splits overlay options on ","; upper and work dirs cannot hold ":" either.
         if "," in o or (o.startswith(("upperdir=", "workdir=")) and ":" in o):
             raise ValueError(f"cannot mount the overlay at {m.mount_point} again: option {o!r} holds a separator")
-    _mount(m.source, m.mount_point, "overlay", flags, ",".join(data))
+    return ",".join(data)
+
+
+def remount_overlay(m: MountInfo) -> None:
+    """Mount an overlay again as `m` described it (after its upper dir was filled while unmounted)."""
+    flags, _propagation, _ = parse_options(o for o in m.mount_options if o in _FLAGS)
+    _mount(m.source, m.mount_point, "overlay", flags, overlay_remount_data(m))
 
 
 def unmount_busy_fails(target: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shim.task.mounts import overlay_at, parse_mountinfo_line
+from shim.task.mounts import overlay_at, overlay_remount_data, parse_mountinfo_line
 
 DATA = "/var/lib/docker/overlay2"
 
@@ -54,3 +54,11 @@ def test_an_upper_dir_another_overlay_uses_is_refused() -> None:
 def test_read_only_overlay_has_no_writable_layer() -> None:
     infos = [parse_mountinfo_line("54 50 0:54 / /ro ro - overlay overlay ro,lowerdir=/a:/b")]
     assert overlay_at("/ro", infos) is None
+
+
+def test_an_overlay_whose_paths_hold_separators_is_not_remounted() -> None:
+    m = parse_mountinfo_line(line(54, "/m", f"{DATA}/a\\054b/diff"))
+    with pytest.raises(ValueError, match="holds a separator"):
+        overlay_remount_data(m)
+    ok = parse_mountinfo_line(line(55, "/n", f"{DATA}/c/diff"))
+    assert overlay_remount_data(ok) == f"lowerdir={DATA}/l/AAA,upperdir={DATA}/c/diff,workdir={DATA}/c/work"
