@@ -22,6 +22,7 @@ BENCHMARKS = {
     "store": ["store_bench.py", "--size", "512"],
     "checkpoint": ["checkpoint_bench.py"],
     "protect": ["protect_bench.py"],
+    "docker": ["docker_bench.py", "--runs", "20"],
 }
 
 
