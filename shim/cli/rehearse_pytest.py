@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
+try:
+    import pytest
+except ImportError:  # revenant installed without pytest: there is nothing to plug into, and no fixture
+    pytest = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from .rehearsal import RehearsalReport
@@ -93,8 +96,7 @@ class TestcontainersEngine:
             container.stop(force=True, delete_volume=True)
 
 
-@pytest.fixture
-def revenant_rehearsal() -> Iterator[Callable[..., RehearsalReport]]:
+def _revenant_rehearsal() -> Iterator[Callable[..., RehearsalReport]]:
     """revenant_rehearsal(image, command, *, interruptions=3, min_s=2, max_s=8, seed=None,
     health_cmd=None, progress_file=None, store=None, run_dir=None, network="none") -> RehearsalReport"""
     stores: list[tempfile.TemporaryDirectory[str]] = []
@@ -138,3 +140,7 @@ def revenant_rehearsal() -> Iterator[Callable[..., RehearsalReport]]:
     yield rehearse
     for tmp in stores:
         tmp.cleanup()
+
+
+if pytest is not None:
+    revenant_rehearsal = pytest.fixture(_revenant_rehearsal, name="revenant_rehearsal")
