@@ -330,7 +330,14 @@ class Rehearsal:
         self.engine.remove(cid)  # the node is gone
 
         t0 = time.monotonic()
-        cid = self.engine.run(f"{self._name}-{step.n}", plan.image, self.annotations(), plan.command)
+        name = f"{self._name}-{step.n}"
+        try:
+            cid = self.engine.run(name, plan.image, self.annotations(), plan.command)
+        except EngineError as e:  # the replacement did not even start: that is the answer
+            step.detail = str(e)
+            step.reason = "restore failed: " + explain(step.detail)
+            self.engine.remove(name)  # docker keeps a created container by its name
+            return ""
         record = self._wait_record(cid, plan.restore_timeout_s)
         step.restore_s = round(time.monotonic() - t0, 3)
         extra = record.extra if record is not None else {}
