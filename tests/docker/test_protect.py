@@ -147,3 +147,28 @@ def test_host_lost_without_notice_resumes_from_the_last_periodic_checkpoint(
     # It resumed from a checkpoint (not from step 1 in fresh memory) taken before A was lost.
     assert steps_b[0].n == 1 and steps_b[-1].n > 3
     assert any(s.n <= reached for s in steps_b)
+
+
+def test_docker_restart_keeps_the_writable_layer(docker_host: DockerHost, tmp_path: Path) -> None:
+    """A restart re-creates the task on the container's own, non-empty upper dir: the store's checkpoint
+    must not be applied over it (the fill refuses a non-empty upper dir), dockerd's overlay must be
+    mounted again as it was, and nothing written after the checkpoint may be lost."""
+    job = new_job(f"file://{tmp_path / 'store'}", interval="off")
+    cid = docker_host.docker(
+        "run", "-d", "--name", "restarted", "--network", "none", "--runtime", REVENANT_RUNTIME,
+        *annotation_flags(job.annotations()), docker_host.busybox,
+        "sh", "-c", "echo before > /before; exec sleep 1000",
+    ).stdout.strip()  # fmt: skip
+    try:
+        wait_for(lambda: record(docker_host, cid), 30, "the registry record")
+        ck = revenant("checkpoint", cid, "-n", DOCKER_NAMESPACE, "--run-dir", str(docker_host.node.revenant_run_dir))
+        assert ck.returncode == 0, ck.stderr
+        docker_host.docker("exec", "restarted", "sh", "-c", "echo after > /after")
+        docker_host.docker("restart", "-t", "1", "restarted")
+        assert docker_host.docker("inspect", "-f", "{{.State.Status}}", "restarted").stdout.strip() == "running"
+        files = docker_host.docker("exec", "restarted", "cat", "/before", "/after").stdout.split()
+        assert files == ["before", "after"], files
+        rec = wait_for(lambda: record(docker_host, cid), 30, "the record after the restart")
+        assert rec["restored_from"] is None and "not empty" in (rec["fresh_reason"] or ""), rec
+    finally:
+        docker_host.docker("rm", "-f", "restarted", check=False)
