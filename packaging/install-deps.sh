@@ -74,6 +74,33 @@ if ! criu_ok; then
   fi
 fi
 
+# Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io, docker-cli and
+# docker-compose (dockerd >= 23 runs shim v2 runtimes by name; from the trixie suite, at a low pin on Debian
+# 12, hence pkg/trixie), unpacked into a directory of their own: installing them would pull Debian 13's
+# containerd and runc over the system's.
+DOCKER_DIR=${REVENANT_DOCKER_DIR:-/opt/revenant-test/docker}
+DOCKER_VERSION_PREFIX=26.
+docker_ok() {
+  [ -x "$DOCKER_DIR/usr/sbin/dockerd" ] && [ -x "$DOCKER_DIR/usr/bin/docker" ] || return 1
+  [ -x "$DOCKER_DIR/usr/bin/docker-compose" ] || return 1
+  "$DOCKER_DIR/usr/sbin/dockerd" --version 2>/dev/null | grep -q "version ${DOCKER_VERSION_PREFIX}"
+}
+if ! docker_ok; then
+  if [ "$debian_major" = 12 ]; then add_trixie; fi
+  apt_update
+  log "unpacking Debian 13's docker.io, docker-cli and docker-compose into $DOCKER_DIR"
+  dl=$(mktemp -d)
+  chmod 755 "$dl"   # apt downloads as _apt
+  (cd "$dl" && apt-get download -qq docker.io/trixie docker-cli/trixie docker-compose/trixie >/dev/null 2>&1) ||
+    die "apt-get download docker.io docker-cli docker-compose failed"
+  rm -rf "$DOCKER_DIR.new"
+  mkdir -p "$DOCKER_DIR.new"
+  for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$DOCKER_DIR.new"; done
+  rm -rf "$dl" "$DOCKER_DIR"
+  mv "$DOCKER_DIR.new" "$DOCKER_DIR"
+fi
+docker_ok || die "dockerd ${DOCKER_VERSION_PREFIX}x is not in $DOCKER_DIR (dockerd --version: $("$DOCKER_DIR/usr/sbin/dockerd" --version 2>&1))"
+
 criu_ok || die "criu >= 4.0 is not installed (criu --version: $(criu --version 2>&1 | head -1))"
 if ! out=$(criu check 2>&1); then
   die "CRIU cannot checkpoint on this kernel ('criu check' said: ${out}). Need a kernel with CONFIG_CHECKPOINT_RESTORE and criu >= 4.0."
@@ -99,4 +126,4 @@ if ! "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\
   "$CONTAINERD17_DIR/usr/bin/containerd" --version | grep -q ' 1\.7\.' || die "the unpacked containerd is not 1.7"
 fi
 
-log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | sed -n 's/^Version: *//p')"
+log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | sed -n 's/^Version: *//p'), $("$DOCKER_DIR/usr/sbin/dockerd" --version | cut -d, -f1) in $DOCKER_DIR"
