@@ -44,6 +44,14 @@ PIN
   fi
 }
 
+# The trixie suite by name, whatever /etc/debian_version says (a Debian 12 userland may carry a 13.x
+# base-files): CRIU 4 and the private containerd 1.7 and Docker trees come from trixie. A machine whose
+# sources already name trixie (Debian 13 itself) gets no second, low-pinned copy.
+ensure_trixie() {
+  grep -rqs -e 'trixie' /etc/apt/sources.list /etc/apt/sources.list.d/ || add_trixie
+  apt_update
+}
+
 criu_ok() {
   command -v criu >/dev/null 2>&1 || return 1
   local v; v=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p')
@@ -61,17 +69,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if ! criu_ok; then
-  if [ "$debian_major" = 12 ]; then
-    # Debian 12's criu 3.17 fails on recent kernels (vdso bounds); 4.1.1 from trixie works.
-    # Add trixie at a low pin priority so nothing else is pulled from it unasked.
-    add_trixie
-    apt_update
-    log "installing criu from trixie"
-    apt-get install -y -qq --no-install-recommends -t trixie criu >/dev/null
-  else
-    apt_update
-    apt-get install -y -qq --no-install-recommends criu >/dev/null
-  fi
+  # Debian 12's criu 3.17 fails on recent kernels (vdso bounds); 4.1.1 from trixie works.
+  ensure_trixie
+  log "installing criu from trixie"
+  apt-get install -y -qq --no-install-recommends -t trixie criu >/dev/null
 fi
 
 # Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io, docker-cli and
@@ -86,7 +87,7 @@ docker_ok() {
   "$DOCKER_DIR/usr/sbin/dockerd" --version 2>/dev/null | grep -q "version ${DOCKER_VERSION_PREFIX}"
 }
 if ! docker_ok; then
-  if [ "$debian_major" = 12 ]; then add_trixie; fi
+  ensure_trixie
   apt_update
   log "unpacking Debian 13's docker.io, docker-cli and docker-compose into $DOCKER_DIR"
   dl=$(mktemp -d)
@@ -110,16 +111,10 @@ command -v iptables-restore >/dev/null || die "iptables-restore is missing: runc
 # unpacked into a private directory (never installed: the system containerd stays as it is).
 CONTAINERD17_DIR=/opt/revenant-test/containerd-1.7
 if ! "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\.7\.'; then
-  if [ "$debian_major" = 12 ]; then
-    add_trixie
-    suite=(-t trixie)
-  else
-    suite=()
-  fi
-  apt_update
+  ensure_trixie
   tmp=$(mktemp -d)
   log "unpacking containerd 1.7 from Debian 13 into $CONTAINERD17_DIR"
-  (cd "$tmp" && apt-get download -qq "${suite[@]}" containerd >/dev/null 2>&1) || die "apt-get download containerd (1.7) failed"
+  (cd "$tmp" && apt-get download -qq containerd/trixie >/dev/null 2>&1) || die "apt-get download containerd/trixie (1.7) failed"
   rm -rf "$CONTAINERD17_DIR.new" && mkdir -p "$CONTAINERD17_DIR.new"
   dpkg -x "$tmp"/containerd_*.deb "$CONTAINERD17_DIR.new"
   rm -rf "$tmp" "$CONTAINERD17_DIR" && mv "$CONTAINERD17_DIR.new" "$CONTAINERD17_DIR"
