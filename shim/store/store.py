@@ -108,6 +108,9 @@ class Store:
         m = Manifest.decode(blob, what)
         if m.key != key:
             raise ManifestCorrupt(f"{what} names key {m.key!r}")
+        parsed = parse_manifest_name(name)
+        if parsed is not None and m.seq != parsed[0]:
+            raise ManifestCorrupt(f"{what} claims seq {m.seq}")
         return m
 
     def list(self, key: str | None = None) -> list[CheckpointInfo]:

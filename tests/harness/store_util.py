@@ -144,3 +144,64 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
 def s3_bucket_prefix(url: str) -> tuple[str, str, str]:
     u = urlsplit(url)
     return u.netloc, u.path.strip("/"), parse_qs(u.query)["endpoint"][0]
+
+
+def frame_manifest(payload_json: bytes | None = None, payload: bytes | None = None) -> bytes:
+    """Bytes in the real manifest framing (magic, BLAKE3 of the payload, zstd) around any JSON text.
+
+    The digest is valid, so whatever the JSON says reaches the schema checks: how a hostile writer with
+    access to the store would forge a checkpoint.
+    """
+    import blake3
+    import zstandard
+
+    from shim.store.model import _MAGIC
+
+    if payload is None:
+        assert payload_json is not None
+        payload = zstandard.ZstdCompressor(level=3).compress(payload_json)
+    return _MAGIC + blake3.blake3(payload).hexdigest().encode() + b"\n" + payload
+
+
+def write_manifest(store: Store, key: str, seq: int, blob: bytes) -> str:
+    """Commit raw manifest bytes as checkpoint `seq` of key, through the backend; returns its name."""
+    from shim.store.model import manifest_name
+
+    name = manifest_name(seq, "f0f0f0f0f0f0")
+    store.backend.put_manifest(key, name, blob, set())
+    store.backend.manifests_changed(key)
+    return name
+
+
+def manifest_doc(store: Store, key: str, name: str) -> dict:
+    """The decoded JSON document of a stored manifest (to derive forged ones from a real one)."""
+    import zstandard
+
+    blob = store.backend.get_manifest(key, name)
+    return json.loads(zstandard.ZstdDecompressor().decompress(blob[blob.index(b"\n") + 1 :]))
+
+
+def host_digest(root: Path) -> dict[str, tuple]:
+    """tree_digest plus owners, and the root's own mode: what a hostile restore must not touch."""
+    out: dict[str, tuple] = {".": (stat.S_IMODE(os.lstat(root).st_mode), os.lstat(root).st_uid)}
+    for rel, val in tree_digest(root).items():
+        st = os.lstat(root / rel)
+        out[rel] = (*val, st.st_uid, st.st_gid)
+    return out
+
+
+def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
+    """Overwrite a stored chunk object with arbitrary bytes, behind the store's back (file, loose or S3)."""
+    b = store.backend
+    if isinstance(b, LocalBackend):
+        b._reload()
+        b._index.pop(digest, None)  # the packed copy is no longer the one read
+        for idx in (b.root / "packs").glob("*.idx"):
+            idx.unlink()
+        p = b._chunk_path(digest)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    elif isinstance(b, S3Backend):
+        b.s3.put_object(Bucket=b.bucket, Key=f"{b.prefix}chunks/{digest[:2]}/{digest}", Body=data)
+    else:
+        raise AssertionError(b)
