@@ -117,5 +117,3 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     if c is None:
         c = comps[level] = zstandard.ZstdCompressor(level=level)
     return c
-
-

@@ -18,7 +18,7 @@ from typing import Any
 import blake3
 
 from . import chunking
-from .backends.base import Backend, NotFound
+from .backends.base import Backend, NotFound, TooLarge
 from .chunking import Chunker
 from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, ManifestCorrupt, StoreError
 from .keys import validate_key
@@ -105,6 +105,8 @@ class Store:
             blob = self.backend.retry(f"get {what}", lambda: self.backend.get_manifest(key, name))
         except NotFound:
             raise CheckpointNotFound(f"{what} disappeared (deleted concurrently?)") from None
+        except TooLarge as e:
+            raise ManifestCorrupt(f"{what}: {e}") from None
         m = Manifest.decode(blob, what)
         if m.key != key:
             raise ManifestCorrupt(f"{what} names key {m.key!r}")
@@ -493,6 +495,8 @@ class Store:
             blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
+        except TooLarge as e:
+            raise ChunkCorrupt(digest, str(e), where) from None
         if len(blob) > chunk_object_limit(length):
             raise ChunkCorrupt(digest, f"is a {len(blob)}-byte object, too large for {length} bytes of data", where)
         try:
