@@ -206,3 +206,26 @@ def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
         b.s3.put_object(Bucket=b.bucket, Key=f"{b.prefix}chunks/{digest[:2]}/{digest}", Body=data)
     else:
         raise AssertionError(b)
+
+
+def rss_peak_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes.
+
+    ru_maxrss is inherited across fork and exec: a child of a big test process would start with the
+    parent's peak and hide its own growth.
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def rss_peak() -> int:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(field)

@@ -302,20 +302,20 @@ def test_put_refuses_a_tree_it_could_not_restore(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- decompression bombs
 
 BOMB_CHILD = textwrap.dedent("""
-    import resource, sys
+    import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
+    from harness.store_util import rss_peak_reset, rss_peak
     from shim.store import open_store, StoreError
     store = open_store(sys.argv[2])
     store.latest("warm/up")  # imports and a connection before the baseline; reads no manifest
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = rss_peak_reset()
     try:
         store.get(sys.argv[3], Path(sys.argv[4]), seq=int(sys.argv[5]), fallback=False)
         outcome = "restored"
     except StoreError as e:
         outcome = type(e).__name__
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(outcome, (peak - base) * 1024)
+    print(outcome, rss_peak() - base)
 """)
 
 
@@ -333,7 +333,7 @@ def zstd_bomb(size: int) -> bytes:
 
 def _get_in_child(url: str, dest: Path, seq: int) -> tuple[str, int]:
     p = subprocess.run(
-        [sys.executable, "-c", BOMB_CHILD, str(ROOT), url, KEY, str(dest), str(seq)],
+        [sys.executable, "-c", BOMB_CHILD, str(ROOT / "tests"), url, KEY, str(dest), str(seq)],
         capture_output=True,
         text=True,
         timeout=300,
