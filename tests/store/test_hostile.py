@@ -63,7 +63,11 @@ def _file_like(doc: dict, path: str, **over) -> dict:
 
 
 def hostile_docs(good: dict, host: Path) -> dict[str, Callable[[], object]]:
-    """name -> forged manifest JSON document. Each one is refused as a whole by the schema check."""
+    """name -> forged manifest JSON document. Each one is refused as a whole by the schema check.
+
+    Restores go to <tmp>/restores/<dest>, built in <tmp>/restores/.<dest>.partial-*: `../../host` from
+    there is the sentinel tree <tmp>/host.
+    """
 
     def with_entries(*extra: dict, drop: str | None = None) -> dict:
         d = copy.deepcopy(good)
@@ -87,11 +91,11 @@ def hostile_docs(good: dict, host: Path) -> dict[str, Callable[[], object]]:
 
     dir_entry = {"type": "dir", "mode": 0o777, "mtime": 0.0, "uid": 0, "gid": 0}
     return {
-        "dotdot file": lambda: with_entries(_file_like(good, "../host/etc/passwd")),
-        "dotdot inside": lambda: with_entries(_file_like(good, "rootfs-diff/../../host/pwned")),
-        "absolute file": lambda: with_entries(_file_like(good, str(host / "bin" / "tool"), mode=0o4777)),
+        "dotdot file": lambda: with_entries(_file_like(good, "../../host/etc/planted")),
+        "dotdot inside": lambda: with_entries(_file_like(good, "rootfs-diff/../../../host/pwned")),
+        "absolute file": lambda: with_entries(_file_like(good, str(host / "bin" / "planted"), mode=0o4777)),
         "absolute dir": lambda: with_entries({**dir_entry, "path": str(host / "etc")}),
-        "host dir by dotdot": lambda: with_entries({**dir_entry, "path": "../host"}),
+        "host dir by dotdot": lambda: with_entries({**dir_entry, "path": "../../host"}),
         "symlink then child": lambda: with_entries(
             {**dir_entry, "path": "lnk", "type": "symlink", "target": str(host)},
             _file_like(good, "lnk/bin/tool", mode=0o6777),
