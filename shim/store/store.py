@@ -470,25 +470,37 @@ class Store:
         fetch: Callable[[int, int, int, str, str], None],
         slots: threading.BoundedSemaphore,
     ) -> None:
-        fds: list[int] = []
-        futures: list[Future[None]] = []
+        # Files still being written: (fd, its chunk futures). At most 32 stay open (a manifest may list
+        # a million files), the oldest is finished and closed first.
+        open_files: deque[tuple[int, list[Future[None]]]] = deque()
+
+        def finish(fd: int, pending: list[Future[None]]) -> None:
+            try:
+                for f in pending:
+                    f.result()
+            finally:
+                os.close(fd)
+
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-get") as pool:
                 for e in files:
                     fd = tree.create(e["path"])
-                    fds.append(fd)
+                    pending: list[Future[None]] = []
+                    open_files.append((fd, pending))
                     os.ftruncate(fd, e["size"])
                     for off, length, digest in e["chunks"]:
-                        if futures and futures[0].done():
-                            futures.pop(0).result()
                         slots.acquire()
                         where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {off}"
-                        futures.append(pool.submit(fetch, fd, off, length, digest, where))
-                for f in futures:
-                    f.result()
+                        pending.append(pool.submit(fetch, fd, off, length, digest, where))
+                        if pending[0].done() and pending[0].exception():
+                            pending[0].result()  # stop early on the first bad chunk
+                    while len(open_files) > 32:
+                        finish(*open_files.popleft())
+                while open_files:
+                    finish(*open_files.popleft())
         finally:
-            for fd in fds:
-                os.close(fd)
+            while open_files:  # after a failure: the pool has drained, nothing writes to these any more
+                os.close(open_files.popleft()[0])
 
     def _fetch_verified(self, digest: str, length: int, where: str) -> bytes:
         try:

@@ -380,3 +380,27 @@ def test_manifest_bomb_refused_with_bounded_memory(
     assert grew < 32 * MIB, f"peak RSS grew by {grew >> 20} MiB reading a forged manifest"
     assert store.get(KEY, tmp_path / "dest2").seq == 1
     assert [i.seq for i in store.list(KEY)] == [1]
+
+
+FD_CHILD = textwrap.dedent("""
+    import resource, sys
+    from pathlib import Path
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+    from shim.store import open_store
+    print(open_store(sys.argv[1]).get(sys.argv[2], Path(sys.argv[3])).files)
+""")
+
+
+def test_restore_of_many_files_holds_few_descriptors(tmp_path: Path) -> None:
+    """A manifest may list a million files: restore keeps a bounded number open, not one per file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"f{i:04d}").write_bytes(os.urandom(100))
+    url = f"file://{tmp_path}/store"
+    open_store(url).put(KEY, src)
+    p = subprocess.run(
+        [sys.executable, "-c", FD_CHILD, url, KEY, str(tmp_path / "dest")], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0 and p.stdout.strip() == "400", p.stderr[-1000:]
+    assert tree_digest(tmp_path / "dest") == tree_digest(src)
