@@ -72,7 +72,7 @@ _tls = threading.local()
 def _decompressor(window: int) -> zstandard.ZstdDecompressor:
     # zstandard objects are not thread-safe; one per thread and window bound avoids a context per chunk.
     cache = _tls.__dict__.setdefault("dctx", {})
-    d = cache.get(window)
+    d: zstandard.ZstdDecompressor | None = cache.get(window)
     if d is None:
         d = cache[window] = zstandard.ZstdDecompressor(max_window_size=window)
     return d

@@ -208,7 +208,7 @@ def _check_entry(e: Any, dirs: set[str], seen: set[str]) -> int:
     """Validate one entry; returns its number of chunk references."""
     if type(e) is not dict:
         raise ValueError("entry is not an object")
-    path = e.get("path")
+    path: Any = e.get("path")  # a str once check_entry_path passed
     parts = check_entry_path(path)
     if path in seen:
         raise ValueError("duplicate path")
@@ -234,7 +234,7 @@ def _check_entry(e: Any, dirs: set[str], seen: set[str]) -> int:
     if kind == "symlink":
         check_symlink_target(path, e.get("target"))
         return 0
-    size = e.get("size")
+    size: Any = e.get("size")
     if not _int(size, 0, MAX_FILE_SIZE):
         raise ValueError(f"bad size {size!r}")
     chunks = e.get("chunks")
@@ -258,7 +258,7 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
     if doc.get("format") != FORMAT:
         raise ManifestCorrupt(f"{what} has unknown format {str(doc.get('format'))[:80]!r}")
     problems = []
-    key = doc.get("key")
+    key: Any = doc.get("key")
     if type(key) is not str or not 1 <= len(key) <= 1024 or "\0" in key:
         problems.append("key")
     if not _int(doc.get("seq"), 0, 2**63 - 1):
@@ -271,10 +271,10 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
         problems.append("chunker")
     if type(doc.get("metadata")) is not dict:
         problems.append("metadata")
-    stats = doc.get("stats")
+    stats: Any = doc.get("stats")
     if type(stats) is not dict or not all(type(k) is str and _int(v, 0, 2**63 - 1) for k, v in stats.items()):
         problems.append("stats")
-    entries = doc.get("entries")
+    entries: Any = doc.get("entries")
     if type(entries) is not list or len(entries) > MAX_ENTRIES:
         problems.append("entries")
     if problems:

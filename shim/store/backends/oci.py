@@ -80,7 +80,9 @@ class OCIBackend(Backend):
         self._index_lock = threading.Lock()
 
     # ------------------------------------------------------------------ HTTP
-    def _req(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any):
+    def _req(
+        self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any
+    ) -> urllib3.BaseHTTPResponse:
         if not url.startswith("http"):
             url = self.base + url
         try:
@@ -95,7 +97,9 @@ class OCIBackend(Backend):
             raise TransientError(f"{what}: HTTP {r.status}")
         raise StoreError(f"{what}: HTTP {r.status}: {r.data[:300]!r}")
 
-    def _get_bounded(self, url: str, what: str, limit: int, headers: dict[str, str] | None = None):
+    def _get_bounded(
+        self, url: str, what: str, limit: int, headers: dict[str, str] | None = None
+    ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
         """GET whose body is read only if it fits in limit bytes: (response, body) or TooLarge."""
         r = self._req("GET", url, what, headers=headers or {}, preload_content=False)
         whole = False
@@ -251,8 +255,9 @@ class OCIBackend(Backend):
                 if not isinstance(layer, dict) or not isinstance(layer.get("annotations"), dict):
                     continue
                 b3, digest, size = layer["annotations"].get(A_BLAKE3), layer.get("digest"), layer.get("size")
-                plausible = isinstance(b3, str) and isinstance(digest, str) and digest.startswith("sha256:")
-                if plausible and type(size) is int and 0 <= size <= MAX_CHUNK_OBJECT:
+                if not (isinstance(b3, str) and isinstance(digest, str) and digest.startswith("sha256:")):
+                    continue
+                if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_CHUNK_OBJECT:
                     self._blobs[b3] = (digest, size)
 
     def _index(self) -> None:
@@ -332,7 +337,8 @@ class OCIBackend(Backend):
         if not isinstance(first.get("digest"), str) or not first["digest"].startswith("sha256:"):
             return b""
         try:
-            return self._get_blob(first["digest"], first.get("size"), MAX_MANIFEST_OBJECT)
+            size: Any = first.get("size")  # checked by _get_blob
+            return self._get_blob(first["digest"], size, MAX_MANIFEST_OBJECT)
         except NotFound:
             return b""
 

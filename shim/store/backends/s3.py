@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -139,7 +139,7 @@ class S3Backend(Backend):
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
         )
 
-    def _call(self, what: str, fn, *args: Any, **kw: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
         except Exception as e:
@@ -163,7 +163,7 @@ class S3Backend(Backend):
             length = resp.get("ContentLength")
             if type(length) is not int or length > limit:
                 raise TooLarge(f"{key} is {length} bytes, over the {limit}-byte limit")
-            data = self._call(f"read {key}", body.read, limit + 1)
+            data: bytes = self._call(f"read {key}", body.read, limit + 1)
             if len(data) > limit:
                 raise TooLarge(f"{key} sent more than {limit} bytes")
             return data
