@@ -10,6 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -57,15 +58,19 @@ def build_tar(spec: list[tuple]) -> bytes:
     return buf.getvalue()
 
 
-_WORK = Path(tempfile.mkdtemp(prefix="revenant-layer-fuzz-"))
-_HOST = _WORK / "host"
-(_HOST / "etc").mkdir(parents=True)
-(_HOST / "f").write_text("host file")
-_BEFORE = host_digest(_HOST)
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A scratch dir for the cases and, beside them, a sentinel host tree no case may change."""
+    root = tmp_path_factory.mktemp("layer-fuzz")
+    host = root / "host"
+    (host / "etc").mkdir(parents=True)
+    (host / "f").write_text("host file")
+    return root, host, host_digest(host)
 
 
-def _apply(tar: bytes) -> None:
-    case = Path(tempfile.mkdtemp(dir=_WORK))
+def _apply(work: tuple[Path, Path, dict], tar: bytes) -> None:
+    root, host, before = work
+    case = Path(tempfile.mkdtemp(dir=root))
     (case / "layer.tar").write_bytes(tar)
     upper = case / "upper"
     upper.mkdir()
@@ -75,15 +80,15 @@ def _apply(tar: bytes) -> None:
     except LayerError:
         event("refused")
     finally:
-        assert host_digest(_HOST) == _BEFORE
+        assert host_digest(host) == before
         assert sorted(os.listdir(case)) == ["layer.tar", "upper"]
         shutil.rmtree(case)
 
 
 @FUZZ
 @given(spec=st.lists(members, max_size=6))
-def test_layer_applier_on_generated_tars(spec: list[tuple]) -> None:
-    _apply(build_tar(spec))
+def test_layer_applier_on_generated_tars(work: tuple[Path, Path, dict], spec: list[tuple]) -> None:
+    _apply(work, build_tar(spec))
 
 
 @FUZZ
@@ -92,9 +97,11 @@ def test_layer_applier_on_generated_tars(spec: list[tuple]) -> None:
     flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), min_size=1, max_size=6),
     cut=st.none() | st.integers(0, 4096),
 )
-def test_layer_applier_on_damaged_tars(spec: list[tuple], flips: list, cut: int | None) -> None:
+def test_layer_applier_on_damaged_tars(
+    work: tuple[Path, Path, dict], spec: list[tuple], flips: list, cut: int | None
+) -> None:
     tar = bytearray(build_tar(spec))
     for pos, x in flips:
         if pos < len(tar):
             tar[pos] ^= x
-    _apply(bytes(tar[:cut] if cut is not None else tar))
+    _apply(work, bytes(tar[:cut] if cut is not None else tar))

@@ -162,15 +162,13 @@ def test_chunk_decoder_on_forged_frames(data: bytes, flips: list, declared: int,
             assert len(out) == exp
 
 
-_WORK = Path(tempfile.mkdtemp(prefix="revenant-fuzz-"))
-
-
 @pytest.fixture(scope="module")
-def fuzz_store():
-    host = _WORK / "host"
+def fuzz_store(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("store-fuzz")
+    host = work / "host"
     (host / "etc").mkdir(parents=True, exist_ok=True)
     (host / "etc" / "passwd").write_text("root")
-    return open_store(f"file://{_WORK}/store"), host, host_digest(host)
+    return open_store(f"file://{work}/store"), host, host_digest(host), work
 
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -184,7 +182,7 @@ def fuzz_store():
     )
 )
 def test_restore_of_any_decodable_manifest_stays_inside(fuzz_store, entries: list[dict]) -> None:
-    store, host, before = fuzz_store
+    store, host, before, work = fuzz_store
     doc = {
         "format": FORMAT,
         "key": "fuzz/key",
@@ -197,7 +195,7 @@ def test_restore_of_any_decodable_manifest_stays_inside(fuzz_store, entries: lis
         "entries": entries,
     }
     write_manifest(store, "fuzz/key", 2, frame_manifest(json.dumps(doc).encode()))
-    parent = Path(tempfile.mkdtemp(dir=_WORK))
+    parent = Path(tempfile.mkdtemp(dir=work))
     dest = parent / "dest"
     try:
         store.get("fuzz/key", dest, seq=2)
