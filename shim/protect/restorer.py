@@ -43,6 +43,8 @@ def _is_damage(e: BaseException) -> bool:
 
     if isinstance(e, (ChunkCorrupt, ManifestCorrupt, CheckpointNotFound)):
         return True
+    if isinstance(e, StoreError) and not isinstance(e, BackendUnavailable) and isinstance(e.__cause__, OSError):
+        return _is_damage(e.__cause__)  # the store wraps a local error of the restore: judge that error
     if isinstance(e, (BackendUnavailable, StoreError)):
         return False  # unreachable, refused (403) or unable to write: nothing learnt about the data
     if isinstance(e, OSError):

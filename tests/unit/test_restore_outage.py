@@ -5,6 +5,7 @@ on-disk scratch (tests/protect/test_local_resources.py mounts a small tmpfs, as 
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -98,3 +99,20 @@ def test_an_image_containerd_cannot_name_is_an_outage_once_there_is_something_to
     _put(url, "team/job", tmp_path / "a")
     with pytest.raises(RestoreUnavailable, match="cannot ask containerd which image"):
         Restorer().prepare(_protection(url), _scratch(tmp_path), None, ImageLookup(nowhere, "ns", "c1"))
+
+
+@pytest.mark.parametrize(
+    ("errno_", "damage"),
+    [(errno.ELOOP, True), (errno.EEXIST, True), (errno.ENOSPC, False), (errno.EIO, False), (errno.EDQUOT, False)],
+)
+def test_a_local_error_the_store_wraps_is_judged_by_its_cause(errno_: int, damage: bool) -> None:
+    from shim.protect.restorer import _is_damage
+    from shim.store import StoreError
+
+    try:
+        try:
+            raise OSError(errno_, os.strerror(errno_))
+        except OSError as e:
+            raise StoreError(f"restore of 'team/job' seq 1 failed: {e}") from e
+    except StoreError as wrapped:
+        assert _is_damage(wrapped) is damage
