@@ -65,16 +65,6 @@ def load_node_config() -> NodeConfig:
     return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
 
 
-def upper_dir_of(rootfs: Any) -> Path | None:
-    """The overlay upperdir among CreateTaskRequest.rootfs mounts (None: no writable layer to carry)."""
-    for m in rootfs:
-        if m.type == "overlay":
-            for o in m.options:
-                if o.startswith("upperdir="):
-                    return Path(o.removeprefix("upperdir="))
-    return None
-
-
 def bundle_annotations(bundle: str) -> dict[str, str]:
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
@@ -129,6 +119,8 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return
+        from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
+
         image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
             log.warning(
@@ -143,7 +135,7 @@ class ProtectionManager:
             bundle=Path(c.bundle),
             protection=protection,
             runc=c.runc,
-            upper_dir=upper_dir_of(req.rootfs),
+            upper_dir=upper_dir_of(req.rootfs),  # overlay upperdir= only: see its doc
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )

@@ -147,10 +147,6 @@ def store_checkpoints(store_url: str, key: str) -> list[Any]:
         store.close()
 
 
-def steps_since(steps: list[Step], first: int) -> list[Step]:
-    return [s for s in steps if s.n >= first]
-
-
 class AgentProcess:
     """A real `revenant agent` process watching the local AWS metadata server for one node."""
 

@@ -8,7 +8,6 @@ import os
 import random
 import stat
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from shim.store import Store
 from shim.store.backends.local import LocalBackend
@@ -139,8 +138,3 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
         b._put_manifest_doc(tag, json.dumps(doc).encode())
     else:
         raise AssertionError(b)
-
-
-def s3_bucket_prefix(url: str) -> tuple[str, str, str]:
-    u = urlsplit(url)
-    return u.netloc, u.path.strip("/"), parse_qs(u.query)["endpoint"][0]

@@ -11,7 +11,6 @@ chunks/<d[:2]>/<digest> instead (made durable by one syncfs before the manifest)
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import secrets
@@ -21,12 +20,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from shim import libc
+
 from ..errors import StoreError
 from ..keys import decode_key, encode_key
 from .base import Backend, NotFound
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 PACK_TARGET = 16 << 20
 _IDX_ENTRY = struct.Struct("<32sQI")  # digest, offset, length
@@ -173,13 +171,10 @@ class LocalBackend(Backend):
         self._seal_packs()
         if self.packs:
             return
-        fd = os.open(self.root, os.O_RDONLY)
         try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise StoreError(f"{self.url}: syncfs failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+            libc.syncfs(self.root)
+        except OSError as e:
+            raise StoreError(f"{self.url}: syncfs failed: {e.strerror}") from e
 
     # chunks
     def has_chunk(self, digest: str) -> bool:
