@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.wait import wait_until
 from shim.gpu import CudaError, GpuCoordinator, find_cuda_processes
 from shim.gpu.coordinator import _call_with_deadline
 from shim.gpu.discovery import start_time
@@ -103,15 +104,16 @@ def read_log(log: Path) -> tuple[dict[int, list[str]], str | None, list[str]]:
     return steps, checksum, errors
 
 
-def wait_for(cond, timeout_s: float, what: str, pid: int | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if pid is not None and start_time(pid) is None:
-            tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"job {pid} exited while waiting for {what}; log tail: {tail}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
+def wait_for(cond, timeout_s: float, what: str, pid: int, log: Path) -> None:
+    """Until cond holds, giving up at once if the job `pid` exits (its log tail in the error)."""
+    wait_until(
+        cond,
+        timeout_s,
+        what,
+        interval=0.05,
+        abort=lambda: f"job {pid} exited" if start_time(pid) is None else None,
+        detail=lambda: f"log tail: {log.read_text()[-2000:] if log.exists() else ''}",
+    )
 
 
 def wait_exit(pid: int, timeout_s: float) -> int | None:

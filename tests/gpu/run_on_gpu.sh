@@ -70,7 +70,7 @@ echo "== criu (carried)"
 "$criu_dir/criu" check 2>&1 | tail -n 3 || true
 
 echo "== check"
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$repo:$repo/tests${PYTHONPATH:+:$PYTHONPATH}  # shim, and harness/wait.py
 export PYTHONUNBUFFERED=1
 timeout -k 10 540 "$py" "$repo/tests/gpu/gpu_check.py" --work "$work" --out "$out" --criu "$criu_dir/criu" \
   --python "$py" --steps "$steps" --checkpoint-at "$ckpt_at" --gib "$gib" ${GPU_CHECK_ARGS:-} &

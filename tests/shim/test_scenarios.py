@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.tools import require
+from harness.wait import wait_until
 
 from .conftest import Runtime
 from .helpers import (
@@ -23,7 +24,6 @@ from .helpers import (
     processes_of_node,
     shim_pid_of,
     task_status,
-    wait_until,
 )
 
 
