@@ -1,4 +1,4 @@
-"""Issue 7 benchmark: transparent protection against the stock tools, side by side in one run.
+"""Protection benchmark: transparent protection against the stock tools, side by side in one run.
 
 1. freeze: a periodic (leave-running) checkpoint through revenant (`revenant checkpoint`, dump staged
    in /dev/shm, upload after the task runs on) vs `runc checkpoint --leave-running` of the same job into
@@ -12,7 +12,7 @@
 5. a run of N steps interrupted K times (final checkpoint + `ctr run` on the other node) vs the same run
    uninterrupted: wall overhead and steps lost.
 
-Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the issue's figures (wrap it in
+Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the target's figures (wrap it in
 `flock /tmp/revenant-heavy.lock`). Prints a Markdown table.
 """
 

@@ -1,4 +1,5 @@
-"""The GPU check of issue 8, driven by tests/gpu/run_on_gpu.sh on a GPU machine (never in CI).
+"""The GPU check (CUDA state through the driver's checkpoint API + CRIU on real hardware), driven by
+tests/gpu/run_on_gpu.sh on a GPU machine (never in CI).
 
 Flow (all through shim.gpu, the module the checkpoint engine uses):
   0. probes: the real driver's answer for a non-CUDA pid, and for a lock that times out

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 8 (CUDA state through the driver's checkpoint API + CRIU). Runs on a GPU machine like
+# GPU check (CUDA state through the driver's checkpoint API + CRIU). Runs on a GPU machine like
 # the one ../shared/docs/environment.md describes (H100/H200, Ubuntu 24.04, driver 580, torch in python3,
 # no package registries, no CRIU); never in CI. Needs, carried with the working tree:
 #   tests/gpu/.criu   made HERE by tests/gpu/fetch-criu.sh (Debian 13 criu + its libraries + glibc loader)

@@ -1,4 +1,4 @@
-"""Issue 7, transparent protection end to end: a memjob protected by annotations on node A, node A lost,
+"""Transparent protection end to end: a memjob protected by annotations on node A, node A lost,
 the same `ctr run` on node B resumes it. memjob's checksum (recomputed on the host with --replay) proves
 the process memory came back; a marker file the job wrote into its writable layer proves the filesystem.
 

@@ -1,4 +1,5 @@
-"""Issue 3's scenario list, run against the stock runc shim (parity reference) and revenant's shim.
+"""The shim's parity scenarios (the lifecycle, stdio, exec, kill, pause, OOM and failure cases of containerd's
+runc shim), run against the stock runc shim (parity reference) and revenant's shim.
 
 Every test takes the `runtime` fixture, parametrized over both shims, on its own private containerd.
 """
