@@ -46,10 +46,10 @@ def wait_until(
             raise WaitAborted(_message(f"gave up waiting for {what}: {reason}", detail))
         try:
             value = cond()
+            if value:
+                return value
         except ignore:
-            value = None  # type: ignore[assignment]
-        if value:
-            return value
+            pass  # not yet
         if time.monotonic() >= deadline:
             raise WaitTimeout(_message(f"timed out after {timeout}s waiting for {what}", detail))
         time.sleep(interval)
