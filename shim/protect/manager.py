@@ -27,11 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointError
 from shim.protect import registry
-from shim.protect.policy import NodeConfig, PolicyError, protection_for
+from shim.protect.policy import (
+    CRI_CONTAINER_NAME,
+    CRI_POD_NAME,
+    CRI_POD_NAMESPACE,
+    NodeConfig,
+    PolicyError,
+    protection_for,
+)
 from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
-from .image_identity import ImageIdentity, image_of
+from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
 
@@ -58,11 +65,23 @@ class Protected:
     last_report: CheckpointReport | None = None
     last_committed_at: float = 0.0  # wall clock when last_report's checkpoint was committed
     last_error: str | None = None
+    kubernetes: dict[str, str] = field(default_factory=dict)  # pod, pod_namespace, container (CRI)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
 
 
 def load_node_config() -> NodeConfig:
     return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
+
+
+def kubernetes_identity(annotations: dict[str, str]) -> dict[str, str]:
+    """The pod, its namespace and the container's name, as CRI annotates a container's OCI spec
+    (the kubelet's io.kubernetes.pod.* are CRI labels, which never reach the shim)."""
+    found = {
+        "pod": annotations.get(CRI_POD_NAME, ""),
+        "pod_namespace": annotations.get(CRI_POD_NAMESPACE, ""),
+        "container": annotations.get(CRI_CONTAINER_NAME, ""),
+    }
+    return {k: v for k, v in found.items() if v}
 
 
 def bundle_annotations(bundle: str) -> dict[str, str]:
@@ -121,7 +140,8 @@ class ProtectionManager:
             return
         from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
 
-        image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
+        # Asked of containerd in a child process, in parallel with the rest of Create and Start.
+        image = ImageLookup(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
             log.warning(
                 "%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
@@ -139,7 +159,7 @@ class ProtectionManager:
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
-        p = Protected(pc)
+        p = Protected(pc, kubernetes=kubernetes_identity(annotations))
         with self._lock:
             self._protected[c.id] = p
         log.info(
@@ -156,7 +176,7 @@ class ProtectionManager:
             return  # an explicit create-from-checkpoint (ctr restore) wins over the store
         self._plan_restore(c, p, image)
 
-    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
+    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | ImageLookup | None) -> None:
         pc = p.container
         result = self.restorer.prepare(
             pc.protection,
@@ -331,6 +351,7 @@ class ProtectionManager:
             last_checkpoint=last,
             last_error=p.last_error,
             extra={"restored_from": p.restored_from, "fresh_reason": p.fresh_reason},
+            **p.kubernetes,
         )
 
     def _write_record(self, p: Protected) -> None:

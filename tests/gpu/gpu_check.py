@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from harness.wait import wait_until
 from shim.gpu import CudaError, GpuCoordinator, find_cuda_processes
 from shim.gpu.coordinator import _call_with_deadline
 from shim.gpu.discovery import start_time
+from shim.libc import set_child_subreaper
 
 HERE = Path(__file__).resolve().parent
 STARTED: list[int] = []  # every pid this script started or restored; killed on the way out
@@ -229,7 +229,7 @@ def main() -> int:
     global PID_FILE
     PID_FILE = args.work / "pids"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated (timeout)"))  # so `finally` kills the jobs
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored jobs become our children
+    set_child_subreaper()  # restored jobs become our children
     result: dict[str, Any] = {"ok": False}
     coord = GpuCoordinator(lock_timeout_ms=30_000)
     try:
