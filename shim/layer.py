@@ -87,6 +87,8 @@ def upper_dir_of(mounts: Iterable[Any], *, parentless_bind: bool = False) -> Pat
     - with `parentless_bind=True`, a `bind` mount with `rw`: its source. An overlay snapshotter returns
       that for an active snapshot without a parent, whose whole tree is the layer. Protection leaves it
       off: the same mount from a non-overlay snapshotter (native) is a full copy of the image, not a diff.
+    A rootfs mounted before the shim ran (dockerd passes no rootfs mounts) is not in `mounts`: protection
+    finds its overlay in /proc/self/mountinfo instead (shim.protect.manager.premounted_rootfs).
     """
     for m in mounts:
         opts = list(m.options)
