@@ -91,16 +91,6 @@ def kubernetes_identity(annotations: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
-def upper_dir_of(rootfs: Any) -> Path | None:
-    """The overlay upperdir among CreateTaskRequest.rootfs mounts (None: no writable layer to carry)."""
-    for m in rootfs:
-        if m.type == "overlay":
-            for o in m.options:
-                if o.startswith("upperdir="):
-                    return Path(o.removeprefix("upperdir="))
-    return None
-
-
 def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
     """The overlay already mounted at the spec's root (dockerd mounts the rootfs itself and passes no
     rootfs mounts in CreateTaskRequest), or None when there is none."""
@@ -175,6 +165,8 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return
+        from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
+
         if not self._swept:  # a killed shim's staged dumps and restore scratch hold a job's memory
             self._swept = True
             sweep_leftovers(self.node.staging_dir, self.node.scratch_dir)
