@@ -230,6 +230,8 @@ class TaskService:
                     exited_at=proc.exit.timestamp(),
                 )
             )
+            if proc.is_init and self.protection is not None:
+                self.protection.exited(proc.container_id, status, proc.exit.at)
 
     # -- RPCs ------------------------------------------------------------------------------------
     def Create(self, ctx: Context, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
