@@ -14,7 +14,7 @@ from google.protobuf import any_pb2
 
 from revenant_pb.containerd.runc.v1 import oci_pb2
 from revenant_pb.containerd.types import introspection_pb2
-from shim.daemon.main import VERSION
+from shim.version import __version__ as VERSION
 
 SHIM = Path(sys.executable).parent / "containerd-shim-revenant-v1"
 FEATURES_URL = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
