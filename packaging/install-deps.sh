@@ -24,6 +24,26 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 
+# Debian 12: the trixie suite at a low pin priority, so nothing is pulled from it unasked.
+add_trixie() {
+  if [ ! -f /etc/apt/sources.list.d/revenant-trixie.sources ]; then
+    log "adding the Debian 13 (trixie) suite at pin priority 100 (criu, containerd 1.7 for tests)"
+    cat > /etc/apt/sources.list.d/revenant-trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat > /etc/apt/preferences.d/revenant-trixie <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+    apt_updated=0
+  fi
+}
+
 criu_ok() {
   command -v criu >/dev/null 2>&1 || return 1
   local v; v=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p')
@@ -44,22 +64,7 @@ if ! criu_ok; then
   if [ "$debian_major" = 12 ]; then
     # Debian 12's criu 3.17 fails on recent kernels (vdso bounds); 4.1.1 from trixie works.
     # Add trixie at a low pin priority so nothing else is pulled from it unasked.
-    if [ ! -f /etc/apt/sources.list.d/revenant-trixie.sources ]; then
-      log "adding the Debian 13 (trixie) suite at pin priority 100 for criu"
-      cat > /etc/apt/sources.list.d/revenant-trixie.sources <<'SRC'
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-      cat > /etc/apt/preferences.d/revenant-trixie <<'PIN'
-Package: *
-Pin: release n=trixie
-Pin-Priority: 100
-PIN
-      apt_updated=0
-    fi
+    add_trixie
     apt_update
     log "installing criu from trixie"
     apt-get install -y -qq --no-install-recommends -t trixie criu >/dev/null
@@ -79,7 +84,7 @@ command -v iptables-restore >/dev/null || die "iptables-restore is missing: runc
 CONTAINERD17_DIR=/opt/revenant-test/containerd-1.7
 if ! "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\.7\.'; then
   if [ "$debian_major" = 12 ]; then
-    [ -f /etc/apt/sources.list.d/revenant-trixie.sources ] || die "the trixie suite is missing (added with criu above)"
+    add_trixie
     suite=(-t trixie)
   else
     suite=()

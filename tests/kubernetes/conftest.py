@@ -20,6 +20,7 @@ from harness.cri import CriClient  # noqa: E402
 from harness.images import TestImages, build_pause_image  # noqa: E402
 from harness.metadata_server import MetadataServer  # noqa: E402
 from harness.protect import AgentProcess  # noqa: E402
+from tests.harness.servers import _registry  # noqa: E402, F401
 
 VERSIONS = ("1.6", "1.7")
 # A directory to keep each node's containerd log (with the shim's) in when the node goes: for debugging.
@@ -44,9 +45,12 @@ class CriNode:
         self.cri.close()
 
 
-def new_cri_node(name: str, version: str, images: TestImages, pause: Path, tmp: Path) -> CriNode:
+def new_cri_node(
+    name: str, version: str, images: TestImages, pause: Path, tmp: Path, extra_config: str = ""
+) -> CriNode:
     """Pod subnets come from 10.231.0.0/16 (no gateway, no masquerade: nothing leaves the host)."""
-    node = ContainerdNode(name, cri=True, version=version, subnet=f"10.231.{next(_subnets) % 240 + 16}.0/24")
+    subnet = f"10.231.{next(_subnets) % 240 + 16}.0/24"
+    node = ContainerdNode(name, extra_config, cri=True, version=version, subnet=subnet)
     # Protected pods without a store annotation go to a store of the test's own, never /var/lib/revenant.
     node.revenant_config.write_text(f'store = "file://{tmp / "node-store"}"\n')
     node.start()
@@ -72,11 +76,11 @@ def cri_node(request, test_images, pause_image, tmp_path_factory) -> Iterator[Cr
 
 
 @pytest.fixture
-def cri_node_factory(test_images, pause_image, tmp_path: Path) -> Iterator[Callable[[str, str], CriNode]]:
+def cri_node_factory(test_images, pause_image, tmp_path: Path) -> Iterator[Callable[..., CriNode]]:
     nodes: list[CriNode] = []
 
-    def make(name: str, version: str) -> CriNode:
-        n = new_cri_node(name, version, test_images, pause_image, tmp_path)
+    def make(name: str, version: str, extra_config: str = "") -> CriNode:
+        n = new_cri_node(name, version, test_images, pause_image, tmp_path, extra_config)
         nodes.append(n)
         return n
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -225,3 +226,34 @@ def test_one_shim_per_pod(cri_node) -> None:
             cri_node.cri.teardown_pod(id2)
     finally:
         cri_node.cri.teardown_pod(id1)
+
+
+@pytest.mark.parametrize("version", ["1.6", "1.7"])
+def test_pulled_image_runs_under_both_handlers(version, cri_node_factory, _registry) -> None:
+    """PullImage as the kubelet calls it, from the local registry through CRI's mirror setting; then the
+    pulled image runs under either handler."""
+    host = f"127.0.0.1:{_registry.port}"
+    mirror = f"""
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]
+  endpoint = ["http://{host}"]
+"""
+    node = cri_node_factory("pull", version, mirror)
+    ref = f"{host}/revenant-k8s-{uuid.uuid4().hex[:8]}/busybox:test"
+    # Into the registry under a new name, which CRI then does not have until it pulls it.
+    node.node.ctr("images", "tag", BUSYBOX_REF, ref, namespace="k8s.io")
+    node.node.ctr("images", "push", "--plain-http", ref, namespace="k8s.io", timeout=300)
+    node.node.ctr("images", "rm", "--sync", ref, namespace="k8s.io")
+    assert not node.cri.image_present(ref)
+    image_ref = node.cri.pull_image(ref)
+    assert image_ref.startswith("sha256:") and node.cri.image_present(ref)
+    for handler in HANDLERS:
+        pod = new_pod(node, f"pulled-{handler}")
+        spec = ContainerSpec("main", ref, command=["sh", "-c", "echo pulled; exit 0"])
+        pod_id, [cid] = node.cri.start_pod(pod, handler, [spec])
+        try:
+            st = node.cri.wait_state(cid, EXITED)
+            repo = ref.rsplit(":", 1)[0]
+            assert st.exit_code == 0 and st.image_ref.startswith(f"{repo}@sha256:"), (handler, st.image_ref)
+            assert log_lines(Path(st.log_path)) == [("stdout", "F", "pulled")], handler
+        finally:
+            node.cri.teardown_pod(pod_id)

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2
 
 from revenant_pb.containerd.runc.v1 import oci_pb2
 from revenant_pb.containerd.types import introspection_pb2
-from shim.version import __version__ as VERSION
+from shim.version import __version__
 
 SHIM = Path(sys.executable).parent / "containerd-shim-revenant-v1"
 FEATURES_URL = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
@@ -46,7 +46,7 @@ def test_info_without_options_carries_runc_features() -> None:
     assert res.returncode == 0, res.stderr
     info = decode(res.stdout)
     assert info.name == "io.containerd.revenant.v1"
-    assert info.version.version == VERSION
+    assert info.version.version == __version__
     assert not info.HasField("options")
     assert info.features.type_url == FEATURES_URL
     assert json.loads(info.features.value) == runc_features()
