@@ -36,13 +36,14 @@ from shim.protect.policy import (
     PolicyError,
     protection_for,
 )
+from shim.task import mounts
 from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restarts import Attempt, KeyHistory, RestartPolicy, decide
-from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
+from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir, fill_upper_dir
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
@@ -72,6 +73,8 @@ class Protected:
     restart_reason: str | None = None  # set when this is a restart of the key inside its pod
     attempt: Attempt | None = None
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
+    # The rootfs overlay as mounted before the shim ran (dockerd's graph driver), else None.
+    premounted: mounts.MountInfo | None = None
 
 
 def load_node_config() -> NodeConfig:
@@ -97,6 +100,25 @@ def upper_dir_of(rootfs: Any) -> Path | None:
                 if o.startswith("upperdir="):
                     return Path(o.removeprefix("upperdir="))
     return None
+
+
+def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
+    """The overlay already mounted at the spec's root (dockerd mounts the rootfs itself and passes no
+    rootfs mounts in CreateTaskRequest), or None when there is none."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            root = (json.load(f).get("root") or {}).get("path") or "rootfs"
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None
+    if not isinstance(root, str):
+        raise InvalidArgument(f"the bundle's root.path is not a string: {root!r}")
+    try:
+        overlay = mounts.overlay_at(os.path.join(bundle, root))  # an absolute root.path replaces the bundle
+        if overlay is not None:
+            mounts.overlay_remount_data(overlay)  # a restore unmounts it: it must mount again
+        return overlay
+    except ValueError as e:
+        raise FailedPrecondition(f"cannot carry the writable layer: {e}") from None
 
 
 def bundle_annotations(bundle: str) -> dict[str, str]:
@@ -158,6 +180,10 @@ class ProtectionManager:
         if protection is None:
             return
         self._refuse_second_claim(c.id, protection.key, protection.store)
+        upper_dir, premounted = upper_dir_of(req.rootfs), None
+        if upper_dir is None and not req.rootfs:
+            premounted = premounted_rootfs(c.bundle)
+            upper_dir = Path(premounted.super_option("upperdir") or "") if premounted else None
         # Asked of containerd in a child process, in parallel with the rest of Create and Start.
         image = ImageLookup(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
@@ -173,11 +199,13 @@ class ProtectionManager:
             bundle=Path(c.bundle),
             protection=protection,
             runc=c.runc,
-            upper_dir=upper_dir_of(req.rootfs),
+            upper_dir=upper_dir,
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
-        p = Protected(pc, kubernetes=kubernetes_identity(annotations), restart_policy=restart_policy)
+        p = Protected(
+            pc, kubernetes=kubernetes_identity(annotations), restart_policy=restart_policy, premounted=premounted
+        )
         with self._lock:
             self._protected[c.id] = p
         log.info(
@@ -240,6 +268,7 @@ class ProtectionManager:
             image,
             skip_seqs=p.tried_seqs,
             compatible=lambda meta: self._gpu_refusal(c.id, meta),
+            fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
         )
         if isinstance(result, NoUsableCheckpoint):
             p.plan, c.checkpoint = None, ""
@@ -256,6 +285,23 @@ class ProtectionManager:
         for reason in result.skipped:
             log.warning("skipped checkpoint: %s", reason)
         log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
+
+    @staticmethod
+    def _unmounted(p: Protected, change: Callable[[], Any]) -> Any:
+        """Change the upper dir with its overlay unmounted: overlayfs does not see changes made under a
+        mounted overlay, and the filled dir replaces the upper dir by a rename. A rootfs the shim mounts
+        itself is not mounted yet here; one dockerd mounted is unmounted and mounted again as it was."""
+        if p.premounted is None:
+            return change()
+        mounts.unmount_busy_fails(p.premounted.mount_point)
+        try:
+            return change()
+        finally:
+            try:
+                mounts.remount_overlay(p.premounted)
+            except OSError as e:  # the task cannot run on an empty root: say so, Create fails after this
+                log.error("cannot mount the rootfs overlay at %s again: %s", p.premounted.mount_point, e)
+                raise
 
     def _gpu_metadata(self, cid: str) -> dict[str, Any]:
         """The GPU part of the dump just taken (None for a CPU-only task), for the checkpoint's metadata."""
@@ -290,7 +336,8 @@ class ProtectionManager:
         failed.discard()
         unmount()
         if p.container.upper_dir is not None:
-            clear_upper_dir(p.container.upper_dir)
+            upper = p.container.upper_dir
+            self._unmounted(p, lambda: clear_upper_dir(upper))
         self._plan_restore(c, p, p.container.image)
         if p.plan is None:
             reason = f"checkpoint {failed.key}@{failed.seq} did not restore ({error})"
