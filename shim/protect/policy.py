@@ -206,11 +206,26 @@ def checkpoint_key(annotations: Mapping[str, str]) -> str | None:
     return None
 
 
+def confine_key(key: str, annotations: Mapping[str, str]) -> str:
+    """A Kubernetes pod's key must sit under `<its namespace>/`: a pod must not resume (or overwrite)
+    another namespace's checkpoints by naming their key. containerd's CRI plugin sets the namespace
+    annotation itself; containers it did not create (ctr, Docker) are not confined, as whoever calls
+    containerd's API directly is root on the node already."""
+    namespace = annotations.get(CRI_POD_NAMESPACE, "").strip()
+    if not namespace or key.startswith(f"{namespace}/"):
+        return key
+    raise PolicyError(
+        f"{KEY}: {key!r} is outside the pod's namespace: a pod in {namespace!r} may only use keys "
+        f"starting with '{namespace}/' (write templates as '${{namespace}}/...')"
+    )
+
+
 def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protection | None:
     """The container's protection, or None when it has no checkpoint key (then revenant leaves it alone)."""
     key = checkpoint_key(annotations)
     if key is None:
         return None
+    key = confine_key(key, annotations)
     interval = node.checkpoint_interval_s
     if INTERVAL in annotations:
         interval = parse_duration(annotations[INTERVAL], INTERVAL)

@@ -74,7 +74,7 @@ def test_annotations_override_node_config(tmp_path):
     p = protection_for(
         {
             **CRI,
-            "revenant.io/checkpoint-key": "team/job",
+            "revenant.io/checkpoint-key": "ml/team/job",
             "revenant.io/keep": "2",
             "revenant.io/checkpoint-on-stop": "false",
             "revenant.io/store": "file:///srv/ckpt",
@@ -83,7 +83,7 @@ def test_annotations_override_node_config(tmp_path):
     )
     assert p is not None
     assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == (
-        "team/job",
+        "ml/team/job",
         "file:///srv/ckpt",
         300,
         False,
@@ -160,3 +160,13 @@ def test_key_without_substitution_is_kept_as_written():
 def test_unresolvable_key_template_fails_with_the_reason(template, annotations, reason):
     with pytest.raises(PolicyError, match=reason):
         protection_for({**annotations, "revenant.io/checkpoint-key": template}, NodeConfig())
+
+
+def test_a_pods_key_stays_under_its_namespace():
+    with pytest.raises(PolicyError, match=r"'team/job' is outside the pod's namespace: a pod in 'ml' may only"):
+        protection_for({**CRI, "revenant.io/checkpoint-key": "team/job"}, NodeConfig())
+    with pytest.raises(PolicyError, match="outside the pod's namespace"):  # a prefix is not a namespace
+        protection_for({**CRI, "revenant.io/checkpoint-key": "mlx/job"}, NodeConfig())
+    assert protection_for({**CRI, "revenant.io/checkpoint-key": "ml/team/job"}, NodeConfig()).key == "ml/team/job"
+    # Not a CRI container (ctr, Docker): not confined.
+    assert protection_for({"revenant.io/checkpoint-key": "team/job"}, NodeConfig()).key == "team/job"
