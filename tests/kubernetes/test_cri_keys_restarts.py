@@ -26,8 +26,9 @@ import pytest
 
 from harness.cri import EXITED, RUNNING, ContainerSpec, PodSpec
 from harness.images import MEMJOB_REF
-from harness.memjob import assert_continuous, expected_checksum, memjob_args, read_steps, wait_for, wait_for_step
+from harness.memjob import assert_continuous, expected_checksum, memjob_args, read_steps, wait_for_step
 from harness.protect import EventWatcher, destroy_node, shim_log
+from harness.wait import wait_until
 
 from .conftest import VERSIONS
 from .test_cri_protect import cri_log_steps, job_log, last_seq, netns_of, record, store_list, task_pid
@@ -91,7 +92,7 @@ def crash(node, cid: str) -> None:
 
 def check_resumed(node, cid: str, pod: Pod, memjob_binary: Path) -> list:
     log = job_log(node, cid)
-    wait_for(lambda: read_steps(log), 120, "the job running")
+    wait_until(lambda: read_steps(log), 120, "the job running")
     steps = wait_for_step(log, read_steps(log)[-1].n + 3, 120)
     assert_continuous(steps)
     last = steps[-1]
@@ -116,7 +117,7 @@ def test_indexed_job_pod_resumes_on_b_under_a_new_name(version, cri_node_factory
     a = cri_node_factory("a", version)
     first = Pod(f"trainer-{uuid.uuid4().hex[:5]}-3", dict(template))
     cid = first.start(a)
-    wait_for(lambda: last_seq(a, cid) >= 2, 120, "two periodic checkpoints on A")
+    wait_until(lambda: last_seq(a, cid) >= 2, 120, "two periodic checkpoints on A")
     assert record(a, cid)["key"] == "ml/trainer/shard-3"
     seq = last_seq(a, cid)
     a.close()
@@ -211,10 +212,10 @@ def test_crash_restart_without_the_policy_starts_fresh(cri_node, store) -> None:
     pod = Pod(f"crashy-{uuid.uuid4().hex[:5]}", dict(annotations))
     try:
         cid = pod.start(cri_node)
-        wait_for(lambda: last_seq(cri_node, cid) >= 1, 120, "a periodic checkpoint")
+        wait_until(lambda: last_seq(cri_node, cid) >= 1, 120, "a periodic checkpoint")
         crash(cri_node, cid)
         cid1 = pod.restart(cri_node)
-        wait_for(lambda: read_steps(job_log(cri_node, cid1)), 60, "the restarted job running")
+        wait_until(lambda: read_steps(job_log(cri_node, cid1)), 60, "the restarted job running")
         rec = record(cri_node, cid1)
         assert not rec.get("restored_from"), f"restored without restore-on-restart: {rec}"
         assert "restore-on-restart is off" in (rec.get("fresh_reason") or ""), rec
@@ -239,7 +240,7 @@ def test_crash_loop_guard_falls_back_then_starts_fresh(cri_node, store, tmp_path
     try:
         cid = pod.start(cri_node)
         started = time.monotonic()
-        wait_for(lambda: last_seq(cri_node, cid) >= 3, 120, "three periodic checkpoints")
+        wait_until(lambda: last_seq(cri_node, cid) >= 3, 120, "three periodic checkpoints")
         time.sleep(max(0.0, 9 - (time.monotonic() - started)))  # outlive the window: a long run, then a crash
         crash(cri_node, cid)
         newest = max(i.seq for i in store_list(store, key))
@@ -262,9 +263,9 @@ def test_crash_loop_guard_falls_back_then_starts_fresh(cri_node, store, tmp_path
         assert not rec3.get("restored_from"), rec3
         assert f"the restore from seq {rec2['restored_from']} exited" in rec3["fresh_reason"], rec3
         assert "starting fresh" in rec3["fresh_reason"], rec3
-        wait_for(lambda: read_steps(job_log(cri_node, cid3)), 60, "the fresh job running")
+        wait_until(lambda: read_steps(job_log(cri_node, cid3)), 60, "the fresh job running")
         assert read_steps(job_log(cri_node, cid3))[0].n == 1, "not a fresh start"
-        wait_for(lambda: [e for e in events.lines("/revenant/restore") if "starting fresh" in e], 30, "the event")
+        wait_until(lambda: [e for e in events.lines("/revenant/restore") if "starting fresh" in e], 30, "the event")
         assert any("falling back" in e for e in events.lines("/revenant/restore")), events.lines("/revenant/restore")
         assert "crash-loop guard" in shim_log(cri_node.node)
     finally:
