@@ -31,6 +31,9 @@ CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_POD_NAME = "io.kubernetes.cri.sandbox-name"
 CRI_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 K8S_POD_NAMESPACE = "io.kubernetes.pod.namespace"
+# Set by the Job controller on each pod of an Indexed Job (a pod annotation, passed through by the
+# CRI handler's pod_annotations in packaging/containerd/).
+JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 DEFAULT_CONFIG_PATH = Path("/etc/revenant/config.toml")
 DEFAULT_STORE = "file:///var/lib/revenant/store"
@@ -43,6 +46,15 @@ _K8S_NAMESPACE_OK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,253}$")
+_KEY_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_INDEX = re.compile(r"^(0|[1-9][0-9]{0,8})$")
+# Substitutions in a key template: where each value comes from, and what a valid value looks like.
+_KEY_VARIABLES = {
+    "namespace": (CRI_POD_NAMESPACE, _DNS_LABEL),
+    "container": (CRI_CONTAINER_NAME, _DNS_LABEL),
+    "job-completion-index": (JOB_COMPLETION_INDEX, _INDEX),
+}
 
 
 class PolicyError(ValueError):
@@ -331,6 +343,39 @@ class Protection:
     keep: int
 
 
+def expand_key_template(template: str, annotations: Mapping[str, str]) -> str:
+    """Substitute `${namespace}`, `${container}` and `${job-completion-index}` in a key annotation.
+
+    A Job's replacement pods get new names, so the default key (which names the pod) would not find
+    the previous pod's checkpoints; an Indexed Job's completion index is what stays the same. A name
+    revenant does not know, or one this container has no (valid) value for, is an error naming it."""
+    if "$" not in template:
+        return template
+
+    def value(m: re.Match[str]) -> str:
+        name = m[1]
+        if name not in _KEY_VARIABLES:
+            known = ", ".join(f"${{{n}}}" for n in _KEY_VARIABLES)
+            raise PolicyError(f"{KEY}: unknown substitution ${{{name}}} in {template!r} (known: {known})")
+        source, valid = _KEY_VARIABLES[name]
+        found = annotations.get(source, "").strip()
+        if not found:
+            hint = (
+                " (not a pod of an Indexed Job, or the CRI handler does not pass it through)"
+                if name == "job-completion-index"
+                else " (not a Kubernetes container)"
+            )
+            raise PolicyError(f"{KEY}: ${{{name}}} in {template!r} has no value: no {source} annotation{hint}")
+        if not valid.match(found):
+            raise PolicyError(f"{KEY}: ${{{name}}} in {template!r}: {source}={found!r} is not a valid value")
+        return found
+
+    key = _KEY_VARIABLE.sub(value, template)
+    if "$" in key:
+        raise PolicyError(f"{KEY}: {template!r}: '$' may only start a ${{name}} substitution")
+    return key
+
+
 def checkpoint_key(annotations: Mapping[str, str]) -> str | None:
     """The explicit key, else `<namespace>/<pod>/<container>` for a Kubernetes app container.
     A pod's sandbox (pause) container is never protected: CRI passes the pod's `revenant.io/*`
@@ -338,7 +383,7 @@ def checkpoint_key(annotations: Mapping[str, str]) -> str | None:
     if annotations.get(CRI_CONTAINER_TYPE) == "sandbox":
         return None
     if KEY in annotations:
-        key = annotations[KEY].strip()
+        key = expand_key_template(annotations[KEY].strip(), annotations)
         parts = key.split("/")
         if not _KEY_OK.match(key) or any(p in ("", ".", "..") for p in parts):
             raise PolicyError(
@@ -378,7 +423,8 @@ def confine_key(key: str, annotations: Mapping[str, str], node: NodeConfig) -> s
     if not key.startswith(f"{namespace}/"):
         raise PolicyError(
             f"{KEY}: {key!r} is outside the pod's namespace: a pod in {namespace!r} may only use keys "
-            f"starting with '{namespace}/' (the node config's [tenancy] section can widen this)"
+            f"starting with '{namespace}/' (write templates as '${{namespace}}/...'; the node config's [tenancy] "
+            "section can widen this)"
         )
     return key
 

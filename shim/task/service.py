@@ -138,6 +138,10 @@ class TaskService:
         self._by_pid: dict[int, Process] = {}
         self._early_exits: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._exits: queue.Queue[tuple[int, int]] = queue.Queue()
+        # Containers whose Kill is taking a final checkpoint: their init's exit (Wait, TaskExit) is
+        # held until that Kill returns. containerd's CRI deletes a task as soon as Wait returns, and
+        # the Delete closes the task's connection, failing the Kill still in flight ("ttrpc: closed").
+        self._exits_held: dict[str, list[tuple[Process, int]]] = {}
         self._oom: OOMWatcher | None = None
         # Lifetime: after its last task the shim lingers `linger` seconds for the next container
         # (`start` reserves a place first), then exits; once exiting it refuses reservations.
@@ -213,6 +217,12 @@ class TaskService:
             self._process_exited(proc, status)
 
     def _process_exited(self, proc: Process, status: int) -> None:
+        if proc.is_init:
+            with self._lock:
+                held = self._exits_held.get(proc.container_id)
+                if held is not None:
+                    held.append((proc, status))
+                    return
         with proc.lock:
             if proc.io is not None:
                 proc.io.wait_output()
@@ -231,6 +241,8 @@ class TaskService:
                     exited_at=proc.exit.timestamp(),
                 )
             )
+            if proc.is_init and self.protection is not None:
+                self.protection.exited(proc.container_id, status, proc.exit.at)
 
     # -- RPCs ------------------------------------------------------------------------------------
     def Create(self, ctx: Context, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
@@ -599,7 +611,7 @@ class TaskService:
         proc = c.process(req.exec_id)
         # No process lock: a kill must get through while Start or an exit holds it.
         proc.check("kill")
-        if proc.is_init and self.protection is not None and self.protection.before_kill(c, req.signal):
+        if proc.is_init and self.protection is not None and self._final_checkpoint(c, req.signal):
             return empty_pb2.Empty()  # the final checkpoint stopped the task; its exit follows
         if proc.is_init:
             try:
@@ -616,6 +628,21 @@ class TaskService:
             except ProcessLookupError:
                 raise NotFound(f"{proc.name}: process already finished") from None
         return empty_pb2.Empty()
+
+    def _final_checkpoint(self, c: Container, sig: int) -> bool:
+        """The protection's stop hook, with the task's exit held back until it returns."""
+        assert self.protection is not None
+        with self._lock:
+            if c.id in self._exits_held:  # a second stop signal while the first checkpoints
+                return False
+            self._exits_held[c.id] = []
+        try:
+            return self.protection.before_kill(c, sig)
+        finally:
+            with self._lock:
+                held = self._exits_held.pop(c.id, [])
+            for proc, status in held:
+                self._process_exited(proc, status)
 
     def ResizePty(self, ctx: Context, req: api.ResizePtyRequest) -> empty_pb2.Empty:
         proc = self._container(req.id).process(req.exec_id)

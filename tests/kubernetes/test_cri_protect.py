@@ -182,13 +182,17 @@ def test_spot_notice_moves_the_pod_with_nothing_lost(
     _pod_id, cid = job.start(a)
     wait_until(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
     agent = agent_factory(a.node.revenant_run_dir, metadata_server.url)
-    # The agent's metrics name the pod while it runs (CRI deletes the task once it exits, and its
-    # registry record with it).
-    metrics = agent_metrics(agent)
+    # The metrics name the pod while its task lives (CRI deletes the task, and its record, once the
+    # final checkpoint has ended it).
     labels = f'pod="{POD}",pod_namespace="ml",container="main"'
-    assert any(
-        line.startswith("revenant_task_last_checkpoint_seq{") and labels in line for line in metrics.splitlines()
-    ), metrics
+    wait_until(
+        lambda: any(
+            line.startswith("revenant_task_last_checkpoint_seq{") and labels in line
+            for line in agent_metrics(agent).splitlines()
+        ),
+        30,
+        "the agent's metrics naming the pod",
+    )
     metadata_server.aws_terminate(120)
     summary = agent.wait_drain()
     assert summary.get("ok") is True, agent.text()

@@ -74,7 +74,7 @@ def test_annotations_override_node_config(tmp_path):
     p = protection_for(
         {
             **CRI,
-            "revenant.io/checkpoint-key": "ml/job",
+            "revenant.io/checkpoint-key": "ml/team/job",
             "revenant.io/keep": "2",
             "revenant.io/checkpoint-on-stop": "false",
             "revenant.io/store": "srv",
@@ -83,7 +83,7 @@ def test_annotations_override_node_config(tmp_path):
     )
     assert p is not None
     assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == (
-        "ml/job",
+        "ml/team/job",
         "file:///srv/ckpt",
         300,
         False,
@@ -309,3 +309,53 @@ def test_periodic_checkpoints_refuse_an_interval_their_thread_cannot_wait() -> N
     for interval in (0, -1, 100000000000 * 3600.0):
         with pytest.raises(ValueError, match="interval must be positive and at most"):
             PeriodicCheckpoints("ns/c", interval, lambda: None)
+
+
+INDEXED_POD = {**CRI, "batch.kubernetes.io/job-completion-index": "3"}
+
+
+def test_key_template_substitutes_index_namespace_and_container():
+    annotations = {**INDEXED_POD, "revenant.io/checkpoint-key": "${namespace}/trainer/shard-${job-completion-index}"}
+    assert protection_for(annotations, NodeConfig()).key == "ml/trainer/shard-3"
+    annotations["revenant.io/checkpoint-key"] = "${namespace}/${container}-${job-completion-index}"
+    assert protection_for(annotations, NodeConfig()).key == "ml/main-3"
+
+
+def test_key_without_substitution_is_kept_as_written():
+    assert protection_for({**CRI, "revenant.io/checkpoint-key": "ml/fixed"}, NodeConfig()).key == "ml/fixed"
+
+
+@pytest.mark.parametrize(
+    ("template", "annotations", "reason"),
+    [
+        ("ml/${pod}", INDEXED_POD, r"unknown substitution \$\{pod\}"),
+        ("ml/${}", INDEXED_POD, r"unknown substitution \$\{\}"),
+        ("ml/shard-${job-completion-index}", CRI, r"no batch\.kubernetes\.io/job-completion-index annotation"),
+        ("${namespace}/x", {"io.kubernetes.cri.container-type": "container"}, r"\$\{namespace\} .* has no value"),
+        ("ml/$job", INDEXED_POD, r"'\$' may only start"),
+        ("ml/${job-completion-index", INDEXED_POD, r"'\$' may only start"),
+        (
+            "ml/shard-${job-completion-index}",
+            {**CRI, "batch.kubernetes.io/job-completion-index": "../1"},
+            r"is not a valid value",
+        ),
+        (
+            "ml/shard-${job-completion-index}",
+            {**CRI, "batch.kubernetes.io/job-completion-index": "-1"},
+            r"is not a valid value",
+        ),
+    ],
+)
+def test_unresolvable_key_template_fails_with_the_reason(template, annotations, reason):
+    with pytest.raises(PolicyError, match=reason):
+        protection_for({**annotations, "revenant.io/checkpoint-key": template}, NodeConfig())
+
+
+def test_a_pods_key_stays_under_its_namespace():
+    with pytest.raises(PolicyError, match=r"'team/job' is outside the pod's namespace: a pod in 'ml' may only"):
+        protection_for({**CRI, "revenant.io/checkpoint-key": "team/job"}, NodeConfig())
+    with pytest.raises(PolicyError, match="outside the pod's namespace"):  # a prefix is not a namespace
+        protection_for({**CRI, "revenant.io/checkpoint-key": "mlx/job"}, NodeConfig())
+    assert protection_for({**CRI, "revenant.io/checkpoint-key": "ml/team/job"}, NodeConfig()).key == "ml/team/job"
+    # Not a CRI container (ctr, Docker): not confined.
+    assert protection_for({"revenant.io/checkpoint-key": "team/job"}, NodeConfig()).key == "team/job"
