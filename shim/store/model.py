@@ -64,6 +64,7 @@ class Manifest:
     #              file: "size", "chunks": [[offset, length, digest], ...]; symlink: "target"}
     entries: list[dict[str, Any]]
     stats: dict[str, int]
+    epoch: int | None = None  # the writer's owner epoch (Store.claim), None for puts without one
 
     def info(self, name: str = "") -> CheckpointInfo:
         s = self.stats
@@ -96,6 +97,8 @@ class Manifest:
             "stats": self.stats,
             "entries": self.entries,
         }
+        if self.epoch is not None:
+            doc["epoch"] = self.epoch
         payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":")).encode())
         return _MAGIC + blake3.blake3(payload).hexdigest().encode() + b"\n" + payload
 
@@ -122,6 +125,7 @@ class Manifest:
             metadata=doc["metadata"],
             entries=doc["entries"],
             stats=doc["stats"],
+            epoch=doc.get("epoch"),
         )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import shutil
+import socket
 import threading
 import time
 from collections import deque
@@ -16,11 +18,13 @@ from typing import Any
 
 import blake3
 
+from ..faults import crash_point, delay_point
 from . import chunking
 from .backends.base import Backend, NotFound
 from .chunking import Chunker
-from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, ManifestCorrupt, StoreError
-from .locks import PutLock, live_locks
+from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, Fenced, ManifestCorrupt, StoreError
+from .keys import validate_key
+from .locks import HeldLock, LockWatcher
 from .model import ZERO, CheckpointInfo, Manifest, manifest_name, parse_manifest_name
 from .walk import apply_metadata, data_extents, scan_tree
 
@@ -54,7 +58,7 @@ class Store:
         chunker: Chunker | None = None,
         workers: int = 8,
         level: int = 1,
-        lock_stale: float = 600.0,
+        lock_stale: float = 120.0,
         max_inflight: int | None = None,
     ) -> None:
         self.backend = backend
@@ -62,6 +66,7 @@ class Store:
         self.workers = workers
         self.level = level
         self.lock_stale = lock_stale
+        self._watcher = LockWatcher(backend, lock_stale)
         # Bounded memory: at most this many chunks read but not yet stored (or fetched, not written).
         self.max_inflight = max_inflight or workers * 4
 
@@ -140,28 +145,44 @@ class Store:
 
     # ------------------------------------------------------------------ put
     def put(
-        self, key: str, src_dir: Path, metadata: dict[str, Any] | None = None, progress: Progress | None = None
+        self,
+        key: str,
+        src_dir: Path,
+        metadata: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+        epoch: int | None = None,
     ) -> CheckpointInfo:
+        """Store src_dir as the next checkpoint of key.
+
+        With epoch (from claim()), the put is refused with Fenced if another owner claimed the key since,
+        checked at the start, right before the manifest is written and once more after it (then the
+        manifest is removed again). A put never waits for gc (see gc() for why that is safe).
+        """
         src = Path(src_dir)
         if not src.is_dir():
             raise StoreError(f"put {key!r}: {src} is not a directory")
+        if epoch is not None:
+            self._check_epoch(key, epoch)
         nonce = secrets.token_hex(6)
-        with PutLock(self.backend, nonce, self.lock_stale):
+        with HeldLock(self.backend, f"put-{nonce}", self.lock_stale) as lock:
             committed = self._committed(key)
             known: set[str] = set()
             if committed:
-                # Chunks of the newest checkpoint exist (GC cannot run while we hold the put lock).
                 try:
                     known = self._load(key, committed[max(committed)]).chunk_digests()
                 except (ManifestCorrupt, CheckpointNotFound) as e:
                     log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
-            # One listing instead of a HEAD/stat per chunk, where the backend can list (file, S3).
-            # GC cannot delete chunks while we hold the put lock, so the listing stays true.
+            # One listing instead of a HEAD/stat per chunk, where the backend can list (file, S3). A gc
+            # may delete some of these chunks meanwhile: the put re-checks the ones it reused before
+            # committing (_replace_vanished).
             listing = self.backend.retry("list chunks", lambda: self._chunk_names())
             if listing is not None:
                 known |= listing
             entries = scan_tree(src)
-            stats = self._upload(src, entries, known, progress, listed=listing is not None)
+            reused: dict[str, tuple[Path, int, int]] = {}
+            stats = self._upload(src, entries, known, progress, listed=listing is not None, reused=reused)
+            delay_point("store.put.before_commit")
+            self._replace_vanished(reused, stats)
             manifest = Manifest(
                 key=key,
                 seq=0,
@@ -171,8 +192,9 @@ class Store:
                 metadata=dict(metadata or {}),
                 entries=entries,
                 stats=stats,
+                epoch=epoch,
             )
-            info = self._commit(manifest, nonce)
+            info = self._commit(manifest, nonce, lock)
         log.info(
             "put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new)",
             key,
@@ -190,8 +212,16 @@ class Store:
         return None if listing is None else {d for d, _mtime in listing}
 
     def _upload(
-        self, src: Path, entries: list[dict[str, Any]], known: set[str], progress: Progress | None, listed: bool = False
+        self,
+        src: Path,
+        entries: list[dict[str, Any]],
+        known: set[str],
+        progress: Progress | None,
+        listed: bool = False,
+        reused: dict[str, tuple[Path, int, int]] | None = None,
     ) -> dict[str, int]:
+        """Chunk and upload the files; reused gets (file, offset, length) of each chunk found already stored."""
+        reused = {} if reused is None else reused
         files = [e for e in entries if e["type"] == "file"]
         counter = _Counter(sum(e["size"] for e in files), progress)
         stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
@@ -202,7 +232,7 @@ class Store:
 
         abort = threading.Event()  # first failure stops the rest quickly (no retry storm)
 
-        def store_chunk(fd: int, off: int, length: int, data: bytes | memoryview | None) -> str:
+        def store_chunk(path: Path, fd: int, off: int, length: int, data: bytes | memoryview | None) -> str:
             try:
                 if abort.is_set():
                     raise _Aborted
@@ -215,6 +245,7 @@ class Store:
                 digest = blake3.blake3(data, max_threads=1).hexdigest()
                 with lock:
                     if digest in known:
+                        reused.setdefault(digest, (path, off, length))
                         return digest
                     ev = inflight.get(digest)
                     owner = ev is None
@@ -229,7 +260,10 @@ class Store:
                         blob = chunking.encode_chunk(data, self.level)
                         backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
                         uploaded = len(blob)
+                        crash_point("store.put.after-chunk")
                     with lock:
+                        if not uploaded:
+                            reused.setdefault(digest, (path, off, length))
                         known.add(digest)
                         if uploaded:
                             stats["bytes_uploaded"] += uploaded
@@ -280,7 +314,7 @@ class Store:
                             slots.acquire()
                             ref: list[Any] = [off, length, None]
                             e["chunks"].append(ref)
-                            pending.append((ref, pool.submit(store_chunk, fd, off, length, chunk)))
+                            pending.append((ref, pool.submit(store_chunk, src / e["path"], fd, off, length, chunk)))
                             stats["bytes_read"] += length
                             stats["chunks_total"] += 1
                     counter.add(e["size"] - data_bytes)  # holes count as done: progress ends at 100%
@@ -292,6 +326,32 @@ class Store:
         if failed:
             raise failed[0]
         return stats
+
+    def _replace_vanished(self, reused: dict[str, tuple[Path, int, int]], stats: dict[str, int]) -> None:
+        """Upload again, from the source, every reused chunk that is gone now (a gc swept it meanwhile)."""
+        if not reused:
+            return
+        b = self.backend
+        listing = b.retry("list chunks", lambda: self._chunk_names())
+        if listing is None:
+            missing = [d for d in reused if not b.retry("check chunk", lambda d=d: b.has_chunk(d))]
+        else:
+            missing = [d for d in reused if d not in listing]
+        for digest in missing:
+            path, off, length = reused[digest]
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), length, off)
+            if len(data) != length or self._digest(data) != digest:
+                raise StoreError(f"put: {path} changed during the put (offset {off}); nothing committed")
+            blob = chunking.encode_chunk(data, self.level)
+            b.retry(f"upload chunk {digest}", lambda d=digest, blob=blob: b.put_chunk(d, blob))
+            stats["bytes_uploaded"] += len(blob)
+            stats["chunks_new"] += 1
+        if missing:
+            log.warning("put: %d reused chunks were removed by a concurrent gc; uploaded them again", len(missing))
+
+    def _digest(self, data: bytes | memoryview) -> str:
+        return blake3.blake3(data, max_threads=1).hexdigest()
 
     def _cuts(self, fd: int, ext_off: int, ext_len: int) -> Iterator[tuple[int, int, memoryview | None]]:
         """(offset, length, data or None) of each chunk of one data extent; None = worker reads it."""
@@ -328,8 +388,10 @@ class Store:
                 yield pos, consumed, view
             pos += consumed
 
-    def _commit(self, manifest: Manifest, nonce: str) -> CheckpointInfo:
-        """Write the manifest last; resolve a race with another writer of the same key."""
+    def _commit(self, manifest: Manifest, nonce: str, lock: HeldLock) -> CheckpointInfo:
+        """Write the manifest last; resolve a race with another writer of the same key.
+
+        Right before each manifest write: every chunk durable, our lock still fresh, our epoch current."""
         key = manifest.key
         digests = manifest.chunk_digests()
         old_name: str | None = None
@@ -340,7 +402,24 @@ class Store:
             manifest.parent = max((s for s in winners if winners[s] != old_name), default=None)
             name = manifest_name(manifest.seq, nonce)
             data = manifest.encode()
+            self.backend.retry("flush chunks", self.backend.flush_chunks)
+            lock.check(f"put {key!r}")
+            if manifest.epoch is not None:
+                self._check_epoch(key, manifest.epoch)
+            crash_point("store.put.before-manifest")
             self.backend.retry("write manifest", lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
+            crash_point("store.put.after-manifest")
+            if manifest.epoch is not None:
+                try:
+                    self._check_epoch(key, manifest.epoch)
+                except Fenced:  # a claim landed while we wrote: take the manifest back
+                    self.backend.retry("remove fenced manifest", lambda n=name: self.backend.delete_manifest(key, n))
+                    if old_name:
+                        self.backend.retry(
+                            "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
+                        )
+                    self.backend.manifests_changed(key)
+                    raise
             if old_name:
                 self.backend.retry(
                     "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
@@ -354,6 +433,35 @@ class Store:
             old_name = name
             time.sleep(secrets.randbelow(100) / 1000)
         raise StoreError(f"put {key!r}: could not commit after 50 attempts (too many concurrent writers)")
+
+    # ------------------------------------------------------------------ fencing
+    def claim(self, key: str, owner: str) -> int:
+        """Become the owner of key: take the next epoch (1, 2, ...) and return it.
+
+        Puts with an older epoch are refused from then on (Fenced). Each epoch is a create-only object,
+        so two claimers never get the same number; the later claim wins.
+        """
+        validate_key(key)
+        b = self.backend
+        body = json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+        for _attempt in range(50):
+            n = self.epoch(key) + 1
+            if b.retry("claim epoch", lambda n=n: b.create_epoch(key, n, body.encode())):
+                log.info("claimed %r: epoch %d for %s", key, n, owner)
+                return n
+            time.sleep(secrets.randbelow(50) / 1000)  # another node took n: try the next
+        raise StoreError(f"claim {key!r}: could not take an epoch after 50 attempts (too many claimers)")
+
+    def epoch(self, key: str) -> int:
+        """The key's current owner epoch; 0 if no one ever claimed it."""
+        return max(self.backend.retry("list epochs", lambda: self.backend.list_epochs(validate_key(key))), default=0)
+
+    def _check_epoch(self, key: str, epoch: int) -> None:
+        current = self.epoch(key)
+        if current > epoch:
+            raise Fenced(key, epoch, current)
+        if current < epoch:
+            raise StoreError(f"put {key!r}: epoch {epoch} was never claimed (current epoch {current})")
 
     # ------------------------------------------------------------------ get
     def get(
@@ -539,29 +647,33 @@ class Store:
     def gc(self, grace_seconds: float = 3600.0) -> dict[str, Any]:
         """Delete chunks no manifest references and older than grace_seconds (mark and sweep).
 
-        Runs only while no put holds a live lock; otherwise returns {"skipped": reason}.
+        gc yields to puts, puts never wait for gc. It does not start while a live put lock exists
+        ({"skipped": reason}), and before every deletion (and every pack rewrite of the file backend) it
+        checks again that no put lock is live and no manifest was committed since its mark; otherwise
+        it stops ({"interrupted": reason}) and leaves the rest for the next run. A put that reused a chunk
+        re-checks before committing that it still exists and uploads it again if not. So a chunk a
+        committed checkpoint names can only be lost if a whole put (lock write, listing, upload,
+        re-check, commit) fits inside one in-flight delete request.
         """
-        nonce = secrets.token_hex(6)
-        lock = f"gc-{nonce}"
         b = self.backend
-        from .locks import _lock_body
-
-        b.retry("write lock", lambda: b.put_lock(lock, _lock_body()))
-        try:
-            puts = live_locks(b, "put-", self.lock_stale)
+        with HeldLock(b, f"gc-{secrets.token_hex(6)}", self.lock_stale) as lock:
+            others = self._watcher.live("gc-", exclude=lock.name)
+            if others:
+                return {"skipped": f"another gc is running: {', '.join(others)}", "chunks_deleted": 0}
+            puts = self._watcher.live("put-")
             if puts:
                 return {"skipped": f"writers active: {', '.join(puts)}", "chunks_deleted": 0}
+            marked = self._manifest_set()
             referenced: set[str] = set()
             manifests = 0
             unreadable = []
-            for k, seqs in self._names(None).items():
-                for names in seqs.values():
-                    for n in names:
-                        try:
-                            referenced |= self._load(k, n).chunk_digests()
-                            manifests += 1
-                        except (ManifestCorrupt, CheckpointNotFound) as e:
-                            unreadable.append(str(e))
+            for k, n in sorted(marked):
+                delay_point("store.gc.mark")
+                try:
+                    referenced |= self._load(k, n).chunk_digests()
+                    manifests += 1
+                except (ManifestCorrupt, CheckpointNotFound) as e:
+                    unreadable.append(str(e))
             listing = b.list_chunks()
             stats: dict[str, Any] = {
                 "manifests": manifests,
@@ -576,17 +688,39 @@ class Store:
                 )
                 return stats
             cutoff = time.time() - grace_seconds
-            for digest, mtime in list(listing):
-                if digest not in referenced and mtime < cutoff:
-                    b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
-                    stats["chunks_deleted"] += 1
-            b.finish_gc(grace_seconds)
+            doomed = [d for d, mtime in listing if d not in referenced and mtime < cutoff]
+
+            def interrupted() -> str | None:
+                lock.check("gc")
+                puts = self._watcher.live("put-")
+                if puts:
+                    return f"writers active: {', '.join(puts)}"
+                if self._manifest_set() - marked:
+                    return "checkpoints committed since the mark"
+                return None
+
+            for digest in doomed:
+                delay_point("store.gc.sweep")
+                why = interrupted()
+                if why:
+                    stats["interrupted"] = why
+                    break
+                b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
+                stats["chunks_deleted"] += 1
+
+            def proceed() -> bool:
+                why = stats.get("interrupted") or interrupted()
+                if why:
+                    stats["interrupted"] = why
+                return not why
+
+            b.finish_gc(grace_seconds, proceed)
+            if "interrupted" in stats:
+                log.info("gc stopped early (%s); the next run continues", stats["interrupted"])
             return stats
-        finally:
-            try:
-                b.retry("remove lock", lambda: b.delete_lock(lock))
-            except StoreError as e:
-                log.warning("could not remove lock %s: %s", lock, e)
+
+    def _manifest_set(self) -> set[tuple[str, str]]:
+        return set(self.backend.retry("list manifests", lambda: self.backend.list_manifests(None)))
 
 
 __all__ = ["BackendUnavailable", "Store"]

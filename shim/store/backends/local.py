@@ -18,12 +18,13 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ...faults import crash_point
 from ..errors import StoreError
 from ..keys import decode_key, encode_key
-from .base import Backend, NotFound
+from .base import Backend, LockState, NotFound
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -98,6 +99,7 @@ class LocalBackend(Backend):
                 raise self._os_error(e, f"pack {pack}") from e
             self._cur_size += len(data)
             self._cur_entries.append((digest, off, len(data)))
+            crash_point("store.pack.after-append")
             if self._cur_size >= PACK_TARGET:
                 self._full.append((pack, fd, self._cur_entries))
                 self._cur = None
@@ -124,8 +126,10 @@ class LocalBackend(Backend):
         for i, (pack, fd, entries) in enumerate(full):
             try:
                 os.fsync(fd)
+                crash_point("store.pack.after-fsync")
                 idx = b"".join(_IDX_ENTRY.pack(bytes.fromhex(d), o, n) for d, o, n in entries)
                 self._write_atomic(self._pack_path(pack, "idx"), idx, durable=True)
+                crash_point("store.pack.after-index")
             except (OSError, StoreError) as e:
                 for p, f, _e in full[i:]:
                     os.close(f)
@@ -230,8 +234,11 @@ class LocalBackend(Backend):
                     except FileNotFoundError:
                         continue
 
-    def finish_gc(self, grace_seconds: float) -> None:
-        """Rewrite packs that hold deleted chunks; drop packs a crashed writer never indexed."""
+    def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool] = lambda: True) -> None:
+        """Rewrite packs that hold deleted chunks; drop packs a crashed writer never indexed.
+
+        Until its pack is rewritten a deleted chunk stays readable: stopping (proceed() False) loses
+        nothing, the next gc finds the chunk unreferenced again."""
         doomed, self._doomed = self._doomed, set()
         by_pack: dict[str, list[tuple[str, int, int]]] = {}
         with self._lock:
@@ -245,9 +252,14 @@ class LocalBackend(Backend):
                 with open(self._pack_path(pack, "pack"), "rb") as f:
                     for d, o, n in live:
                         self._append(d, os.pread(f.fileno(), n, o))
+                crash_point("store.gc.mid-rewrite")
                 self._seal_packs()  # the live chunks are durable in a new pack before the old one goes
+            crash_point("store.gc.before-unlink")
+            if not proceed():
+                return
             self._pack_path(pack, "idx").unlink(missing_ok=True)
             _fsync_dir(self.root / "packs")
+            crash_point("store.gc.after-idx-unlink")
             self._pack_path(pack, "pack").unlink(missing_ok=True)
             with self._lock:
                 self._loaded.discard(pack)
@@ -260,7 +272,7 @@ class LocalBackend(Backend):
             path = self.root / "packs" / name
             if ext == "pack" and not self._pack_path(pack, "idx").exists():
                 try:
-                    if path.stat().st_mtime < cutoff:
+                    if path.stat().st_mtime < cutoff and proceed():
                         path.unlink()
                 except FileNotFoundError:
                     continue
@@ -298,6 +310,41 @@ class LocalBackend(Backend):
         path.unlink(missing_ok=True)
         _fsync_dir(path.parent)
 
+    # owner epochs
+    def _epoch_dir(self, key: str) -> Path:
+        return self.root / "epochs" / encode_key(key)
+
+    def create_epoch(self, key: str, n: int, data: bytes) -> bool:
+        """A fully written, fsynced temporary file hard-linked to the epoch's name: link() fails if the
+        name exists, so exactly one claimer creates each epoch and no one sees a partial one."""
+        path = self._epoch_dir(key) / f"{n:010d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "tmp" / f"epoch.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            _fsync_dir(path.parent)
+            return True
+        except OSError as e:
+            raise self._os_error(e, f"epoch {n} of {key!r}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list_epochs(self, key: str) -> list[int]:
+        try:
+            names = os.listdir(self._epoch_dir(key))
+        except FileNotFoundError:
+            return []
+        return [int(n) for n in names if n.isdigit()]
+
     # locks
     def put_lock(self, name: str, data: bytes) -> None:
         self._write_atomic(self.root / "locks" / name, data, durable=True)
@@ -313,6 +360,32 @@ class LocalBackend(Backend):
 
     def delete_lock(self, name: str) -> None:
         (self.root / "locks" / name).unlink(missing_ok=True)
+
+    def lock_states(self) -> list[LockState]:
+        """Ages from mtimes, all set by the file system's clock: the lock's against a probe file's."""
+        locks = []
+        for p in sorted((self.root / "locks").iterdir()):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            locks.append((p.name, st))
+        if not locks:
+            return []
+        probe = self.root / "tmp" / f"clock-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            now = probe.stat().st_mtime_ns
+        finally:
+            probe.unlink(missing_ok=True)
+        return [
+            LockState(name, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}", (now - st.st_mtime_ns) / 1e9)
+            for name, st in locks
+        ]
+
+    def flush_chunks(self) -> None:
+        self.sync()
 
 
 def _fsync_dir(path: Path) -> None:
