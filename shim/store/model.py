@@ -65,6 +65,7 @@ class Manifest:
     entries: list[dict[str, Any]]
     stats: dict[str, int]
     epoch: int | None = None  # the writer's owner epoch (Store.claim), None for puts without one
+    sealed_with: Any = field(default=None, repr=False, compare=False)  # the StoreKey it was read with
 
     def info(self, name: str = "") -> CheckpointInfo:
         s = self.stats
@@ -127,6 +128,11 @@ class Manifest:
             stats=doc["stats"],
             epoch=doc.get("epoch"),
         )
+
+
+def looks_like_manifest(blob: bytes) -> bool:
+    """Whether blob starts as a plaintext revenant manifest does (damaged or not)."""
+    return blob.startswith(_MAGIC)
 
 
 def manifest_name(seq: int, nonce: str) -> str:

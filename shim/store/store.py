@@ -22,10 +22,19 @@ from ..faults import crash_point, delay_point
 from . import chunking
 from .backends.base import Backend, NotFound
 from .chunking import Chunker
-from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, Fenced, ManifestCorrupt, StoreError
+from .crypto import Keyring, StoreKey, sealed_manifest_key_id
+from .errors import (
+    BackendUnavailable,
+    CheckpointNotFound,
+    ChunkCorrupt,
+    Fenced,
+    KeyMismatch,
+    ManifestCorrupt,
+    StoreError,
+)
 from .keys import validate_key
 from .locks import HeldLock, LockWatcher
-from .model import ZERO, CheckpointInfo, Manifest, manifest_name, parse_manifest_name
+from .model import ZERO, CheckpointInfo, Manifest, looks_like_manifest, manifest_name, parse_manifest_name
 from .walk import apply_metadata, data_extents, scan_tree
 
 log = logging.getLogger(__name__)
@@ -60,13 +69,20 @@ class Store:
         level: int = 1,
         lock_stale: float = 120.0,
         max_inflight: int | None = None,
+        keyring: Keyring | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
+        """keyring: encrypt everything this Store writes with keyring.current and read only checkpoints
+        sealed by one of its keys (plaintext ones too with allow_plaintext); None: a plaintext store,
+        which refuses encrypted checkpoints with KeyMismatch."""
         self.backend = backend
         self.chunker = chunker or Chunker()
         self.workers = workers
         self.level = level
         self.lock_stale = lock_stale
         self._watcher = LockWatcher(backend, lock_stale)
+        self.keyring = keyring
+        self.allow_plaintext = allow_plaintext
         # Bounded memory: at most this many chunks read but not yet stored (or fetched, not written).
         self.max_inflight = max_inflight or workers * 4
 
@@ -101,13 +117,25 @@ class Store:
         """seq -> the manifest name that readers use for it (lowest nonce)."""
         return {seq: names[0] for seq, names in self._names(key).get(key, {}).items()}
 
-    def _load(self, key: str, name: str) -> Manifest:
+    def _load(self, key: str, name: str, any_plaintext: bool = False) -> Manifest:
         what = f"manifest of {key!r} {name}"
         try:
             blob = self.backend.retry(f"get {what}", lambda: self.backend.get_manifest(key, name))
         except NotFound:
             raise CheckpointNotFound(f"{what} disappeared (deleted concurrently?)") from None
+        sealed_with = None
+        key_id = sealed_manifest_key_id(blob)
+        if key_id is not None:
+            if self.keyring is None:
+                raise KeyMismatch(f"{what} is encrypted (key {key_id}) and this store has no key; give its key file")
+            try:
+                blob, sealed_with = self.keyring.open_manifest(blob, what)
+            except ValueError as e:
+                raise ManifestCorrupt(f"{what} {e}") from None
+        elif self.keyring is not None and not (self.allow_plaintext or any_plaintext) and looks_like_manifest(blob):
+            raise KeyMismatch(f"{what} is not encrypted and this store reads only encrypted checkpoints")
         m = Manifest.decode(blob, what)
+        m.sealed_with = sealed_with
         if m.key != key:
             raise ManifestCorrupt(f"{what} names key {m.key!r}")
         return m
@@ -242,7 +270,7 @@ class Store:
                     raise StoreError(f"short read at {off} (file changed during put?)")
                 if chunking.is_zero(data):
                     return ZERO
-                digest = blake3.blake3(data, max_threads=1).hexdigest()
+                digest = self._digest(data)
                 with lock:
                     if digest in known:
                         reused.setdefault(digest, (path, off, length))
@@ -257,7 +285,7 @@ class Store:
                 try:
                     uploaded = 0
                     if listed or not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
-                        blob = chunking.encode_chunk(data, self.level)
+                        blob = self._encode_chunk(digest, data)
                         backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
                         uploaded = len(blob)
                         crash_point("store.put.after-chunk")
@@ -343,7 +371,7 @@ class Store:
                 data = os.pread(f.fileno(), length, off)
             if len(data) != length or self._digest(data) != digest:
                 raise StoreError(f"put: {path} changed during the put (offset {off}); nothing committed")
-            blob = chunking.encode_chunk(data, self.level)
+            blob = self._encode_chunk(digest, data)
             b.retry(f"upload chunk {digest}", lambda d=digest, blob=blob: b.put_chunk(d, blob))
             stats["bytes_uploaded"] += len(blob)
             stats["chunks_new"] += 1
@@ -351,7 +379,14 @@ class Store:
             log.warning("put: %d reused chunks were removed by a concurrent gc; uploaded them again", len(missing))
 
     def _digest(self, data: bytes | memoryview) -> str:
+        """A chunk's id: plain BLAKE3, or keyed BLAKE3 under the current key of an encrypted store."""
+        if self.keyring is not None:
+            return self.keyring.current.chunk_id(data)
         return blake3.blake3(data, max_threads=1).hexdigest()
+
+    def _encode_chunk(self, digest: str, data: bytes | memoryview) -> bytes:
+        blob = chunking.encode_chunk(data, self.level)
+        return blob if self.keyring is None else self.keyring.current.seal_chunk(digest, blob)
 
     def _cuts(self, fd: int, ext_off: int, ext_len: int) -> Iterator[tuple[int, int, memoryview | None]]:
         """(offset, length, data or None) of each chunk of one data extent; None = worker reads it."""
@@ -402,6 +437,8 @@ class Store:
             manifest.parent = max((s for s in winners if winners[s] != old_name), default=None)
             name = manifest_name(manifest.seq, nonce)
             data = manifest.encode()
+            if self.keyring is not None:
+                data = self.keyring.current.seal_manifest(data)
             self.backend.retry("flush chunks", self.backend.flush_chunks)
             lock.check(f"put {key!r}")
             if manifest.epoch is not None:
@@ -527,7 +564,7 @@ class Store:
             try:
                 if digest == ZERO:
                     return  # a hole: ftruncate already made it read as zeros
-                data = self._fetch_verified(digest, length, where)
+                data = self._fetch_verified(digest, length, where, m.sealed_with)
                 view = memoryview(data)
                 pos = off
                 while view:
@@ -566,16 +603,23 @@ class Store:
         for e in sorted(m.entries, key=lambda e: e["path"].count("/"), reverse=True):
             apply_metadata(root / e["path"], e, is_root)
 
-    def _fetch_verified(self, digest: str, length: int, where: str) -> bytes:
+    def _fetch_verified(self, digest: str, length: int, where: str, key: StoreKey | None = None) -> bytes:
+        """The chunk's data, checked against its id; key: the one that sealed the manifest naming it."""
         try:
             blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
+        if key is not None:
+            try:
+                blob = key.open_chunk(digest, blob)
+            except ValueError as e:
+                raise ChunkCorrupt(digest, str(e), where) from None
         try:
             data = chunking.decode_chunk(blob, length)
         except Exception as e:
             raise ChunkCorrupt(digest, f"cannot be decoded: {e}", where) from e
-        if len(data) != length or blake3.blake3(data, max_threads=1).hexdigest() != digest:
+        actual = key.chunk_id(data) if key is not None else blake3.blake3(data, max_threads=1).hexdigest()
+        if len(data) != length or actual != digest:
             raise ChunkCorrupt(digest, "does not match its digest (damaged)", where)
         return data
 
@@ -587,7 +631,7 @@ class Store:
             for seq, names in sorted(seqs.items()):
                 try:
                     manifests.append(self._load(k, names[0]))
-                except (ManifestCorrupt, CheckpointNotFound) as e:
+                except (ManifestCorrupt, CheckpointNotFound, KeyMismatch) as e:
                     problems.append(f"{k!r} seq {seq}: {e}")
         problems += self._verify_manifests(manifests, set())
         return problems
@@ -595,19 +639,19 @@ class Store:
     def _verify_manifests(self, manifests: list[Manifest], checked: set[str]) -> list[str]:
         problems: list[str] = []
         bad: dict[str, str] = {}
-        todo: dict[str, tuple[int, str]] = {}
+        todo: dict[str, tuple[int, str, StoreKey | None]] = {}
         for m in manifests:
             for e in m.entries:
                 if e["type"] != "file":
                     continue
                 for off, length, digest in e["chunks"]:
                     if digest != ZERO and digest not in checked and digest not in todo:
-                        todo[digest] = (length, f"file {e['path']} offset {off}")
+                        todo[digest] = (length, f"file {e['path']} offset {off}", m.sealed_with)
 
         def check(digest: str) -> None:
-            length, where = todo[digest]
+            length, where, key = todo[digest]
             try:
-                self._fetch_verified(digest, length, where)
+                self._fetch_verified(digest, length, where, key)
             except ChunkCorrupt as e:
                 bad[digest] = e.detail
 
@@ -670,10 +714,12 @@ class Store:
             for k, n in sorted(marked):
                 delay_point("store.gc.mark")
                 try:
-                    referenced |= self._load(k, n).chunk_digests()
+                    referenced |= self._load(k, n, any_plaintext=True).chunk_digests()
                     manifests += 1
                 except (ManifestCorrupt, CheckpointNotFound) as e:
                     unreadable.append(str(e))
+                except KeyMismatch as e:  # its chunks are live; without its key we cannot tell which
+                    return {"skipped": f"cannot read every checkpoint: {e}", "chunks_deleted": 0}
             listing = b.list_chunks()
             stats: dict[str, Any] = {
                 "manifests": manifests,
