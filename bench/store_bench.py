@@ -9,6 +9,8 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
      uploaded bytes vs the first put's
   3. baseline `zstd -d -c F | tar -x -C DIR`         vs  revenant get (every chunk verified)
   4. the same first put and get against SeaweedFS (S3) and the distribution registry (OCI), in MB/s
+  5. with --encryption: put and get into fresh local stores, encrypted vs plain, alternating, best of
+     --rounds each (what encryption at rest costs)
 Prints a markdown table; exit status 0 even when a target is missed (it is a measurement).
 """
 
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunker", default=None, help="fixed:SIZE or fastcdc:AVG (default: the store's)")
     ap.add_argument("--run-pages", type=int, default=64, help="pages per mutated run (default 64)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
+    ap.add_argument("--encryption", action="store_true", help="also compare encrypted with plain put/get")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the encryption comparison (default 3)")
     args = ap.parse_args(argv)
     opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
     work = Path(tempfile.mkdtemp(prefix="revenant-bench-", dir=args.workdir))
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(p.stat().st_size for p in dump.iterdir())
         mb = total / 1e6
         sh("sync")
+        if args.encryption:
+            rows += _encryption(work, dump, mb, opts, args.rounds)
 
         t_tar, _ = timed(lambda: sh(f"tar -C {dump} -cf - . | zstd -1 -T0 -q -o {work}/base.tar.zst"))
         tar_size = (work / "base.tar.zst").stat().st_size
@@ -157,6 +163,37 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     return 0
+
+
+def _encryption(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> list[tuple[str, str, str, str]]:
+    """Encrypted vs plain put and get+verify into fresh local stores, alternating; best of rounds."""
+    key = work / "store.key"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32))
+    os.close(fd)
+    best: dict[tuple[str, str], float] = {}
+    for r in range(rounds):
+        for mode, extra in (("plain", {}), ("encrypted", {"key_files": [key]})):
+            store = open_store(f"file://{work}/enc-{mode}-{r}", **opts, **extra)
+            t_put, _ = timed(lambda store=store: store.put("bench/job/main", dump))
+            t_get, _ = timed(lambda store=store: store.get("bench/job/main", work / "enc-restored"))
+            store.close()
+            shutil.rmtree(work / "enc-restored")
+            shutil.rmtree(work / f"enc-{mode}-{r}")
+            for step, t in (("put", t_put), ("get", t_get)):
+                best[(mode, step)] = min(best.get((mode, step), t), t)
+    rows = []
+    for step in ("put", "get"):
+        enc, plain = best[("encrypted", step)], best[("plain", step)]
+        rows.append(
+            (
+                f"encrypted {step} (local) vs plain, best of {rounds}",
+                f"{enc:.2f} s ({mb / enc:.0f} MB/s)",
+                f"{plain:.2f} s ({mb / plain:.0f} MB/s)",
+                f"{enc / plain:.2f}x (target <= 1.15x)",
+            )
+        )
+    return rows
 
 
 def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tuple[str, str, str, str]:

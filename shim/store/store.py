@@ -444,6 +444,7 @@ class Store:
             if manifest.epoch is not None:
                 self._check_epoch(key, manifest.epoch)
             crash_point("store.put.before-manifest")
+            delay_point("store.put.before-manifest")
             self.backend.retry("write manifest", lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
             crash_point("store.put.after-manifest")
             if manifest.epoch is not None:
