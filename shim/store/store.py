@@ -255,6 +255,7 @@ class Store:
         stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
         lock = threading.Lock()
         inflight: dict[str, threading.Event] = {}
+        mine: set[str] = set()  # uploaded by this put: not "reused", even when they repeat
         slots = threading.BoundedSemaphore(self.max_inflight)
         backend = self.backend
 
@@ -273,7 +274,8 @@ class Store:
                 digest = self._digest(data)
                 with lock:
                     if digest in known:
-                        reused.setdefault(digest, (path, off, length))
+                        if digest not in mine:
+                            reused.setdefault(digest, (path, off, length))
                         return digest
                     ev = inflight.get(digest)
                     owner = ev is None
@@ -290,7 +292,9 @@ class Store:
                         uploaded = len(blob)
                         crash_point("store.put.after-chunk")
                     with lock:
-                        if not uploaded:
+                        if uploaded:
+                            mine.add(digest)
+                        else:
                             reused.setdefault(digest, (path, off, length))
                         known.add(digest)
                         if uploaded:

@@ -214,3 +214,17 @@ def test_writer_clock_skew_does_not_change_liveness(url: str, tmp_path: Path, sk
         assert time.monotonic() < deadline, f"a dead writer's lock never went stale: {stats}"
         time.sleep(0.5)
     assert "interrupted" not in stats
+
+
+def test_repeated_chunks_of_one_put_are_not_reuploaded(url: str, tmp_path: Path) -> None:
+    """The pre-commit re-check concerns chunks found already stored, not this put's own repeats (which a
+    file store has not indexed yet)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    block = os.urandom(1 << 20)
+    (src / "a").write_bytes(block * 8 + os.urandom(1 << 20))
+    (src / "b").write_bytes(block * 3)
+    store = open_store(url)
+    info = store.put(KEY, src)
+    distinct = store._load(KEY, info.name).chunk_digests()
+    assert info.chunks_new == len(distinct) < info.chunks_total
