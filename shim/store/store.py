@@ -758,6 +758,7 @@ class Store:
                     break
                 b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
                 stats["chunks_deleted"] += 1
+                crash_point("store.gc.after-delete")
 
             def proceed() -> bool:
                 why = stats.get("interrupted") or interrupted()

@@ -47,7 +47,9 @@ class LocalBackend(Backend):
         self._cur: tuple[str, int] | None = None  # (pack id, fd) being written
         self._cur_size = 0
         self._cur_entries: list[tuple[str, int, int]] = []
-        self._full: list[tuple[str, int, list[tuple[str, int, int]]]] = []  # written, not yet indexed
+        # Packs written in full but not indexed yet. Their fds are closed (seal fsyncs through a fresh one):
+        # failed puts leave at most the current pack's fd open, however many there are.
+        self._full: list[tuple[str, list[tuple[str, int, int]]]] = []
         self._doomed: set[str] = set()  # chunks gc deleted; packs rewritten in finish_gc
 
     # ------------------------------------------------------------------ packs
@@ -101,7 +103,8 @@ class LocalBackend(Backend):
             self._cur_entries.append((digest, off, len(data)))
             crash_point("store.pack.after-append")
             if self._cur_size >= PACK_TARGET:
-                self._full.append((pack, fd, self._cur_entries))
+                os.close(fd)
+                self._full.append((pack, self._cur_entries))
                 self._cur = None
 
     def _abandon_current(self) -> None:
@@ -120,24 +123,27 @@ class LocalBackend(Backend):
         """fsync every pack written so far, then publish its index (atomically, durably)."""
         with self._lock:
             if self._cur is not None and self._cur_entries:
-                self._full.append((self._cur[0], self._cur[1], self._cur_entries))
+                os.close(self._cur[1])
+                self._full.append((self._cur[0], self._cur_entries))
                 self._cur = None
             full, self._full = self._full, []
-        for i, (pack, fd, entries) in enumerate(full):
+        for i, (pack, entries) in enumerate(full):
             try:
-                os.fsync(fd)
+                fd = os.open(self._pack_path(pack, "pack"), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 crash_point("store.pack.after-fsync")
                 idx = b"".join(_IDX_ENTRY.pack(bytes.fromhex(d), o, n) for d, o, n in entries)
-                self._write_atomic(self._pack_path(pack, "idx"), idx, durable=True)
+                self._write_atomic(self._pack_path(pack, "idx"), idx, durable=True, point="index")
                 crash_point("store.pack.after-index")
             except (OSError, StoreError) as e:
-                for p, f, _e in full[i:]:
-                    os.close(f)
+                for p, _e in full[i:]:
                     self._pack_path(p, "pack").unlink(missing_ok=True)
                 if isinstance(e, StoreError):
                     raise
                 raise self._os_error(e, f"pack {pack}") from e
-            os.close(fd)
             with self._lock:
                 for d, o, n in entries:
                     self._index[d] = (pack, o, n)
@@ -147,7 +153,9 @@ class LocalBackend(Backend):
     def _chunk_path(self, digest: str) -> Path:
         return self.root / "chunks" / digest[:2] / digest
 
-    def _write_atomic(self, path: Path, data: bytes, durable: bool) -> None:
+    def _write_atomic(self, path: Path, data: bytes, durable: bool, point: str = "") -> None:
+        """Write data to a temporary file, then rename it to path; point names the crash points around
+        the rename (store.<point>.before-rename / .after-rename)."""
         tmp = self.root / "tmp" / f"{path.name}.{secrets.token_hex(6)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -159,6 +167,8 @@ class LocalBackend(Backend):
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if point:
+                crash_point(f"store.{point}.before-rename")
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
@@ -166,6 +176,8 @@ class LocalBackend(Backend):
                 os.rename(tmp, path)
             if durable:
                 _fsync_dir(path.parent)
+            if point:
+                crash_point(f"store.{point}.after-rename")
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -277,6 +289,17 @@ class LocalBackend(Backend):
                 except FileNotFoundError:
                     continue
 
+    def close(self) -> None:
+        """Drop packs written but never sealed (a failed put's chunks, referenced by nothing)."""
+        with self._lock:
+            unsealed = [p for p, _e in self._full]
+            if self._cur is not None:
+                os.close(self._cur[1])
+                unsealed.append(self._cur[0])
+            self._full, self._cur = [], None
+        for pack in unsealed:
+            self._pack_path(pack, "pack").unlink(missing_ok=True)
+
     # manifests
     def _manifest_path(self, key: str, name: str) -> Path:
         return self.root / "manifests" / encode_key(key) / name
@@ -285,7 +308,7 @@ class LocalBackend(Backend):
         self.sync()  # chunks durable before anything references them
         path = self._manifest_path(key, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_atomic(path, data, durable=True)
+        self._write_atomic(path, data, durable=True, point="manifest")
 
     def get_manifest(self, key: str, name: str) -> bytes:
         try:
