@@ -178,7 +178,7 @@ class S3Backend(Backend):
                     self._delete(probe)
             if not self._conditional:
                 log.warning("%s: no conditional writes; owner epochs use one name per claim", self.url)
-        return self._conditional
+        return bool(self._conditional)
 
     def create_epoch(self, key: str, n: int, data: bytes) -> bool:
         base = f"epochs/{encode_key(key)}/{n:010d}"
