@@ -27,13 +27,21 @@ from typing import TYPE_CHECKING, Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointError
 from shim.protect import registry
-from shim.protect.policy import NodeConfig, PolicyError, protection_for
+from shim.protect.policy import (
+    CRI_CONTAINER_NAME,
+    CRI_POD_NAME,
+    CRI_POD_NAMESPACE,
+    NodeConfig,
+    PolicyError,
+    protection_for,
+)
+from shim.task import mounts
 from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
-from .image_identity import ImageIdentity, image_of
+from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
-from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
+from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir, fill_upper_dir
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
@@ -58,11 +66,25 @@ class Protected:
     last_report: CheckpointReport | None = None
     last_committed_at: float = 0.0  # wall clock when last_report's checkpoint was committed
     last_error: str | None = None
+    kubernetes: dict[str, str] = field(default_factory=dict)  # pod, pod_namespace, container (CRI)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
+    # The rootfs overlay as mounted before the shim ran (dockerd's graph driver), else None.
+    premounted: mounts.MountInfo | None = None
 
 
 def load_node_config() -> NodeConfig:
     return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
+
+
+def kubernetes_identity(annotations: dict[str, str]) -> dict[str, str]:
+    """The pod, its namespace and the container's name, as CRI annotates a container's OCI spec
+    (the kubelet's io.kubernetes.pod.* are CRI labels, which never reach the shim)."""
+    found = {
+        "pod": annotations.get(CRI_POD_NAME, ""),
+        "pod_namespace": annotations.get(CRI_POD_NAMESPACE, ""),
+        "container": annotations.get(CRI_CONTAINER_NAME, ""),
+    }
+    return {k: v for k, v in found.items() if v}
 
 
 def upper_dir_of(rootfs: Any) -> Path | None:
@@ -73,6 +95,25 @@ def upper_dir_of(rootfs: Any) -> Path | None:
                 if o.startswith("upperdir="):
                     return Path(o.removeprefix("upperdir="))
     return None
+
+
+def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
+    """The overlay already mounted at the spec's root (dockerd mounts the rootfs itself and passes no
+    rootfs mounts in CreateTaskRequest), or None when there is none."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            root = (json.load(f).get("root") or {}).get("path") or "rootfs"
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None
+    if not isinstance(root, str):
+        raise InvalidArgument(f"the bundle's root.path is not a string: {root!r}")
+    try:
+        overlay = mounts.overlay_at(os.path.join(bundle, root))  # an absolute root.path replaces the bundle
+        if overlay is not None:
+            mounts.overlay_remount_data(overlay)  # a restore unmounts it: it must mount again
+        return overlay
+    except ValueError as e:
+        raise FailedPrecondition(f"cannot carry the writable layer: {e}") from None
 
 
 def bundle_annotations(bundle: str) -> dict[str, str]:
@@ -129,7 +170,12 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return
-        image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
+        upper_dir, premounted = upper_dir_of(req.rootfs), None
+        if upper_dir is None and not req.rootfs:
+            premounted = premounted_rootfs(c.bundle)
+            upper_dir = Path(premounted.super_option("upperdir") or "") if premounted else None
+        # Asked of containerd in a child process, in parallel with the rest of Create and Start.
+        image = ImageLookup(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
             log.warning(
                 "%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
@@ -143,11 +189,11 @@ class ProtectionManager:
             bundle=Path(c.bundle),
             protection=protection,
             runc=c.runc,
-            upper_dir=upper_dir_of(req.rootfs),
+            upper_dir=upper_dir,
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
-        p = Protected(pc)
+        p = Protected(pc, kubernetes=kubernetes_identity(annotations), premounted=premounted)
         with self._lock:
             self._protected[c.id] = p
         log.info(
@@ -164,7 +210,7 @@ class ProtectionManager:
             return  # an explicit create-from-checkpoint (ctr restore) wins over the store
         self._plan_restore(c, p, image)
 
-    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
+    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | ImageLookup | None) -> None:
         pc = p.container
         result = self.restorer.prepare(
             pc.protection,
@@ -173,6 +219,7 @@ class ProtectionManager:
             image,
             skip_seqs=p.tried_seqs,
             compatible=lambda meta: self._gpu_refusal(c.id, meta),
+            fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
         )
         if isinstance(result, NoUsableCheckpoint):
             p.plan, c.checkpoint = None, ""
@@ -189,6 +236,23 @@ class ProtectionManager:
         for reason in result.skipped:
             log.warning("skipped checkpoint: %s", reason)
         log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
+
+    @staticmethod
+    def _unmounted(p: Protected, change: Callable[[], Any]) -> Any:
+        """Change the upper dir with its overlay unmounted: overlayfs does not see changes made under a
+        mounted overlay, and the filled dir replaces the upper dir by a rename. A rootfs the shim mounts
+        itself is not mounted yet here; one dockerd mounted is unmounted and mounted again as it was."""
+        if p.premounted is None:
+            return change()
+        mounts.unmount_busy_fails(p.premounted.mount_point)
+        try:
+            return change()
+        finally:
+            try:
+                mounts.remount_overlay(p.premounted)
+            except OSError as e:  # the task cannot run on an empty root: say so, Create fails after this
+                log.error("cannot mount the rootfs overlay at %s again: %s", p.premounted.mount_point, e)
+                raise
 
     def _gpu_metadata(self, cid: str) -> dict[str, Any]:
         """The GPU part of the dump just taken (None for a CPU-only task), for the checkpoint's metadata."""
@@ -223,7 +287,8 @@ class ProtectionManager:
         failed.discard()
         unmount()
         if p.container.upper_dir is not None:
-            clear_upper_dir(p.container.upper_dir)
+            upper = p.container.upper_dir
+            self._unmounted(p, lambda: clear_upper_dir(upper))
         self._plan_restore(c, p, p.container.image)
         if p.plan is None:
             reason = f"checkpoint {failed.key}@{failed.seq} did not restore ({error})"
@@ -339,6 +404,7 @@ class ProtectionManager:
             last_checkpoint=last,
             last_error=p.last_error,
             extra={"restored_from": p.restored_from, "fresh_reason": p.fresh_reason},
+            **p.kubernetes,
         )
 
     def _write_record(self, p: Protected) -> None:

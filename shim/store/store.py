@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import functools
 import json
 import logging
 import os
@@ -242,7 +244,7 @@ class Store:
     def _upload(
         self,
         src: Path,
-        entries: list[dict[str, Any]],
+        entries: builtins.list[dict[str, Any]],
         known: set[str],
         progress: Progress | None,
         listed: bool = False,
@@ -279,7 +281,7 @@ class Store:
                         return digest
                     ev = inflight.get(digest)
                     owner = ev is None
-                    if owner:
+                    if ev is None:
                         ev = inflight[digest] = threading.Event()
                 if not owner:
                     ev.wait()
@@ -366,7 +368,7 @@ class Store:
         b = self.backend
         listing = b.retry("list chunks", lambda: self._chunk_names())
         if listing is None:
-            missing = [d for d in reused if not b.retry("check chunk", lambda d=d: b.has_chunk(d))]
+            missing = [d for d in reused if not b.retry("check chunk", functools.partial(b.has_chunk, d))]
         else:
             missing = [d for d in reused if d not in listing]
         for digest in missing:
@@ -376,7 +378,7 @@ class Store:
             if len(data) != length or self._digest(data) != digest:
                 raise StoreError(f"put: {path} changed during the put (offset {off}); nothing committed")
             blob = self._encode_chunk(digest, data)
-            b.retry(f"upload chunk {digest}", lambda d=digest, blob=blob: b.put_chunk(d, blob))
+            b.retry(f"upload chunk {digest}", functools.partial(b.put_chunk, digest, blob))
             stats["bytes_uploaded"] += len(blob)
             stats["chunks_new"] += 1
         if missing:
@@ -449,22 +451,24 @@ class Store:
                 self._check_epoch(key, manifest.epoch)
             crash_point("store.put.before-manifest")
             delay_point("store.put.before-manifest")
-            self.backend.retry("write manifest", lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
+            self.backend.retry("write manifest", functools.partial(self.backend.put_manifest, key, name, data, digests))
             crash_point("store.put.after-manifest")
             if manifest.epoch is not None:
                 try:
                     self._check_epoch(key, manifest.epoch)
                 except Fenced:  # a claim landed while we wrote: take the manifest back
-                    self.backend.retry("remove fenced manifest", lambda n=name: self.backend.delete_manifest(key, n))
+                    self.backend.retry(
+                        "remove fenced manifest", functools.partial(self.backend.delete_manifest, key, name)
+                    )
                     if old_name:
                         self.backend.retry(
-                            "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
+                            "remove superseded manifest", functools.partial(self.backend.delete_manifest, key, old_name)
                         )
                     self.backend.manifests_changed(key)
                     raise
             if old_name:
                 self.backend.retry(
-                    "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
+                    "remove superseded manifest", functools.partial(self.backend.delete_manifest, key, old_name)
                 )
             others = [n for n in self._names(key).get(key, {}).get(manifest.seq, []) if n != name]
             if not others:
@@ -488,7 +492,7 @@ class Store:
         body = json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
         for _attempt in range(50):
             n = self.epoch(key) + 1
-            if b.retry("claim epoch", lambda n=n: b.create_epoch(key, n, body.encode())):
+            if b.retry("claim epoch", functools.partial(b.create_epoch, key, n, body.encode())):
                 log.info("claimed %r: epoch %d for %s", key, n, owner)
                 return n
             time.sleep(secrets.randbelow(50) / 1000)  # another node took n: try the next
@@ -629,7 +633,7 @@ class Store:
         return data
 
     # ------------------------------------------------------------------ verify
-    def verify(self, key: str | None = None) -> list[str]:
+    def verify(self, key: str | None = None) -> builtins.list[str]:
         problems: list[str] = []
         manifests: list[Manifest] = []
         for k, seqs in sorted(self._names(key).items()):
@@ -641,7 +645,7 @@ class Store:
         problems += self._verify_manifests(manifests, set())
         return problems
 
-    def _verify_manifests(self, manifests: list[Manifest], checked: set[str]) -> list[str]:
+    def _verify_manifests(self, manifests: builtins.list[Manifest], checked: set[str]) -> builtins.list[str]:
         problems: list[str] = []
         bad: dict[str, str] = {}
         todo: dict[str, tuple[int, str, StoreKey | None]] = {}
@@ -681,10 +685,10 @@ class Store:
         if not names:
             raise CheckpointNotFound(f"no checkpoint {key!r} seq {seq} in {self.url}")
         for n in names:
-            self.backend.retry("delete manifest", lambda n=n: self.backend.delete_manifest(key, n))
+            self.backend.retry("delete manifest", functools.partial(self.backend.delete_manifest, key, n))
         self.backend.manifests_changed(key)
 
-    def prune(self, key: str, keep: int) -> list[int]:
+    def prune(self, key: str, keep: int) -> builtins.list[int]:
         """Delete all but the newest `keep` checkpoints of key; returns the deleted seqs."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
@@ -756,7 +760,7 @@ class Store:
                 if why:
                     stats["interrupted"] = why
                     break
-                b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
+                b.retry("delete chunk", functools.partial(b.delete_chunk, digest))
                 stats["chunks_deleted"] += 1
                 crash_point("store.gc.after-delete")
 

@@ -43,6 +43,7 @@ from shim.ttrpc import (
     TtrpcError,
     Unimplemented,
 )
+from shim.version import __version__
 
 if TYPE_CHECKING:
     from shim.protect.manager import ProtectionManager
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 TASK_SERVICE = "containerd.task.v2.Task"
 SHIM_SERVICE = "revenant.shim.v1.Shim"
 RESERVATION_TTL = 60.0  # a reserved container that containerd never creates stops holding the shim
-VERSION = "revenant-shim 0.1.0"
+VERSION = f"revenant-shim {__version__}"
 _STATUS = {
     State.CREATED: types.CREATED,
     State.RUNNING: types.RUNNING,

@@ -32,7 +32,7 @@ class Code(enum.IntEnum):
 class TtrpcError(Exception):
     """An RPC failure with a status code. Raise it (or a subclass) from a handler to choose the code."""
 
-    code: Code = Code.UNKNOWN
+    code: Code | int = Code.UNKNOWN  # an int for a code this side does not know (kept, not mapped)
 
     def __init__(self, message: str, code: Code | int | None = None) -> None:
         super().__init__(message)

@@ -11,7 +11,7 @@ import contextlib
 import io
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -74,7 +74,7 @@ class S3Backend(Backend):
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
         )
 
-    def _call(self, what: str, fn, *args: Any, **kw: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
         except Exception as e:
@@ -92,7 +92,8 @@ class S3Backend(Backend):
     def _get(self, name: str) -> bytes:
         key = self.prefix + name
         resp = self._call(f"get {key}", self.s3.get_object, Bucket=self.bucket, Key=key)
-        return self._call(f"read {key}", resp["Body"].read)
+        data: bytes = self._call(f"read {key}", resp["Body"].read)
+        return data
 
     def _exists(self, name: str) -> bool:
         try:
