@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import KeyMismatch, StoreError
+from .limits import SEAL_OVERHEAD
 
 KEY_LEN = 32
 NONCE_LEN = 12
@@ -35,6 +36,8 @@ KEY_ID_LEN = 8
 CHUNK_SEALED = 0xE1  # first byte of a sealed chunk; plain chunks start with 0 (raw) or 1 (zstd)
 MANIFEST_MAGIC = b"RVNSEALED1 "  # then 16 hex chars of key id, '\n', nonce, AES-GCM(plain manifest)
 _CHUNK_AAD = b"revenant chunk v1 "
+CHUNK_OVERHEAD = 1 + KEY_ID_LEN + NONCE_LEN + 16  # marker, key id, nonce, GCM tag
+assert CHUNK_OVERHEAD <= SEAL_OVERHEAD
 
 
 class StoreKey:

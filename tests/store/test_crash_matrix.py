@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -117,7 +118,13 @@ def test_killed_at_each_step(backend: str, op: str, point: str, tmp_path: Path, 
     assert final.verify() == []
     final.get(KEY, tmp_path / "last", seq=after.seq, fallback=False)
     assert tree_digest(tmp_path / "last") == tree_digest(v3)
-    # File modes of the store (0600 files, 0700 directories) are asserted by D1's hardening tests.
+    if backend.startswith("file"):
+        final.claim(KEY, "node-b")  # an epoch file too
+        root = tmp_path / "store"
+        for dirpath, _dirnames, filenames in os.walk(root):
+            assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
+            for f in filenames:
+                assert stat.S_IMODE(os.lstat(Path(dirpath) / f).st_mode) == 0o600, Path(dirpath) / f
 
 
 def fds() -> int:

@@ -33,6 +33,10 @@ class LockState:
     age: float | None  # seconds since it was last written, on the backend's own clock; None: unknown
 
 
+class TooLarge(StoreError):
+    """A stored object (or a server's answer) is larger than anything the store writes: not read."""
+
+
 class Backend(ABC):
     """Objects of three kinds: chunks (by BLAKE3 digest), manifests (by key + name) and locks (by name).
 
