@@ -446,7 +446,7 @@ class LocalBackend(Backend):
                 st = p.lstat()
             except FileNotFoundError:
                 continue
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_LOCK_OBJECT:  # what list_locks would read
                 locks.append((p.name, st))
         if not locks:
             return []

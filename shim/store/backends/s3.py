@@ -314,10 +314,13 @@ class S3Backend(Backend):
             date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
             now = parsedate_to_datetime(date).timestamp() if date else None
             for obj in page.get("Contents", []):
+                name = obj["Key"][len(self.prefix) + len("locks/") :]
+                if "/" in name or obj.get("Size", 0) > MAX_LOCK_OBJECT:  # not a lock this store writes
+                    continue
                 modified = obj["LastModified"].timestamp()
                 # Both times have one-second resolution: round the age down so a live lock never looks older.
                 age = max(0.0, now - modified - 1.0) if now is not None else None
-                out.append(LockState(obj["Key"].rsplit("/", 1)[-1], f"{obj.get('ETag')}:{modified}", age))
+                out.append(LockState(name, f"{obj.get('ETag')}:{modified}", age))
             if not page.get("IsTruncated"):
                 return out
             token = {"ContinuationToken": page["NextContinuationToken"]}
