@@ -66,21 +66,6 @@ def parse_args(argv: list[str]) -> Args:
     return a
 
 
-def build_parser() -> object:
-    """Kept for callers that want an argparse view of the flags (documentation, completion)."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="containerd-shim-revenant-v1", description="containerd runtime shim v2 for io.containerd.revenant.v1"
-    )
-    for flag, dest in Args.FLAGS.items():
-        p.add_argument(flag, dest=dest, default="")
-    for flag, dest in Args.BOOLS.items():
-        p.add_argument(flag, dest=dest, action="store_true")
-    p.add_argument("action", nargs="?", choices=["start", "delete"])
-    return p
-
-
 def socket_path(address: str, namespace: str, group: str) -> str:
     import posixpath
 

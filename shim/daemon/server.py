@@ -24,7 +24,8 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
         os.close(fd)
     shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "namespace": args.namespace})
 
-    from shim.runc.reaper import Reaper, set_child_subreaper
+    from shim.libc import set_child_subreaper
+    from shim.runc.reaper import Reaper
     from shim.task.events import Publisher
     from shim.task.service import TaskService
     from shim.ttrpc import Server

@@ -3,7 +3,7 @@
 Containers are keyed by id (one shim may serve a whole sandbox group). Process lifecycles live in
 shim.task.process; runc is driven through shim.runc.driver; exits come from the subreaper (shim.runc.reaper) and are
 matched to processes here. Checkpoint/restore is delegated to a pluggable CheckpointBackend, so adding
-one (the checkpoint issue) does not change this service.
+one (as the CRIU checkpoint support did) does not change this service.
 """
 
 from __future__ import annotations
