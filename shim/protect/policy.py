@@ -99,6 +99,9 @@ class NodeConfig:
     stop_deadline_s: float = 60.0
     run_dir: Path = Path("/run/revenant")
     staging_dir: Path = Path("/dev/shm/revenant")
+    # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
+    # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
+    encryption_key_files: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -117,6 +120,7 @@ class NodeConfig:
             "stop_deadline",
             "run_dir",
             "staging_dir",
+            "encryption",
         }
         unknown = set(data) - known
         if unknown:
@@ -141,7 +145,28 @@ class NodeConfig:
             cfg = replace(cfg, run_dir=Path(data["run_dir"]))
         if "staging_dir" in data:
             cfg = replace(cfg, staging_dir=Path(data["staging_dir"]))
+        if "encryption" in data:
+            cfg = replace(cfg, encryption_key_files=parse_encryption(data["encryption"], f"{where} [encryption]"))
+            cfg = replace(cfg, store=with_key_files(cfg.store, cfg.encryption_key_files))
         return cfg
+
+
+def parse_encryption(table: object, what: str) -> tuple[str, ...]:
+    if not isinstance(table, dict) or set(table) - {"key_file", "old_key_files"} or "key_file" not in table:
+        raise PolicyError(f'{what}: expected key_file = "/path" and optionally old_key_files = ["/path", ...]')
+    old = table.get("old_key_files", [])
+    files = [table["key_file"], *(old if isinstance(old, list) else [old])]
+    for f in files:
+        if not isinstance(f, str) or not f.startswith("/") or "," in f:
+            raise PolicyError(f"{what}: key files must be absolute paths without ',': {f!r}")
+    return tuple(files)
+
+
+def with_key_files(url: str, key_files: tuple[str, ...]) -> str:
+    """The store URL carrying the node's key files (an annotation URL may not carry its own)."""
+    if not key_files:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}key_file={','.join(key_files)}"
 
 
 @dataclass(frozen=True)
@@ -229,7 +254,13 @@ def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protecti
     interval = node.checkpoint_interval_s
     if INTERVAL in annotations:
         interval = parse_duration(annotations[INTERVAL], INTERVAL)
-    store = validate_store_url(annotations[STORE].strip(), STORE) if STORE in annotations else node.store
+    if STORE in annotations:
+        store = validate_store_url(annotations[STORE].strip(), STORE)
+        if re.search(r"[?&](key_file|allow_plaintext)=", store):
+            raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
+        store = with_key_files(store, node.encryption_key_files)
+    else:
+        store = node.store
     on_stop = parse_bool(annotations[ON_STOP], ON_STOP) if ON_STOP in annotations else node.checkpoint_on_stop
     keep = parse_keep(annotations[KEEP], KEEP) if KEEP in annotations else node.keep
     return Protection(key=key, store=store, interval_s=interval, checkpoint_on_stop=on_stop, keep=keep)
