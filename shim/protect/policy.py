@@ -121,10 +121,11 @@ def parse_keep(value: object, what: str) -> int:
 
 
 # The query options each backend reads (shim/store/backends); anything else is a typo or a trick.
+# key_file and allow_plaintext (encryption, shim/store) only from the node config, never an annotation.
 _STORE_OPTIONS = {
-    "file": {"packs"},
-    "s3": {"endpoint", "region", "multipart_mb"},
-    "oci": {"insecure", "mount_from", "chunked_mb"},
+    "file": {"packs", "key_file", "allow_plaintext"},
+    "s3": {"endpoint", "region", "multipart_mb", "key_file", "allow_plaintext"},
+    "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -215,6 +216,9 @@ class NodeConfig:
     run_dir: Path = Path("/run/revenant")
     staging_dir: Path = Path("/dev/shm/revenant")
     scratch_dir: Path = Path("/var/lib/revenant/scratch")  # on-disk staging fallback and restore scratch
+    # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
+    # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
+    encryption_key_files: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -242,6 +246,7 @@ class NodeConfig:
             "run_dir",
             "staging_dir",
             "scratch_dir",
+            "encryption",
         }
         unknown = set(data) - known
         if unknown:
@@ -283,6 +288,10 @@ class NodeConfig:
             cfg = replace(cfg, staging_dir=_absolute(data["staging_dir"], f"{where} staging_dir"))
         if "scratch_dir" in data:
             cfg = replace(cfg, scratch_dir=_absolute(data["scratch_dir"], f"{where} scratch_dir"))
+        if "encryption" in data:
+            keys = parse_encryption(data["encryption"], f"{where} [encryption]")
+            stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, encryption_key_files=keys, stores=stores, store=stores[cfg.default_store])
         return cfg
 
 
@@ -330,6 +339,24 @@ def _tenancy(cfg: NodeConfig, table: object, what: str) -> NodeConfig:
             raise PolicyError(f"{what} any_key_namespaces: expected a list of Kubernetes namespace names")
         cfg = replace(cfg, any_key_namespaces=tuple(names))
     return cfg
+
+
+def parse_encryption(table: object, what: str) -> tuple[str, ...]:
+    if not isinstance(table, dict) or set(table) - {"key_file", "old_key_files"} or "key_file" not in table:
+        raise PolicyError(f'{what}: expected key_file = "/path" and optionally old_key_files = ["/path", ...]')
+    old = table.get("old_key_files", [])
+    files = [table["key_file"], *(old if isinstance(old, list) else [old])]
+    for f in files:
+        if not isinstance(f, str) or not f.startswith("/") or "," in f:
+            raise PolicyError(f"{what}: key files must be absolute paths without ',': {f!r}")
+    return tuple(files)
+
+
+def with_key_files(url: str, key_files: tuple[str, ...]) -> str:
+    """The store URL carrying the node's key files (an annotation URL may not carry its own)."""
+    if not key_files:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}key_file={','.join(key_files)}"
 
 
 @dataclass(frozen=True)
@@ -436,12 +463,14 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
     value = annotations[STORE].strip()
     names = ", ".join(sorted(node.stores))
     if "://" in value:
+        if re.search(r"[?&](key_file|allow_plaintext)=", value):
+            raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
         if not node.allow_store_urls:
             raise PolicyError(
                 f"{STORE}: {value!r} is a URL, and this node accepts only the name of one of its configured "
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
-        return validate_store_url(value, STORE)
+        return with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]

@@ -359,3 +359,41 @@ def test_a_pods_key_stays_under_its_namespace():
     assert protection_for({**CRI, "revenant.io/checkpoint-key": "ml/team/job"}, NodeConfig()).key == "ml/team/job"
     # Not a CRI container (ctr, Docker): not confined.
     assert protection_for({"revenant.io/checkpoint-key": "team/job"}, NodeConfig()).key == "team/job"
+
+
+def test_node_encryption_keys_reach_every_store_url(tmp_path):
+    import os
+
+    from shim.store import KeyMismatch, open_store
+
+    keys = []
+    for name in ("new.key", "old.key"):
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+        keys.append(str(tmp_path / name))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        "allow_store_urls = true\n"
+        f"store = 'file://{tmp_path}/store'\n[encryption]\nkey_file = '{keys[0]}'\nold_key_files = ['{keys[1]}']\n"
+    )
+    node = NodeConfig.load(cfg)
+    assert node.encryption_key_files == tuple(keys)
+    default = protection_for(CRI, node)
+    annotated = protection_for({**CRI, "revenant.io/store": f"file://{tmp_path}/other?packs=0"}, node)
+    for p in (default, annotated):
+        store = open_store(p.store)
+        assert [k.source for k in store.keyring.keys] == keys
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"data")
+    open_store(default.store).put("k", tmp_path / "src")
+    with pytest.raises(KeyMismatch):
+        open_store(f"file://{tmp_path}/store").get("k", tmp_path / "out")
+    # A pod may not choose key files (any 0600 file of root's on the node would do as a key).
+    for url in (f"file:///x?key_file={keys[0]}", "s3://b/p?endpoint=http://h&allow_plaintext=1"):
+        with pytest.raises(PolicyError, match="node configuration"):
+            protection_for({**CRI, "revenant.io/store": url}, node)
+    for bad in ("[encryption]\nkey_files = '/k'\n", "[encryption]\nkey_file = 'relative'\n", "encryption = 1\n"):
+        cfg.write_text(bad)
+        with pytest.raises(PolicyError, match="encryption"):
+            NodeConfig.load(cfg)
