@@ -84,7 +84,7 @@ def main() -> int:
     images = build_test_images(work / "images")
     pause = build_pause_image(work / "images")
     node = ContainerdNode("bench", cri=True, version=args.containerd, subnet="10.231.250.0/24")
-    node.revenant_config.write_text(f'store = "file://{work / "store"}"\n')
+    node.write_revenant_config(extra=f'store = "file://{work / "store"}"')
     node.start()
     try:
         for archive in (pause, images.busybox):

@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
         "--listen",
         default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help=f"address for /metrics and /healthz (default {DEFAULT_LISTEN}; port 0 picks one)",
+        help=f"address for /metrics and /healthz (default {DEFAULT_LISTEN}; ':PORT' is loopback too; "
+        "0.0.0.0:PORT exposes them on every interface; port 0 picks one)",
     )
     p.add_argument(
         "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
@@ -79,10 +80,12 @@ def register(subparsers: Any) -> None:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT; a bare `:PORT` means loopback: exposing the agent is a choice made by naming an
+    address (`0.0.0.0:9810`, or the pod IP for a Prometheus scrape)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"--listen {value!r}: expected HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
 

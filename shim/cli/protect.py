@@ -39,7 +39,11 @@ def register(subparsers: Any) -> None:
     )
     ck.add_argument("container", help="container id")
     ck.add_argument("--namespace", "-n", default=None, help="containerd namespace (needed if the id is ambiguous)")
-    ck.add_argument("--exit", action="store_true", help="final checkpoint: stop the container after the dump")
+    ck.add_argument(
+        "--exit",
+        action="store_true",
+        help="final checkpoint: stop the container once it is committed (it runs on if that fails)",
+    )
     ck.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds (600)")
     ck.add_argument(
         "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"

@@ -4,11 +4,21 @@ The task is frozen only while CRIU dumps its memory into memory-backed staging a
 layer is captured (both must describe the same instant); hashing, compression and upload run after
 it resumed. The manifest is committed last, so a checkpoint interrupted anywhere stays invisible and
 the previous one stays the latest.
+
+A final (exit) checkpoint must not lose the job when its upload fails: the task is dumped leaving it
+running but stays frozen through upload and commit, and is stopped (SIGKILL) only once the
+checkpoint is committed. If anything fails before that, the task is thawed and runs on, and the
+caller gets the error: the job is either still running or restorable from a committed checkpoint.
+
+Retention never deletes a checkpoint this container did not supersede: `keep_seqs` (the checkpoints
+that existed at Create but were not used, e.g. on another image's node, or before a fresh start)
+are left for an operator (`revenant store gc`).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -18,7 +28,7 @@ from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointOptions
 from shim.protect.policy import NodeConfig, Protection
-from shim.runc.driver import Runc
+from shim.runc.driver import Runc, RuncError
 
 from .image_identity import ImageIdentity, ImageLookup
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
@@ -46,6 +56,7 @@ class ProtectedContainer:
     resume: Callable[[], None] | None = None
     checkpoint_options: CheckpointOptions = field(default_factory=CheckpointOptions)
     extra_metadata: Callable[[], dict[str, Any]] | None = None  # e.g. GPU state of the dump
+    keep_seqs: frozenset[int] = frozenset()  # checkpoints retention must leave alone (module docstring)
 
 
 @dataclass
@@ -77,9 +88,13 @@ class Checkpointer:
     def take(self, c: ProtectedContainer, *, exit: bool, reason: str) -> CheckpointReport:
         start = time.monotonic()
         expected = process_tree_rss(c.init_pid) if c.init_pid else 0
-        staging = make_staging_dir(self.node.staging_dir, c.bundle, expected, prefix=f"{c.id}-")
+        staging = make_staging_dir(self.node.staging_dir, self.node.scratch_dir, expected, prefix=f"{c.id}-")
+        # An exit checkpoint holds the task frozen until the commit (then stops it) when it can freeze
+        # it; without a pause hook it falls back to CRIU stopping the task at the dump.
+        hold = exit and c.pause is not None and c.resume is not None
+        held = False
         try:
-            freeze_s, dump, layer = self._freeze_and_dump(c, staging, exit=exit)
+            freeze_s, dump, layer, held = self._freeze_and_dump(c, staging, exit=exit, hold=hold)
             metadata = {
                 "format": FORMAT,
                 "container": {"namespace": c.namespace, "id": c.id},
@@ -97,10 +112,17 @@ class Checkpointer:
             upload_start = time.monotonic()
             with self.open_store(c.protection.store) as store:
                 info = store.put(c.protection.key, staging, metadata=metadata, progress=_progress_logger(c))
-                pruned = store.prune(c.protection.key, c.protection.keep)
+                pruned = prune_superseded(store, c.protection.key, c.protection.keep, c.keep_seqs)
             upload_s = time.monotonic() - upload_start
+        except BaseException:
+            if held:
+                log.error("final checkpoint of %s/%s not committed: the task runs on", c.namespace, c.id)
+                _thaw(c)
+            raise
         finally:
             remove_staging_dir(staging)
+        if hold:
+            _stop_frozen(c)
         total_s = time.monotonic() - start
         stats = {
             "criu": dump.as_dict(),
@@ -125,24 +147,63 @@ class Checkpointer:
             c.protection.key, info.seq, info.bytes_read, info.bytes_uploaded, freeze_s, total_s, stats
         )
 
-    def _freeze_and_dump(self, c: ProtectedContainer, staging: Path, *, exit: bool) -> tuple[float, Any, Any]:
-        """Pause, dump, capture the layer, resume: the only span in which the job does not run."""
+    def _freeze_and_dump(
+        self, c: ProtectedContainer, staging: Path, *, exit: bool, hold: bool
+    ) -> tuple[float, Any, Any, bool]:
+        """Pause, dump, capture the layer, resume: the only span in which the job does not run.
+
+        With `hold` the dump leaves the task in place and it stays frozen (the caller thaws or stops
+        it); the last value says whether this call froze it."""
         from shim.layer import capture_writable_layer
 
-        options = CheckpointOptions(**{**asdict(c.checkpoint_options), "exit": exit})
+        options = CheckpointOptions(**{**asdict(c.checkpoint_options), "exit": exit and not hold})
         frozen_at = time.monotonic()
         gone = False
+        held = False
         paused = c.pause() if c.pause is not None else False
         try:
             dump = self.engine.checkpoint(c.runc, c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
-            gone = exit  # after an exit dump the task no longer exists: nothing to resume
+            gone = options.exit  # after an exit dump the task no longer exists: nothing to resume
             layer = None
             if c.upper_dir is not None:
                 layer = capture_writable_layer(c.upper_dir, staging, base=c.image.base if c.image else None)
+            held = hold and paused
         finally:
-            if paused and not gone and c.resume is not None:
+            if paused and not gone and not held and c.resume is not None:
                 c.resume()
-        return time.monotonic() - frozen_at, dump, layer
+        return time.monotonic() - frozen_at, dump, layer, held
+
+
+def prune_superseded(store: Any, key: str, keep: int, keep_seqs: frozenset[int]) -> list[int]:
+    """Delete all but the newest `keep` checkpoints of key, never one of `keep_seqs`; the deleted seqs.
+
+    Runs after the commit: a failure is logged, it does not undo a committed checkpoint."""
+    try:
+        seqs = sorted((i.seq for i in store.list(key) if i.seq not in keep_seqs), reverse=True)
+        for seq in seqs[keep:]:
+            store.delete(key, seq)
+        return seqs[keep:]
+    except Exception as e:
+        log.warning("retention of %s failed (the checkpoint is committed): %s", key, e)
+        return []
+
+
+def _thaw(c: ProtectedContainer) -> None:
+    try:
+        assert c.resume is not None
+        c.resume()
+    except Exception as e:  # the error that got us here matters more; this one is logged
+        log.error("cannot thaw %s/%s after its failed final checkpoint: %s", c.namespace, c.id, e)
+
+
+def _stop_frozen(c: ProtectedContainer) -> None:
+    """Stop the task its final checkpoint holds frozen: SIGKILL, then thaw so the kill lands (a
+    cgroup v1 freezer keeps even SIGKILL pending). A killed task runs no more user code."""
+    try:
+        c.runc.kill(c.id, signal.SIGKILL, all_processes=True)
+    except RuncError as e:
+        log.error("final checkpoint of %s/%s committed, but stopping the task failed: %s", c.namespace, c.id, e)
+    _thaw(c)
 
 
 def _progress_logger(c: ProtectedContainer) -> Callable[[int, int], None]:

@@ -32,15 +32,18 @@ class ImageIdentity:
         return {"name": self.name, "digest": self.digest, "base": self.base}
 
     def differs_from(self, recorded: dict[str, str] | None) -> str | None:
-        """Why a checkpoint taken on `recorded` must not be restored onto this image, or None."""
-        if not recorded:
-            return None
+        """Why a checkpoint taken on `recorded` must not be restored onto this image, or None.
+
+        Strict: a checkpoint that records no image, or lacks a field this container has (or has one
+        it lacks), is another image's as far as anyone can tell."""
+        if not recorded or not isinstance(recorded, dict):
+            return f"the checkpoint records no image (this container runs {self.name or '?'})"
         for field_name in ("digest", "base"):
-            was, now = recorded.get(field_name, ""), getattr(self, field_name)
-            if was and now and was != now:
+            was, now = str(recorded.get(field_name) or ""), getattr(self, field_name)
+            if was != now:
                 return (
-                    f"the image differs from the checkpoint's ({field_name} {was} at checkpoint, "
-                    f"{now} now; image {recorded.get('name', '?')} -> {self.name})"
+                    f"the image differs from the checkpoint's ({field_name} {was or 'unknown'} at checkpoint, "
+                    f"{now or 'unknown'} now; image {recorded.get('name', '?')} -> {self.name})"
                 )
         return None
 

@@ -37,13 +37,14 @@ from shim.protect.policy import (
     protection_for,
 )
 from shim.task import mounts
-from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
+from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError, Unavailable
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restarts import Attempt, KeyHistory, RestartPolicy, decide
-from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir, fill_upper_dir
+from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, RestoreUnavailable, clear_upper_dir, fill_upper_dir
+from .staging import sweep_leftovers
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
@@ -75,6 +76,9 @@ class Protected:
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
     # The rootfs overlay as mounted before the shim ran (dockerd's graph driver), else None.
     premounted: mounts.MountInfo | None = None
+    # Guards the registry record: once Delete removed it, a checkpoint finishing late must not rewrite it.
+    record_lock: threading.Lock = field(default_factory=threading.Lock)
+    gone: bool = False
 
 
 def load_node_config() -> NodeConfig:
@@ -143,6 +147,7 @@ class ProtectionManager:
         # again is the kubelet restarting the container in its pod.
         self._history: dict[str, KeyHistory] = {}
         self._lock = threading.Lock()
+        self._swept = False
 
     @property
     def node(self) -> NodeConfig:
@@ -172,6 +177,9 @@ class ProtectionManager:
         self._refuse_second_claim(c.id, protection.key, protection.store)
         from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
 
+        if not self._swept:  # a killed shim's staged dumps and restore scratch hold a job's memory
+            self._swept = True
+            sweep_leftovers(self.node.staging_dir, self.node.scratch_dir)
         upper_dir, premounted = upper_dir_of(req.rootfs), None
         if upper_dir is None and not req.rootfs:
             premounted = premounted_rootfs(c.bundle)
@@ -253,15 +261,19 @@ class ProtectionManager:
 
     def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | ImageLookup | None) -> None:
         pc = p.container
-        result = self.restorer.prepare(
-            pc.protection,
-            Path(c.bundle),
-            pc.upper_dir,
-            image,
-            skip_seqs=p.tried_seqs,
-            compatible=lambda meta: self._gpu_refusal(c.id, meta),
-            fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
-        )
+        try:
+            result = self.restorer.prepare(
+                pc.protection,
+                self.node.scratch_dir,
+                pc.upper_dir,
+                image,
+                skip_seqs=p.tried_seqs,
+                compatible=lambda meta: self._gpu_refusal(c.id, meta),
+                fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
+            )
+        except RestoreUnavailable as e:
+            raise Unavailable(f"{pc.protection.key}: checkpoints unreadable, not starting fresh: {e}") from None
+        pc.keep_seqs = pc.keep_seqs | set(result.unused_seqs) | set(p.tried_seqs)
         if isinstance(result, NoUsableCheckpoint):
             p.plan, c.checkpoint = None, ""
             if result.reasons:
@@ -354,14 +366,17 @@ class ProtectionManager:
         p.attempt = Attempt(started_at=time.time(), restored_from=p.restored_from)
         with self._lock:
             self._history.setdefault(pc.protection.key, KeyHistory()).last = p.attempt
-        if pc.protection.interval_s > 0:
+        self._start_periodic(c, p)
+        self._write_record(p)
+
+    def _start_periodic(self, c: Container, p: Protected) -> None:
+        if p.container.protection.interval_s > 0:
             p.periodic = PeriodicCheckpoints(
                 f"{c.namespace}/{c.id}",
-                pc.protection.interval_s,
+                p.container.protection.interval_s,
                 lambda: self.checkpoint(c.id, exit=False, reason="periodic"),
             )
             p.periodic.start()
-        self._write_record(p)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint(self, cid: str, *, exit: bool, reason: str, timeout_s: float | None = None) -> CheckpointReport:
@@ -399,7 +414,10 @@ class ProtectionManager:
         return report
 
     def before_kill(self, c: Container, sig: int) -> bool:
-        """Final checkpoint on a stop signal when asked for; True when it already stopped the task."""
+        """Final checkpoint on a stop signal when asked for; True when it already stopped the task.
+
+        If it fails the task runs on (the checkpointer thawed it) and a SIGTERM/SIGINT fails with the
+        reason, to be retried; only SIGKILL stops the job without it, and says so."""
         p = self.get(c.id)
         if p is None or not p.container.protection.checkpoint_on_stop or sig not in STOP_SIGNALS:
             return False
@@ -408,8 +426,14 @@ class ProtectionManager:
         try:
             self.checkpoint(c.id, exit=True, reason=f"stop signal {sig}", timeout_s=self.node.stop_deadline_s)
         except TtrpcError as e:
-            log.error("final checkpoint of %s before stopping failed; stopping without it: %s", c.id, e)
-            return False
+            if sig == signal.SIGKILL:
+                log.error("final checkpoint of %s failed; SIGKILL stops it without one: %s", c.id, e)
+                return False
+            self._start_periodic(c, p)
+            raise Unavailable(
+                f"{c.id} keeps running: its final checkpoint failed ({e}); stop it again to retry, or "
+                "SIGKILL stops it without a final checkpoint"
+            ) from None
         return True
 
     # -- Exit ------------------------------------------------------------------------------------
@@ -446,7 +470,9 @@ class ProtectionManager:
             p.periodic.stop()
         if p.plan is not None:
             p.plan.discard()
-        registry.remove_task(self.run_dir, p.container.namespace, cid)
+        with p.record_lock:
+            p.gone = True
+            registry.remove_task(self.run_dir, p.container.namespace, cid)
 
     # -- registry, events, Control ---------------------------------------------------------------
     def record(self, p: Protected) -> registry.TaskRecord:
@@ -483,7 +509,9 @@ class ProtectionManager:
 
     def _write_record(self, p: Protected) -> None:
         try:
-            registry.write_task(self.run_dir, self.record(p))
+            with p.record_lock:
+                if not p.gone:
+                    registry.write_task(self.run_dir, self.record(p))
         except OSError as e:
             log.warning("cannot write the registry record of %s: %s", p.container.id, e)
 

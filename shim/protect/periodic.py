@@ -10,13 +10,16 @@ import logging
 import threading
 from collections.abc import Callable
 
+from shim.protect.policy import MAX_INTERVAL_S
+
 log = logging.getLogger(__name__)
 
 
 class PeriodicCheckpoints:
     def __init__(self, name: str, interval_s: float, take: Callable[[], object]) -> None:
-        if interval_s <= 0:
-            raise ValueError("interval must be positive")
+        if not 0 < interval_s <= MAX_INTERVAL_S:
+            # threading's wait() overflows on absurd timeouts, which would end the thread silently.
+            raise ValueError(f"interval must be positive and at most {MAX_INTERVAL_S:.0f}s, got {interval_s}")
         self.name = name
         self.interval_s = interval_s
         self._take = take

@@ -3,15 +3,22 @@
 Annotations (set by `ctr run --annotation`, Docker `--annotation`, or Kubernetes pod annotations
 passed through CRI) win over `/etc/revenant/config.toml`. A bad value is an error at Create, never a
 silent default: a job its owner believes protected must not run unprotected.
+
+Annotations come from the workload, the node config from the node's owner (docs/security.md,
+"Tenancy"): an annotation names one of the node's configured stores, never a URL of its own (unless
+the node allows it), and a Kubernetes pod's key stays under its namespace.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 KEY = "revenant.io/checkpoint-key"
 INTERVAL = "revenant.io/checkpoint-interval"
@@ -23,12 +30,19 @@ CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_POD_NAME = "io.kubernetes.cri.sandbox-name"
 CRI_POD_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+K8S_POD_NAMESPACE = "io.kubernetes.pod.namespace"
 # Set by the Job controller on each pod of an Indexed Job (a pod annotation, passed through by the
 # CRI handler's pod_annotations in packaging/containerd/).
 JOB_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 
 DEFAULT_CONFIG_PATH = Path("/etc/revenant/config.toml")
 DEFAULT_STORE = "file:///var/lib/revenant/store"
+DEFAULT_STORE_NAME = "default"
+MIN_INTERVAL_S = 10.0  # node default; a node config may lower it (min_checkpoint_interval)
+MAX_INTERVAL_S = 30 * 86400.0
+MAX_STOP_DEADLINE_S = 3600.0
+_NAME_OK = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_K8S_NAMESPACE_OK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,253}$")
@@ -58,9 +72,33 @@ def parse_duration(text: str, what: str) -> float:
             break
         total += float(m[1]) * _UNIT_S[m[2]]
         pos = m.end()
-    if pos != len(value) or pos == 0:
+    if pos != len(value) or pos == 0 or not math.isfinite(total):
         raise PolicyError(f"{what}: {text!r} is not a duration (examples: 30s, 10m, 1h30m, off)")
     return total
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def parse_interval(text: str, what: str, minimum: float = MIN_INTERVAL_S) -> float:
+    """A checkpoint interval: `off` (or `never`), else between `minimum` and 30 days.
+
+    A zero duration such as `0s` is refused rather than read as off: say `off` when off is meant."""
+    value = text.strip()
+    if value in ("off", "never"):
+        return 0.0
+    seconds = parse_duration(value, what) if value != "0" else 0.0
+    if seconds == 0:
+        raise PolicyError(f"{what}: {text!r} is zero; write 'off' to turn periodic checkpoints off")
+    if not minimum <= seconds <= MAX_INTERVAL_S:
+        raise PolicyError(
+            f"{what}: {text!r} is outside the allowed range {_human(minimum)} .. {_human(MAX_INTERVAL_S)} (or 'off')"
+        )
+    return seconds
 
 
 def parse_bool(text: str, what: str) -> bool:
@@ -82,23 +120,102 @@ def parse_keep(value: object, what: str) -> int:
     return keep
 
 
+# The query options each backend reads (shim/store/backends); anything else is a typo or a trick.
+# key_file and allow_plaintext (encryption, shim/store) only from the node config, never an annotation.
+_STORE_OPTIONS = {
+    "file": {"packs", "key_file", "allow_plaintext"},
+    "s3": {"endpoint", "region", "multipart_mb", "key_file", "allow_plaintext"},
+    "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext"},
+}
+_BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
+_S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
+_REPO_OK = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+
+
+def _megabytes(value: str, what: str, low: float, high: float) -> None:
+    try:
+        mb = float(value)
+    except ValueError:
+        raise PolicyError(f"{what}: {value!r} is not a number of MiB") from None
+    if not (math.isfinite(mb) and low <= mb <= high):
+        raise PolicyError(f"{what}: {value!r} MiB is outside {low:g} .. {high:g}")
+
+
 def validate_store_url(url: str, what: str) -> str:
-    if not re.match(r"^(file|s3|oci)://.+", url):
+    """Check a store URL completely at Create, so a bad one fails there and not at the first checkpoint."""
+    m = re.match(r"^(file|s3|oci)://.+", url)
+    if not m:
         raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3:// or oci://)")
+    scheme = m[1]
+    try:
+        u = urlsplit(url)
+        query = parse_qs(u.query, keep_blank_values=True, strict_parsing=bool(u.query))
+    except ValueError as e:
+        raise PolicyError(f"{what}: {url!r} is not a valid URL ({e})") from None
+    if u.fragment or "@" in u.netloc:
+        raise PolicyError(f"{what}: {url!r}: no fragment or user@ part allowed (credentials stay out of URLs)")
+    unknown = set(query) - _STORE_OPTIONS[scheme]
+    if unknown:
+        raise PolicyError(
+            f"{what}: {url!r}: unknown option(s) {', '.join(sorted(unknown))} for {scheme}:// "
+            f"(known: {', '.join(sorted(_STORE_OPTIONS[scheme]))})"
+        )
+    repeated = [k for k, v in query.items() if len(v) > 1]
+    if repeated:
+        raise PolicyError(f"{what}: {url!r}: option(s) {', '.join(sorted(repeated))} given more than once")
+    opt = {k: v[0] for k, v in query.items()}
+    if scheme == "file":
+        if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
+            raise PolicyError(f"{what}: {url!r}: a file store needs an absolute path (file:///dir)")
+        if ".." in u.path.split("/"):
+            raise PolicyError(f"{what}: {url!r}: '..' is not allowed in a store path")
+        if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
+            raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
+    elif scheme == "s3":
+        if not _S3_BUCKET_OK.match(u.netloc):
+            raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not an S3 bucket name")
+        if "endpoint" in opt:
+            ep = urlsplit(opt["endpoint"])
+            if ep.scheme not in ("http", "https") or not ep.hostname or ep.path not in ("", "/") or ep.query:
+                raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT]")
+        if "region" in opt and not _REGION_OK.match(opt["region"]):
+            raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
+        if "multipart_mb" in opt:
+            _megabytes(opt["multipart_mb"], f"{what} multipart_mb", 5, 5120)
+    else:
+        if not u.hostname or not _REPO_OK.match(u.path.strip("/")):
+            raise PolicyError(f"{what}: {url!r}: an OCI store is oci://REGISTRY[:PORT]/REPOSITORY")
+        if "insecure" in opt and opt["insecure"] not in _BOOL_WORDS:
+            raise PolicyError(f"{what}: {url!r}: insecure={opt['insecure']!r} is not true or false")
+        if "chunked_mb" in opt:
+            _megabytes(opt["chunked_mb"], f"{what} chunked_mb", 1, 1024)
+        if "mount_from" in opt and not all(_REPO_OK.match(r) for r in opt["mount_from"].split(",")):
+            raise PolicyError(f"{what}: {url!r}: mount_from must list repositories separated by commas")
     return url
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Node defaults from /etc/revenant/config.toml (every field optional there)."""
+    """Node defaults from /etc/revenant/config.toml (every field optional there).
+
+    `stores` maps the names an annotation may use to URLs; `store` is the default store's URL (the
+    old single `store = URL` setting defines the store named "default")."""
 
     store: str = DEFAULT_STORE
+    stores: Mapping[str, str] = field(default_factory=lambda: {DEFAULT_STORE_NAME: DEFAULT_STORE})
+    default_store: str = DEFAULT_STORE_NAME
+    allow_store_urls: bool = False  # single-tenant nodes only: an annotation may then give any URL
+    allow_cross_namespace_keys: bool = False  # [tenancy]: a pod may name a key outside its namespace
+    any_key_namespaces: tuple[str, ...] = ()  # [tenancy]: namespaces whose pods may name any key
     checkpoint_interval_s: float = 0.0
+    min_interval_s: float = MIN_INTERVAL_S
     keep: int = 3
     checkpoint_on_stop: bool = False
     stop_deadline_s: float = 60.0
     run_dir: Path = Path("/run/revenant")
     staging_dir: Path = Path("/dev/shm/revenant")
+    scratch_dir: Path = Path("/var/lib/revenant/scratch")  # on-disk staging fallback and restore scratch
     # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
     # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
     encryption_key_files: tuple[str, ...] = ()
@@ -111,27 +228,48 @@ class NodeConfig:
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise PolicyError(f"{path}: {e}") from None
-        where = str(path)
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> NodeConfig:
         known = {
             "store",
+            "stores",
+            "default_store",
+            "allow_store_urls",
+            "tenancy",
             "checkpoint_interval",
+            "min_checkpoint_interval",
             "keep",
             "checkpoint_on_stop",
             "stop_deadline",
             "run_dir",
             "staging_dir",
+            "scratch_dir",
             "encryption",
         }
         unknown = set(data) - known
         if unknown:
             raise PolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
         cfg = cls()
-        if "store" in data:
-            cfg = replace(cfg, store=validate_store_url(str(data["store"]), f"{where} store"))
+        stores = _stores(data, where)
+        default = str(data.get("default_store", DEFAULT_STORE_NAME))
+        if default not in stores:
+            raise PolicyError(f"{where} default_store: no [stores.{default}] (configured: {', '.join(sorted(stores))})")
+        cfg = replace(cfg, stores=stores, default_store=default, store=stores[default])
+        if "allow_store_urls" in data:
+            cfg = replace(cfg, allow_store_urls=parse_bool(str(data["allow_store_urls"]), f"{where} allow_store_urls"))
+        if "tenancy" in data:
+            cfg = _tenancy(cfg, data["tenancy"], f"{where} [tenancy]")
+        if "min_checkpoint_interval" in data:
+            minimum = parse_duration(str(data["min_checkpoint_interval"]), f"{where} min_checkpoint_interval")
+            if not 1 <= minimum <= MAX_INTERVAL_S:
+                raise PolicyError(f"{where} min_checkpoint_interval: must be at least 1s")
+            cfg = replace(cfg, min_interval_s=minimum)
         if "checkpoint_interval" in data:
+            what = f"{where} checkpoint_interval"
             cfg = replace(
-                cfg,
-                checkpoint_interval_s=parse_duration(str(data["checkpoint_interval"]), f"{where} checkpoint_interval"),
+                cfg, checkpoint_interval_s=parse_interval(str(data["checkpoint_interval"]), what, cfg.min_interval_s)
             )
         if "keep" in data:
             cfg = replace(cfg, keep=parse_keep(data["keep"], f"{where} keep"))
@@ -140,15 +278,67 @@ class NodeConfig:
                 cfg, checkpoint_on_stop=parse_bool(str(data["checkpoint_on_stop"]), f"{where} checkpoint_on_stop")
             )
         if "stop_deadline" in data:
-            cfg = replace(cfg, stop_deadline_s=parse_duration(str(data["stop_deadline"]), f"{where} stop_deadline"))
+            deadline = parse_duration(str(data["stop_deadline"]), f"{where} stop_deadline")
+            if not 0 < deadline <= MAX_STOP_DEADLINE_S:
+                raise PolicyError(f"{where} stop_deadline: {data['stop_deadline']!r} is outside 1s .. 1h")
+            cfg = replace(cfg, stop_deadline_s=deadline)
         if "run_dir" in data:
-            cfg = replace(cfg, run_dir=Path(data["run_dir"]))
+            cfg = replace(cfg, run_dir=_absolute(data["run_dir"], f"{where} run_dir"))
         if "staging_dir" in data:
-            cfg = replace(cfg, staging_dir=Path(data["staging_dir"]))
+            cfg = replace(cfg, staging_dir=_absolute(data["staging_dir"], f"{where} staging_dir"))
+        if "scratch_dir" in data:
+            cfg = replace(cfg, scratch_dir=_absolute(data["scratch_dir"], f"{where} scratch_dir"))
         if "encryption" in data:
-            cfg = replace(cfg, encryption_key_files=parse_encryption(data["encryption"], f"{where} [encryption]"))
-            cfg = replace(cfg, store=with_key_files(cfg.store, cfg.encryption_key_files))
+            keys = parse_encryption(data["encryption"], f"{where} [encryption]")
+            stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, encryption_key_files=keys, stores=stores, store=stores[cfg.default_store])
         return cfg
+
+
+def _absolute(value: object, what: str) -> Path:
+    path = Path(str(value))
+    if not path.is_absolute():
+        raise PolicyError(f"{what}: {value!r} is not an absolute path")
+    return path
+
+
+def _stores(data: dict[str, Any], where: str) -> dict[str, str]:
+    """[stores.NAME] url = ... plus the single `store = URL` setting as the store named "default"."""
+    table = data.get("stores", {})
+    if not isinstance(table, dict):
+        raise PolicyError(f"{where} stores: expected [stores.NAME] tables")
+    stores: dict[str, str] = {}
+    for name, entry in table.items():
+        what = f"{where} [stores.{name}]"
+        if not _NAME_OK.match(name):
+            raise PolicyError(f"{what}: a store name is lower-case letters, digits, '.', '_', '-'")
+        if not isinstance(entry, dict) or set(entry) != {"url"}:
+            raise PolicyError(f'{what}: expected exactly one setting, url = "..."')
+        stores[name] = validate_store_url(str(entry["url"]), f"{what} url")
+    if "store" in data:
+        if DEFAULT_STORE_NAME in stores:
+            raise PolicyError(f"{where}: store and [stores.{DEFAULT_STORE_NAME}] both define the default store")
+        stores[DEFAULT_STORE_NAME] = validate_store_url(str(data["store"]), f"{where} store")
+    elif not stores:
+        stores[DEFAULT_STORE_NAME] = DEFAULT_STORE
+    return stores
+
+
+def _tenancy(cfg: NodeConfig, table: object, what: str) -> NodeConfig:
+    if not isinstance(table, dict):
+        raise PolicyError(f"{what}: expected a table")
+    unknown = set(table) - {"allow_cross_namespace_keys", "any_key_namespaces"}
+    if unknown:
+        raise PolicyError(f"{what}: unknown setting(s) {', '.join(sorted(unknown))}")
+    if "allow_cross_namespace_keys" in table:
+        allow = parse_bool(str(table["allow_cross_namespace_keys"]), f"{what} allow_cross_namespace_keys")
+        cfg = replace(cfg, allow_cross_namespace_keys=allow)
+    if "any_key_namespaces" in table:
+        names = table["any_key_namespaces"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and _K8S_NAMESPACE_OK.match(n) for n in names):
+            raise PolicyError(f"{what} any_key_namespaces: expected a list of Kubernetes namespace names")
+        cfg = replace(cfg, any_key_namespaces=tuple(names))
+    return cfg
 
 
 def parse_encryption(table: object, what: str) -> tuple[str, ...]:
@@ -221,8 +411,12 @@ def checkpoint_key(annotations: Mapping[str, str]) -> str | None:
         return None
     if KEY in annotations:
         key = expand_key_template(annotations[KEY].strip(), annotations)
-        if not _KEY_OK.match(key) or ".." in key.split("/"):
-            raise PolicyError(f"{KEY}: {key!r} must be 1-254 characters of letters, digits, '.', '_', '-', '/'")
+        parts = key.split("/")
+        if not _KEY_OK.match(key) or any(p in ("", ".", "..") for p in parts):
+            raise PolicyError(
+                f"{KEY}: {key!r} must be 1-254 characters of letters, digits, '.', '_', '-', '/' "
+                "(no empty, '.' or '..' path parts)"
+            )
         return key
     if annotations.get(CRI_CONTAINER_TYPE) == "container":
         parts = [annotations.get(k, "") for k in (CRI_POD_NAMESPACE, CRI_POD_NAME, CRI_CONTAINER_NAME)]
@@ -231,18 +425,55 @@ def checkpoint_key(annotations: Mapping[str, str]) -> str | None:
     return None
 
 
-def confine_key(key: str, annotations: Mapping[str, str]) -> str:
-    """A Kubernetes pod's key must sit under `<its namespace>/`: a pod must not resume (or overwrite)
-    another namespace's checkpoints by naming their key. containerd's CRI plugin sets the namespace
-    annotation itself; containers it did not create (ctr, Docker) are not confined, as whoever calls
-    containerd's API directly is root on the node already."""
-    namespace = annotations.get(CRI_POD_NAMESPACE, "").strip()
-    if not namespace or key.startswith(f"{namespace}/"):
+def pod_namespace(annotations: Mapping[str, str]) -> str | None:
+    """The Kubernetes namespace of a pod's container (None: not a pod's container).
+
+    containerd's CRI plugin sets the sandbox-namespace annotation itself; a pod that also carries
+    a different io.kubernetes.pod.namespace (pod annotations passed through) is refused."""
+    names = {a: annotations[a].strip() for a in (CRI_POD_NAMESPACE, K8S_POD_NAMESPACE) if a in annotations}
+    if not names:
+        return None
+    if len(set(names.values())) > 1 or not all(_K8S_NAMESPACE_OK.match(n) for n in names.values()):
+        shown = ", ".join(f"{a}={n!r}" for a, n in names.items())
+        raise PolicyError(f"{KEY}: the container's namespace annotations disagree or are malformed ({shown})")
+    return next(iter(names.values()))
+
+
+def confine_key(key: str, annotations: Mapping[str, str], node: NodeConfig) -> str:
+    """A pod's key must sit under `<its namespace>/` unless the node config widens that.
+
+    Containers that containerd's CRI plugin did not create (ctr, Docker, nerdctl) are not confined:
+    whoever may call containerd's API directly is root on the node already (docs/security.md)."""
+    namespace = pod_namespace(annotations)
+    if namespace is None or node.allow_cross_namespace_keys or namespace in node.any_key_namespaces:
         return key
-    raise PolicyError(
-        f"{KEY}: {key!r} is outside the pod's namespace: a pod in {namespace!r} may only use keys "
-        f"starting with '{namespace}/' (write templates as '${{namespace}}/...')"
-    )
+    if not key.startswith(f"{namespace}/"):
+        raise PolicyError(
+            f"{KEY}: {key!r} is outside the pod's namespace: a pod in {namespace!r} may only use keys "
+            f"starting with '{namespace}/' (write templates as '${{namespace}}/...'; the node config's [tenancy] "
+            "section can widen this)"
+        )
+    return key
+
+
+def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
+    """The store URL: the node's default, or the configured store the annotation names."""
+    if STORE not in annotations:
+        return node.store
+    value = annotations[STORE].strip()
+    names = ", ".join(sorted(node.stores))
+    if "://" in value:
+        if re.search(r"[?&](key_file|allow_plaintext)=", value):
+            raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
+        if not node.allow_store_urls:
+            raise PolicyError(
+                f"{STORE}: {value!r} is a URL, and this node accepts only the name of one of its configured "
+                f"stores ({names}); URLs need allow_store_urls = true in the node config"
+            )
+        return with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
+    if value not in node.stores:
+        raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
+    return node.stores[value]
 
 
 def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protection | None:
@@ -250,17 +481,11 @@ def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protecti
     key = checkpoint_key(annotations)
     if key is None:
         return None
-    key = confine_key(key, annotations)
+    key = confine_key(key, annotations, node)
     interval = node.checkpoint_interval_s
     if INTERVAL in annotations:
-        interval = parse_duration(annotations[INTERVAL], INTERVAL)
-    if STORE in annotations:
-        store = validate_store_url(annotations[STORE].strip(), STORE)
-        if re.search(r"[?&](key_file|allow_plaintext)=", store):
-            raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
-        store = with_key_files(store, node.encryption_key_files)
-    else:
-        store = node.store
+        interval = parse_interval(annotations[INTERVAL], INTERVAL, node.min_interval_s)
+    store = store_for(annotations, node)
     on_stop = parse_bool(annotations[ON_STOP], ON_STOP) if ON_STOP in annotations else node.checkpoint_on_stop
     keep = parse_keep(annotations[KEEP], KEEP) if KEEP in annotations else node.keep
     return Protection(key=key, store=store, interval_s=interval, checkpoint_on_stop=on_stop, keep=keep)

@@ -4,10 +4,15 @@ Candidates are the key's committed checkpoints, newest first. One is usable when
 same image (digest and rootfs base), every chunk verifies on the way down, and its writable layer
 applies cleanly. A damaged or mismatched checkpoint is skipped with the reason recorded, so the
 container either restores from the newest usable one or starts fresh with every reason logged.
+
+Only "no usable checkpoint" starts fresh. A store that does not answer, refused credentials, or a
+local disk that is full or failing (RestoreUnavailable) say nothing about the checkpoints: Create
+fails with the reason and is retried, so an outage never quietly restarts a job from zero.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import tempfile
@@ -20,8 +25,31 @@ from shim.protect.policy import Protection
 
 from .checkpointer import CRIU_DIR
 from .image_identity import ImageIdentity, ImageLookup
+from .staging import HEADROOM, owned_name, secure_root
 
 log = logging.getLogger(__name__)
+
+# Local errors that say this node cannot hold the checkpoint now, not that the checkpoint is bad.
+LOCAL_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE})
+
+
+class RestoreUnavailable(Exception):
+    """The checkpoints could not be read (store outage, credentials, full or failing local disk)."""
+
+
+def _is_damage(e: BaseException) -> bool:
+    """True when the error is about the checkpoint itself (skip it), False for an outage (fail Create)."""
+    from shim.store import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, ManifestCorrupt, StoreError
+
+    if isinstance(e, (ChunkCorrupt, ManifestCorrupt, CheckpointNotFound)):
+        return True
+    if isinstance(e, StoreError) and not isinstance(e, BackendUnavailable) and isinstance(e.__cause__, OSError):
+        return _is_damage(e.__cause__)  # the store wraps a local error of the restore: judge that error
+    if isinstance(e, (BackendUnavailable, StoreError)):
+        return False  # unreachable, refused (403) or unable to write: nothing learnt about the data
+    if isinstance(e, OSError):
+        return e.errno not in LOCAL_OUTAGE_ERRNOS
+    return True  # ValueError and the layer applier's own errors: a checkpoint this shim cannot use
 
 
 @dataclass
@@ -32,6 +60,7 @@ class RestorePlan:
     scratch: Path  # holds criu_dir; removed by discard()
     metadata: dict[str, Any]
     skipped: list[str] = field(default_factory=list)  # why newer checkpoints were not used
+    unused_seqs: list[int] = field(default_factory=list)  # newer checkpoints skipped here (kept by prune)
 
     def discard(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -41,6 +70,7 @@ class RestorePlan:
 class NoUsableCheckpoint:
     key: str
     reasons: list[str]
+    unused_seqs: list[int] = field(default_factory=list)  # checkpoints that exist but were not usable here
 
     def __str__(self) -> str:
         if not self.reasons:
@@ -71,44 +101,77 @@ class Restorer:
         `compatible(metadata)` may refuse a checkpoint this node cannot take (its GPUs differ) with
         the reason; such a checkpoint is skipped like one taken on another image. `fill(checkpoint_dir,
         upper_dir)` replaces fill_upper_dir (the caller may need to unmount the overlay around it)."""
-        from shim.store import StoreError
-
         reasons: list[str] = []
+        unused: list[int] = []
         skip = set(skip_seqs)
-        with self.open_store(protection.store) as store:
+        try:
+            opened = self.open_store(protection.store)
+        except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
+            raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
+        with opened as store:
             try:
                 candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
-            except StoreError as e:
-                return NoUsableCheckpoint(protection.key, [f"store {protection.store} unavailable: {e}"])
+            except Exception as e:
+                if _is_damage(e):
+                    raise
+                raise RestoreUnavailable(f"cannot list the checkpoints of {protection.key}: {e}") from None
             for info in candidates:
                 if info.seq in skip:
                     continue
                 where = f"{protection.key}@{info.seq}"
+                if isinstance(image, ImageLookup) and image.result() is None:
+                    # containerd could not say which image this is: an outage, not a reason to restore unchecked
+                    raise RestoreUnavailable("cannot ask containerd which image the container runs (see the log)")
                 mismatch = image.differs_from(info.metadata.get("image")) if image else None
                 if not mismatch and compatible is not None:
                     mismatch = compatible(info.metadata)
                 if mismatch:
                     reasons.append(f"{where}: {mismatch}")
+                    unused.append(info.seq)
                     continue
-                scratch = Path(tempfile.mkdtemp(prefix=".revenant-restore-", dir=scratch_base))
+                scratch = _scratch_for(scratch_base, info.bytes_read, where)
                 try:
                     store.get(protection.key, scratch, seq=info.seq, fallback=False)
                     if not (scratch / CRIU_DIR).is_dir():
                         raise ValueError(f"checkpoint holds no {CRIU_DIR}/ directory of CRIU images")
                     if upper_dir is not None:
                         (fill or fill_upper_dir)(scratch, upper_dir)
-                except (StoreError, ValueError, OSError) as e:
+                except Exception as e:
                     shutil.rmtree(scratch, ignore_errors=True)
-                    reasons.append(f"{where}: {e}")
-                    log.warning("checkpoint %s is not usable, trying an older one: %s", where, e)
+                    if not _is_damage(e):
+                        raise RestoreUnavailable(f"cannot fetch {where}: {type(e).__name__}: {e}") from None
+                    detail = (
+                        str(e) if isinstance(e, (ValueError, OSError)) or _is_store_error(e) else f"writable layer: {e}"
+                    )
+                    reasons.append(f"{where}: {detail}")
+                    unused.append(info.seq)
+                    log.warning("checkpoint %s is not usable, trying an older one: %s", where, detail)
                     continue
-                except Exception as e:  # the layer applier's own errors (hostile or damaged diff)
-                    shutil.rmtree(scratch, ignore_errors=True)
-                    reasons.append(f"{where}: writable layer: {e}")
-                    log.warning("checkpoint %s has an unusable writable layer: %s", where, e)
-                    continue
-                return RestorePlan(protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons)
-        return NoUsableCheckpoint(protection.key, reasons)
+                return RestorePlan(
+                    protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused
+                )
+        return NoUsableCheckpoint(protection.key, reasons, unused)
+
+
+def _is_store_error(e: BaseException) -> bool:
+    from shim.store import StoreError
+
+    return isinstance(e, StoreError)
+
+
+def _scratch_for(base: Path, expected_bytes: int, where: str) -> Path:
+    """A fresh directory for one fetched checkpoint, after checking `base` has room for it."""
+    try:
+        free = shutil.disk_usage(secure_root(base)).free
+        if free < expected_bytes * HEADROOM:
+            raise OSError(
+                errno.ENOSPC,
+                f"restore scratch {base} has {free >> 20} MiB free, {where} needs about "
+                f"{int(expected_bytes * HEADROOM) >> 20} MiB (set scratch_dir in the node config)",
+            )
+        return Path(tempfile.mkdtemp(prefix=owned_name("restore-"), dir=base))
+    except OSError as e:
+        raise RestoreUnavailable(str(e)) from None
 
 
 def fill_upper_dir(checkpoint_dir: Path, upper_dir: Path) -> dict[str, int] | None:

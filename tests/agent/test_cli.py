@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from harness.wait import wait_until
 
 REVENANT = [sys.executable, "-c", "import sys; from shim.cli import main; sys.exit(main())"]
@@ -124,3 +126,14 @@ def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_se
             proc.wait()
         reader.join(5)
     assert any("SIGTERM received" in entry["msg"] for entry in logs)
+
+
+def test_listen_defaults_to_loopback_unless_an_address_is_named() -> None:
+    from shim.cli.agent import parse_listen
+
+    assert parse_listen(":9810") == ("127.0.0.1", 9810)
+    assert parse_listen("0.0.0.0:9810") == ("0.0.0.0", 9810)
+    assert parse_listen("[::1]:9810") == ("::1", 9810)
+    for bad in ("9810", "host:", "host:99999"):
+        with pytest.raises(ValueError, match="expected HOST:PORT"):
+            parse_listen(bad)

@@ -152,6 +152,19 @@ class ContainerdNode:
                 raise ValueError("a CRI node needs its own pod subnet")
             self._write_cni_config()
         self.config_path.write_text(_config(self, extra_config))
+        self.revenant_scratch = self.dir / "revenant-scratch"
+        self.write_revenant_config()
+
+    def write_revenant_config(self, text: str | None = None, extra: str = "") -> None:
+        """The node's revenant config (a shim reads it at its first Create). The default is a test node's:
+        store URLs in annotations allowed, intervals down to 1s, scratch inside the node's directory;
+        `extra` adds top-level settings to it."""
+        if text is None:
+            text = (
+                f'{extra}\nallow_store_urls = true\nmin_checkpoint_interval = "1s"\n'
+                f'scratch_dir = "{self.revenant_scratch}"\n'
+            )
+        self.revenant_config.write_text(text)
 
     def _write_cni_config(self) -> None:
         self.cni_conf_dir.mkdir(parents=True)

@@ -52,7 +52,7 @@ def new_cri_node(
     subnet = f"10.231.{next(_subnets) % 240 + 16}.0/24"
     node = ContainerdNode(name, extra_config, cri=True, version=version, subnet=subnet)
     # Protected pods without a store annotation go to a store of the test's own, never /var/lib/revenant.
-    node.revenant_config.write_text(f'store = "file://{tmp / "node-store"}"\n')
+    node.write_revenant_config(extra=f'store = "file://{tmp / "node-store"}"')
     node.start()
     try:
         return CriNode(node, images, pause)

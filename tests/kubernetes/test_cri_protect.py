@@ -199,6 +199,8 @@ def test_spot_notice_moves_the_pod_with_nothing_lost(
     (result,) = agent.results()  # every protected pod of the node, and only the app container
     assert result["status"] == "ok" and result["exit"] is True, result
     st = a.cri.wait_state(cid, EXITED, timeout=60)  # the agent's final checkpoint ends the task
+    # Deleted containers leave no registry record behind (none re-created by a checkpoint finishing late).
+    wait_until(lambda: "revenant_protected_tasks 0" in agent_metrics(agent), 60, "A's record to go with its task")
     # The rootfs went with the task (CRI deletes an exited task); A's CRI log stays: all A printed.
     steps_a = cri_log_steps(Path(st.log_path))
     assert steps_a, "no steps in A's CRI log"

@@ -219,8 +219,8 @@ def test_one_notice_checkpoints_every_protected_container_and_leaves_others_alon
 
 
 def test_store_down_at_notice_time(s3_server, cluster: Cluster, metadata_server, agent_factory) -> None:
-    """The final checkpoint cannot be stored: the agent reports the failure clearly; the last good
-    periodic checkpoint stays; B restores it once the store is back."""
+    """The final checkpoint cannot be stored: the agent reports the failure clearly, the job keeps
+    running on A; the last good periodic checkpoint stays; B restores it once the store is back."""
     job = Job("job", new_key(), s3_server.url, interval="2s")
     run_job(cluster.a, cluster.image_a, job)
     good = wait_for_seq(cluster.a, job.cid, 1, timeout=180)
@@ -235,6 +235,8 @@ def test_store_down_at_notice_time(s3_server, cluster: Cluster, metadata_server,
         assert "store" in result["error"].lower() or "s3://" in result["error"], result["error"]
         rec = registry_record(cluster.a, job.cid)
         assert rec is not None and rec["last_error"], rec
+        # The final checkpoint was not committed, so the task was not stopped: the job runs on.
+        assert task_status(cluster.a, job.cid) == "RUNNING"
     finally:
         destroy_node(cluster.a)
         s3_server.start()

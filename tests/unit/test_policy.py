@@ -67,7 +67,7 @@ def test_annotations_override_node_config(tmp_path):
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         'store = "s3://bucket/ckpt?endpoint=http://127.0.0.1:8333"\ncheckpoint_interval = "5m"\n'
-        "keep = 5\ncheckpoint_on_stop = true\n"
+        'keep = 5\ncheckpoint_on_stop = true\n[stores.srv]\nurl = "file:///srv/ckpt"\n'
     )
     node = NodeConfig.load(cfg)
     assert node.checkpoint_interval_s == 300 and node.keep == 5 and node.checkpoint_on_stop
@@ -77,7 +77,7 @@ def test_annotations_override_node_config(tmp_path):
             "revenant.io/checkpoint-key": "ml/team/job",
             "revenant.io/keep": "2",
             "revenant.io/checkpoint-on-stop": "false",
-            "revenant.io/store": "file:///srv/ckpt",
+            "revenant.io/store": "srv",
         },
         node,
     )
@@ -120,6 +120,195 @@ def test_bad_node_config_is_named(tmp_path):
     with pytest.raises(PolicyError, match=re.escape(str(cfg))):
         NodeConfig.load(cfg)
     assert NodeConfig.load(tmp_path / "absent.toml") == NodeConfig()
+
+
+# -- tenancy: the node's owner decides where checkpoints go, the workload only picks among them ------
+
+
+def _node(tmp_path, text: str) -> NodeConfig:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text)
+    return NodeConfig.load(cfg)
+
+
+NAMED = """
+default_store = "team"
+[stores.team]
+url = "s3://team-bucket/ckpt?endpoint=http://10.0.0.5:8333"
+[stores.scratch]
+url = "file:///var/lib/revenant/scratch-store"
+"""
+
+
+def test_named_stores_and_the_default(tmp_path):
+    node = _node(tmp_path, NAMED)
+    assert node.store == "s3://team-bucket/ckpt?endpoint=http://10.0.0.5:8333"
+    p = protection_for({"revenant.io/checkpoint-key": "k"}, node)
+    assert p is not None and p.store == node.store
+    p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": "scratch"}, node)
+    assert p is not None and p.store == "file:///var/lib/revenant/scratch-store"
+
+
+def test_the_single_store_setting_is_the_default_store(tmp_path):
+    node = _node(tmp_path, 'store = "file:///srv/ckpt"\n')
+    assert node.store == "file:///srv/ckpt" and dict(node.stores) == {"default": "file:///srv/ckpt"}
+    p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": "default"}, node)
+    assert p is not None and p.store == "file:///srv/ckpt"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///",  # the whole host filesystem
+        "file:///var/lib/kubelet/pods/other-tenant/volumes",
+        "s3://team-bucket/ckpt?endpoint=http://attacker.example:80",  # the node's credentials, elsewhere
+        "oci://registry.attacker.example/loot",
+    ],
+)
+def test_a_url_in_the_annotation_is_refused_unless_the_node_allows_urls(tmp_path, url):
+    node = _node(tmp_path, NAMED)
+    with pytest.raises(PolicyError, match=r"revenant\.io/store: .* is a URL.*allow_store_urls") as e:
+        protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": url}, node)
+    assert "scratch, team" in str(e.value)  # says which names would do
+    open_node = _node(tmp_path, "allow_store_urls = true\n" + NAMED)
+    p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": url}, open_node)
+    assert p is not None and p.store == url
+
+
+def test_an_unknown_store_name_is_refused(tmp_path):
+    with pytest.raises(PolicyError, match=r"revenant\.io/store: this node has no store named 'other'"):
+        protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": "other"}, _node(tmp_path, NAMED))
+
+
+def test_bad_store_tables_are_named(tmp_path):
+    with pytest.raises(PolicyError, match=r"default_store: no \[stores\.nope\]"):
+        _node(tmp_path, 'default_store = "nope"\n')
+    with pytest.raises(PolicyError, match="both define the default store"):
+        _node(tmp_path, 'store = "file:///a"\n[stores.default]\nurl = "file:///b"\n')
+    with pytest.raises(PolicyError, match=r"\[stores\.x\].*exactly one setting"):
+        _node(tmp_path, '[stores.x]\nurl = "file:///a"\nsecret = 1\n')
+    with pytest.raises(PolicyError, match=r"\[stores\.x\] url"):
+        _node(tmp_path, '[stores.x]\nurl = "file://relative/dir"\n')
+
+
+POD = {**CRI, "revenant.io/checkpoint-key": "ml/trainer/main"}
+
+
+def test_a_pods_key_stays_in_its_namespace(tmp_path):
+    p = protection_for(POD, NodeConfig())
+    assert p is not None and p.key == "ml/trainer/main"
+    for other in ("prod/payments/main", "mlx/trainer", "ml"):
+        with pytest.raises(PolicyError, match=r"revenant\.io/checkpoint-key: .* outside the pod's namespace.*'ml/'"):
+            protection_for({**POD, "revenant.io/checkpoint-key": other}, NodeConfig())
+    # The io.kubernetes.pod.namespace form alone marks a pod's container too.
+    with pytest.raises(PolicyError, match="outside the pod's namespace"):
+        protection_for({"io.kubernetes.pod.namespace": "ml", "revenant.io/checkpoint-key": "prod/x"}, NodeConfig())
+
+
+def test_a_pod_cannot_claim_another_namespace(tmp_path):
+    spoofed = {**POD, "io.kubernetes.pod.namespace": "prod", "revenant.io/checkpoint-key": "prod/payments/main"}
+    with pytest.raises(PolicyError, match="namespace annotations disagree"):
+        protection_for(spoofed, NodeConfig())
+
+
+def test_the_node_config_widens_key_confinement_deliberately(tmp_path):
+    other = {**POD, "revenant.io/checkpoint-key": "prod/payments/main"}
+    wide = _node(tmp_path, "[tenancy]\nallow_cross_namespace_keys = true\n")
+    assert protection_for(other, wide) is not None
+    listed = _node(tmp_path, '[tenancy]\nany_key_namespaces = ["ml"]\n')
+    assert protection_for(other, listed) is not None
+    with pytest.raises(PolicyError, match="outside the pod's namespace"):
+        protection_for({**other, "io.kubernetes.cri.sandbox-namespace": "dev"}, listed)
+
+
+def test_containers_outside_kubernetes_may_name_any_key():
+    p = protection_for({"revenant.io/checkpoint-key": "prod/payments/main"}, NodeConfig())
+    assert p is not None and p.key == "prod/payments/main"
+
+
+@pytest.mark.parametrize("key", ["a//b", "a/./b", "./a", "a/"])
+def test_keys_with_empty_or_dot_parts_are_refused(key):
+    with pytest.raises(PolicyError, match=r"revenant\.io/checkpoint-key"):
+        protection_for({"revenant.io/checkpoint-key": key}, NodeConfig())
+
+
+# -- bounds -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("1ms", "outside the allowed range 10s .. 30d"),
+        ("9s", "outside the allowed range"),
+        ("100000000000h", "outside the allowed range"),
+        ("31d", "not a duration"),  # no day unit: Go durations stop at hours
+        ("0s", "write 'off'"),
+        ("0", "write 'off'"),
+        ("9" * 400 + "h", "not a duration"),
+    ],
+)
+def test_intervals_are_bounded(text, says):
+    with pytest.raises(PolicyError, match=r"revenant\.io/checkpoint-interval: .*" + re.escape(says)):
+        protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/checkpoint-interval": text}, NodeConfig())
+
+
+def test_interval_bounds_and_off(tmp_path):
+    for text, seconds in (("off", 0), ("never", 0), ("10s", 10), ("720h", 30 * 86400)):
+        p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/checkpoint-interval": text}, NodeConfig())
+        assert p is not None and p.interval_s == seconds
+    node = _node(tmp_path, 'min_checkpoint_interval = "1s"\n')
+    p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/checkpoint-interval": "2s"}, node)
+    assert p is not None and p.interval_s == 2
+    with pytest.raises(PolicyError, match="checkpoint_interval"):
+        _node(tmp_path, 'checkpoint_interval = "1ms"\n')
+    with pytest.raises(PolicyError, match="stop_deadline"):
+        _node(tmp_path, 'stop_deadline = "100000000000h"\n')
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("file://relative/dir", "absolute path"),
+        ("file:///srv/../etc", "'..'"),
+        ("file:///srv?packs=maybe", "packs"),
+        ("file:///srv?pack=0", "unknown option"),
+        ("s3://b?endpoint=http://127.0.0.1:8333&endpoint=http://10.1.1.1", "more than once"),
+        ("s3://bucket/p?multipart_mb=inf", "multipart_mb"),
+        ("s3://bucket/p?multipart_mb=0", "multipart_mb"),
+        ("s3://bucket/p?multipart_mb=nan", "multipart_mb"),
+        ("s3://bucket/p?endpoint=file:///etc", "endpoint"),
+        ("s3://Bad_Bucket/p", "bucket"),
+        ("s3://user:secret@bucket/p", "user@"),
+        ("oci://127.0.0.1:5000/repo?chunked_mb=0", "chunked_mb"),
+        ("oci://127.0.0.1:5000/repo?chunked_mb=1e9", "chunked_mb"),
+        ("oci://127.0.0.1:5000", "REPOSITORY"),
+    ],
+)
+def test_store_url_options_are_checked_at_create(url, says):
+    node = NodeConfig(allow_store_urls=True)
+    with pytest.raises(PolicyError, match=re.escape(says)):
+        protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": url}, node)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///srv/ckpt?packs=0",
+        "s3://revenant-test/t-1?endpoint=http://127.0.0.1:8333&region=eu-west-1&multipart_mb=16",
+        "oci://127.0.0.1:5000/revenant-test-1?insecure=1&chunked_mb=4&mount_from=a/b,c",
+    ],
+)
+def test_good_store_urls_pass(url):
+    p = protection_for({"revenant.io/checkpoint-key": "k", "revenant.io/store": url}, NodeConfig(allow_store_urls=True))
+    assert p is not None and p.store == url
+
+
+def test_periodic_checkpoints_refuse_an_interval_their_thread_cannot_wait() -> None:
+    from shim.protect.periodic import PeriodicCheckpoints
+
+    for interval in (0, -1, 100000000000 * 3600.0):
+        with pytest.raises(ValueError, match="interval must be positive and at most"):
+            PeriodicCheckpoints("ns/c", interval, lambda: None)
 
 
 INDEXED_POD = {**CRI, "batch.kubernetes.io/job-completion-index": "3"}
@@ -185,6 +374,7 @@ def test_node_encryption_keys_reach_every_store_url(tmp_path):
         keys.append(str(tmp_path / name))
     cfg = tmp_path / "config.toml"
     cfg.write_text(
+        "allow_store_urls = true\n"
         f"store = 'file://{tmp_path}/store'\n[encryption]\nkey_file = '{keys[0]}'\nold_key_files = ['{keys[1]}']\n"
     )
     node = NodeConfig.load(cfg)

@@ -29,7 +29,7 @@ def test_gpu_incompatible_checkpoint_is_skipped_for_an_older_one(tmp_path: Path)
         return "this node has no H100" if meta.get("gpu") else None
 
     scratch = tmp_path / "scratch"
-    scratch.mkdir()
+    scratch.mkdir(mode=0o700)
     plan = Restorer().prepare(protection, scratch, None, None, compatible=refuse_gpu)
     assert isinstance(plan, RestorePlan) and plan.seq == cpu_seq
     assert any("no H100" in r for r in plan.skipped), plan.skipped
