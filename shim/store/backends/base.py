@@ -9,6 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+from shim import errors
+
 from ..errors import BackendUnavailable, StoreError
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,7 @@ class TransientError(StoreError):
     """A failure worth retrying (connection refused, timeout, 5xx)."""
 
 
-class NotFound(StoreError):
+class NotFound(StoreError, errors.NotFound):
     """The object does not exist in the backend."""
 
 
