@@ -1,15 +1,16 @@
 """Transparent protection inside the shim: one ProtectionManager per shim process.
 
-Lifecycle hooks the Task service calls:
+It implements the task layer's LifecycleHooks (shim.task.hooks), which each Container calls:
   before_create  -> policy from the bundle's annotations (bad values fail Create); for a protected
-                    container with a usable checkpoint, fill the rootfs upper dir from it and make the
-                    task "created from a checkpoint" so Start restores instead of starting fresh.
-  restore_failed -> at Start, a checkpoint that CRIU could not restore: prepare the next older one,
-                    or start fresh, saying why.
+                    container with a usable checkpoint, fill the rootfs upper dir from it and return a
+                    restore plan, so Start restores instead of starting fresh.
+  restore_failed -> at Start, a checkpoint that CRIU could not restore: prepare the next older one
+                    (its plan), or None to start fresh, saying why.
   started        -> registry record for the agent and CLI; periodic checkpoints begin.
   before_kill    -> with checkpoint-on-stop, a stop signal first takes a final checkpoint (bounded).
   deleted        -> periodic checkpoints stop; the registry record goes.
-and serves revenant.v1.Control (Checkpoint, Status) on the shim's socket.
+It sees a container only through shim.task.hooks.ContainerControl. revenant.v1.Control (Checkpoint,
+Status, Stats) on the shim's socket is shim.protect.control's, over this manager.
 """
 
 from __future__ import annotations
@@ -23,25 +24,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointError
-from shim.protect import registry
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound, RevenantError
+from shim.protect import registry, restorer
 from shim.protect.policy import NodeConfig, PolicyError, protection_for
-from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError
+from shim.task.hooks import ContainerControl, RestorePlan
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, image_of
 from .periodic import PeriodicCheckpoints
-from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, clear_upper_dir
-
-if TYPE_CHECKING:
-    from revenant_pb.containerd.task.v2 import shim_pb2 as api
-    from shim.task.service import Container
+from .restorer import NoUsableCheckpoint, Restorer, clear_upper_dir
 
 log = logging.getLogger(__name__)
 
-CONTROL_SERVICE = "revenant.v1.Control"
 CONFIG_ENV = "REVENANT_CONFIG"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
 RESTORE_TOPIC = "/revenant/restore"
@@ -50,7 +47,7 @@ RESTORE_TOPIC = "/revenant/restore"
 @dataclass
 class Protected:
     container: ProtectedContainer
-    plan: RestorePlan | None = None
+    plan: restorer.RestorePlan | None = None  # the store checkpoint fetched for the restore at Start
     tried_seqs: list[int] = field(default_factory=list)
     restored_from: int | None = None
     fresh_reason: str | None = None
@@ -66,7 +63,7 @@ def load_node_config() -> NodeConfig:
 
 
 def upper_dir_of(rootfs: Any) -> Path | None:
-    """The overlay upperdir among CreateTaskRequest.rootfs mounts (None: no writable layer to carry)."""
+    """The overlay upperdir among the rootfs mounts (None: no writable layer to carry)."""
     for m in rootfs:
         if m.type == "overlay":
             for o in m.options:
@@ -120,7 +117,7 @@ class ProtectionManager:
             return self._protected.get(cid)
 
     # -- Create ----------------------------------------------------------------------------------
-    def before_create(self, c: Container, req: api.CreateTaskRequest) -> None:
+    def before_create(self, c: ContainerControl, requested_checkpoint: str) -> RestorePlan | None:
         """Called before the rootfs is mounted (the upper dir may be filled from a checkpoint)."""
         annotations = bundle_annotations(c.bundle)
         try:
@@ -128,7 +125,7 @@ class ProtectionManager:
         except PolicyError as e:
             raise InvalidArgument(str(e)) from None
         if protection is None:
-            return
+            return None
         image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
             log.warning(
@@ -143,7 +140,7 @@ class ProtectionManager:
             bundle=Path(c.bundle),
             protection=protection,
             runc=c.runc,
-            upper_dir=upper_dir_of(req.rootfs),
+            upper_dir=upper_dir_of(c.rootfs),
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
@@ -160,11 +157,13 @@ class ProtectionManager:
             protection.checkpoint_on_stop,
             protection.keep,
         )
-        if req.checkpoint:
-            return  # an explicit create-from-checkpoint (ctr restore) wins over the store
-        self._plan_restore(c, p, image)
+        if requested_checkpoint:
+            return None  # an explicit create-from-checkpoint (ctr restore) wins over the store
+        return self._plan_restore(c, p, image)
 
-    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | None) -> None:
+    def _plan_restore(self, c: ContainerControl, p: Protected, image: ImageIdentity | None) -> RestorePlan | None:
+        """Fetch the newest usable checkpoint not tried yet (filling the upper dir): the plan to restore
+        from it, or None to start fresh."""
         pc = p.container
         result = self.restorer.prepare(
             pc.protection,
@@ -175,20 +174,20 @@ class ProtectionManager:
             compatible=lambda meta: self._gpu_refusal(c.id, meta),
         )
         if isinstance(result, NoUsableCheckpoint):
-            p.plan, c.checkpoint = None, ""
+            p.plan = None
             if result.reasons:
                 p.fresh_reason = str(result)
                 log.warning("%s", result)
                 self._event(c.id, "fresh", str(result))
             else:
                 log.info("%s: no checkpoint yet, starting fresh", pc.protection.key)
-            return
+            return None
         p.plan = result
         p.tried_seqs.append(result.seq)
-        c.checkpoint = str(result.criu_dir)
         for reason in result.skipped:
             log.warning("skipped checkpoint: %s", reason)
         log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
+        return RestorePlan(str(result.criu_dir), fall_back=True)
 
     def _gpu_metadata(self, cid: str) -> dict[str, Any]:
         """The GPU part of the dump just taken (None for a CPU-only task), for the checkpoint's metadata."""
@@ -206,39 +205,31 @@ class ProtectionManager:
             return str(e)
         return None
 
-    def has_store_restore(self, cid: str) -> bool:
-        p = self.get(cid)
-        return p is not None and p.plan is not None
-
     # -- Start -----------------------------------------------------------------------------------
-    def restore_failed(
-        self, c: Container, error: TtrpcError, unmount: Callable[[], None], mount: Callable[[], None]
-    ) -> bool:
-        """A store checkpoint failed to restore: prepare the next one. True: try restoring again;
-        False: no checkpoint left, start fresh (c.checkpoint cleared)."""
+    def restore_failed(self, c: ContainerControl, error: Exception) -> RestorePlan | None:
+        """A store checkpoint failed to restore (the rootfs is unmounted now): prepare the next one.
+        Its plan, or None: no checkpoint left, start fresh."""
         p = self.get(c.id)
-        assert p is not None and p.plan is not None
+        assert p is not None and p.plan is not None, "restore_failed for a plan protection did not make"
         failed = p.plan
         log.warning("restore of %s seq %d failed, falling back: %s", failed.key, failed.seq, error)
         failed.discard()
-        unmount()
         if p.container.upper_dir is not None:
             clear_upper_dir(p.container.upper_dir)
-        self._plan_restore(c, p, p.container.image)
-        if p.plan is None:
+        plan = self._plan_restore(c, p, p.container.image)
+        if plan is None:
             reason = f"checkpoint {failed.key}@{failed.seq} did not restore ({error})"
             p.fresh_reason = f"{p.fresh_reason}; {reason}" if p.fresh_reason else reason
             self._event(c.id, "fresh", p.fresh_reason)
-        mount()
-        return p.plan is not None
+        return plan
 
-    def started(self, c: Container, pause: Callable[[], bool], resume: Callable[[], None]) -> None:
+    def started(self, c: ContainerControl) -> None:
         p = self.get(c.id)
         if p is None:
             return
         pc = p.container
-        pc.init_pid = c.init.pid
-        pc.pause, pc.resume = pause, resume
+        pc.init_pid = c.init_pid
+        pc.pause, pc.resume = c.pause_for_checkpoint, c.resume_after_checkpoint
         if p.plan is not None:
             p.restored_from = p.plan.seq
             self._event(c.id, "restored", f"{pc.protection.key}@{p.plan.seq}")
@@ -266,16 +257,16 @@ class ProtectionManager:
             raise FailedPrecondition(f"a checkpoint of {cid} is still running")
         try:
             if deadline is not None and time.monotonic() >= deadline:
-                raise TtrpcError(f"no time left to checkpoint {cid}")
+                raise RevenantError(f"no time left to checkpoint {cid}")
             report = Checkpointer(self.engine, self.node).take(pc, exit=exit, reason=reason)
         except (CheckpointError, OSError, ValueError) as e:
             p.last_error = f"{reason} checkpoint failed: {e}"
             self._write_record(p)
-            raise TtrpcError(p.last_error) from None
+            raise RevenantError(p.last_error) from None
         except Exception as e:  # store errors and the like: report, keep the task protected
             p.last_error = f"{reason} checkpoint failed: {type(e).__name__}: {e}"
             self._write_record(p)
-            raise TtrpcError(p.last_error) from None
+            raise RevenantError(p.last_error) from None
         finally:
             p.busy.release()
         p.last_report, p.last_committed_at, p.last_error = report, time.time(), None
@@ -286,7 +277,7 @@ class ProtectionManager:
         self._write_record(p)
         return report
 
-    def before_kill(self, c: Container, sig: int) -> bool:
+    def before_kill(self, c: ContainerControl, sig: int) -> bool:
         """Final checkpoint on a stop signal when asked for; True when it already stopped the task."""
         p = self.get(c.id)
         if p is None or not p.container.protection.checkpoint_on_stop or sig not in STOP_SIGNALS:
@@ -295,14 +286,15 @@ class ProtectionManager:
             p.periodic.stop()
         try:
             self.checkpoint(c.id, exit=True, reason=f"stop signal {sig}", timeout_s=self.node.stop_deadline_s)
-        except TtrpcError as e:
+        except RevenantError as e:
             log.error("final checkpoint of %s before stopping failed; stopping without it: %s", c.id, e)
             return False
         return True
 
     # -- Delete ----------------------------------------------------------------------------------
-    def deleted(self, cid: str) -> None:
+    def deleted(self, c: ContainerControl) -> None:
         """Called for every deleted container, protected or not."""
+        cid = c.id
         self.engine.forget(cid)
         with self._lock:
             p = self._protected.pop(cid, None)
@@ -314,7 +306,7 @@ class ProtectionManager:
             p.plan.discard()
         registry.remove_task(self.run_dir, p.container.namespace, cid)
 
-    # -- registry, events, Control ---------------------------------------------------------------
+    # -- registry, events ---------------------------------------------------------------
     def record(self, p: Protected) -> registry.TaskRecord:
         pc = p.container
         last = None
@@ -350,43 +342,3 @@ class ProtectionManager:
     def _event(self, cid: str, what: str, detail: str) -> None:
         if self.publish is not None:
             self.publish(RESTORE_TOPIC, json.dumps({"container_id": cid, "outcome": what, "detail": detail}))
-
-    def control_service(self) -> Service:
-        from revenant_pb.revenant.v1 import control_pb2 as ctl
-
-        def do_checkpoint(ctx: Context, req: ctl.CheckpointRequest) -> ctl.CheckpointResponse:
-            timeout = req.timeout_ms / 1000 if req.timeout_ms else ctx.time_left()
-            r = self.checkpoint(req.id, exit=req.exit, reason=req.reason or "requested", timeout_s=timeout)
-            return ctl.CheckpointResponse(
-                key=r.key,
-                seq=r.seq,
-                bytes_read=r.bytes_read,
-                bytes_uploaded=r.bytes_uploaded,
-                freeze_s=r.freeze_s,
-                total_s=r.total_s,
-                stats_json=json.dumps(r.stats),
-            )
-
-        def do_status(ctx: Context, req: ctl.StatusRequest) -> ctl.StatusResponse:
-            p = self.get(req.id)
-            if p is None:
-                raise NotFound(f"container {req.id} is not protected by revenant")
-            return ctl.StatusResponse(record_json=self.record(p).to_json())
-
-        def do_stats(ctx: Context, req: ctl.StatsRequest) -> ctl.StatsResponse:
-            stats = self.engine.last_stats(req.id)  # every checkpoint of this shim goes through the engine
-            if stats is None:
-                raise NotFound(f"container {req.id} has no checkpoint in this shim")
-            p = self.get(req.id)
-            if p is not None and p.last_report is not None:
-                stats["revenant"] = p.last_report.as_dict()  # the store side of a protective checkpoint
-            return ctl.StatsResponse(stats_json=json.dumps(stats))
-
-        return Service(
-            CONTROL_SERVICE,
-            {
-                "Checkpoint": (ctl.CheckpointRequest, do_checkpoint),
-                "Status": (ctl.StatusRequest, do_status),
-                "Stats": (ctl.StatsRequest, do_stats),
-            },
-        )

@@ -1,0 +1,118 @@
+"""The task layer's seams: what it calls out to, declared here so layers above implement them.
+
+- LifecycleHooks: called by a Container at create / start / restore failure / kill / delete. Transparent
+  protection (shim.protect) implements it; the composition root (shim.daemon.server) wires it in.
+- ContainerControl: what such hooks may do with a container (freeze it for a protective checkpoint,
+  read its bundle and rootfs mounts). Hooks never mutate the container: they return a RestorePlan.
+- CheckpointBackend: how a container is checkpointed and restored (shim.task.checkpoint_backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from revenant_pb.containerd.task.v2 import shim_pb2 as api
+    from shim.runc.driver import IOFds, Runc
+    from shim.task.container import Container
+    from shim.task.mounts import Mount
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """Where a created task restores from at Start, and what a failed restore leads to.
+
+    fall_back=False (containerd asked for this checkpoint: ctr restore): a failed restore fails the
+    Start. fall_back=True (a checkpoint the hooks chose): the container asks the hooks for the next
+    plan (LifecycleHooks.restore_failed) until one restores, or starts fresh from its image."""
+
+    checkpoint_dir: str  # CRIU images
+    fall_back: bool = False
+
+
+class EventSink(Protocol):
+    def publish(self, event: object) -> None: ...
+
+
+class ContainerControl(Protocol):
+    """The part of a Container that lifecycle hooks see."""
+
+    id: str
+    namespace: str
+    bundle: str
+    runc: Runc
+    rootfs: Sequence[Mount]  # the rootfs mounts as CreateTaskRequest gave them (type, source, options)
+
+    @property
+    def init_pid(self) -> int: ...
+
+    def pause_for_checkpoint(self) -> bool:
+        """Freeze a running task; True when it froze it (a task the user paused is left as it is)."""
+        ...
+
+    def resume_after_checkpoint(self) -> None:
+        """Thaw what pause_for_checkpoint froze."""
+
+
+class LifecycleHooks(Protocol):
+    def before_create(self, c: ContainerControl, requested_checkpoint: str) -> RestorePlan | None:
+        """Before the rootfs is mounted (its upper dir may be filled). `requested_checkpoint` is the
+        directory containerd asked to restore from ("" for none), which wins over any the hooks know.
+        Returns where to restore from at Start, or None. Raising fails the Create."""
+        ...
+
+    def restore_failed(self, c: ContainerControl, error: Exception) -> RestorePlan | None:
+        """A fall_back plan did not restore. Called with the rootfs unmounted; returns the next plan,
+        or None to start fresh from the image."""
+        ...
+
+    def started(self, c: ContainerControl) -> None:
+        """The task's init runs (restored or fresh); its pid is known."""
+
+    def before_kill(self, c: ContainerControl, signal: int) -> bool:
+        """Before a signal to the init; True when the hooks already stopped the task."""
+        ...
+
+    def deleted(self, c: ContainerControl) -> None:
+        """The container is gone (deleted, or its Create failed)."""
+
+
+class NoHooks:
+    """LifecycleHooks that do nothing: a shim without protection."""
+
+    def before_create(self, c: ContainerControl, requested_checkpoint: str) -> RestorePlan | None:
+        return None
+
+    def restore_failed(self, c: ContainerControl, error: Exception) -> RestorePlan | None:
+        return None
+
+    def started(self, c: ContainerControl) -> None:
+        pass
+
+    def before_kill(self, c: ContainerControl, signal: int) -> bool:
+        return False
+
+    def deleted(self, c: ContainerControl) -> None:
+        pass
+
+
+class CheckpointBackend(Protocol):
+    """What a checkpoint implementation provides; the task layer owns locking, states and events.
+
+    Inside the shim every child must be started through the subreaper (`container.runc`, whose runner
+    is Reaper.run, or Reaper.spawn/wait_command): a plain subprocess.run would race the reaper's
+    wait(-1) and see exit status 0 for a runc/CRIU that failed. A restored init's pid must come back
+    from restore_start so its exit is matched. Failures raise shim.errors kinds."""
+
+    def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None: ...
+
+    def restore_create(
+        self, container: Container, request: api.CreateTaskRequest, io: IOFds, console_socket: str | None
+    ) -> None:
+        """Prepare a restore at Create from container.checkpoint (the task starts from it at Start)."""
+
+    def restore_start(self, container: Container) -> int:
+        """Restore container.checkpoint; returns the restored init pid."""
+        ...
