@@ -192,9 +192,9 @@ class Container:
             raise runc_failed(e) from None
         init.io.after_start()
         init.pid = _read_pid(pid_file)
-        self._registered(init)
+        self._register_init(init)
 
-    def _registered(self, init: Process) -> None:
+    def _register_init(self, init: Process) -> None:
         """Register the init's pid: report an exit already seen, else watch it for OOM kills."""
         early = self.runtime.exits.register(init.pid, init)
         if early is not None:

@@ -71,7 +71,7 @@ class LifecycleHooks(Protocol):
     def started(self, c: ContainerControl) -> None:
         """The task's init runs (restored or fresh); its pid is known."""
 
-    def before_kill(self, c: ContainerControl, signal: int) -> bool:
+    def before_kill(self, c: ContainerControl, sig: int) -> bool:
         """Before a signal to the init; True when the hooks already stopped the task."""
         ...
 
@@ -91,7 +91,7 @@ class NoHooks:
     def started(self, c: ContainerControl) -> None:
         pass
 
-    def before_kill(self, c: ContainerControl, signal: int) -> bool:
+    def before_kill(self, c: ContainerControl, sig: int) -> bool:
         return False
 
     def deleted(self, c: ContainerControl) -> None:

@@ -4,6 +4,8 @@ then says why the task starts fresh."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import threading
@@ -21,7 +23,7 @@ from shim.runc.driver import Runc
 from shim.store import open_store
 from shim.task.container import Container, TaskRuntime
 from shim.task.exits import ExitRegistry
-from shim.task.hooks import NoHooks, RestorePlan
+from shim.task.hooks import ContainerControl, LifecycleHooks, NoHooks, RestorePlan
 from shim.task.oom import OOMWatcher
 from shim.task.process import Process
 from shim.task.runtime_options import RuntimeOptions
@@ -211,3 +213,19 @@ def test_exit_seen_before_its_pid_is_registered_is_handed_back(tmp_path: Path):
     assert done.wait(5)
     assert seen == [(102, 3)]
     assert registry.register(101, early) == 9  # the caller reports it
+
+
+@pytest.mark.parametrize("hook", ["before_create", "restore_failed", "started", "before_kill", "deleted"])
+def test_protection_implements_every_lifecycle_hook(hook: str):
+    declared = inspect.signature(getattr(LifecycleHooks, hook))
+    assert list(inspect.signature(getattr(ProtectionManager, hook)).parameters) == list(declared.parameters)
+    assert list(inspect.signature(getattr(NoHooks, hook)).parameters) == list(declared.parameters)
+
+
+def test_a_container_is_what_the_hooks_may_control():
+    fields = {f.name for f in dataclasses.fields(Container)}
+    for name in ("id", "namespace", "bundle", "runc", "rootfs"):
+        assert name in fields
+    for name in ("pause_for_checkpoint", "resume_after_checkpoint"):
+        assert callable(getattr(Container, name)) and hasattr(ContainerControl, name)
+    assert isinstance(Container.init_pid, property)
