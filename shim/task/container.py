@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RevenantError, Unimplemented
@@ -390,7 +391,7 @@ class Container:
         except RuncError as e:
             raise runc_failed(e) from None
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """runc's stats of the container (`runc events --stats`)."""
         self.init.check("stats")
         try:
