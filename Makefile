@@ -7,7 +7,7 @@ PB_STAMP := proto/.generated
 BIN_LINKS := containerd-shim-revenant-v1 revenant-snapshotter revenant
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv proto links test lint demo bench clean
+.PHONY: setup deps venv proto links test unit lint smoke-wheel demo bench clean
 
 setup: deps venv proto links
 
@@ -36,12 +36,27 @@ links: $(VENV)/.installed
 	  [ "$$(readlink -f /usr/local/bin/$$b 2>/dev/null)" = "$$target" ] || ln -sf "$$target" /usr/local/bin/$$b; \
 	done
 
+# The type checker's scope: these are clean under the [tool.mypy] settings in pyproject.toml.
+MYPY_PATHS := shim/ttrpc shim/store shim/protect/policy.py
+
+# Everything: lint first, then the whole suite against real containerd, runc, CRIU and servers (root).
 test: setup
-	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-lint: venv
+# The tests that need no root, containerd or servers (the `unit` marker, tests/conftest.py).
+unit: venv proto
+	$(VENV)/bin/pytest -q -m unit -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: venv proto
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy $(MYPY_PATHS)
+
+# The wheel as users get it: built, installed without dev extras into a fresh virtualenv, each command run.
+smoke-wheel: venv
+	bash packaging/smoke-wheel.sh $(PY)
 
 demo: setup
 	PYTHONPATH=tests $(PY) -m harness.demo

@@ -10,11 +10,14 @@ import sys
 import threading
 from pathlib import Path
 
+from shim.version import __version__
+
 log = logging.getLogger("revenant.snapshotter")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="revenant-snapshotter", description="revenant proxy snapshotter")
+    p.add_argument("--version", action="version", version=f"revenant-snapshotter {__version__}")
     p.add_argument("--address", default="/run/revenant/snapshotter.sock", help="unix socket to serve on")
     p.add_argument("--root", default="/var/lib/revenant/snapshotter", help="snapshot state directory")
     p.add_argument(

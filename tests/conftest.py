@@ -14,6 +14,37 @@ from harness.images import TestImages, build_test_images
 REPO = Path(__file__).resolve().parent.parent
 FAILED_LOGS = REPO / "test-logs"
 
+# Tests that need no root, containerd, runc, CRIU, dockerd or S3/registry servers (an in-process ttrpc
+# server, a local metadata stand-in or a gcc-built fake libcuda is fine): the `unit` marker, which
+# `make unit` selects. Everything under tests/unit/ is, and these files; a test added to one of them must
+# keep to that, or move.
+UNIT_DIRS = ("tests/unit/",)
+UNIT_FILES = frozenset(
+    {
+        "tests/agent/test_cli.py",
+        "tests/agent/test_detect.py",
+        "tests/agent/test_drain.py",
+        "tests/agent/test_registry.py",
+        "tests/agent/test_watchers.py",
+        "tests/gpu/test_gpu_checkpoint.py",
+        "tests/shim/test_units.py",
+        "tests/snapshotter/test_filters.py",
+        "tests/store/test_units.py",
+        "tests/ttrpc/test_codec.py",
+        "tests/ttrpc/test_server_client.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        try:
+            path = item.path.resolve().relative_to(REPO).as_posix()
+        except ValueError:
+            continue
+        if path in UNIT_FILES or path.startswith(UNIT_DIRS):
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:

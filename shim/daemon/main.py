@@ -12,8 +12,6 @@ import sys
 
 from shim.daemon.grouping import SOCKET_DIR, group_of, socket_path
 
-VERSION = "0.1.0"
-
 
 class Args:
     """Go-style single-dash flags before the action (`-namespace NS -id ID ... start`). A hand parser:
@@ -27,7 +25,7 @@ class Args:
         "-bundle": "bundle",
         "-socket": "socket",
     }
-    BOOLS = {"-debug": "debug", "-v": "version"}
+    BOOLS = {"-debug": "debug", "-v": "version", "-version": "version"}
 
     def __init__(self) -> None:
         self.namespace = self.address = self.publish_binary = self.id = self.bundle = self.socket = ""
@@ -56,7 +54,7 @@ def parse_args(argv: list[str]) -> Args:
         elif name in ("-h", "-help"):
             print(
                 "usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
-                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v] [start|delete]"
+                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v|--version] [start|delete]"
             )
             raise SystemExit(0)
         else:
@@ -338,7 +336,9 @@ def action_delete(args: Args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.version:
-        print(f"containerd-shim-revenant-v1 (revenant) {VERSION}")
+        from shim.version import __version__  # not at the top: `start` need not open one more file
+
+        print(f"containerd-shim-revenant-v1 (revenant) {__version__}")
         return 0
     if not args.namespace:
         args.namespace = os.environ.get("NAMESPACE", "")

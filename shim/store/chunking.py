@@ -92,7 +92,7 @@ _tls = threading.local()
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     # zstandard objects are not thread-safe; one per thread avoids re-creating contexts per chunk.
-    comps = _tls.__dict__.setdefault("comps", {})
+    comps: dict[int, zstandard.ZstdCompressor] = _tls.__dict__.setdefault("comps", {})
     c = comps.get(level)
     if c is None:
         c = comps[level] = zstandard.ZstdCompressor(level=level)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import functools
 import logging
 import os
 import secrets
@@ -190,7 +192,12 @@ class Store:
         return None if listing is None else {d for d, _mtime in listing}
 
     def _upload(
-        self, src: Path, entries: list[dict[str, Any]], known: set[str], progress: Progress | None, listed: bool = False
+        self,
+        src: Path,
+        entries: builtins.list[dict[str, Any]],
+        known: set[str],
+        progress: Progress | None,
+        listed: bool = False,
     ) -> dict[str, int]:
         files = [e for e in entries if e["type"] == "file"]
         counter = _Counter(sum(e["size"] for e in files), progress)
@@ -218,7 +225,7 @@ class Store:
                         return digest
                     ev = inflight.get(digest)
                     owner = ev is None
-                    if owner:
+                    if ev is None:
                         ev = inflight[digest] = threading.Event()
                 if not owner:
                     ev.wait()
@@ -340,10 +347,10 @@ class Store:
             manifest.parent = max((s for s in winners if winners[s] != old_name), default=None)
             name = manifest_name(manifest.seq, nonce)
             data = manifest.encode()
-            self.backend.retry("write manifest", lambda n=name, d=data: self.backend.put_manifest(key, n, d, digests))
+            self.backend.retry("write manifest", functools.partial(self.backend.put_manifest, key, name, data, digests))
             if old_name:
                 self.backend.retry(
-                    "remove superseded manifest", lambda o=old_name: self.backend.delete_manifest(key, o)
+                    "remove superseded manifest", functools.partial(self.backend.delete_manifest, key, old_name)
                 )
             others = [n for n in self._names(key).get(key, {}).get(manifest.seq, []) if n != name]
             if not others:
@@ -472,7 +479,7 @@ class Store:
         return data
 
     # ------------------------------------------------------------------ verify
-    def verify(self, key: str | None = None) -> list[str]:
+    def verify(self, key: str | None = None) -> builtins.list[str]:
         problems: list[str] = []
         manifests: list[Manifest] = []
         for k, seqs in sorted(self._names(key).items()):
@@ -484,7 +491,7 @@ class Store:
         problems += self._verify_manifests(manifests, set())
         return problems
 
-    def _verify_manifests(self, manifests: list[Manifest], checked: set[str]) -> list[str]:
+    def _verify_manifests(self, manifests: builtins.list[Manifest], checked: set[str]) -> builtins.list[str]:
         problems: list[str] = []
         bad: dict[str, str] = {}
         todo: dict[str, tuple[int, str]] = {}
@@ -524,10 +531,10 @@ class Store:
         if not names:
             raise CheckpointNotFound(f"no checkpoint {key!r} seq {seq} in {self.url}")
         for n in names:
-            self.backend.retry("delete manifest", lambda n=n: self.backend.delete_manifest(key, n))
+            self.backend.retry("delete manifest", functools.partial(self.backend.delete_manifest, key, n))
         self.backend.manifests_changed(key)
 
-    def prune(self, key: str, keep: int) -> list[int]:
+    def prune(self, key: str, keep: int) -> builtins.list[int]:
         """Delete all but the newest `keep` checkpoints of key; returns the deleted seqs."""
         if keep < 1:
             raise ValueError("keep must be at least 1")
@@ -578,7 +585,7 @@ class Store:
             cutoff = time.time() - grace_seconds
             for digest, mtime in list(listing):
                 if digest not in referenced and mtime < cutoff:
-                    b.retry("delete chunk", lambda d=digest: b.delete_chunk(d))
+                    b.retry("delete chunk", functools.partial(b.delete_chunk, digest))
                     stats["chunks_deleted"] += 1
             b.finish_gc(grace_seconds)
             return stats

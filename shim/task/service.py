@@ -30,12 +30,13 @@ from shim.task.lifetime import ShimLifetime
 from shim.task.oom import OOMWatcher
 from shim.task.process import Process, State
 from shim.ttrpc import Context, Service
+from shim.version import __version__
 
 log = logging.getLogger(__name__)
 
 TASK_API = api.DESCRIPTOR.services_by_name["Task"]
 SHIM_API = shim_api.DESCRIPTOR.services_by_name["Shim"]
-VERSION = "revenant-shim 0.1.0"
+VERSION = f"revenant-shim {__version__}"
 _STATUS = {
     State.CREATED: types.CREATED,
     State.RUNNING: types.RUNNING,

@@ -36,7 +36,7 @@ class Code(enum.IntEnum):
 class TtrpcError(errors.RevenantError):
     """An RPC failure with a status code, as a client sees it (or a handler that picks a code itself)."""
 
-    code: Code = Code.UNKNOWN
+    code: Code | int = Code.UNKNOWN  # an int for a code this side does not know (kept, not mapped)
 
     def __init__(self, message: str, code: Code | int | None = None) -> None:
         super().__init__(message)

@@ -66,7 +66,9 @@ class OCIBackend(Backend):
         self._index_lock = threading.Lock()
 
     # ------------------------------------------------------------------ HTTP
-    def _req(self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any):
+    def _req(
+        self, method: str, url: str, what: str, ok: tuple[int, ...] = (200,), **kw: Any
+    ) -> urllib3.BaseHTTPResponse:
         if not url.startswith("http"):
             url = self.base + url
         try:

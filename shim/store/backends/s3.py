@@ -8,7 +8,7 @@ chunks/<d[:2]>/<digest>, manifests/<encoded key>/<seq>-<nonce>, locks/<name>.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -67,7 +67,7 @@ class S3Backend(Backend):
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
         )
 
-    def _call(self, what: str, fn, *args: Any, **kw: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
         except Exception as e:
@@ -85,7 +85,8 @@ class S3Backend(Backend):
     def _get(self, name: str) -> bytes:
         key = self.prefix + name
         resp = self._call(f"get {key}", self.s3.get_object, Bucket=self.bucket, Key=key)
-        return self._call(f"read {key}", resp["Body"].read)
+        data: bytes = self._call(f"read {key}", resp["Body"].read)
+        return data
 
     def _exists(self, name: str) -> bool:
         try:
