@@ -17,7 +17,7 @@ from typing import Any
 
 from revenant_pb.revenant.v1 import control_pb2
 from shim.protect.registry import TaskRecord
-from shim.ttrpc import NAMESPACE_KEY, Client, DeadlineExceeded, ServiceClient, TtrpcError
+from shim.ttrpc import NAMESPACE_KEY, Client, Code, DeadlineExceeded, ServiceClient, TtrpcError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def checkpoint_task(
             text = f"deadline exceeded: {exc.message}"
         result = _base_result(record, TIMED_OUT, text)
     except TtrpcError as exc:
-        result = _base_result(record, FAILED, f"{exc.code.name}: {exc.message}")
+        code = exc.code.name if isinstance(exc.code, Code) else f"code {exc.code}"  # a code we do not know
+        result = _base_result(record, FAILED, f"{code}: {exc.message}")
     except TimeoutError as exc:  # the connect itself (a shim that accepts nothing)
         result = _base_result(record, TIMED_OUT, f"cannot connect to shim at {record.address}: {exc}")
     except (ConnectionError, OSError, ValueError) as exc:

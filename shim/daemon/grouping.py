@@ -17,7 +17,7 @@ def socket_path(address: str, namespace: str, group: str) -> str:
     import posixpath
 
     try:
-        from _sha256 import sha256  # the builtin; hashlib would load OpenSSL first
+        from _sha256 import sha256  # type: ignore[import-not-found]  # the builtin; hashlib would load OpenSSL first
     except ImportError:
         from hashlib import sha256
     key = posixpath.normpath(posixpath.join(address, namespace, group))

@@ -74,7 +74,7 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
 
 
 class RuncCheckpointBackend:
-    """shim.task.hooks.CheckpointBackend over the checkpoint engine."""
+    """shim.task.container.CheckpointBackend over the checkpoint engine."""
 
     def __init__(
         self,

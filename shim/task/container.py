@@ -12,16 +12,15 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RevenantError, Unimplemented
-from shim.runc.driver import Runc, RuncError
+from shim.runc.driver import IOFds, Runc, RuncError, Runner
 from shim.task import mounts, runtime_options
 from shim.task.exits import ExitRegistry
-from shim.task.hooks import CheckpointBackend, LifecycleHooks, RestorePlan
+from shim.task.hooks import LifecycleHooks, RestorePlan
 from shim.task.oom import OOMWatcher
 from shim.task.process import Process, State
 from shim.task.stdio import ProcessIO
@@ -34,6 +33,26 @@ def runc_failed(e: RuncError) -> RevenantError:
     return RevenantError(str(e))
 
 
+class CheckpointBackend(Protocol):
+    """What a checkpoint implementation provides; the task layer owns locking, states and events.
+
+    Inside the shim every child must be started through the subreaper (`container.runc`, whose runner
+    is Reaper.run, or Reaper.spawn/wait_command): a plain subprocess.run would race the reaper's
+    wait(-1) and see exit status 0 for a runc/CRIU that failed. A restored init's pid must come back
+    from restore_start so its exit is matched. Failures raise shim.errors kinds."""
+
+    def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None: ...
+
+    def restore_create(
+        self, container: Container, request: api.CreateTaskRequest, io: IOFds, console_socket: str | None
+    ) -> None:
+        """Prepare a restore at Create from container.checkpoint (the task starts from it at Start)."""
+
+    def restore_start(self, container: Container) -> int:
+        """Restore container.checkpoint; returns the restored init pid."""
+        ...
+
+
 @dataclass
 class TaskRuntime:
     """What every container of one shim shares."""
@@ -43,7 +62,7 @@ class TaskRuntime:
     oom: OOMWatcher
     hooks: LifecycleHooks
     backend: CheckpointBackend | None  # None: this shim cannot checkpoint or restore
-    runner: Callable[..., object]  # how runc is run: through the subreaper inside the shim
+    runner: Runner  # how runc is run: through the subreaper inside the shim
 
 
 @dataclass(eq=False)

@@ -4,7 +4,6 @@
   protection (shim.protect) implements it; the composition root (shim.daemon.server) wires it in.
 - ContainerControl: what such hooks may do with a container (freeze it for a protective checkpoint,
   read its bundle and rootfs mounts). Hooks never mutate the container: they return a RestorePlan.
-- CheckpointBackend: how a container is checkpointed and restored (shim.task.checkpoint_backend).
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from revenant_pb.containerd.task.v2 import shim_pb2 as api
-    from shim.runc.driver import IOFds, Runc
-    from shim.task.container import Container
+    from google.protobuf.message import Message
+
+    from shim.runc.driver import Runc
     from shim.task.mounts import Mount
 
 
@@ -33,7 +32,7 @@ class RestorePlan:
 
 
 class EventSink(Protocol):
-    def publish(self, event: object) -> None: ...
+    def publish(self, event: Message) -> None: ...
 
 
 class ContainerControl(Protocol):
@@ -43,7 +42,11 @@ class ContainerControl(Protocol):
     namespace: str
     bundle: str
     runc: Runc
-    rootfs: Sequence[Mount]  # the rootfs mounts as CreateTaskRequest gave them (type, source, options)
+
+    @property
+    def rootfs(self) -> Sequence[Mount]:
+        """The rootfs mounts as CreateTaskRequest gave them (type, source, options)."""
+        ...
 
     @property
     def init_pid(self) -> int: ...
@@ -96,23 +99,3 @@ class NoHooks:
 
     def deleted(self, c: ContainerControl) -> None:
         pass
-
-
-class CheckpointBackend(Protocol):
-    """What a checkpoint implementation provides; the task layer owns locking, states and events.
-
-    Inside the shim every child must be started through the subreaper (`container.runc`, whose runner
-    is Reaper.run, or Reaper.spawn/wait_command): a plain subprocess.run would race the reaper's
-    wait(-1) and see exit status 0 for a runc/CRIU that failed. A restored init's pid must come back
-    from restore_start so its exit is matched. Failures raise shim.errors kinds."""
-
-    def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None: ...
-
-    def restore_create(
-        self, container: Container, request: api.CreateTaskRequest, io: IOFds, console_socket: str | None
-    ) -> None:
-        """Prepare a restore at Create from container.checkpoint (the task starts from it at Start)."""
-
-    def restore_start(self, container: Container) -> int:
-        """Restore container.checkpoint; returns the restored init pid."""
-        ...

@@ -21,11 +21,12 @@ from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from revenant_pb.containerd.v1.types import task_pb2 as types
 from revenant_pb.revenant.shim.v1 import shim_pb2 as shim_api
 from shim.errors import AlreadyExists, NotFound
+from shim.runc.driver import Runner
 from shim.runc.reaper import Reaper
-from shim.task.container import Container, TaskRuntime
+from shim.task.container import CheckpointBackend, Container, TaskRuntime
 from shim.task.events import pack_any
 from shim.task.exits import ExitRegistry
-from shim.task.hooks import CheckpointBackend, EventSink, LifecycleHooks, NoHooks
+from shim.task.hooks import EventSink, LifecycleHooks, NoHooks
 from shim.task.lifetime import ShimLifetime
 from shim.task.oom import OOMWatcher
 from shim.task.process import Process, State
@@ -282,7 +283,7 @@ class ShimService:
         return shim_api.ReserveResponse(pid=os.getpid())
 
 
-def _runner(reaper: Reaper | None) -> Callable[..., object]:
+def _runner(reaper: Reaper | None) -> Runner:
     from shim.runc.reaper import run_plain
 
     return reaper.run if reaper is not None else run_plain
