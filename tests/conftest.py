@@ -31,6 +31,7 @@ UNIT_FILES = frozenset(
         "tests/snapshotter/test_filters.py",
         "tests/store/test_units.py",
         "tests/ttrpc/test_codec.py",
+        "tests/ttrpc/test_descriptors.py",
         "tests/ttrpc/test_server_client.py",
     }
 )

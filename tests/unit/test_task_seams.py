@@ -21,6 +21,7 @@ from shim.protect.manager import ProtectionManager
 from shim.protect.policy import KEY, STORE, NodeConfig
 from shim.runc.driver import Runc
 from shim.store import open_store
+from shim.task import mounts
 from shim.task.container import Container, TaskRuntime
 from shim.task.exits import ExitRegistry
 from shim.task.hooks import ContainerControl, LifecycleHooks, NoHooks, RestorePlan
@@ -69,15 +70,24 @@ class Backend:
 class FallbackHooks(NoHooks):
     """Returns the next of `plans` after each failed restore; records what it was told."""
 
-    def __init__(self, plans: list[RestorePlan | None]) -> None:
+    def __init__(self, plans: list[RestorePlan | None], timeline: list[str] | None = None) -> None:
         self.plans = plans
         self.failures: list[str] = []
-        self.rootfs_mounted_when_asked: list[bool] = []
+        self.timeline = timeline if timeline is not None else []
 
     def restore_failed(self, c, error: Exception) -> RestorePlan | None:
         self.failures.append(str(error))
-        self.rootfs_mounted_when_asked.append(c.rootfs_mounted)
+        self.timeline.append(f"restore_failed mounted={c.rootfs_mounted}")
         return self.plans.pop(0)
+
+
+@pytest.fixture
+def mount_calls(monkeypatch) -> list[str]:
+    """The rootfs (un)mounts a Container makes, recorded instead of done (no root needed)."""
+    calls: list[str] = []
+    monkeypatch.setattr(mounts, "mount_all", lambda ms, target: calls.append(f"mount {len(ms)}"))
+    monkeypatch.setattr(mounts, "unmount_all", lambda target: calls.append("unmount"))
+    return calls
 
 
 def make_container(tmp_path: Path, hooks: NoHooks, backend: Backend, runner: RuncRunner) -> Container:
@@ -97,24 +107,28 @@ def make_container(tmp_path: Path, hooks: NoHooks, backend: Backend, runner: Run
     c = Container("c1", str(bundle), "ns", runc, RuntimeOptions(root=str(tmp_path / "root")), init, runtime)
     init.io = ProcessIO("c1", "ns", "", "", "", False)
     init.io.prepare()
-    c.rootfs_mounted = True  # as after Create; bundle/rootfs is no mount point, so unmounting is a no-op
+    c.rootfs = [mounts.Mount("overlay", "overlay", ("upperdir=/u", "lowerdir=/l", "workdir=/w"))]
+    c.rootfs_mounted = True  # as after Create
     return c
 
 
-def test_restore_walks_the_hooks_plans_in_order_until_one_restores(tmp_path: Path):
+def test_restore_walks_the_hooks_plans_in_order_until_one_restores(tmp_path: Path, mount_calls: list[str]):
     backend = Backend(broken={"/ck/3", "/ck/2"})
-    hooks = FallbackHooks([RestorePlan("/ck/2", fall_back=True), RestorePlan("/ck/1", fall_back=True)])
+    hooks = FallbackHooks(
+        [RestorePlan("/ck/2", fall_back=True), RestorePlan("/ck/1", fall_back=True)], timeline=mount_calls
+    )
     c = make_container(tmp_path, hooks, backend, RuncRunner())
     c.restore_plan = RestorePlan("/ck/3", fall_back=True)
 
     assert c.start(c.init) is None
     assert backend.attempts == ["/ck/3", "/ck/2", "/ck/1"]
     assert hooks.failures == ["criu could not restore /ck/3", "criu could not restore /ck/2"]
-    assert hooks.rootfs_mounted_when_asked == [False, False]  # the hooks may refill the upper dir
-    assert c.init.pid == GONE_PID + 3 and c.checkpoint == "/ck/1"
+    # The hooks are asked with the rootfs unmounted (they may refill its upper dir); it is mounted again.
+    assert mount_calls == ["unmount", "restore_failed mounted=False", "mount 1"] * 2
+    assert c.rootfs_mounted and c.init.pid == GONE_PID + 3 and c.checkpoint == "/ck/1"
 
 
-def test_no_plan_left_starts_the_task_fresh_from_its_image(tmp_path: Path):
+def test_no_plan_left_starts_the_task_fresh_from_its_image(tmp_path: Path, mount_calls: list[str]):
     backend = Backend(broken={"/ck/1"})
     runner = RuncRunner()
     c = make_container(tmp_path, FallbackHooks([None]), backend, runner)
@@ -126,7 +140,7 @@ def test_no_plan_left_starts_the_task_fresh_from_its_image(tmp_path: Path):
     assert c.init.pid == GONE_PID and c.restore_plan is None and c.checkpoint == ""
 
 
-def test_a_plan_without_fallback_fails_the_start_and_cleans_up(tmp_path: Path):
+def test_a_plan_without_fallback_fails_the_start_and_cleans_up(tmp_path: Path, mount_calls: list[str]):
     backend = Backend(broken={"/user/ck"})
     runner = RuncRunner()
     hooks = FallbackHooks([RestorePlan("/never", fall_back=True)])
@@ -136,7 +150,7 @@ def test_a_plan_without_fallback_fails_the_start_and_cleans_up(tmp_path: Path):
     with pytest.raises(RevenantError, match="could not restore /user/ck"):
         c.start(c.init)
     assert backend.attempts == ["/user/ck"] and hooks.failures == []
-    assert runner.commands == ["delete"] and not c.rootfs_mounted
+    assert runner.commands == ["delete"] and mount_calls == ["unmount"] and not c.rootfs_mounted
 
 
 @dataclass
