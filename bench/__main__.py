@@ -22,6 +22,7 @@ BENCHMARKS = {
     "store": ["store_bench.py", "--size", "512"],
     "checkpoint": ["checkpoint_bench.py"],
     "protect": ["protect_bench.py"],
+    "pod": ["pod_bench.py", "--runs", "10", "--pods", "4"],
 }
 
 

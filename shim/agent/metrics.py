@@ -208,7 +208,11 @@ class Metrics:
         dur = family("revenant_task_last_checkpoint_duration_seconds", "gauge", "Duration of the last checkpoint.")
         err = family("revenant_task_last_checkpoint_error", "gauge", "1 if the task's last checkpoint attempt failed.")
         for rec in tasks:
-            labels = (("namespace", rec.namespace), ("id", rec.id), ("key", rec.key))
+            labels: Labels = (("namespace", rec.namespace), ("id", rec.id), ("key", rec.key))
+            # A Kubernetes pod's container also carries its pod, the pod's namespace and its name
+            # (`namespace` stays containerd's, as for every task).
+            kube = (("pod", rec.pod), ("pod_namespace", rec.pod_namespace), ("container", rec.container))
+            labels += tuple((k, v) for k, v in kube if v)
             err.add(1 if rec.last_error else 0, labels)
             if rec.last_checkpoint is not None:
                 age.add(max(0.0, now - rec.last_checkpoint.time), labels)

@@ -1,7 +1,8 @@
 """Entry point of `containerd-shim-revenant-v1`, the binary containerd runs for io.containerd.revenant.v1.
 
-containerd runs it three ways (cwd = the bundle): `start` (create the shim's socket, fork the server,
-print the address), `delete` (clean up after a dead shim; print a DeleteResponse), and `-v`.
+containerd runs it four ways (cwd = the bundle): `start` (create the shim's socket, fork the server,
+print the address), `delete` (clean up after a dead shim; print a DeleteResponse), `-v`, and (2.x)
+`-info` (a RuntimeInfo protobuf on stdout: shim/daemon/info.py).
 The `start` path imports as little as possible: containerd waits for it on every container start.
 """
 
@@ -25,11 +26,11 @@ class Args:
         "-bundle": "bundle",
         "-socket": "socket",
     }
-    BOOLS = {"-debug": "debug", "-v": "version", "-version": "version"}
+    BOOLS = {"-debug": "debug", "-v": "version", "-version": "version", "-info": "info"}
 
     def __init__(self) -> None:
         self.namespace = self.address = self.publish_binary = self.id = self.bundle = self.socket = ""
-        self.debug = self.version = False
+        self.debug = self.version = self.info = False
         self.action = ""
 
 
@@ -54,7 +55,7 @@ def parse_args(argv: list[str]) -> Args:
         elif name in ("-h", "-help"):
             print(
                 "usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
-                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v|--version] [start|delete]"
+                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v|--version] [-info] [start|delete]"
             )
             raise SystemExit(0)
         else:
@@ -340,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"containerd-shim-revenant-v1 (revenant) {__version__}")
         return 0
+    if args.info:  # containerd 2.x introspection; protobuf is loaded for this alone
+        from shim.daemon import info
+        from shim.version import __version__
+
+        return info.main(__version__)
     if not args.namespace:
         args.namespace = os.environ.get("NAMESPACE", "")
     if args.action == "start":

@@ -20,7 +20,7 @@ from shim.checkpoint import CheckpointEngine, CheckpointOptions
 from shim.protect.policy import NodeConfig, Protection
 from shim.runc.driver import Runc
 
-from .image_identity import ImageIdentity
+from .image_identity import ImageIdentity, ImageLookup
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ProtectedContainer:
     runc: Runc
     init_pid: int = 0
     upper_dir: Path | None = None  # the rootfs overlay's upperdir; None: no writable layer to carry
-    image: ImageIdentity | None = None
+    image: ImageIdentity | ImageLookup | None = None  # a lookup resolves at first use
     # Freeze the whole container if it runs; True when it paused it (a user's pause is left alone).
     pause: Callable[[], bool] | None = None
     resume: Callable[[], None] | None = None

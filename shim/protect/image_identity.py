@@ -2,11 +2,19 @@
 
 A checkpoint records the image's content digest; a restore onto a container whose image differs
 would run old memory against new binaries, so it starts fresh instead and says why.
+
+The shim asks in a short-lived child process (`python -m shim.protect.image_identity`): gRPC is the
+only thing in the shim that needs it, and loading grpc into a long-lived shim costs ~15 MiB of
+resident memory and its worker threads for the shim's whole life, once per pod under Kubernetes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -82,3 +90,90 @@ def image_of(grpc_address: str, namespace: str, container_id: str, timeout: floa
     except grpc.RpcError as e:
         log.warning("cannot ask containerd at %s which image %s runs: %s", grpc_address, container_id, e.details())
         return None
+
+
+def image_of_in_child(
+    grpc_address: str, namespace: str, container_id: str, timeout: float = 30.0
+) -> ImageIdentity | None:
+    """image_of() run in a child interpreter, so grpc never loads into the shim; None on any failure."""
+    cmd = [sys.executable, "-m", __name__, grpc_address, namespace, container_id]
+    try:
+        res = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("cannot ask containerd which image %s runs: %s", container_id, e)
+        return None
+    if res.returncode != 0:
+        log.warning(
+            "cannot ask containerd which image %s runs: lookup exited %d: %s",
+            container_id,
+            res.returncode,
+            res.stderr.decode(errors="replace").strip()[-500:],
+        )
+        return None
+    return parse_identity(res.stdout)
+
+
+class ImageLookup:
+    """image_of_in_child() started now on a thread, awaited where the identity is first used: a restore
+    that compares it with a checkpoint's, or a checkpoint that records it. A Create with nothing to
+    restore never waits for it. Quacks like an ImageIdentity (None-ish fields while unknown)."""
+
+    def __init__(self, grpc_address: str, namespace: str, container_id: str) -> None:
+        self._value: ImageIdentity | None = None
+        self._where = f"{namespace}/{container_id}"
+        self._thread = threading.Thread(
+            target=self._run, args=(grpc_address, namespace, container_id), name="image-lookup", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, grpc_address: str, namespace: str, container_id: str) -> None:
+        self._value = image_of_in_child(grpc_address, namespace, container_id)
+        if self._value is None:
+            log.warning("%s: image identity unknown; a restore cannot be checked against a changed image", self._where)
+
+    def result(self) -> ImageIdentity | None:
+        self._thread.join()
+        return self._value
+
+    def differs_from(self, recorded: dict[str, str] | None) -> str | None:
+        value = self.result()
+        return value.differs_from(recorded) if value else None
+
+    def as_dict(self) -> dict[str, str] | None:
+        value = self.result()
+        return value.as_dict() if value else None
+
+    @property
+    def base(self) -> str | None:
+        value = self.result()
+        return value.base if value else None
+
+
+def parse_identity(data: bytes) -> ImageIdentity | None:
+    """The child's answer: a JSON object of three strings, or null."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        log.warning("image lookup answered something that is not JSON: %r", data[:200])
+        return None
+    if doc is None:
+        return None
+    fields = ("name", "digest", "base")
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) for f in fields):
+        log.warning("image lookup answered an unexpected document: %r", data[:200])
+        return None
+    return ImageIdentity(doc["name"], doc["digest"], doc["base"])
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        sys.stderr.write("usage: python -m shim.protect.image_identity GRPC_ADDRESS NAMESPACE CONTAINER_ID\n")
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    identity = image_of(*argv)
+    sys.stdout.write(json.dumps(identity.as_dict() if identity else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

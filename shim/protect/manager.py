@@ -29,11 +29,18 @@ from typing import Any
 from shim.checkpoint import CheckpointEngine, CheckpointError
 from shim.errors import FailedPrecondition, InvalidArgument, NotFound, RevenantError
 from shim.protect import registry, restorer
-from shim.protect.policy import NodeConfig, PolicyError, protection_for
+from shim.protect.policy import (
+    CRI_CONTAINER_NAME,
+    CRI_POD_NAME,
+    CRI_POD_NAMESPACE,
+    NodeConfig,
+    PolicyError,
+    protection_for,
+)
 from shim.task.hooks import ContainerControl, RestorePlan
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
-from .image_identity import ImageIdentity, image_of
+from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restorer import NoUsableCheckpoint, Restorer, clear_upper_dir
 
@@ -55,11 +62,23 @@ class Protected:
     last_report: CheckpointReport | None = None
     last_committed_at: float = 0.0  # wall clock when last_report's checkpoint was committed
     last_error: str | None = None
+    kubernetes: dict[str, str] = field(default_factory=dict)  # pod, pod_namespace, container (CRI)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
 
 
 def load_node_config() -> NodeConfig:
     return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
+
+
+def kubernetes_identity(annotations: dict[str, str]) -> dict[str, str]:
+    """The pod, its namespace and the container's name, as CRI annotates a container's OCI spec
+    (the kubelet's io.kubernetes.pod.* are CRI labels, which never reach the shim)."""
+    found = {
+        "pod": annotations.get(CRI_POD_NAME, ""),
+        "pod_namespace": annotations.get(CRI_POD_NAMESPACE, ""),
+        "container": annotations.get(CRI_CONTAINER_NAME, ""),
+    }
+    return {k: v for k, v in found.items() if v}
 
 
 def upper_dir_of(rootfs: Any) -> Path | None:
@@ -126,7 +145,8 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return None
-        image = image_of(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
+        # Asked of containerd in a child process, in parallel with the rest of Create and Start.
+        image = ImageLookup(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
             log.warning(
                 "%s/%s: image identity unknown (no containerd address); a restore cannot be checked "
@@ -144,7 +164,7 @@ class ProtectionManager:
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
-        p = Protected(pc)
+        p = Protected(pc, kubernetes=kubernetes_identity(annotations))
         with self._lock:
             self._protected[c.id] = p
         log.info(
@@ -161,7 +181,9 @@ class ProtectionManager:
             return None  # an explicit create-from-checkpoint (ctr restore) wins over the store
         return self._plan_restore(c, p, image)
 
-    def _plan_restore(self, c: ContainerControl, p: Protected, image: ImageIdentity | None) -> RestorePlan | None:
+    def _plan_restore(
+        self, c: ContainerControl, p: Protected, image: ImageIdentity | ImageLookup | None
+    ) -> RestorePlan | None:
         """Fetch the newest usable checkpoint not tried yet (filling the upper dir): the plan to restore
         from it, or None to start fresh."""
         pc = p.container
@@ -331,6 +353,7 @@ class ProtectionManager:
             last_checkpoint=last,
             last_error=p.last_error,
             extra={"restored_from": p.restored_from, "fresh_reason": p.fresh_reason},
+            **p.kubernetes,
         )
 
     def _write_record(self, p: Protected) -> None:

@@ -144,7 +144,11 @@ class Protection:
 
 
 def checkpoint_key(annotations: Mapping[str, str]) -> str | None:
-    """The explicit key, else `<namespace>/<pod>/<container>` for a Kubernetes app container."""
+    """The explicit key, else `<namespace>/<pod>/<container>` for a Kubernetes app container.
+    A pod's sandbox (pause) container is never protected: CRI passes the pod's `revenant.io/*`
+    annotations to it as well, and it must not claim the app container's key."""
+    if annotations.get(CRI_CONTAINER_TYPE) == "sandbox":
+        return None
     if KEY in annotations:
         key = annotations[KEY].strip()
         if not _KEY_OK.match(key) or ".." in key.split("/"):

@@ -49,6 +49,9 @@ class LastCheckpoint:
         )
 
 
+KUBERNETES_FIELDS = ("pod", "pod_namespace", "container")
+
+
 @dataclass
 class TaskRecord:
     namespace: str
@@ -63,6 +66,10 @@ class TaskRecord:
     task_pid: int = 0
     last_checkpoint: LastCheckpoint | None = None
     last_error: str | None = None
+    # The Kubernetes pod the container belongs to (from CRI's annotations; empty outside Kubernetes).
+    pod: str = ""
+    pod_namespace: str = ""
+    container: str = ""
     # Fields written by a newer shim that this version does not know, kept so a rewrite loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -94,6 +101,9 @@ class TaskRecord:
                 task_pid=int(data.get("task_pid") or 0),
                 last_checkpoint=LastCheckpoint.from_dict(last) if last else None,
                 last_error=None if data.get("last_error") is None else str(data["last_error"]),
+                pod=str(data.get("pod") or ""),
+                pod_namespace=str(data.get("pod_namespace") or ""),
+                container=str(data.get("container") or ""),
                 extra={k: v for k, v in data.items() if k not in known},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -102,6 +112,9 @@ class TaskRecord:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         extra = data.pop("extra")
+        for name in KUBERNETES_FIELDS:  # only a Kubernetes container's record carries them
+            if not data[name]:
+                del data[name]
         return {**extra, **data}
 
     def to_json(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from shim.protect.policy import Protection
 
 from .checkpointer import CRIU_DIR
-from .image_identity import ImageIdentity
+from .image_identity import ImageIdentity, ImageLookup
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Restorer:
         protection: Protection,
         scratch_base: Path,
         upper_dir: Path | None,
-        image: ImageIdentity | None,
+        image: ImageIdentity | ImageLookup | None,
         skip_seqs: Iterable[int] = (),
         compatible: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> RestorePlan | NoUsableCheckpoint:

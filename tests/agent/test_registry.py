@@ -48,6 +48,13 @@ def test_round_trip_matches_the_contract_layout(tmp_path: Path) -> None:
     assert list_tasks(tmp_path) == [rec]
 
 
+def test_a_kubernetes_record_names_its_pod(tmp_path: Path) -> None:
+    rec = record("c1", "k8s.io", pod="trainer-0", pod_namespace="ml", container="main")
+    doc = json.loads(write_task(tmp_path, rec).read_text())
+    assert (doc["pod"], doc["pod_namespace"], doc["container"]) == ("trainer-0", "ml", "main")
+    assert list_tasks(tmp_path) == [rec]
+
+
 def test_listing_is_sorted_across_namespaces_and_rewrites_replace(tmp_path: Path) -> None:
     write_task(tmp_path, record("b", "ns2"))
     write_task(tmp_path, record("a", "ns2"))

@@ -20,20 +20,52 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
+from .images import PAUSE_REF
 from .tools import SYSTEM_PATH, require
 
 log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CRI_DROPIN_V2 = REPO / "packaging" / "containerd" / "revenant-cri-v2.toml"
+CRI_NAMESPACE = "k8s.io"
+# Each version's binaries (containerd, ctr, containerd-shim-runc-v2): the system's 1.6, and 1.7 unpacked
+# beside it by packaging/install-deps.sh.
+CONTAINERD_BIN_DIRS = {"1.6": None, "1.7": Path("/opt/revenant-test/containerd-1.7/usr/bin")}
 
 # Distinct per checkout when several suites run at once: containerd puts a task in cgroup /<namespace>/<id>.
 NAMESPACE = os.environ.get("REVENANT_TEST_NAMESPACE", "revenant-test")
 VENV_BIN = Path(sys.executable).parent
 
 
+def _cri_config(node: ContainerdNode) -> str:
+    """The CRI plugin as a node runs it: the local pause image, its own CNI network, runc with a runc root
+    of its own, and revenant's handler appended from the shipped fragment (as an operator does)."""
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{node.pause_ref}"
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{node.cni_conf_dir}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    Root = "{node.runc_root}"
+
+{CRI_DROPIN_V2.read_text()}"""
+
+
 def _config(node: ContainerdNode, extra: str) -> str:
     return f"""version = 2
 root = "{node.root}"
 state = "{node.state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{"" if node.cri else 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'}
 
 [grpc]
   address = "{node.address}"
@@ -48,6 +80,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   type = "snapshot"
   address = "{node.snapshotter_address}"
 {extra}
+{_cri_config(node) if node.cri else ""}
 """
 
 
@@ -63,8 +96,22 @@ def image_ref_of(archive: Path) -> str:
 class ContainerdNode:
     """One containerd instance. Paths stay short: unix socket paths are limited to 107 bytes."""
 
-    def __init__(self, name: str, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        extra_config: str = "",
+        *,
+        cri: bool = False,
+        version: str = "1.6",
+        pause_ref: str = PAUSE_REF,
+        subnet: str = "",
+    ) -> None:
+        if version not in CONTAINERD_BIN_DIRS:
+            raise ValueError(f"no containerd {version} for tests (have {', '.join(CONTAINERD_BIN_DIRS)})")
         self.name = name
+        self.cri = cri
+        self.version = version
+        self.pause_ref = pause_ref
         self.dir = Path(tempfile.mkdtemp(prefix=f"rv-{name}-", dir="/tmp"))
         self.root = self.dir / "root"
         self.state = self.dir / "state"
@@ -78,17 +125,60 @@ class ContainerdNode:
         # revenant's node-level state (registry of protected tasks, node config) stays inside the node.
         self.revenant_run_dir = self.dir / "revenant-run"
         self.revenant_config = self.dir / "revenant.toml"
+        bin_dir = CONTAINERD_BIN_DIRS[version]
         self.env = {
             **os.environ,
-            "PATH": f"{VENV_BIN}:{SYSTEM_PATH}",
+            # The venv first (our shim), then the version's own binaries (its containerd-shim-runc-v2).
+            "PATH": f"{VENV_BIN}:{f'{bin_dir}:' if bin_dir else ''}{SYSTEM_PATH}",
             "REVENANT_RUN_DIR": str(self.revenant_run_dir),
             "REVENANT_CONFIG": str(self.revenant_config),
         }
         self._proc: subprocess.Popen[bytes] | None = None
-        self._containerd = require("containerd", "containerd")
-        self._ctr = require("ctr", "containerd")
+        if bin_dir is None:
+            self._containerd = require("containerd", "containerd")
+            self._ctr = require("ctr", "containerd")
+        else:
+            self._containerd, self._ctr = str(bin_dir / "containerd"), str(bin_dir / "ctr")
+            if not os.access(self._containerd, os.X_OK):
+                pytest.fail(f"containerd {version} is not unpacked in {bin_dir}: run packaging/install-deps.sh")
         require("runc", "runc")
+        # CNI: an isolated bridge per node, addresses from a private range, no gateway, no masquerade,
+        # no routes: pods get an address and nothing leaves the host.
+        self.cni_conf_dir = self.dir / "cni"
+        self.bridge = f"rvbr{os.getpid() % 10000}{name[:3]}"[:15]
+        self.subnet = subnet
+        if cri:
+            if not subnet:
+                raise ValueError("a CRI node needs its own pod subnet")
+            self._write_cni_config()
         self.config_path.write_text(_config(self, extra_config))
+
+    def _write_cni_config(self) -> None:
+        self.cni_conf_dir.mkdir(parents=True)
+        conf = {
+            "cniVersion": "0.4.0",
+            "name": f"revenant-test-{self.bridge}",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": False,
+                    "ipMasq": False,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": self.subnet}]],
+                        "dataDir": str(self.dir / "cni-ipam"),
+                    },
+                },
+                {"type": "loopback"},
+            ],
+        }
+        (self.cni_conf_dir / "10-revenant-test.conflist").write_text(json.dumps(conf, indent=2))
+
+    @property
+    def cri_address(self) -> str:
+        """CRI is served on containerd's own gRPC socket."""
+        return self.address
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 30) -> None:
@@ -169,17 +259,31 @@ class ContainerdNode:
     # -- teardown ------------------------------------------------------------------------------
     def destroy(self, keep_logs_in: Path | None = None) -> None:
         """Kill every task, stop containerd, reap leftovers, unmount and remove the node's files."""
+        if self.running and self.cri:
+            self._remove_all_pods()
         if self.running:
             self._remove_all_tasks()
         self.stop()
         self._kill_leftover_processes()
         self._delete_runc_containers()
         self._unmount_all()
+        if self.cri:  # the bridge outlives the pods (veths go with their network namespaces)
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         if keep_logs_in is not None:
             keep_logs_in.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
                 shutil.copy(self.log_path, keep_logs_in / f"containerd-{self.name}.log")
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _remove_all_pods(self) -> None:
+        """As the kubelet would: stop (CNI teardown) and remove every pod sandbox."""
+        from .cri import CriClient
+
+        try:
+            with CriClient(self.cri_address) as cri:
+                cri.remove_all_pods()
+        except Exception as e:  # teardown goes on: the task sweep below kills the rest
+            log.warning("node %s: removing pods through CRI failed: %s", self.name, e)
 
     def _namespaces(self) -> list[str]:
         res = self.ctr("namespaces", "ls", "-q", check=False, timeout=15)

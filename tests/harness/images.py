@@ -15,7 +15,9 @@ from .tools import require
 
 BUSYBOX_REF = "localhost/revenant/busybox:test"
 MEMJOB_REF = "localhost/revenant/memjob:test"
+PAUSE_REF = "localhost/revenant/pause:test"
 MEMJOB_SOURCE = Path(__file__).resolve().parent.parent / "images" / "memjob.c"
+PAUSE_SOURCE = Path(__file__).resolve().parent.parent / "images" / "pause.c"
 DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "var/log", "root", "data")
 
 
@@ -151,3 +153,18 @@ def build_test_images(out_dir: Path) -> TestImages:
     memjob_layer = _rootfs_layer({"bin/memjob": (memjob.read_bytes(), 0o755)})
     memjob_tar = write_oci_archive(out_dir / "memjob.tar", MEMJOB_REF, memjob_layer, ["/bin/memjob"])
     return TestImages(busybox=busybox_tar, memjob=memjob_tar, memjob_binary=memjob)
+
+
+def build_pause_image(out_dir: Path) -> Path:
+    """The pod sandbox image CRI runs as each pod's first container (its `sandbox_image`): one static
+    binary that sleeps until SIGTERM/SIGINT. Built here because nothing can be pulled."""
+    gcc = require("gcc", "gcc libc6-dev")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    binary = out_dir / "pause"
+    subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(PAUSE_SOURCE)], check=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("dev", "proc", "sys", "etc"):
+            _tar_add_dir(tar, d)
+        _tar_add_bytes(tar, "pause", binary.read_bytes(), 0o755)
+    return write_oci_archive(out_dir / "pause.tar", PAUSE_REF, buf.getvalue(), ["/pause"])

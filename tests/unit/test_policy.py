@@ -42,6 +42,15 @@ def test_no_key_means_unprotected():
     assert protection_for({**CRI, "io.kubernetes.cri.container-type": "sandbox"}, NodeConfig()) is None
 
 
+def test_pod_key_annotation_skips_the_sandbox():
+    """CRI copies the pod's revenant.io/* annotations to the pause container too: only the app
+    container may claim the key (else the two would checkpoint into one key)."""
+    pod = {"revenant.io/checkpoint-key": "ml/trainer-0", "revenant.io/checkpoint-interval": "1m"}
+    assert protection_for({**CRI, **pod, "io.kubernetes.cri.container-type": "sandbox"}, NodeConfig()) is None
+    p = protection_for({**CRI, **pod}, NodeConfig())
+    assert p is not None and p.key == "ml/trainer-0"
+
+
 def test_kubernetes_key_and_node_defaults():
     p = protection_for(CRI, NodeConfig())
     assert p is not None
