@@ -23,6 +23,7 @@ BENCHMARKS = {
     "checkpoint": ["checkpoint_bench.py"],
     "protect": ["protect_bench.py"],
     "pod": ["pod_bench.py", "--runs", "10", "--pods", "4"],
+    "docker": ["docker_bench.py", "--runs", "20"],
 }
 
 

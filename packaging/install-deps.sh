@@ -44,6 +44,14 @@ PIN
   fi
 }
 
+# The trixie suite by name, whatever /etc/debian_version says (a Debian 12 userland may carry a 13.x
+# base-files): CRIU 4 and the private containerd 1.7 and Docker trees come from trixie. A machine whose
+# sources already name trixie (Debian 13 itself) gets no second, low-pinned copy.
+ensure_trixie() {
+  grep -rqs -e 'trixie' /etc/apt/sources.list /etc/apt/sources.list.d/ || add_trixie
+  apt_update
+}
+
 criu_ok() {
   command -v criu >/dev/null 2>&1 || return 1
   local v; v=$(criu --version 2>/dev/null | sed -n 's/^Version: *//p')
@@ -61,18 +69,38 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if ! criu_ok; then
-  if [ "$debian_major" = 12 ]; then
-    # Debian 12's criu 3.17 fails on recent kernels (vdso bounds); 4.1.1 from trixie works.
-    # Add trixie at a low pin priority so nothing else is pulled from it unasked.
-    add_trixie
-    apt_update
-    log "installing criu from trixie"
-    apt-get install -y -qq --no-install-recommends -t trixie criu >/dev/null
-  else
-    apt_update
-    apt-get install -y -qq --no-install-recommends criu >/dev/null
-  fi
+  # Debian 12's criu 3.17 fails on recent kernels (vdso bounds); 4.1.1 from trixie works.
+  ensure_trixie
+  log "installing criu from trixie"
+  apt-get install -y -qq --no-install-recommends -t trixie criu >/dev/null
 fi
+
+# Docker Engine for the Docker tests and `revenant rehearse`: Debian 13's docker.io, docker-cli and
+# docker-compose (dockerd >= 23 runs shim v2 runtimes by name; from the trixie suite, at a low pin on Debian
+# 12, hence pkg/trixie), unpacked into a directory of their own: installing them would pull Debian 13's
+# containerd and runc over the system's.
+DOCKER_DIR=${REVENANT_DOCKER_DIR:-/opt/revenant-test/docker}
+DOCKER_VERSION_PREFIX=26.
+docker_ok() {
+  [ -x "$DOCKER_DIR/usr/sbin/dockerd" ] && [ -x "$DOCKER_DIR/usr/bin/docker" ] || return 1
+  [ -x "$DOCKER_DIR/usr/bin/docker-compose" ] || return 1
+  "$DOCKER_DIR/usr/sbin/dockerd" --version 2>/dev/null | grep -q "version ${DOCKER_VERSION_PREFIX}"
+}
+if ! docker_ok; then
+  ensure_trixie
+  apt_update
+  log "unpacking Debian 13's docker.io, docker-cli and docker-compose into $DOCKER_DIR"
+  dl=$(mktemp -d)
+  chmod 755 "$dl"   # apt downloads as _apt
+  (cd "$dl" && apt-get download -qq docker.io/trixie docker-cli/trixie docker-compose/trixie >/dev/null 2>&1) ||
+    die "apt-get download docker.io docker-cli docker-compose failed"
+  rm -rf "$DOCKER_DIR.new"
+  mkdir -p "$DOCKER_DIR.new"
+  for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$DOCKER_DIR.new"; done
+  rm -rf "$dl" "$DOCKER_DIR"
+  mv "$DOCKER_DIR.new" "$DOCKER_DIR"
+fi
+docker_ok || die "dockerd ${DOCKER_VERSION_PREFIX}x is not in $DOCKER_DIR (dockerd --version: $("$DOCKER_DIR/usr/sbin/dockerd" --version 2>&1))"
 
 criu_ok || die "criu >= 4.0 is not installed (criu --version: $(criu --version 2>&1 | head -1))"
 if ! out=$(criu check 2>&1); then
@@ -83,20 +111,14 @@ command -v iptables-restore >/dev/null || die "iptables-restore is missing: runc
 # unpacked into a private directory (never installed: the system containerd stays as it is).
 CONTAINERD17_DIR=/opt/revenant-test/containerd-1.7
 if ! "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\.7\.'; then
-  if [ "$debian_major" = 12 ]; then
-    add_trixie
-    suite=(-t trixie)
-  else
-    suite=()
-  fi
-  apt_update
+  ensure_trixie
   tmp=$(mktemp -d)
   log "unpacking containerd 1.7 from Debian 13 into $CONTAINERD17_DIR"
-  (cd "$tmp" && apt-get download -qq "${suite[@]}" containerd >/dev/null 2>&1) || die "apt-get download containerd (1.7) failed"
+  (cd "$tmp" && apt-get download -qq containerd/trixie >/dev/null 2>&1) || die "apt-get download containerd/trixie (1.7) failed"
   rm -rf "$CONTAINERD17_DIR.new" && mkdir -p "$CONTAINERD17_DIR.new"
   dpkg -x "$tmp"/containerd_*.deb "$CONTAINERD17_DIR.new"
   rm -rf "$tmp" "$CONTAINERD17_DIR" && mv "$CONTAINERD17_DIR.new" "$CONTAINERD17_DIR"
   "$CONTAINERD17_DIR/usr/bin/containerd" --version | grep -q ' 1\.7\.' || die "the unpacked containerd is not 1.7"
 fi
 
-log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | sed -n 's/^Version: *//p')"
+log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | sed -n 's/^Version: *//p'), $("$DOCKER_DIR/usr/sbin/dockerd" --version | cut -d, -f1) in $DOCKER_DIR"

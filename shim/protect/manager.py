@@ -37,12 +37,13 @@ from shim.protect.policy import (
     PolicyError,
     protection_for,
 )
+from shim.task import mounts
 from shim.task.hooks import ContainerControl, RestorePlan
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
-from .restorer import NoUsableCheckpoint, Restorer, clear_upper_dir
+from .restorer import NoUsableCheckpoint, Restorer, clear_upper_dir, fill_upper_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class Protected:
     last_error: str | None = None
     kubernetes: dict[str, str] = field(default_factory=dict)  # pod, pod_namespace, container (CRI)
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
+    # The rootfs overlay as mounted before the shim ran (dockerd's graph driver), else None.
+    premounted: mounts.MountInfo | None = None
 
 
 def load_node_config() -> NodeConfig:
@@ -89,6 +92,25 @@ def upper_dir_of(rootfs: Any) -> Path | None:
                 if o.startswith("upperdir="):
                     return Path(o.removeprefix("upperdir="))
     return None
+
+
+def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
+    """The overlay already mounted at the spec's root (dockerd mounts the rootfs itself and passes no
+    rootfs mounts in CreateTaskRequest), or None when there is none."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            root = (json.load(f).get("root") or {}).get("path") or "rootfs"
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None
+    if not isinstance(root, str):
+        raise InvalidArgument(f"the bundle's root.path is not a string: {root!r}")
+    try:
+        overlay = mounts.overlay_at(os.path.join(bundle, root))  # an absolute root.path replaces the bundle
+        if overlay is not None:
+            mounts.overlay_remount_data(overlay)  # a restore unmounts it: it must mount again
+        return overlay
+    except ValueError as e:
+        raise FailedPrecondition(f"cannot carry the writable layer: {e}") from None
 
 
 def bundle_annotations(bundle: str) -> dict[str, str]:
@@ -145,6 +167,10 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return None
+        upper_dir, premounted = upper_dir_of(c.rootfs), None
+        if upper_dir is None and not c.rootfs:
+            premounted = premounted_rootfs(c.bundle)
+            upper_dir = Path(premounted.super_option("upperdir") or "") if premounted else None
         # Asked of containerd in a child process, in parallel with the rest of Create and Start.
         image = ImageLookup(self.grpc_address, c.namespace, c.id) if self.grpc_address else None
         if image is None:
@@ -160,11 +186,11 @@ class ProtectionManager:
             bundle=Path(c.bundle),
             protection=protection,
             runc=c.runc,
-            upper_dir=upper_dir_of(c.rootfs),
+            upper_dir=upper_dir,
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
-        p = Protected(pc, kubernetes=kubernetes_identity(annotations))
+        p = Protected(pc, kubernetes=kubernetes_identity(annotations), premounted=premounted)
         with self._lock:
             self._protected[c.id] = p
         log.info(
@@ -194,6 +220,7 @@ class ProtectionManager:
             image,
             skip_seqs=p.tried_seqs,
             compatible=lambda meta: self._gpu_refusal(c.id, meta),
+            fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
         )
         if isinstance(result, NoUsableCheckpoint):
             p.plan = None
@@ -210,6 +237,23 @@ class ProtectionManager:
             log.warning("skipped checkpoint: %s", reason)
         log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
         return RestorePlan(str(result.criu_dir), fall_back=True)
+
+    @staticmethod
+    def _unmounted(p: Protected, change: Callable[[], Any]) -> Any:
+        """Change the upper dir with its overlay unmounted: overlayfs does not see changes made under a
+        mounted overlay, and the filled dir replaces the upper dir by a rename. A rootfs the shim mounts
+        itself is not mounted yet here; one dockerd mounted is unmounted and mounted again as it was."""
+        if p.premounted is None:
+            return change()
+        mounts.unmount_busy_fails(p.premounted.mount_point)
+        try:
+            return change()
+        finally:
+            try:
+                mounts.remount_overlay(p.premounted)
+            except OSError as e:  # the task cannot run on an empty root: say so, Create fails after this
+                log.error("cannot mount the rootfs overlay at %s again: %s", p.premounted.mount_point, e)
+                raise
 
     def _gpu_metadata(self, cid: str) -> dict[str, Any]:
         """The GPU part of the dump just taken (None for a CPU-only task), for the checkpoint's metadata."""
@@ -237,7 +281,8 @@ class ProtectionManager:
         log.warning("restore of %s seq %d failed, falling back: %s", failed.key, failed.seq, error)
         failed.discard()
         if p.container.upper_dir is not None:
-            clear_upper_dir(p.container.upper_dir)
+            upper = p.container.upper_dir
+            self._unmounted(p, lambda: clear_upper_dir(upper))
         plan = self._plan_restore(c, p, p.container.image)
         if plan is None:
             reason = f"checkpoint {failed.key}@{failed.seq} did not restore ({error})"

@@ -64,11 +64,13 @@ class Restorer:
         image: ImageIdentity | ImageLookup | None,
         skip_seqs: Iterable[int] = (),
         compatible: Callable[[dict[str, Any]], str | None] | None = None,
+        fill: Callable[[Path, Path], object] | None = None,
     ) -> RestorePlan | NoUsableCheckpoint:
         """Fetch and verify the newest usable checkpoint and fill `upper_dir` (empty) from its layer.
 
         `compatible(metadata)` may refuse a checkpoint this node cannot take (its GPUs differ) with
-        the reason; such a checkpoint is skipped like one taken on another image."""
+        the reason; such a checkpoint is skipped like one taken on another image. `fill(checkpoint_dir,
+        upper_dir)` replaces fill_upper_dir (the caller may need to unmount the overlay around it)."""
         from shim.store import StoreError
 
         reasons: list[str] = []
@@ -94,7 +96,7 @@ class Restorer:
                     if not (scratch / CRIU_DIR).is_dir():
                         raise ValueError(f"checkpoint holds no {CRIU_DIR}/ directory of CRIU images")
                     if upper_dir is not None:
-                        fill_upper_dir(scratch, upper_dir)
+                        (fill or fill_upper_dir)(scratch, upper_dir)
                 except (StoreError, ValueError, OSError) as e:
                     shutil.rmtree(scratch, ignore_errors=True)
                     reasons.append(f"{where}: {e}")

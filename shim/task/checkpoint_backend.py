@@ -88,6 +88,7 @@ class RuncCheckpointBackend:
         self.last_results: dict[str, CheckpointResult] = {}
 
     def checkpoint(self, container: Container, request: api.CheckpointTaskRequest) -> None:
+        log.debug("checkpoint %s: path %r, options %s", container.id, request.path, request.options)
         options, image_path = checkpoint_options_from(request.options if request.HasField("options") else None)
         target = image_path or request.path
         if not target:

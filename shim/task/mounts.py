@@ -141,3 +141,103 @@ def unmount_all(target: str) -> None:
         if not unmount(target):
             return
     log.warning("still mounts on %s after 64 unmounts", target)
+
+
+# -- an overlay someone else mounted (dockerd's graph driver) --------------------------------------
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash (and overlay its option separators) as \\ooo."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One /proc/self/mountinfo line, unescaped."""
+
+    mount_point: str
+    mount_options: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    def super_option(self, name: str) -> str | None:
+        prefix = name + "="
+        for o in self.super_options:
+            if o.startswith(prefix):
+                return o[len(prefix) :]
+        return None
+
+
+def parse_mountinfo_line(line: str) -> MountInfo:
+    fields = line.split()
+    sep = fields.index("-", 6)  # optional fields (shared:N, master:N) end at a lone "-"
+    # Split on the separators before unescaping: an escaped comma is part of a value, not a separator.
+    return MountInfo(
+        mount_point=_unescape(fields[4]),
+        mount_options=tuple(_unescape(o) for o in fields[5].split(",")),
+        fstype=fields[sep + 1],
+        source=_unescape(fields[sep + 2]),
+        super_options=tuple(_unescape(o) for o in fields[sep + 3].split(",")) if len(fields) > sep + 3 else (),
+    )
+
+
+def read_mountinfo(path: str = MOUNTINFO) -> list[MountInfo]:
+    with open(path) as f:
+        return [parse_mountinfo_line(line) for line in f if line.strip()]
+
+
+def overlay_at(mount_point: str, mountinfo: list[MountInfo] | None = None) -> MountInfo | None:
+    """The overlay mounted on top at `mount_point` (a rootfs mounted before the shim ran, as dockerd's
+    graph driver does), or None when the topmost mount there is no overlay.
+
+    Refused (ValueError) when its upper dir is shared with another mounted overlay: a writable layer
+    restored into it would show up in another container."""
+    infos = read_mountinfo() if mountinfo is None else mountinfo
+    target = os.path.realpath(mount_point)
+    here = [m for m in infos if m.mount_point == target]
+    if not here or here[-1].fstype != "overlay":  # later lines are mounted on top of earlier ones
+        return None
+    top = here[-1]
+    upper = top.super_option("upperdir")
+    if upper is None:
+        return None  # a read-only overlay: no writable layer to carry
+    others = [
+        m.mount_point for m in infos if m.fstype == "overlay" and m is not top and m.super_option("upperdir") == upper
+    ]
+    if others:
+        raise ValueError(f"the upper dir {upper} of the overlay at {target} is also the upper dir of {others}")
+    return top
+
+
+def overlay_remount_data(m: MountInfo) -> str:
+    """The mount(2) data that mounts the overlay `m` again; ValueError when its paths make that impossible
+    (checked before anything is unmounted)."""
+    data = [o for o in m.super_options if o not in ("rw", "ro")]
+    for o in data:
+        # The kernel splits overlay options on ","; upper and work dirs cannot hold ":" either.
+        if "," in o or (o.startswith(("upperdir=", "workdir=")) and ":" in o):
+            raise ValueError(f"cannot mount the overlay at {m.mount_point} again: option {o!r} holds a separator")
+    return ",".join(data)
+
+
+def remount_overlay(m: MountInfo) -> None:
+    """Mount an overlay again as `m` described it (after its upper dir was filled while unmounted)."""
+    flags, _propagation, _ = parse_options(o for o in m.mount_options if o in _FLAGS)
+    _mount(m.source, m.mount_point, "overlay", flags, overlay_remount_data(m))
+
+
+def unmount_busy_fails(target: str) -> None:
+    """Unmount the topmost mount at target, failing (never detaching) while it is in use."""
+    if _lib().umount2(target.encode(), 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
