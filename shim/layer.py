@@ -436,7 +436,10 @@ class _Applier:
             name = k[len("SCHILY.xattr.") :]
             if name.startswith(OVERLAY_XATTR_PREFIX) or not name.startswith(ALLOWED_XATTR_PREFIXES):
                 raise LayerError(f"entry {m.name!r}: xattr {name!r} is not allowed")
-            os.setxattr(path, name, v.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+            try:
+                os.setxattr(path, name, v.encode("utf-8", "surrogateescape"), follow_symlinks=False)
+            except OSError as e:  # e.g. user.* on a symlink (EPERM), a value too large (E2BIG)
+                raise LayerError(f"entry {m.name!r}: xattr {name!r} cannot be set: {e.strerror}") from None
         if not m.issym():
             os.chmod(path, stat.S_IMODE(m.mode))  # after chown, which clears setuid bits
         if not m.isdir():
@@ -466,11 +469,14 @@ def apply_writable_layer(tar_path: str | Path, upper: str | Path) -> dict[str, i
     if any(upper.iterdir()):
         raise FailedPrecondition(f"restore target {upper} is not empty")
     applier = _Applier(upper)
-    with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
-        for m in tf:
-            applier.apply(tf, m)
-            if applier.stats["entries"] == 2:
-                crash_point("restore-mid-apply")
+    try:
+        with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
+            for m in tf:
+                applier.apply(tf, m)
+                if applier.stats["entries"] == 2:
+                    crash_point("restore-mid-apply")
+    except tarfile.TarError as e:  # a damaged or forged header
+        raise LayerError(f"{tar_path}: not a valid tar: {e}") from None
     applier.finish()
     _syncfs(upper)  # the snapshot row is committed next: its files must be on disk before that
     return applier.stats

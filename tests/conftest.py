@@ -29,8 +29,10 @@ UNIT_FILES = frozenset(
         "tests/gpu/test_gpu_checkpoint.py",
         "tests/shim/test_units.py",
         "tests/snapshotter/test_filters.py",
+        "tests/store/test_fuzz.py",
         "tests/store/test_units.py",
         "tests/ttrpc/test_codec.py",
+        "tests/ttrpc/test_codec_fuzz.py",
         "tests/ttrpc/test_descriptors.py",
         "tests/ttrpc/test_server_client.py",
     }

@@ -17,12 +17,21 @@ from dataclasses import dataclass
 
 import zstandard
 
+from .errors import StoreError
+from .limits import MAX_CHUNK_LEN, bounded_zstd_decode
+
 CHUNK_RAW = 0
 CHUNK_ZSTD = 1
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_KIND = "fastcdc"
 # A chunk is stored compressed only if zstd saves at least this fraction; otherwise raw (fast to restore).
 MIN_SAVING = 0.03
+# Chunker sizes: a fixed chunk or a FastCDC maximum (4 x the average) stays within MAX_CHUNK_LEN.
+MAX_CHUNKER_SIZE = MAX_CHUNK_LEN // 4
+
+
+class ChunkDecodeError(StoreError):
+    """A stored chunk object that is not a valid encoding of a chunk of the expected length."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class Chunker:
             raise ValueError(f"unknown chunker {self.kind!r}")
         if self.size < 4096 or self.size % 4096:
             raise ValueError("chunk size must be a multiple of 4096 (page aligned)")
+        if self.size > MAX_CHUNKER_SIZE:
+            raise ValueError(f"chunk size must be at most {MAX_CHUNKER_SIZE} bytes")
 
     def cuts(self, buf: memoryview) -> Iterator[tuple[int, int]]:
         """(offset, length) pairs covering buf."""
@@ -66,14 +77,23 @@ def encode_chunk(data: bytes | memoryview, level: int = 1) -> bytes:
 
 
 def decode_chunk(blob: bytes, expected_len: int) -> bytes:
+    """The chunk's data, never more than expected_len bytes decoded (nor allocated): ChunkDecodeError else."""
     if not blob:
-        raise ValueError("empty object")
+        raise ChunkDecodeError("empty object")
     kind = blob[0]
     if kind == CHUNK_RAW:
+        if len(blob) - 1 != expected_len:
+            raise ChunkDecodeError(f"raw chunk of {len(blob) - 1} bytes, expected {expected_len}")
         return blob[1:]
     if kind == CHUNK_ZSTD:
-        return _decompressor().decompress(blob[1:], max_output_size=expected_len)
-    raise ValueError(f"unknown chunk encoding {kind}")
+        try:
+            data = bounded_zstd_decode(memoryview(blob)[1:], expected_len)
+        except (zstandard.ZstdError, ValueError) as e:
+            raise ChunkDecodeError(f"zstd: {e}") from None
+        if len(data) != expected_len:
+            raise ChunkDecodeError(f"decodes to {len(data)} bytes, expected {expected_len}")
+        return data
+    raise ChunkDecodeError(f"unknown chunk encoding {kind}")
 
 
 def is_zero(data: bytes | memoryview) -> bool:
@@ -97,10 +117,3 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     if c is None:
         c = comps[level] = zstandard.ZstdCompressor(level=level)
     return c
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "decomp", None)
-    if d is None:
-        d = _tls.decomp = zstandard.ZstdDecompressor()
-    return d

@@ -22,16 +22,47 @@ def encode_key(key: str) -> str:
 
 
 def decode_key(encoded: str) -> str:
+    """Inverse of encode_key; ValueError for anything encode_key would not have produced (a stray name)."""
     out = bytearray()
     i = 0
     while i < len(encoded):
         if encoded[i] == "%":
-            out.append(int(encoded[i + 1 : i + 3], 16))
+            hexpair = encoded[i + 1 : i + 3]
+            if len(hexpair) != 2 or not all(c in "0123456789ABCDEF" for c in hexpair):
+                raise ValueError(f"not an encoded key: {encoded[:80]!r}")
+            out.append(int(hexpair, 16))
             i += 3
-        else:
+        elif encoded[i] in _SAFE:
             out += encoded[i].encode()
             i += 1
-    return out.decode()
+        else:
+            raise ValueError(f"not an encoded key: {encoded[:80]!r}")
+    key = out.decode()  # UnicodeDecodeError is a ValueError
+    if encode_key(key) != encoded:
+        raise ValueError(f"not an encoded key: {encoded[:80]!r}")
+    return key
+
+
+NAME_MAX = 255
+_HASHED_SEP = "~"  # never produced by encode_key: marks a shortened, hashed name
+
+
+def key_dir_name(key: str) -> str:
+    """One directory name (at most NAME_MAX bytes) for key: encode_key, or for a long key a readable
+    prefix of it plus '~' and a 128-bit key hash (then the key is not recoverable from the name: the
+    file backend stores it beside the manifests).
+    """
+    enc = encode_key(key)
+    if len(enc) <= NAME_MAX:
+        return enc
+    cut = 200
+    while "%" in enc[cut - 2 : cut]:  # never split a %XX escape
+        cut -= 1
+    return f"{enc[:cut]}{_HASHED_SEP}{blake3.blake3(key.encode()).hexdigest()[:32]}"
+
+
+def is_hashed_dir_name(name: str) -> bool:
+    return _HASHED_SEP in name
 
 
 def key_hash(key: str) -> str:

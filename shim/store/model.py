@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +12,17 @@ import blake3
 import zstandard
 
 from .errors import ManifestCorrupt
+from .limits import (
+    MAX_CHUNK_LEN,
+    MAX_CHUNK_REFS,
+    MAX_ENTRIES,
+    MAX_FILE_SIZE,
+    MAX_ID,
+    MAX_MANIFEST_BYTES,
+    NAME_MAX,
+    PATH_MAX,
+    bounded_zstd_decode,
+)
 
 FORMAT = "revenant.checkpoint.v1"
 _MAGIC = b"RVNMANIFEST1 "  # then 64 hex chars of BLAKE3(payload), '\n', zstd(JSON)
@@ -85,7 +98,43 @@ class Manifest:
         return {c[2] for e in self.entries if e["type"] == "file" for c in e["chunks"] if c[2] != ZERO}
 
     def encode(self) -> bytes:
-        doc = {
+        raw = json.dumps(self._doc(), separators=(",", ":")).encode()
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestCorrupt(
+                f"manifest of {self.key!r} would be {len(raw)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit "
+                "(too many files or chunks: use a larger chunk size)"
+            )
+        payload = zstandard.ZstdCompressor(level=3).compress(raw)
+        return _MAGIC + blake3.blake3(payload).hexdigest().encode() + b"\n" + payload
+
+    @classmethod
+    def decode(cls, blob: bytes, what: str = "manifest") -> Manifest:
+        """Check the framing and digest, decode within MAX_MANIFEST_BYTES, then validate the whole schema.
+
+        A manifest's digest only proves it was not damaged, not that its writer was honest: everything
+        in it is checked here, so callers can index entries without further checks.
+        """
+        head = len(_MAGIC) + 65
+        if len(blob) < head or not blob.startswith(_MAGIC) or blob[head - 1 : head] != b"\n":
+            raise ManifestCorrupt(f"{what} is truncated or not a revenant manifest ({len(blob)} bytes)")
+        if len(blob) > MAX_MANIFEST_BYTES + head:
+            raise ManifestCorrupt(f"{what} is {len(blob)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+        payload = blob[head:]
+        if blake3.blake3(payload).hexdigest().encode() != blob[len(_MAGIC) : head - 1]:
+            raise ManifestCorrupt(f"{what} is damaged: digest mismatch ({len(blob)} bytes, truncated?)")
+        try:
+            raw = bounded_zstd_decode(payload, MAX_MANIFEST_BYTES, window_max=1 << 24)
+            doc = json.loads(raw)
+        except (zstandard.ZstdError, ValueError, RecursionError) as e:
+            raise ManifestCorrupt(f"{what} cannot be decoded: {e}") from e
+        return validate_manifest_doc(doc, what)
+
+    def check(self, what: str = "manifest") -> None:
+        """Validate this (freshly built) manifest exactly as a reader will: put never writes one get refuses."""
+        validate_manifest_doc(self._doc(), what)
+
+    def _doc(self) -> dict[str, Any]:
+        return {
             "format": FORMAT,
             "key": self.key,
             "seq": self.seq,
@@ -96,33 +145,161 @@ class Manifest:
             "stats": self.stats,
             "entries": self.entries,
         }
-        payload = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc, separators=(",", ":")).encode())
-        return _MAGIC + blake3.blake3(payload).hexdigest().encode() + b"\n" + payload
 
-    @classmethod
-    def decode(cls, blob: bytes, what: str = "manifest") -> Manifest:
-        head = len(_MAGIC) + 65
-        if len(blob) < head or not blob.startswith(_MAGIC) or blob[head - 1 : head] != b"\n":
-            raise ManifestCorrupt(f"{what} is truncated or not a revenant manifest ({len(blob)} bytes)")
-        payload = blob[head:]
-        if blake3.blake3(payload).hexdigest().encode() != blob[len(_MAGIC) : head - 1]:
-            raise ManifestCorrupt(f"{what} is damaged: digest mismatch ({len(blob)} bytes, truncated?)")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+ENTRY_TYPES = ("file", "dir", "symlink")
+
+
+def _int(v: Any, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def check_entry_path(path: Any) -> list[str]:
+    """Components of a manifest entry path: relative, normalised, no '..', no NUL, sane lengths.
+
+    Stricter than the writable-layer applier: a manifest is written by scan_tree, which only ever emits
+    `a/b/c` forms, so anything else ('.', '', '//', a trailing '/') is damage or an attack.
+    """
+    if type(path) is not str or not path:
+        raise ValueError("path must be a non-empty string")
+    if "\0" in path:
+        raise ValueError("NUL in path")
+    if len(path.encode("utf-8", "surrogatepass")) > PATH_MAX:
+        raise ValueError(f"path longer than {PATH_MAX} bytes")
+    if path.startswith("/"):
+        raise ValueError("absolute path")
+    parts = path.split("/")
+    for p in parts:
+        if p in ("", ".", ".."):
+            raise ValueError(f"component {p!r} not allowed")
+        if len(p.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise ValueError(f"component longer than {NAME_MAX} bytes")
+    return parts
+
+
+def check_symlink_target(path: str, target: Any) -> None:
+    """A symlink must stay inside the restored tree: no absolute target, no climbing out.
+
+    Restore never follows links, but whoever reads the restored dir (CRIU, the layer applier) opens
+    files by name: a link to a host file would feed its contents into the restored container.
+    """
+    if type(target) is not str or not target or "\0" in target:
+        raise ValueError("symlink target must be a non-empty string without NUL")
+    if len(target.encode("utf-8", "surrogatepass")) > PATH_MAX:
+        raise ValueError(f"symlink target longer than {PATH_MAX} bytes")
+    if target.startswith("/"):
+        raise ValueError(f"symlink target {target!r} is absolute")
+    depth = path.count("/")  # directories the link sits below
+    for p in target.split("/"):
+        if p == "..":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"symlink target {target!r} points outside the checkpoint")
+        elif p not in ("", "."):
+            depth += 1
+
+
+def _check_entry(e: Any, dirs: set[str], seen: set[str]) -> int:
+    """Validate one entry; returns its number of chunk references."""
+    if type(e) is not dict:
+        raise ValueError("entry is not an object")
+    path: Any = e.get("path")  # a str once check_entry_path passed
+    parts = check_entry_path(path)
+    if path in seen:
+        raise ValueError("duplicate path")
+    seen.add(path)
+    parent = "/".join(parts[:-1])
+    # scan_tree lists a directory before anything in it: a parent must be an earlier `dir` entry,
+    # so no entry can sit below a symlink or a file.
+    if parent and parent not in dirs:
+        raise ValueError(f"parent {parent!r} is not an earlier directory entry")
+    kind = e.get("type")
+    if kind not in ENTRY_TYPES:
+        raise ValueError(f"unknown entry type {kind!r}")
+    if not _int(e.get("mode"), 0, 0o7777):
+        raise ValueError(f"bad mode {e.get('mode')!r}")
+    if not _number(e.get("mtime")):
+        raise ValueError(f"bad mtime {e.get('mtime')!r}")
+    for k in ("uid", "gid"):
+        if not _int(e.get(k), 0, MAX_ID):
+            raise ValueError(f"bad {k} {e.get(k)!r}")
+    if kind == "dir":
+        dirs.add(path)
+        return 0
+    if kind == "symlink":
+        check_symlink_target(path, e.get("target"))
+        return 0
+    size: Any = e.get("size")
+    if not _int(size, 0, MAX_FILE_SIZE):
+        raise ValueError(f"bad size {size!r}")
+    chunks = e.get("chunks")
+    if type(chunks) is not list:
+        raise ValueError("chunks is not a list")
+    for c in chunks:
+        if type(c) is not list or len(c) != 3:
+            raise ValueError(f"bad chunk reference {c!r:.80}")
+        off, length, digest = c
+        if not _int(off, 0, size) or not _int(length, 1, MAX_CHUNK_LEN) or off + length > size:
+            raise ValueError(f"chunk [{off!r:.20}, {length!r:.20}] outside the file's {size} bytes")
+        if digest != ZERO and not (type(digest) is str and _HEX64.fullmatch(digest)):
+            raise ValueError(f"bad chunk digest {digest!r:.80}")
+    return len(chunks)
+
+
+def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
+    """The one schema check every decoded manifest passes: types, ranges, path rules and counts."""
+    if type(doc) is not dict:
+        raise ManifestCorrupt(f"{what} is not a JSON object")
+    if doc.get("format") != FORMAT:
+        raise ManifestCorrupt(f"{what} has unknown format {str(doc.get('format'))[:80]!r}")
+    problems = []
+    key: Any = doc.get("key")
+    if type(key) is not str or not 1 <= len(key) <= 1024 or "\0" in key:
+        problems.append("key")
+    if not _int(doc.get("seq"), 0, 2**63 - 1):
+        problems.append("seq")
+    if doc.get("parent") is not None and not _int(doc.get("parent"), 0, 2**63 - 1):
+        problems.append("parent")
+    if not _number(doc.get("created")):
+        problems.append("created")
+    if type(doc.get("chunker")) is not str or len(doc["chunker"]) > 64:
+        problems.append("chunker")
+    if type(doc.get("metadata")) is not dict:
+        problems.append("metadata")
+    stats: Any = doc.get("stats")
+    if type(stats) is not dict or not all(type(k) is str and _int(v, 0, 2**63 - 1) for k, v in stats.items()):
+        problems.append("stats")
+    entries: Any = doc.get("entries")
+    if type(entries) is not list or len(entries) > MAX_ENTRIES:
+        problems.append("entries")
+    if problems:
+        raise ManifestCorrupt(f"{what} has missing or invalid fields: {', '.join(problems)}")
+    dirs: set[str] = set()
+    seen: set[str] = set()
+    refs = 0
+    for i, e in enumerate(entries):
         try:
-            doc = json.loads(zstandard.ZstdDecompressor().decompress(payload, max_output_size=1 << 31))
-        except (zstandard.ZstdError, ValueError) as e:
-            raise ManifestCorrupt(f"{what} cannot be decoded: {e}") from e
-        if doc.get("format") != FORMAT:
-            raise ManifestCorrupt(f"{what} has unknown format {doc.get('format')!r}")
-        return cls(
-            key=doc["key"],
-            seq=doc["seq"],
-            parent=doc["parent"],
-            created=doc["created"],
-            chunker=doc["chunker"],
-            metadata=doc["metadata"],
-            entries=doc["entries"],
-            stats=doc["stats"],
-        )
+            refs += _check_entry(e, dirs, seen)
+        except ValueError as err:
+            path = e.get("path") if type(e) is dict else None
+            raise ManifestCorrupt(f"{what}: entry {i} ({str(path)[:120]!r}): {err}") from None
+        if refs > MAX_CHUNK_REFS:
+            raise ManifestCorrupt(f"{what} references more than {MAX_CHUNK_REFS} chunks")
+    return Manifest(
+        key=key,
+        seq=doc["seq"],
+        parent=doc["parent"],
+        created=doc["created"],
+        chunker=doc["chunker"],
+        metadata=doc["metadata"],
+        entries=entries,
+        stats=stats,
+    )
 
 
 def manifest_name(seq: int, nonce: str) -> str:

@@ -8,10 +8,11 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ from typing import Any
 import blake3
 
 from . import chunking
-from .backends.base import Backend, NotFound
+from .backends.base import Backend, NotFound, TooLarge
 from .chunking import Chunker
 from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, ManifestCorrupt, StoreError
+from .keys import validate_key
+from .limits import chunk_object_limit
 from .locks import PutLock, live_locks
 from .model import ZERO, CheckpointInfo, Manifest, manifest_name, parse_manifest_name
-from .walk import apply_metadata, data_extents, scan_tree
+from .walk import TreeWriter, data_extents, scan_tree
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -104,9 +107,14 @@ class Store:
             blob = self.backend.retry(f"get {what}", lambda: self.backend.get_manifest(key, name))
         except NotFound:
             raise CheckpointNotFound(f"{what} disappeared (deleted concurrently?)") from None
+        except TooLarge as e:
+            raise ManifestCorrupt(f"{what}: {e}") from None
         m = Manifest.decode(blob, what)
         if m.key != key:
             raise ManifestCorrupt(f"{what} names key {m.key!r}")
+        parsed = parse_manifest_name(name)
+        if parsed is not None and m.seq != parsed[0]:
+            raise ManifestCorrupt(f"{what} claims seq {m.seq}")
         return m
 
     def list(self, key: str | None = None) -> list[CheckpointInfo]:
@@ -144,6 +152,7 @@ class Store:
     def put(
         self, key: str, src_dir: Path, metadata: dict[str, Any] | None = None, progress: Progress | None = None
     ) -> CheckpointInfo:
+        validate_key(key)
         src = Path(src_dir)
         if not src.is_dir():
             raise StoreError(f"put {key!r}: {src} is not a directory")
@@ -163,7 +172,6 @@ class Store:
             if listing is not None:
                 known |= listing
             entries = scan_tree(src)
-            stats = self._upload(src, entries, known, progress, listed=listing is not None)
             manifest = Manifest(
                 key=key,
                 seq=0,
@@ -172,8 +180,13 @@ class Store:
                 chunker=self.chunker.describe(),
                 metadata=dict(metadata or {}),
                 entries=entries,
-                stats=stats,
+                stats={},
             )
+            try:  # refuse before uploading anything what a reader would refuse (e.g. a symlink out of src)
+                manifest.check(f"put {key!r} of {src}")
+            except ManifestCorrupt as e:
+                raise StoreError(f"{e}: not stored") from None
+            manifest.stats = self._upload(src, entries, known, progress, listed=listing is not None)
             info = self._commit(manifest, nonce)
         log.info(
             "put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new)",
@@ -402,13 +415,20 @@ class Store:
         raise StoreError(f"no usable checkpoint for {key!r}: " + "; ".join(errors)) from last
 
     def _restore(self, m: Manifest, dest: Path, progress: Progress | None) -> None:
-        if dest.exists() and any(dest.iterdir()):
-            raise StoreError(f"restore destination {dest} is not empty")
+        """Build the tree in a fresh 0700 sibling dir, then rename it onto dest (absent or an empty dir)."""
+        _check_destination(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        tmp.mkdir(0o700)
         try:
-            self._materialize(m, tmp, progress)
+            root_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self._materialize(m, TreeWriter(root_fd, os.geteuid() == 0), progress)
+            except OSError as e:
+                raise StoreError(f"restore of {m.key!r} seq {m.seq} into {dest} failed: {e}") from e
+            finally:
+                os.close(root_fd)
+            _check_destination(dest)
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)
@@ -416,11 +436,11 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _materialize(self, m: Manifest, root: Path, progress: Progress | None) -> None:
+    def _materialize(self, m: Manifest, tree: TreeWriter, progress: Progress | None) -> None:
+        """Write a validated manifest's entries below tree's root; parents always precede children."""
         files = [e for e in m.entries if e["type"] == "file"]
         counter = _Counter(sum(c[1] for e in files for c in e["chunks"]), progress)
         slots = threading.BoundedSemaphore(self.max_inflight)
-        is_root = os.geteuid() == 0
 
         def fetch(fd: int, off: int, length: int, digest: str, where: str) -> None:
             try:
@@ -436,43 +456,71 @@ class Store:
                 slots.release()
                 counter.add(length)
 
-        for e in m.entries:
-            p = root / e["path"]
-            if e["type"] == "dir":
-                p.mkdir(exist_ok=True)
-            elif e["type"] == "symlink":
-                os.symlink(e["target"], p)
-        fds: list[int] = []
-        futures: list[Future[None]] = []
+        try:
+            for e in m.entries:
+                if e["type"] == "dir":
+                    tree.mkdir(e["path"])
+                elif e["type"] == "symlink":
+                    tree.symlink(e["path"], e["target"])
+            self._write_files(m, files, tree, fetch, slots)
+            # Metadata last, deepest first, so writing children does not disturb parents' mtimes.
+            for e in sorted(m.entries, key=lambda e: e["path"].count("/"), reverse=True):
+                tree.metadata(e)
+        finally:
+            tree.close()
+
+    def _write_files(
+        self,
+        m: Manifest,
+        files: Sequence[dict[str, Any]],
+        tree: TreeWriter,
+        fetch: Callable[[int, int, int, str, str], None],
+        slots: threading.BoundedSemaphore,
+    ) -> None:
+        # Files still being written: (fd, its chunk futures). At most 32 stay open (a manifest may list
+        # a million files), the oldest is finished and closed first.
+        open_files: deque[tuple[int, list[Future[None]]]] = deque()
+
+        def finish(fd: int, pending: list[Future[None]]) -> None:
+            try:
+                for f in pending:
+                    f.result()
+            finally:
+                os.close(fd)
+
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-get") as pool:
                 for e in files:
-                    fd = os.open(root / e["path"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    fds.append(fd)
+                    fd = tree.create(e["path"])
+                    pending: list[Future[None]] = []
+                    open_files.append((fd, pending))
                     os.ftruncate(fd, e["size"])
                     for off, length, digest in e["chunks"]:
-                        if futures and futures[0].done():
-                            futures.pop(0).result()
                         slots.acquire()
                         where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {off}"
-                        futures.append(pool.submit(fetch, fd, off, length, digest, where))
-                for f in futures:
-                    f.result()
+                        pending.append(pool.submit(fetch, fd, off, length, digest, where))
+                        if pending[0].done() and pending[0].exception():
+                            pending[0].result()  # stop early on the first bad chunk
+                    while len(open_files) > 32:
+                        finish(*open_files.popleft())
+                while open_files:
+                    finish(*open_files.popleft())
         finally:
-            for fd in fds:
-                os.close(fd)
-        # Metadata last, deepest first, so writing children does not disturb parents' mtimes.
-        for e in sorted(m.entries, key=lambda e: e["path"].count("/"), reverse=True):
-            apply_metadata(root / e["path"], e, is_root)
+            while open_files:  # after a failure: the pool has drained, nothing writes to these any more
+                os.close(open_files.popleft()[0])
 
     def _fetch_verified(self, digest: str, length: int, where: str) -> bytes:
         try:
             blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
+        except TooLarge as e:
+            raise ChunkCorrupt(digest, str(e), where) from None
+        if len(blob) > chunk_object_limit(length):
+            raise ChunkCorrupt(digest, f"is a {len(blob)}-byte object, too large for {length} bytes of data", where)
         try:
             data = chunking.decode_chunk(blob, length)
-        except Exception as e:
+        except chunking.ChunkDecodeError as e:
             raise ChunkCorrupt(digest, f"cannot be decoded: {e}", where) from e
         if len(data) != length or blake3.blake3(data, max_threads=1).hexdigest() != digest:
             raise ChunkCorrupt(digest, "does not match its digest (damaged)", where)
@@ -594,6 +642,18 @@ class Store:
                 b.retry("remove lock", lambda: b.delete_lock(lock))
             except StoreError as e:
                 log.warning("could not remove lock %s: %s", lock, e)
+
+
+def _check_destination(dest: Path) -> None:
+    """A restore goes into a directory that is absent or empty: never over or through anything else."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"restore destination {dest} exists and is not a directory")
+    if any(os.scandir(dest)):
+        raise StoreError(f"restore destination {dest} is not empty")
 
 
 __all__ = ["BackendUnavailable", "Store"]

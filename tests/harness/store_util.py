@@ -133,7 +133,8 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
         # Registry blobs are immutable and digest-checked: re-point the tag at a truncated manifest blob.
         tag = tag_prefix(key) + name
         doc, _digest, _raw = b._get_manifest_doc(tag)
-        blob = b._get_blob(doc["layers"][0]["digest"])
+        layer = doc["layers"][0]
+        blob = b._get_blob(layer["digest"], layer["size"], layer["size"])
         cut = blob[: len(blob) // 2]
         doc["layers"][0] = {**doc["layers"][0], "digest": b._upload_blob(cut), "size": len(cut)}
         b._put_manifest_doc(tag, json.dumps(doc).encode())
@@ -144,3 +145,87 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
 def s3_bucket_prefix(url: str) -> tuple[str, str, str]:
     u = urlsplit(url)
     return u.netloc, u.path.strip("/"), parse_qs(u.query)["endpoint"][0]
+
+
+def frame_manifest(payload_json: bytes | None = None, payload: bytes | None = None) -> bytes:
+    """Bytes in the real manifest framing (magic, BLAKE3 of the payload, zstd) around any JSON text.
+
+    The digest is valid, so whatever the JSON says reaches the schema checks: how a hostile writer with
+    access to the store would forge a checkpoint.
+    """
+    import blake3
+    import zstandard
+
+    from shim.store.model import _MAGIC
+
+    if payload is None:
+        assert payload_json is not None
+        payload = zstandard.ZstdCompressor(level=3).compress(payload_json)
+    return _MAGIC + blake3.blake3(payload).hexdigest().encode() + b"\n" + payload
+
+
+def write_manifest(store: Store, key: str, seq: int, blob: bytes) -> str:
+    """Commit raw manifest bytes as checkpoint `seq` of key, through the backend; returns its name."""
+    from shim.store.model import manifest_name
+
+    name = manifest_name(seq, "f0f0f0f0f0f0")
+    store.backend.put_manifest(key, name, blob, set())
+    store.backend.manifests_changed(key)
+    return name
+
+
+def manifest_doc(store: Store, key: str, name: str) -> dict:
+    """The decoded JSON document of a stored manifest (to derive forged ones from a real one)."""
+    import zstandard
+
+    blob = store.backend.get_manifest(key, name)
+    return json.loads(zstandard.ZstdDecompressor().decompress(blob[blob.index(b"\n") + 1 :]))
+
+
+def host_digest(root: Path) -> dict[str, tuple]:
+    """tree_digest plus owners, and the root's own mode: what a hostile restore must not touch."""
+    out: dict[str, tuple] = {".": (stat.S_IMODE(os.lstat(root).st_mode), os.lstat(root).st_uid)}
+    for rel, val in tree_digest(root).items():
+        st = os.lstat(root / rel)
+        out[rel] = (*val, st.st_uid, st.st_gid)
+    return out
+
+
+def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
+    """Overwrite a stored chunk object with arbitrary bytes, behind the store's back (file, loose or S3)."""
+    b = store.backend
+    if isinstance(b, LocalBackend):
+        b._reload()
+        b._index.pop(digest, None)  # the packed copy is no longer the one read
+        for idx in (b.root / "packs").glob("*.idx"):
+            idx.unlink()
+        p = b._chunk_path(digest)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    elif isinstance(b, S3Backend):
+        b.s3.put_object(Bucket=b.bucket, Key=f"{b.prefix}chunks/{digest[:2]}/{digest}", Body=data)
+    else:
+        raise AssertionError(b)
+
+
+def rss_peak_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes.
+
+    ru_maxrss is inherited across fork and exec: a child of a big test process would start with the
+    parent's peak and hide its own growth.
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
+def rss_peak() -> int:
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(field)

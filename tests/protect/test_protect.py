@@ -8,6 +8,7 @@ the local AWS metadata server and a file:// or S3 (SeaweedFS) store. No timing a
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -283,6 +284,52 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(cluster: Cluster, 
     rec = registry_record(cluster.b, job.cid)
     assert rec is not None and rec["restored_from"] == newest - 1, rec
     assert digest in shim_log(cluster.b) or f"seq {newest}" in shim_log(cluster.b)
+    assert marker_of(cluster.b, job.cid) == job.marker
+    cluster.check_memory(job, steps_b)
+
+
+def _forge_newest(store_url: str, key: str, planted: Path) -> int:
+    """Rewrite the newest checkpoint's manifest (valid digest) with an entry at an absolute host path."""
+    from harness.store_util import frame_manifest, manifest_doc
+    from shim.store import open_store
+
+    store = open_store(store_url)
+    try:
+        committed = store._committed(key)
+        newest = max(committed)
+        doc = manifest_doc(store, key, committed[newest])
+        doc["entries"].append(
+            {
+                "path": str(planted),
+                "type": "file",
+                "mode": 0o4755,
+                "mtime": 0.0,
+                "uid": 0,
+                "gid": 0,
+                "size": 1,
+                "chunks": [],
+            }
+        )
+        store.backend.put_manifest(key, committed[newest], frame_manifest(json.dumps(doc).encode()), set())
+    finally:
+        store.close()
+    return newest
+
+
+def test_hostile_latest_checkpoint_restores_the_previous(cluster: Cluster, tmp_path: Path) -> None:
+    """A forged newest manifest (writing outside the restore dir) is refused; the older one restores."""
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}")
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_seq(cluster.a, job.cid, 2)
+    destroy_node(cluster.a)
+    (tmp_path / "host").mkdir()
+    planted = tmp_path / "host" / "planted"
+    newest = _forge_newest(job.store, job.key, planted)
+
+    steps_b = cluster.resume_on_b(job)
+    rec = registry_record(cluster.b, job.cid)
+    assert rec is not None and rec["restored_from"] == newest - 1, rec
+    assert not planted.exists() and list((tmp_path / "host").iterdir()) == []
     assert marker_of(cluster.b, job.cid) == job.marker
     cluster.check_memory(job, steps_b)
 

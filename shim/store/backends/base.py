@@ -25,6 +25,10 @@ class NotFound(StoreError, errors.NotFound):
     """The object does not exist in the backend."""
 
 
+class TooLarge(StoreError):
+    """A stored object (or a server's answer) is larger than anything the store writes: not read."""
+
+
 class Backend(ABC):
     """Objects of three kinds: chunks (by BLAKE3 digest), manifests (by key + name) and locks (by name).
 

@@ -7,14 +7,21 @@ ext4, which dominated put time); a pack's index (digest, offset, length per chun
 once the pack is complete and fsynced, and only indexed chunks exist for readers. A crash leaves a pack
 without an index: invisible, removed by gc. `?packs=0` stores one file per chunk under
 chunks/<d[:2]>/<digest> instead (made durable by one syncfs before the manifest); both are always read.
+
+Everything the store writes is 0600 and every directory 0700, whatever the umask: checkpoints hold
+process memory. A key too long for one file name gets a hashed directory name (keys.key_dir_name) and
+the key itself in a `.key` file beside its manifests. Stray names (under manifests/, locks/, chunks/,
+in a pack index) are skipped with a warning, never trusted.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import secrets
+import stat
 import struct
 import threading
 import time
@@ -22,14 +29,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreError
-from ..keys import decode_key, encode_key
-from .base import Backend, NotFound
+from ..keys import decode_key, is_hashed_dir_name, key_dir_name, validate_key
+from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
+from .base import Backend, NotFound, TooLarge
 
+log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 PACK_TARGET = 16 << 20
 _IDX_ENTRY = struct.Struct("<32sQI")  # digest, offset, length
+KEY_FILE = ".key"  # the full key, in a directory whose name is hashed
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 class LocalBackend(Backend):
@@ -37,16 +49,21 @@ class LocalBackend(Backend):
         self.root = root
         self.url = url or f"file://{root}"
         self.packs = packs
+        root.mkdir(DIR_MODE, parents=True, exist_ok=True)
+        _tighten(root)
         for sub in ("chunks", "manifests", "locks", "tmp", "packs"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub).mkdir(DIR_MODE, exist_ok=True)
+            _tighten(root / sub)
         self._lock = threading.Lock()
         self._index: dict[str, tuple[str, int, int]] = {}  # digest -> (pack id, offset, length)
         self._loaded: set[str] = set()  # pack ids whose index is in _index
         self._pack_mtime: dict[str, float] = {}
-        self._cur: tuple[str, int] | None = None  # (pack id, fd) being written
+        self._cur: tuple[str, int] | None = None  # (pack id, fd) being written: the only pack fd held open
         self._cur_size = 0
         self._cur_entries: list[tuple[str, int, int]] = []
-        self._full: list[tuple[str, int, list[tuple[str, int, int]]]] = []  # written, not yet indexed
+        # Written and closed, not yet fsynced and indexed (fsync at seal time reopens the file: an fd per
+        # full pack kept open until a put succeeded ran out of fds after ~16 GiB of failing puts).
+        self._full: list[tuple[str, list[tuple[str, int, int]]]] = []
         self._doomed: set[str] = set()  # chunks gc deleted; packs rewritten in finish_gc
 
     # ------------------------------------------------------------------ packs
@@ -62,13 +79,23 @@ class LocalBackend(Backend):
         present = {n[:-4] for n in names if n.endswith(".idx")}
         for pack in present - self._loaded:
             try:
+                st = self._pack_path(pack, "idx").stat()
+                if not stat.S_ISREG(st.st_mode) or st.st_size > 64 << 20:
+                    log.warning("%s: skipping pack index %s: not a plausible index file", self.url, pack)
+                    continue
                 raw = self._pack_path(pack, "idx").read_bytes()
-                mtime = self._pack_path(pack, "idx").stat().st_mtime
+                mtime = st.st_mtime
             except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("%s: skipping unreadable pack index %s: %s", self.url, pack, e)
                 continue
             with self._lock:
                 for off in range(0, len(raw) - len(raw) % _IDX_ENTRY.size, _IDX_ENTRY.size):
                     d, o, n = _IDX_ENTRY.unpack_from(raw, off)
+                    if n > MAX_CHUNK_OBJECT:  # a forged index must not make get_chunk allocate n bytes
+                        log.warning("%s: pack %s lists a %d-byte chunk; ignoring it", self.url, pack, n)
+                        continue
                     self._index[d.hex()] = (pack, o, n)
                 self._loaded.add(pack)
                 self._pack_mtime[pack] = mtime
@@ -83,7 +110,9 @@ class LocalBackend(Backend):
         with self._lock:
             if self._cur is None:
                 pack = secrets.token_hex(8)
-                fd = os.open(self._pack_path(pack, "pack"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(
+                    self._pack_path(pack, "pack"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
+                )
                 self._cur, self._cur_size, self._cur_entries = (pack, fd), 0, []
             pack, fd = self._cur
             off = self._cur_size
@@ -99,8 +128,9 @@ class LocalBackend(Backend):
             self._cur_size += len(data)
             self._cur_entries.append((digest, off, len(data)))
             if self._cur_size >= PACK_TARGET:
-                self._full.append((pack, fd, self._cur_entries))
+                self._full.append((pack, self._cur_entries))
                 self._cur = None
+                os.close(fd)
 
     def _abandon_current(self) -> None:
         if self._cur is not None:
@@ -118,22 +148,25 @@ class LocalBackend(Backend):
         """fsync every pack written so far, then publish its index (atomically, durably)."""
         with self._lock:
             if self._cur is not None and self._cur_entries:
-                self._full.append((self._cur[0], self._cur[1], self._cur_entries))
+                self._full.append((self._cur[0], self._cur_entries))
+                os.close(self._cur[1])
                 self._cur = None
             full, self._full = self._full, []
-        for i, (pack, fd, entries) in enumerate(full):
+        for i, (pack, entries) in enumerate(full):
             try:
-                os.fsync(fd)
+                fd = os.open(self._pack_path(pack, "pack"), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)  # flushes the file's data written through the (closed) writer fd
+                finally:
+                    os.close(fd)
                 idx = b"".join(_IDX_ENTRY.pack(bytes.fromhex(d), o, n) for d, o, n in entries)
                 self._write_atomic(self._pack_path(pack, "idx"), idx, durable=True)
             except (OSError, StoreError) as e:
-                for p, f, _e in full[i:]:
-                    os.close(f)
+                for p, _e in full[i:]:
                     self._pack_path(p, "pack").unlink(missing_ok=True)
                 if isinstance(e, StoreError):
                     raise
                 raise self._os_error(e, f"pack {pack}") from e
-            os.close(fd)
             with self._lock:
                 for d, o, n in entries:
                     self._index[d] = (pack, o, n)
@@ -146,7 +179,7 @@ class LocalBackend(Backend):
     def _write_atomic(self, path: Path, data: bytes, durable: bool) -> None:
         tmp = self.root / "tmp" / f"{path.name}.{secrets.token_hex(6)}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 view = memoryview(data)
                 while view:
@@ -158,7 +191,7 @@ class LocalBackend(Backend):
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
                 os.rename(tmp, path)
             if durable:
                 _fsync_dir(path.parent)
@@ -204,7 +237,7 @@ class LocalBackend(Backend):
                 except FileNotFoundError:
                     pass  # rewritten by gc in another process: reload the indexes
             try:
-                return self._chunk_path(digest).read_bytes()
+                return _read_bounded(self._chunk_path(digest), MAX_CHUNK_OBJECT, f"chunk {digest}")
             except FileNotFoundError:
                 pass
             if attempt == 0:
@@ -223,7 +256,12 @@ class LocalBackend(Backend):
         yield from packed
         base = self.root / "chunks"
         for sub in sorted(os.listdir(base)):
-            with os.scandir(base / sub) as it:
+            try:
+                it = os.scandir(base / sub)
+            except NotADirectoryError:
+                log.warning("%s: skipping stray file chunks/%s", self.url, sub)
+                continue
+            with it:
                 for ent in it:
                     try:
                         yield ent.name, ent.stat().st_mtime
@@ -267,30 +305,50 @@ class LocalBackend(Backend):
 
     # manifests
     def _manifest_path(self, key: str, name: str) -> Path:
-        return self.root / "manifests" / encode_key(key) / name
+        return self.root / "manifests" / key_dir_name(key) / name
 
     def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
         self.sync()  # chunks durable before anything references them
         path = self._manifest_path(key, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
+        if is_hashed_dir_name(path.parent.name) and not (path.parent / KEY_FILE).exists():
+            self._write_atomic(path.parent / KEY_FILE, key.encode(), durable=True)
         self._write_atomic(path, data, durable=True)
 
     def get_manifest(self, key: str, name: str) -> bytes:
         try:
-            return self._manifest_path(key, name).read_bytes()
+            return _read_bounded(self._manifest_path(key, name), MAX_MANIFEST_OBJECT, f"manifest {key} {name}")
         except FileNotFoundError:
             raise NotFound(f"manifest {key} {name} not found") from None
 
+    def _dir_key(self, d: str) -> str | None:
+        """The key a directory under manifests/ holds, or None (with a warning) for a stray name."""
+        try:
+            if not is_hashed_dir_name(d):
+                return decode_key(d)
+            key = _read_bounded(self.root / "manifests" / d / KEY_FILE, 4 * 1024 * 4, "key file").decode()
+            validate_key(key)
+            if key_dir_name(key) == d:
+                return key
+        except (OSError, ValueError, StoreError) as e:
+            log.warning("%s: skipping stray manifests/%s: %s", self.url, d[:80], e)
+            return None
+        log.warning("%s: skipping manifests/%s: its key file names another key", self.url, d[:80])
+        return None
+
     def list_manifests(self, key: str | None) -> list[tuple[str, str]]:
         base = self.root / "manifests"
-        dirs = [encode_key(key)] if key is not None else sorted(os.listdir(base))
+        if key is not None:
+            pairs = [(key, key_dir_name(key))]
+        else:
+            pairs = [(k, d) for d in sorted(os.listdir(base)) if (k := self._dir_key(d)) is not None]
         out = []
-        for d in dirs:
+        for k, d in pairs:
             try:
                 names = os.listdir(base / d)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            out += [(decode_key(d), n) for n in sorted(names)]
+            out += [(k, n) for n in sorted(names) if n != KEY_FILE]
         return out
 
     def delete_manifest(self, key: str, name: str) -> None:
@@ -306,13 +364,48 @@ class LocalBackend(Backend):
         out = []
         for p in sorted((self.root / "locks").iterdir()):
             try:
-                out.append((p.name, p.read_bytes()))
+                out.append((p.name, _read_bounded(p, MAX_LOCK_OBJECT, f"lock {p.name}")))
             except FileNotFoundError:
                 continue
+            except (OSError, StoreError) as e:
+                log.warning("%s: skipping stray lock %s: %s", self.url, p.name[:80], e)
         return out
+
+    def close(self) -> None:
+        """Drop the pack being written (never indexed, so invisible) and release its fd."""
+        with self._lock:
+            self._abandon_current()
 
     def delete_lock(self, name: str) -> None:
         (self.root / "locks" / name).unlink(missing_ok=True)
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """A regular file's bytes, refusing (TooLarge) one over limit before reading it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{what} is not a regular file")
+        if st.st_size > limit:
+            raise TooLarge(f"{what} is {st.st_size} bytes, over the {limit}-byte limit")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise TooLarge(f"{what} grew over the {limit}-byte limit")
+    return data
+
+
+def _tighten(path: Path) -> None:
+    """Make a store directory 0700 (stores made by older versions were 0755)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)
+    except OSError as e:
+        log.warning("cannot restrict permissions of %s: %s", path, e)
 
 
 def _fsync_dir(path: Path) -> None:

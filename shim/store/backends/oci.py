@@ -18,16 +18,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
 from ..errors import StoreError
 from ..keys import tag_prefix
-from .base import Backend, NotFound, TransientError
+from ..limits import MAX_CHUNK_OBJECT, MAX_MANIFEST_OBJECT
+from .base import Backend, NotFound, TooLarge, TransientError
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "application/vnd.revenant.checkpoint.v1"
 LOCK_ARTIFACT_TYPE = "application/vnd.revenant.lock.v1"
@@ -42,6 +46,16 @@ A_KEY = "io.revenant.checkpoint.key"
 A_NAME = "io.revenant.checkpoint.name"
 A_LOCK = "io.revenant.lock"
 LOCK_TAG = "revenant-lock."
+# Registry answers are read only up to these sizes (a tag page, an OCI manifest); blobs up to the size
+# their layer declares. A hostile or broken registry cannot make the client buffer without bound.
+MAX_DOC = 64 << 20
+
+
+def tag_prefix_or_none(key: str) -> str:
+    try:
+        return tag_prefix(key)
+    except ValueError:
+        return "\0"  # matches no tag
 
 
 def _sha(data: bytes) -> str:
@@ -82,6 +96,39 @@ class OCIBackend(Backend):
         if r.status >= 500 or r.status == 429:
             raise TransientError(f"{what}: HTTP {r.status}")
         raise StoreError(f"{what}: HTTP {r.status}: {r.data[:300]!r}")
+
+    def _get_bounded(
+        self, url: str, what: str, limit: int, headers: dict[str, str] | None = None
+    ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
+        """GET whose body is read only if it fits in limit bytes: (response, body) or TooLarge."""
+        r = self._req("GET", url, what, headers=headers or {}, preload_content=False)
+        whole = False
+        try:
+            declared = r.headers.get("Content-Length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                raise TooLarge(f"{what}: the registry sends {declared} bytes, over the {limit}-byte limit")
+            try:
+                body = r.read(limit + 1)
+            except urllib3.exceptions.HTTPError as e:
+                raise TransientError(f"{what}: {e}") from e
+            if len(body) > limit:
+                raise TooLarge(f"{what}: the registry sent more than {limit} bytes")
+            whole = True
+            return r, body
+        finally:
+            if not whole:  # unread bytes left on the connection: it must not go back to the pool
+                r.close()
+            r.release_conn()
+
+    @staticmethod
+    def _json(body: bytes, what: str) -> dict[str, Any]:
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise StoreError(f"{what}: not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise StoreError(f"{what}: not a JSON object")
+        return doc
 
     def _blob_exists(self, digest: str) -> bool:
         try:
@@ -134,28 +181,44 @@ class OCIBackend(Backend):
         )
         return digest
 
-    def _get_blob(self, digest: str) -> bytes:
-        r = self._req("GET", f"/blobs/{digest}", f"GET blob {digest}")
-        return r.data
+    def _get_blob(self, digest: str, size: int, limit: int) -> bytes:
+        """A blob of the size its descriptor declares (which must be within limit)."""
+        if type(size) is not int or not 0 <= size <= limit:
+            raise TooLarge(f"blob {digest} is declared as {size!r} bytes, over the {limit}-byte limit")
+        _r, body = self._get_bounded(f"/blobs/{digest}", f"GET blob {digest}", size)
+        if len(body) != size:
+            raise StoreError(f"blob {digest}: {len(body)} bytes, expected {size}")
+        return body
 
     def _tags(self) -> list[str]:
         tags: list[str] = []
         url = "/tags/list?n=1000"
         while url:
             try:
-                r = self._req("GET", url, "list tags")
+                r, body = self._get_bounded(url, "list tags", MAX_DOC)
             except NotFound:  # repository does not exist yet
                 return []
-            tags += json.loads(r.data).get("tags") or []
+            page = self._json(body, "list tags").get("tags") or []
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise StoreError(f"{self.url}: list tags: the registry sent a malformed tag list")
+            tags += page
             link = r.headers.get("Link", "")
-            url = link[link.index("<") + 1 : link.index(">")] if "<" in link else ""
-            if url.startswith("/v2/"):
-                url = urljoin(self.base, url)
+            url = link[link.index("<") + 1 : link.index(">")] if "<" in link and ">" in link else ""
+            if url:
+                url = self._same_origin(urljoin(self.base, url), "tag list Link")
         return tags
 
+    def _same_origin(self, url: str, what: str) -> str:
+        """A URL the registry handed us, accepted only on the registry's own scheme, host and port."""
+        got, base = urlsplit(url), urlsplit(self.base)
+        if (got.scheme, got.netloc) != (base.scheme, base.netloc) or not got.path.startswith("/v2/"):
+            raise StoreError(f"{self.url}: the registry's {what} points elsewhere ({url[:200]!r}): refused")
+        return url
+
     def _get_manifest_doc(self, ref: str) -> tuple[dict[str, Any], str, bytes]:
-        r = self._req("GET", f"/manifests/{ref}", f"GET manifest {ref}", headers={"Accept": MANIFEST_MT})
-        return json.loads(r.data), r.headers.get("Docker-Content-Digest", _sha(r.data)), r.data
+        what = f"GET manifest {ref}"
+        r, body = self._get_bounded(f"/manifests/{ref}", what, MAX_DOC, headers={"Accept": MANIFEST_MT})
+        return self._json(body, what), r.headers.get("Docker-Content-Digest", _sha(body)), body
 
     def _put_manifest_doc(self, ref: str, raw: bytes) -> None:
         try:
@@ -184,11 +247,18 @@ class OCIBackend(Backend):
             self._req("DELETE", f"/manifests/{digest}", f"DELETE manifest {ref}", ok=(202, 200))
 
     def _remember(self, doc: dict[str, Any]) -> None:
+        layers = doc.get("layers")
+        if not isinstance(layers, list):
+            return
         with self._lock:
-            for layer in doc.get("layers", []):
-                b3 = (layer.get("annotations") or {}).get(A_BLAKE3)
-                if b3:
-                    self._blobs[b3] = (layer["digest"], layer["size"])
+            for layer in layers:
+                if not isinstance(layer, dict) or not isinstance(layer.get("annotations"), dict):
+                    continue
+                b3, digest, size = layer["annotations"].get(A_BLAKE3), layer.get("digest"), layer.get("size")
+                if not (isinstance(b3, str) and isinstance(digest, str) and digest.startswith("sha256:")):
+                    continue
+                if isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_CHUNK_OBJECT:
+                    self._blobs[b3] = (digest, size)
 
     def _index(self) -> None:
         with self._index_lock:  # one listing, not one per upload thread
@@ -228,7 +298,8 @@ class OCIBackend(Backend):
         return loc
 
     def get_chunk(self, digest: str) -> bytes:
-        return self._get_blob(self._locate(digest)[0])
+        sha, size = self._locate(digest)
+        return self._get_blob(sha, size, MAX_CHUNK_OBJECT)
 
     def delete_chunk(self, digest: str) -> None:
         with contextlib.suppress(NotFound):
@@ -260,10 +331,14 @@ class OCIBackend(Backend):
         doc, _digest, _raw = self._get_manifest_doc(tag_prefix(key) + name)
         self._remember(doc)
         layers = doc.get("layers") or []
-        if not layers or layers[0].get("mediaType") != REVENANT_MANIFEST_MT:
+        first = layers[0] if isinstance(layers, list) and layers else None
+        if not isinstance(first, dict) or first.get("mediaType") != REVENANT_MANIFEST_MT:
             return b""  # decodes as a damaged manifest, named by the caller
+        if not isinstance(first.get("digest"), str) or not first["digest"].startswith("sha256:"):
+            return b""
         try:
-            return self._get_blob(layers[0]["digest"])
+            size: Any = first.get("size")  # checked by _get_blob
+            return self._get_blob(first["digest"], size, MAX_MANIFEST_OBJECT)
         except NotFound:
             return b""
 
@@ -284,8 +359,13 @@ class OCIBackend(Backend):
             except NotFound:
                 continue
             ann = doc.get("annotations") or {}
-            if doc.get("artifactType") == ARTIFACT_TYPE and A_KEY in ann and A_NAME in ann:
-                out.append((ann[A_KEY], ann[A_NAME]))
+            if not isinstance(ann, dict) or doc.get("artifactType") != ARTIFACT_TYPE:
+                continue
+            key, name = ann.get(A_KEY), ann.get(A_NAME)
+            if isinstance(key, str) and isinstance(name, str) and tag == tag_prefix_or_none(key) + name:
+                out.append((key, name))
+            else:
+                log.warning("%s: skipping tag %s: its annotations do not match its name", self.url, tag[:120])
         return out
 
     def delete_manifest(self, key: str, name: str) -> None:
@@ -333,7 +413,9 @@ class OCIBackend(Backend):
                     doc = self._get_manifest_doc(tag)[0]
                 except NotFound:
                     continue
-                out.append((tag[len(LOCK_TAG) :], (doc.get("annotations") or {}).get(A_LOCK, "").encode()))
+                ann = doc.get("annotations")
+                body = ann.get(A_LOCK, "") if isinstance(ann, dict) else ""
+                out.append((tag[len(LOCK_TAG) :], body.encode() if isinstance(body, str) else b""))
         return out
 
     def delete_lock(self, name: str) -> None:

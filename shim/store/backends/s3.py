@@ -8,6 +8,8 @@ chunks/<d[:2]>/<digest>, manifests/<encoded key>/<seq>-<nonce>, locks/<name>.
 from __future__ import annotations
 
 import io
+import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,18 +20,87 @@ from botocore.config import Config
 
 from ..errors import StoreError
 from ..keys import decode_key, encode_key
-from .base import Backend, NotFound, TransientError
+from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
+from .base import Backend, NotFound, TooLarge, TransientError
 
+log = logging.getLogger(__name__)
+
+# Network trouble worth retrying. Any other botocore error (no credentials, bad config, a parameter
+# botocore refuses) fails the same way every time: it is reported at once, not retried.
 _TRANSIENT = (
     bex.EndpointConnectionError,
     bex.ConnectionClosedError,
     bex.ReadTimeoutError,
     bex.ConnectTimeoutError,
     bex.ResponseStreamingError,
+    bex.HTTPClientError,
+    bex.IncompleteReadError,
+)
+_CREDENTIALS = (
+    bex.NoCredentialsError,
+    bex.PartialCredentialsError,
+    bex.CredentialRetrievalError,
+    bex.NoAuthTokenError,
+)
+# Header values (quoted, as in a logged dict) and signature parameters (headers, query strings, the
+# signing steps botocore.auth logs as "Signature:\n<hex>").
+_REDACT = (
+    re.compile(r"""(['"](?:Authorization|X-Amz-Security-Token)['"]\s*:\s*b?['"])[^'"]*""", re.IGNORECASE),
+    re.compile(r"""((?:X-Amz-Signature|Signature|X-Amz-Security-Token|X-Amz-Credential)\s*[:=]\s*)[^\s'",&}]+"""),
 )
 
 
+class RedactSecrets(logging.Filter):
+    """botocore's debug log prints request headers (the Authorization signature, session tokens) and the
+    signing steps: the values are replaced before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a record that cannot render is left to the handler to report
+            return True
+        redacted = msg
+        for pattern in _REDACT:
+            redacted = pattern.sub(r"\1<redacted>", redacted)
+        if redacted != msg:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTOR = RedactSecrets()
+# Loggers that print headers, signatures or the strings signed (botocore logs through module loggers;
+# a filter on "botocore" alone would not see their records).
+_NOISY_LOGGERS = (
+    "botocore",
+    "botocore.endpoint",
+    "botocore.auth",
+    "botocore.awsrequest",
+    "botocore.httpsession",
+    "botocore.hooks",
+    "botocore.parsers",
+    "botocore.retryhandler",
+    "botocore.credentials",
+    "botocore.client",
+    "botocore.regions",
+    "botocore.utils",
+    "s3transfer",
+    "urllib3.connectionpool",
+)
+
+
+def _install_redaction() -> None:
+    names = set(_NOISY_LOGGERS) | {
+        n for n in logging.root.manager.loggerDict if n.startswith(("botocore", "boto3", "s3transfer"))
+    }
+    for name in names:
+        lg = logging.getLogger(name)
+        if _REDACTOR not in lg.filters:
+            lg.addFilter(_REDACTOR)
+
+
 def _classify(e: Exception, what: str) -> Exception:
+    if isinstance(e, _CREDENTIALS):
+        return StoreError(f"{what}: no usable S3 credentials ({e}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
     if isinstance(e, _TRANSIENT):
         return TransientError(f"{what}: {e}")
     if isinstance(e, bex.ClientError):
@@ -41,7 +112,7 @@ def _classify(e: Exception, what: str) -> Exception:
             return TransientError(f"{what}: {code} ({status})")
         return StoreError(f"{what}: {code}: {e}")
     if isinstance(e, bex.BotoCoreError):
-        return TransientError(f"{what}: {e}")
+        return StoreError(f"{what}: {e}")
     return e
 
 
@@ -63,6 +134,7 @@ class S3Backend(Backend):
         self.s3 = boto3.session.Session().client(
             "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"), config=cfg
         )
+        _install_redaction()  # after the client exists: its modules' loggers are registered by then
         self.transfer = TransferConfig(
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
         )
@@ -82,11 +154,21 @@ class S3Backend(Backend):
         else:
             self._call(f"put {key}", self.s3.put_object, Bucket=self.bucket, Key=key, Body=data)
 
-    def _get(self, name: str) -> bytes:
+    def _get(self, name: str, limit: int) -> bytes:
+        """The object's bytes; TooLarge (without reading it) when it is over limit."""
         key = self.prefix + name
         resp = self._call(f"get {key}", self.s3.get_object, Bucket=self.bucket, Key=key)
-        data: bytes = self._call(f"read {key}", resp["Body"].read)
-        return data
+        body = resp["Body"]
+        try:
+            length = resp.get("ContentLength")
+            if type(length) is not int or length > limit:
+                raise TooLarge(f"{key} is {length} bytes, over the {limit}-byte limit")
+            data: bytes = self._call(f"read {key}", body.read, limit + 1)
+            if len(data) > limit:
+                raise TooLarge(f"{key} sent more than {limit} bytes")
+            return data
+        finally:
+            body.close()
 
     def _exists(self, name: str) -> bool:
         try:
@@ -115,7 +197,7 @@ class S3Backend(Backend):
         self._put(f"chunks/{digest[:2]}/{digest}", data)
 
     def get_chunk(self, digest: str) -> bytes:
-        return self._get(f"chunks/{digest[:2]}/{digest}")
+        return self._get(f"chunks/{digest[:2]}/{digest}", MAX_CHUNK_OBJECT)
 
     def delete_chunk(self, digest: str) -> None:
         self._delete(f"chunks/{digest[:2]}/{digest}")
@@ -129,15 +211,19 @@ class S3Backend(Backend):
         self._put(f"manifests/{encode_key(key)}/{name}", data)
 
     def get_manifest(self, key: str, name: str) -> bytes:
-        return self._get(f"manifests/{encode_key(key)}/{name}")
+        return self._get(f"manifests/{encode_key(key)}/{name}", MAX_MANIFEST_OBJECT)
 
     def list_manifests(self, key: str | None) -> list[tuple[str, str]]:
         sub = f"manifests/{encode_key(key)}/" if key is not None else "manifests/"
         out = []
         for obj in self._list(sub):
             parts = obj["Key"][len(self.prefix) :].split("/")
-            if len(parts) == 3:
+            if len(parts) != 3:
+                continue
+            try:
                 out.append((decode_key(parts[1]), parts[2]))
+            except ValueError:
+                log.warning("%s: skipping stray object %s", self.url, obj["Key"][:120])
         return out
 
     def delete_manifest(self, key: str, name: str) -> None:
@@ -152,9 +238,11 @@ class S3Backend(Backend):
         for obj in self._list("locks/"):
             name = obj["Key"].rsplit("/", 1)[-1]
             try:
-                out.append((name, self._get(f"locks/{name}")))
+                out.append((name, self._get(f"locks/{name}", MAX_LOCK_OBJECT)))
             except NotFound:
                 continue
+            except TooLarge as e:
+                log.warning("%s: skipping stray lock %s: %s", self.url, name[:80], e)
         return out
 
     def delete_lock(self, name: str) -> None:
