@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class TransientError(StoreError):
+class TransientError(StoreError, errors.Unavailable):
     """A failure worth retrying (connection refused, timeout, 5xx)."""
 
 
@@ -25,7 +25,7 @@ class NotFound(StoreError, errors.NotFound):
     """The object does not exist in the backend."""
 
 
-class TooLarge(StoreError):
+class TooLarge(StoreError, errors.DataLoss):
     """A stored object (or a server's answer) is larger than anything the store writes: not read."""
 
 
