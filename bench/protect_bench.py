@@ -1,4 +1,4 @@
-"""Issue 7 benchmark: transparent protection against the stock tools, side by side in one run.
+"""Protection benchmark: transparent protection against the stock tools, side by side in one run.
 
 1. freeze: a periodic (leave-running) checkpoint through revenant (`revenant checkpoint`, dump staged
    in /dev/shm, upload after the task runs on) vs `runc checkpoint --leave-running` of the same job into
@@ -12,7 +12,7 @@
 5. a run of N steps interrupted K times (final checkpoint + `ctr run` on the other node) vs the same run
    uninterrupted: wall overhead and steps lost.
 
-Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the issue's figures (wrap it in
+Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the target's figures (wrap it in
 `flock /tmp/revenant-heavy.lock`). Prints a Markdown table.
 """
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.containerd import VENV_BIN, ContainerdNode  # noqa: E402
 from harness.images import build_test_images  # noqa: E402
-from harness.memjob import LOG_IN_CONTAINER, assert_continuous, read_steps, wait_for, wait_for_step  # noqa: E402
+from harness.memjob import LOG_IN_CONTAINER, assert_continuous, read_steps, wait_for_step  # noqa: E402
 from harness.metadata_server import MetadataServer  # noqa: E402
 from harness.protect import (  # noqa: E402
     AgentProcess,
@@ -48,6 +48,7 @@ from harness.protect import (  # noqa: E402
     task_status,
     wait_stopped,
 )
+from harness.wait import wait_until  # noqa: E402
 from shim.checkpoint.criu_stats import read_dump_stats  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str]] = []  # (measure, revenant, peer, note)
@@ -299,7 +300,7 @@ def bench_podman(images: Any, mib: int, work: Path) -> None:
             ref,
             *memjob_cmd(mib, 8),
         )
-        wait_for(lambda: "step=3" in pm("logs", "pj", check=False).stdout, 120, "podman job step 3")
+        wait_until(lambda: "step=3" in pm("logs", "pj", check=False).stdout, 120, "podman job step 3")
         archive = work / "podman-ckpt.tar.zst"
         t = time.monotonic()
         pm("container", "checkpoint", "--export", str(archive), "--compress", "zstd", "--leave-running", "pj")
@@ -383,7 +384,7 @@ def run_to_completion(
         node = nodes[k % len(nodes)]
         run_job(node, images[node.name], job, command=cmd)
         moves += time.monotonic() - m
-    wait_for(lambda: task_status(node, job.cid) == "STOPPED", 1800, f"{job.cid} to finish")
+    wait_until(lambda: task_status(node, job.cid) == "STOPPED", 1800, f"{job.cid} to finish")
     wall = time.monotonic() - t0
     final = read_steps(job_log(node, job.cid))
     node.ctr("task", "rm", "-f", job.cid, check=False, input="")

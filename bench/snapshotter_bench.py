@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness.containerd import ContainerdNode  # noqa: E402
 from harness.layered_image import build_image  # noqa: E402
 from harness.snapshotter_proc import SnapshotterProcess, containerd_snapshots  # noqa: E402
+from harness.wait import wait_until  # noqa: E402
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from shim.layer import (  # noqa: E402
     apply_writable_layer,
@@ -177,11 +178,13 @@ def _wait_backend_empty(node: ContainerdNode, sn: str, revenant_root: Path, time
         if sn == "overlayfs"
         else revenant_root / "snapshots"
     )
-    deadline = time.monotonic() + timeout
-    while any(snapdir.iterdir()):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{sn}: backend still holds {sorted(p.name for p in snapdir.iterdir())}")
-        time.sleep(0.2)
+    wait_until(
+        lambda: not any(snapdir.iterdir()),
+        timeout,
+        f"{sn}'s backend snapshots to be removed",
+        interval=0.2,
+        detail=lambda: f"still there: {sorted(p.name for p in snapdir.iterdir())}",
+    )
     subprocess.run(["sync"], check=True)
 
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from shim import libc
 from shim.errors import FailedPrecondition, InvalidArgument, NotFound
 from shim.faults import crash_point
 
@@ -76,18 +77,38 @@ class LayerInfo:
 # ------------------------------------------------------------------------------------ capture
 
 
-def upper_dir_from_mounts(mounts: Iterable[Any]) -> Path:
-    """The writable dir of an active snapshot's mounts (containerd.types.Mount or overlay.Mount)."""
+def upper_dir_of(mounts: Iterable[Any], *, parentless_bind: bool = False) -> Path | None:
+    """The directory holding a container's writable layer, found in its rootfs mounts; None if there is none.
+
+    `mounts` are containerd.types.Mount messages (CreateTaskRequest.rootfs, Snapshots.Mounts) or anything
+    with .type, .source and .options (overlay.Mount). The first match wins:
+    - an `overlay` mount with `upperdir=`: that dir (an active snapshot of any overlay snapshotter; a
+      read-only view has no upperdir= and is skipped);
+    - with `parentless_bind=True`, a `bind` mount with `rw`: its source. An overlay snapshotter returns
+      that for an active snapshot without a parent, whose whole tree is the layer. Protection leaves it
+      off: the same mount from a non-overlay snapshotter (native) is a full copy of the image, not a diff.
+    A rootfs mounted before the shim ran (dockerd passes no rootfs mounts) is not in `mounts`: protection
+    finds its overlay in /proc/self/mountinfo instead (shim.protect.manager.premounted_rootfs).
+    """
     for m in mounts:
         opts = list(m.options)
         if m.type == "overlay":
             for o in opts:
                 if o.startswith("upperdir="):
-                    return Path(o[len("upperdir=") :])
-            raise InvalidArgument("overlay mount without upperdir=: not an active snapshot")
-        if m.type == "bind" and "rw" in opts:
-            return Path(m.source)  # an active snapshot without parent: the whole tree is the layer
-    raise InvalidArgument("no writable mount among the snapshot's mounts")
+                    return Path(o.removeprefix("upperdir="))
+        elif parentless_bind and m.type == "bind" and "rw" in opts:
+            return Path(m.source)
+    return None
+
+
+def _required_upper_dir(mounts: Iterable[Any]) -> Path:
+    """upper_dir_of for the codec's own capture/restore from a snapshot's mounts: a writable dir or a clear error."""
+    mounts = list(mounts)
+    upper = upper_dir_of(mounts, parentless_bind=True)
+    if upper is None:
+        kinds = ", ".join(m.type for m in mounts) or "none"
+        raise InvalidArgument(f"no writable layer among the snapshot's mounts ({kinds}): not an active snapshot")
+    return upper
 
 
 def _xattrs(path: str) -> dict[str, bytes]:
@@ -177,7 +198,7 @@ def capture_writable_layer(
     the parent chain ID of the container's snapshot (containerd Snapshots.Stat(...).info.parent),
     recorded so a restore onto a different image is refused.
     """
-    upper = str(source) if isinstance(source, (str, Path)) else str(upper_dir_from_mounts(source))
+    upper = str(source) if isinstance(source, (str, Path)) else str(_required_upper_dir(source))
     if not os.path.isdir(upper):
         raise NotFound(f"upper dir {upper} does not exist")
     out = Path(out_dir)
@@ -478,22 +499,8 @@ def apply_writable_layer(tar_path: str | Path, upper: str | Path) -> dict[str, i
     except tarfile.TarError as e:  # a damaged or forged header
         raise LayerError(f"{tar_path}: not a valid tar: {e}") from None
     applier.finish()
-    _syncfs(upper)  # the snapshot row is committed next: its files must be on disk before that
+    libc.syncfs(upper)  # the snapshot row is committed next: its files must be on disk before that
     return applier.stats
-
-
-def _syncfs(path: Path) -> None:
-    """syncfs(2) on the filesystem holding path (Python has no os.syncfs)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -572,7 +579,7 @@ def restore_writable_layer_into_mounts(
     empty upper dir in one step, so a failure or a crash never leaves a half-filled rootfs.
     """
     return fill_empty_upper_dir(
-        upper_dir_from_mounts(mounts), lambda filled: restore_writable_layer(store_url, key, seq, filled, expected_base)
+        _required_upper_dir(mounts), lambda filled: restore_writable_layer(store_url, key, seq, filled, expected_base)
     )
 
 

@@ -1,1 +1,1 @@
-"""revenant's proxy snapshotter and the content-addressed checkpoint store."""
+"""revenant's proxy snapshotter (containerd.services.snapshots.v1 over gRPC); the store it reads lives in shim.store."""

@@ -79,14 +79,6 @@ class Agent:
             self.server.stop()
         log.info("agent: stopped")
 
-    def run_until_stopped(self) -> None:
-        self.start()
-        try:
-            while not self.stop_event.wait(3600):
-                pass
-        finally:
-            self.stop()
-
     # ---- polling -------------------------------------------------------------------------------
 
     def _poll_loop(self) -> None:
@@ -170,12 +162,6 @@ class Agent:
             self.watcher.acknowledge(notice)  # Azure: the node is ready, the eviction may proceed
         except MetadataError as exc:
             log.error("agent: cannot acknowledge %s notice: %s", notice.describe(), exc)
-
-    def wait_for_drains(self, timeout: float | None = None) -> None:
-        with self._lock:
-            drains = list(self._drains)
-        for thread, _ in drains:
-            thread.join(timeout)
 
     # ---- health --------------------------------------------------------------------------------
 

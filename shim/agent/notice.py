@@ -7,8 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# Actions that end the instance: the final checkpoint stops the task (exit=true).
-TERMINAL_ACTIONS = frozenset({"terminate", "stop", "hibernate", "preempt"})
+# Every other action ends the instance: the final checkpoint stops the task (exit=true).
 # Advisory: the instance is at elevated risk; a leave-running checkpoint narrows the loss if it goes.
 ADVISORY_ACTIONS = frozenset({"rebalance"})
 

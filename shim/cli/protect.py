@@ -1,6 +1,6 @@
 """`revenant ls`, `revenant checkpoint` and `revenant history`: protected containers seen by a user.
 
-`ls` reads the node registry (CONTROL-CONTRACT.md); `checkpoint` asks the container's shim over
+`ls` reads the node registry (docs/control.md); `checkpoint` asks the container's shim over
 revenant.v1.Control (the address in its registry record); `history` lists a key's checkpoints in a store.
 """
 

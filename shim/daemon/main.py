@@ -64,21 +64,6 @@ def parse_args(argv: list[str]) -> Args:
     return a
 
 
-def build_parser() -> object:
-    """Kept for callers that want an argparse view of the flags (documentation, completion)."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="containerd-shim-revenant-v1", description="containerd runtime shim v2 for io.containerd.revenant.v1"
-    )
-    for flag, dest in Args.FLAGS.items():
-        p.add_argument(flag, dest=dest, default="")
-    for flag, dest in Args.BOOLS.items():
-        p.add_argument(flag, dest=dest, action="store_true")
-    p.add_argument("action", nargs="?", choices=["start", "delete"])
-    return p
-
-
 def _ttrpc_reserve(sock, cid: str, timeout: float) -> int:  # sock: a connected socket.socket
     """Call revenant.shim.v1.Shim/Reserve{id} with a hand-built ttrpc frame (importing protobuf and
     the ttrpc client here would cost more than the whole `start` action). Returns the shim's pid when

@@ -35,9 +35,10 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     from shim.checkpoint import CheckpointEngine
     from shim.daemon.grouping import shared_shims
     from shim.gpu.hooks import GpuDumpHooks
+    from shim.libc import set_child_subreaper
     from shim.protect.control import ControlService
     from shim.protect.manager import ProtectionManager
-    from shim.runc.reaper import Reaper, set_child_subreaper
+    from shim.runc.reaper import Reaper
     from shim.task.checkpoint_backend import RuncCheckpointBackend
     from shim.task.events import Publisher
     from shim.task.lifetime import ShimLifetime

@@ -84,16 +84,6 @@ def kubernetes_identity(annotations: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
-def upper_dir_of(rootfs: Any) -> Path | None:
-    """The overlay upperdir among the rootfs mounts (None: no writable layer to carry)."""
-    for m in rootfs:
-        if m.type == "overlay":
-            for o in m.options:
-                if o.startswith("upperdir="):
-                    return Path(o.removeprefix("upperdir="))
-    return None
-
-
 def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
     """The overlay already mounted at the spec's root (dockerd mounts the rootfs itself and passes no
     rootfs mounts in CreateTaskRequest), or None when there is none."""
@@ -167,6 +157,8 @@ class ProtectionManager:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return None
+        from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
+
         upper_dir, premounted = upper_dir_of(c.rootfs), None
         if upper_dir is None and not c.rootfs:
             premounted = premounted_rootfs(c.bundle)

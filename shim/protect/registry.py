@@ -1,4 +1,4 @@
-"""The node registry of protected tasks: one JSON file per protected container (CONTROL-CONTRACT.md).
+"""The node registry of protected tasks: one JSON file per protected container (docs/control.md).
 
 Layout: `<run_dir>/tasks/<namespace>/<container-id>.json`. The shim writes a record when it creates a
 protected task, rewrites it after every checkpoint and removes it on Delete; the agent and the CLI only

@@ -158,16 +158,9 @@ class Runc:
         self._run("update", "--resources", "-", cid, input=resources_json)
 
     # -- queries ---------------------------------------------------------------------------------
-    def state(self, cid: str) -> dict[str, Any]:
-        return json.loads(self._run("state", cid))
-
     def ps(self, cid: str) -> list[int]:
         return json.loads(self._run("ps", "--format", "json", cid) or b"[]") or []
 
     def stats(self, cid: str) -> dict[str, Any]:
         """`runc events --stats`: one JSON object {"type": "stats", "data": {...}}."""
         return json.loads(self._run("events", "--stats", cid)).get("data", {})
-
-    def list_ids(self) -> list[str]:
-        out = self._run("list", "--format", "json")
-        return [c["id"] for c in json.loads(out or b"null") or []]

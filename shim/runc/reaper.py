@@ -8,7 +8,6 @@ from the same loop that reaps container processes.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import select
@@ -19,15 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def set_child_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
 def exit_status_of(wait_status: int) -> int:

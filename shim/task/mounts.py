@@ -3,12 +3,13 @@ spawning mount(8) per container would cost milliseconds on every start."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from shim import libc
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,6 @@ _PROPAGATION = {
     "rshared": MS_SHARED | MS_REC,
 }
 
-_libc = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return _libc
-
 
 @dataclass(frozen=True)
 class Mount:
@@ -89,12 +79,7 @@ def parse_options(options: Iterable[str]) -> tuple[int, int, str]:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    rc = _lib().mount(
-        source.encode(), target.encode(), fstype.encode() if fstype else None, flags, data.encode() if data else None
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} {source} on {target} (data {data!r}): {os.strerror(err)}")
+    libc.mount(source, target, fstype, flags, data)
 
 
 def mount(m: Mount, target: str) -> None:
@@ -125,14 +110,19 @@ def mount_all(mounts: Iterable[Mount], target: str) -> None:
 
 def unmount(target: str) -> bool:
     """Unmount the topmost mount at target; False when nothing is mounted there."""
-    if _lib().umount2(target.encode(), 0) == 0:
+    try:
+        libc.umount2(target)
         return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOENT):
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT):
+            return False
+        if e.errno != errno.EBUSY:
+            raise
+    try:
+        libc.umount2(target, MNT_DETACH)  # busy: detach it now, the kernel frees it when the last user goes
+        return True
+    except OSError:
         return False
-    if err == errno.EBUSY:
-        return _lib().umount2(target.encode(), MNT_DETACH) == 0
-    raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def unmount_all(target: str) -> None:
@@ -238,6 +228,4 @@ def remount_overlay(m: MountInfo) -> None:
 
 def unmount_busy_fails(target: str) -> None:
     """Unmount the topmost mount at target, failing (never detaching) while it is in use."""
-    if _lib().umount2(target.encode(), 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
+    libc.umount2(target)  # OSError with umount2's errno (EBUSY while in use)

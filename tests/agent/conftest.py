@@ -1,8 +1,8 @@
 """Fixtures for the agent tests: the local metadata server and stand-in shims.
 
 The stand-ins are real ttrpc servers (shim.ttrpc.Server on unix sockets) implementing the
-revenant.v1.Control service as CONTROL-CONTRACT.md describes it, because the real shim is still being
-written; the lead adds end-to-end tests against the real shim. They do not checkpoint anything: "ok"
+revenant.v1.Control service as docs/control.md describes it, so the agent's fan-out meets failures and
+hangs on cue (tests/protect runs it against real shims end to end). They do not checkpoint anything: "ok"
 answers like a successful checkpoint and rewrites its registry record as the shim would, "fail" answers
 an error, "hang" never answers until the test ends.
 """

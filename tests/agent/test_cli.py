@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness.wait import wait_until
+
 REVENANT = [sys.executable, "-c", "import sys; from shim.cli import main; sys.exit(main())"]
 
 
@@ -91,20 +93,21 @@ def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_se
         def logged(event: str) -> dict | None:
             return next((entry for entry in list(logs) if entry.get("event") == event), None)
 
-        end = time.monotonic() + 30
-        while not logged("listening") and time.monotonic() < end and proc.poll() is None:
-            time.sleep(0.05)
-        listening = logged("listening")
-        assert listening, f"agent did not start: {logs}"
+        listening = wait_until(
+            lambda: logged("listening"),
+            30,
+            "the agent to listen",
+            interval=0.05,
+            abort=lambda: f"it exited with {proc.returncode}" if proc.poll() is not None else None,
+            detail=lambda: f"its log: {logs}",
+        )
         base = f"http://{listening['host']}:{listening['port']}"
         with urllib.request.urlopen(base + "/healthz", timeout=5) as resp:
             assert json.loads(resp.read())["provider"] == "aws"  # auto-detected
 
         notice_deadline = srv.aws_terminate(20)
-        while not logged("drain_summary") and time.monotonic() < end:
-            time.sleep(0.05)
-        summary = logged("drain_summary")
-        assert summary and summary["ok"] is True and summary["exit"] is True
+        summary = wait_until(lambda: logged("drain_summary"), 30, "the drain summary", interval=0.05)
+        assert summary["ok"] is True and summary["exit"] is True
         assert time.time() < notice_deadline
         result = logged("checkpoint_result")
         assert result["id"] == "job" and result["status"] == "ok" and result["seq"] == 1

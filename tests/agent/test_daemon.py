@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from harness.wait import wait_until
 from shim.agent.aws import AwsWatcher
 from shim.agent.azure import AzureWatcher
 from shim.agent.daemon import Agent
@@ -19,16 +20,6 @@ from shim.agent.gcp import GcpWatcher
 from shim.protect.registry import LastCheckpoint, write_task
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? \S+$')
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def get(agent: Agent, path: str) -> tuple[int, str]:
@@ -63,7 +54,7 @@ def test_aws_notice_checkpoints_every_task_once_and_shows_in_metrics(metadata_se
     assert get(agent, "/healthz")[0] == 200
     notice_deadline = srv.aws_terminate(10)
 
-    wait_for(lambda: agent.reports, what="the drain report")
+    wait_until(lambda: agent.reports, 20, "the drain report", interval=0.05)
     assert time.time() < notice_deadline
     report = agent.reports[0]
     assert {r.id: r.status for r in report.results} == {"job-a": "ok", "job-b": "ok", "job-bad": "failed"}
@@ -72,7 +63,12 @@ def test_aws_notice_checkpoints_every_task_once_and_shows_in_metrics(metadata_se
 
     # The notice stays visible on every poll; the agent acts on it only once.
     polls = len(srv.requests_to("/latest/meta-data/spot/instance-action"))
-    wait_for(lambda: len(srv.requests_to("/latest/meta-data/spot/instance-action")) >= polls + 5, what="more polls")
+    wait_until(
+        lambda: len(srv.requests_to("/latest/meta-data/spot/instance-action")) >= polls + 5,
+        20,
+        "more polls",
+        interval=0.05,
+    )
     assert len(agent.reports) == 1 and len(a.calls) == 1
 
     status, text = get(agent, "/metrics")
@@ -103,7 +99,7 @@ def test_hung_shim_does_not_delay_the_report_past_the_deadline(metadata_server, 
     standins.add("stuck", behavior="hang")
     agent = agents(run_dir, AwsWatcher(srv.url), poll_interval=0.1)
     notice_deadline = srv.aws_terminate(5)
-    wait_for(lambda: agent.reports, what="the drain report")
+    wait_until(lambda: agent.reports, 20, "the drain report", interval=0.05)
     assert time.time() < notice_deadline
     assert {r.id: r.status for r in agent.reports[0].results} == {"job": "ok", "stuck": "timed_out"}
 
@@ -116,7 +112,7 @@ def test_azure_preempt_is_acknowledged_after_the_checkpoints(metadata_server, st
     srv.azure_add_event("Freeze", in_s=60)
     agent = agents(run_dir, AzureWatcher(srv.url), poll_interval=0.1)
     event = srv.azure_add_event("Preempt", in_s=20)
-    wait_for(lambda: srv.state.azure_acks, what="the acknowledgement")
+    wait_until(lambda: srv.state.azure_acks, 20, "the acknowledgement", interval=0.05)
     assert srv.state.azure_acks == [{"StartRequests": [{"EventId": event["EventId"]}]}]
     assert sorted(standins.timeline[:2]) == [
         "checkpointed default/job-a exit=True",
@@ -133,10 +129,10 @@ def test_rebalance_takes_a_leave_running_checkpoint_then_terminate_a_final_one(
     shim = standins.add("job")
     agent = agents(run_dir, AwsWatcher(srv.url), poll_interval=0.1)
     srv.aws_rebalance_now()
-    wait_for(lambda: len(agent.reports) == 1, what="the rebalance drain")
+    wait_until(lambda: len(agent.reports) == 1, 20, "the rebalance drain", interval=0.05)
     assert [c.request.exit for c in shim.calls] == [False]
     srv.aws_terminate(20)
-    wait_for(lambda: len(agent.reports) == 2, what="the terminate drain")
+    wait_until(lambda: len(agent.reports) == 2, 20, "the terminate drain", interval=0.05)
     assert [c.request.exit for c in shim.calls] == [False, True]
     assert "rebalance" in shim.calls[0].request.reason
 
@@ -147,7 +143,7 @@ def test_gcp_long_poll_agent_and_prompt_stop(metadata_server, standins, run_dir,
     agent = agents(run_dir, GcpWatcher(srv.url, long_poll_timeout_s=60, notice_window_s=10), poll_interval=0.1)
     assert srv.wait_until(lambda st: st.gcp_waiting == 1), "the agent never long-polled"
     srv.gcp_set_preempted(True)
-    wait_for(lambda: agent.reports, what="the drain report")
+    wait_until(lambda: agent.reports, 20, "the drain report", interval=0.05)
     assert agent.reports[0].ok and shim.calls[0].request.exit
     # Stopping does not wait out a long-poll held open by the metadata server.
     assert srv.wait_until(lambda st: st.gcp_waiting == 1)
@@ -158,7 +154,7 @@ def test_gcp_long_poll_agent_and_prompt_stop(metadata_server, standins, run_dir,
 
 def test_health_turns_unhealthy_when_the_metadata_service_stops_answering(run_dir, agents):
     agent = agents(run_dir, AwsWatcher("http://127.0.0.1:1", timeout=0.2), poll_interval=0.1, stale_after_s=0.5)
-    _, body = wait_for(lambda: (r := get(agent, "/healthz"))[0] == 503 and r, what="503 from /healthz")
+    _, body = wait_until(lambda: (r := get(agent, "/healthz"))[0] == 503 and r, 20, "503 from /healthz", interval=0.05)
     doc = json.loads(body)
     assert doc["status"] == "unhealthy" and "has not answered" in doc["error"]
     text = get(agent, "/metrics")[1]
@@ -193,7 +189,7 @@ def test_stop_during_a_drain_lets_the_drain_finish_first(metadata_server, standi
     try:
         notice_deadline = time.time() + 6
         srv.azure_add_event("Preempt", in_s=6)
-        wait_for(lambda: stuck.calls, what="the drain to reach the hung shim")
+        wait_until(lambda: stuck.calls, 20, "the drain to reach the hung shim", interval=0.05)
         assert agent.reports == []
     finally:
         agent.stop()

@@ -1,9 +1,9 @@
 """The drain fan-out against stand-in shims.
 
 The stand-ins (see conftest.py) are real shim.ttrpc servers on unix sockets that implement
-revenant.v1.Control as CONTROL-CONTRACT.md describes: "ok" answers like a checkpoint, "fail" answers an
-error, "hang" never answers before the deadline. They stand in for the real shim, which is not ready; the
-lead adds end-to-end tests with it.
+revenant.v1.Control as docs/control.md describes: "ok" answers like a checkpoint, "fail" answers an
+error, "hang" never answers before the deadline: failures and hangs a real shim cannot be made to show on
+cue, in seconds. tests/protect drives the agent against real shims end to end.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ SEED = 11
 
 
 def test_checkpoint_and_restore_512mib(node_factory, test_images):
-    """issue 4: a memjob with 512 MiB of state, checkpointed by ctr and restored after its task and
-    container are gone."""
+    """ctr checkpoint/restore through the revenant shim: a memjob with 512 MiB of state, checkpointed by ctr
+    and restored after its task and container are gone."""
     mib = 512
     node = node_factory("a")
     image = node.import_image(test_images.memjob)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from harness.images import extract_rootfs
-from harness.memjob import expected_checksum, wait_for
+from harness.memjob import expected_checksum
 from harness.tools import require
+from harness.wait import wait_until
 from shim.checkpoint import CheckpointEngine, CheckpointError, CheckpointOptions, RestoreOptions
 from shim.runc.driver import IOFds, Runc
 
@@ -75,7 +76,7 @@ class Bundle:
         return out
 
     def wait_steps(self, name: str, at_least: int) -> list[tuple[int, str]]:
-        return wait_for(lambda: (s := self.steps(name)) and s[-1][0] >= at_least and s, 60, f"{name} step {at_least}")
+        return wait_until(lambda: (s := self.steps(name)) and s[-1][0] >= at_least and s, 60, f"{name} step {at_least}")
 
     def status(self, cid: str) -> str | None:
         res = subprocess.run([self.runc, "--root", str(self.root), "state", cid], capture_output=True, text=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.wait import wait_until
 from shim.ttrpc import TtrpcError
 
 from .shim_direct import Shim, bundle_for, clone_snapshot, remove_bundle, snapshot_mounts
@@ -34,7 +35,6 @@ from .util import (
     read_steps,
     run_memjob,
     task_status,
-    wait_for,
     wait_for_step,
 )
 
@@ -72,7 +72,7 @@ def resume_from(
     assert steps[0].n <= 1
     assert steps[-1].checksum == expected_checksum(memjob_binary, MIB, SEED, steps[-1].n)
     shim.kill(cid, signal.SIGUSR1)
-    verdict = wait_for(
+    verdict = wait_until(
         lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None), 60, "verify line"
     )
     assert str(verdict).startswith("verify=ok"), verdict
@@ -94,7 +94,7 @@ def _checkpointed_and_stopped(node, tmp_path) -> tuple[Path, int]:
     log = run_memjob(node, node.memjob_image, "ck-job", MIB, SEED)
     images = tmp_path / "images"
     Shim(node, "ck-job").checkpoint("ck-job", images, exit=True)  # what `ctr task checkpoint --exit --image-path` means
-    wait_for(lambda: task_status(node, "ck-job") == "STOPPED", 30, "job stopped after an exit checkpoint")
+    wait_until(lambda: task_status(node, "ck-job") == "STOPPED", 30, "job stopped after an exit checkpoint")
     ctr(node, "task", "rm", "ck-job")
     return images, last_step(log)
 
@@ -184,7 +184,7 @@ def test_paused_task_two_checkpoints_at_once(node, test_images, tmp_path):
 
 def test_checkpoint_of_an_exited_task_is_refused(node, tmp_path):
     ctr(node, "run", "-d", "--runtime", REVENANT, node.memjob_image, "ck-short", "true")
-    wait_for(lambda: task_status(node, "ck-short") == "STOPPED", 30, "the task exited")
+    wait_until(lambda: task_status(node, "ck-short") == "STOPPED", 30, "the task exited")
     shim = Shim(node, "ck-short")
     with pytest.raises(TtrpcError) as refused:
         shim.checkpoint("ck-short", tmp_path / "never")

@@ -18,11 +18,12 @@ import uuid
 
 from harness.memjob import memjob_args
 from harness.tools import require
+from harness.wait import wait_until
 from revenant_pb.containerd.task.v2 import shim_pb2 as api
 
 from .shim_direct import Shim, snapshot_mounts, upper_dir
 from .test_image_dir import MIB, SEED, resume_from
-from .util import REVENANT, container_spec, ctr, last_step, memjob_log, wait_for, wait_for_step
+from .util import REVENANT, container_spec, ctr, last_step, memjob_log, wait_for_step
 
 
 @contextlib.contextmanager
@@ -69,7 +70,7 @@ def test_external_netns_moves_to_another_namespace_path(node_factory, test_image
         wait_for_step(memjob_log(a, "ck-net"), 2, timeout=60)
         assert netns_inode_of(task_pid(a, "ck-net")) == os.stat(path_a).st_ino  # it runs in A's namespace
         Shim(a, "ck-net").checkpoint("ck-net", images, exit=True)
-        wait_for(
+        wait_until(
             lambda: (
                 "ck-net" not in ctr(a, "task", "ls", "-q").stdout.split() or "STOPPED" in ctr(a, "task", "ls").stdout
             ),

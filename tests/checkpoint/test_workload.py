@@ -15,8 +15,8 @@ import re
 import subprocess
 
 from harness.images import _rootfs_layer, write_oci_archive
-from harness.memjob import wait_for
 from harness.tools import require
+from harness.wait import wait_until
 
 from .util import REVENANT, ctr, remove
 
@@ -94,7 +94,7 @@ def test_files_pipe_socketpair_children_and_writable_layer_come_back(node_factor
     image = node.import_image(build_toy_image(tmp_path))
     ctr(node, "run", "-d", "--runtime", REVENANT, image, "ck-toy")
     log = node.rootfs("ck-toy") / "var/log/toy.log"
-    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 5, 30, "toy running")
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 5, 30, "toy running")
     before = ctr(node, "task", "ps", "ck-toy").stdout
     ctr(node, "container", "checkpoint", "--task", "--rw", "ck-toy", "localhost/checkpoint/toy:1")
     lines_at_checkpoint = len(parse(log.read_text()))  # the task runs on; the image holds about this many
@@ -102,7 +102,7 @@ def test_files_pipe_socketpair_children_and_writable_layer_come_back(node_factor
     ctr(node, "containers", "restore", "--live", "--rw", "ck-toy2", "localhost/checkpoint/toy:1")
 
     restored_log = node.rootfs("ck-toy2") / "var/log/toy.log"
-    wait_for(
+    wait_until(
         lambda: len(restored_log.read_text().splitlines()) >= lines_at_checkpoint + 10, 60, "the restored toy to go on"
     )
     entries = parse(restored_log.read_text())

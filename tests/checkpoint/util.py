@@ -14,9 +14,9 @@ from harness.memjob import (
     expected_checksum,
     memjob_args,
     read_steps,
-    wait_for,
     wait_for_step,
 )
+from harness.wait import wait_until
 
 REVENANT = "io.containerd.revenant.v1"
 
@@ -43,7 +43,7 @@ def memjob_log(node: ContainerdNode, cid: str) -> Path:
 def remove(node: ContainerdNode, cid: str, container: bool = True) -> None:
     """Kill and delete the task (and the container) the way a user would."""
     ctr(node, "task", "kill", "-s", "SIGKILL", cid, check=False)
-    wait_for(
+    wait_until(
         lambda: (
             ctr(node, "task", "rm", "-f", cid, check=False).returncode != 0
             or cid not in ctr(node, "task", "ls", "-q").stdout.split()
@@ -76,7 +76,7 @@ def assert_resumed(
     last = steps[-1]
     assert last.checksum == expected_checksum(memjob_binary, mib, seed, last.n), last
     ctr(node, "task", "kill", "-s", "SIGUSR1", cid)
-    verdict = wait_for(
+    verdict = wait_until(
         lambda: next((ln for ln in log.read_text().splitlines() if ln.startswith("verify=")), None),
         120,
         f"{cid} verify line",

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.docker import REVENANT_RUNTIME, RUNC_RUNTIME, DockerHost
-from harness.memjob import LOG_IN_CONTAINER, assert_continuous, expected_checksum, memjob_args, read_steps, wait_for
+from harness.memjob import LOG_IN_CONTAINER, assert_continuous, expected_checksum, memjob_args, read_steps
+from harness.wait import wait_until
 
 from .test_protect import steps_of, wait_steps
 
@@ -48,7 +49,7 @@ def test_checkpoint_and_start_from_it(docker_host: DockerHost, test_images, tmp_
         docker_host.docker("checkpoint", "create", name, "final")
         assert status(docker_host, name) == "running"
         docker_host.docker("kill", name)
-        wait_for(lambda: status(docker_host, name) == "exited", 60, "the container to stop")
+        wait_until(lambda: status(docker_host, name) == "exited", 60, "the container to stop")
         assert docker_host.docker("checkpoint", "ls", name).stdout.split()[-1] == "final"
         killed_at = steps_of_stopped(docker_host, name)
 
@@ -94,7 +95,7 @@ def test_dockerd_asks_only_its_runc_runtime_to_stop_after_a_checkpoint(docker_ho
         )  # fmt: skip
         try:
             docker_host.docker("checkpoint", "create", name, "cp")
-            wait_for(lambda name=name: status(docker_host, name) in ("exited", "running"), 30, "a state")
+            wait_until(lambda name=name: status(docker_host, name) in ("exited", "running"), 30, "a state")
             time.sleep(1)  # an exit after the checkpoint would show by now
             outcome[runtime] = status(docker_host, name)
         finally:

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from harness.docker import DOCKER_COMPOSE, DOCKER_NAMESPACE, REVENANT_RUNTIME, DockerHost
-from harness.memjob import wait_for
+from harness.wait import wait_until
 
 COMPOSE = """\
 services:
@@ -43,7 +43,7 @@ def test_compose_service_runs_protected_on_revenant(docker_host: DockerHost, tmp
         info = json.loads(docker_host.node.ctr("containers", "info", cid, namespace=DOCKER_NAMESPACE).stdout)
         assert info["Runtime"]["Name"] == REVENANT_RUNTIME
         record = docker_host.node.revenant_run_dir / "tasks" / DOCKER_NAMESPACE / f"{cid}.json"
-        wait_for(record.exists, 30, "the shim's registry record of the compose service")
+        wait_until(record.exists, 30, "the shim's registry record of the compose service")
         rec = json.loads(record.read_text())
         assert (rec["key"], rec["interval_s"]) == (key, 600), rec
     finally:

@@ -12,6 +12,7 @@ import time
 import uuid
 
 from harness.docker import DOCKER, DOCKER_NAMESPACE, REVENANT_RUNTIME, DockerHost
+from harness.wait import wait_until
 
 
 def _name(prefix: str) -> str:
@@ -20,16 +21,6 @@ def _name(prefix: str) -> str:
 
 def run(host: DockerHost, runtime: str, *args: str, check: bool = False, timeout: float = 120):
     return host.docker("run", "--network", "none", "--runtime", runtime, *args, check=check, timeout=timeout)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def state(host: DockerHost, name: str) -> dict:

@@ -24,9 +24,9 @@ from harness.memjob import (
     Step,
     assert_continuous,
     expected_checksum,
-    wait_for,
 )
 from harness.protect import MARKER_PATH, Job, annotation_flags
+from harness.wait import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -53,7 +53,7 @@ def wait_steps(host: DockerHost, name: str, at_least: int, timeout: float = 120)
         steps = steps_of(host, name)
         return steps if steps and steps[-1].n >= at_least else None
 
-    return wait_for(enough, timeout, f"step {at_least} of {name}", interval=0.3)  # type: ignore[return-value]
+    return wait_until(enough, timeout, f"step {at_least} of {name}", interval=0.3)
 
 
 def record(host: DockerHost, cid: str) -> dict | None:
@@ -77,7 +77,7 @@ def lose_host(host: DockerHost) -> None:
 
 def resume_on(host: DockerHost, job: Job, name: str, memjob_binary: Path) -> tuple[str, list[Step]]:
     cid = docker_run_job(host, job, name)
-    wait_for(lambda: steps_of(host, name), 120, f"{name} running on B", interval=0.3)
+    wait_until(lambda: steps_of(host, name), 120, f"{name} running on B", interval=0.3)
     steps = wait_steps(host, name, steps_of(host, name)[-1].n + 3)
     last = steps[-1]
     assert last.checksum == expected_checksum(memjob_binary, job.mib, job.seed, last.n), "memory differs"
@@ -114,7 +114,7 @@ def test_spot_notice_moves_a_docker_container(
     assert summary.get("ok") is True, agent.text()
     (result,) = agent.results()
     assert result["status"] == "ok" and result["exit"] is True and result["seq"] == 2, result
-    wait_for(
+    wait_until(
         lambda: a.docker("inspect", "-f", "{{.State.Status}}", "trainer").stdout.strip() == "exited",
         60,
         "the container on A to stop after its final checkpoint",
@@ -135,7 +135,7 @@ def test_host_lost_without_notice_resumes_from_the_last_periodic_checkpoint(
     a, b = docker_host_factory("a"), docker_host_factory("b")
     job = new_job(f"file://{tmp_path / 'store'}", interval="2s")
     cid_a = docker_run_job(a, job, "trainer")
-    wait_for(lambda: last_seq(a, cid_a) >= 2, 120, "two periodic checkpoints on A")
+    wait_until(lambda: last_seq(a, cid_a) >= 2, 120, "two periodic checkpoints on A")
     seq = last_seq(a, cid_a)
     reached = steps_of(a, "trainer")[-1].n
     lose_host(a)  # no final checkpoint
@@ -160,7 +160,7 @@ def test_docker_restart_keeps_the_writable_layer(docker_host: DockerHost, tmp_pa
         "sh", "-c", "echo before > /before; exec sleep 1000",
     ).stdout.strip()  # fmt: skip
     try:
-        wait_for(lambda: record(docker_host, cid), 30, "the registry record")
+        wait_until(lambda: record(docker_host, cid), 30, "the registry record")
         ck = revenant("checkpoint", cid, "-n", DOCKER_NAMESPACE, "--run-dir", str(docker_host.node.revenant_run_dir))
         assert ck.returncode == 0, ck.stderr
         docker_host.docker("exec", "restarted", "sh", "-c", "echo after > /after")
@@ -168,7 +168,7 @@ def test_docker_restart_keeps_the_writable_layer(docker_host: DockerHost, tmp_pa
         assert docker_host.docker("inspect", "-f", "{{.State.Status}}", "restarted").stdout.strip() == "running"
         files = docker_host.docker("exec", "restarted", "cat", "/before", "/after").stdout.split()
         assert files == ["before", "after"], files
-        rec = wait_for(lambda: record(docker_host, cid), 30, "the record after the restart")
+        rec = wait_until(lambda: record(docker_host, cid), 30, "the record after the restart")
         assert rec["restored_from"] is None and "not empty" in (rec["fresh_reason"] or ""), rec
     finally:
         docker_host.docker("rm", "-f", "restarted", check=False)

@@ -4,12 +4,12 @@ and the `revenant_rehearsal` fixture the package ships as a pytest plugin (entry
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 
 import pytest
 
 from harness.docker import DOCKER_NAMESPACE, REVENANT_RUNTIME, DockerHost
+from harness.wait import wait_until
 
 from .test_rehearse import COUNTER, tcp_server  # noqa: F401
 
@@ -32,10 +32,12 @@ def test_a_testcontainers_container_runs_on_revenant(docker_env: DockerHost) -> 
         .with_kwargs(runtime=REVENANT_RUNTIME, network_mode="none")
     )
     with container:
-        deadline = time.monotonic() + 30
-        while b"ready" not in container.get_logs()[0]:
-            assert time.monotonic() < deadline, container.get_logs()
-            time.sleep(0.2)
+        wait_until(
+            lambda: b"ready" in container.get_logs()[0],
+            30,
+            "the container's first line",
+            detail=lambda: str(container.get_logs()),
+        )
         code, out = container.exec(["sh", "-c", "echo $((6*7)); exit 3"])
         assert (code, out) == (3, b"42\n")
         cid = container.get_wrapped_container().id

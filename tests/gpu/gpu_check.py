@@ -1,4 +1,5 @@
-"""The GPU check of issue 8, driven by tests/gpu/run_on_gpu.sh on a GPU machine (never in CI).
+"""The GPU check (CUDA state through the driver's checkpoint API + CRIU on real hardware), driven by
+tests/gpu/run_on_gpu.sh on a GPU machine (never in CI).
 
 Flow (all through shim.gpu, the module the checkpoint engine uses):
   0. probes: the real driver's answer for a non-CUDA pid, and for a lock that times out
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -30,9 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.wait import wait_until
 from shim.gpu import CudaError, GpuCoordinator, find_cuda_processes
 from shim.gpu.coordinator import _call_with_deadline
 from shim.gpu.discovery import start_time
+from shim.libc import set_child_subreaper
 
 HERE = Path(__file__).resolve().parent
 STARTED: list[int] = []  # every pid this script started or restored; killed on the way out
@@ -103,15 +105,16 @@ def read_log(log: Path) -> tuple[dict[int, list[str]], str | None, list[str]]:
     return steps, checksum, errors
 
 
-def wait_for(cond, timeout_s: float, what: str, pid: int | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if pid is not None and start_time(pid) is None:
-            tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"job {pid} exited while waiting for {what}; log tail: {tail}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
+def wait_for(cond, timeout_s: float, what: str, pid: int, log: Path) -> None:
+    """Until cond holds, giving up at once if the job `pid` exits (its log tail in the error)."""
+    wait_until(
+        cond,
+        timeout_s,
+        what,
+        interval=0.05,
+        abort=lambda: f"job {pid} exited" if start_time(pid) is None else None,
+        detail=lambda: f"log tail: {log.read_text()[-2000:] if log.exists() else ''}",
+    )
 
 
 def wait_exit(pid: int, timeout_s: float) -> int | None:
@@ -226,7 +229,7 @@ def main() -> int:
     global PID_FILE
     PID_FILE = args.work / "pids"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated (timeout)"))  # so `finally` kills the jobs
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored jobs become our children
+    set_child_subreaper()  # restored jobs become our children
     result: dict[str, Any] = {"ok": False}
     coord = GpuCoordinator(lock_timeout_ms=30_000)
     try:

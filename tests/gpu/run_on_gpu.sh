@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 8 (CUDA state through the driver's checkpoint API + CRIU). Runs on a GPU machine like
+# GPU check (CUDA state through the driver's checkpoint API + CRIU). Runs on a GPU machine like
 # the one ../shared/docs/environment.md describes (H100/H200, Ubuntu 24.04, driver 580, torch in python3,
 # no package registries, no CRIU); never in CI. Needs, carried with the working tree:
 #   tests/gpu/.criu   made HERE by tests/gpu/fetch-criu.sh (Debian 13 criu + its libraries + glibc loader)
@@ -70,7 +70,7 @@ echo "== criu (carried)"
 "$criu_dir/criu" check 2>&1 | tail -n 3 || true
 
 echo "== check"
-export PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$repo:$repo/tests${PYTHONPATH:+:$PYTHONPATH}  # shim, and harness/wait.py
 export PYTHONUNBUFFERED=1
 timeout -k 10 540 "$py" "$repo/tests/gpu/gpu_check.py" --work "$work" --out "$out" --criu "$criu_dir/criu" \
   --python "$py" --steps "$steps" --checkpoint-at "$ckpt_at" --gib "$gib" ${GPU_CHECK_ARGS:-} &

@@ -30,7 +30,7 @@ def test_gpu_check_controller_dry_run(fake_cuda: FakeCuda, tmp_path: Path) -> No
         REVENANT_LIBCUDA=str(fake_cuda.lib),
         REVENANT_GPU_DEVICE_PREFIX=fake_cuda.prefix,
         STANDIN_DEVICE=str(fake_cuda.device),
-        PYTHONPATH=f"{REPO}:{HERE}",
+        PYTHONPATH=f"{REPO}:{REPO / 'tests'}:{HERE}",  # as run_on_gpu.sh sets it
     )
     out = tmp_path / "out"
     res = subprocess.run(

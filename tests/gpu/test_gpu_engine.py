@@ -13,8 +13,8 @@ import pytest
 
 from harness.fakecuda import FakeCuda
 from harness.images import extract_rootfs
-from harness.memjob import wait_for
 from harness.tools import require
+from harness.wait import wait_until
 from shim.checkpoint import CheckpointEngine, CheckpointError, CheckpointOptions
 from shim.gpu import GpuDumpHooks, runc_pids
 from shim.runc.driver import Runc
@@ -75,7 +75,7 @@ def test_engine_with_gpu_hooks(gpu_bundle: GpuBundle, fake_cuda: FakeCuda, tmp_p
     engine = CheckpointEngine(hooks=hooks)
     driver = Runc(root=str(gpu_bundle.root), log_path=str(tmp_path / "runc.log"), binary=gpu_bundle.runc)
     gpu_bundle.run("job")
-    pids = wait_for(lambda: found if len(found := pids_of("job")) == 2 else None, 30, "sh and its sleep")
+    pids = wait_until(lambda: found if len(found := pids_of("job")) == 2 else None, 30, "sh and its sleep")
     cuda = [p.pid for p in hooks.coordinator.cuda_processes(pids)]
     assert len(cuda) == 1, "only sh holds the device"
     (sh,) = cuda

@@ -17,13 +17,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from .images import PAUSE_REF
 from .tools import SYSTEM_PATH, require
+from .wait import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +190,14 @@ class ContainerdNode:
                 env=self.env,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"containerd {self.name} exited at start-up:\n{self.log_tail()}")
-            if os.path.exists(self.address) and self.ctr("version", check=False, timeout=5).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"containerd {self.name} did not answer within {timeout}s:\n{self.log_tail()}")
+        proc = self._proc
+        wait_until(
+            lambda: os.path.exists(self.address) and self.ctr("version", check=False, timeout=5).returncode == 0,
+            timeout,
+            f"containerd {self.name} to answer",
+            abort=lambda: "it exited at start-up" if proc.poll() is not None else None,
+            detail=self.log_tail,
+        )
 
     def stop(self, timeout: float = 15) -> None:
         if self._proc and self._proc.poll() is None:

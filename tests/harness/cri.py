@@ -5,7 +5,6 @@ reopen, stats, stop and remove; and re-creation after an exit with the next atte
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from revenant_pb.k8s.cri.v1 import api_pb2 as cri
 from revenant_pb.k8s.cri.v1 import api_pb2_grpc as cri_grpc
 
 from .containerd import NAMESPACE
+from .wait import wait_until
 
 RUNNING, EXITED = cri.CONTAINER_RUNNING, cri.CONTAINER_EXITED
 
@@ -163,17 +163,18 @@ class CriClient:
 
     # -- the kubelet's sequences -------------------------------------------------------------------
     def wait_state(self, cid: str, state: int, timeout: float = 60) -> cri.ContainerStatus:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status(cid)
-            if st.state == state:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"container {cid} is {cri.ContainerState.Name(st.state)}, not "
-                    f"{cri.ContainerState.Name(state)} after {timeout}s"
-                )
-            time.sleep(0.1)
+        last: list[cri.ContainerStatus] = []
+
+        def reached() -> cri.ContainerStatus | None:
+            last[:] = [self.status(cid)]
+            return last[0] if last[0].state == state else None
+
+        return wait_until(
+            reached,
+            timeout,
+            f"container {cid} to be {cri.ContainerState.Name(state)}",
+            detail=lambda: f"it is {cri.ContainerState.Name(last[0].state)}" if last else "",
+        )
 
     def start_pod(self, pod: PodSpec, handler: str, containers: Sequence[ContainerSpec]) -> tuple[str, list[str]]:
         """RunPodSandbox, then create and start each container: the kubelet's SyncPod for a new pod."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .containerd import ContainerdNode
 from .images import build_test_images
-from .memjob import assert_continuous, expected_checksum, read_steps, wait_for, wait_for_step
+from .memjob import assert_continuous, expected_checksum, read_steps, wait_for_step
 from .metadata_server import MetadataServer
 from .protect import (
     AgentProcess,
@@ -37,6 +37,7 @@ from .protect import (
     wait_for_seq,
     wait_stopped,
 )
+from .wait import wait_until
 
 T0 = time.monotonic()
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         say("metadata server: spot instance-action `terminate` in 120s (AWS gives two minutes)")
         t_notice = time.monotonic()
         metadata.aws_terminate(120)
-        wait_for(lambda: any(e.get("event") == "notice" for e in agent.events()), 30, "the agent to see it")
+        wait_until(lambda: any(e.get("event") == "notice" for e in agent.events()), 30, "the agent to see it")
         timeline.halt.set()  # from here on the agent's report tells what happens on node A
         say("agent: notice seen; final checkpoint of every protected task on node A")
         summary = agent.wait_drain(timeout=300)

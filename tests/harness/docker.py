@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pytest
 
 from .containerd import ContainerdNode
 from .images import TestImages
+from .wait import wait_until
 
 DOCKER_DIR = Path(os.environ.get("REVENANT_DOCKER_DIR", "/opt/revenant-test/docker"))
 DOCKERD = DOCKER_DIR / "usr" / "sbin" / "dockerd"
@@ -122,14 +122,16 @@ class DockerDaemon:
             self._proc = subprocess.Popen(
                 cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"dockerd {self.name} exited at start-up:\n{self.log_tail()}")
-            if self.socket.exists() and self.docker("version", check=False, timeout=10).returncode == 0:
-                return self
-            time.sleep(0.2)
-        raise RuntimeError(f"dockerd {self.name} did not answer within {timeout}s:\n{self.log_tail()}")
+        proc = self._proc
+        wait_until(
+            lambda: self.socket.exists() and self.docker("version", check=False, timeout=10).returncode == 0,
+            timeout,
+            f"dockerd {self.name} to answer",
+            interval=0.2,
+            abort=lambda: "it exited at start-up" if proc.poll() is not None else None,
+            detail=self.log_tail,
+        )
+        return self
 
     def docker(
         self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None

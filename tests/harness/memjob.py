@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .wait import wait_until
 
 STEP_LINE = re.compile(r"^step=(\d+) checksum=([0-9a-f]{16})$")
 LOG_IN_CONTAINER = "/var/log/memjob.log"
@@ -43,22 +43,12 @@ def read_steps(log: Path) -> list[Step]:
     return [Step(int(m[1]), m[2]) for m in (STEP_LINE.match(line) for line in text.splitlines()) if m]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def wait_for_step(log: Path, at_least: int, timeout: float = 60) -> list[Step]:
     def enough() -> list[Step] | None:
         steps = read_steps(log)
         return steps if steps and steps[-1].n >= at_least else None
 
-    return wait_for(enough, timeout, f"memjob step {at_least} in {log}")  # type: ignore[return-value]
+    return wait_until(enough, timeout, f"memjob step {at_least} in {log}")
 
 
 def expected_checksum(memjob_binary: Path, mib: int, seed: int, step: int, mutate: float = 0.05) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .containerd import VENV_BIN, ContainerdNode
-from .memjob import LOG_IN_CONTAINER, Step, memjob_args, read_steps, wait_for
+from .memjob import LOG_IN_CONTAINER, Step, memjob_args, read_steps
+from .wait import wait_until
 
 REVENANT_RUNTIME = "io.containerd.revenant.v1"
 MARKER_PATH = "/data/marker"
@@ -115,7 +116,7 @@ def last_seq(node: ContainerdNode, cid: str) -> int:
 
 
 def wait_for_seq(node: ContainerdNode, cid: str, at_least: int, timeout: float = 120) -> int:
-    wait_for(lambda: last_seq(node, cid) >= at_least, timeout, f"checkpoint seq {at_least} of {cid}")
+    wait_until(lambda: last_seq(node, cid) >= at_least, timeout, f"checkpoint seq {at_least} of {cid}")
     return last_seq(node, cid)
 
 
@@ -128,7 +129,7 @@ def task_status(node: ContainerdNode, cid: str) -> str:
 
 
 def wait_stopped(node: ContainerdNode, cid: str, timeout: float = 120) -> None:
-    wait_for(lambda: task_status(node, cid) in ("STOPPED", "ABSENT"), timeout, f"{cid} stopped")
+    wait_until(lambda: task_status(node, cid) in ("STOPPED", "ABSENT"), timeout, f"{cid} stopped")
 
 
 def destroy_node(node: ContainerdNode) -> None:
@@ -145,10 +146,6 @@ def store_checkpoints(store_url: str, key: str) -> list[Any]:
         return store.list(key)
     finally:
         store.close()
-
-
-def steps_since(steps: list[Step], first: int) -> list[Step]:
-    return [s for s in steps if s.n >= first]
 
 
 class AgentProcess:
@@ -186,9 +183,13 @@ class AgentProcess:
                 start_new_session=True,
                 env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
             )
-        wait_for(lambda: "watching" in self.text() or self._died(), 30, "the agent to start")
-        if self._died():
-            raise RuntimeError(f"revenant agent exited at start-up:\n{self.text()}")
+        wait_until(
+            lambda: "watching" in self.text(),
+            30,
+            "the agent to start",
+            abort=lambda: "revenant agent exited at start-up" if self._died() else None,
+            detail=self.text,
+        )
 
     def _died(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
@@ -221,7 +222,7 @@ class AgentProcess:
                     return e
             return None
 
-        return wait_for(summary, timeout, f"the agent's drain to finish (log {self.log_path})")  # type: ignore
+        return wait_until(summary, timeout, f"the agent's drain to finish (log {self.log_path})")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

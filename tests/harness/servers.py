@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from .wait import wait_until
 
 S3_ACCESS_KEY = "revenant"
 S3_SECRET_KEY = "revenant-test-secret"
@@ -40,18 +41,17 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}; log {log}:\n{log.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} did not come up in {timeout}s; log {log}:\n{log.read_text()[-3000:]}")
+def _wait_up(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Until a server started as proc answers `check` (errors while it starts mean "not yet")."""
+    wait_until(
+        check,
+        timeout,
+        f"{what} to come up",
+        interval=0.3,
+        ignore=(Exception,),
+        abort=lambda: f"it exited with {proc.returncode}" if proc.poll() is not None else None,
+        detail=lambda: f"log {log}:\n{log.read_text()[-3000:]}",
+    )
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -157,7 +157,7 @@ class SeaweedS3:
             client.put_object(Bucket=S3_BUCKET, Key="probe", Body=b"ok")
             return client.get_object(Bucket=S3_BUCKET, Key="probe")["Body"].read() == b"ok"
 
-        _wait(ready, "SeaweedFS S3", 90, self.proc, self.log)
+        _wait_up(ready, "SeaweedFS S3", 90, self.proc, self.log)
 
     def client(self):
         import boto3
@@ -211,7 +211,7 @@ class Registry:
             self.proc = subprocess.Popen(
                 [self.BINARY, "serve", str(self.config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        _wait(
+        _wait_up(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2).status == 200,
             "docker-registry",
             30,

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from harness.containerd import ContainerdNode
+from harness.wait import wait_until
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -46,16 +47,24 @@ class SnapshotterProcess:
             self.proc = subprocess.Popen(
                 cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"revenant-snapshotter exited at start-up:\n{self.log_tail()}")
-            if os.path.exists(self.address):
-                with contextlib.suppress(grpc.RpcError), self.client() as c:
-                    list(c.List(pb.ListSnapshotsRequest(), timeout=2))
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"revenant-snapshotter did not answer within {timeout}s:\n{self.log_tail()}")
+        proc = self.proc
+
+        def answers() -> bool:
+            if not os.path.exists(self.address):
+                return False
+            with self.client() as c:
+                list(c.List(pb.ListSnapshotsRequest(), timeout=2))
+            return True
+
+        wait_until(
+            answers,
+            timeout,
+            "revenant-snapshotter to answer",
+            interval=0.05,
+            ignore=(grpc.RpcError,),
+            abort=lambda: "it exited at start-up" if proc.poll() is not None else None,
+            detail=self.log_tail,
+        )
 
     def stop(self, timeout: float = 15) -> int | None:
         if self.proc is None:

@@ -18,7 +18,7 @@ import pytest
 
 from harness.cri import EXITED, RUNNING, ContainerSpec, PodSpec, read_cri_log
 from harness.images import BUSYBOX_REF, MEMJOB_REF
-from harness.memjob import wait_for
+from harness.wait import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,7 +78,7 @@ def running_scenario(node, handler: str) -> dict:
     try:
         st = cri.wait_state(cid, RUNNING)
         log = Path(st.log_path)
-        wait_for(lambda: log.exists() and "tick-3" in log.read_text(), 30, "ticks in the CRI log")
+        wait_until(lambda: log.exists() and "tick-3" in log.read_text(), 30, "ticks in the CRI log")
         ex = cri.exec_sync(cid, ["sh", "-c", "echo hi; echo oops >&2; exit 7"])
         try:
             cri.exec_sync(cid, ["/no/such/binary"])
@@ -92,7 +92,7 @@ def running_scenario(node, handler: str) -> dict:
         rotated = log.with_suffix(".log.1")
         os.rename(log, rotated)
         cri.reopen_log(cid)
-        wait_for(lambda: log.exists() and "tick-" in log.read_text(), 30, "the reopened CRI log")
+        wait_until(lambda: log.exists() and "tick-" in log.read_text(), 30, "the reopened CRI log")
         t0 = time.monotonic()
         cri.stop_container(cid, timeout_s=2)
         stopped = cri.wait_state(cid, EXITED)

@@ -30,10 +30,10 @@ from harness.memjob import (
     expected_checksum,
     memjob_args,
     read_steps,
-    wait_for,
     wait_for_step,
 )
 from harness.protect import destroy_node
+from harness.wait import wait_until
 
 from .conftest import VERSIONS
 
@@ -112,7 +112,7 @@ def resume_on_b(b, job: ProtectedPod, memjob_binary: Path) -> tuple[dict, list]:
     """B re-creates the pod of the same name; the job must pick up where its checkpoint left it."""
     pod_id, cid = job.start(b)
     log_b = job_log(b, cid)
-    wait_for(lambda: read_steps(log_b), 120, "the job running on B")
+    wait_until(lambda: read_steps(log_b), 120, "the job running on B")
     steps = wait_for_step(log_b, read_steps(log_b)[-1].n + 3, 120)
     assert_continuous(steps)
     last = steps[-1]
@@ -122,7 +122,7 @@ def resume_on_b(b, job: ProtectedPod, memjob_binary: Path) -> tuple[dict, list]:
     assert ip.startswith(b.node.subnet.rsplit(".", 2)[0] + "."), f"B's pod address {ip!r} is not in {b.node.subnet}"
     # stdout goes to B's CRI log: steps after the restored one, in CRI format.
     log = Path(b.cri.status(cid).log_path)
-    wait_for(lambda: [n for n in cri_log_steps(log) if n > steps[0].n], 60, "steps in B's CRI log")
+    wait_until(lambda: [n for n in cri_log_steps(log) if n > steps[0].n], 60, "steps in B's CRI log")
     rec = record(b, cid)
     assert rec.get("restored_from"), f"B started fresh instead of restoring: {rec}"
     # The restored process joined B's pod network namespace (CRIU's external netns), not a new one.
@@ -153,7 +153,7 @@ def job(tmp_path: Path) -> ProtectedPod:
 def test_pod_resumes_on_b_after_node_a_is_lost(version, cri_node_factory, job, test_images) -> None:
     a = cri_node_factory("a", version)
     _pod_id, cid = job.start(a)
-    wait_for(lambda: last_seq(a, cid) >= 2, 120, "two periodic checkpoints on A")
+    wait_until(lambda: last_seq(a, cid) >= 2, 120, "two periodic checkpoints on A")
     assert protected_ids(a) == [cid], "only the app container is protected, never the pod sandbox"
     rec = record(a, cid)
     assert (rec["pod"], rec["pod_namespace"], rec["container"]) == (POD, "ml", "main")
@@ -180,7 +180,7 @@ def test_spot_notice_moves_the_pod_with_nothing_lost(
 ) -> None:
     a = cri_node_factory("a", version)
     _pod_id, cid = job.start(a)
-    wait_for(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
+    wait_until(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
     agent = agent_factory(a.node.revenant_run_dir, metadata_server.url)
     metadata_server.aws_terminate(120)
     summary = agent.wait_drain()
@@ -216,7 +216,7 @@ def test_a_changed_image_starts_fresh(cri_node_factory, job, test_images, tmp_pa
     against new binaries); the pod starts fresh and the record says why."""
     a = cri_node_factory("a", VERSIONS[0])
     _pod_id, cid = job.start(a)
-    wait_for(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
+    wait_until(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
     a.close()
     destroy_node(a.node)
 
@@ -229,7 +229,7 @@ def test_a_changed_image_starts_fresh(cri_node_factory, job, test_images, tmp_pa
     )
     b.node.ctr("images", "import", str(changed), namespace="k8s.io", timeout=300)
     _pod_b, cid_b = job.start(b)
-    wait_for(lambda: read_steps(job_log(b, cid_b)), 120, "the job running on B")
+    wait_until(lambda: read_steps(job_log(b, cid_b)), 120, "the job running on B")
     rec = record(b, cid_b)
     assert not rec.get("restored_from"), f"restored onto a changed image: {rec}"
     assert "image differs" in (rec.get("fresh_reason") or ""), rec

@@ -1,4 +1,4 @@
-"""Issue 7, transparent protection end to end: a memjob protected by annotations on node A, node A lost,
+"""Transparent protection end to end: a memjob protected by annotations on node A, node A lost,
 the same `ctr run` on node B resumes it. memjob's checksum (recomputed on the host with --replay) proves
 the process memory came back; a marker file the job wrote into its writable layer proves the filesystem.
 
@@ -21,7 +21,6 @@ from harness.memjob import (
     assert_continuous,
     expected_checksum,
     read_steps,
-    wait_for,
     wait_for_step,
 )
 from harness.protect import (
@@ -40,6 +39,7 @@ from harness.protect import (
     wait_for_seq,
     wait_stopped,
 )
+from harness.wait import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -57,7 +57,7 @@ class Cluster:
         """Plain `ctr run` with the same key on B; returns the job's steps once it has run on."""
         run_job(self.b, self.image_b, job)
         log_b = job_log(self.b, job.cid)
-        wait_for(lambda: read_steps(log_b), timeout, f"{job.cid} running on B")
+        wait_until(lambda: read_steps(log_b), timeout, f"{job.cid} running on B")
         first = read_steps(log_b)[-1].n
         return wait_for_step(log_b, first + 3, timeout)
 
@@ -156,7 +156,7 @@ def test_notice_during_a_periodic_checkpoint(s3_server, cluster: Cluster, metada
     run_job(cluster.a, cluster.image_a, job)
     wait_for_seq(cluster.a, job.cid, 1, timeout=180)
     agent = agent_factory(cluster.a.revenant_run_dir, metadata_server.url)
-    wait_for(lambda: _uploads_started(cluster.a, job.cid) >= 2, 60, "the second periodic upload to start")
+    wait_until(lambda: _uploads_started(cluster.a, job.cid) >= 2, 60, "the second periodic upload to start")
     in_flight = last_seq(cluster.a, job.cid) + 1
     metadata_server.aws_terminate(120)
     agent.wait_drain(timeout=240)
@@ -344,8 +344,8 @@ def test_changed_base_image_starts_fresh_and_says_why(cluster: Cluster, tmp_path
     events = EventWatcher(cluster.b, tmp_path / "events-b.txt")
     try:
         run_job(cluster.b, busybox, job, command=["sleep", "600"])
-        wait_for(lambda: task_status(cluster.b, job.cid) == "RUNNING", 60, "the fresh task on B")
-        wait_for(lambda: events.lines("/revenant/restore"), 30, "the /revenant/restore event")
+        wait_until(lambda: task_status(cluster.b, job.cid) == "RUNNING", 60, "the fresh task on B")
+        wait_until(lambda: events.lines("/revenant/restore"), 30, "the /revenant/restore event")
     finally:
         events.stop()
     rec = registry_record(cluster.b, job.cid)

@@ -8,20 +8,10 @@ import pty
 import select
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from harness.containerd import ContainerdNode
 from harness.tools import require
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
 
 
 def task_status(node: ContainerdNode, cid: str) -> str:

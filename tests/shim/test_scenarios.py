@@ -1,4 +1,5 @@
-"""Issue 3's scenario list, run against the stock runc shim (parity reference) and revenant's shim.
+"""The shim's parity scenarios (the lifecycle, stdio, exec, kill, pause, OOM and failure cases of containerd's
+runc shim), run against the stock runc shim (parity reference) and revenant's shim.
 
 Every test takes the `runtime` fixture, parametrized over both shims, on its own private containerd.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.tools import require
+from harness.wait import wait_until
 
 from .conftest import Runtime
 from .helpers import (
@@ -23,7 +25,6 @@ from .helpers import (
     processes_of_node,
     shim_pid_of,
     task_status,
-    wait_until,
 )
 
 
@@ -124,11 +125,49 @@ def test_kill_pause_resume_ps_metrics(runtime: Runtime):
     assert not os.path.exists(f"/proc/{pid}")
 
 
+def _pids_running(runtime: Runtime, cid: str, *argvs: str) -> list[int]:
+    """Pids of the task's processes (`ctr task ps`, host pids) whose command line is one of argvs."""
+    pids = []
+    for word in runtime.ctr("task", "ps", cid).stdout.split():
+        if word.isdigit():
+            try:
+                cmdline = Path(f"/proc/{word}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except FileNotFoundError:
+                continue
+            if cmdline in argvs:
+                pids.append(int(word))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie its parent has yet to reap."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_kill_all_processes(runtime: Runtime):
-    runtime.run("many", "sh", "-c", "sleep 1000 & sleep 1000 & wait", flags=("-d",))
-    wait_until(lambda: len(runtime.ctr("task", "ps", "many").stdout.split()) >= 4 + 2, 30, "3 processes")
+    # Kill with `all` must signal every process of the container, not only its init. Init traps SIGUSR1
+    # (a handler, which its children do not inherit) and never forwards it, so after `kill -a -s SIGUSR1`
+    # init runs on and the two sleeps are gone only if the signal reached them directly: with `all`
+    # dropped, only init gets it and the sleeps survive.
+    script = "trap 'echo init-got-usr1' USR1; sleep 1001 & sleep 1002 & while true; do sleep 1; done"
+    runtime.run("many", "sh", "-c", script, flags=("-d",))
+    init = int(runtime.ctr("task", "ls").stdout.split("many")[1].split()[0])
+
+    def both_sleeps() -> list[int]:
+        found = _pids_running(runtime, "many", "sleep 1001", "sleep 1002")
+        return found if len(found) == 2 else []
+
+    sleeps = wait_until(both_sleeps, 30, "both sleeps running")
+    runtime.ctr("task", "kill", "-a", "-s", "SIGUSR1", "many")
+    wait_until(lambda: not any(_alive(p) for p in sleeps), 30, f"sleeps {sleeps} killed by kill -a")
+    assert task_status(runtime.node, "many") == "RUNNING" and _alive(init), "init traps SIGUSR1: it must run on"
     runtime.ctr("task", "kill", "-a", "-s", "SIGKILL", "many")
     wait_until(lambda: task_status(runtime.node, "many") == "STOPPED", 30, "many STOPPED")
+    assert not _alive(init)
 
 
 def test_illegal_calls_fail_cleanly(runtime: Runtime):

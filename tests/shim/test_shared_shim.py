@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 
 from harness.containerd import ContainerdNode
+from harness.wait import wait_until
 
 from .conftest import REVENANT_SHIM
-from .helpers import task_status, wait_until
+from .helpers import task_status
 
 
 def revenant_shims(node: ContainerdNode) -> list[int]:

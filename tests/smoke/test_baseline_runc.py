@@ -13,9 +13,9 @@ from harness.memjob import (
     expected_checksum,
     memjob_args,
     read_steps,
-    wait_for,
     wait_for_step,
 )
+from harness.wait import wait_until
 
 MIB, SEED = 64, 42
 CHECKPOINT_REF = "localhost/revenant/checkpoint:baseline"
@@ -51,5 +51,5 @@ def test_live_memjob_moves_between_nodes_with_runc_shim(node_factory, test_image
 
     # The job itself re-derives every page from its version counters.
     node_b.ctr("tasks", "kill", "-s", "SIGUSR1", "job")
-    wait_for(lambda: "verify=ok" in log_b.read_text(), 60, "memjob verify=ok after SIGUSR1")
+    wait_until(lambda: "verify=ok" in log_b.read_text(), 60, "memjob verify=ok after SIGUSR1")
     assert "verify=FAIL" not in log_b.read_text()

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from harness.tree_listing import diff_listings, tree_listing
+from revenant_pb.containerd.types import mount_pb2
+from shim.errors import InvalidArgument
 from shim.layer import (
     LAYER_FILE,
     LayerError,
     apply_writable_layer,
     capture_writable_layer,
-    upper_dir_from_mounts,
+    upper_dir_of,
     verify_layer,
 )
 from snapshotter.metadata import FailedPrecondition
@@ -108,8 +110,22 @@ def test_capture_from_mounts(tmp_path: Path) -> None:
     up = tmp_path / "up"
     up.mkdir()
     mounts = [Mount("overlay", "overlay", ("index=off", f"workdir={tmp_path}/w", f"upperdir={up}", "lowerdir=/x"))]
-    assert upper_dir_from_mounts(mounts) == up
-    assert upper_dir_from_mounts([Mount("bind", str(up), ("rw", "rbind"))]) == up
+    assert upper_dir_of(mounts) == up
+    bind = [Mount("bind", str(up), ("rw", "rbind"))]
+    assert upper_dir_of(bind, parentless_bind=True) == up  # an overlay snapshotter's parentless active snapshot
+    assert upper_dir_of(bind) is None  # protection: a native snapshotter's rw bind is a full copy, not a layer
+    assert upper_dir_of([Mount("bind", str(up), ("ro", "rbind"))], parentless_bind=True) is None  # a view
+    view = Mount("overlay", "overlay", ("lowerdir=/a:/b",))  # a read-only view: no upperdir=, skipped
+    assert upper_dir_of([view, *mounts]) == up
+    assert upper_dir_of([view], parentless_bind=True) is None
+    assert upper_dir_of([]) is None
+    # CreateTaskRequest.rootfs carries containerd.types.Mount messages: the same answer
+    pb = mount_pb2.Mount(type="overlay", source="overlay", options=[f"upperdir={up}", "lowerdir=/x"])
+    assert upper_dir_of([pb]) == up
+    # the codec itself refuses mounts without a writable layer with a clear error, and captures nothing
+    with pytest.raises(InvalidArgument, match="no writable layer"):
+        capture_writable_layer([view], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_digest_mismatch_refused(tmp_path: Path) -> None:

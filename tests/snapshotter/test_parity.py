@@ -2,8 +2,10 @@
 
 Each scenario runs on one containerd node (which has both snapshotters) once per snapshotter and
 records a transcript: outcomes of every `ctr` call (success, or the errdefs class of the error),
-snapshot listings, mounts with paths normalized, usage figures, what containers print. The two
-transcripts must be identical: that is what "behaves like overlayfs" means here.
+snapshot listings, mounts with paths normalized, usage figures, what containers print. Two checks:
+overlayfs's transcript must be the one the scenario expects, step by step (containerd 1.6's overlayfs
+as seen here: so a scenario that fails the same way on both snapshotters, or records nothing, fails),
+and revenant's transcript must be identical to it: that is what "behaves like overlayfs" means here.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import concurrent.futures
 import json
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import field_mask_pb2
 
@@ -111,13 +114,41 @@ def umount(target: Path) -> None:
     subprocess.run(["umount", str(target)], check=True)
 
 
-def run_both(rn: RevenantNode, scenario: Callable[[Transcript], None]) -> None:
+# An expected step: (label, value). A label is the exact text or a compiled pattern (for steps naming
+# temporary paths); a value is the exact value or a predicate (for figures that depend on the file
+# system or on the locally built image: sizes, chain IDs).
+Expected = Sequence[tuple[str | re.Pattern[str], Any]]
+SN = "snapshots --snapshotter <sn> "
+
+
+def check_expected(lines: list[object], expected: Expected) -> None:
+    """The overlayfs transcript is exactly the expected one: same steps, in order, with the expected results."""
+    problems = []
+    for i, (line, (label, value)) in enumerate(zip(lines, expected, strict=False)):
+        got_label, got = line  # type: ignore[misc]
+        label_ok = label.fullmatch(got_label) if isinstance(label, re.Pattern) else label == got_label
+        value_ok = value(got) if callable(value) else value == got
+        if not (label_ok and value_ok):
+            problems.append(f"#{i}: {got_label!r} -> {got!r}\n     expected {label!r} -> {value!r}")
+    if len(lines) != len(expected):
+        problems.append(f"{len(lines)} steps recorded, {len(expected)} expected")
+    full = "\n".join(f"#{i}: {x!r}" for i, x in enumerate(lines))
+    assert not problems, (
+        "containerd's overlayfs did not do what the scenario expects:\n"
+        + "\n".join(problems[:20])
+        + "\noverlayfs:\n"
+        + full
+    )
+
+
+def run_both(rn: RevenantNode, scenario: Callable[[Transcript], None], expected: Expected) -> None:
     transcripts = {}
     for sn in SNAPSHOTTERS:
         t = Transcript(rn, sn)
         scenario(t)
         transcripts[sn] = t.lines
     a, b = transcripts["overlayfs"], transcripts["revenant"]
+    check_expected(a, expected)
     pairs = enumerate(zip(a, b, strict=False))
     diffs = [f"#{i}: overlayfs={x!r}\n     revenant ={y!r}" for i, (x, y) in pairs if x != y]
     full = "\n".join(f"#{i}: {x!r}" for i, x in enumerate(a))
@@ -158,7 +189,48 @@ def test_image_unpack_and_run(revenant_node: RevenantNode, layered_image: Path, 
         t.note("container output", res.stdout)
         t.note("after run", t.listing())
 
-    run_both(rn, scenario)
+    def two_layer_chain(rows: list[tuple[str, str, str]]) -> bool:
+        # the image's two layers, committed, the upper one on the lower one (chain IDs sort either way)
+        (kinds, parents) = ({r[2] for r in rows}, {r[1] for r in rows})
+        names = {r[0] for r in rows}
+        return len(rows) == 2 and kinds == {"Committed"} and "" in parents and parents - {""} <= names
+
+    def committed_layer(info: dict) -> bool:
+        return info["Kind"] == "Committed" and info["Name"].startswith("sha256:") and "Labels" not in info
+
+    def output(text: str) -> bool:
+        data, replaced = text.split("/data/replace-dir: /data/replace-dir:")
+        entries = [line.split()[-1] for line in data.splitlines()[3:] if line.strip()]
+        return (
+            text.startswith("lower layer keeps this\n")  # a file of the lower layer, through the upper one
+            and entries == [".", "..", "keep.txt", "renamed.txt", "replace-dir", "sub"]  # delete, rename, whiteout
+            and [line.split()[-1] for line in replaced.splitlines()[2:5]] == [".", "..", "new"]  # opaque dir
+            and "uid=0(root)" in text
+        )
+
+    layer_steps: list[tuple[str | re.Pattern[str], Any]] = []
+    for _ in range(2):
+        layer_steps += [
+            (re.compile(r"usage sha256:[0-9a-f]{64}"), lambda u: u[0] > 0 and u[1] > 0),
+            (re.compile(r"info sha256:[0-9a-f]{64}"), committed_layer),
+        ]
+    run_both(
+        rn,
+        scenario,
+        [
+            (re.compile(r"images import --snapshotter <sn> \S+/layered\.tar"), "ok"),
+            ("layers", two_layer_chain),
+            *layer_steps,
+            (
+                re.compile(
+                    r"run --rm --snapshotter <sn> --runc-root \S+ localhost/revenant/snaptest:layers run-<sn> .*"
+                ),
+                "ok",
+            ),
+            ("container output", output),
+            ("after run", two_layer_chain),  # --rm: the container's active snapshot is gone
+        ],
+    )
 
 
 def test_commit_view_and_removal_semantics(revenant_node: RevenantNode, tmp_path: Path) -> None:
@@ -211,7 +283,93 @@ def test_commit_view_and_removal_semantics(revenant_node: RevenantNode, tmp_path
             t.snap("rm", key)
         t.note("listing after rm", t.listing())
 
-    run_both(rn, scenario)
+    def base_usage(u: tuple[int, int]) -> bool:
+        return u[1] == 4 and u[0] >= 300_000  # the root, etc, etc/hello, big.bin; sizes in whole blocks
+
+    overlay_options = ["index=off", "workdir=S2/work", "upperdir=S2/fs", "lowerdir=S1/fs"]
+    top = {"Kind": "Committed", "Name": "top", "Parent": "base"}
+    run_both(
+        rn,
+        scenario,
+        [
+            (SN + "prepare --mounts base-active", "ok"),
+            ("prepare base-active", [{"Type": "bind", "Source": "S1/fs", "Options": ["rw", "rbind"]}]),  # no parent
+            ("usage base-active", base_usage),
+            (SN + "commit base base-active", "ok"),
+            ("usage base", base_usage),
+            ("info base", {"Kind": "Committed", "Name": "base", "Labels": {"containerd.io/gc.root": "<time>"}}),
+            (SN + "commit again base-active", "not found"),  # the active key is gone once committed
+            (SN + "commit base base", "already exists"),
+            (SN + "prepare --mounts act base", "ok"),
+            ("prepare act", [{"Type": "overlay", "Source": "overlay", "Options": overlay_options}]),
+            (SN + "view --mounts v base", "ok"),
+            ("view v", [{"Type": "bind", "Source": "S1/fs", "Options": ["ro", "rbind"]}]),  # one parent: ro bind
+            (SN + "label v containerd.io/gc.root=keep", "ok"),
+            (SN + "prepare act base", "already exists"),
+            (SN + "prepare base base", "already exists"),  # one key space for active and committed
+            (SN + "prepare orphan no-such-parent", "not found"),
+            (SN + "prepare child-of-active act", "invalid argument"),  # a parent must be committed
+            (SN + "view child-of-view v", "invalid argument"),
+            (SN + "commit from-view v", "failed precondition"),
+            (SN + "commit top act", "ok"),
+            (SN + "view --mounts top2 top", "ok"),
+            ("view top2", [{"Type": "overlay", "Source": "overlay", "Options": ["index=off", "lowerdir=S2/fs:S1/fs"]}]),
+            (SN + "label top2 containerd.io/gc.root=keep", "ok"),
+            (SN + "prepare --mounts act2 top", "ok"),
+            (
+                "prepare act2",
+                [
+                    {
+                        "Type": "overlay",
+                        "Source": "overlay",
+                        "Options": ["index=off", "workdir=S3/work", "upperdir=S3/fs", "lowerdir=S2/fs:S1/fs"],
+                    }
+                ],
+            ),
+            (
+                "mounts act2",
+                [
+                    {
+                        "cmd": "mount -t overlay overlay /mnt/unused"
+                        " -o index=off,workdir=S3/work,upperdir=S3/fs,lowerdir=S2/fs:S1/fs"
+                    }
+                ],
+            ),
+            ("mounts top", []),  # a committed snapshot has no mounts
+            (SN + "label top color=blue containerd.io/snapshot/x=1", "ok"),
+            (
+                "info top labelled",
+                {
+                    **top,
+                    "Labels": {"color": "blue", "containerd.io/gc.root": "<time>", "containerd.io/snapshot/x": "1"},
+                },
+            ),
+            (SN + "label top color=", "ok"),  # an empty value removes the label
+            (
+                "info top unlabelled",
+                {**top, "Labels": {"containerd.io/gc.root": "<time>", "containerd.io/snapshot/x": "1"}},
+            ),
+            (
+                "listing",
+                [
+                    ("act2", "top", "Active"),
+                    ("base", "", "Committed"),
+                    ("top", "base", "Committed"),
+                    ("top2", "top", "View"),
+                    ("v", "base", "View"),
+                ],
+            ),
+            (SN + "rm base", "failed precondition"),  # it has children
+            (SN + "rm top", "failed precondition"),
+            (SN + "rm no-such", "not found"),
+            (SN + "rm top2", "ok"),
+            (SN + "rm act2", "ok"),
+            (SN + "rm v", "ok"),
+            (SN + "rm top", "ok"),
+            (SN + "rm base", "ok"),
+            ("listing after rm", []),
+        ],
+    )
 
 
 def test_twenty_concurrent_container_prepares(revenant_node: RevenantNode, test_images) -> None:
@@ -253,7 +411,20 @@ def test_twenty_concurrent_container_prepares(revenant_node: RevenantNode, test_
             t.note("removes", sorted(pool.map(remove, names)))
         t.note("active after", [r for r in t.listing() if r[2] == "Active"])
 
-    run_both(rn, scenario)
+    run_both(
+        rn,
+        scenario,
+        [
+            (re.compile(r"images import --snapshotter <sn> \S+/busybox\.tar"), "ok"),
+            ("creates", [0] * 20),
+            ("active count", 20),
+            ("active parents", lambda ps: len(ps) == 1 and re.fullmatch(r"sha256:[0-9a-f]{64}", ps[0])),  # the image
+            (re.compile(r"run --rm --snapshotter <sn> --runc-root \S+ \S+ probe-<sn> sh -c echo alive"), "ok"),
+            ("probe", "alive\n"),
+            ("removes", [0] * 20),
+            ("active after", []),
+        ],
+    )
 
 
 def test_list_filters_and_update_through_containerd(revenant_node: RevenantNode) -> None:
@@ -299,7 +470,33 @@ def test_list_filters_and_update_through_containerd(revenant_node: RevenantNode)
         for key in ("f-act", "f-view", "f-base"):
             t.snap("rm", key)
 
-    run_both(rn, scenario)
+    run_both(
+        rn,
+        scenario,
+        [
+            (SN + "prepare f-base-a", "ok"),
+            (SN + "commit f-base f-base-a", "ok"),
+            (SN + "prepare f-act f-base", "ok"),
+            (SN + "view f-view f-base", "ok"),
+            (SN + "label f-view containerd.io/gc.root=keep", "ok"),
+            (SN + "label f-act team=red", "ok"),
+            ("list kind==active", ["f-act"]),
+            ("list kind==Active", []),  # kind values are lower case: no match, no error
+            ("list kind==committed", ["f-base"]),
+            ("list parent==f-base", ["f-act", "f-view"]),
+            ("list name==f-view", ["f-view"]),
+            ('list labels."team"==red', ["f-act"]),
+            ("list kind==view,parent==f-base", ["f-view"]),  # "," is AND
+            ("list labels.team", ["f-act"]),  # presence
+            ("list OR", ["f-act", "f-view"]),  # several filters are OR
+            ("update labels.a", {"a": "1", "team": "red"}),  # a mask touches only its paths
+            ("update all", {"a": "1", "b": "2"}),  # no mask: the labels are replaced
+            ("stat", ("f-act", "f-base", pb.ACTIVE, {"a": "1", "b": "2"})),
+            (SN + "rm f-act", "ok"),
+            (SN + "rm f-view", "ok"),
+            (SN + "rm f-base", "ok"),
+        ],
+    )
 
 
 def test_our_list_filters_agree_with_containerds(revenant_node: RevenantNode) -> None:

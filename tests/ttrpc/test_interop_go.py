@@ -8,7 +8,6 @@ from __future__ import annotations
 import queue
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from google.protobuf import any_pb2, empty_pb2
 
 from harness.tools import require
+from harness.wait import wait_until
 from revenant_pb.containerd.services.events.ttrpc.v1 import events_pb2
 from revenant_pb.testing import taskprobe_pb2
 from shim.ttrpc import NAMESPACE_KEY, Client, InvalidArgument, NotFound, Unimplemented
@@ -78,12 +78,20 @@ def test_forward_event_to_containerd_reaches_ctr_events(containerd_node) -> None
         container_id = f"probe-{uuid.uuid4().hex[:8]}"
         with Client(f"unix://{node.ttrpc_address}", timeout=10) as client:
             # `ctr events` subscribes asynchronously: forward until the subscriber shows the topic.
-            deadline = time.monotonic() + 60
-            while not any(topic in line for line in reader.drain()):
-                assert time.monotonic() < deadline, f"ctr events never showed {topic}: {reader.seen}"
-                assert proc.poll() is None, f"ctr events exited: {reader.drain()}"
-                forward(client, node.namespace, topic, task_exit_event(container_id))
-                time.sleep(0.2)
+            def shown() -> bool:
+                if any(topic in line for line in reader.drain()):
+                    return True
+                forward(client, node.namespace, topic, task_exit_event(container_id))  # again: not subscribed yet
+                return False
+
+            wait_until(
+                shown,
+                60,
+                f"ctr events to show {topic}",
+                interval=0.2,
+                abort=lambda: "ctr events exited" if proc.poll() is not None else None,
+                detail=lambda: f"seen: {reader.seen}",
+            )
         line = next(line for line in reader.seen if topic in line)
         assert node.namespace in line
         assert container_id in line  # containerd decoded our Any as a TaskExit

@@ -16,7 +16,6 @@ in a pack index) are skipped with a warning, never trusted.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -28,13 +27,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from shim import libc
+
 from ..errors import StoreError
 from ..keys import decode_key, is_hashed_dir_name, key_dir_name, validate_key
 from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
 from .base import Backend, NotFound, TooLarge
 
 log = logging.getLogger(__name__)
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 PACK_TARGET = 16 << 20
@@ -206,13 +206,10 @@ class LocalBackend(Backend):
         self._seal_packs()
         if self.packs:
             return
-        fd = os.open(self.root, os.O_RDONLY)
         try:
-            if _libc.syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise StoreError(f"{self.url}: syncfs failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)
+            libc.syncfs(self.root)
+        except OSError as e:
+            raise StoreError(f"{self.url}: syncfs failed: {e.strerror}") from e
 
     # chunks
     def has_chunk(self, digest: str) -> bool:

@@ -1,0 +1,72 @@
+"""The few libc calls Python's os module lacks, loaded once, with typed wrappers that raise OSError.
+
+One ctypes handle for the whole process (`use_errno=True`, so errno is read from the call that failed,
+not from whatever ran after it on the thread). Every wrapper raises `OSError(errno, "<call> ...: <strerror>")`
+on failure; callers that treat an errno as an answer (umount2's EINVAL: nothing mounted) catch it.
+Paths are passed to libc in the file system's encoding, as os does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+PR_SET_CHILD_SUBREAPER = 36
+
+_lib: ctypes.CDLL | None = None
+_load_lock = threading.Lock()
+
+
+def _libc() -> ctypes.CDLL:
+    """The process's libc (the symbols the interpreter itself links), argument types declared once."""
+    global _lib
+    if _lib is None:
+        with _load_lock:
+            if _lib is None:
+                lib = ctypes.CDLL(None, use_errno=True)
+                c_str = ctypes.c_char_p
+                lib.mount.argtypes = [c_str, c_str, c_str, ctypes.c_ulong, c_str]
+                lib.mount.restype = ctypes.c_int
+                lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+                lib.umount2.restype = ctypes.c_int
+                lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+                lib.prctl.restype = ctypes.c_int
+                lib.syncfs.argtypes = [ctypes.c_int]
+                lib.syncfs.restype = ctypes.c_int
+                _lib = lib
+    return _lib
+
+
+def _fail(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str, target: str | os.PathLike[str], fstype: str | None, flags: int, data: str | None) -> None:
+    """mount(2). An empty fstype or data is passed as NULL (bind mounts, remounts, propagation changes)."""
+    fs = fstype.encode() if fstype else None
+    if _libc().mount(os.fsencode(source), os.fsencode(target), fs, flags, data.encode() if data else None) != 0:
+        raise _fail(f"mount {fstype} {source} on {os.fsdecode(target)} (data {data!r})")
+
+
+def umount2(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2); EINVAL (not a mount point) and ENOENT arrive as OSError like any other errno."""
+    if _libc().umount2(os.fsencode(target), flags) != 0:
+        raise _fail(f"umount {os.fsdecode(target)}")
+
+
+def set_child_subreaper() -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER, 1): orphans below this process are re-parented to it, not to init."""
+    if _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """syncfs(2) on the file system holding path (Python has os.sync, which flushes every file system)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc().syncfs(fd) != 0:
+            raise _fail(f"syncfs {os.fsdecode(path)}")
+    finally:
+        os.close(fd)
