@@ -7,7 +7,7 @@ PB_STAMP := proto/.generated
 BIN_LINKS := containerd-shim-revenant-v1 revenant-snapshotter revenant
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv proto links test unit lint smoke-wheel demo bench clean
+.PHONY: setup deps venv proto links test unit lint smoke-wheel package demo bench clean
 
 setup: deps venv proto links
 
@@ -57,6 +57,14 @@ lint: venv proto
 # The wheel as users get it: built, installed without dev extras into a fresh virtualenv, each command run.
 smoke-wheel: venv
 	bash packaging/smoke-wheel.sh $(PY)
+
+# The self-contained tree the Kubernetes DaemonSet copies onto nodes (packaging/kubernetes/build-tree.sh):
+# a virtualenv around PACKAGE_PYTHON with the wheel, the CRI fragments and the node installer. A virtualenv
+# is not relocatable: PACKAGE_DEST is where it runs (/opt/revenant in the installer image).
+PACKAGE_DEST ?= /opt/revenant
+PACKAGE_PYTHON ?= python3
+package: venv
+	bash packaging/kubernetes/build-tree.sh $(PACKAGE_DEST) $(PACKAGE_PYTHON) $(PY)
 
 demo: setup
 	PYTHONPATH=tests $(PY) -m harness.demo

@@ -149,7 +149,7 @@ class Agent:
 
     def _drain_for(self, notice: Notice, deadline: float) -> None:
         try:
-            records = list_tasks(self.run_dir)
+            records = [r for r in list_tasks(self.run_dir) if not r.exited]
             report = drain(records, exit=notice.exit, deadline=deadline, reason=f"{notice.describe()} notice")
             with self._lock:
                 self.reports.append(report)

@@ -148,7 +148,7 @@ def run_drain(args: argparse.Namespace) -> int:
         # The table says per task what went wrong; registry warnings (a bad record) still show.
         logging.getLogger("shim.agent.drain").setLevel(logging.CRITICAL)
     run_dir = args.run_dir or default_run_dir()
-    records = list_tasks(run_dir)
+    records = [r for r in list_tasks(run_dir) if not r.exited]
     exit_tasks = not args.leave_running
     if not records:
         if args.json:

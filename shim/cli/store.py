@@ -49,6 +49,10 @@ def _open(args: argparse.Namespace):
     opts: dict[str, Any] = {}
     if getattr(args, "chunker", None):
         opts["chunker"] = Chunker.parse(args.chunker)
+    if args.key_file:
+        opts["key_files"] = args.key_file
+    if args.allow_plaintext:
+        opts["allow_plaintext"] = True
     return open_store(args.store, **opts)
 
 
@@ -138,6 +142,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sp.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.add_argument("-v", "--verbose", action="store_true")
+        sp.add_argument(
+            "--key-file",
+            action="append",
+            metavar="PATH",
+            help="encrypt with this key file (mode 0600); repeat to add older keys that only read",
+        )
+        sp.add_argument(
+            "--allow-plaintext", action="store_true", help="with --key-file, also read unencrypted checkpoints"
+        )
 
     sp = sub.add_parser("put", help="store DIR as the next checkpoint of KEY")
     common(sp)

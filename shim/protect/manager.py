@@ -7,6 +7,7 @@ It implements the task layer's LifecycleHooks (shim.task.hooks), which each Cont
   restore_failed -> at Start, a checkpoint that CRIU could not restore: prepare the next older one
                     (its plan), or None to start fresh, saying why.
   started        -> registry record for the agent and CLI; periodic checkpoints begin.
+  exited         -> the attempt's end, for a restart in the same pod (shim.protect.restarts).
   before_kill    -> with checkpoint-on-stop, a stop signal first takes a final checkpoint (bounded).
   deleted        -> periodic checkpoints stop; the registry record goes.
 It sees a container only through shim.task.hooks.ContainerControl. revenant.v1.Control (Checkpoint,
@@ -43,6 +44,7 @@ from shim.task.hooks import ContainerControl, RestorePlan
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
+from .restarts import Attempt, KeyHistory, RestartPolicy, decide
 from .restorer import NoUsableCheckpoint, Restorer, clear_upper_dir, fill_upper_dir
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class Protected:
     last_committed_at: float = 0.0  # wall clock when last_report's checkpoint was committed
     last_error: str | None = None
     kubernetes: dict[str, str] = field(default_factory=dict)  # pod, pod_namespace, container (CRI)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    restart_reason: str | None = None  # set when this is a restart of the key inside its pod
+    attempt: Attempt | None = None
     busy: threading.Lock = field(default_factory=threading.Lock)  # one protective checkpoint at a time
     # The rootfs overlay as mounted before the shim ran (dockerd's graph driver), else None.
     premounted: mounts.MountInfo | None = None
@@ -131,6 +136,9 @@ class ProtectionManager:
         self.engine = engine or CheckpointEngine()
         self.restorer = Restorer()
         self._protected: dict[str, Protected] = {}
+        # Per checkpoint key, the attempts this shim ran: one shim serves one pod, so a key seen
+        # again is the kubelet restarting the container in its pod.
+        self._history: dict[str, KeyHistory] = {}
         self._lock = threading.Lock()
 
     @property
@@ -153,10 +161,12 @@ class ProtectionManager:
         annotations = bundle_annotations(c.bundle)
         try:
             protection = protection_for(annotations, self.node)
+            restart_policy = RestartPolicy.from_annotations(annotations) if protection else RestartPolicy()
         except PolicyError as e:
             raise InvalidArgument(str(e)) from None
         if protection is None:
             return None
+        self._refuse_second_claim(c.id, protection.key, protection.store)
         from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
 
         upper_dir, premounted = upper_dir_of(c.rootfs), None
@@ -182,7 +192,9 @@ class ProtectionManager:
             image=image,
             extra_metadata=lambda: self._gpu_metadata(c.id),
         )
-        p = Protected(pc, kubernetes=kubernetes_identity(annotations), premounted=premounted)
+        p = Protected(
+            pc, kubernetes=kubernetes_identity(annotations), restart_policy=restart_policy, premounted=premounted
+        )
         with self._lock:
             self._protected[c.id] = p
         log.info(
@@ -197,7 +209,44 @@ class ProtectionManager:
         )
         if requested_checkpoint:
             return None  # an explicit create-from-checkpoint (ctr restore) wins over the store
+        with self._lock:
+            history = self._history.get(protection.key)
+        if history is not None and history.last is not None and history.last.exited_at is not None:
+            decision = decide(history, restart_policy)
+            p.restart_reason = decision.reason
+            log.warning("%s/%s (key %s): %s", c.namespace, c.id, protection.key, decision.reason)
+            if not decision.restore:
+                p.fresh_reason = decision.reason
+                self._event(c.id, "fresh", decision.reason)
+                return None
+            p.tried_seqs.extend(sorted(decision.skip_seqs))
         return self._plan_restore(c, p, image)
+
+    def _refuse_second_claim(self, cid: str, key: str, store: str) -> None:
+        """Two live containers checkpointing under one key would interleave their checkpoints: the
+        second one is refused, naming the first. Node-local (this shim, then the node registry);
+        across nodes only the store can tell."""
+        with self._lock:
+            mine = [o for o in self._protected.values() if o.container.id != cid]
+        for other in mine:
+            oc = other.container
+            if (oc.protection.key, oc.protection.store) == (key, store) and (
+                other.attempt is None or other.attempt.exited_at is None
+            ):
+                raise FailedPrecondition(f"checkpoint key {key!r} is already claimed by {self._name(other)}")
+        for rec in registry.list_tasks(self.run_dir):
+            if rec.id == cid or (rec.key, rec.store) != (key, store) or not registry.is_live(rec):
+                continue
+            who = f"pod {rec.pod_namespace}/{rec.pod} container {rec.container}" if rec.pod else f"task {rec.ref}"
+            raise FailedPrecondition(f"checkpoint key {key!r} is already claimed by {who} ({rec.ref}), still running")
+
+    @staticmethod
+    def _name(p: Protected) -> str:
+        k, pc = p.kubernetes, p.container
+        where = f"{pc.namespace}/{pc.id}"
+        if k.get("pod"):
+            return f"pod {k.get('pod_namespace', '')}/{k['pod']} container {k.get('container', '')} ({where})"
+        return f"task {where}"
 
     def _plan_restore(
         self, c: ContainerControl, p: Protected, image: ImageIdentity | ImageLookup | None
@@ -291,9 +340,13 @@ class ProtectionManager:
         pc.pause, pc.resume = c.pause_for_checkpoint, c.resume_after_checkpoint
         if p.plan is not None:
             p.restored_from = p.plan.seq
-            self._event(c.id, "restored", f"{pc.protection.key}@{p.plan.seq}")
+            detail = f"{pc.protection.key}@{p.plan.seq}"
+            self._event(c.id, "restored", f"{detail} ({p.restart_reason})" if p.restart_reason else detail)
             p.plan.discard()
             p.plan = None
+        p.attempt = Attempt(started_at=time.time(), restored_from=p.restored_from)
+        with self._lock:
+            self._history.setdefault(pc.protection.key, KeyHistory()).last = p.attempt
         if pc.protection.interval_s > 0:
             p.periodic = PeriodicCheckpoints(
                 f"{c.namespace}/{c.id}",
@@ -329,6 +382,8 @@ class ProtectionManager:
         finally:
             p.busy.release()
         p.last_report, p.last_committed_at, p.last_error = report, time.time(), None
+        if p.attempt is not None:
+            p.attempt.committed.append(report.seq)
         if exit and p.periodic is not None:
             # The task is gone after a final checkpoint: later periodic ones could only fail and
             # overwrite the record's last_error with noise.
@@ -349,6 +404,28 @@ class ProtectionManager:
             log.error("final checkpoint of %s before stopping failed; stopping without it: %s", c.id, e)
             return False
         return True
+
+    # -- Exit ------------------------------------------------------------------------------------
+    def exited(self, cid: str, status: int, at: float) -> None:
+        """The container's init process ended: close its attempt (the crash-loop guard counts it)."""
+        p = self.get(cid)
+        if p is None or p.attempt is None or p.attempt.exited_at is not None:
+            return
+        if p.periodic is not None:
+            p.periodic.stop()
+        p.attempt.exited_at, p.attempt.exit_status = at, status
+        with self._lock:
+            history = self._history.setdefault(p.container.protection.key, KeyHistory())
+            history.ended(p.attempt, p.restart_policy.window_s)
+        log.info(
+            "%s/%s (key %s) exited with status %d after %.1fs",
+            p.container.namespace,
+            cid,
+            p.container.protection.key,
+            status,
+            p.attempt.ran_s,
+        )
+        self._write_record(p)
 
     # -- Delete ----------------------------------------------------------------------------------
     def deleted(self, c: ContainerControl) -> None:
@@ -389,7 +466,12 @@ class ProtectionManager:
             task_pid=pc.init_pid,
             last_checkpoint=last,
             last_error=p.last_error,
-            extra={"restored_from": p.restored_from, "fresh_reason": p.fresh_reason},
+            extra={
+                "restored_from": p.restored_from,
+                "fresh_reason": p.fresh_reason,
+                "restart_reason": p.restart_reason,
+                "exited_at": p.attempt.exited_at if p.attempt else None,
+            },
             **p.kubernetes,
         )
 

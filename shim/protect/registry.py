@@ -121,9 +121,35 @@ class TaskRecord:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @property
+    def exited(self) -> bool:
+        """The task ended (the record stays until containerd deletes it, e.g. a kubelet keeps an
+        exited container for its logs): nothing left to checkpoint."""
+        return bool(self.extra.get("exited_at"))
+
+    @property
     def ref(self) -> str:
         """ "namespace/id", how logs and tables name a task."""
         return f"{self.namespace}/{self.id}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_live(record: TaskRecord) -> bool:
+    """Whether the record's task may still run: its shim lives, and its task neither exited (the
+    shim writes exited_at) nor vanished. A Delete removes the record, so most stale ones never get here."""
+    if record.exited:
+        return False
+    return _pid_alive(record.shim_pid) and (record.task_pid == 0 or _pid_alive(record.task_pid))
 
 
 def _check_identifier(kind: str, value: str) -> None:

@@ -32,3 +32,19 @@ class ChunkCorrupt(StoreError, errors.DataLoss):
 
 class ManifestCorrupt(StoreError, errors.DataLoss):
     """A checkpoint manifest is truncated, unreadable or fails its digest check."""
+
+
+class LockLost(StoreError):
+    """The operation's lock lapsed (not refreshed within the stale time); it stopped before committing."""
+
+
+class Fenced(StoreError):
+    """A newer owner claimed the key: this writer's epoch is out of date and its put was refused."""
+
+    def __init__(self, key: str, epoch: int, current: int) -> None:
+        self.key, self.epoch, self.current = key, epoch, current
+        super().__init__(f"put {key!r} refused: epoch {epoch} is fenced, the key's current epoch is {current}")
+
+
+class KeyMismatch(StoreError):
+    """The data is encrypted with a key this store does not have (or is not encrypted when it must be)."""

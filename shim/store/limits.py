@@ -18,7 +18,9 @@ MAX_CHUNK_REFS = 4_000_000
 MAX_CHUNK_LEN = 64 << 20  # the largest chunk a Chunker produces (FastCDC max = 4 x its 16 MiB cap)
 # A stored chunk object: one type byte, then raw data or a zstd frame (a frame never grows incompressible
 # data by more than ~0.4%, and the store keeps the raw form then).
-MAX_CHUNK_OBJECT = MAX_CHUNK_LEN + 1
+# An encrypted store's chunk objects are sealed: at most SEAL_OVERHEAD more (shim.store.crypto adds 37).
+SEAL_OVERHEAD = 64
+MAX_CHUNK_OBJECT = MAX_CHUNK_LEN + 1 + SEAL_OVERHEAD
 MAX_MANIFEST_OBJECT = MAX_MANIFEST_BYTES + (1 << 20)
 MAX_LOCK_OBJECT = 64 << 10
 MAX_FILE_SIZE = 1 << 42  # 4 TiB apparent size (sparse files restore as holes)
@@ -29,9 +31,9 @@ PATH_MAX = 4096
 _READ_PIECE = 1 << 20
 
 
-def chunk_object_limit(length: int) -> int:
-    """The largest stored object a chunk of `length` bytes may be (type byte + raw data)."""
-    return min(length, MAX_CHUNK_LEN) + 1
+def chunk_object_limit(length: int, sealed: bool = False) -> int:
+    """The largest stored object a chunk of `length` bytes may be (type byte + raw data, sealed or not)."""
+    return min(length, MAX_CHUNK_LEN) + 1 + (SEAL_OVERHEAD if sealed else 0)
 
 
 def bounded_zstd_decode(payload: bytes | memoryview, limit: int, window_max: int | None = None) -> bytes:

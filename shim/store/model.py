@@ -77,6 +77,8 @@ class Manifest:
     #              file: "size", "chunks": [[offset, length, digest], ...]; symlink: "target"}
     entries: list[dict[str, Any]]
     stats: dict[str, int]
+    epoch: int | None = None  # the writer's owner epoch (Store.claim), None for puts without one
+    sealed_with: Any = field(default=None, repr=False, compare=False)  # the StoreKey it was read with
 
     def info(self, name: str = "") -> CheckpointInfo:
         s = self.stats
@@ -144,6 +146,7 @@ class Manifest:
             "metadata": self.metadata,
             "stats": self.stats,
             "entries": self.entries,
+            **({"epoch": self.epoch} if self.epoch is not None else {}),
         }
 
 
@@ -277,6 +280,8 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
     entries: Any = doc.get("entries")
     if type(entries) is not list or len(entries) > MAX_ENTRIES:
         problems.append("entries")
+    if doc.get("epoch") is not None and not _int(doc.get("epoch"), 1, 2**63 - 1):
+        problems.append("epoch")
     if problems:
         raise ManifestCorrupt(f"{what} has missing or invalid fields: {', '.join(problems)}")
     dirs: set[str] = set()
@@ -299,7 +304,13 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
         metadata=doc["metadata"],
         entries=entries,
         stats=stats,
+        epoch=doc.get("epoch"),
     )
+
+
+def looks_like_manifest(blob: bytes) -> bool:
+    """Whether blob starts as a plaintext revenant manifest does (damaged or not)."""
+    return blob.startswith(_MAGIC)
 
 
 def manifest_name(seq: int, nonce: str) -> str:

@@ -370,10 +370,12 @@ class Container:
             raise runc_failed(e) from None
         self.init.advance("resume")
 
-    def kill(self, proc: Process, signal: int, all_processes: bool) -> None:
+    def kill(self, proc: Process, signal: int, all_processes: bool, final_checkpoint: bool = True) -> None:
+        """final_checkpoint=False: the signal goes to runc without the stop hook (a second signal
+        while the first still takes the final checkpoint)."""
         # No process lock: a kill must get through while Start or an exit holds it.
         proc.check("kill")
-        if proc.is_init and self.runtime.hooks.before_kill(self, signal):
+        if proc.is_init and final_checkpoint and self.runtime.hooks.before_kill(self, signal):
             return  # the final checkpoint stopped the task; its exit follows
         if proc.is_init:
             try:

@@ -74,6 +74,9 @@ class LifecycleHooks(Protocol):
     def started(self, c: ContainerControl) -> None:
         """The task's init runs (restored or fresh); its pid is known."""
 
+    def exited(self, cid: str, status: int, at: float) -> None:
+        """The init process of container `cid` ended with `status` at `at` (time.time())."""
+
     def before_kill(self, c: ContainerControl, sig: int) -> bool:
         """Before a signal to the init; True when the hooks already stopped the task."""
         ...
@@ -92,6 +95,9 @@ class NoHooks:
         return None
 
     def started(self, c: ContainerControl) -> None:
+        pass
+
+    def exited(self, cid: str, status: int, at: float) -> None:
         pass
 
     def before_kill(self, c: ContainerControl, sig: int) -> bool:

@@ -64,6 +64,10 @@ class TaskService:
         self.log_to_bundle = log_to_bundle
         self._lock = threading.Lock()  # containers
         self.containers: dict[str, Container] = {}
+        # Containers whose init is being killed: its exit (Wait, TaskExit) is held until that Kill
+        # returns. containerd's CRI deletes a task as soon as Wait returns, and the Delete closes the
+        # task's connection, failing a Kill still taking its final checkpoint ("ttrpc: closed").
+        self._exits_held: dict[str, list[tuple[Process, int]]] = {}
         exits = ExitRegistry(self._process_exited)
         if reaper is not None:
             reaper.subscribe(exits.reaped)
@@ -88,6 +92,12 @@ class TaskService:
 
     def _process_exited(self, proc: Process, status: int) -> None:
         """Report an exit (the exit registry's callback, or an early exit found after a start)."""
+        if proc.is_init:
+            with self._lock:
+                held = self._exits_held.get(proc.container_id)
+                if held is not None:
+                    held.append((proc, status))
+                    return
         with proc.lock:
             if proc.io is not None:
                 proc.io.wait_output()
@@ -106,6 +116,8 @@ class TaskService:
                     exited_at=proc.exit.timestamp(),
                 )
             )
+            if proc.is_init:
+                self.runtime.hooks.exited(proc.container_id, status, proc.exit.at)
 
     # -- RPCs ------------------------------------------------------------------------------------
     def Create(self, ctx: Context, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
@@ -225,7 +237,23 @@ class TaskService:
 
     def Kill(self, ctx: Context, req: api.KillRequest) -> empty_pb2.Empty:
         c = self._container(req.id)
-        c.kill(c.process(req.exec_id), req.signal, all_processes=req.all)
+        proc = c.process(req.exec_id)
+        if not proc.is_init:
+            c.kill(proc, req.signal, all_processes=req.all)
+            return empty_pb2.Empty()
+        with self._lock:
+            first = c.id not in self._exits_held
+            if first:
+                self._exits_held[c.id] = []
+        try:
+            # A second stop signal while the first takes the final checkpoint goes straight to runc.
+            c.kill(proc, req.signal, all_processes=req.all, final_checkpoint=first)
+        finally:
+            if first:
+                with self._lock:
+                    held = self._exits_held.pop(c.id, [])
+                for p, status in held:
+                    self._process_exited(p, status)
         return empty_pb2.Empty()
 
     def ResizePty(self, ctx: Context, req: api.ResizePtyRequest) -> empty_pb2.Empty:

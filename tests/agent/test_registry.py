@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from shim.protect.registry import LastCheckpoint, TaskRecord, list_tasks, read_task, remove_task, task_path, write_task
+from shim.protect.registry import (
+    LastCheckpoint,
+    TaskRecord,
+    is_live,
+    list_tasks,
+    read_task,
+    remove_task,
+    task_path,
+    write_task,
+)
 
 
 def record(id: str = "job", namespace: str = "default", **kw: object) -> TaskRecord:
@@ -149,3 +158,21 @@ def test_last_checkpoint_may_be_given_in_its_json_shape(tmp_path: Path) -> None:
     assert rec.last_checkpoint == LastCheckpoint(seq=2, time=5.0, bytes_uploaded=9, duration_s=0.5)
     write_task(tmp_path, rec)
     assert list_tasks(tmp_path)[0].last_checkpoint.seq == 2
+
+
+def test_liveness_of_a_record(tmp_path: Path) -> None:
+    """A key's claim holds while the record's shim and task live and the task has not exited."""
+    import os
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        live = TaskRecord("k8s.io", "c1", "unix:///x", "ml/k", shim_pid=os.getpid(), task_pid=child.pid)
+        assert is_live(live) and not live.exited
+        exited = TaskRecord.from_dict({**live.to_dict(), "exited_at": 1.5})
+        assert exited.exited and not is_live(exited)
+        assert not is_live(TaskRecord("k8s.io", "c1", "unix:///x", "ml/k", shim_pid=os.getpid(), task_pid=2**22 + 7))
+    finally:
+        child.kill()
+        child.wait()
+    assert not is_live(TaskRecord("k8s.io", "c1", "unix:///x", "ml/k", shim_pid=child.pid, task_pid=0)), "dead shim"

@@ -246,11 +246,11 @@ def shim_log(node: ContainerdNode) -> str:
 class EventWatcher:
     """`ctr events` on a node, collected into a file (the `/revenant/restore` event)."""
 
-    def __init__(self, node: ContainerdNode, out: Path) -> None:
+    def __init__(self, node: ContainerdNode, out: Path, ctr: str | None = None) -> None:
         self.out = out
         with open(out, "ab") as f:
             self.proc = subprocess.Popen(
-                [node._ctr, "-a", node.address, "events"],
+                [ctr or node._ctr, "-a", node.address, "events"],
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

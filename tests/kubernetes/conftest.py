@@ -4,6 +4,7 @@ pause, busybox and memjob images in CRI's namespace, and a CRI client per node."
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from harness.protect import AgentProcess  # noqa: E402
 from tests.harness.servers import _registry  # noqa: E402, F401
 
 VERSIONS = ("1.6", "1.7")
+# A directory to keep each node's containerd log (with the shim's) in when the node goes: for debugging.
+KEEP_LOGS = Path(os.environ["REVENANT_KEEP_LOGS"]) if os.environ.get("REVENANT_KEEP_LOGS") else None
 _subnets = itertools.count(16)
 
 
@@ -69,7 +72,7 @@ def cri_node(request, test_images, pause_image, tmp_path_factory) -> Iterator[Cr
     node = new_cri_node("k", request.param, test_images, pause_image, tmp_path_factory.mktemp("cri"))
     yield node
     node.close()
-    node.node.destroy()
+    node.node.destroy(keep_logs_in=KEEP_LOGS)
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ def cri_node_factory(test_images, pause_image, tmp_path: Path) -> Iterator[Calla
     yield make
     for n in reversed(nodes):
         n.close()
-        n.node.destroy()
+        n.node.destroy(keep_logs_in=KEEP_LOGS)
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ def test_runtime_handlers_listed_with_the_nodes_settings_kept(cri_node) -> None:
     assert '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]' in out
     assert f'sandbox_image = "{cri_node.node.pause_ref}"' in out
     assert f'Root = "{cri_node.node.runc_root}"' in out
-    assert 'pod_annotations = ["revenant.io/*"]' in out
+    assert 'pod_annotations = ["revenant.io/*", "batch.kubernetes.io/job-completion-index"]' in out
 
 
 def _config_dump(node) -> str:

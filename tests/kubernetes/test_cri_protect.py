@@ -182,17 +182,23 @@ def test_spot_notice_moves_the_pod_with_nothing_lost(
     _pod_id, cid = job.start(a)
     wait_until(lambda: last_seq(a, cid) >= 1, 120, "a periodic checkpoint on A")
     agent = agent_factory(a.node.revenant_run_dir, metadata_server.url)
+    # The metrics name the pod while its task lives (CRI deletes the task, and its record, once the
+    # final checkpoint has ended it).
+    labels = f'pod="{POD}",pod_namespace="ml",container="main"'
+    wait_until(
+        lambda: any(
+            line.startswith("revenant_task_last_checkpoint_seq{") and labels in line
+            for line in agent_metrics(agent).splitlines()
+        ),
+        30,
+        "the agent's metrics naming the pod",
+    )
     metadata_server.aws_terminate(120)
     summary = agent.wait_drain()
     assert summary.get("ok") is True, agent.text()
     (result,) = agent.results()  # every protected pod of the node, and only the app container
     assert result["status"] == "ok" and result["exit"] is True, result
     st = a.cri.wait_state(cid, EXITED, timeout=60)  # the agent's final checkpoint ends the task
-    metrics = agent_metrics(agent)
-    labels = f'pod="{POD}",pod_namespace="ml",container="main"'
-    assert any(
-        line.startswith("revenant_task_last_checkpoint_seq{") and labels in line for line in metrics.splitlines()
-    ), metrics
     # The rootfs went with the task (CRI deletes an exited task); A's CRI log stays: all A printed.
     steps_a = cri_log_steps(Path(st.log_path))
     assert steps_a, "no steps in A's CRI log"

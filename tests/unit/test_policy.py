@@ -74,7 +74,7 @@ def test_annotations_override_node_config(tmp_path):
     p = protection_for(
         {
             **CRI,
-            "revenant.io/checkpoint-key": "team/job",
+            "revenant.io/checkpoint-key": "ml/team/job",
             "revenant.io/keep": "2",
             "revenant.io/checkpoint-on-stop": "false",
             "revenant.io/store": "file:///srv/ckpt",
@@ -83,7 +83,7 @@ def test_annotations_override_node_config(tmp_path):
     )
     assert p is not None
     assert (p.key, p.store, p.interval_s, p.checkpoint_on_stop, p.keep) == (
-        "team/job",
+        "ml/team/job",
         "file:///srv/ckpt",
         300,
         False,
@@ -120,3 +120,90 @@ def test_bad_node_config_is_named(tmp_path):
     with pytest.raises(PolicyError, match=re.escape(str(cfg))):
         NodeConfig.load(cfg)
     assert NodeConfig.load(tmp_path / "absent.toml") == NodeConfig()
+
+
+INDEXED_POD = {**CRI, "batch.kubernetes.io/job-completion-index": "3"}
+
+
+def test_key_template_substitutes_index_namespace_and_container():
+    annotations = {**INDEXED_POD, "revenant.io/checkpoint-key": "${namespace}/trainer/shard-${job-completion-index}"}
+    assert protection_for(annotations, NodeConfig()).key == "ml/trainer/shard-3"
+    annotations["revenant.io/checkpoint-key"] = "${namespace}/${container}-${job-completion-index}"
+    assert protection_for(annotations, NodeConfig()).key == "ml/main-3"
+
+
+def test_key_without_substitution_is_kept_as_written():
+    assert protection_for({**CRI, "revenant.io/checkpoint-key": "ml/fixed"}, NodeConfig()).key == "ml/fixed"
+
+
+@pytest.mark.parametrize(
+    ("template", "annotations", "reason"),
+    [
+        ("ml/${pod}", INDEXED_POD, r"unknown substitution \$\{pod\}"),
+        ("ml/${}", INDEXED_POD, r"unknown substitution \$\{\}"),
+        ("ml/shard-${job-completion-index}", CRI, r"no batch\.kubernetes\.io/job-completion-index annotation"),
+        ("${namespace}/x", {"io.kubernetes.cri.container-type": "container"}, r"\$\{namespace\} .* has no value"),
+        ("ml/$job", INDEXED_POD, r"'\$' may only start"),
+        ("ml/${job-completion-index", INDEXED_POD, r"'\$' may only start"),
+        (
+            "ml/shard-${job-completion-index}",
+            {**CRI, "batch.kubernetes.io/job-completion-index": "../1"},
+            r"is not a valid value",
+        ),
+        (
+            "ml/shard-${job-completion-index}",
+            {**CRI, "batch.kubernetes.io/job-completion-index": "-1"},
+            r"is not a valid value",
+        ),
+    ],
+)
+def test_unresolvable_key_template_fails_with_the_reason(template, annotations, reason):
+    with pytest.raises(PolicyError, match=reason):
+        protection_for({**annotations, "revenant.io/checkpoint-key": template}, NodeConfig())
+
+
+def test_a_pods_key_stays_under_its_namespace():
+    with pytest.raises(PolicyError, match=r"'team/job' is outside the pod's namespace: a pod in 'ml' may only"):
+        protection_for({**CRI, "revenant.io/checkpoint-key": "team/job"}, NodeConfig())
+    with pytest.raises(PolicyError, match="outside the pod's namespace"):  # a prefix is not a namespace
+        protection_for({**CRI, "revenant.io/checkpoint-key": "mlx/job"}, NodeConfig())
+    assert protection_for({**CRI, "revenant.io/checkpoint-key": "ml/team/job"}, NodeConfig()).key == "ml/team/job"
+    # Not a CRI container (ctr, Docker): not confined.
+    assert protection_for({"revenant.io/checkpoint-key": "team/job"}, NodeConfig()).key == "team/job"
+
+
+def test_node_encryption_keys_reach_every_store_url(tmp_path):
+    import os
+
+    from shim.store import KeyMismatch, open_store
+
+    keys = []
+    for name in ("new.key", "old.key"):
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+        keys.append(str(tmp_path / name))
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f"store = 'file://{tmp_path}/store'\n[encryption]\nkey_file = '{keys[0]}'\nold_key_files = ['{keys[1]}']\n"
+    )
+    node = NodeConfig.load(cfg)
+    assert node.encryption_key_files == tuple(keys)
+    default = protection_for(CRI, node)
+    annotated = protection_for({**CRI, "revenant.io/store": f"file://{tmp_path}/other?packs=0"}, node)
+    for p in (default, annotated):
+        store = open_store(p.store)
+        assert [k.source for k in store.keyring.keys] == keys
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"data")
+    open_store(default.store).put("k", tmp_path / "src")
+    with pytest.raises(KeyMismatch):
+        open_store(f"file://{tmp_path}/store").get("k", tmp_path / "out")
+    # A pod may not choose key files (any 0600 file of root's on the node would do as a key).
+    for url in (f"file:///x?key_file={keys[0]}", "s3://b/p?endpoint=http://h&allow_plaintext=1"):
+        with pytest.raises(PolicyError, match="node configuration"):
+            protection_for({**CRI, "revenant.io/store": url}, node)
+    for bad in ("[encryption]\nkey_files = '/k'\n", "[encryption]\nkey_file = 'relative'\n", "encryption = 1\n"):
+        cfg.write_text(bad)
+        with pytest.raises(PolicyError, match="encryption"):
+            NodeConfig.load(cfg)

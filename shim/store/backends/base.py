@@ -7,7 +7,10 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
+
+import blake3
 
 from shim import errors
 
@@ -23,6 +26,13 @@ class TransientError(StoreError, errors.Unavailable):
 
 class NotFound(StoreError, errors.NotFound):
     """The object does not exist in the backend."""
+
+
+@dataclass(frozen=True)
+class LockState:
+    name: str
+    fingerprint: str  # changes whenever the lock object is rewritten
+    age: float | None  # seconds since it was last written, on the backend's own clock; None: unknown
 
 
 class TooLarge(StoreError, errors.DataLoss):
@@ -69,8 +79,9 @@ class Backend(ABC):
     @abstractmethod
     def delete_manifest(self, key: str, name: str) -> None: ...
 
-    def finish_gc(self, grace_seconds: float) -> None:  # noqa: B027 - optional hook
-        """Called at the end of a gc sweep (the file backend rewrites packs here)."""
+    def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
+        """Called at the end of a gc sweep (the file backend rewrites packs here); proceed() is asked
+        right before each step that removes data, and False means stop there."""
 
     def manifests_changed(self, key: str) -> None:  # noqa: B027 - optional hook
         """Called after a commit or delete for key (the OCI backend repoints its `latest` tag)."""
@@ -82,6 +93,24 @@ class Backend(ABC):
     def list_locks(self) -> list[tuple[str, bytes]]: ...
     @abstractmethod
     def delete_lock(self, name: str) -> None: ...
+
+    def lock_states(self) -> list[LockState]:
+        """Every lock with a fingerprint that changes on each rewrite and, where the backend can tell,
+        its age on the backend's own clock. The default knows no ages: liveness is then judged by
+        watching fingerprints."""
+        return [LockState(name, blake3.blake3(body).hexdigest(), None) for name, body in self.list_locks()]
+
+    def flush_chunks(self) -> None:  # noqa: B027 - optional hook
+        """Make every chunk put so far durable and visible (the file backend seals its packs here)."""
+
+    # owner epochs (fencing)
+    def create_epoch(self, key: str, n: int, data: bytes) -> bool:
+        """Create epoch n of key only if it does not exist yet (atomically): True if this call created it."""
+        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file:// or s3://)")
+
+    def list_epochs(self, key: str) -> list[int]:
+        """The epochs created for key."""
+        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file:// or s3://)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -24,15 +24,16 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shim import libc
 
+from ...faults import crash_point
 from ..errors import StoreError
 from ..keys import decode_key, is_hashed_dir_name, key_dir_name, validate_key
 from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
-from .base import Backend, NotFound, TooLarge
+from .base import Backend, LockState, NotFound, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class LocalBackend(Backend):
                 raise self._os_error(e, f"pack {pack}") from e
             self._cur_size += len(data)
             self._cur_entries.append((digest, off, len(data)))
+            crash_point("store.pack.after-append")
             if self._cur_size >= PACK_TARGET:
                 self._full.append((pack, self._cur_entries))
                 self._cur = None
@@ -159,8 +161,10 @@ class LocalBackend(Backend):
                     os.fsync(fd)  # flushes the file's data written through the (closed) writer fd
                 finally:
                     os.close(fd)
+                crash_point("store.pack.after-fsync")
                 idx = b"".join(_IDX_ENTRY.pack(bytes.fromhex(d), o, n) for d, o, n in entries)
-                self._write_atomic(self._pack_path(pack, "idx"), idx, durable=True)
+                self._write_atomic(self._pack_path(pack, "idx"), idx, durable=True, point="index")
+                crash_point("store.pack.after-index")
             except (OSError, StoreError) as e:
                 for p, _e in full[i:]:
                     self._pack_path(p, "pack").unlink(missing_ok=True)
@@ -176,7 +180,9 @@ class LocalBackend(Backend):
     def _chunk_path(self, digest: str) -> Path:
         return self.root / "chunks" / digest[:2] / digest
 
-    def _write_atomic(self, path: Path, data: bytes, durable: bool) -> None:
+    def _write_atomic(self, path: Path, data: bytes, durable: bool, point: str = "") -> None:
+        """Write data to a temporary file, then rename it to path; point names the crash points around
+        the rename (store.<point>.before-rename / .after-rename)."""
         tmp = self.root / "tmp" / f"{path.name}.{secrets.token_hex(6)}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -188,6 +194,8 @@ class LocalBackend(Backend):
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            if point:
+                crash_point(f"store.{point}.before-rename")
             try:
                 os.rename(tmp, path)
             except FileNotFoundError:
@@ -195,6 +203,8 @@ class LocalBackend(Backend):
                 os.rename(tmp, path)
             if durable:
                 _fsync_dir(path.parent)
+            if point:
+                crash_point(f"store.{point}.after-rename")
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -265,8 +275,11 @@ class LocalBackend(Backend):
                     except FileNotFoundError:
                         continue
 
-    def finish_gc(self, grace_seconds: float) -> None:
-        """Rewrite packs that hold deleted chunks; drop packs a crashed writer never indexed."""
+    def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool] = lambda: True) -> None:
+        """Rewrite packs that hold deleted chunks; drop packs a crashed writer never indexed.
+
+        Until its pack is rewritten a deleted chunk stays readable: stopping (proceed() False) loses
+        nothing, the next gc finds the chunk unreferenced again."""
         doomed, self._doomed = self._doomed, set()
         by_pack: dict[str, list[tuple[str, int, int]]] = {}
         with self._lock:
@@ -280,9 +293,14 @@ class LocalBackend(Backend):
                 with open(self._pack_path(pack, "pack"), "rb") as f:
                     for d, o, n in live:
                         self._append(d, os.pread(f.fileno(), n, o))
+                crash_point("store.gc.mid-rewrite")
                 self._seal_packs()  # the live chunks are durable in a new pack before the old one goes
+            crash_point("store.gc.before-unlink")
+            if not proceed():
+                return
             self._pack_path(pack, "idx").unlink(missing_ok=True)
             _fsync_dir(self.root / "packs")
+            crash_point("store.gc.after-idx-unlink")
             self._pack_path(pack, "pack").unlink(missing_ok=True)
             with self._lock:
                 self._loaded.discard(pack)
@@ -295,10 +313,20 @@ class LocalBackend(Backend):
             path = self.root / "packs" / name
             if ext == "pack" and not self._pack_path(pack, "idx").exists():
                 try:
-                    if path.stat().st_mtime < cutoff:
+                    if path.stat().st_mtime < cutoff and proceed():
                         path.unlink()
                 except FileNotFoundError:
                     continue
+
+    def close(self) -> None:
+        """Drop packs written but never sealed (never indexed, so invisible: a failed put's chunks) and
+        release the current pack's fd."""
+        with self._lock:
+            unsealed = [p for p, _e in self._full]
+            self._full = []
+            self._abandon_current()
+        for pack in unsealed:
+            self._pack_path(pack, "pack").unlink(missing_ok=True)
 
     # manifests
     def _manifest_path(self, key: str, name: str) -> Path:
@@ -310,7 +338,7 @@ class LocalBackend(Backend):
         path.parent.mkdir(DIR_MODE, parents=True, exist_ok=True)
         if is_hashed_dir_name(path.parent.name) and not (path.parent / KEY_FILE).exists():
             self._write_atomic(path.parent / KEY_FILE, key.encode(), durable=True)
-        self._write_atomic(path, data, durable=True)
+        self._write_atomic(path, data, durable=True, point="manifest")
 
     def get_manifest(self, key: str, name: str) -> bytes:
         try:
@@ -353,6 +381,42 @@ class LocalBackend(Backend):
         path.unlink(missing_ok=True)
         _fsync_dir(path.parent)
 
+    # owner epochs
+    def _epoch_dir(self, key: str) -> Path:
+        return self.root / "epochs" / key_dir_name(key)
+
+    def create_epoch(self, key: str, n: int, data: bytes) -> bool:
+        """A fully written, fsynced temporary file hard-linked to the epoch's name: link() fails if the
+        name exists, so exactly one claimer creates each epoch and no one sees a partial one."""
+        path = self._epoch_dir(key) / f"{n:010d}"
+        (self.root / "epochs").mkdir(DIR_MODE, exist_ok=True)
+        path.parent.mkdir(DIR_MODE, exist_ok=True)
+        tmp = self.root / "tmp" / f"epoch.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            _fsync_dir(path.parent)
+            return True
+        except OSError as e:
+            raise self._os_error(e, f"epoch {n} of {key!r}") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def list_epochs(self, key: str) -> list[int]:
+        try:
+            names = os.listdir(self._epoch_dir(key))
+        except FileNotFoundError:
+            return []
+        return [int(n) for n in names if n.isdigit()]
+
     # locks
     def put_lock(self, name: str, data: bytes) -> None:
         self._write_atomic(self.root / "locks" / name, data, durable=True)
@@ -368,13 +432,35 @@ class LocalBackend(Backend):
                 log.warning("%s: skipping stray lock %s: %s", self.url, p.name[:80], e)
         return out
 
-    def close(self) -> None:
-        """Drop the pack being written (never indexed, so invisible) and release its fd."""
-        with self._lock:
-            self._abandon_current()
-
     def delete_lock(self, name: str) -> None:
         (self.root / "locks" / name).unlink(missing_ok=True)
+
+    def lock_states(self) -> list[LockState]:
+        """Ages from mtimes, all set by the file system's clock: the lock's against a probe file's."""
+        locks = []
+        for p in sorted((self.root / "locks").iterdir()):
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_LOCK_OBJECT:  # what list_locks would read
+                locks.append((p.name, st))
+        if not locks:
+            return []
+        probe = self.root / "tmp" / f"clock-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            os.close(fd)
+            now = probe.stat().st_mtime_ns
+        finally:
+            probe.unlink(missing_ok=True)
+        return [
+            LockState(name, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}", (now - st.st_mtime_ns) / 1e9)
+            for name, st in locks
+        ]
+
+    def flush_chunks(self) -> None:
+        self.sync()
 
 
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:

@@ -7,10 +7,13 @@ chunks/<d[:2]>/<digest>, manifests/<encoded key>/<seq>-<nonce>, locks/<name>.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
+import secrets
 from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import boto3
@@ -21,9 +24,10 @@ from botocore.config import Config
 from ..errors import StoreError
 from ..keys import decode_key, encode_key
 from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
-from .base import Backend, NotFound, TooLarge, TransientError
+from .base import Backend, LockState, NotFound, TooLarge, TransientError
 
 log = logging.getLogger(__name__)
+
 
 # Network trouble worth retrying. Any other botocore error (no credentials, bad config, a parameter
 # botocore refuses) fails the same way every time: it is reported at once, not retried.
@@ -134,6 +138,7 @@ class S3Backend(Backend):
         self.s3 = boto3.session.Session().client(
             "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"), config=cfg
         )
+        self._conditional: bool | None = None  # server honours If-None-Match (probed on first claim)
         _install_redaction()  # after the client exists: its modules' loggers are registered by then
         self.transfer = TransferConfig(
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
@@ -229,6 +234,56 @@ class S3Backend(Backend):
     def delete_manifest(self, key: str, name: str) -> None:
         self._delete(f"manifests/{encode_key(key)}/{name}")
 
+    # owner epochs
+    def _put_if_absent(self, name: str, data: bytes) -> bool:
+        """PUT with If-None-Match: *; False when the object exists (412)."""
+        key = self.prefix + name
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except bex.ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                return False
+            raise _classify(e, f"create {key}") from e
+        except Exception as e:
+            raise _classify(e, f"create {key}") from e
+
+    def conditional_writes(self) -> bool:
+        """Whether the server honours If-None-Match on PUT (probed once: the second create must fail)."""
+        if self._conditional is None:
+            probe = f"epochs/.probe-{secrets.token_hex(6)}"
+            try:
+                self._conditional = self._put_if_absent(probe, b"1") and not self._put_if_absent(probe, b"2")
+            except TransientError:
+                raise
+            except StoreError:  # e.g. 400/501 for an unknown header
+                self._conditional = False
+            finally:
+                with contextlib.suppress(StoreError):
+                    self._delete(probe)
+            if not self._conditional:
+                log.warning("%s: no conditional writes; owner epochs use one name per claim", self.url)
+        return bool(self._conditional)
+
+    def create_epoch(self, key: str, n: int, data: bytes) -> bool:
+        base = f"epochs/{encode_key(key)}/{n:010d}"
+        if self.conditional_writes():
+            return self._put_if_absent(base, data)
+        # Without conditional writes: a name per claim, then a look. A claimer holds n only if it sees no
+        # other claim of n after writing its own; of two racing claimers at least the later one sees the
+        # other, so never both hold n; a contested n stays listed and both move on to n + 1.
+        mine = f"{base}-{secrets.token_hex(6)}"
+        self._put(mine, data)
+        return [o["Key"][len(self.prefix) :] for o in self._list(base + "-")] == [mine]
+
+    def list_epochs(self, key: str) -> list[int]:
+        out = []
+        for obj in self._list(f"epochs/{encode_key(key)}/"):
+            n = obj["Key"].rsplit("/", 1)[-1].partition("-")[0]
+            if n.isdigit():
+                out.append(int(n))
+        return out
+
     # locks
     def put_lock(self, name: str, data: bytes) -> None:
         self._put(f"locks/{name}", data)
@@ -247,6 +302,28 @@ class S3Backend(Backend):
 
     def delete_lock(self, name: str) -> None:
         self._delete(f"locks/{name}")
+
+    def lock_states(self) -> list[LockState]:
+        """Ages from the server's clock alone: LastModified against the listing response's Date."""
+        out = []
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "list locks", self.s3.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix + "locks/", **token
+            )
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            now = parsedate_to_datetime(date).timestamp() if date else None
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(self.prefix) + len("locks/") :]
+                if "/" in name or obj.get("Size", 0) > MAX_LOCK_OBJECT:  # not a lock this store writes
+                    continue
+                modified = obj["LastModified"].timestamp()
+                # Both times have one-second resolution: round the age down so a live lock never looks older.
+                age = max(0.0, now - modified - 1.0) if now is not None else None
+                out.append(LockState(name, f"{obj.get('ETag')}:{modified}", age))
+            if not page.get("IsTruncated"):
+                return out
+            token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def close(self) -> None:
         self.s3.close()
