@@ -12,6 +12,10 @@ class RevenantError(Exception):
     """Base of every domain error. A plain one travels as Unknown, with its text."""
 
 
+class Cancelled(RevenantError):
+    pass
+
+
 class NotFound(RevenantError):
     pass
 
@@ -52,7 +56,15 @@ class Aborted(RevenantError):
     pass
 
 
+class OutOfRange(RevenantError):
+    pass
+
+
 class DataLoss(RevenantError):
+    pass
+
+
+class Unauthenticated(RevenantError):
     pass
 
 

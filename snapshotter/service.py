@@ -18,6 +18,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from revenant_pb.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from revenant_pb.containerd.types import mount_pb2
+from shim import errors
 from snapshotter import metadata as md
 from snapshotter.overlay import Mount, OverlaySnapshotter
 
@@ -27,25 +28,37 @@ NAMESPACE_HEADER = "containerd-namespace"
 # Entries per List response message; containerd's own service batches the same way.
 LIST_BATCH = 100
 
-_CODES: dict[type[Exception], grpc.StatusCode] = {
-    md.NotFound: grpc.StatusCode.NOT_FOUND,
-    md.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    md.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    md.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+# revenant's domain kinds -> gRPC codes (errdefs.FromGRPC reads them back as the same kinds).
+_CODES: dict[type[errors.RevenantError], grpc.StatusCode] = {
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _grpc_errors(fn: F) -> F:
-    """Map snapshot errors onto the gRPC codes containerd's errdefs.FromGRPC understands."""
+    """The service's edge: map domain errors onto the gRPC codes containerd's errdefs.FromGRPC understands."""
 
     @functools.wraps(fn)
     def wrapper(self: SnapshotsService, request: Any, context: grpc.ServicerContext) -> Any:
         t0 = time.perf_counter()
         try:
             return fn(self, request, context)
-        except md.SnapshotError as e:
+        except errors.RevenantError as e:
             code = next((c for t, c in _CODES.items() if isinstance(e, t)), grpc.StatusCode.UNKNOWN)
             message = str(e)
             log.info("%s: %s (%s)", fn.__name__, e, code.name)

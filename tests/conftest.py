@@ -33,6 +33,7 @@ UNIT_FILES = frozenset(
         "tests/store/test_units.py",
         "tests/ttrpc/test_codec.py",
         "tests/ttrpc/test_codec_fuzz.py",
+        "tests/ttrpc/test_descriptors.py",
         "tests/ttrpc/test_server_client.py",
     }
 )

@@ -17,11 +17,11 @@ from typing import Any
 
 from revenant_pb.revenant.v1 import control_pb2
 from shim.protect.registry import TaskRecord
-from shim.ttrpc import NAMESPACE_KEY, Client, DeadlineExceeded, TtrpcError
+from shim.ttrpc import NAMESPACE_KEY, Client, Code, DeadlineExceeded, ServiceClient, TtrpcError
 
 log = logging.getLogger(__name__)
 
-CONTROL_SERVICE = "revenant.v1.Control"
+CONTROL_API = control_pb2.DESCRIPTOR.services_by_name["Control"]
 OK, FAILED, TIMED_OUT = "ok", "failed", "timed_out"
 
 # Leave this share of the notice window (bounded below and above) between our deadline and the
@@ -118,14 +118,8 @@ def checkpoint_task(
             request = control_pb2.CheckpointRequest(
                 id=record.id, exit=exit, reason=reason, timeout_ms=int(max(0.1, left - SHIM_SLACK_S) * 1000)
             )
-            resp = client.call(
-                CONTROL_SERVICE,
-                "Checkpoint",
-                request,
-                control_pb2.CheckpointResponse,
-                timeout=left,
-                metadata={NAMESPACE_KEY: record.namespace},
-            )
+            control = ServiceClient(client, CONTROL_API, {NAMESPACE_KEY: record.namespace})
+            resp = control.Checkpoint(request, timeout=left)
         result = _base_result(record, OK)
         result.seq = resp.seq
         result.bytes_read = resp.bytes_read
@@ -139,7 +133,8 @@ def checkpoint_task(
             text = f"deadline exceeded: {exc.message}"
         result = _base_result(record, TIMED_OUT, text)
     except TtrpcError as exc:
-        result = _base_result(record, FAILED, f"{exc.code.name}: {exc.message}")
+        code = exc.code.name if isinstance(exc.code, Code) else f"code {exc.code}"  # a code we do not know
+        result = _base_result(record, FAILED, f"{code}: {exc.message}")
     except TimeoutError as exc:  # the connect itself (a shim that accepts nothing)
         result = _base_result(record, TIMED_OUT, f"cannot connect to shim at {record.address}: {exc}")
     except (ConnectionError, OSError, ValueError) as exc:

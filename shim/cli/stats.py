@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-CONTROL_SERVICE = "revenant.v1.Control"
 TASK_DIR = "io.containerd.runtime.v2.task"
 
 
@@ -39,16 +38,11 @@ def shim_address(state: Path, namespace: str, container: str) -> str:
 
 def fetch_stats(address: str, namespace: str, container: str) -> dict:
     from revenant_pb.revenant.v1 import control_pb2
-    from shim.ttrpc import NAMESPACE_KEY, Client
+    from shim.ttrpc import NAMESPACE_KEY, Client, ServiceClient
 
     with Client(address, timeout=30) as client:
-        resp = client.call(
-            CONTROL_SERVICE,
-            "Stats",
-            control_pb2.StatsRequest(id=container),
-            control_pb2.StatsResponse,
-            metadata={NAMESPACE_KEY: namespace},
-        )
+        control = ServiceClient(client, control_pb2.DESCRIPTOR.services_by_name["Control"], {NAMESPACE_KEY: namespace})
+        resp = control.Stats(control_pb2.StatsRequest(id=container))
     return json.loads(resp.stats_json)
 
 

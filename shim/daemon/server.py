@@ -1,4 +1,10 @@
-"""The long-lived shim process: subreaper, ttrpc server with the Task service, event publisher."""
+"""The long-lived shim process: subreaper, ttrpc server with the Task service, event publisher.
+
+The composition root: it builds the task layer, transparent protection (the task layer's lifecycle
+hooks) and the services on the shim's socket, and wires them together. Only the forked server imports
+it (shim.daemon.main's `start` stays light), and it imports the rest only once its log reaches
+containerd's, so an import that fails is seen there.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +30,19 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
         os.close(fd)
     shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "namespace": args.namespace})
 
+    from google.protobuf import wrappers_pb2
+
+    from shim.checkpoint import CheckpointEngine
+    from shim.daemon.grouping import shared_shims
+    from shim.gpu.hooks import GpuDumpHooks
     from shim.libc import set_child_subreaper
+    from shim.protect.control import ControlService
+    from shim.protect.manager import ProtectionManager
     from shim.runc.reaper import Reaper
+    from shim.task.checkpoint_backend import RuncCheckpointBackend
     from shim.task.events import Publisher
-    from shim.task.service import TaskService
+    from shim.task.lifetime import ShimLifetime
+    from shim.task.service import ShimService, TaskService
     from shim.ttrpc import Server
 
     set_child_subreaper()
@@ -44,21 +59,13 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
                 os.unlink(socket_path)
         server.shutdown()
 
-    from shim.daemon.main import shared_shims
-
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
-    from google.protobuf import wrappers_pb2
-
-    from shim.checkpoint import CheckpointEngine
-    from shim.gpu.hooks import GpuDumpHooks
-    from shim.protect.manager import ProtectionManager
-    from shim.task.checkpoint_backend import RuncCheckpointBackend
-
     # GPU hooks list a container's processes through its own Runc (the subreaper's runner). One engine
     # for ctr's checkpoints and revenant's own, so checkpoints of one task never overlap.
     gpu_hooks = GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid))
     engine = CheckpointEngine(hooks=gpu_hooks)
+    # Transparent protection: the task layer's lifecycle hooks, and the Control service over them.
     protection = ProtectionManager(
         args.namespace,
         f"unix://{socket_path}",
@@ -66,20 +73,20 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
         grpc_address=args.address,
         publish=lambda topic, text: publisher.publish(wrappers_pb2.StringValue(value=text), topic=topic),
     )
+    lifetime = ShimLifetime(linger, on_shutdown=shutdown)
     service = TaskService(
         args.namespace,
         publisher,
         reaper,
-        on_shutdown=shutdown,
-        linger=linger,
-        log_to_bundle=shimlog.retarget_stderr,
+        lifetime,
         checkpoint_engine=RuncCheckpointBackend(engine),
-        protection=protection,
+        log_to_bundle=shimlog.retarget_stderr,
+        hooks=protection,
     )
     server.register(service.service())
-    server.register(service.shim_service())
-    server.register(protection.control_service())
-    service.expect(args.id)  # a shim whose containerd never sends Create does not live forever
+    server.register(ShimService(lifetime).service())
+    server.register(ControlService(protection).service())
+    lifetime.reserve(args.id)  # a shim whose containerd never sends Create does not live forever
 
     def serve_then_stop() -> None:
         try:

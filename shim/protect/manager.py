@@ -1,16 +1,17 @@
 """Transparent protection inside the shim: one ProtectionManager per shim process.
 
-Lifecycle hooks the Task service calls:
+It implements the task layer's LifecycleHooks (shim.task.hooks), which each Container calls:
   before_create  -> policy from the bundle's annotations (bad values fail Create); for a protected
-                    container with a usable checkpoint, fill the rootfs upper dir from it and make the
-                    task "created from a checkpoint" so Start restores instead of starting fresh.
-  restore_failed -> at Start, a checkpoint that CRIU could not restore: prepare the next older one,
-                    or start fresh, saying why.
+                    container with a usable checkpoint, fill the rootfs upper dir from it and return a
+                    restore plan, so Start restores instead of starting fresh.
+  restore_failed -> at Start, a checkpoint that CRIU could not restore: prepare the next older one
+                    (its plan), or None to start fresh, saying why.
   started        -> registry record for the agent and CLI; periodic checkpoints begin.
   exited         -> the attempt's end, for a restart in the same pod (shim.protect.restarts).
   before_kill    -> with checkpoint-on-stop, a stop signal first takes a final checkpoint (bounded).
   deleted        -> periodic checkpoints stop; the registry record goes.
-and serves revenant.v1.Control (Checkpoint, Status) on the shim's socket.
+It sees a container only through shim.task.hooks.ContainerControl. revenant.v1.Control (Checkpoint,
+Status, Stats) on the shim's socket is shim.protect.control's, over this manager.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointError
-from shim.protect import registry
+from shim.errors import FailedPrecondition, InvalidArgument, NotFound, RevenantError, Unavailable
+from shim.protect import registry, restorer
 from shim.protect.policy import (
     CRI_CONTAINER_NAME,
     CRI_POD_NAME,
@@ -37,22 +39,17 @@ from shim.protect.policy import (
     protection_for,
 )
 from shim.task import mounts
-from shim.ttrpc import Context, FailedPrecondition, InvalidArgument, NotFound, Service, TtrpcError, Unavailable
+from shim.task.hooks import ContainerControl, RestorePlan
 
 from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
 from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restarts import Attempt, KeyHistory, RestartPolicy, decide
-from .restorer import NoUsableCheckpoint, RestorePlan, Restorer, RestoreUnavailable, clear_upper_dir, fill_upper_dir
+from .restorer import NoUsableCheckpoint, Restorer, RestoreUnavailable, clear_upper_dir, fill_upper_dir
 from .staging import sweep_leftovers
-
-if TYPE_CHECKING:
-    from revenant_pb.containerd.task.v2 import shim_pb2 as api
-    from shim.task.service import Container
 
 log = logging.getLogger(__name__)
 
-CONTROL_SERVICE = "revenant.v1.Control"
 CONFIG_ENV = "REVENANT_CONFIG"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
 RESTORE_TOPIC = "/revenant/restore"
@@ -61,7 +58,7 @@ RESTORE_TOPIC = "/revenant/restore"
 @dataclass
 class Protected:
     container: ProtectedContainer
-    plan: RestorePlan | None = None
+    plan: restorer.RestorePlan | None = None  # the store checkpoint fetched for the restore at Start
     tried_seqs: list[int] = field(default_factory=list)
     restored_from: int | None = None
     fresh_reason: str | None = None
@@ -164,7 +161,7 @@ class ProtectionManager:
             return self._protected.get(cid)
 
     # -- Create ----------------------------------------------------------------------------------
-    def before_create(self, c: Container, req: api.CreateTaskRequest) -> None:
+    def before_create(self, c: ContainerControl, requested_checkpoint: str) -> RestorePlan | None:
         """Called before the rootfs is mounted (the upper dir may be filled from a checkpoint)."""
         annotations = bundle_annotations(c.bundle)
         try:
@@ -173,15 +170,15 @@ class ProtectionManager:
         except PolicyError as e:
             raise InvalidArgument(str(e)) from None
         if protection is None:
-            return
+            return None
         self._refuse_second_claim(c.id, protection.key, protection.store)
         from shim.layer import upper_dir_of  # the tar codec loads only for protected containers
 
         if not self._swept:  # a killed shim's staged dumps and restore scratch hold a job's memory
             self._swept = True
             sweep_leftovers(self.node.staging_dir, self.node.scratch_dir)
-        upper_dir, premounted = upper_dir_of(req.rootfs), None
-        if upper_dir is None and not req.rootfs:
+        upper_dir, premounted = upper_dir_of(c.rootfs), None
+        if upper_dir is None and not c.rootfs:
             premounted = premounted_rootfs(c.bundle)
             upper_dir = Path(premounted.super_option("upperdir") or "") if premounted else None
         # Asked of containerd in a child process, in parallel with the rest of Create and Start.
@@ -218,8 +215,8 @@ class ProtectionManager:
             protection.checkpoint_on_stop,
             protection.keep,
         )
-        if req.checkpoint:
-            return  # an explicit create-from-checkpoint (ctr restore) wins over the store
+        if requested_checkpoint:
+            return None  # an explicit create-from-checkpoint (ctr restore) wins over the store
         with self._lock:
             history = self._history.get(protection.key)
         if history is not None and history.last is not None and history.last.exited_at is not None:
@@ -229,9 +226,9 @@ class ProtectionManager:
             if not decision.restore:
                 p.fresh_reason = decision.reason
                 self._event(c.id, "fresh", decision.reason)
-                return
+                return None
             p.tried_seqs.extend(sorted(decision.skip_seqs))
-        self._plan_restore(c, p, image)
+        return self._plan_restore(c, p, image)
 
     def _refuse_second_claim(self, cid: str, key: str, store: str) -> None:
         """Two live containers checkpointing under one key would interleave their checkpoints: the
@@ -259,7 +256,11 @@ class ProtectionManager:
             return f"pod {k.get('pod_namespace', '')}/{k['pod']} container {k.get('container', '')} ({where})"
         return f"task {where}"
 
-    def _plan_restore(self, c: Container, p: Protected, image: ImageIdentity | ImageLookup | None) -> None:
+    def _plan_restore(
+        self, c: ContainerControl, p: Protected, image: ImageIdentity | ImageLookup | None
+    ) -> RestorePlan | None:
+        """Fetch the newest usable checkpoint not tried yet (filling the upper dir): the plan to restore
+        from it, or None to start fresh."""
         pc = p.container
         try:
             result = self.restorer.prepare(
@@ -275,20 +276,20 @@ class ProtectionManager:
             raise Unavailable(f"{pc.protection.key}: checkpoints unreadable, not starting fresh: {e}") from None
         pc.keep_seqs = pc.keep_seqs | set(result.unused_seqs) | set(p.tried_seqs)
         if isinstance(result, NoUsableCheckpoint):
-            p.plan, c.checkpoint = None, ""
+            p.plan = None
             if result.reasons:
                 p.fresh_reason = str(result)
                 log.warning("%s", result)
                 self._event(c.id, "fresh", str(result))
             else:
                 log.info("%s: no checkpoint yet, starting fresh", pc.protection.key)
-            return
+            return None
         p.plan = result
         p.tried_seqs.append(result.seq)
-        c.checkpoint = str(result.criu_dir)
         for reason in result.skipped:
             log.warning("skipped checkpoint: %s", reason)
         log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
+        return RestorePlan(str(result.criu_dir), fall_back=True)
 
     @staticmethod
     def _unmounted(p: Protected, change: Callable[[], Any]) -> Any:
@@ -323,40 +324,32 @@ class ProtectionManager:
             return str(e)
         return None
 
-    def has_store_restore(self, cid: str) -> bool:
-        p = self.get(cid)
-        return p is not None and p.plan is not None
-
     # -- Start -----------------------------------------------------------------------------------
-    def restore_failed(
-        self, c: Container, error: TtrpcError, unmount: Callable[[], None], mount: Callable[[], None]
-    ) -> bool:
-        """A store checkpoint failed to restore: prepare the next one. True: try restoring again;
-        False: no checkpoint left, start fresh (c.checkpoint cleared)."""
+    def restore_failed(self, c: ContainerControl, error: Exception) -> RestorePlan | None:
+        """A store checkpoint failed to restore (the rootfs is unmounted now): prepare the next one.
+        Its plan, or None: no checkpoint left, start fresh."""
         p = self.get(c.id)
-        assert p is not None and p.plan is not None
+        assert p is not None and p.plan is not None, "restore_failed for a plan protection did not make"
         failed = p.plan
         log.warning("restore of %s seq %d failed, falling back: %s", failed.key, failed.seq, error)
         failed.discard()
-        unmount()
         if p.container.upper_dir is not None:
             upper = p.container.upper_dir
             self._unmounted(p, lambda: clear_upper_dir(upper))
-        self._plan_restore(c, p, p.container.image)
-        if p.plan is None:
+        plan = self._plan_restore(c, p, p.container.image)
+        if plan is None:
             reason = f"checkpoint {failed.key}@{failed.seq} did not restore ({error})"
             p.fresh_reason = f"{p.fresh_reason}; {reason}" if p.fresh_reason else reason
             self._event(c.id, "fresh", p.fresh_reason)
-        mount()
-        return p.plan is not None
+        return plan
 
-    def started(self, c: Container, pause: Callable[[], bool], resume: Callable[[], None]) -> None:
+    def started(self, c: ContainerControl) -> None:
         p = self.get(c.id)
         if p is None:
             return
         pc = p.container
-        pc.init_pid = c.init.pid
-        pc.pause, pc.resume = pause, resume
+        pc.init_pid = c.init_pid
+        pc.pause, pc.resume = c.pause_for_checkpoint, c.resume_after_checkpoint
         if p.plan is not None:
             p.restored_from = p.plan.seq
             detail = f"{pc.protection.key}@{p.plan.seq}"
@@ -369,7 +362,7 @@ class ProtectionManager:
         self._start_periodic(c, p)
         self._write_record(p)
 
-    def _start_periodic(self, c: Container, p: Protected) -> None:
+    def _start_periodic(self, c: ContainerControl, p: Protected) -> None:
         if p.container.protection.interval_s > 0:
             p.periodic = PeriodicCheckpoints(
                 f"{c.namespace}/{c.id}",
@@ -391,16 +384,16 @@ class ProtectionManager:
             raise FailedPrecondition(f"a checkpoint of {cid} is still running")
         try:
             if deadline is not None and time.monotonic() >= deadline:
-                raise TtrpcError(f"no time left to checkpoint {cid}")
+                raise RevenantError(f"no time left to checkpoint {cid}")
             report = Checkpointer(self.engine, self.node).take(pc, exit=exit, reason=reason)
         except (CheckpointError, OSError, ValueError) as e:
             p.last_error = f"{reason} checkpoint failed: {e}"
             self._write_record(p)
-            raise TtrpcError(p.last_error) from None
+            raise RevenantError(p.last_error) from None
         except Exception as e:  # store errors and the like: report, keep the task protected
             p.last_error = f"{reason} checkpoint failed: {type(e).__name__}: {e}"
             self._write_record(p)
-            raise TtrpcError(p.last_error) from None
+            raise RevenantError(p.last_error) from None
         finally:
             p.busy.release()
         p.last_report, p.last_committed_at, p.last_error = report, time.time(), None
@@ -413,7 +406,7 @@ class ProtectionManager:
         self._write_record(p)
         return report
 
-    def before_kill(self, c: Container, sig: int) -> bool:
+    def before_kill(self, c: ContainerControl, sig: int) -> bool:
         """Final checkpoint on a stop signal when asked for; True when it already stopped the task.
 
         If it fails the task runs on (the checkpointer thawed it) and a SIGTERM/SIGINT fails with the
@@ -425,7 +418,7 @@ class ProtectionManager:
             p.periodic.stop()
         try:
             self.checkpoint(c.id, exit=True, reason=f"stop signal {sig}", timeout_s=self.node.stop_deadline_s)
-        except TtrpcError as e:
+        except RevenantError as e:
             if sig == signal.SIGKILL:
                 log.error("final checkpoint of %s failed; SIGKILL stops it without one: %s", c.id, e)
                 return False
@@ -459,8 +452,9 @@ class ProtectionManager:
         self._write_record(p)
 
     # -- Delete ----------------------------------------------------------------------------------
-    def deleted(self, cid: str) -> None:
+    def deleted(self, c: ContainerControl) -> None:
         """Called for every deleted container, protected or not."""
+        cid = c.id
         self.engine.forget(cid)
         with self._lock:
             p = self._protected.pop(cid, None)
@@ -474,7 +468,7 @@ class ProtectionManager:
             p.gone = True
             registry.remove_task(self.run_dir, p.container.namespace, cid)
 
-    # -- registry, events, Control ---------------------------------------------------------------
+    # -- registry, events ---------------------------------------------------------------
     def record(self, p: Protected) -> registry.TaskRecord:
         pc = p.container
         last = None
@@ -518,43 +512,3 @@ class ProtectionManager:
     def _event(self, cid: str, what: str, detail: str) -> None:
         if self.publish is not None:
             self.publish(RESTORE_TOPIC, json.dumps({"container_id": cid, "outcome": what, "detail": detail}))
-
-    def control_service(self) -> Service:
-        from revenant_pb.revenant.v1 import control_pb2 as ctl
-
-        def do_checkpoint(ctx: Context, req: ctl.CheckpointRequest) -> ctl.CheckpointResponse:
-            timeout = req.timeout_ms / 1000 if req.timeout_ms else ctx.time_left()
-            r = self.checkpoint(req.id, exit=req.exit, reason=req.reason or "requested", timeout_s=timeout)
-            return ctl.CheckpointResponse(
-                key=r.key,
-                seq=r.seq,
-                bytes_read=r.bytes_read,
-                bytes_uploaded=r.bytes_uploaded,
-                freeze_s=r.freeze_s,
-                total_s=r.total_s,
-                stats_json=json.dumps(r.stats),
-            )
-
-        def do_status(ctx: Context, req: ctl.StatusRequest) -> ctl.StatusResponse:
-            p = self.get(req.id)
-            if p is None:
-                raise NotFound(f"container {req.id} is not protected by revenant")
-            return ctl.StatusResponse(record_json=self.record(p).to_json())
-
-        def do_stats(ctx: Context, req: ctl.StatsRequest) -> ctl.StatsResponse:
-            stats = self.engine.last_stats(req.id)  # every checkpoint of this shim goes through the engine
-            if stats is None:
-                raise NotFound(f"container {req.id} has no checkpoint in this shim")
-            p = self.get(req.id)
-            if p is not None and p.last_report is not None:
-                stats["revenant"] = p.last_report.as_dict()  # the store side of a protective checkpoint
-            return ctl.StatsResponse(stats_json=json.dumps(stats))
-
-        return Service(
-            CONTROL_SERVICE,
-            {
-                "Checkpoint": (ctl.CheckpointRequest, do_checkpoint),
-                "Status": (ctl.StatusRequest, do_status),
-                "Stats": (ctl.StatsRequest, do_stats),
-            },
-        )

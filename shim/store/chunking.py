@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import zstandard
 
+from shim import errors
+
 from .errors import StoreError
 from .limits import MAX_CHUNK_LEN, bounded_zstd_decode
 
@@ -30,7 +32,7 @@ MIN_SAVING = 0.03
 MAX_CHUNKER_SIZE = MAX_CHUNK_LEN // 4
 
 
-class ChunkDecodeError(StoreError):
+class ChunkDecodeError(StoreError, errors.DataLoss):
     """A stored chunk object that is not a valid encoding of a chunk of the expected length."""
 
 

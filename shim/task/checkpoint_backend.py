@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 from shim.checkpoint.engine import CheckpointEngine, CheckpointError, CheckpointResult
 from shim.checkpoint.image_check import DamagedImage, check_image_dir
 from shim.checkpoint.options import CheckpointOptions, RestoreOptions
+from shim.errors import FailedPrecondition, InvalidArgument, RevenantError
 from shim.runc.driver import IOFds
-from shim.ttrpc import FailedPrecondition, InvalidArgument, TtrpcError
 
 if TYPE_CHECKING:
     from revenant_pb.containerd.task.v2 import shim_pb2 as api
-    from shim.task.service import Container
+    from shim.task.container import Container
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def link_or_copy_tree(src: Path, dst: Path) -> None:
 
 
 class RuncCheckpointBackend:
-    """shim.task.service.CheckpointBackend over the checkpoint engine."""
+    """shim.task.container.CheckpointBackend over the checkpoint engine."""
 
     def __init__(
         self,
@@ -98,7 +98,7 @@ class RuncCheckpointBackend:
                 container.runc, container.id, Path(target), options, keep_log_in=Path(container.bundle)
             )
         except CheckpointError as e:
-            raise TtrpcError(str(e)) from None
+            raise RevenantError(str(e)) from None
         self.last_results[container.id] = result
         if self.on_checkpoint is not None:
             self.on_checkpoint(container, result)
@@ -107,7 +107,8 @@ class RuncCheckpointBackend:
         self, container: Container, request: api.CreateTaskRequest, io: IOFds, console_socket: str | None
     ) -> None:
         """Remember how to restore at Start. The images are container.checkpoint: containerd's unpacked
-        copy (linked into the bundle here) or a directory the protection manager fetched from the store."""
+        copy (linked into the bundle here) or a directory the lifecycle hooks' restore plan names (one
+        protection fetched from the store)."""
         source = Path(container.checkpoint)
         if not (source / "inventory.img").is_file():
             raise InvalidArgument(f"{source} is not a CRIU checkpoint (no inventory.img)")
@@ -148,7 +149,7 @@ class RuncCheckpointBackend:
                 keep_log_in=bundle,
             )
         except CheckpointError as e:
-            raise TtrpcError(str(e)) from None  # the stdio stays ours: a fallback may still use it
+            raise RevenantError(str(e)) from None  # the stdio stays ours: a fallback may still use it
         with self._lock:
             self._pending.pop(container.id, None)
         if container.init.io is not None:

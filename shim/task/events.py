@@ -11,15 +11,15 @@ import queue
 import threading
 import time
 
-from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from revenant_pb.containerd.services.events.ttrpc.v1 import events_pb2
-from shim.ttrpc import NAMESPACE_KEY, Client, TtrpcError
+from shim.ttrpc import NAMESPACE_KEY, Client, ServiceClient, TtrpcError
 
 log = logging.getLogger(__name__)
 
-EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+EVENTS_API = events_pb2.DESCRIPTOR.services_by_name["Events"]
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 GIVE_UP_AFTER = 300.0  # a containerd away for 5 minutes will not want these events any more
 
@@ -53,6 +53,7 @@ class Publisher:
         self.address, self.namespace = address, namespace
         self._queue: queue.Queue[events_pb2.Envelope | None] = queue.Queue()
         self._client: Client | None = None
+        self._events: ServiceClient | None = None
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._thread.start()
 
@@ -83,20 +84,15 @@ class Publisher:
         attempt = 0
         while True:
             try:
-                if self._client is None or self._client.closed:
+                if self._client is None or self._events is None or self._client.closed:
                     self._client = Client(self.address, timeout=10.0)
-                self._client.call(
-                    EVENTS_SERVICE,
-                    "Forward",
-                    events_pb2.ForwardRequest(envelope=env),
-                    empty_pb2.Empty,
-                    metadata={NAMESPACE_KEY: self.namespace},
-                )
+                    self._events = ServiceClient(self._client, EVENTS_API, {NAMESPACE_KEY: self.namespace})
+                self._events.Forward(events_pb2.ForwardRequest(envelope=env))
                 return
             except (OSError, ConnectionError, TtrpcError) as e:
                 if self._client is not None:
                     self._client.close()
-                    self._client = None
+                    self._client, self._events = None, None
                 if time.monotonic() > deadline:
                     log.error("dropping event %s after %.0fs: %s", env.topic, GIVE_UP_AFTER, e)
                     return

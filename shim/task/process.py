@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
 
+from shim.errors import FailedPrecondition, NotFound
 from shim.task.stdio import ProcessIO
-from shim.ttrpc import FailedPrecondition, NotFound
 
 
 class State(enum.Enum):

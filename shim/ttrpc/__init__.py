@@ -3,13 +3,14 @@
 codec: sans-IO framing and message layer; errors: status codes and exceptions; server and client:
 threaded socket implementations on top of the codec; concurrency: the server's thread helpers.
 
-Serve:   Server([Service("containerd.task.v2.Task", {"State": (StateRequest, handler)})]).serve(listener)
-         where handler(ctx: Context, request) -> response message, raising NotFound etc. for errors.
-Call:    Client("unix:///path").call("svc.Name", "Method", request, ResponseType, timeout=5,
-                                     metadata={NAMESPACE_KEY: "default"})
+Serve:   Server([Service.from_descriptor(shim_pb2.DESCRIPTOR.services_by_name["Task"], impl)]).serve(listener)
+         where impl.State(ctx: Context, request) -> response message, raising shim.errors kinds
+         (NotFound etc.), which the server answers with their status code.
+Call:    ServiceClient(Client("unix:///path"), descriptor, {NAMESPACE_KEY: "default"}).State(req, timeout=5)
+         or, untyped, Client(...).call("svc.Name", "Method", request, ResponseType, timeout=5, metadata=...)
 """
 
-from shim.ttrpc.client import Client, parse_address
+from shim.ttrpc.client import Client, ServiceClient, parse_address
 from shim.ttrpc.errors import (
     Aborted,
     AlreadyExists,
@@ -30,6 +31,7 @@ from shim.ttrpc.errors import (
     Unimplemented,
     Unknown,
     error_from_status,
+    status_of,
 )
 from shim.ttrpc.server import NAMESPACE_KEY, Context, Handler, Server, Service
 
@@ -53,6 +55,7 @@ __all__ = [
     "ResourceExhausted",
     "Server",
     "Service",
+    "ServiceClient",
     "TtrpcError",
     "Unauthenticated",
     "Unavailable",
@@ -60,4 +63,5 @@ __all__ = [
     "Unknown",
     "error_from_status",
     "parse_address",
+    "status_of",
 ]

@@ -11,9 +11,12 @@ import contextlib
 import logging
 import socket
 import threading
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from revenant_pb.ttrpc import ttrpc_pb2
 from shim.ttrpc.codec import MAX_PAYLOAD, ClientProtocol, ResponseReceived
@@ -219,3 +222,37 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ServiceClient:
+    """Typed calls to one service a .proto declares: `ServiceClient(client, desc, metadata).Checkpoint(req,
+    timeout=5)` sends to desc's full name and decodes the rpc's declared response type.
+
+    `metadata` goes with every call (e.g. {NAMESPACE_KEY: "default"}). A request of another type than
+    the rpc takes, or an rpc the service does not declare, fails before anything is sent."""
+
+    def __init__(self, client: Client, descriptor: ServiceDescriptor, metadata: dict[str, str] | None = None) -> None:
+        self.client = client
+        self.descriptor = descriptor
+        self.metadata = dict(metadata or {})
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = self.descriptor.methods_by_name.get(name)
+        if method is None:
+            raise AttributeError(f"{self.descriptor.full_name} has no rpc {name}")
+        return lambda request, timeout=None: self._call(method, request, timeout)
+
+    def _call(self, method: MethodDescriptor, request: Message, timeout: float | None) -> Any:
+        if request.DESCRIPTOR is not method.input_type:
+            raise TypeError(
+                f"{self.descriptor.full_name}/{method.name} takes {method.input_type.full_name}, "
+                f"not {request.DESCRIPTOR.full_name}"
+            )
+        return self.client.call(
+            self.descriptor.full_name,
+            method.name,
+            request,
+            GetMessageClass(method.output_type),
+            timeout=timeout,
+            metadata=self.metadata,
+        )

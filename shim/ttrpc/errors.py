@@ -1,12 +1,16 @@
 """ttrpc status codes (the gRPC code set) and the exceptions that carry them across the wire.
 
-A handler raises a TtrpcError subclass to answer with its code; the client raises the subclass that
-matches the code it got back, so `except NotFound` works the same on both sides.
+Handlers raise revenant's domain errors (shim.errors); the server turns them into their status code
+at its edge (status_of). The client raises the TtrpcError subclass that matches the code it got back.
+Each of those is also the matching domain kind, so `except shim.errors.NotFound` catches a local
+NotFound and a remote one alike.
 """
 
 from __future__ import annotations
 
 import enum
+
+from shim import errors
 
 
 class Code(enum.IntEnum):
@@ -29,8 +33,8 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
 
-class TtrpcError(Exception):
-    """An RPC failure with a status code. Raise it (or a subclass) from a handler to choose the code."""
+class TtrpcError(errors.RevenantError):
+    """An RPC failure with a status code, as a client sees it (or a handler that picks a code itself)."""
 
     code: Code | int = Code.UNKNOWN  # an int for a code this side does not know (kept, not mapped)
 
@@ -44,7 +48,7 @@ class TtrpcError(Exception):
         return f"{self.message} (ttrpc code {int(self.code)} {_code_name(self.code)})"
 
 
-class Cancelled(TtrpcError):
+class Cancelled(TtrpcError, errors.Cancelled):
     code = Code.CANCELLED
 
 
@@ -52,59 +56,59 @@ class Unknown(TtrpcError):
     code = Code.UNKNOWN
 
 
-class InvalidArgument(TtrpcError):
+class InvalidArgument(TtrpcError, errors.InvalidArgument):
     code = Code.INVALID_ARGUMENT
 
 
-class DeadlineExceeded(TtrpcError):
+class DeadlineExceeded(TtrpcError, errors.DeadlineExceeded):
     code = Code.DEADLINE_EXCEEDED
 
 
-class NotFound(TtrpcError):
+class NotFound(TtrpcError, errors.NotFound):
     code = Code.NOT_FOUND
 
 
-class AlreadyExists(TtrpcError):
+class AlreadyExists(TtrpcError, errors.AlreadyExists):
     code = Code.ALREADY_EXISTS
 
 
-class PermissionDenied(TtrpcError):
+class PermissionDenied(TtrpcError, errors.PermissionDenied):
     code = Code.PERMISSION_DENIED
 
 
-class ResourceExhausted(TtrpcError):
+class ResourceExhausted(TtrpcError, errors.ResourceExhausted):
     code = Code.RESOURCE_EXHAUSTED
 
 
-class FailedPrecondition(TtrpcError):
+class FailedPrecondition(TtrpcError, errors.FailedPrecondition):
     code = Code.FAILED_PRECONDITION
 
 
-class Aborted(TtrpcError):
+class Aborted(TtrpcError, errors.Aborted):
     code = Code.ABORTED
 
 
-class OutOfRange(TtrpcError):
+class OutOfRange(TtrpcError, errors.OutOfRange):
     code = Code.OUT_OF_RANGE
 
 
-class Unimplemented(TtrpcError):
+class Unimplemented(TtrpcError, errors.Unimplemented):
     code = Code.UNIMPLEMENTED
 
 
-class Internal(TtrpcError):
+class Internal(TtrpcError, errors.Internal):
     code = Code.INTERNAL
 
 
-class Unavailable(TtrpcError):
+class Unavailable(TtrpcError, errors.Unavailable):
     code = Code.UNAVAILABLE
 
 
-class DataLoss(TtrpcError):
+class DataLoss(TtrpcError, errors.DataLoss):
     code = Code.DATA_LOSS
 
 
-class Unauthenticated(TtrpcError):
+class Unauthenticated(TtrpcError, errors.Unauthenticated):
     code = Code.UNAUTHENTICATED
 
 
@@ -129,6 +133,35 @@ _BY_CODE: dict[int, type[TtrpcError]] = {
         Unauthenticated,
     )
 }
+
+
+# Domain kind -> the code it travels as (containerd's errdefs mapping). Most specific first: a wire
+# error is matched by its own code before this table is consulted.
+_CODE_OF: tuple[tuple[type[errors.RevenantError], Code], ...] = (
+    (errors.Cancelled, Code.CANCELLED),
+    (errors.InvalidArgument, Code.INVALID_ARGUMENT),
+    (errors.DeadlineExceeded, Code.DEADLINE_EXCEEDED),
+    (errors.NotFound, Code.NOT_FOUND),
+    (errors.AlreadyExists, Code.ALREADY_EXISTS),
+    (errors.PermissionDenied, Code.PERMISSION_DENIED),
+    (errors.ResourceExhausted, Code.RESOURCE_EXHAUSTED),
+    (errors.FailedPrecondition, Code.FAILED_PRECONDITION),
+    (errors.Aborted, Code.ABORTED),
+    (errors.OutOfRange, Code.OUT_OF_RANGE),
+    (errors.Unimplemented, Code.UNIMPLEMENTED),
+    (errors.Internal, Code.INTERNAL),
+    (errors.Unavailable, Code.UNAVAILABLE),
+    (errors.DataLoss, Code.DATA_LOSS),
+    (errors.Unauthenticated, Code.UNAUTHENTICATED),
+)
+
+
+def status_of(exc: errors.RevenantError) -> tuple[Code | int, str]:
+    """The status (code, message) a domain error answers with; a plain RevenantError is Unknown."""
+    if isinstance(exc, TtrpcError):
+        return exc.code, exc.message
+    code = next((c for kind, c in _CODE_OF if isinstance(exc, kind)), Code.UNKNOWN)
+    return code, str(exc)
 
 
 def error_from_status(code: int, message: str) -> TtrpcError:

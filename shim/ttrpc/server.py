@@ -16,12 +16,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from revenant_pb.ttrpc import ttrpc_pb2
+from shim.errors import RevenantError
 from shim.ttrpc.codec import RequestReceived, ServerProtocol, StreamRejected, encode_response
 from shim.ttrpc.concurrency import DeadlineWatcher, Workers
-from shim.ttrpc.errors import Code, TtrpcError
+from shim.ttrpc.errors import Code, status_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,27 @@ Handler = Callable[[Context, Message], Message]
 class Service:
     name: str  # full proto name, e.g. "containerd.task.v2.Task"
     methods: dict[str, tuple[type[Message], Handler]]  # bare method name -> (request class, handler)
+
+    @classmethod
+    def from_descriptor(cls, descriptor: ServiceDescriptor, impl: object) -> Service:
+        """The service a .proto declares (`<module>_pb2.DESCRIPTOR.services_by_name[NAME]`), served by
+        `impl`, which has one method `Name(ctx, request) -> response` per rpc. An impl that lacks one is
+        refused here, at registration, rather than answering Unimplemented on the first call."""
+        methods: dict[str, tuple[type[Message], Handler]] = {}
+        missing = []
+        for method in descriptor.methods:
+            if method.client_streaming or method.server_streaming:
+                raise ValueError(f"{descriptor.full_name}/{method.name}: streaming rpcs are not supported")
+            handler = getattr(impl, method.name, None)
+            if not callable(handler):
+                missing.append(method.name)
+                continue
+            methods[method.name] = (GetMessageClass(method.input_type), handler)
+        if missing:
+            raise TypeError(
+                f"{type(impl).__name__} cannot serve {descriptor.full_name}: no method {', '.join(missing)}"
+            )
+        return cls(descriptor.full_name, methods)
 
 
 class Server:
@@ -240,9 +264,10 @@ class Server:
         try:
             result = handler(ctx, msg)
             return Code.OK, "", result.SerializeToString()
-        except TtrpcError as exc:
-            log.debug("ttrpc: %s/%s -> %s", req.service, req.method, exc)
-            return exc.code, exc.message, b""
+        except RevenantError as exc:  # the edge: a domain error becomes its status code here
+            code, message = status_of(exc)
+            log.debug("ttrpc: %s/%s -> %s (code %d)", req.service, req.method, message, code)
+            return code, message, b""
         except Exception as exc:
             log.exception("ttrpc: handler %s/%s failed", req.service, req.method)
             return Code.INTERNAL, str(exc) or type(exc).__name__, b""

@@ -23,9 +23,9 @@ import pytest
 from harness.metadata_server import MetadataServer
 from revenant_pb.revenant.v1 import control_pb2
 from shim.protect.registry import LastCheckpoint, TaskRecord, write_task
-from shim.ttrpc import Context, Internal, NotFound, Server, Service
+from shim.ttrpc import Context, Internal, NotFound, Server, Service, Unimplemented
 
-CONTROL = "revenant.v1.Control"
+CONTROL = control_pb2.DESCRIPTOR.services_by_name["Control"]
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ class StandInShim:
     release: threading.Event = field(default_factory=threading.Event)
     server: Server | None = None
 
-    def checkpoint(self, ctx: Context, req: control_pb2.CheckpointRequest) -> control_pb2.CheckpointResponse:
+    def Checkpoint(self, ctx: Context, req: control_pb2.CheckpointRequest) -> control_pb2.CheckpointResponse:
         self.calls.append(Call(ctx.namespace, req, ctx.time_left()))
         if ctx.namespace != self.record.namespace or req.id != self.record.id:
             raise NotFound(f"container {ctx.namespace}/{req.id} not found")
@@ -81,8 +81,11 @@ class StandInShim:
             key=self.record.key, seq=seq, bytes_read=8192, bytes_uploaded=4096, freeze_s=0.005, total_s=0.01
         )
 
-    def status(self, ctx: Context, req: control_pb2.StatusRequest) -> control_pb2.StatusResponse:
+    def Status(self, ctx: Context, req: control_pb2.StatusRequest) -> control_pb2.StatusResponse:
         return control_pb2.StatusResponse(record_json=self.record.to_json())
+
+    def Stats(self, ctx: Context, req: control_pb2.StatsRequest) -> control_pb2.StatsResponse:
+        raise Unimplemented("the stand-in takes no real checkpoints")
 
 
 @dataclass
@@ -108,13 +111,7 @@ class StandIns:
             task_pid=2,
         )
         shim = StandInShim(record, behavior, self.run_dir, self.timeline)
-        svc = Service(
-            CONTROL,
-            {
-                "Checkpoint": (control_pb2.CheckpointRequest, shim.checkpoint),
-                "Status": (control_pb2.StatusRequest, shim.status),
-            },
-        )
+        svc = Service.from_descriptor(CONTROL, shim)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(address.removeprefix("unix://"))
         listener.listen(16)

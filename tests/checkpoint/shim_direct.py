@@ -22,11 +22,11 @@ from harness.containerd import ContainerdNode
 from revenant_pb.containerd.runc.v1 import oci_pb2
 from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from revenant_pb.containerd.types import mount_pb2
-from shim.ttrpc import NAMESPACE_KEY, Client
+from shim.ttrpc import NAMESPACE_KEY, Client, ServiceClient
 
 from .util import container_spec, ctr
 
-TASK = "containerd.task.v2.Task"
+TASK = api.DESCRIPTOR.services_by_name["Task"]
 
 
 class Shim:
@@ -36,32 +36,29 @@ class Shim:
         self.node = node
         self.address = (node.bundle(serving) / "address").read_text().strip()
 
-    def call(self, method: str, request, response_type, timeout: float = 120):
+    def call(self, method: str, request, timeout: float = 120):
         with Client(self.address, timeout=timeout) as client:
-            return client.call(TASK, method, request, response_type, metadata={NAMESPACE_KEY: self.node.namespace})
+            task = ServiceClient(client, TASK, {NAMESPACE_KEY: self.node.namespace})
+            return getattr(task, method)(request, timeout=timeout)
 
     def checkpoint(self, cid: str, image_dir: Path, exit: bool = False) -> None:
-        from google.protobuf import empty_pb2
-
         opts = oci_pb2.CheckpointOptions(exit=exit, image_path=str(image_dir))
         req = api.CheckpointTaskRequest(id=cid, path=str(image_dir))
         req.options.Pack(opts)
-        self.call("Checkpoint", req, empty_pb2.Empty)
+        self.call("Checkpoint", req)
 
     def status(self, cid: str) -> int:
-        return self.call("State", api.StateRequest(id=cid), api.StateResponse).status
+        return self.call("State", api.StateRequest(id=cid)).status
 
     def create_from_checkpoint(self, cid: str, bundle: Path, rootfs: list[mount_pb2.Mount], image_dir: Path) -> int:
         req = api.CreateTaskRequest(id=cid, bundle=str(bundle), rootfs=rootfs, checkpoint=str(image_dir))
-        return self.call("Create", req, api.CreateTaskResponse).pid
+        return self.call("Create", req).pid
 
     def start(self, cid: str) -> int:
-        return self.call("Start", api.StartRequest(id=cid), api.StartResponse).pid
+        return self.call("Start", api.StartRequest(id=cid)).pid
 
     def kill(self, cid: str, signal: int) -> None:
-        from google.protobuf import empty_pb2
-
-        self.call("Kill", api.KillRequest(id=cid, signal=signal), empty_pb2.Empty)
+        self.call("Kill", api.KillRequest(id=cid, signal=signal))
 
     def remove(self, cid: str) -> None:
         """Kill (if running), wait and delete, as containerd does for `ctr task rm -f`."""
@@ -70,8 +67,8 @@ class Shim:
         with contextlib.suppress(TtrpcError):  # created-only or already stopped
             self.kill(cid, 9)
         if self.status(cid) in (2, 4):
-            self.call("Wait", api.WaitRequest(id=cid), api.WaitResponse, timeout=60)
-        self.call("Delete", api.DeleteRequest(id=cid), api.DeleteResponse)
+            self.call("Wait", api.WaitRequest(id=cid), timeout=60)
+        self.call("Delete", api.DeleteRequest(id=cid))
 
 
 def snapshot_mounts(node: ContainerdNode, key: str) -> list[mount_pb2.Mount]:

@@ -98,7 +98,7 @@ def test_external_netns_moves_to_another_namespace_path(node_factory, test_image
         seen: dict[str, int] = {}
 
         def check_netns() -> None:
-            pid = shim.call("State", api.StateRequest(id="ck-net"), api.StateResponse).pid
+            pid = shim.call("State", api.StateRequest(id="ck-net")).pid
             seen["inode"] = netns_inode_of(pid)
 
         resume_from(

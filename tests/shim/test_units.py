@@ -9,13 +9,13 @@ import pytest
 
 from revenant_pb.containerd.runc.v1 import oci_pb2
 from revenant_pb.containerd.task.v2 import shim_pb2
-from shim.daemon import main
+from shim.daemon import grouping, main
+from shim.errors import FailedPrecondition, NotFound
 from shim.runc.reaper import exit_status_of
 from shim.task import runtime_options
 from shim.task.mounts import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REC, parse_options
 from shim.task.process import Process, State
 from shim.task.stats import metrics_from_runc
-from shim.ttrpc import FailedPrecondition, NotFound
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,8 @@ def test_delete_response_encoding_matches_protobuf(pid, status, ns):
 
 def test_socket_path_is_containerd_hash():
     want = hashlib.sha256(b"/run/c.sock/ns1/ctr").hexdigest()
-    assert main.socket_path("/run/c.sock", "ns1", "ctr") == f"/run/containerd/s/{want}"
-    assert main.socket_path("/run//c.sock/", "ns1", "ctr") == f"/run/containerd/s/{want}"  # cleaned like Go
+    assert grouping.socket_path("/run/c.sock", "ns1", "ctr") == f"/run/containerd/s/{want}"
+    assert grouping.socket_path("/run//c.sock/", "ns1", "ctr") == f"/run/containerd/s/{want}"  # cleaned like Go
 
 
 def test_parse_go_style_flags():
@@ -54,13 +54,13 @@ def test_parse_go_style_flags():
 def test_group_annotation_selects_the_sandbox(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("REVENANT_SHIM_SHARED", raising=False)
-    assert main._group_of("c1") == "c1"  # default: a shim per container
+    assert grouping.group_of("c1") == "c1"  # default: a shim per container
     monkeypatch.setenv("REVENANT_SHIM_SHARED", "1")
-    assert main._group_of("c1") == main.SHARED_GROUP  # no sandbox: the namespace's shared shim
+    assert grouping.group_of("c1") == grouping.SHARED_GROUP  # no sandbox: the namespace's shared shim
     (tmp_path / "config.json").write_text('{"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}}')
-    assert main._group_of("c1") == "pod1"
+    assert grouping.group_of("c1") == "pod1"
     monkeypatch.delenv("REVENANT_SHIM_SHARED")
-    assert main._group_of("c1") == "pod1"
+    assert grouping.group_of("c1") == "pod1"
 
 
 def test_ttrpc_status_parsing():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from shim.checkpoint.engine import CheckpointResult
@@ -27,7 +28,7 @@ class DeletedDuringDump:
         image_dir.mkdir(parents=True, exist_ok=True)
         (image_dir / "inventory.img").write_bytes(b"image")
         assert self.manager is not None
-        self.manager.deleted(cid)
+        self.manager.deleted(SimpleNamespace(id=cid))  # the hook takes the container; only its id matters here
         return CheckpointResult(image_dir, 0.01, None, 5)
 
     def forget(self, cid: str) -> None:

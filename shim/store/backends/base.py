@@ -12,17 +12,19 @@ from typing import TypeVar
 
 import blake3
 
+from shim import errors
+
 from ..errors import BackendUnavailable, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class TransientError(StoreError):
+class TransientError(StoreError, errors.Unavailable):
     """A failure worth retrying (connection refused, timeout, 5xx)."""
 
 
-class NotFound(StoreError):
+class NotFound(StoreError, errors.NotFound):
     """The object does not exist in the backend."""
 
 
@@ -33,7 +35,7 @@ class LockState:
     age: float | None  # seconds since it was last written, on the backend's own clock; None: unknown
 
 
-class TooLarge(StoreError):
+class TooLarge(StoreError, errors.DataLoss):
     """A stored object (or a server's answer) is larger than anything the store writes: not read."""
 
 
