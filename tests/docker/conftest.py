@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.agent_fixtures import agent_factory, metadata_server  # noqa: F401
 from harness.docker import REVENANT_RUNTIME, RUNC_RUNTIME, DockerHost
 from harness.images import TestImages
-from harness.metadata_server import MetadataServer
-from harness.protect import AgentProcess
 
 FAILED_LOGS = Path(__file__).resolve().parents[2] / "test-logs"
 
@@ -46,28 +45,3 @@ def docker_host_factory(
 @pytest.fixture(params=[RUNC_RUNTIME, REVENANT_RUNTIME], ids=["runc", "revenant"])
 def runtime(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-@pytest.fixture
-def metadata_server() -> Iterator[MetadataServer]:
-    srv = MetadataServer(("aws",)).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """agent_factory(run_dir, metadata_url) -> a started `revenant agent` process (stopped at teardown)."""
-    agents: list[AgentProcess] = []
-
-    def make(run_dir: Path, metadata_url: str) -> AgentProcess:
-        agent = AgentProcess(run_dir, metadata_url, tmp_path / f"agent-{len(agents)}.log")
-        agents.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()

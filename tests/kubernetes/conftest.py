@@ -15,11 +15,10 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from harness.agent_fixtures import agent_factory, metadata_server  # noqa: E402, F401
 from harness.containerd import CRI_NAMESPACE, ContainerdNode  # noqa: E402
 from harness.cri import CriClient  # noqa: E402
 from harness.images import TestImages, build_pause_image  # noqa: E402
-from harness.metadata_server import MetadataServer  # noqa: E402
-from harness.protect import AgentProcess  # noqa: E402
 from tests.harness.servers import _registry  # noqa: E402, F401
 
 VERSIONS = ("1.6", "1.7")
@@ -88,27 +87,3 @@ def cri_node_factory(test_images, pause_image, tmp_path: Path) -> Iterator[Calla
     for n in reversed(nodes):
         n.close()
         n.node.destroy(keep_logs_in=KEEP_LOGS)
-
-
-@pytest.fixture
-def metadata_server() -> Iterator[MetadataServer]:
-    srv = MetadataServer(("aws",)).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    agents: list[AgentProcess] = []
-
-    def make(run_dir: Path, metadata_url: str) -> AgentProcess:
-        agent = AgentProcess(run_dir, metadata_url, tmp_path / f"agent-{len(agents)}.log")
-        agents.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()
