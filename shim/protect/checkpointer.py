@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,23 @@ class ProtectedContainer:
     checkpoint_options: CheckpointOptions = field(default_factory=CheckpointOptions)
     extra_metadata: Callable[[], dict[str, Any]] | None = None  # e.g. GPU state of the dump
     keep_seqs: frozenset[int] = frozenset()  # checkpoints retention must leave alone (module docstring)
+    # The key's owner epoch this container claimed in the store (fencing); 0: the store cannot fence.
+    epoch: int | None = None
+    owner_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def claim_key(c: ProtectedContainer, store: Any) -> int | None:
+    """Become the key's owner in the store once per container: every later put carries the epoch, and a
+    node that claims after us (a restore elsewhere, after a partition) makes our puts fail with Fenced
+    instead of interleaving with its checkpoints. None where the store cannot fence (a registry)."""
+    with c.owner_lock:
+        if c.epoch is None:
+            if not store.can_fence:
+                c.epoch = 0
+                log.warning("%s: store %s cannot fence writers; two nodes could interleave", c.id, store.url)
+            else:
+                c.epoch = store.claim(c.protection.key, owner=f"{socket.gethostname()}/{c.namespace}/{c.id}")
+        return c.epoch or None
 
 
 @dataclass
@@ -111,7 +129,10 @@ class Checkpointer:
                 metadata.update(c.extra_metadata())
             upload_start = time.monotonic()
             with self.open_store(c.protection.store) as store:
-                info = store.put(c.protection.key, staging, metadata=metadata, progress=_progress_logger(c))
+                epoch = claim_key(c, store)
+                info = store.put(
+                    c.protection.key, staging, metadata=metadata, progress=_progress_logger(c), epoch=epoch
+                )
                 pruned = prune_superseded(store, c.protection.key, c.protection.keep, c.keep_seqs)
             upload_s = time.monotonic() - upload_start
         except BaseException:

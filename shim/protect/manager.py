@@ -38,10 +38,11 @@ from shim.protect.policy import (
     PolicyError,
     protection_for,
 )
+from shim.store.errors import Fenced
 from shim.task import mounts
 from shim.task.hooks import ContainerControl, RestorePlan
 
-from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer
+from .checkpointer import Checkpointer, CheckpointReport, ProtectedContainer, claim_key
 from .image_identity import ImageIdentity, ImageLookup
 from .periodic import PeriodicCheckpoints
 from .restarts import Attempt, KeyHistory, RestartPolicy, decide
@@ -361,6 +362,19 @@ class ProtectionManager:
             self._history.setdefault(pc.protection.key, KeyHistory()).last = p.attempt
         self._start_periodic(c, p)
         self._write_record(p)
+        # Take the key's owner epoch now, not at the first checkpoint: an old owner cut off by a partition
+        # is fenced at once. In the background (it is a store round trip); a checkpoint claims if this fails.
+        threading.Thread(target=self._claim_key, args=(pc,), name=f"claim-{c.id}", daemon=True).start()
+
+    @staticmethod
+    def _claim_key(pc: ProtectedContainer) -> None:
+        from shim.store import open_store
+
+        try:
+            with open_store(pc.protection.store) as store:
+                claim_key(pc, store)
+        except Exception as e:  # the store may be down now; the first checkpoint claims then
+            log.warning("%s/%s: cannot claim key %s yet: %s", pc.namespace, pc.id, pc.protection.key, e)
 
     def _start_periodic(self, c: ContainerControl, p: Protected) -> None:
         if p.container.protection.interval_s > 0:
@@ -392,6 +406,12 @@ class ProtectionManager:
             raise RevenantError(p.last_error) from None
         except Exception as e:  # store errors and the like: report, keep the task protected
             p.last_error = f"{reason} checkpoint failed: {type(e).__name__}: {e}"
+            if isinstance(e, Fenced):
+                # Another node claimed the key (it restored this job after a partition): this copy
+                # must not write under the key again, and periodic attempts would only be refused.
+                log.error("%s/%s: %s; periodic checkpoints stop", pc.namespace, cid, e)
+                if p.periodic is not None:
+                    p.periodic.stop()
             self._write_record(p)
             raise RevenantError(p.last_error) from None
         finally:

@@ -43,6 +43,7 @@ class CheckpointInfo:
     chunks_new: int
     metadata: dict[str, Any] = field(default_factory=dict)
     name: str = ""  # backend object name of the manifest (seq + writer nonce)
+    epoch: int | None = None  # the writer's owner epoch (Store.claim); None for a put without one
 
     @property
     def dedup_ratio(self) -> float:
@@ -62,6 +63,7 @@ class CheckpointInfo:
             "chunks_new": self.chunks_new,
             "dedup_ratio": round(self.dedup_ratio, 3),
             "metadata": self.metadata,
+            **({"epoch": self.epoch} if self.epoch is not None else {}),
         }
 
 
@@ -94,6 +96,7 @@ class Manifest:
             chunks_new=s.get("chunks_new", 0),
             metadata=self.metadata,
             name=name,
+            epoch=self.epoch,
         )
 
     def chunk_digests(self) -> set[str]:

@@ -493,6 +493,11 @@ class Store:
         raise StoreError(f"put {key!r}: could not commit after 50 attempts (too many concurrent writers)")
 
     # ------------------------------------------------------------------ fencing
+    @property
+    def can_fence(self) -> bool:
+        """Whether the backend keeps owner epochs (file://, s3://); a registry cannot."""
+        return type(self.backend).create_epoch is not Backend.create_epoch
+
     def claim(self, key: str, owner: str) -> int:
         """Become the owner of key: take the next epoch (1, 2, ...) and return it.
 
