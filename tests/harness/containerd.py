@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from .images import PAUSE_REF
-from .tools import SYSTEM_PATH, require
+from .tools import SYSTEM_PATH, end_process, require
 from .wait import wait_until
 
 log = logging.getLogger(__name__)
@@ -213,20 +213,12 @@ class ContainerdNode:
         )
 
     def stop(self, timeout: float = 15) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        end_process(self._proc, timeout)
         self._proc = None
 
     def kill(self) -> None:
         """SIGKILL containerd (a node dying); shims and containers stay as they were."""
-        if self._proc and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        end_process(self._proc, None)
         self._proc = None
 
     def restart(self) -> None:

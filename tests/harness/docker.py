@@ -25,6 +25,7 @@ import pytest
 
 from .containerd import ContainerdNode
 from .images import TestImages
+from .tools import end_process
 from .wait import wait_until
 
 DOCKER_DIR = Path(os.environ.get("REVENANT_DOCKER_DIR", "/opt/revenant-test/docker"))
@@ -180,20 +181,12 @@ class DockerDaemon:
             self.docker("rm", "-f", *ids, check=False, timeout=120)
 
     def stop(self, timeout: float = 30) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        end_process(self._proc, timeout)
         self._proc = None
 
     def kill(self) -> None:
         """SIGKILL dockerd (a host dying along with its node)."""
-        if self._proc and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        end_process(self._proc, None)
         self._proc = None
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -17,3 +18,19 @@ def require(program: str, debian_package: str) -> str:
             pytrace=False,
         )
     return path
+
+
+def end_process(proc: subprocess.Popen | None, timeout: float | None) -> None:
+    """SIGTERM a daemon and wait up to `timeout` s, then SIGKILL it; timeout None: SIGKILL at once."""
+    if proc is None or proc.poll() is not None:
+        return
+    if timeout is None:
+        proc.kill()
+        proc.wait()
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
