@@ -116,7 +116,7 @@ def test_put_replaces_reused_chunks_a_gc_swept(url: str, tmp_path: Path, monkeyp
     """Defence in depth: a gc that (misconfigured with a much shorter stale time) took a slow put's lock
     for dead and swept chunks the put had reused; the put uploads them again before committing."""
     a, _b = two_checkpoints_one_pruned(url, tmp_path)
-    monkeypatch.setenv("REVENANT_FAULT_DELAY", "store.put.before_commit=8")
+    monkeypatch.setenv("REVENANT_FAULT_DELAY", "store.put.before_commit=12")
     done: list = []
     errors: list = []
 
@@ -129,10 +129,11 @@ def test_put_replaces_reused_chunks_a_gc_swept(url: str, tmp_path: Path, monkeyp
     t = threading.Thread(target=put)
     t.start()
     try:
-        time.sleep(0.3)
         gc_store = open_store(url, lock_stale=1)
-        deadline = time.monotonic() + 30
-        while "skipped" in (stats := gc_store.gc(grace_seconds=0)):
+        deadline = time.monotonic() + 9
+        # A gc that starts before the put writes its lock stops at its first delete (a writer appeared):
+        # go on until one sweeps, which it may once the put's lock looks stale to it.
+        while (stats := gc_store.gc(grace_seconds=0))["chunks_deleted"] == 0:
             assert time.monotonic() < deadline, stats
             time.sleep(0.2)
         assert t.is_alive(), "the gc must be over before the put re-checks (else the test proves nothing)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -382,6 +383,23 @@ def test_cli_round_trip(target: Target, tmp_path: Path) -> None:
     assert gc["pruned"] == {KEY: [1]}
     bad = cli("get", "--store", target.url, "--key", "missing", str(tmp_path / "x"), check=False)
     assert bad.returncode == 1 and "no committed checkpoint" in bad.stderr
+
+
+def test_oci_push_heals_a_blob_link_a_registry_crash_left_empty(oci_registry, tmp_path: Path) -> None:
+    """distribution answers HTTP 500 for a blob whose link file a crash (mid-upload) left empty; pushing
+    the blob again rewrites the link, so a put must push rather than retry the HEAD until it gives up."""
+    data = os.urandom(100_000)
+    digest = hashlib.sha256(data).hexdigest()
+    open_store(oci_registry.url).backend.put_chunk(digest, data)
+    repo = oci_registry.url.split("?")[0].rsplit("/", 1)[1]
+    links = list((oci_registry.server.root / "data").glob(f"docker/registry/v2/repositories/{repo}/_layers/*/*/link"))
+    assert links, "the registry stored no blob link where the test expects it"
+    for link in links:
+        link.write_bytes(b"")
+    backend = open_store(oci_registry.url).backend
+    backend.retries = 2
+    backend.put_chunk(digest, data)
+    assert backend.get_chunk(digest) == data
 
 
 def test_oci_artifacts_listed_by_registry_tools(oci_registry, tmp_path: Path) -> None:

@@ -131,11 +131,17 @@ class OCIBackend(Backend):
         return doc
 
     def _blob_exists(self, digest: str) -> bool:
+        """Whether the repository serves the blob. distribution answers HTTP 500 for a blob whose link
+        file a crash left empty, until the blob is pushed again: so 500 means "push it" (if the server
+        is down instead, the push fails and is retried)."""
         try:
-            self._req("HEAD", f"/blobs/{digest}", f"HEAD blob {digest}")
-            return True
+            r = self._req("HEAD", f"/blobs/{digest}", f"HEAD blob {digest}", ok=(200, 500))
         except NotFound:
             return False
+        if r.status == 500:
+            log.warning("registry %s answered HTTP 500 for blob %s; pushing it again", self.base, digest)
+            return False
+        return True
 
     def _upload_blob(self, data: bytes) -> str:
         digest = _sha(data)
