@@ -23,6 +23,13 @@ SEAL_OVERHEAD = 64
 MAX_CHUNK_OBJECT = MAX_CHUNK_LEN + 1 + SEAL_OVERHEAD
 MAX_MANIFEST_OBJECT = MAX_MANIFEST_BYTES + (1 << 20)
 MAX_LOCK_OBJECT = 64 << 10
+# Packs (shim.store.packs): a pack holds at most MAX_PACK_CHUNKS chunks and is sealed once it passes its
+# target size (pack_mb, at most MAX_PACK_MB), so one pack is never larger than the target plus one chunk
+# plus its trailer. An index object lists the packs of one flush.
+MAX_PACK_MB = 256
+MAX_PACK_CHUNKS = 1 << 16
+MAX_PACK_OBJECT = (MAX_PACK_MB << 20) + MAX_CHUNK_OBJECT + MAX_PACK_CHUNKS * 44 + 64
+MAX_INDEX_OBJECT = 256 << 20
 MAX_FILE_SIZE = 1 << 42  # 4 TiB apparent size (sparse files restore as holes)
 MAX_ID = 2**32 - 2  # uid/gid; 2**32 - 1 is "(uid_t) -1", which chown reads as "leave unchanged"
 NAME_MAX = 255

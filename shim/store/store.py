@@ -23,7 +23,7 @@ import blake3
 
 from ..faults import crash_point, delay_point
 from . import chunking
-from .backends.base import Backend, NotFound, TooLarge
+from .backends.base import Backend, Damaged, NotFound, TooLarge
 from .chunking import Chunker
 from .crypto import Keyring, StoreKey, sealed_manifest_key_id
 from .errors import (
@@ -666,7 +666,7 @@ class Store:
             blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
-        except TooLarge as e:
+        except (TooLarge, Damaged) as e:
             raise ChunkCorrupt(digest, str(e), where) from None
         if len(blob) > chunk_object_limit(length, sealed=key is not None):
             raise ChunkCorrupt(digest, f"is a {len(blob)}-byte object, too large for {length} bytes of data", where)

@@ -15,6 +15,7 @@ from shim.store.backends.local import LocalBackend
 from shim.store.backends.oci import OCIBackend
 from shim.store.backends.s3 import S3Backend
 from shim.store.keys import encode_key, tag_prefix
+from shim.store.packs import decode_trailer, encode_trailer, pack_name
 
 MIB = 1 << 20
 
@@ -106,9 +107,14 @@ def corrupt_chunk(store: Store, server, digest: str) -> None:
         data[len(data) // 2] ^= 0xFF
         p.write_bytes(bytes(data))
     elif isinstance(b, S3Backend):
-        key = f"{b.prefix}chunks/{digest[:2]}/{digest}"
+        key, pos = f"{b.prefix}chunks/{digest[:2]}/{digest}", None
+        if b.packs is not None:
+            b.packs.reload()
+            loc = b.packs._index.get(digest)
+            if loc is not None:  # packed: flip a byte inside its slice of the pack object
+                key, pos = f"{b.prefix}{pack_name(loc.pack)}", loc.offset + loc.length // 2
         data = bytearray(b.s3.get_object(Bucket=b.bucket, Key=key)["Body"].read())
-        data[len(data) // 2] ^= 0xFF
+        data[len(data) // 2 if pos is None else pos] ^= 0xFF
         b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(data))
     elif isinstance(b, OCIBackend):
         sha = b._locate(digest)[0].split(":", 1)[1]
@@ -202,6 +208,21 @@ def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
         p = b._chunk_path(digest)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
+    elif isinstance(b, S3Backend) and b.packs is not None:
+        # Packed: rewrite its pack with these bytes in the chunk's place and a trailer that says so, and
+        # drop the indexes, so readers take the pack's (forged) trailer as the truth.
+        b.packs.reload()
+        loc = b.packs._index[digest]
+        key = f"{b.prefix}{pack_name(loc.pack)}"
+        raw = b.s3.get_object(Bucket=b.bucket, Key=key)["Body"].read()
+        body, entries = bytearray(), []
+        for d, o, n in decode_trailer(raw, len(raw), key):
+            blob = data if d == digest else raw[o : o + n]
+            entries.append((d, len(body), len(blob)))
+            body += blob
+        b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(body + encode_trailer(entries)))
+        for name, _size, _mtime in list(b.list_objects("index/")):
+            b.delete_object(name)
     elif isinstance(b, S3Backend):
         b.s3.put_object(Bucket=b.bucket, Key=f"{b.prefix}chunks/{digest[:2]}/{digest}", Body=data)
     else:

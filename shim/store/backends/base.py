@@ -39,6 +39,10 @@ class TooLarge(StoreError, errors.DataLoss):
     """A stored object (or a server's answer) is larger than anything the store writes: not read."""
 
 
+class Damaged(StoreError, errors.DataLoss):
+    """A stored object is not what the store wrote (a pack shorter than its index says, a bad trailer)."""
+
+
 class Backend(ABC):
     """Objects of three kinds: chunks (by BLAKE3 digest), manifests (by key + name) and locks (by name).
 

@@ -1,8 +1,10 @@
-"""s3:// backend (boto3): s3://bucket/prefix?endpoint=http://host:port[&region=..][&multipart_mb=N].
+"""s3:// backend (boto3): s3://bucket/prefix?endpoint=http://host:port[&region=..][&multipart_mb=N]
+[&pack_mb=N][&packs=0].
 
 Credentials come the standard boto3 way (environment, ~/.aws, instance role). Objects larger than
-multipart_mb (default 8) go up as multipart uploads. Layout under prefix as in the file backend:
-chunks/<d[:2]>/<digest>, manifests/<encoded key>/<seq>-<nonce>, locks/<name>.
+multipart_mb (default 8) go up as multipart uploads. Chunks go into packs of pack_mb MiB (default 16,
+shim.store.packs: packs/, index/); `packs=0` stores one object per chunk (chunks/<d[:2]>/<digest>), which
+a packed store also reads. Manifests: manifests/<encoded key>/<seq>-<nonce>; locks: locks/<name>.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from botocore.config import Config
 from ..errors import StoreError
 from ..keys import decode_key, encode_key
 from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
-from .base import Backend, LockState, NotFound, TooLarge, TransientError
+from ..packs import PackStore, pack_mb, packs_enabled
+from .base import Backend, Damaged, LockState, NotFound, TooLarge, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,8 @@ def _classify(e: Exception, what: str) -> Exception:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFound(f"{what}: not found")
+        if code == "InvalidRange" or status == 416:
+            return Damaged(f"{what}: the object is shorter than the range asked for")
         if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"):
             return TransientError(f"{what}: {code} ({status})")
         return StoreError(f"{what}: {code}: {e}")
@@ -143,6 +148,7 @@ class S3Backend(Backend):
         self.transfer = TransferConfig(
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
         )
+        self.packs = PackStore(self, pack_mb(query)) if packs_enabled(query) else None
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
@@ -150,7 +156,7 @@ class S3Backend(Backend):
         except Exception as e:
             raise _classify(e, what) from e
 
-    def _put(self, name: str, data: bytes) -> None:
+    def _put(self, name: str, data: bytes | bytearray) -> None:
         key = self.prefix + name
         if len(data) >= self.multipart:
             self._call(
@@ -194,25 +200,82 @@ class S3Backend(Backend):
         except Exception as e:
             raise _classify(e, f"list {sub}") from e
 
+    # plain objects, for the pack layer (shim.store.packs.ObjectStore)
+    def put_object(self, name: str, data: bytes | bytearray) -> None:
+        self._put(name, data)
+
+    def get_object(self, name: str, limit: int) -> bytes:
+        return self._get(name, limit)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        key = self.prefix + name
+        what = f"get {key} bytes {offset}+{length}"
+        resp = self._call(
+            what, self.s3.get_object, Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+        )
+        body = resp["Body"]
+        try:
+            if resp.get("ContentLength") != length:
+                raise Damaged(f"{what}: the server answered {resp.get('ContentLength')} bytes (object too short?)")
+            data: bytes = self._call(f"read {key}", body.read, length + 1)
+        finally:
+            body.close()
+        if len(data) != length:
+            raise Damaged(f"{what}: read {len(data)} bytes")
+        return data
+
+    def object_exists(self, name: str) -> bool:
+        return self._exists(name)
+
+    def list_objects(self, sub: str) -> Iterator[tuple[str, int, float]]:
+        for obj in self._list(sub):
+            yield obj["Key"][len(self.prefix) :], obj.get("Size", 0), obj["LastModified"].timestamp()
+
+    def delete_object(self, name: str) -> None:
+        self._delete(name)
+
     # chunks
     def has_chunk(self, digest: str) -> bool:
+        if self.packs:
+            return self.packs.has_chunk(digest)
         return self._exists(f"chunks/{digest[:2]}/{digest}")
 
     def put_chunk(self, digest: str, data: bytes) -> None:
-        self._put(f"chunks/{digest[:2]}/{digest}", data)
+        if self.packs:
+            self.packs.put_chunk(digest, data)
+        else:
+            self._put(f"chunks/{digest[:2]}/{digest}", data)
 
     def get_chunk(self, digest: str) -> bytes:
+        if self.packs:
+            return self.packs.get_chunk(digest)
         return self._get(f"chunks/{digest[:2]}/{digest}", MAX_CHUNK_OBJECT)
 
     def delete_chunk(self, digest: str) -> None:
-        self._delete(f"chunks/{digest[:2]}/{digest}")
+        if self.packs:
+            self.packs.delete_chunk(digest)
+        else:
+            self._delete(f"chunks/{digest[:2]}/{digest}")
 
     def list_chunks(self) -> Iterator[tuple[str, float]]:
+        if self.packs:
+            yield from self.packs.list_chunks()
+            return
         for obj in self._list("chunks/"):
             yield obj["Key"].rsplit("/", 1)[-1], obj["LastModified"].timestamp()
 
+    def flush_chunks(self) -> None:
+        if self.packs:
+            self.packs.flush()
+
+    def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:
+        if self.packs:
+            self.packs.finish_gc(grace_seconds, proceed)
+
     # manifests
     def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
+        if self.packs:
+            self.packs.check_durable(chunks)  # a pack whose upload failed must never be referenced
         self._put(f"manifests/{encode_key(key)}/{name}", data)
 
     def get_manifest(self, key: str, name: str) -> bytes:
@@ -326,4 +389,6 @@ class S3Backend(Backend):
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def close(self) -> None:
+        if self.packs:
+            self.packs.close()
         self.s3.close()

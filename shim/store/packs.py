@@ -1,0 +1,576 @@
+"""Packs above a dumb object store: many chunk blobs per remote object (the remote stores' chunk layer).
+
+A remote store pays a request per object; at one object per 64 KiB chunk the request rate, not the
+bandwidth, bounds a put. PackStore appends chunk blobs (already compressed, and sealed when the store is
+encrypted) to pack objects of a target size and uploads full packs in the background while the put goes
+on (at most `uploads` packs in flight, so memory stays near (uploads + 1) x pack size).
+
+Layout under the backend's prefix:
+  packs/<id[:2]>/<id>   chunk blobs back to back, then a trailer: one (digest, offset, length) entry per
+                        chunk, then a footer (entry count, format version, magic). A pack describes itself:
+                        a lost or damaged index is rebuilt from pack trailers (two ranged GETs a pack).
+  index/<id>            one per flush: the packs it uploaded and their entries, so readers list and read
+                        the indexes instead of every pack.
+
+Durability: a pack is PUT whole (one request, or a multipart upload completed at once); its index is
+written after every pack it names is stored; flush_chunks, which the Store calls before a manifest, returns
+only when both are. put_manifest refuses a manifest naming a chunk this process does not know to be in an
+indexed pack (or a loose object), so a pack upload that failed in the background can never be referenced.
+
+Readers: the index set is rebuilt from one listing of index/ and then one of packs/ (in that order: a pack
+is stored before any index names it, so every pack a listed index names is either listed or deleted). An
+index entry for a pack no longer listed is dropped; a listed pack no index covers (a writer killed between
+its pack and its index, or an index lost) is adopted: its trailer is read and a new index written for it.
+Chunks stored one object each (chunks/<d[:2]>/<digest>, stores written before packs) stay readable and
+deletable: a chunk not in any pack index is looked up as an object.
+
+gc: delete_chunk marks packed chunks dead; finish_gc deletes packs with no live chunk and rewrites packs
+whose dead share reaches REPACK_SHARE (live chunks into new packs, durable with their index, before the old
+pack goes), asking proceed() before each removal; then indexes naming removed packs are replaced. Until a
+pack is removed, its dead chunks stay readable, so stopping anywhere loses nothing.
+
+Everything read back (index objects, trailers) is bounded and checked (shim.store.limits); a chunk's bytes
+are verified against its digest by the Store.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from ..faults import crash_point
+from .backends.base import Damaged, NotFound
+from .errors import StoreError
+from .limits import MAX_CHUNK_OBJECT, MAX_INDEX_OBJECT, MAX_PACK_CHUNKS, MAX_PACK_MB, MAX_PACK_OBJECT
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENTRY = struct.Struct("<32sQI")  # digest, offset, length
+FOOTER = struct.Struct("<II8s")  # entry count, format version, magic
+PACK_MAGIC = b"RVNTPACK"
+INDEX_MAGIC = b"RVNTIDX1"
+INDEX_HEAD = struct.Struct("<8sI")  # magic, pack count
+INDEX_PACK = struct.Struct("<16sI")  # pack id, entry count
+VERSION = 1
+DEFAULT_PACK_MB = 16
+REPACK_SHARE = 0.3  # rewrite a pack once this share of its bytes is dead
+TAIL_READ = 64 << 10  # first guess at a trailer's size: one ranged GET covers ~1,500 entries
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+Entry = tuple[str, int, int]  # digest, offset, length
+
+
+class ObjectStore(Protocol):
+    """The plain object operations a backend gives the pack layer (names are relative to its prefix)."""
+
+    url: str
+
+    def retry(self, what: str, fn: Callable[[], T]) -> T: ...
+    def put_object(self, name: str, data: bytes | bytearray) -> None: ...
+    def get_object(self, name: str, limit: int) -> bytes:
+        """NotFound when absent, TooLarge when over limit."""
+        ...
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """Exactly length bytes at offset; NotFound when absent, Damaged when the object is shorter."""
+        ...
+
+    def object_exists(self, name: str) -> bool: ...
+
+    def list_objects(self, sub: str) -> Iterator[tuple[str, int, float]]:
+        """(name, size, last-modified unix time) of every object whose name starts with sub."""
+        ...
+
+    def delete_object(self, name: str) -> None: ...
+
+
+def pack_mb(query: dict[str, str]) -> int:
+    """The pack target size from a URL's `pack_mb=` (bounded: a typo must not mean 1 TiB buffers)."""
+    raw = query.get("pack_mb", str(DEFAULT_PACK_MB))
+    try:
+        mb = int(raw)
+    except ValueError:
+        raise StoreError(f"pack_mb must be a whole number of MiB, got {raw!r}") from None
+    if not 1 <= mb <= MAX_PACK_MB:
+        raise StoreError(f"pack_mb must be between 1 and {MAX_PACK_MB}, got {mb}")
+    return mb
+
+
+def packs_enabled(query: dict[str, str]) -> bool:
+    return query.get("packs", "1") not in ("0", "false", "no")
+
+
+def pack_name(pack: str) -> str:
+    return f"packs/{pack[:2]}/{pack}"
+
+
+def loose_name(digest: str) -> str:
+    return f"chunks/{digest[:2]}/{digest}"
+
+
+# ---------------------------------------------------------------------- formats
+def encode_trailer(entries: list[Entry]) -> bytes:
+    body = b"".join(ENTRY.pack(bytes.fromhex(d), o, n) for d, o, n in entries)
+    return body + FOOTER.pack(len(entries), VERSION, PACK_MAGIC)
+
+
+def trailer_size(footer: bytes, pack_size: int, what: str) -> int:
+    """The whole trailer's size from a pack's last FOOTER.size bytes, checked against the pack's size."""
+    if len(footer) != FOOTER.size:
+        raise Damaged(f"{what}: too short for a pack ({pack_size} bytes)")
+    count, version, magic = FOOTER.unpack(footer)
+    if magic != PACK_MAGIC:
+        raise Damaged(f"{what}: no pack trailer (bad magic)")
+    if version != VERSION:
+        raise Damaged(f"{what}: pack format version {version}, this revenant reads {VERSION}")
+    if count > MAX_PACK_CHUNKS:
+        raise Damaged(f"{what}: trailer claims {count} chunks, more than the {MAX_PACK_CHUNKS} a pack holds")
+    size = int(count) * ENTRY.size + FOOTER.size
+    if size > pack_size:
+        raise Damaged(f"{what}: trailer of {count} entries is larger than the pack ({pack_size} bytes)")
+    return size
+
+
+def decode_trailer(trailer: bytes, pack_size: int, what: str) -> list[Entry]:
+    """The entries of a pack's trailer (its last bytes), each checked to lie inside the pack's data."""
+    size = trailer_size(trailer[-FOOTER.size :], pack_size, what)
+    if len(trailer) < size:
+        raise Damaged(f"{what}: trailer cut short")
+    data_end = pack_size - size
+    body = trailer[len(trailer) - size : len(trailer) - FOOTER.size]
+    out = [(d.hex(), o, n) for d, o, n in ENTRY.iter_unpack(body)]
+    for d, o, n in out:
+        if n == 0 or n > MAX_CHUNK_OBJECT or o + n > data_end:
+            where = f"offset {o}, length {n}"
+            raise Damaged(f"{what}: trailer entry {d[:16]} at {where} lies outside its {data_end} data bytes")
+    return out
+
+
+def encode_index(packs: list[tuple[str, list[Entry]]]) -> bytes:
+    parts = [INDEX_HEAD.pack(INDEX_MAGIC, len(packs))]
+    for pack, entries in packs:
+        parts.append(INDEX_PACK.pack(bytes.fromhex(pack), len(entries)))
+        parts += [ENTRY.pack(bytes.fromhex(d), o, n) for d, o, n in entries]
+    return b"".join(parts)
+
+
+def decode_index(raw: bytes, what: str) -> dict[str, list[Entry]]:
+    """pack id -> entries; every count, offset and length bounded (the object may be anyone's)."""
+    if len(raw) < INDEX_HEAD.size:
+        raise Damaged(f"{what}: too short for an index")
+    magic, npacks = INDEX_HEAD.unpack_from(raw)
+    if magic != INDEX_MAGIC:
+        raise Damaged(f"{what}: not a pack index (bad magic)")
+    pos = INDEX_HEAD.size
+    out: dict[str, list[Entry]] = {}
+    for _ in range(npacks):
+        if pos + INDEX_PACK.size > len(raw):
+            raise Damaged(f"{what}: cut short")
+        pack, count = INDEX_PACK.unpack_from(raw, pos)
+        pos += INDEX_PACK.size
+        if count > MAX_PACK_CHUNKS or pos + count * ENTRY.size > len(raw):
+            raise Damaged(f"{what}: pack {pack.hex()} claims {count} entries")
+        entries = [(d.hex(), o, n) for d, o, n in ENTRY.iter_unpack(raw[pos : pos + count * ENTRY.size])]
+        pos += count * ENTRY.size
+        for d, o, n in entries:
+            if n == 0 or n > MAX_CHUNK_OBJECT or o + n > MAX_PACK_OBJECT:
+                raise Damaged(f"{what}: entry {d[:16]} at offset {o}, length {n} cannot be in a pack")
+        out[pack.hex()] = entries
+    if pos != len(raw):
+        raise Damaged(f"{what}: {len(raw) - pos} bytes after its last pack")
+    return out
+
+
+# ---------------------------------------------------------------------- writing
+class PackWriter:
+    """Appends chunk blobs to packs, uploads full ones in the background, indexes them on flush()."""
+
+    def __init__(self, objects: ObjectStore, target: int, uploads: int = 2) -> None:
+        self.objects = objects
+        self.target = target
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._buf = bytearray()
+        self._entries: list[Entry] = []
+        self._slots = threading.BoundedSemaphore(uploads)
+        self._pool = ThreadPoolExecutor(uploads, thread_name_prefix="revenant-pack")
+        self._inflight: set[Future[None]] = set()
+        self._done: list[tuple[str, list[Entry]]] = []  # stored, not indexed yet
+        self._errors: list[BaseException] = []
+        self.uploading: set[str] = set()  # pack ids stored or in flight, not indexed yet
+
+    def add(self, digest: str, blob: bytes) -> None:
+        """Append one chunk blob; raises the failure of an earlier background upload (that put is lost)."""
+        with self._lock:
+            if self._errors:
+                err = self._errors[0]
+                self._errors.clear()
+                raise err
+            self._entries.append((digest, len(self._buf), len(blob)))
+            self._buf += blob
+            crash_point("store.pack.after-append")
+            full = len(self._buf) >= self.target or len(self._entries) >= MAX_PACK_CHUNKS
+            sealed = self._seal() if full else None
+        if sealed:
+            self._submit(*sealed)
+
+    def _seal(self) -> tuple[str, bytearray, list[Entry]]:
+        """Take the current pack (caller holds _lock) with its trailer appended."""
+        pack = secrets.token_hex(16)
+        body, entries = self._buf, self._entries
+        body += encode_trailer(entries)
+        self._buf, self._entries = bytearray(), []
+        self.uploading.add(pack)
+        return pack, body, entries
+
+    def _submit(self, pack: str, body: bytearray, entries: list[Entry]) -> None:
+        self._slots.acquire()  # bounded memory: wait while `uploads` packs are in flight
+        try:
+            fut = self._pool.submit(self._upload, pack, body, entries)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._inflight.add(fut)
+        fut.add_done_callback(self._forget)
+
+    def _forget(self, fut: Future[None]) -> None:
+        with self._lock:
+            self._inflight.discard(fut)
+
+    def _upload(self, pack: str, body: bytearray, entries: list[Entry]) -> None:
+        try:
+            self.objects.retry(f"upload pack {pack}", lambda: self.objects.put_object(pack_name(pack), body))
+            crash_point("store.pack.after-upload")
+            with self._lock:
+                self._done.append((pack, entries))
+        except BaseException as e:
+            with self._lock:
+                self._errors.append(e)
+                self.uploading.discard(pack)
+        finally:
+            self._slots.release()
+
+    def flush(self) -> list[tuple[str, str, list[Entry]]]:
+        """Store every pack added so far and one index naming them; (index, pack, entries) of each.
+
+        Raises the first failed upload (those chunks are gone; a retry of the put uploads them again)."""
+        with self._flush_lock:
+            with self._lock:
+                sealed = self._seal() if self._entries else None
+            if sealed:
+                self._submit(*sealed)
+            while True:
+                with self._lock:
+                    pending = list(self._inflight)
+                if not pending:
+                    break
+                for fut in pending:
+                    fut.exception()  # waits; _upload records its own failure
+            with self._lock:
+                if self._errors:
+                    err = self._errors[0]
+                    self._errors.clear()
+                    for pack, _entries in self._done:
+                        self.uploading.discard(pack)
+                    self._done.clear()  # stored but unindexed: adopted or collected later
+                    raise err
+                done = list(self._done)
+            if not done:
+                return []
+            index = f"index/{secrets.token_hex(16)}"
+            crash_point("store.index.before-upload")
+            self.objects.put_object(index, encode_index(done))  # the Store retries flush_chunks as a whole
+            crash_point("store.index.after-upload")
+            with self._lock:
+                del self._done[: len(done)]
+                for pack, _entries in done:
+                    self.uploading.discard(pack)
+            return [(index, pack, entries) for pack, entries in done]
+
+    def abandon(self) -> None:
+        """Drop what is not flushed (a failed put's chunks): nothing indexes it, gc collects stored packs."""
+        with self._lock:
+            self._buf, self._entries = bytearray(), []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------- the chunk layer
+@dataclass
+class _Loc:
+    pack: str
+    offset: int
+    length: int
+
+
+class PackStore:
+    """The Backend chunk methods (has/put/get/delete/list, flush, finish_gc) on packs of an object store."""
+
+    def __init__(self, objects: ObjectStore, target_mb: int = DEFAULT_PACK_MB, uploads: int = 2) -> None:
+        self.objects = objects
+        self.url = objects.url
+        self.target = target_mb << 20
+        self.uploads = uploads
+        self.writer = PackWriter(objects, self.target, uploads)
+        self._lock = threading.Lock()
+        self._index: dict[str, _Loc] = {}
+        self._indexes: dict[str, dict[str, list[Entry]]] = {}  # index name -> pack -> entries (as read)
+        self._packs: dict[str, tuple[int, float]] = {}  # pack -> (size, mtime), last listing
+        self._loose: dict[str, float] = {}  # per-chunk objects (stores written before packs)
+        self._bad: set[str] = set()  # listed packs no index covers whose trailer is unreadable
+        self._loaded = False
+        self._doomed: set[str] = set()
+
+    # ------------------------------------------------------------------ index
+    def _ensure(self) -> None:
+        if not self._loaded:
+            self.reload()
+
+    def reload(self) -> None:
+        """Re-read the index set: indexes first, then packs (see the module docstring for why)."""
+        names = set()
+        for name, size, _mtime in self.objects.list_objects("index/"):
+            if _ID.fullmatch(name[len("index/") :]) is None or size > MAX_INDEX_OBJECT:
+                log.warning("%s: skipping stray object %s", self.url, name[:120])
+                continue
+            names.add(name)
+        packs: dict[str, tuple[int, float]] = {}
+        for name, size, mtime in self.objects.list_objects("packs/"):
+            pack = name.rsplit("/", 1)[-1]
+            if _ID.fullmatch(pack) is None or name != pack_name(pack) or size > MAX_PACK_OBJECT:
+                log.warning("%s: skipping stray object %s", self.url, name[:120])
+                continue
+            packs[pack] = (size, mtime)
+        indexes = {n: c for n, c in self._indexes.items() if n in names}
+        for name in names:
+            if name in indexes:
+                continue
+            try:
+                get = functools.partial(self.objects.get_object, name, MAX_INDEX_OBJECT)
+                raw = self.objects.retry(f"get {name}", get)
+                indexes[name] = decode_index(raw, f"{self.url} {name}")
+            except NotFound:
+                continue  # replaced by a gc since the listing
+            except StoreError as e:  # its packs are adopted from their trailers below
+                log.warning("%s: ignoring index %s: %s", self.url, name, e)
+        covered = {p for c in indexes.values() for p in c}
+        orphans = [p for p in packs if p not in covered and p not in self.writer.uploading]
+        adopted: list[tuple[str, list[Entry]]] = []
+        bad = set()
+        for pack in orphans:
+            try:
+                adopted.append((pack, self._read_trailer(pack, packs[pack][0])))
+            except NotFound:
+                continue
+            except StoreError as e:
+                log.warning("%s: pack %s has no index and %s", self.url, pack, e)
+                bad.add(pack)
+        if adopted:
+            name = f"index/{secrets.token_hex(16)}"
+            try:  # best effort: the packs are durable, the next reader adopts them again otherwise
+                self.objects.retry(f"write {name}", lambda: self.objects.put_object(name, encode_index(adopted)))
+                indexes[name] = dict(adopted)
+                log.warning("%s: rebuilt the index of %d pack(s) from their trailers", self.url, len(adopted))
+            except StoreError as e:
+                log.warning("%s: cannot write the rebuilt index of %d pack(s): %s", self.url, len(adopted), e)
+                indexes[f"unsaved/{name}"] = dict(adopted)
+        index: dict[str, _Loc] = {}
+        for content in indexes.values():
+            for pack, entries in content.items():
+                if pack not in packs:
+                    continue  # removed by a gc: its live chunks are in a newer pack
+                size = packs[pack][0]
+                for d, o, n in entries:
+                    if o + n <= size:
+                        index[d] = _Loc(pack, o, n)
+        with self._lock:
+            self._indexes = {n: c for n, c in indexes.items() if not n.startswith("unsaved/")}
+            self._packs, self._index, self._bad, self._loaded = packs, index, bad, True
+            for iname, content in indexes.items():
+                if iname.startswith("unsaved/"):
+                    self._indexes[iname[len("unsaved/") :]] = content  # re-adopted (and written) next time
+
+    def _read_trailer(self, pack: str, size: int) -> list[Entry]:
+        what = f"{self.url} pack {pack}"
+        if size < FOOTER.size:
+            raise Damaged(f"{what}: too short for a pack ({size} bytes)")
+        first = min(size, TAIL_READ)
+        tail = self.objects.retry(f"read {what}", lambda: self.objects.get_range(pack_name(pack), size - first, first))
+        need = trailer_size(tail[-FOOTER.size :], size, what)
+        if need > len(tail):
+            tail = self.objects.retry(
+                f"read {what}", lambda: self.objects.get_range(pack_name(pack), size - need, need)
+            )
+        return decode_trailer(tail, size, what)
+
+    def _register(self, flushed: list[tuple[str, str, list[Entry]]]) -> None:
+        with self._lock:
+            for index, pack, entries in flushed:
+                self._indexes.setdefault(index, {})[pack] = entries
+                self._packs[pack] = (entries[-1][1] + entries[-1][2] if entries else 0, time.time())
+                for d, o, n in entries:
+                    self._index[d] = _Loc(pack, o, n)
+
+    # ------------------------------------------------------------------ the chunk methods
+    def has_chunk(self, digest: str) -> bool:
+        self._ensure()
+        if digest in self._index:
+            return True
+        return self.objects.object_exists(loose_name(digest))
+
+    def put_chunk(self, digest: str, data: bytes) -> None:
+        self.writer.add(digest, data)
+
+    def get_chunk(self, digest: str) -> bytes:
+        self._ensure()
+        for attempt in range(2):
+            loc = self._index.get(digest)
+            if loc is not None:
+                try:
+                    return self.objects.get_range(pack_name(loc.pack), loc.offset, loc.length)
+                except NotFound:
+                    pass  # rewritten by a gc since the index was read
+            else:
+                try:
+                    return self.objects.get_object(loose_name(digest), MAX_CHUNK_OBJECT)
+                except NotFound:
+                    pass
+            if attempt == 0:
+                self.reload()
+        raise NotFound(f"chunk {digest} not found")
+
+    def delete_chunk(self, digest: str) -> None:
+        if digest in self._loose:
+            self.objects.delete_object(loose_name(digest))
+            self._loose.pop(digest, None)
+        if digest in self._index:
+            self._doomed.add(digest)
+
+    def list_chunks(self) -> Iterator[tuple[str, float]]:
+        self.reload()
+        loose = {}
+        for name, _size, mtime in self.objects.list_objects("chunks/"):
+            digest = name.rsplit("/", 1)[-1]
+            if re.fullmatch(r"[0-9a-f]{64}", digest) and name == loose_name(digest):
+                loose[digest] = mtime
+        with self._lock:
+            self._loose = loose
+            packed = [(d, self._packs[loc.pack][1]) for d, loc in self._index.items()]
+        yield from packed
+        yield from loose.items()
+
+    def flush(self) -> None:
+        self._register(self.writer.flush())
+
+    def check_durable(self, chunks: set[str]) -> None:
+        """Refuse to commit a manifest naming a chunk not in an indexed pack or a loose object."""
+        missing = chunks - self._index.keys() - self._loose.keys()
+        if missing:
+            self.reload()
+            missing = {d for d in missing if d not in self._index and not self.has_chunk(d)}
+        if missing:
+            raise StoreError(
+                f"{self.url}: {len(missing)} chunk(s) of this checkpoint are not stored (a pack upload failed?), "
+                f"e.g. {sorted(missing)[0]}; not committed"
+            )
+
+    def abandon(self) -> None:
+        self.writer.abandon()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    # ------------------------------------------------------------------ gc
+    def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:
+        """Delete packs with no live chunk, rewrite packs whose dead share reached REPACK_SHARE, then
+        replace the indexes naming removed packs; proceed() before each removal."""
+        doomed, self._doomed = self._doomed, set()
+        with self._lock:
+            by_pack: dict[str, list[Entry]] = {}
+            for d, loc in self._index.items():
+                by_pack.setdefault(loc.pack, []).append((d, loc.offset, loc.length))
+        removed: set[str] = set()
+        for pack, entries in sorted(by_pack.items()):
+            dead = [e for e in entries if e[0] in doomed]
+            if not dead:
+                continue
+            live = [e for e in entries if e[0] not in doomed]
+            if live and sum(n for _d, _o, n in dead) < REPACK_SHARE * sum(n for _d, _o, n in entries):
+                continue  # not worth a rewrite yet: its dead chunks stay until more of it dies
+            if live:
+                self._rewrite(pack, live)
+            crash_point("store.gc.before-unlink")
+            if not proceed():
+                return
+            self.objects.retry(f"delete pack {pack}", functools.partial(self.objects.delete_object, pack_name(pack)))
+            crash_point("store.gc.after-pack-delete")
+            removed.add(pack)
+            with self._lock:
+                for d, _o, _n in entries:
+                    where = self._index.get(d)
+                    if where is not None and where.pack == pack:
+                        del self._index[d]
+                self._packs.pop(pack, None)
+        cutoff = time.time() - grace_seconds
+        for pack in sorted(self._bad):
+            size_mtime = self._packs.get(pack)
+            if size_mtime is None or size_mtime[1] >= cutoff:
+                continue
+            if not proceed():
+                return
+            log.warning("%s: deleting pack %s: no index and no readable trailer", self.url, pack)
+            self.objects.retry(f"delete pack {pack}", functools.partial(self.objects.delete_object, pack_name(pack)))
+            removed.add(pack)
+        self._bad -= removed
+        self._replace_indexes(proceed)
+
+    def _rewrite(self, pack: str, live: list[Entry]) -> None:
+        """Copy a pack's live chunks into new packs, stored and indexed before the caller removes it."""
+        start, end = min(o for _d, o, _n in live), max(o + n for _d, o, n in live)
+        data = self.objects.retry(
+            f"read pack {pack}", lambda: self.objects.get_range(pack_name(pack), start, end - start)
+        )
+        writer = PackWriter(self.objects, self.target, self.uploads)
+        try:
+            for d, o, n in live:
+                writer.add(d, data[o - start : o - start + n])
+            crash_point("store.gc.mid-rewrite")
+            flushed = self.objects.retry("flush rewritten packs", writer.flush)
+        finally:
+            writer.close()
+        self._register(flushed)
+
+    def _replace_indexes(self, proceed: Callable[[], bool]) -> None:
+        """An index naming a pack that is gone is replaced by one naming only its remaining packs."""
+        with self._lock:
+            stale = {
+                n: {p: e for p, e in c.items() if p in self._packs}
+                for n, c in self._indexes.items()
+                if any(p not in self._packs for p in c)
+            }
+        for name, remaining in sorted(stale.items()):
+            if not proceed():
+                return
+            if remaining:
+                new = f"index/{secrets.token_hex(16)}"
+                body = encode_index(sorted(remaining.items()))
+                self.objects.retry(f"write {new}", functools.partial(self.objects.put_object, new, body))
+                with self._lock:
+                    self._indexes[new] = remaining
+            crash_point("store.gc.before-index-delete")
+            self.objects.retry(f"delete {name}", functools.partial(self.objects.delete_object, name))
+            with self._lock:
+                self._indexes.pop(name, None)
