@@ -208,15 +208,16 @@ class PackWriter:
         self._inflight: set[Future[None]] = set()
         self._done: list[tuple[str, list[Entry]]] = []  # stored, not indexed yet
         self._errors: list[BaseException] = []
+        # Raised failures end a generation: uploads of older ones that fail later belong to a put that
+        # already failed and must not fail the next one (put_manifest's check covers any other put).
+        self._gen = 0
         self.uploading: set[str] = set()  # pack ids stored or in flight, not indexed yet
 
     def add(self, digest: str, blob: bytes) -> None:
         """Append one chunk blob; raises the failure of an earlier background upload (that put is lost)."""
         with self._lock:
             if self._errors:
-                err = self._errors[0]
-                self._errors.clear()
-                raise err
+                raise self._take_error()
             self._entries.append((digest, len(self._buf), len(blob)))
             self._buf += blob
             crash_point("store.pack.after-append")
@@ -225,19 +226,26 @@ class PackWriter:
         if sealed:
             self._submit(*sealed)
 
-    def _seal(self) -> tuple[str, bytearray, list[Entry]]:
+    def _take_error(self) -> BaseException:
+        """The first failure of this generation, which ends it (caller holds _lock)."""
+        err = self._errors[0]
+        self._errors.clear()
+        self._gen += 1
+        return err
+
+    def _seal(self) -> tuple[str, bytearray, list[Entry], int]:
         """Take the current pack (caller holds _lock) with its trailer appended."""
         pack = secrets.token_hex(16)
         body, entries = self._buf, self._entries
         body += encode_trailer(entries)
         self._buf, self._entries = bytearray(), []
         self.uploading.add(pack)
-        return pack, body, entries
+        return pack, body, entries, self._gen
 
-    def _submit(self, pack: str, body: bytearray, entries: list[Entry]) -> None:
+    def _submit(self, pack: str, body: bytearray, entries: list[Entry], gen: int) -> None:
         self._slots.acquire()  # bounded memory: wait while `uploads` packs are in flight
         try:
-            fut = self._pool.submit(self._upload, pack, body, entries)
+            fut = self._pool.submit(self._upload, pack, body, entries, gen)
         except BaseException:
             self._slots.release()
             raise
@@ -249,7 +257,7 @@ class PackWriter:
         with self._lock:
             self._inflight.discard(fut)
 
-    def _upload(self, pack: str, body: bytearray, entries: list[Entry]) -> None:
+    def _upload(self, pack: str, body: bytearray, entries: list[Entry], gen: int) -> None:
         try:
             self.objects.retry(f"upload pack {pack}", lambda: self.objects.put_object(pack_name(pack), body))
             crash_point("store.pack.after-upload")
@@ -257,7 +265,8 @@ class PackWriter:
                 self._done.append((pack, entries))
         except BaseException as e:
             with self._lock:
-                self._errors.append(e)
+                if gen == self._gen:
+                    self._errors.append(e)
                 self.uploading.discard(pack)
         finally:
             self._slots.release()
@@ -280,12 +289,7 @@ class PackWriter:
                     fut.exception()  # waits; _upload records its own failure
             with self._lock:
                 if self._errors:
-                    err = self._errors[0]
-                    self._errors.clear()
-                    for pack, _entries in self._done:
-                        self.uploading.discard(pack)
-                    self._done.clear()  # stored but unindexed: adopted or collected later
-                    raise err
+                    raise self._take_error()
                 done = list(self._done)
             if not done:
                 return []
@@ -332,14 +336,26 @@ class PackStore:
         self._loose: dict[str, float] = {}  # per-chunk objects (stores written before packs)
         self._bad: set[str] = set()  # listed packs no index covers whose trailer is unreadable
         self._loaded = False
+        self._reload_lock = threading.Lock()
+        self._reloads = 0  # completed reloads: threads that missed together reload once
         self._doomed: set[str] = set()
 
     # ------------------------------------------------------------------ index
     def _ensure(self) -> None:
         if not self._loaded:
-            self.reload()
+            self._refresh(0)
+
+    def _refresh(self, seen: int) -> None:
+        """Reload unless another thread completed a reload since this one saw `seen` reloads."""
+        with self._reload_lock:
+            if self._reloads == seen:
+                self._reload()
 
     def reload(self) -> None:
+        with self._reload_lock:
+            self._reload()
+
+    def _reload(self) -> None:
         """Re-read the index set: indexes first, then packs (see the module docstring for why)."""
         names = set()
         for name, size, _mtime in self.objects.list_objects("index/"):
@@ -366,7 +382,21 @@ class PackStore:
                 continue  # replaced by a gc since the listing
             except StoreError as e:  # its packs are adopted from their trailers below
                 log.warning("%s: ignoring index %s: %s", self.url, name, e)
-        covered = {p for c in indexes.values() for p in c}
+        # An index covers a pack only if every entry it lists lies inside the pack (a lying index is
+        # no worse than a lost one: the pack is adopted from its own trailer).
+        index: dict[str, _Loc] = {}
+        covered: set[str] = set()
+        for iname, content in indexes.items():
+            for pack, entries in content.items():
+                if pack not in packs:
+                    continue  # removed by a gc: its live chunks are in a newer pack
+                size = packs[pack][0]
+                if any(o + n > size for _d, o, n in entries):
+                    log.warning("%s: index %s lists chunks outside pack %s; not using it", self.url, iname, pack)
+                    continue
+                covered.add(pack)
+                for d, o, n in entries:
+                    index[d] = _Loc(pack, o, n)
         orphans = [p for p in packs if p not in covered and p not in self.writer.uploading]
         adopted: list[tuple[str, list[Entry]]] = []
         bad = set()
@@ -376,32 +406,24 @@ class PackStore:
             except NotFound:
                 continue
             except StoreError as e:
-                log.warning("%s: pack %s has no index and %s", self.url, pack, e)
+                log.warning("%s: pack %s has no usable index and its trailer is refused: %s", self.url, pack, e)
                 bad.add(pack)
         if adopted:
             name = f"index/{secrets.token_hex(16)}"
             try:  # best effort: the packs are durable, the next reader adopts them again otherwise
                 self.objects.retry(f"write {name}", lambda: self.objects.put_object(name, encode_index(adopted)))
-                indexes[name] = dict(adopted)
                 log.warning("%s: rebuilt the index of %d pack(s) from their trailers", self.url, len(adopted))
             except StoreError as e:
                 log.warning("%s: cannot write the rebuilt index of %d pack(s): %s", self.url, len(adopted), e)
-                indexes[f"unsaved/{name}"] = dict(adopted)
-        index: dict[str, _Loc] = {}
-        for content in indexes.values():
-            for pack, entries in content.items():
-                if pack not in packs:
-                    continue  # removed by a gc: its live chunks are in a newer pack
-                size = packs[pack][0]
+            indexes[name] = dict(adopted)  # an unwritten one is not listed next time: adopted again then
+            for pack, entries in adopted:
+                covered.add(pack)
                 for d, o, n in entries:
-                    if o + n <= size:
-                        index[d] = _Loc(pack, o, n)
+                    index[d] = _Loc(pack, o, n)
         with self._lock:
-            self._indexes = {n: c for n, c in indexes.items() if not n.startswith("unsaved/")}
-            self._packs, self._index, self._bad, self._loaded = packs, index, bad, True
-            for iname, content in indexes.items():
-                if iname.startswith("unsaved/"):
-                    self._indexes[iname[len("unsaved/") :]] = content  # re-adopted (and written) next time
+            self._indexes, self._packs, self._index, self._bad = indexes, packs, index, bad
+            self._loaded = True
+            self._reloads += 1
 
     def _read_trailer(self, pack: str, size: int) -> list[Entry]:
         what = f"{self.url} pack {pack}"
@@ -437,6 +459,7 @@ class PackStore:
     def get_chunk(self, digest: str) -> bytes:
         self._ensure()
         for attempt in range(2):
+            seen = self._reloads
             loc = self._index.get(digest)
             if loc is not None:
                 try:
@@ -449,7 +472,7 @@ class PackStore:
                 except NotFound:
                     pass
             if attempt == 0:
-                self.reload()
+                self._refresh(seen)
         raise NotFound(f"chunk {digest} not found")
 
     def delete_chunk(self, digest: str) -> None:

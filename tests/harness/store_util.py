@@ -223,6 +223,7 @@ def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
         b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(body + encode_trailer(entries)))
         for name, _size, _mtime in list(b.list_objects("index/")):
             b.delete_object(name)
+        b.packs.reload()  # this store's reader too (a real pack is never rewritten under its name)
     elif isinstance(b, S3Backend):
         b.s3.put_object(Bucket=b.bucket, Key=f"{b.prefix}chunks/{digest[:2]}/{digest}", Body=data)
     else:

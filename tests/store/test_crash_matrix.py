@@ -46,7 +46,24 @@ PUT_FILE = [
     "store.put.after-manifest",
 ]
 PUT_LOOSE = ["store.put.after-chunk", "store.put.before-manifest", "store.manifest.before-rename"]
-PUT_S3 = ["store.put.after-chunk", "store.put.before-manifest", "store.put.after-manifest"]
+PUT_S3 = [
+    "store.pack.after-append",
+    "store.pack.after-upload",
+    "store.index.before-upload",
+    "store.index.after-upload",
+    "store.put.before-manifest",
+    "store.put.after-manifest",
+]
+PUT_S3_LOOSE = ["store.put.after-chunk", "store.put.before-manifest"]
+GC_S3 = [
+    "store.gc.after-delete",
+    "store.gc.mid-rewrite",
+    "store.pack.after-upload",
+    "store.index.after-upload",
+    "store.gc.before-unlink",
+    "store.gc.after-pack-delete",
+    "store.gc.before-index-delete",
+]
 GC_FILE = [
     "store.gc.after-delete",
     "store.gc.mid-rewrite",
@@ -59,8 +76,10 @@ CASES = (
     [("file", "put", p) for p in PUT_FILE]
     + [("file-loose", "put", p) for p in PUT_LOOSE]
     + [("s3", "put", p) for p in PUT_S3]
+    + [("s3-loose", "put", p) for p in PUT_S3_LOOSE]
     + [("file", "gc", p) for p in GC_FILE]
-    + [("file-loose", "gc", "store.gc.after-delete"), ("s3", "gc", "store.gc.after-delete")]
+    + [("s3", "gc", p) for p in GC_S3]
+    + [("file-loose", "gc", "store.gc.after-delete"), ("s3-loose", "gc", "store.gc.after-delete")]
 )
 
 
@@ -69,7 +88,9 @@ def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
         return f"file://{tmp_path}/store"
     if backend == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    return request.getfixturevalue("s3_server").url
+    url = request.getfixturevalue("s3_server").url
+    # 1 MiB packs: several per put, so a gc both deletes whole packs and rewrites partly dead ones.
+    return url + ("&packs=0" if backend == "s3-loose" else "&pack_mb=1")
 
 
 def gc_when_locks_stale(url: str) -> dict:
