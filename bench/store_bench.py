@@ -11,6 +11,9 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
   4. the same first put and get against SeaweedFS (S3) and the distribution registry (OCI), in MB/s
   5. with --encryption: put and get into fresh local stores, encrypted vs plain, alternating, best of
      --rounds each (what encryption at rest costs)
+  6. with --s3-layouts: put and get against SeaweedFS one object per chunk (`packs=0`, the layout before
+     packs) vs packs, at 1 and 2 put workers, each into a fresh prefix; objects stored and MB/s, side
+     by side with the local tar|zstd baseline of step 1 (--backends none skips steps 4 and the OCI row)
 Prints a markdown table; exit status 0 even when a target is missed (it is a measurement).
 """
 
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
     ap.add_argument("--encryption", action="store_true", help="also compare encrypted with plain put/get")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the encryption comparison (default 3)")
+    ap.add_argument("--s3-layouts", action="store_true", help="S3: one object per chunk vs packs, 1 and 2 workers")
+    ap.add_argument("--pack-mb", type=int, default=16, help="pack size for --s3-layouts (default 16)")
     args = ap.parse_args(argv)
     opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
     work = Path(tempfile.mkdtemp(prefix="revenant-bench-", dir=args.workdir))
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
         for backend in [b for b in args.backends.split(",") if b in ("s3", "oci")]:
             rows.append(_remote(backend, work, dump, mb, opts))
+        if args.s3_layouts:
+            rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -269,6 +276,46 @@ def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tupl
             srv.shutdown()
         else:
             srv.stop()
+
+
+def _s3_layouts(
+    work: Path, dump: Path, mb: float, opts: dict, pack_mb: int, t_tar: float, t_untar: float
+) -> list[tuple[str, str, str, str]]:
+    """One object per chunk vs packs on one SeaweedFS, at 1 and 2 put workers, fresh prefix each."""
+    from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3
+
+    root = work / "srv-layouts"
+    root.mkdir()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+    srv = SeaweedS3(root)
+    srv.start()
+    rows = []
+    try:
+        for layout, query in (("one object per chunk", "&packs=0"), (f"packs of {pack_mb} MiB", f"&pack_mb={pack_mb}")):
+            for workers in (1, 2):
+                prefix = f"bench-{'packs' if 'pack_mb' in query else 'loose'}-{workers}"
+                store = open_store(
+                    f"s3://revenant-test/{prefix}?endpoint={srv.endpoint}{query}", workers=workers, **opts
+                )
+                t_put, info = timed(lambda store=store: store.put("bench/job/main", dump))
+                dest = work / f"restored-{prefix}"
+                t_get, _ = timed(lambda store=store, dest=dest: store.get("bench/job/main", dest))
+                count = sum(1 for _ in store.backend._list(""))
+                store.close()
+                shutil.rmtree(dest)
+                rows.append(
+                    (
+                        f"S3 {layout}, {workers} worker(s): put / get+verify ({count} objects, "
+                        f"{info.bytes_uploaded / 1e6:.0f} MB)",
+                        f"put {t_put:.1f} s ({mb / t_put:.0f} MB/s) / get {t_get:.1f} s ({mb / t_get:.0f} MB/s)",
+                        f"tar|zstd {t_tar:.1f} s / untar {t_untar:.1f} s (local disk)",
+                        f"{t_put / t_tar:.1f}x / {t_get / t_untar:.1f}x",
+                    )
+                )
+    finally:
+        srv.shutdown()
+    return rows
 
 
 if __name__ == "__main__":

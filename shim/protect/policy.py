@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from shim.store.limits import MAX_PACK_MB
+
 KEY = "revenant.io/checkpoint-key"
 INTERVAL = "revenant.io/checkpoint-interval"
 STORE = "revenant.io/store"
@@ -124,7 +126,7 @@ def parse_keep(value: object, what: str) -> int:
 # key_file and allow_plaintext (encryption, shim/store) only from the node config, never an annotation.
 _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
-    "s3": {"endpoint", "region", "multipart_mb", "key_file", "allow_plaintext"},
+    "s3": {"endpoint", "region", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"},
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
@@ -183,6 +185,10 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
         if "multipart_mb" in opt:
             _megabytes(opt["multipart_mb"], f"{what} multipart_mb", 5, 5120)
+        if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
+            raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
+        if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= MAX_PACK_MB):
+            raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {MAX_PACK_MB}")
     else:
         if not u.hostname or not _REPO_OK.match(u.path.strip("/")):
             raise PolicyError(f"{what}: {url!r}: an OCI store is oci://REGISTRY[:PORT]/REPOSITORY")

@@ -333,6 +333,7 @@ class PackStore:
         self._index: dict[str, _Loc] = {}
         self._indexes: dict[str, dict[str, list[Entry]]] = {}  # index name -> pack -> entries (as read)
         self._packs: dict[str, tuple[int, float]] = {}  # pack -> (size, mtime), last listing
+        self._contents: dict[str, list[Entry]] = {}  # pack -> its entries, from an index that fits it
         self._loose: dict[str, float] = {}  # per-chunk objects (stores written before packs)
         self._bad: set[str] = set()  # listed packs no index covers whose trailer is unreadable
         self._loaded = False
@@ -385,6 +386,7 @@ class PackStore:
         # An index covers a pack only if every entry it lists lies inside the pack (a lying index is
         # no worse than a lost one: the pack is adopted from its own trailer).
         index: dict[str, _Loc] = {}
+        contents: dict[str, list[Entry]] = {}
         covered: set[str] = set()
         for iname, content in indexes.items():
             for pack, entries in content.items():
@@ -395,6 +397,7 @@ class PackStore:
                     log.warning("%s: index %s lists chunks outside pack %s; not using it", self.url, iname, pack)
                     continue
                 covered.add(pack)
+                contents[pack] = entries
                 for d, o, n in entries:
                     index[d] = _Loc(pack, o, n)
         orphans = [p for p in packs if p not in covered and p not in self.writer.uploading]
@@ -418,10 +421,12 @@ class PackStore:
             indexes[name] = dict(adopted)  # an unwritten one is not listed next time: adopted again then
             for pack, entries in adopted:
                 covered.add(pack)
+                contents[pack] = entries
                 for d, o, n in entries:
                     index[d] = _Loc(pack, o, n)
         with self._lock:
             self._indexes, self._packs, self._index, self._bad = indexes, packs, index, bad
+            self._contents = contents
             self._loaded = True
             self._reloads += 1
 
@@ -442,6 +447,7 @@ class PackStore:
         with self._lock:
             for index, pack, entries in flushed:
                 self._indexes.setdefault(index, {})[pack] = entries
+                self._contents[pack] = entries
                 self._packs[pack] = (entries[-1][1] + entries[-1][2] if entries else 0, time.time())
                 for d, o, n in entries:
                     self._index[d] = _Loc(pack, o, n)
@@ -519,57 +525,67 @@ class PackStore:
     # ------------------------------------------------------------------ gc
     def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:
         """Delete packs with no live chunk, rewrite packs whose dead share reached REPACK_SHARE, then
-        replace the indexes naming removed packs; proceed() before each removal."""
+        replace the indexes naming removed packs; proceed() before each removal.
+
+        A chunk is dead in a pack when gc deleted it or when the index serves it from another pack (a
+        copy a crashed rewrite left behind), so such leftovers are collected too."""
         doomed, self._doomed = self._doomed, set()
         with self._lock:
-            by_pack: dict[str, list[Entry]] = {}
-            for d, loc in self._index.items():
-                by_pack.setdefault(loc.pack, []).append((d, loc.offset, loc.length))
+            contents = dict(self._contents)
+            serving = {d: loc.pack for d, loc in self._index.items()}
+        gone: list[tuple[str, list[Entry]]] = []
+        rewrite: list[tuple[str, list[Entry]]] = []
+        for pack, entries in sorted(contents.items()):
+            live = [e for e in entries if e[0] not in doomed and serving.get(e[0]) == pack]
+            total, kept = sum(n for _d, _o, n in entries), sum(n for _d, _o, n in live)
+            if kept == total or (live and total - kept < REPACK_SHARE * total):
+                continue  # nothing dead, or not worth a rewrite yet: its dead chunks stay readable
+            (rewrite if live else gone).append((pack, live))
+        if rewrite:
+            self._rewrite(rewrite)  # the live chunks are stored and indexed before any old pack goes
+        crash_point("store.gc.before-unlink")
         removed: set[str] = set()
-        for pack, entries in sorted(by_pack.items()):
-            dead = [e for e in entries if e[0] in doomed]
-            if not dead:
-                continue
-            live = [e for e in entries if e[0] not in doomed]
-            if live and sum(n for _d, _o, n in dead) < REPACK_SHARE * sum(n for _d, _o, n in entries):
-                continue  # not worth a rewrite yet: its dead chunks stay until more of it dies
-            if live:
-                self._rewrite(pack, live)
-            crash_point("store.gc.before-unlink")
+        for pack, _live in gone + rewrite:
             if not proceed():
-                return
+                break
             self.objects.retry(f"delete pack {pack}", functools.partial(self.objects.delete_object, pack_name(pack)))
             crash_point("store.gc.after-pack-delete")
             removed.add(pack)
-            with self._lock:
-                for d, _o, _n in entries:
-                    where = self._index.get(d)
-                    if where is not None and where.pack == pack:
-                        del self._index[d]
-                self._packs.pop(pack, None)
-        cutoff = time.time() - grace_seconds
-        for pack in sorted(self._bad):
-            size_mtime = self._packs.get(pack)
-            if size_mtime is None or size_mtime[1] >= cutoff:
-                continue
-            if not proceed():
-                return
-            log.warning("%s: deleting pack %s: no index and no readable trailer", self.url, pack)
-            self.objects.retry(f"delete pack {pack}", functools.partial(self.objects.delete_object, pack_name(pack)))
-            removed.add(pack)
+            self._forget_pack(pack)
+        else:
+            cutoff = time.time() - grace_seconds
+            for pack in sorted(self._bad):
+                size_mtime = self._packs.get(pack)
+                if size_mtime is None or size_mtime[1] >= cutoff:
+                    continue
+                if not proceed():
+                    break
+                log.warning("%s: deleting pack %s: no index and no readable trailer", self.url, pack)
+                delete = functools.partial(self.objects.delete_object, pack_name(pack))
+                self.objects.retry(f"delete pack {pack}", delete)
+                removed.add(pack)
+                self._forget_pack(pack)
         self._bad -= removed
         self._replace_indexes(proceed)
 
-    def _rewrite(self, pack: str, live: list[Entry]) -> None:
-        """Copy a pack's live chunks into new packs, stored and indexed before the caller removes it."""
-        start, end = min(o for _d, o, _n in live), max(o + n for _d, o, n in live)
-        data = self.objects.retry(
-            f"read pack {pack}", lambda: self.objects.get_range(pack_name(pack), start, end - start)
-        )
+    def _forget_pack(self, pack: str) -> None:
+        with self._lock:
+            for d, _o, _n in self._contents.pop(pack, []):
+                loc = self._index.get(d)
+                if loc is not None and loc.pack == pack:
+                    del self._index[d]
+            self._packs.pop(pack, None)
+
+    def _rewrite(self, packs: list[tuple[str, list[Entry]]]) -> None:
+        """Copy the live chunks of packs into new full packs, stored and indexed when this returns."""
         writer = PackWriter(self.objects, self.target, self.uploads)
         try:
-            for d, o, n in live:
-                writer.add(d, data[o - start : o - start + n])
+            for pack, live in packs:
+                start, end = min(o for _d, o, _n in live), max(o + n for _d, o, n in live)
+                read = functools.partial(self.objects.get_range, pack_name(pack), start, end - start)
+                data = self.objects.retry(f"read pack {pack}", read)
+                for d, o, n in live:
+                    writer.add(d, data[o - start : o - start + n])
             crash_point("store.gc.mid-rewrite")
             flushed = self.objects.retry("flush rewritten packs", writer.flush)
         finally:

@@ -317,3 +317,42 @@ def test_hostile_pack_in_the_store_fails_clearly(s3_server, tmp_path: Path, capl
         open_store(url).get(KEY, tmp_path / "d2", fallback=False)
     assert f"pack {pack} has no usable index and its trailer is refused" in caplog.text
     assert "lies outside" in caplog.text
+
+
+GC_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from shim.store import open_store
+    open_store(sys.argv[2]).gc(grace_seconds=0)
+""")
+
+
+def test_gc_killed_between_rewrite_and_delete_leaves_copies_the_next_gc_removes(s3_server, tmp_path: Path) -> None:
+    url = s3_server.url + "&pack_mb=1"
+    store = open_store(url)
+    v1 = make_tree(tmp_path / "v1", seed=10, big_mib=6)
+    store.put(KEY, v1)
+    v2 = tmp_path / "v2"
+    shutil.copytree(v1, v2, symlinks=True)
+    mutate(v2 / "pages-1.img", 0.4, seed=11)
+    store.put(KEY, v2)
+    store.delete(KEY, 1)
+    before = set(pack_contents(store))
+    env = dict(os.environ, REVENANT_SNAPSHOTTER_CRASH_AT="store.gc.before-unlink")
+    child = subprocess.run([sys.executable, "-c", GC_CHILD, str(ROOT), url], env=env, timeout=300)
+    assert child.returncode == -9
+    middle = pack_contents(store)
+    assert set(middle) > before, "the rewrite stored new packs and removed nothing yet"
+    copies = [d for p in set(middle) - before for d, _o, _n in middle[p]]
+    assert copies
+    assert gc_when_locks_stale(url).get("interrupted") is None
+    after = pack_contents(store)
+    seen: dict[str, str] = {}
+    for pack, entries in after.items():
+        for d, _o, _n in entries:
+            assert d not in seen, f"chunk {d} is stored in {seen[d]} and {pack}"
+            seen[d] = pack
+    assert set(copies) & live_digests(store) <= set(seen)
+    final = open_store(url)
+    assert final.verify() == []
+    restores(final, tmp_path, 2, v2)

@@ -276,6 +276,10 @@ def test_interval_bounds_and_off(tmp_path):
         ("s3://bucket/p?multipart_mb=inf", "multipart_mb"),
         ("s3://bucket/p?multipart_mb=0", "multipart_mb"),
         ("s3://bucket/p?multipart_mb=nan", "multipart_mb"),
+        ("s3://bucket/p?pack_mb=0", "pack_mb"),
+        ("s3://bucket/p?pack_mb=257", "pack_mb"),
+        ("s3://bucket/p?pack_mb=1.5", "pack_mb"),
+        ("s3://bucket/p?packs=maybe", "packs"),
         ("s3://bucket/p?endpoint=file:///etc", "endpoint"),
         ("s3://Bad_Bucket/p", "bucket"),
         ("s3://user:secret@bucket/p", "user@"),
@@ -295,6 +299,7 @@ def test_store_url_options_are_checked_at_create(url, says):
     [
         "file:///srv/ckpt?packs=0",
         "s3://revenant-test/t-1?endpoint=http://127.0.0.1:8333&region=eu-west-1&multipart_mb=16",
+        "s3://revenant-test/t-1?endpoint=http://127.0.0.1:8333&pack_mb=64&packs=1",
         "oci://127.0.0.1:5000/revenant-test-1?insecure=1&chunked_mb=4&mount_from=a/b,c",
     ],
 )
