@@ -309,7 +309,7 @@ class Reporter:
                 fields = progress_fields(self.label, self._phase, snap)
                 if self._detail:
                     fields["detail"] = self._detail
-                self.logger.info("progress done %s", logfmt(_without_event(fields)), extra={"fields": fields})
+                self.logger.info("progress %s", logfmt(_without_event(fields)), extra={"fields": fields})
 
     def _draw(self, text: str) -> None:
         pad = max(0, self._drawn_width - len(text))
@@ -363,6 +363,17 @@ class Reporter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def enable_log_lines(stream: TextIO | None = None) -> None:
+    """For a command line: let the progress lines (info) out even where logging shows only warnings
+    or is not set up at all (then they get their own stderr handler)."""
+    log.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def _without_event(fields: dict[str, Any]) -> dict[str, Any]:

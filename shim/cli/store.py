@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter, Summary
-from shim.progress import log as progress_log
+from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter, Summary, enable_log_lines
 from shim.store import Chunker, open_store
 from shim.store.errors import StoreError
 
@@ -23,8 +22,7 @@ def _reporter(args: argparse.Namespace, label: str, first_phase: str) -> Reporte
     otherwise. stdout carries only the result (text or --json), so it stays parseable."""
     reporter = Reporter(label, interval=args.progress_interval, phase=first_phase)
     if not reporter.tty:
-        # The CLI logs warnings only; the periodic progress lines are info and must still show.
-        logging.getLogger(progress_log.name).setLevel(logging.INFO)
+        enable_log_lines()  # the CLI logs warnings only; the periodic progress lines are info
     return reporter
 
 
