@@ -90,6 +90,7 @@ class Meter:
         self.min_dt = min_dt
         self.start = clock()
         self.done = 0
+        self.updated = False  # no byte count yet (still scanning, listing, connecting)
         self.total: int | None = None
         self._rate: float | None = None
         self._sample_t = self.start
@@ -98,6 +99,7 @@ class Meter:
 
     def update(self, done: int, total: int | None = None) -> None:
         with self._lock:
+            self.updated = True
             self.done = max(self.done, done)  # callbacks from several threads may arrive out of order
             if total is not None:
                 self.total = total
@@ -129,6 +131,8 @@ class Meter:
                 eta = 0.0
             elif self.total and rate is not None and rate >= MIN_RATE_BPS:
                 eta = (self.total - self.done) / rate
+            if not self.updated:
+                return Snapshot(elapsed=elapsed)
             return Snapshot(elapsed=elapsed, done=self.done, total=self.total or None, rate=rate, eta=eta)
 
 
