@@ -13,8 +13,10 @@ the protection layer can all use it.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -316,6 +318,10 @@ class Reporter:
                 self.logger.info("progress %s", logfmt(_without_event(fields)), extra={"fields": fields})
 
     def _draw(self, text: str) -> None:
+        # A line longer than the terminal wraps, and "\r" then rewrites only its last row.
+        width = _columns(self.stream)
+        if width and len(text) >= width:
+            text = text[: width - 1]
         pad = max(0, self._drawn_width - len(text))
         try:
             self.stream.write("\r" + text + " " * pad)
@@ -382,6 +388,13 @@ def enable_log_lines(stream: TextIO | None = None) -> None:
 
 def _without_event(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k != "event"}
+
+
+def _columns(stream: TextIO) -> int | None:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or None
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return None
 
 
 def _isatty(stream: TextIO) -> bool:

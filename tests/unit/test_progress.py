@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
+import os
+import pty
+import struct
+import termios
 
 import pytest
 
@@ -222,3 +227,17 @@ def test_remote_work_shows_phase_and_elapsed_never_numbers(caplog: pytest.LogCap
         "elapsed_s": 0.0,
         "detail": "1/3 tasks answered",
     }
+
+
+def test_terminal_line_is_cut_to_the_terminal_width() -> None:
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+        with os.fdopen(os.dup(slave), "w") as stream:
+            rep = Reporter("put " + "a-very-long-key/" * 4, stream=stream, tty=True, clock=FakeClock())
+            rep(MIB, 4 * MIB)
+        drawn = os.read(master, 4096).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert drawn.startswith("\rput a-very-long-key/") and len(drawn) == 1 + 39  # no wrap: \r redraws it all
