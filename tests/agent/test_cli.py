@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +67,56 @@ def test_drain_uses_revenant_run_dir_from_the_environment(standins, run_dir: Pat
     assert json.loads(proc.stdout)["tasks"][0]["id"] == "job"
 
 
+def progress_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "shim.progress: progress " in line]
+
+
+def test_checkpoint_progress_is_phase_and_elapsed_time_only(standins, run_dir: Path) -> None:
+    standins.add("slow", behavior="hang")  # answers nothing: the CLI waits for its whole --timeout
+    proc = revenant("checkpoint", "slow", "--run-dir", str(run_dir), "--timeout", "1.5", "--progress-interval", "0.2")
+    assert proc.returncode == 1 and "checkpoint timed out" in proc.stderr, proc.stderr
+    lines = progress_lines(proc.stderr)
+    assert len(lines) >= 4, proc.stderr
+    assert all('label=checkpoint phase="shim checkpointing" elapsed_s=' in line for line in lines), lines
+    assert not [line for line in lines if re.search("bytes|rate|eta", line)]  # the shim reports none
+    elapsed = [float(re.search(r"elapsed_s=([\d.]+)", line)[1]) for line in lines]  # type: ignore[index]
+    assert elapsed == sorted(elapsed) and elapsed[0] < 0.2 and elapsed[-1] >= 1.0
+    assert "\r" not in proc.stderr + proc.stdout
+
+
+def test_drain_progress_counts_the_answers(standins, run_dir: Path) -> None:
+    standins.add("quick")
+    standins.add("stuck", behavior="hang")
+    args = ["drain", "--run-dir", str(run_dir), "--timeout", "2", "--progress-interval", "0.2", "--leave-running"]
+    proc = revenant(*args)
+    assert proc.returncode == 1, proc.stderr
+    details = [re.search(r'detail="([^"]*)"', line)[1] for line in progress_lines(proc.stderr)]  # type: ignore[index]
+    assert details[0] == "0/2 tasks answered, deadline in 2s", proc.stderr
+    assert re.fullmatch(r"1/2 tasks answered, deadline in [01]s", details[-1]), proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("1 ok, 0 failed, 1 timed out of 2 task(s)")
+
+    # On a terminal: one line rewritten in place, blanked before the table.
+    master, slave = pty.openpty()
+    with subprocess.Popen([*REVENANT, *args], stdout=subprocess.PIPE, stderr=slave, text=True) as child:
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child is gone
+                break
+            if not data:
+                break
+            screen += data
+        table = child.stdout.read() if child.stdout else ""
+    os.close(master)
+    drawn = screen.decode().split("\r")
+    assert any(
+        re.fullmatch(r"drain  checkpointing  1/2 tasks answered, deadline in [01]s  elapsed [12]s *", d) for d in drawn
+    ), drawn
+    assert drawn[-1].strip() == "" and "TASK" in table and "\r" not in table
+
+
 def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_server, standins, run_dir):
     srv = metadata_server(("aws",))
     shim = standins.add("job")
@@ -111,6 +163,9 @@ def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_se
         summary = wait_until(lambda: logged("drain_summary"), 30, "the drain summary", interval=0.05)
         assert summary["ok"] is True and summary["exit"] is True
         assert time.time() < notice_deadline
+        progress = logged("progress")  # the drain's first progress line, as JSON fields
+        assert progress["label"] == "drain" and progress["phase"] == "checkpointing", progress
+        assert progress["detail"].startswith("0/1 tasks answered, deadline in ") and "done_bytes" not in progress
         result = logged("checkpoint_result")
         assert result["id"] == "job" and result["status"] == "ok" and result["seq"] == 1
         assert logged("notice")["action"] == "terminate"
