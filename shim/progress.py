@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 MIB = 1 << 20
+GIB = 1 << 30
 DEFAULT_LOG_INTERVAL_S = 5.0
 DEFAULT_REDRAW_S = 0.2
 # Below this a transfer is stalled, not slow: no ETA rather than one of weeks.
@@ -47,12 +48,15 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_bytes(n: float) -> str:
-    """Bytes in MiB (the unit the rate uses, so the two read together); small amounts in KiB."""
+    """Bytes mostly in MiB (the unit the rate uses, so the two read together); small amounts in B or
+    KiB, large ones in GiB."""
     if n < 1024:
         return f"{n:.0f} B"
     if n < MIB:
         return f"{n / 1024:.1f} KiB"
-    return f"{n / MIB:.1f} MiB"
+    if n < GIB:
+        return f"{n / MIB:.1f} MiB"
+    return f"{n / GIB:.2f} GiB"
 
 
 def format_rate(bytes_per_s: float | None) -> str:

@@ -12,7 +12,7 @@ import termios
 
 import pytest
 
-from shim.progress import MIB, Meter, Reporter, Summary, format_duration, progress_text
+from shim.progress import GIB, MIB, Meter, Reporter, Summary, format_bytes, format_duration, progress_text
 
 
 class FakeClock:
@@ -134,6 +134,17 @@ def test_finish_summary_says_bytes_time_rate_and_dedup() -> None:
     assert again.text().endswith("uploaded 0 B, reused 100/100 chunks (all reused)")
     get = Summary("get k seq 3", 3 * MIB, 0.0)
     assert get.text() == "get k seq 3: 3.0 MiB in 0.00s (0.0 MiB/s)"
+
+
+def test_format_bytes() -> None:
+    assert [format_bytes(x) for x in (0, 1023, 1536, 5 * MIB, 1023 * MIB, 3 * GIB // 2)] == [
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "5.0 MiB",
+        "1023.0 MiB",
+        "1.50 GiB",
+    ]
 
 
 def test_format_duration() -> None:
