@@ -40,6 +40,7 @@ def test_ls_checkpoint_history(containerd_node: ContainerdNode, test_images, tmp
 
     ck = revenant("checkpoint", job.cid, "--namespace", node.namespace, "--run-dir", run_dir)
     assert ck.returncode == 0 and "seq 2" in ck.stdout, (ck.stdout, ck.stderr)
+    assert 'progress label=checkpoint phase="shim checkpointing" elapsed_s=' in ck.stderr, ck.stderr
 
     hist = revenant("history", job.key, "--store", job.store, "--json")
     assert hist.returncode == 0, hist.stderr
