@@ -227,9 +227,10 @@ class Reporter:
     """Shows a Meter while work runs; usable directly as the store's `progress(done, total)` callback.
 
     tty=None asks the stream. On a terminal the line is redrawn at most every `redraw` seconds (the
-    first report draws at once); elsewhere a log line goes out every `interval` seconds (0 or less: no
-    periodic lines). `start()` runs a ticker thread so the line and the log keep coming while nothing
-    reports (a scan, a commit, a shim working): elapsed time grows and the rate falls to zero.
+    first report and a phase change draw at once); elsewhere a log line goes out every `interval`
+    seconds, the first one `interval` seconds in, so quick work logs nothing but its summary (0 or
+    less: no lines at all). `start()` runs a ticker thread so the line and the log keep coming while
+    nothing reports (a scan, a commit, a shim working): elapsed time grows and the rate falls to zero.
     """
 
     def __init__(
@@ -255,7 +256,7 @@ class Reporter:
         self.meter = Meter(clock)
         self.counts_bytes = counts_bytes
         self._phase = phase
-        self._detail = ""
+        self._detail: str | Callable[[], str] = ""
         self._bytes_phase: str | None = None
         self._full_phase: str | None = None
         self._last_emit: float | None = None
@@ -276,16 +277,17 @@ class Reporter:
         else:
             self.tick()
 
-    def phase(self, name: str, *, detail: str | None = None) -> None:
-        """Enter a phase (shown and logged at once: phases are rare and each is news)."""
+    def phase(self, name: str, *, detail: str | Callable[[], str] | None = None) -> None:
+        """Enter a phase: drawn at once on a terminal; in a log it shows in the next periodic line."""
         with self._lock:
             self._phase = name
             if detail is not None:
                 self._detail = detail
         self.tick(force=True)
 
-    def detail(self, text: str) -> None:
-        """Extra words on the line (e.g. `2/5 tasks answered`), shown at the next tick."""
+    def detail(self, text: str | Callable[[], str]) -> None:
+        """Extra words on the line (e.g. `2/5 tasks answered`), shown at the next tick; a callable is
+        asked at every tick (for figures that move by themselves, like the time to a deadline)."""
         with self._lock:
             self._detail = text
 
@@ -302,23 +304,27 @@ class Reporter:
         return snap
 
     def tick(self, force: bool = False) -> None:
+        """Draw or log if due; `force` redraws a terminal line now (a log line keeps its interval)."""
         now = self.clock()
         with self._lock:
             if self._closed:
                 return
-            every = self.redraw if self.tty else self.interval
-            if not self.tty and every <= 0:
-                return
-            if not force and self._last_emit is not None and now - self._last_emit < every:
-                return
+            if self.tty:
+                if not force and self._last_emit is not None and now - self._last_emit < self.redraw:
+                    return
+            else:
+                last = self.meter.start if self._last_emit is None else self._last_emit
+                if self.interval <= 0 or now - last < self.interval:
+                    return
             self._last_emit = now
             snap = self.snapshot()
+            detail = self._detail() if callable(self._detail) else self._detail
             if self.tty:
-                self._draw(progress_text(self.label, self._phase, snap, self._detail))
+                self._draw(progress_text(self.label, self._phase, snap, detail))
             else:
                 fields = progress_fields(self.label, self._phase, snap)
-                if self._detail:
-                    fields["detail"] = self._detail
+                if detail:
+                    fields["detail"] = detail
                 self.logger.info("progress %s", logfmt(_without_event(fields)), extra={"fields": fields})
 
     def _draw(self, text: str) -> None:
@@ -346,7 +352,8 @@ class Reporter:
     def start(self) -> Reporter:
         """Tick in the background (the figures move even while no byte is reported)."""
         self.tick(force=True)
-        period = self.redraw if self.tty else self.interval
+        # Off a terminal, tick a few times per interval: a wake-up a hair early must not cost a line.
+        period = self.redraw if self.tty else min(1.0, self.interval / 4)
         if period > 0 and self._thread is None:
             self._thread = threading.Thread(target=self._run, args=(period,), name="progress", daemon=True)
             self._thread.start()

@@ -166,8 +166,10 @@ def drain(
     lock = threading.Lock()
 
     def progress_detail() -> str:
-        failed = sum(1 for r in results.values() if r.status != OK)
-        text = f"{len(results)}/{len(records)} tasks answered"
+        with lock:
+            answered = list(results.values())
+        failed = sum(1 for r in answered if r.status != OK)
+        text = f"{len(answered)}/{len(records)} tasks answered"
         if failed:
             text += f" ({failed} not ok)"
         return f"{text}, deadline in {max(0.0, deadline - time.time()):.0f}s"
@@ -176,8 +178,6 @@ def drain(
         res = checkpoint_task(record, exit=exit, deadline=deadline, reason=reason, connect_timeout=connect_timeout)
         with lock:
             results[index] = res
-            if reporter is not None:
-                reporter.detail(progress_detail())
 
     threads = [
         threading.Thread(target=run, args=(i, rec), name=f"drain-{rec.ref}", daemon=True)
@@ -191,18 +191,14 @@ def drain(
         reason,
     )
     if reporter is not None:
-        reporter.detail(progress_detail())
+        reporter.detail(progress_detail)
         reporter.start()
     try:
         for t in threads:
             t.start()
         for t in threads:
             # Every call is bounded by the deadline; the extra second only covers thread scheduling.
-            while t.is_alive() and time.time() < deadline + 1.0:
-                t.join(min(1.0, max(0.0, deadline + 1.0 - time.time())))
-                if reporter is not None:
-                    with lock:
-                        reporter.detail(progress_detail())  # the time to the deadline moves on
+            t.join(max(0.0, deadline - time.time()) + 1.0)
     finally:
         if reporter is not None:
             reporter.close()

@@ -80,7 +80,7 @@ def test_checkpoint_progress_is_phase_and_elapsed_time_only(standins, run_dir: P
     assert all('label=checkpoint phase="shim checkpointing" elapsed_s=' in line for line in lines), lines
     assert not [line for line in lines if re.search("bytes|rate|eta", line)]  # the shim reports none
     elapsed = [float(re.search(r"elapsed_s=([\d.]+)", line)[1]) for line in lines]  # type: ignore[index]
-    assert elapsed == sorted(elapsed) and elapsed[0] < 0.2 and elapsed[-1] >= 1.0
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0.19 and elapsed[-1] >= 1.0  # every 0.2 s, not at once
     assert "\r" not in proc.stderr + proc.stdout
 
 
@@ -91,8 +91,9 @@ def test_drain_progress_counts_the_answers(standins, run_dir: Path) -> None:
     proc = revenant(*args)
     assert proc.returncode == 1, proc.stderr
     details = [re.search(r'detail="([^"]*)"', line)[1] for line in progress_lines(proc.stderr)]  # type: ignore[index]
-    assert details[0] == "0/2 tasks answered, deadline in 2s", proc.stderr
-    assert re.fullmatch(r"1/2 tasks answered, deadline in [01]s", details[-1]), proc.stderr
+    assert len(details) >= 4 and all(d.startswith("1/2 tasks answered, deadline in ") for d in details), details
+    left = [int(re.search(r"in (\d+)s", d)[1]) for d in details]  # type: ignore[index]
+    assert left == sorted(left, reverse=True) and left[0] == 2 and left[-1] == 0, details
     assert proc.stdout.splitlines()[-1].startswith("1 ok, 0 failed, 1 timed out of 2 task(s)")
 
     # On a terminal: one line rewritten in place, blanked before the table.
@@ -163,9 +164,6 @@ def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_se
         summary = wait_until(lambda: logged("drain_summary"), 30, "the drain summary", interval=0.05)
         assert summary["ok"] is True and summary["exit"] is True
         assert time.time() < notice_deadline
-        progress = logged("progress")  # the drain's first progress line, as JSON fields
-        assert progress["label"] == "drain" and progress["phase"] == "checkpointing", progress
-        assert progress["detail"].startswith("0/1 tasks answered, deadline in ") and "done_bytes" not in progress
         result = logged("checkpoint_result")
         assert result["id"] == "job" and result["status"] == "ok" and result["seq"] == 1
         assert logged("notice")["action"] == "terminate"

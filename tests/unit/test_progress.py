@@ -189,21 +189,37 @@ def test_log_lines_come_every_interval_with_the_figures(caplog: pytest.LogCaptur
     out = io.StringIO()
     rep = Reporter("get k", stream=out, tty=False, interval=5.0, clock=clock, phase="download")
     with caplog.at_level(logging.INFO, logger="shim.progress"):
-        for _ in range(12):  # 12 s of 1 MiB/s reported every second: lines at 1 s, 6 s and 11 s
+        for _ in range(12):  # 12 s of 1 MiB/s reported every second: lines at 5 s and 10 s
             clock.advance(1.0)
             rep(rep.meter.done + MIB, 20 * MIB)
         rep.close()
         rep.log_summary(Summary("get k seq 1", 12 * MIB, 12.0))
     assert out.getvalue() == ""  # nothing drawn
     records = [r for r in caplog.records if r.name == "shim.progress"]
-    assert len(records) == 4
+    assert len(records) == 3
     fields = [r.fields for r in records]  # type: ignore[attr-defined]
-    assert [f["done_bytes"] for f in fields[:3]] == [MIB, 6 * MIB, 11 * MIB]
-    assert fields[2]["total_bytes"] == 20 * MIB and fields[2]["phase"] == "download"
-    assert fields[2]["rate_bps"] == pytest.approx(MIB, rel=0.01) and fields[2]["eta_s"] == pytest.approx(9, rel=0.02)
-    assert "phase=download" in records[2].getMessage() and "done_bytes=11534336" in records[2].getMessage()
-    assert fields[3]["event"] == "progress_done" and fields[3]["bytes"] == 12 * MIB
-    assert records[3].getMessage().startswith("progress done label=")
+    assert [f["done_bytes"] for f in fields[:2]] == [5 * MIB, 10 * MIB]
+    assert fields[1]["total_bytes"] == 20 * MIB and fields[1]["phase"] == "download"
+    assert fields[1]["rate_bps"] == pytest.approx(MIB, rel=0.01) and fields[1]["eta_s"] == pytest.approx(10, rel=0.02)
+    assert "phase=download" in records[1].getMessage() and "done_bytes=10485760" in records[1].getMessage()
+    assert fields[2]["event"] == "progress_done" and fields[2]["bytes"] == 12 * MIB
+    assert records[2].getMessage().startswith("progress done label=")
+
+
+def test_quick_work_logs_only_its_summary(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    rep = Reporter("put k", stream=io.StringIO(), tty=False, interval=5.0, clock=clock, phase="scan")
+    rep.bytes_phase("upload", when_full="commit")
+    with caplog.at_level(logging.INFO, logger="shim.progress"):
+        rep.start()
+        clock.advance(0.5)
+        rep(MIB, 2 * MIB)
+        rep.phase("commit")
+        clock.advance(0.5)
+        rep(2 * MIB, 2 * MIB)
+        rep.close()
+        rep.log_summary(Summary("put k seq 1", 2 * MIB, 1.0))
+    assert [r.fields["event"] for r in caplog.records] == ["progress_done"]  # type: ignore[attr-defined]
 
 
 def test_interval_zero_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
@@ -229,13 +245,15 @@ def test_remote_work_shows_phase_and_elapsed_never_numbers(caplog: pytest.LogCap
     log_rep = Reporter("drain", tty=False, interval=1.0, clock=clock, counts_bytes=False, phase="checkpointing")
     log_rep.detail("1/3 tasks answered")
     with caplog.at_level(logging.INFO, logger="shim.progress"):
+        log_rep.tick()  # not due yet
+        clock.advance(1.0)
         log_rep.tick()
     (record,) = caplog.records
     assert record.fields == {  # type: ignore[attr-defined]
         "event": "progress",
         "label": "drain",
         "phase": "checkpointing",
-        "elapsed_s": 0.0,
+        "elapsed_s": 1.0,
         "detail": "1/3 tasks answered",
     }
 
