@@ -192,8 +192,23 @@ def test_token_round_trip_asks_for_the_right_scope(
     for req in fresh_issuer.requests:
         assert (req.method, req.user, req.grant, req.service) == ("GET", USER, "basic", SERVICE)
         assert req.scopes == [f"repository:{repo}:pull,push,delete"]
-    # Tokens are cached: a few store opens, not one token per request (there are hundreds).
-    assert len(fresh_issuer.requests) <= 4
+    # The token is cached: one for the whole round trip, not one per request (there are hundreds).
+    assert len(fresh_issuer.requests) == 1
+
+
+def test_token_is_shared_by_stores_opened_later(
+    token_registry: Registry, fresh_issuer: TokenIssuer, docker_config: Path, tmp_path: Path
+) -> None:
+    url, _repo = store_url(token_registry)
+    write_config(docker_config, {f"127.0.0.1:{token_registry.port}": _auth(USER, PASSWORD)})
+    for seed in range(3):  # as the shim does: a store opened per checkpoint
+        with open_store(url) as store:
+            store.put(KEY, make_tree(tmp_path / f"src{seed}", seed=seed, big_mib=1))
+    assert len(fresh_issuer.requests) == 1
+    write_config(docker_config, {f"127.0.0.1:{token_registry.port}": {"username": USER, "password": PASSWORD}})
+    with open_store(url) as store:  # the same credentials written another way: still the same token
+        assert len(store.list(KEY)) == 3
+    assert len(fresh_issuer.requests) == 1
 
 
 def test_token_with_short_expiry_is_renewed(

@@ -16,6 +16,8 @@ What is sent where:
   names; never over plain http unless the store URL says insecure=1 or that host is loopback.
 - Redirects are followed here (GET/HEAD only, blob downloads redirect to object storage on real
   registries), and Authorization is dropped when a redirect leaves the registry's scheme, host and port.
+  (urllib3 2.x strips Authorization on a cross-host redirect itself, but a PoolManager made with
+  retries=False, as the backend's is, follows no redirect at all: the 307 came back as an error.)
 - Tokens and passwords never appear in logs or error messages.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import ipaddress
 import json
 import logging
@@ -55,6 +58,13 @@ REDIRECTS = (301, 302, 303, 307, 308)
 DOCKER_HUB = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 _PARAM = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 _TOKEN_OK = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: nothing that could split a header
+
+
+# Tokens shared by every backend in this process (the shim opens a store for each checkpoint): keyed by
+# realm, service, scopes and a digest of the credentials they were fetched with, so rotated credentials
+# ask anew. Entries are dropped when they run out or a registry refuses them.
+_SHARED_TOKENS: dict[tuple[str, ...], tuple[str, float]] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 class AuthenticationFailed(StoreError, errors.Unauthenticated):
@@ -308,7 +318,11 @@ class RegistryAuth:
                 if self._scheme == "bearer" and sent is not None and sent != f"Bearer {self._token}":
                     return True  # another thread renewed the token meanwhile: try that one
                 self._scheme, self._params = "bearer", params
-                self._token = None  # expired or short of scope: run the flow again
+                if self._token is not None:  # expired or short of scope: nobody uses it again
+                    with _SHARED_LOCK:
+                        for k in [k for k, (t, _u) in _SHARED_TOKENS.items() if t == self._token]:
+                            del _SHARED_TOKENS[k]
+                self._token = None
                 return True
             raise AuthenticationFailed(
                 f"registry {self.host} asks for authentication scheme {scheme or '(none)'!r}, which revenant "
@@ -347,6 +361,15 @@ class RegistryAuth:
         creds = credentials_for(self.host, self.auth_file)
         if creds is not None:
             self._check_plain_http(ru.scheme, ru.netloc, "its token service")
+        secret = repr(creds and (creds.username, creds.password, creds.identity_token)).encode()
+        key = (realm, self._params.get("service", ""), *self.scopes, hashlib.sha256(secret).hexdigest())
+        now = time.monotonic()
+        with _SHARED_LOCK:
+            for k in [k for k, (_t, until) in _SHARED_TOKENS.items() if until <= now]:
+                del _SHARED_TOKENS[k]
+            if key in _SHARED_TOKENS:
+                self._token, self._token_until = _SHARED_TOKENS[key]
+                return
         query: list[tuple[str, str]] = []
         if self._params.get("service"):
             query.append(("service", self._params["service"]))
@@ -395,6 +418,8 @@ class RegistryAuth:
         self._token, ttl = self._parse_token(body, ru.netloc)
         # Renew a little before the end, so a request does not leave with a token about to lapse.
         self._token_until = time.monotonic() + ttl - min(10.0, ttl / 4)
+        with _SHARED_LOCK:
+            _SHARED_TOKENS[key] = (self._token, self._token_until)
         log.info("registry %s: got a token for %s from %s, valid %gs", self.host, " ".join(self.scopes), ru.netloc, ttl)
 
     def _parse_token(self, body: bytes, where: str) -> tuple[str, float]:
