@@ -242,7 +242,8 @@ class RegistryAuth:
 
     # ------------------------------------------------------------------ request
     def request(self, http: urllib3.PoolManager, method: str, url: str, **kw: Any) -> urllib3.BaseHTTPResponse:
-        """Send the request, answering one 401 challenge (and one more if a cached token was refused)."""
+        """Send the request; a 401 from the registry (first contact, or a cached token or Basic credentials
+        it no longer takes) is answered once by taking up its challenge, a second 401 fails."""
         headers = dict(kw.pop("headers", None) or {})
         kw.pop("redirect", None)
         sent = self._authorization()
