@@ -23,7 +23,7 @@ SEAL_OVERHEAD = 64
 MAX_CHUNK_OBJECT = MAX_CHUNK_LEN + 1 + SEAL_OVERHEAD
 MAX_MANIFEST_OBJECT = MAX_MANIFEST_BYTES + (1 << 20)
 MAX_LOCK_OBJECT = 64 << 10
-# Packs (shim.store.packs): a pack holds at most MAX_PACK_CHUNKS chunks and is sealed once it passes its
+# Packs (shim.store.backends.packs): a pack holds at most MAX_PACK_CHUNKS chunks and is sealed once it passes its
 # target size (pack_mb, at most MAX_PACK_MB), so one pack is never larger than the target plus one chunk
 # plus its trailer. An index object lists the packs of one flush.
 MAX_PACK_MB = 256

@@ -13,9 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 from shim.store import Store
 from shim.store.backends.local import LocalBackend
 from shim.store.backends.oci import OCIBackend
+from shim.store.backends.packs import decode_trailer, encode_trailer, pack_name
 from shim.store.backends.s3 import S3Backend
 from shim.store.keys import encode_key, tag_prefix
-from shim.store.packs import decode_trailer, encode_trailer, pack_name
 
 MIB = 1 << 20
 

@@ -20,7 +20,7 @@ import pytest
 from harness.store_util import MIB, make_tree, mutate, tree_digest
 from shim.store import BackendUnavailable, ChunkCorrupt, StoreError, open_store
 from shim.store.backends.base import Damaged
-from shim.store.packs import (
+from shim.store.backends.packs import (
     ENTRY,
     FOOTER,
     REPACK_SHARE,

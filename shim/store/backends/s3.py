@@ -3,7 +3,7 @@
 
 Credentials come the standard boto3 way (environment, ~/.aws, instance role). Objects larger than
 multipart_mb (default 8) go up as multipart uploads. Chunks go into packs of pack_mb MiB (default 16,
-shim.store.packs: packs/, index/); `packs=0` stores one object per chunk (chunks/<d[:2]>/<digest>), which
+shim.store.backends.packs: packs/, index/); `packs=0` stores one object per chunk (chunks/<d[:2]>/<digest>), which
 a packed store also reads. Manifests: manifests/<encoded key>/<seq>-<nonce>; locks: locks/<name>.
 """
 
@@ -26,8 +26,8 @@ from botocore.config import Config
 from ..errors import StoreError
 from ..keys import decode_key, encode_key
 from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
-from ..packs import PackStore, pack_mb, packs_enabled
 from .base import Backend, Damaged, LockState, NotFound, TooLarge, TransientError
+from .packs import PackStore, pack_mb, packs_enabled
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class S3Backend(Backend):
         except Exception as e:
             raise _classify(e, f"list {sub}") from e
 
-    # plain objects, for the pack layer (shim.store.packs.ObjectStore)
+    # plain objects, for the pack layer (shim.store.backends.packs.ObjectStore)
     def put_object(self, name: str, data: bytes | bytearray) -> None:
         self._put(name, data)
 

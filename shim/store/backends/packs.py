@@ -47,10 +47,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..faults import crash_point
-from .backends.base import Damaged, NotFound
-from .errors import StoreError
-from .limits import MAX_CHUNK_OBJECT, MAX_INDEX_OBJECT, MAX_PACK_CHUNKS, MAX_PACK_MB, MAX_PACK_OBJECT
+from ...faults import crash_point
+from ..errors import StoreError
+from ..limits import MAX_CHUNK_OBJECT, MAX_INDEX_OBJECT, MAX_PACK_CHUNKS, MAX_PACK_MB, MAX_PACK_OBJECT
+from .base import Damaged, NotFound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
