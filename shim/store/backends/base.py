@@ -105,7 +105,8 @@ class Backend(ABC):
         return [LockState(name, blake3.blake3(body).hexdigest(), None) for name, body in self.list_locks()]
 
     def flush_chunks(self) -> None:  # noqa: B027 - optional hook
-        """Make every chunk put so far durable and visible (the file backend seals its packs here)."""
+        """Make every chunk put so far durable and visible (the file and S3 backends seal and index their packs
+        here)."""
 
     # owner epochs (fencing)
     def create_epoch(self, key: str, n: int, data: bytes) -> bool:
