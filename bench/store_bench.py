@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
     ap.add_argument("--encryption", action="store_true", help="also compare encrypted with plain put/get")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the encryption comparison (default 3)")
-    ap.add_argument("--s3-layouts", action="store_true", help="S3: one object per chunk vs packs, 1 and 2 workers")
+    ap.add_argument(
+        "--s3-layouts",
+        nargs="?",
+        const="loose,packs",
+        default="",
+        help="S3: one object per chunk (loose) vs packs, 1 and 2 workers (default both)",
+    )
     ap.add_argument("--pack-mb", type=int, default=16, help="pack size for --s3-layouts (default 16)")
     args = ap.parse_args(argv)
     opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in [b for b in args.backends.split(",") if b in ("s3", "oci")]:
             rows.append(_remote(backend, work, dump, mb, opts))
         if args.s3_layouts:
-            rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar)
+            rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar, args.s3_layouts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -279,7 +285,7 @@ def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tupl
 
 
 def _s3_layouts(
-    work: Path, dump: Path, mb: float, opts: dict, pack_mb: int, t_tar: float, t_untar: float
+    work: Path, dump: Path, mb: float, opts: dict, pack_mb: int, t_tar: float, t_untar: float, which: str
 ) -> list[tuple[str, str, str, str]]:
     """One object per chunk vs packs on one SeaweedFS, at 1 and 2 put workers, fresh prefix each."""
     from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3
@@ -292,7 +298,11 @@ def _s3_layouts(
     srv.start()
     rows = []
     try:
-        for layout, query in (("one object per chunk", "&packs=0"), (f"packs of {pack_mb} MiB", f"&pack_mb={pack_mb}")):
+        layouts = {
+            "loose": ("one object per chunk", "&packs=0"),
+            "packs": (f"packs of {pack_mb} MiB", f"&pack_mb={pack_mb}"),
+        }
+        for layout, query in [layouts[name] for name in which.split(",")]:
             for workers in (1, 2):
                 prefix = f"bench-{'packs' if 'pack_mb' in query else 'loose'}-{workers}"
                 store = open_store(

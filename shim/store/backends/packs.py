@@ -42,6 +42,7 @@ import secrets
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ VERSION = 1
 DEFAULT_PACK_MB = 16
 REPACK_SHARE = 0.3  # rewrite a pack once this share of its bytes is dead
 TAIL_READ = 64 << 10  # first guess at a trailer's size: one ranged GET covers ~1,500 entries
+READ_WINDOW = 4 << 20  # a reader fetches packs in pieces this large (ranged GETs) ...
+CACHED_WINDOWS = 8  # ... and keeps this many: 32 MiB
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -312,6 +315,50 @@ class PackWriter:
         self._pool.shutdown(wait=True)
 
 
+# ---------------------------------------------------------------------- reading
+class _Windows:
+    """Ranged reads of packs in READ_WINDOW pieces, the last CACHED_WINDOWS kept.
+
+    A restore asks for a pack's chunks in about the order they were written, from several threads: one
+    GET per window instead of one per chunk (a ranged GET per 64 KiB chunk made SeaweedFS reads slower
+    than one object per chunk). Threads asking for a window being fetched wait for that one GET."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, int], Future[bytes]] = OrderedDict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def read(self, pack: str, pack_size: int, offset: int, length: int) -> bytes:
+        w = offset // READ_WINDOW
+        start = w * READ_WINDOW
+        if (offset + length - 1) // READ_WINDOW != w or offset + length > pack_size:
+            return self.objects.get_range(pack_name(pack), offset, length)  # straddles, or size unknown
+        key = (pack, w)
+        with self._lock:
+            fut = self._cache.get(key)
+            owner = fut is None
+            if fut is None:
+                fut = self._cache[key] = Future()
+                while len(self._cache) > CACHED_WINDOWS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+        if owner:
+            try:
+                fut.set_result(self.objects.get_range(pack_name(pack), start, min(READ_WINDOW, pack_size - start)))
+            except BaseException as e:
+                fut.set_exception(e)
+                with self._lock:
+                    if self._cache.get(key) is fut:
+                        del self._cache[key]
+        data = fut.result()
+        return data[offset - start : offset - start + length]
+
+
 # ---------------------------------------------------------------------- the chunk layer
 @dataclass
 class _Loc:
@@ -340,6 +387,7 @@ class PackStore:
         self._reload_lock = threading.Lock()
         self._reloads = 0  # completed reloads: threads that missed together reload once
         self._doomed: set[str] = set()
+        self._windows = _Windows(objects)
 
     # ------------------------------------------------------------------ index
     def _ensure(self) -> None:
@@ -429,6 +477,7 @@ class PackStore:
             self._contents = contents
             self._loaded = True
             self._reloads += 1
+        self._windows.clear()
 
     def _read_trailer(self, pack: str, size: int) -> list[Entry]:
         what = f"{self.url} pack {pack}"
@@ -469,7 +518,7 @@ class PackStore:
             loc = self._index.get(digest)
             if loc is not None:
                 try:
-                    return self.objects.get_range(pack_name(loc.pack), loc.offset, loc.length)
+                    return self._windows.read(loc.pack, self._packs.get(loc.pack, (0, 0.0))[0], loc.offset, loc.length)
                 except NotFound:
                     pass  # rewritten by a gc since the index was read
             else:
