@@ -44,12 +44,15 @@ def time_run(node: ContainerdNode, runtime: str, image: str, cid: str) -> float:
 
 
 def idle_memory(node: ContainerdNode, runtime: str, image: str, count: int) -> tuple[int, int, int]:
-    """(shim processes, total VmRSS KiB, total Pss KiB) of the shims serving `count` idle tasks."""
+    """(shim processes, total VmRSS KiB, total Pss KiB) of the shims serving `count` idle tasks (and
+    of revenant's zygote)."""
     ids = [f"idle-{runtime.split('.')[-2]}-{i}" for i in range(count)]
     for cid in ids:
         node.ctr("run", "-d", *run_flags(node, runtime), image, cid, "sleep", "1000", input="")
     time.sleep(2.0)  # let start-up garbage settle
     pids = shim_pids(node.address, b"containerd-shim-runc-v2" if runtime == RUNC else b"containerd-shim-revenant-v1")
+    if runtime == REVENANT:  # the zygote that forked them, if any, counts too
+        pids += shim_pids(node.address, b"shim.daemon.zygote")
     rss = pss = 0
     for pid in pids:
         r, p = rss_pss_kib(pid)
@@ -113,10 +116,14 @@ def breakdown(installed_bin: Path) -> dict[str, float]:
     }
 
 
-def fork_to_serving_ms(log_path: Path) -> list[float]:
-    """The shims' own "serving on ... (N ms after fork)" lines, copied into containerd's log."""
-    found = re.findall(r"serving on \S+ \((\d+) ms after fork\)", log_path.read_text(errors="replace"))
-    return [float(ms) for ms in found]
+def fork_to_serving_ms(log_path: Path) -> dict[str, list[float]]:
+    """The shims' own "serving on ... (N ms after fork by WHO)" lines, copied into containerd's log,
+    by who forked them (`start` itself, or the zygote)."""
+    found: dict[str, list[float]] = {}
+    text = log_path.read_text(errors="replace")
+    for ms, who in re.findall(r"serving on \S+ \((\d+) ms after fork by ([^)]+)\)", text):
+        found.setdefault(who, []).append(float(ms))
+    return found
 
 
 def installed_layout() -> Path:
@@ -144,8 +151,9 @@ VARIANTS = {
     "runc": "io.containerd.runc.v2 (stock Go shim)",
     "revenant": "io.containerd.revenant.v1, dev venv (editable install), REVENANT_SHIM_SHARED=1",
     "installed": "io.containerd.revenant.v1, installed layout (no editable import hook), REVENANT_SHIM_SHARED=1",
-    "cold": "io.containerd.revenant.v1, installed layout, default: a fresh shim per container",
-    "cold-dev": "io.containerd.revenant.v1, dev venv, default: a fresh shim per container",
+    "cold": "io.containerd.revenant.v1, installed layout, default: a fresh shim per container (zygote)",
+    "cold-dev": "io.containerd.revenant.v1, dev venv, default: a fresh shim per container (zygote)",
+    "cold-nozygote": "io.containerd.revenant.v1, installed layout, a fresh shim per container, REVENANT_SHIM_ZYGOTE=0",
 }
 
 
@@ -169,12 +177,15 @@ def main() -> int:
             "installed": ("installed", REVENANT),
             "cold": ("cold", REVENANT),
             "cold-dev": ("cold-dev", REVENANT),
+            "cold-nozygote": ("cold-nozygote", REVENANT),
         }
         plan = {v: plan[v] for v in chosen}
         for name in sorted({name for name, _ in plan.values()}):
             node = ContainerdNode(f"bench-{name}")
-            if name in ("installed", "cold"):
+            if name in ("installed", "cold", "cold-nozygote"):
                 node.env["PATH"] = f"{installed_bin}:{SYSTEM_PATH}"
+            if name == "cold-nozygote":
+                node.env["REVENANT_SHIM_ZYGOTE"] = "0"
             if not name.startswith("cold"):
                 node.env["REVENANT_SHIM_SHARED"] = "1"
             nodes[name] = node
@@ -188,7 +199,7 @@ def main() -> int:
             for variant in order:
                 name, rt = plan[variant]
                 times[variant].append(time_run(nodes[name], rt, image[name], f"b{i}-{variant}"))
-        serving = {name: fork_to_serving_ms(nodes[name].log_path) for name in ("cold", "cold-dev") if name in nodes}
+        serving = {name: fork_to_serving_ms(nodes[name].log_path) for name in nodes if name.startswith("cold")}
         memory = {}
         if not args.no_memory:
             memory["runc"] = [idle_memory(nodes["dev"], RUNC, image["dev"], n) for n in (1, 10)]
@@ -210,18 +221,19 @@ def main() -> int:
             f"| {VARIANTS[variant]} | {med * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} "
             f"| {med / base:.2f} |"
         )
-    print("\n| shim | idle shims for 1 task | VmRSS / Pss (MiB) | shims for 10 tasks | total VmRSS / Pss (MiB) |")
+    print("\n| shim | processes for 1 idle task (shims + zygote) | VmRSS / Pss (MiB) | processes for 10 tasks | total VmRSS / Pss (MiB) |")
     print("|---|---|---|---|---|")
     for variant, (one, ten) in memory.items():
         print(
             f"| {VARIANTS[variant]} | {one[0]} | {one[1] / 1024:.1f} / {one[2] / 1024:.1f} "
             f"| {ten[0]} | {ten[1] / 1024:.1f} / {ten[2] / 1024:.1f} |"
         )
-    for name, values in serving.items():
-        if values:
+    print()
+    for name, by in serving.items():
+        for who, values in by.items():
             print(
-                f"\n{name}: a fresh shim serves its socket {statistics.median(values):.0f} ms (median; p90 "
-                f"{pct(values, 0.9):.0f}) after `start` forked it, {len(values)} shims"
+                f"{name}: a fresh shim forked by {who} serves its socket {statistics.median(values):.0f} ms "
+                f"(median; p90 {pct(values, 0.9):.0f}) after the fork, {len(values)} shims"
             )
     print("\nrevenant start-up parts (median wall, ms):")
     for name, value in parts.items():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def shim_pids(address: str, binary: bytes) -> list[int]:
     """Pids of the shims of the containerd at `address` whose command line names `binary` (as the
-    script or as the interpreter's first argument)."""
+    program, the interpreter's script, or its `-m` module: the zygote)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -16,7 +16,7 @@ def shim_pids(address: str, binary: bytes) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if address.encode() in argv and any(binary in a for a in argv[:2]):
+        if address.encode() in argv and any(binary in a for a in argv[:3]):
             pids.append(int(proc.name))
     return pids
 

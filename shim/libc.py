@@ -13,6 +13,7 @@ import os
 import threading
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 
 _lib: ctypes.CDLL | None = None
 _load_lock = threading.Lock()
@@ -60,6 +61,23 @@ def set_child_subreaper() -> None:
     """prctl(PR_SET_CHILD_SUBREAPER, 1): orphans below this process are re-parented to it, not to init."""
     if _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def set_cmdline(argv: list[str]) -> None:
+    """Make /proc/self/cmdline (what ps shows) read `argv`, and /proc/self/comm its program's base name:
+    a process forked from another program (the shim zygote) otherwise shows that program's. Written over
+    the original argument area, so it must fit in it (ValueError otherwise); the rest is zeroed."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    arg_start, arg_end = int(fields[45]), int(fields[46])  # stat fields 48 and 49
+    data = b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+    if len(data) > arg_end - arg_start:
+        raise ValueError(f"command line of {len(data)} bytes does not fit in {arg_end - arg_start}")
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(arg_start)
+        mem.write(data.ljust(arg_end - arg_start, b"\0"))
+    name = ctypes.create_string_buffer(os.fsencode(os.path.basename(argv[0]))[:15])
+    _libc().prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)  # the kernel copies it
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:

@@ -32,10 +32,12 @@ class Args:
         self.namespace = self.address = self.publish_binary = self.id = self.bundle = self.socket = ""
         self.debug = self.version = self.info = False
         self.action = ""
+        self.argv: list[str] = []  # as given (without the program)
 
 
 def parse_args(argv: list[str]) -> Args:
     a = Args()
+    a.argv = list(argv)
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -204,15 +206,40 @@ def _write_file(name: str, text: str) -> None:
     os.replace(tmp, name)
 
 
+def _publish(path: str, pid: int) -> int:
+    """What containerd reads from `start`: shim.pid and address in the bundle, the address on stdout."""
+    address = "unix://" + path
+    _write_file("shim.pid", str(pid))
+    _write_file("address", address)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _from_zygote(args: Args, listener, path: str) -> int:  # listener: the bound shim socket
+    """The pid of a shim the zygote forked to serve `listener`, or 0 when none did (then this `start`
+    forks the server itself, and starts a zygote for the next containers if there was none)."""
+    from shim.daemon import zygote
+
+    if not zygote.enabled(args.address):
+        return 0
+    zpath = zygote.zygote_path(SOCKET_DIR, args.address)
+    try:
+        return zygote.spawn(zpath, listener.fileno(), path, args.argv)
+    except zygote.ZygoteUnavailable:
+        zygote.launch(zpath, args.address)  # exits at once if a live zygote has the path
+        return 0
+
+
 def action_start(args: Args) -> int:
     path = socket_path(args.address, args.namespace, group_of(args.id))
-    address = "unix://" + path
     listener, shim_pid = _listen(path, args.id)
     if listener is None:
-        _write_file("shim.pid", str(shim_pid))
-        _write_file("address", address)
-        sys.stdout.write(address)
-        return 0
+        return _publish(path, shim_pid)
+    pid = _from_zygote(args, listener, path)
+    if pid:
+        listener.close()
+        return _publish(path, pid)
     pid = os.fork()
     if pid == 0:  # the shim server; never returns
         import time
@@ -237,11 +264,7 @@ def action_start(args: Args) -> int:
             traceback.print_exc()
         os._exit(code)
     listener.close()
-    _write_file("shim.pid", str(pid))
-    _write_file("address", address)
-    sys.stdout.write(address)
-    sys.stdout.flush()
-    return 0
+    return _publish(path, pid)
 
 
 def _varint(n: int) -> bytes:

@@ -113,7 +113,25 @@ def build(args, socket_path: str) -> Shim:  # args: shim.daemon.main.Args
     return Shim(server, reaper, publisher, service, protection)
 
 
-def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.daemon.main.Args
+def preload() -> None:
+    """Import what build() imports, without building anything (the zygote: shim.daemon.zygote)."""
+    import google.protobuf.wrappers_pb2  # noqa: F401  # published texts, on first use only, but small
+
+    import shim.daemon.deferred
+    import shim.daemon.grouping
+    import shim.daemon.main  # a forked shim parses its arguments with it
+    import shim.libc
+    import shim.protect.control
+    import shim.runc.reaper
+    import shim.task.events
+    import shim.task.lifetime
+    import shim.task.service
+    import shim.ttrpc  # noqa: F401
+
+
+def serve(
+    args, listener, socket_path: str, t0: float | None = None, forked_by: str = "start"
+) -> int:  # args: shim.daemon.main.Args
     fd = shimlog.open_log_fifo("log")
     if fd is not None:
         os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too
@@ -131,7 +149,7 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
             reaper.stop()
 
     threading.Thread(target=serve_then_stop, name="ttrpc-accept", daemon=True).start()
-    started = f" ({(time.monotonic() - t0) * 1e3:.0f} ms after fork)" if t0 is not None else ""
+    started = f" ({(time.monotonic() - t0) * 1e3:.0f} ms after fork by {forked_by})" if t0 is not None else ""
     log.info("shim %d serving on %s%s", os.getpid(), socket_path, started)
     reaper.loop()  # main thread: SIGCHLD handling runs here
     publisher.close()

@@ -137,3 +137,25 @@ def test_live_shim_of_an_unprotected_container_maps_no_deferred_library(containe
         containerd_node.ctr("task", "kill", "-s", "SIGKILL", "lean", check=False)
         containerd_node.ctr("task", "rm", "-f", "lean", check=False)
         containerd_node.ctr("container", "rm", "lean", check=False)
+
+
+def test_zygote_preload_covers_what_a_shim_imports_to_serve(tmp_path: Path):
+    """A shim forked by the zygote imports nothing more to build itself (else every container pays it
+    again), and the zygote preloads none of the deferred modules (else every shim maps them)."""
+    out = run_python(
+        f"""
+        import json, socket, sys
+        from shim.daemon.server import preload, build
+        from shim.daemon.main import parse_args
+        preload()
+        before = set(sys.modules)
+        path = {str(tmp_path / "shim.sock")!r}
+        socket.socket(socket.AF_UNIX).bind(path)
+        build(parse_args(["-namespace", "ns", "-id", "c", "start"]), path)
+        print(json.dumps({{"preloaded": sorted(before), "new": sorted(set(sys.modules) - before)}}))
+        """,
+        tmp_path,
+    )
+    assert out["new"] == []
+    assert loaded(out["preloaded"], DEFERRED) == []
+    assert "shim.task.service" in out["preloaded"]
