@@ -113,20 +113,30 @@ def build(args, socket_path: str) -> Shim:  # args: shim.daemon.main.Args
     return Shim(server, reaper, publisher, service, protection)
 
 
-def preload() -> None:
-    """Import what build() imports, without building anything (the zygote: shim.daemon.zygote)."""
-    import google.protobuf.wrappers_pb2  # noqa: F401  # published texts, on first use only, but small
+# What build() and a first Create import, for the zygote (shim.daemon.zygote) to import once for all
+# the shims it forks. Nothing deferred (shim.daemon.deferred) belongs here: every shim would map it.
+PRELOAD = (
+    "google.protobuf.wrappers_pb2",  # published texts
+    "revenant_pb.containerd.runc.v1.oci_pb2",  # runtime options at Create
+    "shim.daemon.deferred",
+    "shim.daemon.grouping",
+    "shim.daemon.main",  # a forked shim parses its arguments with it
+    "shim.libc",
+    "shim.protect.control",
+    "shim.protect.policy",  # every Create asks it whether the container is protected
+    "shim.runc.reaper",
+    "shim.task.events",
+    "shim.task.lifetime",
+    "shim.task.service",
+    "shim.ttrpc",
+)
 
-    import shim.daemon.deferred
-    import shim.daemon.grouping
-    import shim.daemon.main  # a forked shim parses its arguments with it
-    import shim.libc
-    import shim.protect.control
-    import shim.runc.reaper
-    import shim.task.events
-    import shim.task.lifetime
-    import shim.task.service
-    import shim.ttrpc  # noqa: F401
+
+def preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 def serve(

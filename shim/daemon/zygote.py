@@ -29,6 +29,8 @@ MAGIC = b"revenant-zygote-1"
 REPLY_TIMEOUT = 10.0  # seconds for the forked shim to report its pid
 MAX_REQUEST = 1 << 20
 CMDLINE_ROOM = 4096  # bytes of empty arguments, so a forked shim can write `start`'s command line there
+ENVIRON_ROOM = 16384  # and of environment, for `start`'s environment
+ROOM_ENV = "REVENANT_ZYGOTE_ROOM"
 
 
 class ZygoteUnavailable(Exception):
@@ -148,8 +150,10 @@ def launch(path: str, address: str) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         argv = [sys.executable, "-m", "shim.daemon.zygote", path, address, str(containerd_pid)]
-        # The zygote's argument area is where each forked shim writes `start`'s command line.
-        os.execv(sys.executable, argv + [""] * CMDLINE_ROOM)
+        # The zygote's argument and environment areas are where each forked shim writes `start`'s
+        # command line and environment: room for them.
+        env = {**os.environ, ROOM_ENV: "x" * ENVIRON_ROOM}
+        os.execve(sys.executable, argv + [""] * CMDLINE_ROOM, env)
     finally:
         os._exit(1)
 
@@ -303,12 +307,16 @@ class Zygote:
             os.environ.clear()
             os.environ.update(request.env)
             sys.argv = request.cmdline[1:] if len(request.cmdline) > 1 else request.cmdline
-            try:
-                from shim.libc import set_cmdline
+            import contextlib
 
-                set_cmdline(request.cmdline)  # ps shows the container's shim as `start` named it, not the zygote
-            except (OSError, ValueError):
-                pass
+            from shim.libc import set_cmdline, set_environ_area
+
+            # ps and /proc show the container's shim as `start` named it and containerd's environment,
+            # not the zygote's (best effort: the room the zygote was started with may not suffice)
+            with contextlib.suppress(OSError, ValueError):
+                set_cmdline(request.cmdline)
+            with contextlib.suppress(OSError, ValueError):
+                set_environ_area(request.env)
             import socket
 
             from shim.daemon.main import parse_args
