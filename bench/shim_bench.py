@@ -221,7 +221,10 @@ def main() -> int:
             f"| {VARIANTS[variant]} | {med * 1e3:.0f} | {pct(v, 0.1) * 1e3:.0f} | {pct(v, 0.9) * 1e3:.0f} "
             f"| {med / base:.2f} |"
         )
-    print("\n| shim | processes for 1 idle task (shims + zygote) | VmRSS / Pss (MiB) | processes for 10 tasks | total VmRSS / Pss (MiB) |")
+    print(
+        "\n| shim | processes for 1 idle task (shims + zygote) | VmRSS / Pss (MiB) | processes for 10 tasks "
+        "| total VmRSS / Pss (MiB) |"
+    )
     print("|---|---|---|---|---|")
     for variant, (one, ten) in memory.items():
         print(

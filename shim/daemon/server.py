@@ -31,7 +31,7 @@ class Shim:
         self.service, self.protection = service, protection
 
 
-def build(args, socket_path: str) -> Shim:  # args: shim.daemon.main.Args
+def build(args, socket_path: str) -> Shim:  # args: shim.daemon.args.Args
     """Import and wire what the shim needs to answer its first request (and no more: checkpointing
     and protection load on first use). socket_path is bound already."""
     from shim.daemon.deferred import Deferred, DeferredCheckpointBackend, DeferredProtection
@@ -120,7 +120,7 @@ PRELOAD = (
     "revenant_pb.containerd.runc.v1.oci_pb2",  # runtime options at Create
     "shim.daemon.deferred",
     "shim.daemon.grouping",
-    "shim.daemon.main",  # a forked shim parses its arguments with it
+    "shim.daemon.args",  # a forked shim parses its arguments with it
     "shim.libc",
     "shim.protect.control",
     "shim.protect.policy",  # every Create asks it whether the container is protected
@@ -141,7 +141,7 @@ def preload() -> None:
 
 def serve(
     args, listener, socket_path: str, t0: float | None = None, forked_by: str = "start"
-) -> int:  # args: shim.daemon.main.Args
+) -> int:  # args: shim.daemon.args.Args
     fd = shimlog.open_log_fifo("log")
     if fd is not None:
         os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too

@@ -319,7 +319,7 @@ class Zygote:
                 set_environ_area(request.env)
             import socket
 
-            from shim.daemon.main import parse_args
+            from shim.daemon.args import parse_args
             from shim.daemon.server import serve
 
             args = parse_args(request.args)
