@@ -149,6 +149,7 @@ def launch(path: str, address: str) -> None:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
+        os.chdir("/")  # not the first container's bundle, which containerd removes with it
         argv = [sys.executable, "-m", "shim.daemon.zygote", path, address, str(containerd_pid)]
         # The zygote's argument and environment areas are where each forked shim writes `start`'s
         # command line and environment: room for them.
