@@ -1,7 +1,8 @@
 """Entry point of `containerd-shim-revenant-v1`, the binary containerd runs for io.containerd.revenant.v1.
 
-containerd runs it four ways (cwd = the bundle): `start` (create the shim's socket, fork the server,
-print the address), `delete` (clean up after a dead shim; print a DeleteResponse), `-v`, and (2.x)
+containerd runs it four ways (cwd = the bundle): `start` (create the shim's socket, have the server
+forked, by the zygote (shim/daemon/zygote.py) or by `start` itself, print the address), `delete`
+(clean up after a dead shim; print a DeleteResponse), `-v`, and (2.x)
 `-info` (a RuntimeInfo protobuf on stdout: shim/daemon/info.py).
 The `start` path imports as little as possible: containerd waits for it on every container start.
 """
@@ -178,6 +179,9 @@ def _from_zygote(args: Args, listener, path: str) -> int:  # listener: the bound
     except zygote.ZygoteUnavailable:
         zygote.launch(zpath, args.address)  # exits at once if a live zygote has the path
         return 0
+    except OSError as e:  # the request went out unanswered: a shim may serve the socket, fork none here
+        message = f"containerd-shim-revenant-v1: the shim zygote took {args.id} but did not answer: {e}"
+        raise SystemExit(message) from None
 
 
 def action_start(args: Args) -> int:
