@@ -26,7 +26,8 @@ import sys
 
 ENABLE_ENV = "REVENANT_SHIM_ZYGOTE"
 MAGIC = b"revenant-zygote-1"
-REPLY_TIMEOUT = 10.0  # seconds for the forked shim to report its pid
+REPLY_TIMEOUT = 30.0  # seconds for the forked shim to report its pid (a zygote still importing: longer)
+REQUEST_TIMEOUT = 5.0  # seconds the single-threaded zygote waits for a connected `start`'s request
 MAX_REQUEST = 1 << 20
 CMDLINE_ROOM = 4096  # bytes of empty arguments, so a forked shim can write `start`'s command line there
 ENVIRON_ROOM = 16384  # and of environment, for `start`'s environment
@@ -121,7 +122,10 @@ def spawn(path: str, listener_fd: int, socket_path: str, args: list[str]) -> int
             raise ZygoteUnavailable(str(e)) from None
         reply = sock.recv(256)  # EOF: every holder of this connection is gone, so no shim lives
         if reply.startswith(b"pid "):
-            return int(reply[4:])
+            try:
+                return int(reply[4:])
+            except ValueError:
+                raise OSError(f"the zygote answered {reply!r}") from None
         raise ZygoteUnavailable(reply.decode(errors="replace") or "the zygote closed the connection")
     finally:
         sock.close()
@@ -260,6 +264,7 @@ class Zygote:
 
         fds: list[int] = []
         try:
+            conn.settimeout(REQUEST_TIMEOUT)
             cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             uid = struct.unpack("3i", cred)[1]
             msg, ancdata, flags, _ = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * struct.calcsize("i")))
@@ -302,6 +307,7 @@ class Zygote:
         try:
             self.listener.close()
             os.close(self.containerd_fd)
+            os.set_inheritable(shim_fd, False)  # received fds are inheritable; `start`'s was not
             os.setsid()
             os.chdir(request.cwd)
             os.umask(request.umask)
