@@ -11,7 +11,9 @@ the node allows it), and a Kubernetes pod's key stays under its namespace.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from shim.store.limits import MAX_PACK_MB
+from shim.errors import InvalidArgument
 
 KEY = "revenant.io/checkpoint-key"
 INTERVAL = "revenant.io/checkpoint-interval"
@@ -131,6 +133,9 @@ _STORE_OPTIONS = {
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
+# shim.store.backends.packs' bound (limits.MAX_PACK_MB), not imported: a shim's start path loads this
+# module without the store.
+_MAX_PACK_MB = 256
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
 _REPO_OK = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
@@ -188,8 +193,8 @@ def validate_store_url(url: str, what: str) -> str:
             _megabytes(opt["multipart_mb"], f"{what} multipart_mb", 5, 5120)
         if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
             raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
-        if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= MAX_PACK_MB):
-            raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {MAX_PACK_MB}")
+        if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= _MAX_PACK_MB):
+            raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {_MAX_PACK_MB}")
     else:
         if not u.hostname or not _REPO_OK.match(u.path.strip("/")):
             raise PolicyError(f"{what}: {url!r}: an OCI store is oci://REGISTRY[:PORT]/REPOSITORY")
@@ -527,3 +532,18 @@ def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protecti
     on_stop = parse_bool(annotations[ON_STOP], ON_STOP) if ON_STOP in annotations else node.checkpoint_on_stop
     keep = parse_keep(annotations[KEEP], KEEP) if KEEP in annotations else node.keep
     return Protection(key=key, store=store, interval_s=interval, checkpoint_on_stop=on_stop, keep=keep)
+
+
+CONFIG_ENV = "REVENANT_CONFIG"
+
+
+def load_node_config() -> NodeConfig:
+    return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
+
+
+def bundle_annotations(bundle: str) -> dict[str, str]:
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return dict(json.load(f).get("annotations") or {})
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None

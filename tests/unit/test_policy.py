@@ -402,3 +402,10 @@ def test_node_encryption_keys_reach_every_store_url(tmp_path):
         cfg.write_text(bad)
         with pytest.raises(PolicyError, match="encryption"):
             NodeConfig.load(cfg)
+
+
+def test_pack_size_bound_matches_the_store() -> None:
+    from shim.protect import policy
+    from shim.store.limits import MAX_PACK_MB
+
+    assert policy._MAX_PACK_MB == MAX_PACK_MB
