@@ -109,6 +109,40 @@ def mib_s(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
+def stock_breakdown(wall_s: float, st: Any) -> dict[str, float]:
+    """`runc checkpoint --leave-running`'s wall time split like revenant's frozen window
+    (shim.protect.freeze): runc's own part and CRIU's phases from its stats-dump."""
+    ms = {"total_ms": wall_s * 1000}
+    if st is None:
+        return {**ms, "runc_own_ms": wall_s * 1000}
+    frozen = st.frozen_time_us / 1000
+    return {
+        **ms,
+        "runc_own_ms": wall_s * 1000 - st.freezing_time_us / 1000 - frozen,
+        "criu_freezing_ms": st.freezing_time_us / 1000,
+        "criu_memdump_ms": st.memdump_time_us / 1000,
+        "criu_memwrite_ms": st.memwrite_time_us / 1000,
+        "criu_frozen_other_ms": frozen - st.memdump_time_us / 1000 - st.memwrite_time_us / 1000,
+    }
+
+
+def freeze_breakdown_rows(rev: dict[str, float], stock_wall: float, st: Any) -> None:
+    """One row per part of the frozen window, revenant's beside stock runc's (same run)."""
+    if not rev:
+        row("freeze breakdown", "the shim sent none", "-")
+        return
+    stock = stock_breakdown(stock_wall, st)
+    say("freeze breakdown (ms): " + " ".join(f"{k}={v:.1f}" for k, v in rev.items()))
+    for part, ms in rev.items():
+        peer = stock.get(part)
+        row(
+            f"freeze: {part.removesuffix('_ms')}",
+            f"{ms:.1f} ms",
+            "-" if peer is None else f"{peer:.1f} ms",
+            "runc wall, not CRIU's frozen_time" if part == "total_ms" else "",
+        )
+
+
 # -- 1 + 2: freeze and restore ----------------------------------------------------------------------
 def bench_freeze_and_restore(
     a: ContainerdNode, b: ContainerdNode, image_a: str, image_b: str, mib: int, work: Path, store: str
@@ -176,6 +210,7 @@ def bench_freeze_and_restore(
             f"{stock_frozen:.2f} s frozen (runc to /var/tmp, {stock_wall:.2f} s wall)",
             f"ratio {res['freeze_s'] / stock_frozen:.2f}x; revenant committed in {res['total_s']:.2f} s",
         )
+        freeze_breakdown_rows(res.get("freeze") or {}, stock_wall, st)
         row(
             "peak extra memory of staging",
             f"{mib_s(peak.peak)} in /dev/shm (freed after upload)",
