@@ -50,6 +50,7 @@ from harness.protect import (  # noqa: E402
 )
 from harness.wait import wait_until  # noqa: E402
 from shim.checkpoint.criu_stats import read_dump_stats  # noqa: E402
+from shim.protect.freeze import PARTS  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str]] = []  # (measure, revenant, peer, note)
 
@@ -120,9 +121,9 @@ def stock_breakdown(wall_s: float, st: Any) -> dict[str, float]:
         **ms,
         "runc_own_ms": wall_s * 1000 - st.freezing_time_us / 1000 - frozen,
         "criu_freezing_ms": st.freezing_time_us / 1000,
-        "criu_memdump_ms": st.memdump_time_us / 1000,
+        "criu_memdrain_ms": (st.memdump_time_us - st.memwrite_time_us) / 1000,  # memdump contains memwrite
         "criu_memwrite_ms": st.memwrite_time_us / 1000,
-        "criu_frozen_other_ms": frozen - st.memdump_time_us / 1000 - st.memwrite_time_us / 1000,
+        "criu_frozen_other_ms": frozen - st.memdump_time_us / 1000,
     }
 
 
@@ -132,9 +133,9 @@ def freeze_breakdown_rows(rev: dict[str, float], stock_wall: float, st: Any) -> 
         row("freeze breakdown", "the shim sent none", "-")
         return
     stock = stock_breakdown(stock_wall, st)
-    say("freeze breakdown (ms): " + " ".join(f"{k}={v:.1f}" for k, v in rev.items()))
-    for part, ms in rev.items():
-        peer = stock.get(part)
+    say("freeze breakdown (ms): " + " ".join(f"{k}={rev.get(k, 0):.1f}" for k in ("total_ms", *PARTS)))
+    for part in ("total_ms", *PARTS):
+        ms, peer = rev.get(part, 0.0), stock.get(part)
         row(
             f"freeze: {part.removesuffix('_ms')}",
             f"{ms:.1f} ms",

@@ -9,7 +9,9 @@ what no part measured: Python between the steps):
     runc_own_ms           `runc checkpoint` minus CRIU's own time: runc and CRIU starting, runc's
                           state, version probe and descriptors, CRIU's setup before it freezes
     criu_freezing_ms      CRIU freezing the tasks (stats-dump freezing_time)
-    criu_memdump_ms       CRIU draining the tasks' pages into pipes (memdump_time)
+    criu_memdrain_ms      CRIU scanning the pagemap and its parasite vmsplicing the pages into pipes
+                          (stats-dump memdump_time less memwrite_time: CRIU's memdump_time contains
+                          the writes, criu/mem.c times xfer_pages inside it)
     criu_memwrite_ms      CRIU writing those pages into the image files (memwrite_time)
     criu_frozen_other_ms  the rest of CRIU's frozen_time: parasite, fds, mounts, namespaces, other images
     engine_other_ms       the engine's bookkeeping around runc (directories, stats, image size)
@@ -29,7 +31,7 @@ PARTS = (
     "hooks_ms",
     "runc_own_ms",
     "criu_freezing_ms",
-    "criu_memdump_ms",
+    "criu_memdrain_ms",
     "criu_memwrite_ms",
     "criu_frozen_other_ms",
     "engine_other_ms",
@@ -65,16 +67,16 @@ def freeze_breakdown(
         # CRIU's clock runs inside runc's lifetime; a part that claims more than runc took is cut.
         freezing_s = min(stats.freezing_time_us / 1e6, runc_s)
         frozen_s = min(stats.frozen_time_us / 1e6, runc_s - freezing_s)
-        memdump_s = min(stats.memdump_time_us / 1e6, frozen_s)
-        memwrite_s = min(stats.memwrite_time_us / 1e6, frozen_s - memdump_s)
+        memdump_s = min(stats.memdump_time_us / 1e6, frozen_s)  # drain and write
+        memwrite_s = min(stats.memwrite_time_us / 1e6, memdump_s)
     parts = {
         "pause_ms": _ms(pause_s),
         "hooks_ms": _ms(hooks_s),
         "runc_own_ms": _ms(runc_s - freezing_s - frozen_s),
         "criu_freezing_ms": _ms(freezing_s),
-        "criu_memdump_ms": _ms(memdump_s),
+        "criu_memdrain_ms": _ms(memdump_s - memwrite_s),
         "criu_memwrite_ms": _ms(memwrite_s),
-        "criu_frozen_other_ms": _ms(frozen_s - memdump_s - memwrite_s),
+        "criu_frozen_other_ms": _ms(frozen_s - memdump_s),
         "engine_other_ms": _ms(dump.duration_s - hooks_s - runc_s),
         "layer_ms": _ms(layer_s),
         "resume_ms": _ms(resume_s),

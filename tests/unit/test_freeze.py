@@ -1,0 +1,121 @@
+"""The frozen window's breakdown (shim.protect.freeze) and the direct cgroup freezer (shim.runc.freezer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shim.checkpoint.criu_stats import DumpStats
+from shim.checkpoint.engine import CheckpointResult
+from shim.protect.freeze import PARTS, freeze_breakdown
+from shim.runc.freezer import CgroupFreezer, container_freezer
+
+
+def dump(runc_s: float, *, frozen_us: int, memdump_us: int, memwrite_us: int, stats: bool = True) -> CheckpointResult:
+    st = DumpStats(2000, frozen_us, memdump_us, memwrite_us, 10, 0, 10) if stats else None
+    timings = {"hooks_before_s": 0.001, "runc_checkpoint_s": runc_s, "hooks_after_s": 0.002}
+    return CheckpointResult(Path("/x"), runc_s + 0.004, st, 0, timings)
+
+
+def test_parts_add_up_to_the_total() -> None:
+    d = dump(1.0, frozen_us=800_000, memdump_us=700_000, memwrite_us=300_000)
+    b = freeze_breakdown(total_s=1.2, pause_s=0.05, dump=d, layer_s=0.1, resume_s=0.02)
+    assert set(b) == {"total_ms", *PARTS}
+    assert b["criu_freezing_ms"] == 2.0
+    assert b["criu_memdrain_ms"] == 400.0 and b["criu_memwrite_ms"] == 300.0  # memdump contains memwrite
+    assert b["criu_frozen_other_ms"] == 100.0
+    assert b["runc_own_ms"] == pytest.approx(198.0)
+    assert b["hooks_ms"] == 3.0 and b["engine_other_ms"] == pytest.approx(1.0)
+    assert sum(b[p] for p in PARTS) == pytest.approx(b["total_ms"])
+    assert b["unaccounted_ms"] == pytest.approx(1200 - 50 - 3 - 1000 - 1 - 100 - 20)
+
+
+def test_criu_claiming_more_than_runc_took_is_cut_and_never_exceeds_the_total() -> None:
+    d = dump(0.5, frozen_us=900_000, memdump_us=950_000, memwrite_us=990_000)
+    b = freeze_breakdown(total_s=0.6, pause_s=0.01, dump=d, layer_s=0.0, resume_s=0.0)
+    assert all(v >= 0 for v in b.values()), b
+    assert sum(b[p] for p in PARTS) <= b["total_ms"] + 0.01, b
+    assert b["runc_own_ms"] == 0 and b["criu_freezing_ms"] + b["criu_memwrite_ms"] <= 500.0 + 0.01
+
+
+def test_without_criu_stats_runc_keeps_the_time() -> None:
+    b = freeze_breakdown(
+        total_s=0.3,
+        pause_s=0,
+        dump=dump(0.25, frozen_us=0, memdump_us=0, memwrite_us=0, stats=False),
+        layer_s=0,
+        resume_s=0,
+    )
+    assert b["runc_own_ms"] == 250.0 and b["criu_memwrite_ms"] == 0
+
+
+def write_state(root: Path, cid: str, paths: dict) -> None:
+    (root / cid).mkdir(parents=True)
+    (root / cid / "state.json").write_text(json.dumps({"id": cid, "cgroup_paths": paths}))
+
+
+def test_container_freezer_refuses_paths_runc_would_not_write(tmp_path: Path) -> None:
+    write_state(tmp_path, "outside", {"freezer": "/etc"})
+    write_state(tmp_path, "escape", {"freezer": "/sys/fs/cgroup/freezer/../../../../etc"})
+    write_state(tmp_path, "root", {"freezer": "/sys/fs/cgroup"})
+    write_state(tmp_path, "none", {})
+    for cid in ("outside", "escape", "root", "none", "missing", "../outside", ".."):
+        assert container_freezer(str(tmp_path), cid) is None, cid
+    (tmp_path / "huge").mkdir()
+    (tmp_path / "huge" / "state.json").write_bytes(b" " * (5 << 20))
+    assert container_freezer(str(tmp_path), "huge") is None
+
+
+V1 = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or (not (V1 / "freezer.state").exists() and not V1.is_dir()), reason="root")
+def test_freeze_stops_the_cgroups_tasks_and_thaw_lets_them_run(tmp_path: Path) -> None:
+    """A real v1 freezer cgroup (the dev VMs' hierarchy) found through a runc-like state.json."""
+    ns = os.environ.get("REVENANT_TEST_NAMESPACE", "rt")
+    cg = V1 / f"{ns}-freeze-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    counter = tmp_path / "counter"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import itertools\nfor i in itertools.count(): open({str(counter)!r}, 'w').write(str(i))",
+        ]
+    )
+    try:
+        (cg / "cgroup.procs").write_text(str(child.pid))
+        write_state(tmp_path / "root", "c1", {"freezer": str(cg), "": "/sys/fs/cgroup/unified"})
+        freezer = container_freezer(str(tmp_path / "root"), "c1")
+        assert freezer == CgroupFreezer(cg, v2=False)
+        deadline = time.monotonic() + 30
+        while not counter.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        freezer.freeze()
+        assert (cg / "freezer.state").read_text().strip() == "FROZEN"
+        time.sleep(0.05)  # a write in flight when the freeze landed has finished
+        frozen_at = counter.read_text()
+        time.sleep(0.3)
+        assert counter.read_text() == frozen_at, "the task ran while its cgroup was frozen"
+        freezer.thaw()
+        deadline = time.monotonic() + 30
+        while counter.read_text() == frozen_at and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert counter.read_text() != frozen_at, "the task did not run again after the thaw"
+    finally:
+        (cg / "freezer.state").write_text("THAWED")
+        child.kill()
+        child.wait()
+        for _ in range(100):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
