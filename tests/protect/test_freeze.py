@@ -14,24 +14,19 @@ from pathlib import Path
 import pytest
 
 from harness.containerd import VENV_BIN, ContainerdNode
-from harness.protect import Job, destroy_node, run_job, shim_log, store_checkpoints, task_status
+from harness.protect import Job, destroy_node, registry_record, run_job, shim_log, store_checkpoints, task_status
 from harness.wait import wait_until
 from shim.protect.freeze import PARTS
 
 pytestmark = pytest.mark.timeout(600)
 
-COUNTER = "/data/counter"
-MISMATCH = "/data/mismatch"
-# The shell holds the counter in memory and writes it into its writable layer as fast as it can. Each
-# turn first checks that the file still says what memory says: a checkpoint whose layer was captured
-# at another instant than its memory (the file ahead of or behind the restored shell) is caught by
-# the restored job itself, on its first turn, and recorded in MISMATCH.
-COUNTER_JOB = (
-    f"mkdir -p /data && i=0 && echo $i > {COUNTER} && "
-    f"while :; do read j < {COUNTER}; "
-    f'[ "$j" = "$i" ] || echo "memory $i file $j" >> {MISMATCH}; '
-    f"i=$((i+1)); echo $i > {COUNTER}; done"
-)
+COUNT_LOG = "/data/count.log"
+# The shell holds a counter in memory and appends each value to a file in its writable layer, as fast
+# as it can. Restored from a checkpoint, it appends the value after the one its memory holds: the
+# file continues without a gap or a repeat only if the layer was captured at the instant the memory
+# was dumped. A layer captured later holds values the restored shell writes again (a repeat); one
+# captured earlier lacks values the shell had already written (a gap).
+COUNTER_JOB = f"mkdir -p /data && i=0 && while :; do i=$((i+1)); echo $i >> {COUNT_LOG}; done"
 
 
 def revenant(*args: str) -> dict:
@@ -40,18 +35,19 @@ def revenant(*args: str) -> dict:
     return json.loads(out.stdout)
 
 
-def counter(node: ContainerdNode, cid: str) -> int:
+def counts(node: ContainerdNode, cid: str) -> list[int]:
+    """The values in the job's log; a last line caught mid-write is left out."""
     try:
-        return int((node.rootfs(cid) / COUNTER.lstrip("/")).read_text().strip() or -1)
-    except (OSError, ValueError):
-        return -1
+        lines = (node.rootfs(cid) / COUNT_LOG.lstrip("/")).read_text().split("\n")
+    except OSError:
+        return []
+    return [int(v) for v in lines[:-1] if v]
 
 
-def mismatches(node: ContainerdNode, cid: str) -> str:
-    try:
-        return (node.rootfs(cid) / MISMATCH.lstrip("/")).read_text()
-    except FileNotFoundError:
-        return ""
+def assert_no_gap_or_repeat(values: list[int], where: str) -> None:
+    assert values, f"no values on {where}"
+    bad = next((i for i in range(1, len(values)) if values[i] != values[i - 1] + 1), None)
+    assert bad is None, f"{where}: the count jumps from {values[bad - 1]} to {values[bad]} at line {bad + 1}"
 
 
 def test_layer_and_memory_describe_the_same_instant(node_factory, test_images, tmp_path: Path) -> None:
@@ -60,22 +56,23 @@ def test_layer_and_memory_describe_the_same_instant(node_factory, test_images, t
     job = Job("job", f"freeze/{uuid.uuid4().hex[:10]}/main", f"file://{tmp_path / 'store'}", interval="off")
     command = ["sh", "-c", COUNTER_JOB]
     run_job(a, image_a, job, command=command)
-    wait_until(lambda: counter(a, job.cid) > 1000, 60, "the counter job running on A")
+    wait_until(lambda: len(counts(a, job.cid)) > 1000, 60, "the counter job running on A")
 
     result = revenant("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
     assert result["status"] == "ok", result
     assert task_status(a, job.cid) == "RUNNING"
-    at_checkpoint = counter(a, job.cid)
-    wait_until(lambda: counter(a, job.cid) > at_checkpoint + 1000, 60, "the job running on after the checkpoint")
-    assert mismatches(a, job.cid) == "", "the job saw its own file change under it on A"
+    after = len(counts(a, job.cid))
+    wait_until(lambda: len(counts(a, job.cid)) > after + 1000, 60, "the job running on after the checkpoint")
+    assert_no_gap_or_repeat(counts(a, job.cid), "A")
     destroy_node(a)
 
     run_job(b, image_b, job, command=command)
     wait_until(lambda: task_status(b, job.cid) == "RUNNING", 60, "the job restored on B")
-    restored = counter(b, job.cid)
-    wait_until(lambda: counter(b, job.cid) > restored + 1000, 60, "the restored job counting on B")
-    assert 0 < restored <= at_checkpoint + 1, "B did not resume from A's checkpoint"
-    assert mismatches(b, job.cid) == "", "the restored memory and the restored layer disagree"
+    rec = registry_record(b, job.cid)
+    assert rec is not None and rec["restored_from"] == result["seq"], rec
+    restored = len(counts(b, job.cid))
+    wait_until(lambda: len(counts(b, job.cid)) > restored + 1000, 60, "the restored job counting on B")
+    assert_no_gap_or_repeat(counts(b, job.cid), "B (A's checkpointed log, then the restored job's values)")
 
 
 def test_freeze_breakdown_is_recorded(containerd_node: ContainerdNode, test_images, tmp_path: Path) -> None:
