@@ -91,6 +91,7 @@ def container_freezer(runc_root: str, container_id: str) -> CgroupFreezer | None
             path = _checked(candidate, control)
             if path is not None:
                 return CgroupFreezer(path, v2)
+    log.info("runc state of %s names no usable freezer: using runc pause", container_id)
     return None
 
 

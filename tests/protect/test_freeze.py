@@ -98,3 +98,5 @@ def test_freeze_breakdown_is_recorded(containerd_node: ContainerdNode, test_imag
     wait_until(lambda: f"freeze of {node.namespace}/{job.cid}" in shim_log(node), 30, "the breakdown's log line")
     line = next(ln for ln in shim_log(node).splitlines() if f"freeze of {node.namespace}/{job.cid}" in ln)
     assert f"total_ms={freeze['total_ms']:.1f}" in line and "criu_memwrite_ms=" in line, line
+    # The freeze went through the cgroup freezer runc's state names, not the `runc pause` fallback.
+    assert "using runc pause" not in shim_log(node)
