@@ -456,6 +456,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="steps of the interrupted/uninterrupted run")
     ap.add_argument("--interruptions", type=int, default=4)
     ap.add_argument(
+        "--staging-dir", default=None, help="node A's staging_dir (default: the node default, /dev/shm/revenant)"
+    )
+    ap.add_argument(
         "--freeze-repeat", type=int, default=1, help="alternating checkpoint pairs (runc, revenant); medians reported"
     )
     ap.add_argument("--skip", action="append", default=[], choices=("freeze", "restore", "podman", "s3", "run"))
@@ -466,6 +469,8 @@ def main() -> int:
     say(f"building images; job memory {mib} MiB; work dir {work}")
     images = build_test_images(work / "images")
     a, b = ContainerdNode("a"), ContainerdNode("b")
+    if args.staging_dir:
+        a.write_revenant_config(extra=f'staging_dir = "{args.staging_dir}"')
     try:
         a.start()
         b.start()

@@ -38,6 +38,7 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     from shim.libc import set_child_subreaper
     from shim.protect.control import ControlService
     from shim.protect.manager import ProtectionManager
+    from shim.runc.freezer import container_freezer
     from shim.runc.reaper import Reaper
     from shim.task.checkpoint_backend import RuncCheckpointBackend
     from shim.task.events import Publisher
@@ -61,9 +62,21 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
 
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
-    # GPU hooks list a container's processes through its own Runc (the subreaper's runner). One engine
-    # for ctr's checkpoints and revenant's own, so checkpoints of one task never overlap.
-    gpu_hooks = GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid))
+
+    # GPU hooks list a container's processes from its cgroup (they run inside the frozen window: no
+    # runc process there), else through its own Runc (the subreaper's runner). One engine for ctr's
+    # checkpoints and revenant's own, so checkpoints of one task never overlap.
+    def container_pids(cid: str) -> list[int]:
+        runc = service.containers[cid].runc
+        freezer = container_freezer(runc.root, cid)
+        if freezer is not None:
+            try:
+                return freezer.pids()
+            except (OSError, ValueError) as e:
+                log.info("cannot list %s's processes from cgroup %s (%s): using runc ps", cid, freezer.path, e)
+        return runc.ps(cid)
+
+    gpu_hooks = GpuDumpHooks(container_pids)
     engine = CheckpointEngine(hooks=gpu_hooks)
     # Transparent protection: the task layer's lifecycle hooks, and the Control service over them.
     protection = ProtectionManager(

@@ -58,6 +58,16 @@ class CgroupFreezer:
     def thaw(self) -> None:
         self._write(False)
 
+    def pids(self) -> list[int]:
+        """Every process of the cgroup and of the cgroups below it (as `runc ps` lists them), read from
+        cgroup.procs: no runc process inside a checkpoint's frozen window."""
+        pids: set[int] = set()
+        for directory, _, files in os.walk(self.path):
+            if "cgroup.procs" in files:
+                text = (Path(directory) / "cgroup.procs").read_text()
+                pids.update(int(line) for line in text.split() if line.isdigit())
+        return sorted(pids)
+
     def _write(self, frozen: bool) -> None:
         if self.v2:
             (self.path / "cgroup.freeze").write_text("1" if frozen else "0")

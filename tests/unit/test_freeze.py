@@ -95,6 +95,7 @@ def test_freeze_stops_the_cgroups_tasks_and_thaw_lets_them_run(tmp_path: Path) -
         write_state(tmp_path / "root", "c1", {"freezer": str(cg), "": "/sys/fs/cgroup/unified"})
         freezer = container_freezer(str(tmp_path / "root"), "c1")
         assert freezer == CgroupFreezer(cg, v2=False)
+        assert freezer.pids() == [child.pid]
         deadline = time.monotonic() + 30
         while not counter.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
