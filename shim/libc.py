@@ -70,3 +70,16 @@ def syncfs(path: str | os.PathLike[str]) -> None:
             raise _fail(f"syncfs {os.fsdecode(path)}")
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal still exists)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

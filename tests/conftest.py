@@ -29,6 +29,7 @@ UNIT_FILES = frozenset(
         "tests/gpu/test_gpu_checkpoint.py",
         "tests/shim/test_units.py",
         "tests/snapshotter/test_filters.py",
+        "tests/store/test_cli_progress.py",
         "tests/store/test_fuzz.py",
         "tests/store/test_units.py",
         "tests/ttrpc/test_codec.py",

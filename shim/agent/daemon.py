@@ -16,6 +16,7 @@ from typing import Any
 from shim.agent.drain import DrainReport, drain, plan_deadline
 from shim.agent.metrics import Metrics, StatusServer
 from shim.agent.notice import MetadataError, Notice, Watcher
+from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter
 from shim.protect.registry import list_tasks
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,10 @@ class Agent:
         poll_interval: float = 5.0,
         listen: tuple[str, int] | None = ("127.0.0.1", 9810),
         stale_after_s: float | None = None,
+        progress_interval: float = DEFAULT_LOG_INTERVAL_S,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.progress_interval = progress_interval  # seconds between a drain's progress log lines
         self.watcher = watcher
         self.poll_interval = poll_interval
         self.metrics = Metrics(self.run_dir, watcher.provider if watcher else "none")
@@ -150,7 +153,13 @@ class Agent:
     def _drain_for(self, notice: Notice, deadline: float) -> None:
         try:
             records = [r for r in list_tasks(self.run_dir) if not r.exited]
-            report = drain(records, exit=notice.exit, deadline=deadline, reason=f"{notice.describe()} notice")
+            # The agent's stderr is a log (JSON lines), never a live terminal line, whatever it is attached to.
+            reporter = Reporter(
+                "drain", tty=False, interval=self.progress_interval, counts_bytes=False, phase="checkpointing"
+            )
+            report = drain(
+                records, exit=notice.exit, deadline=deadline, reason=f"{notice.describe()} notice", reporter=reporter
+            )
             with self._lock:
                 self.reports.append(report)
             self.metrics.drain_done(report, trigger=notice.action)

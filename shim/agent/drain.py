@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from revenant_pb.revenant.v1 import control_pb2
+from shim.progress import Reporter
 from shim.protect.registry import TaskRecord
 from shim.ttrpc import NAMESPACE_KEY, Client, Code, DeadlineExceeded, ServiceClient, TtrpcError
 
@@ -168,12 +169,25 @@ def drain(
     deadline: float,
     reason: str,
     connect_timeout: float = 2.0,
+    reporter: Reporter | None = None,
 ) -> DrainReport:
-    """Checkpoint every record concurrently; returns when all answered or the deadline passed."""
+    """Checkpoint every record concurrently; returns when all answered or the deadline passed.
+
+    `reporter` (started and closed here) shows how many tasks answered and the time to the deadline
+    while the shims work: they report no bytes on the way, so there is no rate or ETA to give."""
     records = list(records)
     report = DrainReport(reason=reason, exit=exit, deadline=deadline, started=time.time())
     results: dict[int, TaskResult] = {}
     lock = threading.Lock()
+
+    def progress_detail() -> str:
+        with lock:
+            answered = list(results.values())
+        failed = sum(1 for r in answered if r.status != OK)
+        text = f"{len(answered)}/{len(records)} tasks answered"
+        if failed:
+            text += f" ({failed} not ok)"
+        return f"{text}, deadline in {max(0.0, deadline - time.time()):.0f}s"
 
     def run(index: int, record: TaskRecord) -> None:
         res = checkpoint_task(record, exit=exit, deadline=deadline, reason=reason, connect_timeout=connect_timeout)
@@ -191,11 +205,18 @@ def drain(
         deadline - time.time(),
         reason,
     )
-    for t in threads:
-        t.start()
-    for t in threads:
-        # Every call is bounded by the deadline; the extra second only covers thread scheduling.
-        t.join(max(0.0, deadline - time.time()) + 1.0)
+    if reporter is not None:
+        reporter.detail(progress_detail)
+        reporter.start()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            # Every call is bounded by the deadline; the extra second only covers thread scheduling.
+            t.join(max(0.0, deadline - time.time()) + 1.0)
+    finally:
+        if reporter is not None:
+            reporter.close()
     with lock:
         for i, rec in enumerate(records):
             res = results.get(i) or _base_result(rec, TIMED_OUT, "no answer by the deadline")

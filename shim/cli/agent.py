@@ -15,6 +15,7 @@ from shim.agent.detect import PROVIDERS, make_watcher, parse_metadata_urls
 from shim.agent.drain import FAILED, OK, TIMED_OUT, DrainReport, drain
 from shim.agent.logfmt import setup_logging
 from shim.cli.fmt import human_size
+from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter, enable_log_lines
 from shim.protect.registry import default_run_dir, list_tasks
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def register(subparsers: Any) -> None:
         "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
     )
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default json)")
+    _progress_option(p, "during a drain, log progress every S seconds")
     p.set_defaults(func=run_agent)
 
     d = subparsers.add_parser(
@@ -75,8 +77,19 @@ def register(subparsers: Any) -> None:
         "--timeout", type=float, default=120.0, metavar="S", help="deadline for all checkpoints together (default 120)"
     )
     d.add_argument("--leave-running", action="store_true", help="checkpoint but keep the tasks running")
-    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--json", action="store_true", help="print the report as JSON (and no progress)")
+    _progress_option(d, "when stderr is not a terminal, log progress every S seconds")
     d.set_defaults(func=run_drain)
+
+
+def _progress_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--progress-interval",
+        type=float,
+        default=DEFAULT_LOG_INTERVAL_S,
+        metavar="S",
+        help=f"{what} (default {DEFAULT_LOG_INTERVAL_S:g}; 0: none)",
+    )
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -96,7 +109,9 @@ def run_agent(args: argparse.Namespace) -> int:
         urls = parse_metadata_urls(args.metadata_url)
         listen = parse_listen(args.listen)
         watcher = make_watcher(args.provider, urls)
-        agent = Agent(run_dir, watcher, poll_interval=args.poll_interval, listen=listen)
+        agent = Agent(
+            run_dir, watcher, poll_interval=args.poll_interval, listen=listen, progress_interval=args.progress_interval
+        )
     except (ValueError, OSError) as exc:
         log.error("agent: %s", exc)
         return 2
@@ -159,10 +174,16 @@ def run_drain(args: argparse.Namespace) -> int:
         else:
             print(f"no protected tasks in {run_dir}")
         return 0
+    reporter = None
     if not args.json:  # progress on stderr: stdout stays the table
         mode = "final checkpoint (tasks stop)" if exit_tasks else "leave-running checkpoint"
         print(f"{mode} of {len(records)} protected task(s), deadline {args.timeout:.0f}s ...", file=sys.stderr)
-    report = drain(records, exit=exit_tasks, deadline=time.time() + args.timeout, reason="revenant drain")
+        reporter = Reporter("drain", interval=args.progress_interval, counts_bytes=False, phase="checkpointing")
+        if not reporter.tty:
+            enable_log_lines()
+    report = drain(
+        records, exit=exit_tasks, deadline=time.time() + args.timeout, reason="revenant drain", reporter=reporter
+    )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

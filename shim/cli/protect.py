@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from shim.agent.drain import OK, checkpoint_task
 from shim.cli.fmt import human_size
+from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter, enable_log_lines
 from shim.protect.registry import TaskRecord, default_run_dir, list_tasks
 
 
@@ -48,7 +48,15 @@ def register(subparsers: Any) -> None:
     ck.add_argument(
         "--run-dir", default=None, metavar="DIR", help="node registry root (default $REVENANT_RUN_DIR or /run/revenant)"
     )
-    ck.add_argument("--json", action="store_true", help="print the result as JSON")
+    ck.add_argument("--json", action="store_true", help="print the result as JSON (and no progress)")
+    ck.add_argument(
+        "--progress-interval",
+        type=float,
+        default=DEFAULT_LOG_INTERVAL_S,
+        metavar="S",
+        help="when stderr is not a terminal, log progress every S seconds "
+        f"(default {DEFAULT_LOG_INTERVAL_S:g}; 0: none)",
+    )
     ck.set_defaults(func=cmd_checkpoint)
 
     hi = subparsers.add_parser(
@@ -136,17 +144,6 @@ def find_record(records: list[TaskRecord], container: str, namespace: str | None
     return matches[0]
 
 
-def _progress(label: str, done: threading.Event) -> None:
-    """Elapsed time on stderr while the shim works (Control.Checkpoint answers once, at the end)."""
-    start = time.monotonic()
-    tty = sys.stderr.isatty()
-    while not done.wait(1.0 if tty else 5.0):
-        end = "\r" if tty else "\n"
-        print(f"{label} ... {time.monotonic() - start:.0f}s", end=end, file=sys.stderr, flush=True)
-    if tty:
-        print(file=sys.stderr)
-
-
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     try:
         record = find_record(list_tasks(_run_dir(args)), args.container, args.namespace)
@@ -155,16 +152,20 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         return 1
     kind = "final checkpoint (the container stops)" if args.exit else "checkpoint"
     label = f"{kind} of {record.ref} (key {record.key}) into {record.store}"
-    done = threading.Event()
+    # The shim answers once, at the end, and reports no bytes on the way: show phase and elapsed
+    # time only (a live line on a terminal, a log line every --progress-interval seconds otherwise).
+    reporter = Reporter("checkpoint", interval=args.progress_interval, counts_bytes=False, phase="shim checkpointing")
     if not args.json:
         print(label, file=sys.stderr)
-        threading.Thread(target=_progress, args=("checkpointing", done), daemon=True).start()
+        if not reporter.tty:
+            enable_log_lines()
+        reporter.start()
     try:
         result = checkpoint_task(
             record, exit=args.exit, deadline=time.time() + args.timeout, reason="revenant checkpoint"
         )
     finally:
-        done.set()
+        reporter.close()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     elif result.status == OK:

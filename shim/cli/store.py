@@ -10,35 +10,28 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter, Summary, enable_log_lines
 from shim.store import Chunker, open_store
 from shim.store.errors import StoreError
 
 DEFAULT_STORE = "file:///var/lib/revenant/store"
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+def _reporter(args: argparse.Namespace, label: str, first_phase: str) -> Reporter:
+    """Progress on stderr: a live line on a terminal, a log line every --progress-interval seconds
+    otherwise. stdout carries only the result (text or --json), so it stays parseable."""
+    reporter = Reporter(label, interval=args.progress_interval, phase=first_phase)
+    if not reporter.tty:
+        enable_log_lines()  # the CLI logs warnings only; the periodic progress lines are info
+    return reporter
 
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.enabled = sys.stderr.isatty()
-        self.last = 0.0
-        self.start = time.monotonic()
 
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.1 and done < total):
-            return
-        self.last = now
-        frac = done / total if total else 1.0
-        rate = done / max(now - self.start, 1e-6) / 1e6
-        bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {done / 1e6:9.1f} MB {rate:7.1f} MB/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+def _finish(args: argparse.Namespace, reporter: Reporter, summary: Summary) -> None:
+    """The summary's figures where the progress went: a log line, or (on a terminal, when stdout is
+    JSON and so does not say it in words) one stderr line in place of the cleared progress line."""
+    reporter.log_summary(summary)
+    if reporter.tty and args.json:
+        print(summary.text(), file=sys.stderr)
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
@@ -58,25 +51,31 @@ def _open(args: argparse.Namespace):
 
 def cmd_put(args: argparse.Namespace) -> int:
     metadata = json.loads(args.metadata) if args.metadata else {}
-    bar = ProgressBar("put")
-    with _open(args) as store:
-        info = store.put(args.key, Path(args.dir), metadata=metadata, progress=bar)
-    bar.close()
-    _emit(
-        args,
-        info.to_dict(),
-        f"seq {info.seq}  read {info.bytes_read} bytes  uploaded {info.bytes_uploaded} bytes  "
-        f"dedup ratio {info.dedup_ratio:.2f}  chunks {info.chunks_new}/{info.chunks_total} new",
+    reporter = _reporter(args, f"put {args.key}", "scan")
+    reporter.bytes_phase("upload", when_full="commit")
+    with reporter, _open(args) as store:
+        info = store.put(args.key, Path(args.dir), metadata=metadata, progress=reporter)
+    summary = Summary(
+        f"put {info.key} seq {info.seq}",
+        info.bytes_read,
+        reporter.snapshot().elapsed,
+        uploaded=info.bytes_uploaded,
+        chunks_total=info.chunks_total,
+        chunks_new=info.chunks_new,
     )
+    _finish(args, reporter, summary)
+    _emit(args, info.to_dict(), f"{summary.text()}; {info.files} files, {info.chunks_new} new chunks")
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    bar = ProgressBar("get")
-    with _open(args) as store:
-        info = store.get(args.key, Path(args.dir), seq=args.seq, fallback=not args.no_fallback, progress=bar)
-    bar.close()
-    _emit(args, info.to_dict(), f"restored {args.key} seq {info.seq} ({info.files} files) into {args.dir}")
+    reporter = _reporter(args, f"get {args.key}", "manifest")
+    reporter.bytes_phase("download", when_full="finish")
+    with reporter, _open(args) as store:
+        info = store.get(args.key, Path(args.dir), seq=args.seq, fallback=not args.no_fallback, progress=reporter)
+    summary = Summary(f"get {info.key} seq {info.seq}", reporter.meter.done, reporter.snapshot().elapsed)
+    _finish(args, reporter, summary)
+    _emit(args, info.to_dict(), f"{summary.text()}; restored {info.files} files into {args.dir}")
     return 0
 
 
@@ -147,6 +146,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             action="append",
             metavar="PATH",
             help="encrypt with this key file (mode 0600); repeat to add older keys that only read",
+        )
+        sp.add_argument(
+            "--progress-interval",
+            type=float,
+            default=DEFAULT_LOG_INTERVAL_S,
+            metavar="S",
+            help="when stderr is not a terminal, log progress every S seconds "
+            f"(default {DEFAULT_LOG_INTERVAL_S:g}; 0: only errors and the result)",
         )
         sp.add_argument(
             "--allow-plaintext", action="store_true", help="with --key-file, also read unencrypted checkpoints"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointOptions
+from shim.progress import Meter, format_duration, format_rate
 from shim.protect.policy import NodeConfig, Protection
 from shim.runc.driver import Runc, RuncError
 
@@ -248,12 +249,23 @@ def _stop_frozen(c: ProtectedContainer) -> None:
 
 
 def _progress_logger(c: ProtectedContainer) -> Callable[[int, int], None]:
+    meter = Meter()
     last = [0.0]
 
     def report(done: int, total: int) -> None:
+        meter.update(done, total)
         now = time.monotonic()
         if now - last[0] >= 2.0 or done == total:
             last[0] = now
-            log.info("uploading checkpoint of %s/%s: %d/%d MiB", c.namespace, c.id, done >> 20, total >> 20)
+            snap = meter.snapshot()
+            log.info(
+                "uploading checkpoint of %s/%s: %d/%d MiB, %s, ETA %s",
+                c.namespace,
+                c.id,
+                done >> 20,
+                total >> 20,
+                format_rate(snap.rate),
+                format_duration(snap.eta),
+            )
 
     return report

@@ -45,6 +45,7 @@ _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _K8S_NAMESPACE_OK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_AUTH_FILE_OK = re.compile(r"^/[A-Za-z0-9._/-]{1,4095}$")
 _KEY_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,253}$")
 _KEY_VARIABLE = re.compile(r"\$\{([^}]*)\}")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -125,7 +126,7 @@ def parse_keep(value: object, what: str) -> int:
 _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
     "s3": {"endpoint", "region", "multipart_mb", "key_file", "allow_plaintext"},
-    "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext"},
+    "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -219,6 +220,9 @@ class NodeConfig:
     # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
     # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
     encryption_key_files: tuple[str, ...] = ()
+    # [registry] auth_file: a Docker-config-format file with registry credentials (a node secret): every
+    # oci:// store URL gets it as `auth_file=` (shim.store.backends.registry_auth), annotation URLs may not.
+    registry_auth_file: str | None = None
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -247,6 +251,7 @@ class NodeConfig:
             "staging_dir",
             "scratch_dir",
             "encryption",
+            "registry",
         }
         unknown = set(data) - known
         if unknown:
@@ -292,6 +297,10 @@ class NodeConfig:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
             cfg = replace(cfg, encryption_key_files=keys, stores=stores, store=stores[cfg.default_store])
+        if "registry" in data:
+            auth_file = parse_registry(data["registry"], f"{where} [registry]")
+            stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
         return cfg
 
 
@@ -357,6 +366,22 @@ def with_key_files(url: str, key_files: tuple[str, ...]) -> str:
     if not key_files:
         return url
     return f"{url}{'&' if '?' in url else '?'}key_file={','.join(key_files)}"
+
+
+def parse_registry(table: object, what: str) -> str:
+    if not isinstance(table, dict) or set(table) != {"auth_file"}:
+        raise PolicyError(f'{what}: expected auth_file = "/path" (a Docker config file with registry credentials)')
+    path = table["auth_file"]
+    if not isinstance(path, str) or not _AUTH_FILE_OK.match(path) or ".." in path.split("/"):
+        raise PolicyError(f"{what} auth_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'")
+    return path
+
+
+def with_auth_file(url: str, auth_file: str | None) -> str:
+    """An oci:// store URL carrying the node's registry credentials file (an annotation URL may not name one)."""
+    if not auth_file or not url.startswith("oci://"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}auth_file={auth_file}"
 
 
 @dataclass(frozen=True)
@@ -465,12 +490,19 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
     if "://" in value:
         if re.search(r"[?&](key_file|allow_plaintext)=", value):
             raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
+        # Checked on the parsed query too: `auth%5Ffile=` decodes to auth_file.
+        named = set(parse_qs(urlsplit(value).query, keep_blank_values=True))
+        if named & {"key_file", "allow_plaintext"}:
+            raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
+        if "auth_file" in named or re.search(r"[?&]auth_file=", value):
+            raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
             raise PolicyError(
                 f"{STORE}: {value!r} is a URL, and this node accepts only the name of one of its configured "
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
-        return with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
+        url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
+        return with_auth_file(url, node.registry_auth_file)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shim.libc import pid_alive
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = "/run/revenant"
@@ -132,24 +134,12 @@ class TaskRecord:
         return f"{self.namespace}/{self.id}"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def is_live(record: TaskRecord) -> bool:
     """Whether the record's task may still run: its shim lives, and its task neither exited (the
     shim writes exited_at) nor vanished. A Delete removes the record, so most stale ones never get here."""
     if record.exited:
         return False
-    return _pid_alive(record.shim_pid) and (record.task_pid == 0 or _pid_alive(record.task_pid))
+    return pid_alive(record.shim_pid) and (record.task_pid == 0 or pid_alive(record.task_pid))
 
 
 def _check_identifier(kind: str, value: str) -> None:

@@ -22,6 +22,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from shim.libc import pid_alive
+
 log = logging.getLogger(__name__)
 
 HEADROOM = 1.25  # CRIU images run a little larger than the resident set they dump
@@ -109,16 +111,6 @@ def remove_staging_dir(path: Path) -> None:
         log.warning("could not remove staging dir %s", path)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_leftovers(*roots: Path) -> list[Path]:
     """Remove entries of shims that are gone (a killed shim's staged dump or restore scratch)."""
     removed: list[Path] = []
@@ -131,7 +123,7 @@ def sweep_leftovers(*roots: Path) -> list[Path]:
             continue
         for entry in entries:
             m = _OWNED.match(entry.name)
-            if m is None or int(m[1]) == os.getpid() or _alive(int(m[1])):
+            if m is None or int(m[1]) == os.getpid() or pid_alive(int(m[1])):
                 continue
             path = Path(entry.path)
             if entry.is_dir(follow_symlinks=False):

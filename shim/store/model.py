@@ -161,6 +161,10 @@ def _int(v: Any, lo: int, hi: int) -> bool:
     return type(v) is int and lo <= v <= hi
 
 
+# Seconds either side of 1970 that every time_t and utime() accept (about 34,000 years).
+MAX_MTIME = 2**40
+
+
 def _number(v: Any) -> bool:
     return type(v) in (int, float) and math.isfinite(v)
 
@@ -229,7 +233,7 @@ def _check_entry(e: Any, dirs: set[str], seen: set[str]) -> int:
         raise ValueError(f"unknown entry type {kind!r}")
     if not _int(e.get("mode"), 0, 0o7777):
         raise ValueError(f"bad mode {e.get('mode')!r}")
-    if not _number(e.get("mtime")):
+    if not _number(e.get("mtime")) or not -MAX_MTIME <= e["mtime"] <= MAX_MTIME:
         raise ValueError(f"bad mtime {e.get('mtime')!r}")
     for k in ("uid", "gid"):
         if not _int(e.get(k), 0, MAX_ID):

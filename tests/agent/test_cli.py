@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +65,57 @@ def test_drain_uses_revenant_run_dir_from_the_environment(standins, run_dir: Pat
     proc = subprocess.run([*REVENANT, "drain", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tasks"][0]["id"] == "job"
+
+
+def progress_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "shim.progress: progress " in line]
+
+
+def test_checkpoint_progress_is_phase_and_elapsed_time_only(standins, run_dir: Path) -> None:
+    standins.add("slow", behavior="hang")  # answers nothing: the CLI waits for its whole --timeout
+    proc = revenant("checkpoint", "slow", "--run-dir", str(run_dir), "--timeout", "1.5", "--progress-interval", "0.2")
+    assert proc.returncode == 1 and "checkpoint timed out" in proc.stderr, proc.stderr
+    lines = progress_lines(proc.stderr)
+    assert len(lines) >= 4, proc.stderr
+    assert all('label=checkpoint phase="shim checkpointing" elapsed_s=' in line for line in lines), lines
+    assert not [line for line in lines if re.search("bytes|rate|eta", line)]  # the shim reports none
+    elapsed = [float(re.search(r"elapsed_s=([\d.]+)", line)[1]) for line in lines]  # type: ignore[index]
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0.19 and elapsed[-1] >= 1.0  # every 0.2 s, not at once
+    assert "\r" not in proc.stderr + proc.stdout
+
+
+def test_drain_progress_counts_the_answers(standins, run_dir: Path) -> None:
+    standins.add("quick")
+    standins.add("stuck", behavior="hang")
+    args = ["drain", "--run-dir", str(run_dir), "--timeout", "2", "--progress-interval", "0.2", "--leave-running"]
+    proc = revenant(*args)
+    assert proc.returncode == 1, proc.stderr
+    details = [re.search(r'detail="([^"]*)"', line)[1] for line in progress_lines(proc.stderr)]  # type: ignore[index]
+    assert len(details) >= 4 and all(d.startswith("1/2 tasks answered, deadline in ") for d in details), details
+    left = [int(re.search(r"in (\d+)s", d)[1]) for d in details]  # type: ignore[index]
+    assert left == sorted(left, reverse=True) and left[0] == 2 and left[-1] == 0, details
+    assert proc.stdout.splitlines()[-1].startswith("1 ok, 0 failed, 1 timed out of 2 task(s)")
+
+    # On a terminal: one line rewritten in place, blanked before the table.
+    master, slave = pty.openpty()
+    with subprocess.Popen([*REVENANT, *args], stdout=subprocess.PIPE, stderr=slave, text=True) as child:
+        os.close(slave)
+        screen = b""
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child is gone
+                break
+            if not data:
+                break
+            screen += data
+        table = child.stdout.read() if child.stdout else ""
+    os.close(master)
+    drawn = screen.decode().split("\r")
+    assert any(
+        re.fullmatch(r"drain  checkpointing  1/2 tasks answered, deadline in [01]s  elapsed [12]s *", d) for d in drawn
+    ), drawn
+    assert drawn[-1].strip() == "" and "TASK" in table and "\r" not in table
 
 
 def test_agent_process_drains_on_notice_and_exits_cleanly_on_sigterm(metadata_server, standins, run_dir):

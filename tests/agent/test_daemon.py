@@ -5,6 +5,7 @@ standing in for the real shim) -> acknowledgement, metrics and health over real 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import urllib.error
@@ -93,15 +94,23 @@ def test_aws_notice_checkpoints_every_task_once_and_shows_in_metrics(metadata_se
     assert health["status"] == "ok" and health["provider"] == "aws" and health["last_drain"]["ok"] is False
 
 
-def test_hung_shim_does_not_delay_the_report_past_the_deadline(metadata_server, standins, run_dir, agents):
+def test_hung_shim_does_not_delay_the_report_past_the_deadline(
+    metadata_server, standins, run_dir, agents, caplog: pytest.LogCaptureFixture
+):
     srv = metadata_server(("aws",))
     standins.add("job")
     standins.add("stuck", behavior="hang")
-    agent = agents(run_dir, AwsWatcher(srv.url), poll_interval=0.1)
+    caplog.set_level(logging.INFO, logger="shim.progress")
+    agent = agents(run_dir, AwsWatcher(srv.url), poll_interval=0.1, progress_interval=0.5)
     notice_deadline = srv.aws_terminate(5)
     wait_until(lambda: agent.reports, 20, "the drain report", interval=0.05)
     assert time.time() < notice_deadline
     assert {r.id: r.status for r in agent.reports[0].results} == {"job": "ok", "stuck": "timed_out"}
+    # While it waited, the log said so every 0.5 s: tasks answered and time left, no invented bytes.
+    progress = [r.fields for r in caplog.records if r.name == "shim.progress"]  # type: ignore[attr-defined]
+    assert len(progress) >= 3, progress
+    assert all(p["label"] == "drain" and p["phase"] == "checkpointing" and "done_bytes" not in p for p in progress)
+    assert progress[-1]["detail"].startswith("1/2 tasks answered, deadline in "), progress
 
 
 def test_azure_preempt_is_acknowledged_after_the_checkpoints(metadata_server, standins, run_dir, agents):

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -185,11 +186,13 @@ class SeaweedS3:
 
 
 class Registry:
-    """The CNCF distribution registry (`docker-registry serve CONFIG`), deletes enabled."""
+    """The CNCF distribution registry (`docker-registry serve CONFIG`), deletes enabled.
+
+    auth: the config's `auth:` section, indented (htpasswd or token), for a registry that asks for it."""
 
     BINARY = "/usr/bin/docker-registry"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, auth: str = "") -> None:
         if not Path(self.BINARY).exists():
             pytest.fail(
                 "docker-registry not found: install it with `apt-get install docker-registry` "
@@ -201,7 +204,7 @@ class Registry:
         self.config.write_text(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n"
             f"  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n" + (f"auth:\n{auth}" if auth else "")
         )
         self.log = root / "registry.log"
         self.proc: subprocess.Popen | None = None
@@ -212,12 +215,18 @@ class Registry:
                 [self.BINARY, "serve", str(self.config)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         _wait_up(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2).status == 200,
+            self._answers,
             "docker-registry",
             30,
             self.proc,
             self.log,
         )
+
+    def _answers(self) -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2).status == 200
+        except urllib.error.HTTPError as e:  # a registry that asks for credentials is up too
+            return e.code == 401
 
     def stop(self) -> None:
         _stop(self.proc)

@@ -38,8 +38,12 @@ def test_ls_checkpoint_history(containerd_node: ContainerdNode, test_images, tmp
     assert rec["key"] == job.key and rec["last_checkpoint"]["seq"] == 1, rec
     assert "#1" in revenant("ls", "--run-dir", run_dir).stdout
 
-    ck = revenant("checkpoint", job.cid, "--namespace", node.namespace, "--run-dir", run_dir)
+    # A CRIU dump and upload take far longer than 50 ms: at least one progress line (phase, elapsed) is due.
+    ck = revenant(
+        "checkpoint", job.cid, "--namespace", node.namespace, "--run-dir", run_dir, "--progress-interval", "0.05"
+    )
     assert ck.returncode == 0 and "seq 2" in ck.stdout, (ck.stdout, ck.stderr)
+    assert 'progress label=checkpoint phase="shim checkpointing" elapsed_s=' in ck.stderr, ck.stderr
 
     hist = revenant("history", job.key, "--store", job.store, "--json")
     assert hist.returncode == 0, hist.stderr

@@ -139,6 +139,8 @@ def hostile_docs(good: dict, host: Path) -> dict[str, Callable[[], object]]:
         "uid out of range": lambda: entry_field("run.sh", "uid", 2**32 - 1),
         "negative gid": lambda: entry_field("run.sh", "gid", -5),
         "bool uid": lambda: entry_field("run.sh", "uid", True),
+        "mtime past time_t": lambda: entry_field("run.sh", "mtime", 9.223372036854776e18),
+        "mtime far before 1970": lambda: entry_field("run.sh", "mtime", -(2.0**62)),
         "negative size": lambda: entry_field("core-1.img", "size", -1),
         "huge size": lambda: entry_field("core-1.img", "size", 2**70),
         "chunk past the end": lambda: entry_field(

@@ -1,6 +1,9 @@
 """oci:// backend: the OCI distribution API over plain HTTP(S) (urllib3).
 
-oci://host:port/repo[?insecure=1][&mount_from=repoA,repoB][&chunked_mb=N]
+oci://host:port/repo[?insecure=1][&mount_from=repoA,repoB][&chunked_mb=N][&auth_file=PATH]
+
+- Authentication (Basic, the Docker token flow) and redirects are registry_auth's: credentials from the
+  node's auth_file (the node config puts it in the URL) or the Docker config file, never the URL itself.
 
 - Chunks are blobs (named by sha256 of the stored bytes, as the registry requires); the BLAKE3 name of
   each chunk is kept in layer annotations, so the blake3 -> blob map is rebuilt from the manifests.
@@ -30,6 +33,7 @@ from ..errors import StoreError
 from ..keys import tag_prefix
 from ..limits import MAX_CHUNK_OBJECT, MAX_MANIFEST_OBJECT
 from .base import Backend, NotFound, TooLarge, TransientError
+from .registry_auth import RegistryAuth
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,13 @@ class OCIBackend(Backend):
         if not host or not repo:
             raise StoreError(f"oci URL must be oci://host[:port]/repository: {url!r}")
         self.url = url
-        scheme = "http" if query.get("insecure") in ("1", "true", "yes") else "https"
-        self.base = f"{scheme}://{host}/v2/{repo}"
+        insecure = query.get("insecure") in ("1", "true", "yes")
+        self.base = f"{'http' if insecure else 'https'}://{host}/v2/{repo}"
         self.repo = repo
         self.mount_from = [r for r in query.get("mount_from", "").split(",") if r]
+        self.auth = RegistryAuth(
+            self.base, repo, pull_repos=self.mount_from, insecure=insecure, auth_file=query.get("auth_file")
+        )
         self.chunked = int(float(query.get("chunked_mb", "8")) * (1 << 20))
         self.http = urllib3.PoolManager(maxsize=32, retries=False, timeout=urllib3.Timeout(connect=5, read=120))
         self._lock = threading.Lock()
@@ -86,7 +93,7 @@ class OCIBackend(Backend):
         if not url.startswith("http"):
             url = self.base + url
         try:
-            r = self.http.request(method, url, redirect=True, **kw)
+            r = self.auth.request(self.http, method, url, **kw)
         except urllib3.exceptions.HTTPError as e:
             raise TransientError(f"{what}: {e}") from e
         if r.status in ok:
