@@ -82,14 +82,16 @@ def test_freeze_stops_the_cgroups_tasks_and_thaw_lets_them_run(tmp_path: Path) -
     ns = os.environ.get("REVENANT_TEST_NAMESPACE", "rt")
     cg = V1 / f"{ns}-freeze-{uuid.uuid4().hex[:8]}"
     cg.mkdir()
-    counter = tmp_path / "counter"
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import itertools\nfor i in itertools.count(): open({str(counter)!r}, 'w').write(str(i))",
-        ]
+    counter = tmp_path / "counter"  # grows by a line every millisecond while the child runs
+    loop = (
+        f"import os, time\nfd = os.open({str(counter)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)\n"
+        "while True:\n    os.write(fd, b'x\\n')\n    time.sleep(0.001)\n"
     )
+    child = subprocess.Popen([sys.executable, "-c", loop])
+
+    def size() -> int:
+        return counter.stat().st_size if counter.exists() else 0
+
     try:
         (cg / "cgroup.procs").write_text(str(child.pid))
         write_state(tmp_path / "root", "c1", {"freezer": str(cg), "": "/sys/fs/cgroup/unified"})
@@ -97,19 +99,18 @@ def test_freeze_stops_the_cgroups_tasks_and_thaw_lets_them_run(tmp_path: Path) -
         assert freezer == CgroupFreezer(cg, v2=False)
         assert freezer.pids() == [child.pid]
         deadline = time.monotonic() + 30
-        while not counter.exists() and time.monotonic() < deadline:
+        while size() == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         freezer.freeze()
         assert (cg / "freezer.state").read_text().strip() == "FROZEN"
-        time.sleep(0.05)  # a write in flight when the freeze landed has finished
-        frozen_at = counter.read_text()
+        frozen_at = size()
         time.sleep(0.3)
-        assert counter.read_text() == frozen_at, "the task ran while its cgroup was frozen"
+        assert size() == frozen_at, "the task ran while its cgroup was frozen"
         freezer.thaw()
         deadline = time.monotonic() + 30
-        while counter.read_text() == frozen_at and time.monotonic() < deadline:
+        while size() == frozen_at and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert counter.read_text() != frozen_at, "the task did not run again after the thaw"
+        assert size() > frozen_at, "the task did not run again after the thaw"
     finally:
         (cg / "freezer.state").write_text("THAWED")
         child.kill()
