@@ -191,6 +191,8 @@ class Checkpointer:
         from shim.layer import capture_writable_layer
 
         options = CheckpointOptions(**{**asdict(c.checkpoint_options), "exit": exit and not hold})
+        # Resolved before the freeze: a lookup still in flight would wait on containerd inside the window.
+        base = c.image.base if c.image else None
         frozen_at = time.monotonic()
         gone = False
         held = False
@@ -203,7 +205,7 @@ class Checkpointer:
             layer = None
             if c.upper_dir is not None:
                 t = time.monotonic()
-                layer = capture_writable_layer(c.upper_dir, staging, base=c.image.base if c.image else None)
+                layer = capture_writable_layer(c.upper_dir, staging, base=base, durable=False)
                 layer_s = time.monotonic() - t
             held = hold and paused
         finally:

@@ -121,3 +121,18 @@ def test_freeze_stops_the_cgroups_tasks_and_thaw_lets_them_run(tmp_path: Path) -
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_layer_hash_taken_while_writing_matches_the_tar(tmp_path: Path, durable: bool) -> None:
+    """The capture hashes the tar as it writes it (no second read inside the frozen window)."""
+    from shim.layer import LAYER_FILE, capture_writable_layer, sha256_file
+
+    upper = tmp_path / "upper"
+    (upper / "data").mkdir(parents=True)
+    (upper / "data" / "big").write_bytes(os.urandom(3 << 20))
+    (upper / "data" / "small").write_text("x")
+    info = capture_writable_layer(upper, tmp_path / f"out-{durable}", durable=durable)
+    tar = tmp_path / f"out-{durable}" / LAYER_FILE
+    assert info.sha256 == sha256_file(tar) and info.size == tar.stat().st_size
+    assert info.entries == 3 and not (tmp_path / f"out-{durable}" / "rootfs-diff.tar.part").exists()
