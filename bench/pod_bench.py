@@ -24,7 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 
+from bench.shimprocs import rss_pss_kib, shim_pids  # noqa: E402
 from harness.containerd import CRI_NAMESPACE, ContainerdNode  # noqa: E402
 from harness.cri import RUNNING, ContainerSpec, CriClient, PodSpec  # noqa: E402
 from harness.images import BUSYBOX_REF, build_pause_image, build_test_images  # noqa: E402
@@ -43,29 +45,6 @@ def start_pod(cri: CriClient, name: str, handler: str, logs: Path) -> tuple[str,
     while cri.status(cid).state != RUNNING:
         time.sleep(0.005)
     return pod_id, time.perf_counter() - t0
-
-
-def shim_pids(node: ContainerdNode, handler: str) -> list[int]:
-    binary = SHIM_BINARIES[handler]
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if node.address.encode() in argv and any(a.endswith(binary) for a in argv[:2]):
-            pids.append(int(proc.name))
-    return pids
-
-
-def rss_pss_kib(pid: int) -> tuple[int, int]:
-    status = (Path("/proc") / str(pid) / "status").read_text()
-    rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
-    rollup = (Path("/proc") / str(pid) / "smaps_rollup").read_text()
-    pss = int(next(line for line in rollup.splitlines() if line.startswith("Pss:")).split()[1])
-    return rss, pss
 
 
 def pct(values: list[float], q: float) -> float:
@@ -118,7 +97,7 @@ def main() -> int:
             for h in HANDLERS:
                 ids = [start_pod(cri, f"idle-{h}-{i}", h, logs)[0] for i in range(args.pods)]
                 time.sleep(3.0)  # let start-up garbage settle
-                pids = shim_pids(node, h)
+                pids = shim_pids(node.address, SHIM_BINARIES[h])
                 rss = pss = 0
                 for pid in pids:
                     r, p = rss_pss_kib(pid)

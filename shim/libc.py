@@ -13,6 +13,7 @@ import os
 import threading
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
 
 _lib: ctypes.CDLL | None = None
 _load_lock = threading.Lock()
@@ -60,6 +61,35 @@ def set_child_subreaper() -> None:
     """prctl(PR_SET_CHILD_SUBREAPER, 1): orphans below this process are re-parented to it, not to init."""
     if _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise _fail("prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _overwrite_area(index: int, data: bytes, what: str) -> None:
+    """Write `data` over the process's original argument (index 45) or environment (47) area, which
+    /proc/self/cmdline and /proc/self/environ show, zeroing the rest; ValueError if it does not fit."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[index]), int(fields[index + 1])  # stat fields 48-49 and 50-51
+    if len(data) > end - start:
+        raise ValueError(f"{what} of {len(data)} bytes does not fit in {end - start}")
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        mem.write(data.ljust(end - start, b"\0"))
+
+
+def set_cmdline(argv: list[str]) -> None:
+    """Make /proc/self/cmdline (what ps shows) read `argv`, and /proc/self/comm its program's base name:
+    a process forked from another program (the shim zygote) otherwise shows that program's. Written over
+    the original argument area, so it must fit in it (ValueError otherwise)."""
+    _overwrite_area(45, b"\0".join(os.fsencode(a) for a in argv) + b"\0", "command line")
+    name = ctypes.create_string_buffer(os.fsencode(os.path.basename(argv[0]))[:15])
+    _libc().prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)  # the kernel copies it
+
+
+def set_environ_area(env: dict[str, str]) -> None:
+    """Make /proc/self/environ read `env`. Only once os.environ no longer points into the original
+    area (after it was cleared and set again: glibc then holds copies), and only if it fits."""
+    data = b"".join(os.fsencode(k) + b"=" + os.fsencode(v) + b"\0" for k, v in env.items())
+    _overwrite_area(47, data, "environment")
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:

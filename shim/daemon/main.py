@@ -1,7 +1,8 @@
 """Entry point of `containerd-shim-revenant-v1`, the binary containerd runs for io.containerd.revenant.v1.
 
-containerd runs it four ways (cwd = the bundle): `start` (create the shim's socket, fork the server,
-print the address), `delete` (clean up after a dead shim; print a DeleteResponse), `-v`, and (2.x)
+containerd runs it four ways (cwd = the bundle): `start` (create the shim's socket, have the server
+forked, by the zygote (shim/daemon/zygote.py) or by `start` itself, print the address), `delete`
+(clean up after a dead shim; print a DeleteResponse), `-v`, and (2.x)
 `-info` (a RuntimeInfo protobuf on stdout: shim/daemon/info.py).
 The `start` path imports as little as possible: containerd waits for it on every container start.
 """
@@ -11,57 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from shim.daemon.args import Args, parse_args
 from shim.daemon.grouping import SOCKET_DIR, group_of, socket_path
-
-
-class Args:
-    """Go-style single-dash flags before the action (`-namespace NS -id ID ... start`). A hand parser:
-    argparse alone costs a few milliseconds of import on every container start."""
-
-    FLAGS = {
-        "-namespace": "namespace",
-        "-address": "address",
-        "-publish-binary": "publish_binary",
-        "-id": "id",
-        "-bundle": "bundle",
-        "-socket": "socket",
-    }
-    BOOLS = {"-debug": "debug", "-v": "version", "-version": "version", "-info": "info"}
-
-    def __init__(self) -> None:
-        self.namespace = self.address = self.publish_binary = self.id = self.bundle = self.socket = ""
-        self.debug = self.version = self.info = False
-        self.action = ""
-
-
-def parse_args(argv: list[str]) -> Args:
-    a = Args()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        name = "-" + name.lstrip("-") if name.startswith("-") else name
-        if name in Args.FLAGS:
-            if not eq:
-                i += 1
-                if i >= len(argv):
-                    raise SystemExit(f"flag needs an argument: {arg}")
-                value = argv[i]
-            setattr(a, Args.FLAGS[name], value)
-        elif name in Args.BOOLS:
-            setattr(a, Args.BOOLS[name], value.lower() not in ("false", "0") if eq else True)
-        elif name in ("start", "delete") and not a.action:
-            a.action = name
-        elif name in ("-h", "-help"):
-            print(
-                "usage: containerd-shim-revenant-v1 [-namespace NS] [-address ADDR] [-publish-binary P]"
-                " [-id ID] [-bundle DIR] [-socket S] [-debug] [-v|--version] [-info] [start|delete]"
-            )
-            raise SystemExit(0)
-        else:
-            raise SystemExit(f"containerd-shim-revenant-v1: unknown argument {arg!r}")
-        i += 1
-    return a
 
 
 def _ttrpc_reserve(sock, cid: str, timeout: float) -> int:  # sock: a connected socket.socket
@@ -204,15 +156,43 @@ def _write_file(name: str, text: str) -> None:
     os.replace(tmp, name)
 
 
+def _publish(path: str, pid: int) -> int:
+    """What containerd reads from `start`: shim.pid and address in the bundle, the address on stdout."""
+    address = "unix://" + path
+    _write_file("shim.pid", str(pid))
+    _write_file("address", address)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _from_zygote(args: Args, listener, path: str) -> int:  # listener: the bound shim socket
+    """The pid of a shim the zygote forked to serve `listener`, or 0 when none did (then this `start`
+    forks the server itself, and starts a zygote for the next containers if there was none)."""
+    from shim.daemon import zygote
+
+    if not zygote.enabled(args.address):
+        return 0
+    zpath = zygote.zygote_path(SOCKET_DIR, args.address)
+    try:
+        return zygote.spawn(zpath, listener.fileno(), path, args.argv)
+    except zygote.ZygoteUnavailable:
+        zygote.launch(zpath, args.address)  # exits at once if a live zygote has the path
+        return 0
+    except OSError as e:  # the request went out unanswered: a shim may serve the socket, fork none here
+        message = f"containerd-shim-revenant-v1: the shim zygote took {args.id} but did not answer: {e}"
+        raise SystemExit(message) from None
+
+
 def action_start(args: Args) -> int:
     path = socket_path(args.address, args.namespace, group_of(args.id))
-    address = "unix://" + path
     listener, shim_pid = _listen(path, args.id)
     if listener is None:
-        _write_file("shim.pid", str(shim_pid))
-        _write_file("address", address)
-        sys.stdout.write(address)
-        return 0
+        return _publish(path, shim_pid)
+    pid = _from_zygote(args, listener, path)
+    if pid:
+        listener.close()
+        return _publish(path, pid)
     pid = os.fork()
     if pid == 0:  # the shim server; never returns
         import time
@@ -237,11 +217,7 @@ def action_start(args: Args) -> int:
             traceback.print_exc()
         os._exit(code)
     listener.close()
-    _write_file("shim.pid", str(pid))
-    _write_file("address", address)
-    sys.stdout.write(address)
-    sys.stdout.flush()
-    return 0
+    return _publish(path, pid)
 
 
 def _varint(n: int) -> bytes:

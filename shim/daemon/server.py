@@ -23,24 +23,22 @@ log = logging.getLogger(__name__)
 DEFAULT_LINGER = 10.0
 
 
-def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # args: shim.daemon.main.Args
-    fd = shimlog.open_log_fifo("log")
-    if fd is not None:
-        os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too
-        os.close(fd)
-    shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "namespace": args.namespace})
+class Shim:
+    """The wired shim: its ttrpc server, subreaper, event publisher, task service and protection."""
 
-    from google.protobuf import wrappers_pb2
+    def __init__(self, server, reaper, publisher, service, protection) -> None:
+        self.server, self.reaper, self.publisher = server, reaper, publisher
+        self.service, self.protection = service, protection
 
-    from shim.checkpoint import CheckpointEngine
+
+def build(args, socket_path: str) -> Shim:  # args: shim.daemon.args.Args
+    """Import and wire what the shim needs to answer its first request (and no more: checkpointing
+    and protection load on first use). socket_path is bound already."""
+    from shim.daemon.deferred import Deferred, DeferredCheckpointBackend, DeferredProtection
     from shim.daemon.grouping import shared_shims
-    from shim.gpu.hooks import GpuDumpHooks
     from shim.libc import set_child_subreaper
     from shim.protect.control import ControlService
-    from shim.protect.manager import ProtectionManager
-    from shim.runc.freezer import container_freezer
     from shim.runc.reaper import Reaper
-    from shim.task.checkpoint_backend import RuncCheckpointBackend
     from shim.task.events import Publisher
     from shim.task.lifetime import ShimLifetime
     from shim.task.service import ShimService, TaskService
@@ -63,36 +61,60 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     # A per-container shim (REVENANT_SHIM_SHARED=0) has no one to wait for: it exits with its task.
     linger = float(os.environ.get("REVENANT_SHIM_LINGER", DEFAULT_LINGER)) if shared_shims() else 0.0
 
-    # GPU hooks list a container's processes from its cgroup (they run inside the frozen window: no
-    # runc process there), else through its own Runc (the subreaper's runner). One engine for ctr's
-    # checkpoints and revenant's own, so checkpoints of one task never overlap.
-    def container_pids(cid: str) -> list[int]:
-        runc = service.containers[cid].runc
-        freezer = container_freezer(runc.root, cid)
-        if freezer is not None:
-            try:
-                return freezer.pids()
-            except (OSError, ValueError) as e:
-                log.info("cannot list %s's processes from cgroup %s (%s): using runc ps", cid, freezer.path, e)
-        return runc.ps(cid)
+    # Checkpointing and protection are built on first use (shim.daemon.deferred): a fresh shim answers
+    # Create without importing the store, CRIU or GPU code unless its container needs them.
+    def build_engine():  # -> CheckpointEngine
+        from shim.checkpoint import CheckpointEngine
+        from shim.gpu.hooks import GpuDumpHooks
+        from shim.runc.freezer import container_freezer
 
-    gpu_hooks = GpuDumpHooks(container_pids)
-    engine = CheckpointEngine(hooks=gpu_hooks)
-    # Transparent protection: the task layer's lifecycle hooks, and the Control service over them.
-    protection = ProtectionManager(
-        args.namespace,
-        f"unix://{socket_path}",
-        engine=engine,
-        grpc_address=args.address,
-        publish=lambda topic, text: publisher.publish(wrappers_pb2.StringValue(value=text), topic=topic),
-    )
+        # GPU hooks list a container's processes from its cgroup (they run inside the frozen window: no
+        # runc process there), else through its own Runc (the subreaper's runner). One engine for ctr's
+        # checkpoints and revenant's own, so checkpoints of one task never overlap.
+        def container_pids(cid: str) -> list[int]:
+            runc = service.containers[cid].runc
+            freezer = container_freezer(runc.root, cid)
+            if freezer is not None:
+                try:
+                    return freezer.pids()
+                except (OSError, ValueError) as e:
+                    log.info("cannot list %s's processes from cgroup %s (%s): using runc ps", cid, freezer.path, e)
+            return runc.ps(cid)
+
+        return CheckpointEngine(hooks=GpuDumpHooks(container_pids))
+
+    engine = Deferred(build_engine)
+
+    def publish(topic: str, text: str) -> None:
+        from google.protobuf import wrappers_pb2
+
+        publisher.publish(wrappers_pb2.StringValue(value=text), topic=topic)
+
+    def build_protection(node):  # -> ProtectionManager (transparent protection: the task layer's hooks)
+        from shim.protect.manager import ProtectionManager
+
+        return ProtectionManager(
+            args.namespace,
+            f"unix://{socket_path}",
+            engine=engine.get(),
+            grpc_address=args.address,
+            publish=publish,
+            node=node,
+        )
+
+    def build_checkpoint_backend():  # -> RuncCheckpointBackend
+        from shim.task.checkpoint_backend import RuncCheckpointBackend
+
+        return RuncCheckpointBackend(engine.get())
+
+    protection = DeferredProtection(build_protection, engine)
     lifetime = ShimLifetime(linger, on_shutdown=shutdown)
     service = TaskService(
         args.namespace,
         publisher,
         reaper,
         lifetime,
-        checkpoint_engine=RuncCheckpointBackend(engine),
+        checkpoint_engine=DeferredCheckpointBackend(build_checkpoint_backend),
         log_to_bundle=shimlog.retarget_stderr,
         hooks=protection,
     )
@@ -100,6 +122,45 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
     server.register(ShimService(lifetime).service())
     server.register(ControlService(protection).service())
     lifetime.reserve(args.id)  # a shim whose containerd never sends Create does not live forever
+    return Shim(server, reaper, publisher, service, protection)
+
+
+# What build() and a first Create import, for the zygote (shim.daemon.zygote) to import once for all
+# the shims it forks. Nothing deferred (shim.daemon.deferred) belongs here: every shim would map it.
+PRELOAD = (
+    "google.protobuf.wrappers_pb2",  # published texts
+    "revenant_pb.containerd.runc.v1.oci_pb2",  # runtime options at Create
+    "shim.daemon.deferred",
+    "shim.daemon.grouping",
+    "shim.daemon.args",  # a forked shim parses its arguments with it
+    "shim.libc",
+    "shim.protect.control",
+    "shim.protect.policy",  # every Create asks it whether the container is protected
+    "shim.runc.reaper",
+    "shim.task.events",
+    "shim.task.lifetime",
+    "shim.task.service",
+    "shim.ttrpc",
+)
+
+
+def preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+
+
+def serve(
+    args, listener, socket_path: str, t0: float | None = None, forked_by: str = "start"
+) -> int:  # args: shim.daemon.args.Args
+    fd = shimlog.open_log_fifo("log")
+    if fd is not None:
+        os.dup2(fd, 2)  # tracebacks of a crash reach containerd's log too
+        os.close(fd)
+    shimlog.setup(2, args.debug, {"runtime": "io.containerd.revenant.v1", "namespace": args.namespace})
+    shim = build(args, socket_path)
+    server, reaper, publisher = shim.server, shim.reaper, shim.publisher
 
     def serve_then_stop() -> None:
         try:
@@ -110,7 +171,7 @@ def serve(args, listener, socket_path: str, t0: float | None = None) -> int:  # 
             reaper.stop()
 
     threading.Thread(target=serve_then_stop, name="ttrpc-accept", daemon=True).start()
-    started = f" ({(time.monotonic() - t0) * 1e3:.0f} ms after fork)" if t0 is not None else ""
+    started = f" ({(time.monotonic() - t0) * 1e3:.0f} ms after fork by {forked_by})" if t0 is not None else ""
     log.info("shim %d serving on %s%s", os.getpid(), socket_path, started)
     reaper.loop()  # main thread: SIGCHLD handling runs here
     publisher.close()

@@ -4,17 +4,34 @@ record, the statistics of its last checkpoint. The agent's drain and the `revena
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any, Protocol
 
 from revenant_pb.revenant.v1 import control_pb2 as ctl
 from shim.errors import NotFound
-from shim.protect.manager import ProtectionManager
 from shim.ttrpc import Context, Service
+
+if TYPE_CHECKING:  # not imported at run time: the shim builds its manager on first use (shim.daemon.deferred)
+    from shim.protect.checkpointer import CheckpointReport
+    from shim.protect.manager import Protected
+    from shim.protect.registry import TaskRecord
 
 CONTROL_API = ctl.DESCRIPTOR.services_by_name["Control"]
 
 
+class Protection(Protocol):
+    """What Control needs of transparent protection (shim.protect.manager.ProtectionManager has it)."""
+
+    def get(self, cid: str) -> Protected | None: ...
+
+    def record(self, p: Protected) -> TaskRecord: ...
+
+    def last_stats(self, cid: str) -> dict[str, Any] | None: ...
+
+    def checkpoint(self, cid: str, *, exit: bool, reason: str, timeout_s: float | None = None) -> CheckpointReport: ...
+
+
 class ControlService:
-    def __init__(self, protection: ProtectionManager) -> None:
+    def __init__(self, protection: Protection) -> None:
         self.protection = protection
 
     def service(self) -> Service:
@@ -41,7 +58,7 @@ class ControlService:
 
     def Stats(self, ctx: Context, req: ctl.StatsRequest) -> ctl.StatsResponse:
         # Every checkpoint of this shim goes through the engine, ctr's and protection's alike.
-        stats = self.protection.engine.last_stats(req.id)
+        stats = self.protection.last_stats(req.id)
         if stats is None:
             raise NotFound(f"container {req.id} has no checkpoint in this shim")
         p = self.protection.get(req.id)

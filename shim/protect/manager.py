@@ -36,6 +36,8 @@ from shim.protect.policy import (
     CRI_POD_NAMESPACE,
     NodeConfig,
     PolicyError,
+    bundle_annotations,
+    load_node_config,
     protection_for,
 )
 from shim.store.errors import Fenced
@@ -51,7 +53,6 @@ from .staging import sweep_leftovers
 
 log = logging.getLogger(__name__)
 
-CONFIG_ENV = "REVENANT_CONFIG"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGKILL, signal.SIGINT)
 RESTORE_TOPIC = "/revenant/restore"
 
@@ -77,10 +78,6 @@ class Protected:
     # Guards the registry record: once Delete removed it, a checkpoint finishing late must not rewrite it.
     record_lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False
-
-
-def load_node_config() -> NodeConfig:
-    return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
 
 
 def kubernetes_identity(annotations: dict[str, str]) -> dict[str, str]:
@@ -111,14 +108,6 @@ def premounted_rootfs(bundle: str) -> mounts.MountInfo | None:
         return overlay
     except ValueError as e:
         raise FailedPrecondition(f"cannot carry the writable layer: {e}") from None
-
-
-def bundle_annotations(bundle: str) -> dict[str, str]:
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            return dict(json.load(f).get("annotations") or {})
-    except (OSError, ValueError) as e:
-        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None
 
 
 class ProtectionManager:
@@ -156,6 +145,10 @@ class ProtectionManager:
     @property
     def run_dir(self) -> Path:
         return Path(os.environ.get(registry.RUN_DIR_ENV) or self.node.run_dir)
+
+    def last_stats(self, cid: str) -> dict[str, Any] | None:
+        """The statistics of the newest checkpoint of `cid` in this shim (ctr's or protection's)."""
+        return self.engine.last_stats(cid)
 
     def get(self, cid: str) -> Protected | None:
         with self._lock:

@@ -11,7 +11,9 @@ the node allows it), and a Kubernetes pod's key stays under its namespace.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from shim.errors import InvalidArgument
 
 KEY = "revenant.io/checkpoint-key"
 INTERVAL = "revenant.io/checkpoint-interval"
@@ -521,3 +525,18 @@ def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protecti
     on_stop = parse_bool(annotations[ON_STOP], ON_STOP) if ON_STOP in annotations else node.checkpoint_on_stop
     keep = parse_keep(annotations[KEEP], KEEP) if KEEP in annotations else node.keep
     return Protection(key=key, store=store, interval_s=interval, checkpoint_on_stop=on_stop, keep=keep)
+
+
+CONFIG_ENV = "REVENANT_CONFIG"
+
+
+def load_node_config() -> NodeConfig:
+    return NodeConfig.load(Path(os.environ.get(CONFIG_ENV) or "/etc/revenant/config.toml"))
+
+
+def bundle_annotations(bundle: str) -> dict[str, str]:
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            return dict(json.load(f).get("annotations") or {})
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the bundle's config.json: {e}") from None
