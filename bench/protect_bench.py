@@ -12,6 +12,9 @@
 5. a run of N steps interrupted K times (final checkpoint + `ctr run` on the other node) vs the same run
    uninterrupted: wall overhead and steps lost.
 
+Freeze only, several alternating pairs (medians, and the frozen window part by part beside runc's):
+`--freeze-repeat 5 --skip restore --skip podman --skip s3 --skip run`.
+
 Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the target's figures (wrap it in
 `flock /tmp/revenant-heavy.lock`). Prints a Markdown table.
 """
@@ -23,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +54,7 @@ from harness.protect import (  # noqa: E402
 )
 from harness.wait import wait_until  # noqa: E402
 from shim.checkpoint.criu_stats import read_dump_stats  # noqa: E402
+from shim.protect.freeze import PARTS  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str]] = []  # (measure, revenant, peer, note)
 
@@ -109,73 +114,107 @@ def mib_s(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
+def stock_breakdown(wall_s: float, st: Any) -> dict[str, float]:
+    """`runc checkpoint --leave-running`'s wall time split like revenant's frozen window
+    (shim.protect.freeze): runc's own part and CRIU's phases from its stats-dump."""
+    ms = {"total_ms": wall_s * 1000}
+    if st is None:
+        return {**ms, "runc_own_ms": wall_s * 1000}
+    frozen = st.frozen_time_us / 1000
+    return {
+        **ms,
+        "runc_own_ms": wall_s * 1000 - st.freezing_time_us / 1000 - frozen,
+        "criu_freezing_ms": st.freezing_time_us / 1000,
+        "criu_memdrain_ms": (st.memdump_time_us - st.memwrite_time_us) / 1000,  # memdump contains memwrite
+        "criu_memwrite_ms": st.memwrite_time_us / 1000,
+        "criu_frozen_other_ms": frozen - st.memdump_time_us / 1000,
+    }
+
+
+def freeze_breakdown_rows(revs: list[dict[str, float]], stocks: list[dict[str, float]]) -> None:
+    """One row per part of the frozen window: revenant's median beside stock runc's (same run)."""
+    if not all(revs):
+        row("freeze breakdown", "the shim sent none", "-")
+        return
+    for rev in revs:
+        say("freeze breakdown (ms): " + " ".join(f"{k}={rev.get(k, 0):.1f}" for k in ("total_ms", *PARTS)))
+    for part in ("total_ms", *PARTS):
+        ms = statistics.median(r.get(part, 0.0) for r in revs)
+        peers = [s[part] for s in stocks if part in s]
+        row(
+            f"freeze: {part.removesuffix('_ms')}" + (" (median)" if len(revs) > 1 else ""),
+            f"{ms:.1f} ms",
+            f"{statistics.median(peers):.1f} ms" if peers else "-",
+            "stock: runc's wall time, CRIU's frozen_time is the sum of its criu_ parts" if part == "total_ms" else "",
+        )
+
+
+def runc_checkpoint(node: ContainerdNode, *args: str) -> None:
+    """`runc checkpoint ARGS stock` of the stock shim's job."""
+    argv = ["runc", "--root", str(runc_root(node)), "checkpoint", *args, "stock"]
+    subprocess.run(argv, check=True, capture_output=True, timeout=1800)
+
+
 # -- 1 + 2: freeze and restore ----------------------------------------------------------------------
 def bench_freeze_and_restore(
-    a: ContainerdNode, b: ContainerdNode, image_a: str, image_b: str, mib: int, work: Path, store: str
+    a: ContainerdNode,
+    b: ContainerdNode,
+    image_a: str,
+    image_b: str,
+    mib: int,
+    work: Path,
+    store: str,
+    repeat: int,
+    restore: bool = True,
 ) -> None:
     # Stock: the same job under the stock runc shim, dumped by runc onto local disk.
     a.ctr("run", "-d", "--runc-root", str(a.runc_root), image_a, "stock", *memjob_cmd(mib, 5), input="")
     wait_for_step(a.rootfs("stock") / LOG_IN_CONTAINER.lstrip("/"), 3, timeout=120)
     disk = Path(tempfile.mkdtemp(prefix="rv-bench-", dir="/var/tmp"))
     try:
-        img, wk = disk / "leave-running", disk / "leave-running.work"
-        t = time.monotonic()
-        subprocess.run(
-            [
-                "runc",
-                "--root",
-                str(runc_root(a)),
-                "checkpoint",
-                "--leave-running",
-                "--image-path",
-                str(img),
-                "--work-path",
-                str(wk),
-                "stock",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=1800,
-        )
-        stock_wall = time.monotonic() - t
-        st = read_dump_stats(wk)
-        stock_frozen = st.frozen_time_us / 1e6 if st else stock_wall
-        shutil.rmtree(img, ignore_errors=True)
-
-        # A final runc dump of the stock job for the restore comparison; it also frees its memory.
-        img2, wk2 = disk / "final", disk / "final.work"
-        subprocess.run(
-            [
-                "runc",
-                "--root",
-                str(runc_root(a)),
-                "checkpoint",
-                "--image-path",
-                str(img2),
-                "--work-path",
-                str(wk2),
-                "stock",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=1800,
-        )
-
-        # revenant: the periodic path, asked for now.
+        # revenant: the periodic path, asked for now; the two jobs run side by side and are checkpointed
+        # in alternation, so both sides meet the same load on this shared machine.
         job = Job("job", "bench/protect/main", store, mib=mib, interval="off")
         run_job(a, image_a, job, command=memjob_cmd(mib, 6))
         wait_for_step(job_log(a, job.cid), 3, timeout=120)
         peak = ShmPeak()
         peak.start()
-        res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
+        stock_walls: list[float] = []
+        stock_stats: list[Any] = []
+        results: list[dict[str, Any]] = []
+        for i in range(repeat):
+            img, wk = disk / f"leave-running-{i}", disk / f"leave-running-{i}.work"
+            t = time.monotonic()
+            runc_checkpoint(a, "--leave-running", "--image-path", str(img), "--work-path", str(wk))
+            stock_walls.append(time.monotonic() - t)
+            stock_stats.append(read_dump_stats(wk))
+            shutil.rmtree(img, ignore_errors=True)
+            shutil.rmtree(wk, ignore_errors=True)
+            results.append(revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json"))
+            say(f"pair {i + 1}/{repeat}: revenant {results[-1]['freeze_s']:.3f} s, runc {stock_walls[-1]:.3f} s wall")
         peak.halt.set()
         peak.join()
+        res = results[-1]
+        frozen = [r["freeze_s"] for r in results]
+        stock_frozen_all = [
+            st.frozen_time_us / 1e6 if st else wall for st, wall in zip(stock_stats, stock_walls, strict=True)
+        ]
+        rev_freeze, stock_frozen = statistics.median(frozen), statistics.median(stock_frozen_all)
+        spread = f"; runs {' '.join(f'{x:.2f}' for x in frozen)} vs {' '.join(f'{x:.2f}' for x in stock_frozen_all)}"
         row(
-            f"freeze, leave-running checkpoint ({mib} MiB)",
-            f"{res['freeze_s']:.2f} s frozen",
-            f"{stock_frozen:.2f} s frozen (runc to /var/tmp, {stock_wall:.2f} s wall)",
-            f"ratio {res['freeze_s'] / stock_frozen:.2f}x; revenant committed in {res['total_s']:.2f} s",
+            f"freeze, leave-running checkpoint ({mib} MiB)" + (f", median of {repeat}" if repeat > 1 else ""),
+            f"{rev_freeze:.2f} s frozen",
+            f"{stock_frozen:.2f} s frozen (CRIU frozen_time; runc to /var/tmp, "
+            f"{statistics.median(stock_walls):.2f} s wall)",
+            f"ratio {rev_freeze / stock_frozen:.2f}x; revenant committed in {res['total_s']:.2f} s"
+            + (spread if repeat > 1 else ""),
         )
+        stock = [stock_breakdown(w, st) for w, st in zip(stock_walls, stock_stats, strict=True)]
+        freeze_breakdown_rows([r.get("freeze") or {} for r in results], stock)
+
+        # A final runc dump of the stock job for the restore comparison; it also frees its memory.
+        img2, wk2 = disk / "final", disk / "final.work"
+        runc_checkpoint(a, "--image-path", str(img2), "--work-path", str(wk2))
         row(
             "peak extra memory of staging",
             f"{mib_s(peak.peak)} in /dev/shm (freed after upload)",
@@ -183,6 +222,8 @@ def bench_freeze_and_restore(
             f"{mib_s(res['bytes_read'])} checkpoint; /dev/shm is shared with other processes",
         )
 
+        if not restore:
+            return
         # Restore. Final checkpoint of the revenant job, then `ctr run` on B (Create to running).
         revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(a.revenant_run_dir), "--json")
         wait_stopped(a, job.cid)
@@ -414,7 +455,13 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=None, help="job memory in GiB (overrides --mib)")
     ap.add_argument("--steps", type=int, default=300, help="steps of the interrupted/uninterrupted run")
     ap.add_argument("--interruptions", type=int, default=4)
-    ap.add_argument("--skip", action="append", default=[], choices=("freeze", "podman", "s3", "run"))
+    ap.add_argument(
+        "--staging-dir", default=None, help="node A's staging_dir (default: the node default, /dev/shm/revenant)"
+    )
+    ap.add_argument(
+        "--freeze-repeat", type=int, default=1, help="alternating checkpoint pairs (runc, revenant); medians reported"
+    )
+    ap.add_argument("--skip", action="append", default=[], choices=("freeze", "restore", "podman", "s3", "run"))
     args = ap.parse_args()
     mib = int(args.gib * 1024) if args.gib else args.mib
     work = Path(tempfile.mkdtemp(prefix="rv-pbench-", dir="/var/tmp"))
@@ -422,12 +469,15 @@ def main() -> int:
     say(f"building images; job memory {mib} MiB; work dir {work}")
     images = build_test_images(work / "images")
     a, b = ContainerdNode("a"), ContainerdNode("b")
+    if args.staging_dir:
+        a.write_revenant_config(extra=f'staging_dir = "{args.staging_dir}"')
     try:
         a.start()
         b.start()
         refs = {"a": a.import_image(images.memjob), "b": b.import_image(images.memjob)}
         if "freeze" not in args.skip:
-            bench_freeze_and_restore(a, b, refs["a"], refs["b"], mib, work, store)
+            restore = "restore" not in args.skip
+            bench_freeze_and_restore(a, b, refs["a"], refs["b"], mib, work, store, args.freeze_repeat, restore)
         if "podman" not in args.skip:
             bench_podman(images, mib, work)
         if "run" not in args.skip:

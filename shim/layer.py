@@ -188,15 +188,31 @@ def _base_info(rel: str, st: os.stat_result, xattrs: dict[str, bytes]) -> tarfil
     return ti
 
 
+class _HashingWriter:
+    """A write-only file for tarfile that hashes what passes through (no second read of the tar)."""
+
+    def __init__(self, raw: Any, digest: Any) -> None:
+        self.raw, self.digest = raw, digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return int(self.raw.write(data))
+
+    def tell(self) -> int:
+        return int(self.raw.tell())
+
+
 def capture_writable_layer(
-    source: str | Path | Sequence[Any], out_dir: str | Path, base: str | None = None
+    source: str | Path | Sequence[Any], out_dir: str | Path, base: str | None = None, *, durable: bool = True
 ) -> LayerInfo:
     """Write the diff held by an overlay upper dir (or by a snapshot's mounts) into out_dir.
 
     Creates out_dir/rootfs-diff.tar and out_dir/rootfs-diff.json; returns the LayerInfo. The
     container should be paused or frozen so the tree does not change while it is read. `base`:
     the parent chain ID of the container's snapshot (containerd Snapshots.Stat(...).info.parent),
-    recorded so a restore onto a different image is refused.
+    recorded so a restore onto a different image is refused. The tar is hashed as it is written;
+    `durable=False` skips its fsync (a checkpoint's staging: read once for the upload and removed, and
+    the capture runs while the task is frozen, where an fsync would wait on the disk).
     """
     upper = str(source) if isinstance(source, (str, Path)) else str(_required_upper_dir(source))
     if not os.path.isdir(upper):
@@ -207,7 +223,17 @@ def capture_writable_layer(
     info = LayerInfo(sha256="", size=0, entries=0, data_bytes=0, base=base)
     seen_inodes: dict[tuple[int, int], str] = {}
     tmp = tar_path.with_suffix(".tar.part")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+    h = hashlib.sha256()
+    with (
+        open(tmp, "wb") as raw,
+        tarfile.open(
+            fileobj=_HashingWriter(raw, h),
+            mode="w",
+            format=tarfile.PAX_FORMAT,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tf,
+    ):
         for path, rel in _walk_sorted(upper):
             st = os.lstat(path)
             mode = st.st_mode
@@ -259,11 +285,10 @@ def capture_writable_layer(
                 info.skipped.append(rel)
                 continue
             info.entries += 1
-    with open(tmp, "rb") as f:
-        h = hashlib.sha256()
-        for chunk in iter(lambda: f.read(_COPY_CHUNK), b""):
-            h.update(chunk)
-        os.fsync(f.fileno())
+        tf.close()  # the end-of-archive blocks go through the hashing writer too
+        if durable:
+            raw.flush()
+            os.fsync(raw.fileno())
     os.replace(tmp, tar_path)
     info.sha256, info.size = "sha256:" + h.hexdigest(), tar_path.stat().st_size
     (out / LAYER_INFO).write_text(info.to_json())

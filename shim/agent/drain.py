@@ -8,6 +8,7 @@ the drain as a whole ends by then whatever the shims do.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ class TaskResult:
     bytes_uploaded: int | None = None
     freeze_s: float | None = None
     total_s: float | None = None  # as the shim measured it
+    freeze: dict[str, float] | None = None  # where the frozen milliseconds went (shim.protect.freeze)
 
     @property
     def ref(self) -> str:
@@ -102,6 +104,18 @@ def _base_result(record: TaskRecord, status: str, error: str | None = None) -> T
     return TaskResult(record.namespace, record.id, record.key, record.address, status, error)
 
 
+def _freeze_breakdown(stats_json: str) -> dict[str, float] | None:
+    """The breakdown of the frozen window in a shim's checkpoint statistics; None from a shim that
+    sends none (an older one) or sends something else there."""
+    try:
+        freeze = json.loads(stats_json or "{}").get("freeze")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(freeze, dict):
+        return None
+    return {str(k): float(v) for k, v in freeze.items() if isinstance(v, int | float)}
+
+
 def checkpoint_task(
     record: TaskRecord, *, exit: bool, deadline: float, reason: str, connect_timeout: float = 2.0
 ) -> TaskResult:
@@ -127,6 +141,7 @@ def checkpoint_task(
         result.bytes_uploaded = resp.bytes_uploaded
         result.freeze_s = resp.freeze_s
         result.total_s = resp.total_s
+        result.freeze = _freeze_breakdown(resp.stats_json)
     except DeadlineExceeded as exc:
         if "no answer within" in exc.message:  # our own call timed out (not the shim's verdict)
             text = f"no answer from the shim within {max(0.0, left):.1f}s (deadline)"

@@ -66,10 +66,22 @@ def build(args, socket_path: str) -> Shim:  # args: shim.daemon.args.Args
     def build_engine():  # -> CheckpointEngine
         from shim.checkpoint import CheckpointEngine
         from shim.gpu.hooks import GpuDumpHooks
+        from shim.runc.freezer import container_freezer
 
-        # GPU hooks list a container's processes through its own Runc (the subreaper's runner). One
-        # engine for ctr's checkpoints and revenant's own, so checkpoints of one task never overlap.
-        return CheckpointEngine(hooks=GpuDumpHooks(lambda cid: service.containers[cid].runc.ps(cid)))
+        # GPU hooks list a container's processes from its cgroup (they run inside the frozen window: no
+        # runc process there), else through its own Runc (the subreaper's runner). One engine for ctr's
+        # checkpoints and revenant's own, so checkpoints of one task never overlap.
+        def container_pids(cid: str) -> list[int]:
+            runc = service.containers[cid].runc
+            freezer = container_freezer(runc.root, cid)
+            if freezer is not None:
+                try:
+                    return freezer.pids()
+                except (OSError, ValueError) as e:
+                    log.info("cannot list %s's processes from cgroup %s (%s): using runc ps", cid, freezer.path, e)
+            return runc.ps(cid)
+
+        return CheckpointEngine(hooks=GpuDumpHooks(container_pids))
 
     engine = Deferred(build_engine)
 

@@ -32,6 +32,7 @@ from shim.progress import Meter, format_duration, format_rate
 from shim.protect.policy import NodeConfig, Protection
 from shim.runc.driver import Runc, RuncError
 
+from .freeze import format_breakdown, freeze_breakdown
 from .image_identity import ImageIdentity, ImageLookup
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
 
@@ -113,7 +114,15 @@ class Checkpointer:
         hold = exit and c.pause is not None and c.resume is not None
         held = False
         try:
-            freeze_s, dump, layer, held = self._freeze_and_dump(c, staging, exit=exit, hold=hold)
+            freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(c, staging, exit=exit, hold=hold)
+            log.info(
+                "freeze of %s/%s (%s): %s",
+                c.namespace,
+                c.id,
+                reason,
+                format_breakdown(breakdown),
+                extra={"fields": {"event": "freeze_breakdown", "container": c.id, **breakdown}},
+            )
             metadata = {
                 "format": FORMAT,
                 "container": {"namespace": c.namespace, "id": c.id},
@@ -125,6 +134,7 @@ class Checkpointer:
                 "criu": dump.as_dict(),
                 "writable_layer": asdict(layer) if layer is not None else None,
                 "freeze_s": round(freeze_s, 6),
+                "freeze": breakdown,
             }
             if c.extra_metadata:
                 metadata.update(c.extra_metadata())
@@ -148,6 +158,7 @@ class Checkpointer:
         total_s = time.monotonic() - start
         stats = {
             "criu": dump.as_dict(),
+            "freeze": breakdown,
             "upload_s": round(upload_s, 6),
             "pruned": pruned,
             "chunks_total": info.chunks_total,
@@ -171,29 +182,40 @@ class Checkpointer:
 
     def _freeze_and_dump(
         self, c: ProtectedContainer, staging: Path, *, exit: bool, hold: bool
-    ) -> tuple[float, Any, Any, bool]:
+    ) -> tuple[float, Any, Any, bool, dict[str, float]]:
         """Pause, dump, capture the layer, resume: the only span in which the job does not run.
 
         With `hold` the dump leaves the task in place and it stays frozen (the caller thaws or stops
-        it); the last value says whether this call froze it."""
+        it); `held` says whether this call froze it. Returns (frozen seconds, dump, layer, held, the
+        frozen window's breakdown, shim.protect.freeze)."""
         from shim.layer import capture_writable_layer
 
         options = CheckpointOptions(**{**asdict(c.checkpoint_options), "exit": exit and not hold})
+        # Resolved before the freeze: a lookup still in flight would wait on containerd inside the window.
+        base = c.image.base if c.image else None
         frozen_at = time.monotonic()
         gone = False
         held = False
+        layer_s = resume_s = 0.0
         paused = c.pause() if c.pause is not None else False
+        pause_s = time.monotonic() - frozen_at
         try:
             dump = self.engine.checkpoint(c.runc, c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
             gone = options.exit  # after an exit dump the task no longer exists: nothing to resume
             layer = None
             if c.upper_dir is not None:
-                layer = capture_writable_layer(c.upper_dir, staging, base=c.image.base if c.image else None)
+                t = time.monotonic()
+                layer = capture_writable_layer(c.upper_dir, staging, base=base, durable=False)
+                layer_s = time.monotonic() - t
             held = hold and paused
         finally:
             if paused and not gone and not held and c.resume is not None:
+                t = time.monotonic()
                 c.resume()
-        return time.monotonic() - frozen_at, dump, layer, held
+                resume_s = time.monotonic() - t
+        total_s = time.monotonic() - frozen_at
+        breakdown = freeze_breakdown(total_s=total_s, pause_s=pause_s, dump=dump, layer_s=layer_s, resume_s=resume_s)
+        return total_s, dump, layer, held, breakdown
 
 
 def prune_superseded(store: Any, key: str, keep: int, keep_seqs: frozenset[int]) -> list[int]:

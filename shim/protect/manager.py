@@ -265,6 +265,7 @@ class ProtectionManager:
                 skip_seqs=p.tried_seqs,
                 compatible=lambda meta: self._gpu_refusal(c.id, meta),
                 fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
+                claim=lambda store: claim_key(pc, store),
             )
         except RestoreUnavailable as e:
             raise Unavailable(f"{pc.protection.key}: checkpoints unreadable, not starting fresh: {e}") from None

@@ -95,12 +95,15 @@ class Restorer:
         skip_seqs: Iterable[int] = (),
         compatible: Callable[[dict[str, Any]], str | None] | None = None,
         fill: Callable[[Path, Path], object] | None = None,
+        claim: Callable[[Any], object] | None = None,
     ) -> RestorePlan | NoUsableCheckpoint:
         """Fetch and verify the newest usable checkpoint and fill `upper_dir` (empty) from its layer.
 
         `compatible(metadata)` may refuse a checkpoint this node cannot take (its GPUs differ) with
         the reason; such a checkpoint is skipped like one taken on another image. `fill(checkpoint_dir,
-        upper_dir)` replaces fill_upper_dir (the caller may need to unmount the overlay around it)."""
+        upper_dir)` replaces fill_upper_dir (the caller may need to unmount the overlay around it).
+        `claim(store)` takes the key's owner epoch before the checkpoints are listed: an old owner cut off
+        by a partition cannot then commit a newer checkpoint than the one this restore picks."""
         reasons: list[str] = []
         unused: list[int] = []
         skip = set(skip_seqs)
@@ -109,6 +112,11 @@ class Restorer:
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
             raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
         with opened as store:
+            if claim is not None:
+                try:
+                    claim(store)
+                except Exception as e:  # e.g. the store is down: listing fails below, or the task claims later
+                    log.warning("%s: cannot claim the key before restoring: %s", protection.key, e)
             try:
                 candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
             except Exception as e:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from revenant_pb.containerd.task.v2 import shim_pb2 as api
 from shim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, RevenantError, Unimplemented
 from shim.runc.driver import IOFds, Runc, RuncError, Runner
+from shim.runc.freezer import CgroupFreezer, container_freezer
 from shim.task import mounts, runtime_options
 from shim.task.exits import ExitRegistry
 from shim.task.hooks import LifecycleHooks, RestorePlan
@@ -81,6 +82,7 @@ class Container:
     console_socket: str | None = None  # a terminal's console socket, kept for a restore at Start
     execs: dict[str, Process] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # execs
+    _checkpoint_freezer: CgroupFreezer | None = field(default=None, repr=False)  # what froze it for a checkpoint
 
     @classmethod
     def new(cls, req: api.CreateTaskRequest, runtime: TaskRuntime) -> Container:
@@ -119,13 +121,32 @@ class Container:
         return self.init.pid
 
     def pause_for_checkpoint(self) -> bool:
-        """Freeze a running task for a protective checkpoint; a task the user paused stays as it is."""
+        """Freeze a running task for a protective checkpoint; a task the user paused stays as it is.
+
+        The cgroup freezer is written directly (milliseconds, shim.runc.freezer); `runc pause` only
+        where runc's state does not name a usable freezer or the direct freeze failed."""
         if self.init.state is not State.RUNNING:
             return False
-        self.runc.pause(self.id)
+        freezer = container_freezer(self.runc.root, self.id)
+        if freezer is not None:
+            try:
+                freezer.freeze()
+            except OSError as e:
+                log.warning("%s: freezing cgroup %s failed (%s); using runc pause", self.id, freezer.path, e)
+                freezer = None
+        if freezer is None:
+            self.runc.pause(self.id)
+        self._checkpoint_freezer = freezer
         return True
 
     def resume_after_checkpoint(self) -> None:
+        freezer, self._checkpoint_freezer = self._checkpoint_freezer, None
+        if freezer is not None:
+            try:
+                freezer.thaw()
+                return
+            except OSError as e:
+                log.warning("%s: thawing cgroup %s failed (%s); using runc resume", self.id, freezer.path, e)
         self.runc.resume(self.id)
 
     # -- processes -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from shim.protect.checkpointer import CRIU_DIR, prune_superseded
 from shim.protect.policy import Protection
 from shim.protect.restorer import NoUsableCheckpoint, RestorePlan, Restorer, RestoreUnavailable
-from shim.store import open_store
+from shim.store import Fenced, open_store
 
 
 def _put(store_url: str, key: str, src: Path, size: int = 4096, metadata: dict | None = None) -> int:
@@ -116,3 +116,35 @@ def test_a_local_error_the_store_wraps_is_judged_by_its_cause(errno_: int, damag
             raise StoreError(f"restore of 'team/job' seq 1 failed: {e}") from e
     except StoreError as wrapped:
         assert _is_damage(wrapped) is damage
+
+
+def test_a_restore_claims_the_key_before_it_picks_a_checkpoint(tmp_path: Path) -> None:
+    """The old owner (cut off by a partition) commits right up to the claim: the restore must pick that
+    newest checkpoint, and every later put of the old owner is fenced, so history never forks."""
+    url = f"file://{tmp_path / 'store'}"
+    with open_store(url) as store:
+        old_epoch = store.claim("team/job", owner="node-a")
+
+    def _put_as(name: str) -> int:
+        return _put_with_epoch(url, tmp_path / name, old_epoch)
+
+    first = _put_as("a1")
+
+    def claim(store) -> None:
+        nonlocal last_of_a
+        last_of_a = _put_as("a2")  # lands just before the new owner's claim
+        store.claim("team/job", owner="node-b")
+
+    last_of_a = 0
+    plan = Restorer().prepare(_protection(url), _scratch(tmp_path), None, None, claim=claim)
+    assert isinstance(plan, RestorePlan) and plan.seq == last_of_a > first, (plan, first, last_of_a)
+    plan.discard()
+    with pytest.raises(Fenced):
+        _put_as("a3")
+
+
+def _put_with_epoch(store_url: str, src: Path, epoch: int) -> int:
+    (src / CRIU_DIR).mkdir(parents=True)
+    (src / CRIU_DIR / "pages-1.img").write_bytes(os.urandom(4096))
+    with open_store(store_url) as store:
+        return store.put("team/job", src, metadata={}, epoch=epoch).seq
