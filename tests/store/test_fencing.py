@@ -65,7 +65,10 @@ def test_claim_during_put_fails_it_before_commit(
     v1, v2 = make_tree(tmp_path / "v1", seed=20, big_mib=1), make_tree(tmp_path / "v2", seed=21, big_mib=2)
     epoch = old_node.claim(KEY, "node-a")
     old_node.put(KEY, v1, epoch=epoch)
-    monkeypatch.setenv("REVENANT_FAULT_DELAY", f"{point}=2")
+    # The claim must land while the put waits at the point: the claimer's client exists before the put
+    # starts, and the wait is long enough for a loaded machine (packs made the put reach it sooner).
+    claimer = opened(url, request)
+    monkeypatch.setenv("REVENANT_FAULT_DELAY", f"{point}=4")
     errors: list = []
 
     def slow_put() -> None:
@@ -77,7 +80,7 @@ def test_claim_during_put_fails_it_before_commit(
     t = threading.Thread(target=slow_put)
     t.start()
     time.sleep(1)
-    assert opened(url, request).claim(KEY, "node-b") == epoch + 1
+    assert claimer.claim(KEY, "node-b") == epoch + 1
     t.join()
     assert len(errors) == 1 and isinstance(errors[0], Fenced), errors
     reader = open_store(url)
