@@ -69,9 +69,11 @@ package: venv
 demo: setup
 	PYTHONPATH=tests $(PY) -m harness.demo
 
-# Podman is only the protection benchmark's peer, so it is installed here rather than by install-deps.
+# Podman is only the protection benchmark's peer and matplotlib only draws the economics plot, so both
+# are installed here rather than by install-deps / `make venv`.
 bench: setup
 	@command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	PYTHONPATH=tests $(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "protect": ["protect_bench.py"],
     "pod": ["pod_bench.py", "--runs", "10", "--pods", "4"],
     "docker": ["docker_bench.py", "--runs", "20"],
+    "economics": ["economics.py"],
 }
 
 
