@@ -76,7 +76,10 @@ def test_container_freezer_refuses_paths_runc_would_not_write(tmp_path: Path) ->
 V1 = Path("/sys/fs/cgroup/freezer")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or (not (V1 / "freezer.state").exists() and not V1.is_dir()), reason="root")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not V1.is_dir(),
+    reason="needs root and a cgroup v1 freezer hierarchy at /sys/fs/cgroup/freezer (a cgroup v2-only host has none)",
+)
 def test_freeze_stops_the_cgroups_tasks_and_thaw_lets_them_run(tmp_path: Path) -> None:
     """A real v1 freezer cgroup (the dev VMs' hierarchy) found through a runc-like state.json."""
     ns = os.environ.get("REVENANT_TEST_NAMESPACE", "rt")
