@@ -16,6 +16,7 @@ import errno
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from shim.protect.policy import Protection
 
 from .checkpointer import CRIU_DIR
 from .image_identity import ImageIdentity, ImageLookup
+from .restore_breakdown import PrepareTimings
 from .staging import HEADROOM, owned_name, secure_root
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class RestorePlan:
     metadata: dict[str, Any]
     skipped: list[str] = field(default_factory=list)  # why newer checkpoints were not used
     unused_seqs: list[int] = field(default_factory=list)  # newer checkpoints skipped here (kept by prune)
+    timings: PrepareTimings = field(default_factory=PrepareTimings)  # where prepare's time went
 
     def discard(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -107,6 +110,10 @@ class Restorer:
         reasons: list[str] = []
         unused: list[int] = []
         skip = set(skip_seqs)
+        from shim.store.get_timing import GetTimings
+
+        timings = PrepareTimings()
+        began = time.monotonic()
         try:
             opened = self.open_store(protection.store)
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
@@ -117,8 +124,10 @@ class Restorer:
                     claim(store)
                 except Exception as e:  # e.g. the store is down: listing fails below, or the task claims later
                     log.warning("%s: cannot claim the key before restoring: %s", protection.key, e)
+            timings.claim_s = time.monotonic() - began
             try:
                 candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
+                timings.list_s = time.monotonic() - began - timings.claim_s
             except Exception as e:
                 if _is_damage(e):
                     raise
@@ -138,14 +147,20 @@ class Restorer:
                     unused.append(info.seq)
                     continue
                 scratch = _scratch_for(scratch_base, info.bytes_read, where)
+                fetch = GetTimings()
+                fetch_began = time.monotonic()
+                layer_s = 0.0
                 try:
-                    store.get(protection.key, scratch, seq=info.seq, fallback=False)
+                    store.get(protection.key, scratch, seq=info.seq, fallback=False, timings=fetch)
+                    fetched = time.monotonic()
                     if not (scratch / CRIU_DIR).is_dir():
                         raise ValueError(f"checkpoint holds no {CRIU_DIR}/ directory of CRIU images")
                     if upper_dir is not None:
                         (fill or fill_upper_dir)(scratch, upper_dir)
+                    layer_s = time.monotonic() - fetched
                 except Exception as e:
                     shutil.rmtree(scratch, ignore_errors=True)
+                    timings.skipped_s += time.monotonic() - fetch_began
                     if not _is_damage(e):
                         raise RestoreUnavailable(f"cannot fetch {where}: {type(e).__name__}: {e}") from None
                     detail = (
@@ -155,8 +170,10 @@ class Restorer:
                     unused.append(info.seq)
                     log.warning("checkpoint %s is not usable, trying an older one: %s", where, detail)
                     continue
+                timings.fetch_s, timings.layer_s, timings.fetch = fetched - fetch_began, layer_s, fetch.as_dict()
+                timings.total_s = time.monotonic() - began
                 return RestorePlan(
-                    protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused
+                    protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused, timings
                 )
         return NoUsableCheckpoint(protection.key, reasons, unused)
 

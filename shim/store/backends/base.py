@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -86,6 +86,9 @@ class Backend(ABC):
     def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:  # noqa: B027 - optional hook
         """Called at the end of a gc sweep (the file backend rewrites packs here); proceed() is asked
         right before each step that removes data, and False means stop there."""
+
+    def plan_reads(self, digests: Iterable[str]) -> None:  # noqa: B027 - optional hook
+        """The chunks a restore is about to get, in its order (packed backends fetch ahead)."""
 
     def manifests_changed(self, key: str) -> None:  # noqa: B027 - optional hook
         """Called after a commit or delete for key (the OCI backend repoints its `latest` tag)."""

@@ -14,7 +14,7 @@ import io
 import logging
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -250,6 +250,10 @@ class S3Backend(Backend):
         if self.packs:
             return self.packs.get_chunk(digest)
         return self._get(f"chunks/{digest[:2]}/{digest}", MAX_CHUNK_OBJECT)
+
+    def plan_reads(self, digests: Iterable[str]) -> None:
+        if self.packs:
+            self.packs.plan_reads(digests)
 
     def delete_chunk(self, digest: str) -> None:
         if self.packs:
