@@ -5,6 +5,8 @@ The parts, in order:
 
     prepare_claim_ms      taking the key's owner epoch in the store
     prepare_list_ms       listing the key's checkpoints (manifests)
+    prepare_image_ms      waiting, after the fetch, for containerd's answer about the container's image
+                          (asked in a child process at Create; the fetch does not wait for it)
     prepare_fetch_ms      Store.get of the checkpoint used: every chunk fetched, verified and written into
                           the directory CRIU reads (`fetch` has its split, shim.store.get_timing)
     prepare_skipped_ms    fetching checkpoints that turned out unusable (damaged, wrong layer) first
@@ -28,6 +30,7 @@ from typing import Any
 PARTS = (
     "prepare_claim_ms",
     "prepare_list_ms",
+    "prepare_image_ms",
     "prepare_fetch_ms",
     "prepare_skipped_ms",
     "prepare_layer_ms",
@@ -49,6 +52,7 @@ class PrepareTimings:
 
     claim_s: float = 0.0
     list_s: float = 0.0
+    image_s: float = 0.0
     fetch_s: float = 0.0
     skipped_s: float = 0.0
     layer_s: float = 0.0
@@ -56,10 +60,11 @@ class PrepareTimings:
     fetch: dict[str, Any] = field(default_factory=dict)  # GetTimings.as_dict() of the fetch used
 
     def parts(self) -> dict[str, float]:
-        known = self.claim_s + self.list_s + self.fetch_s + self.skipped_s + self.layer_s
+        known = self.claim_s + self.list_s + self.image_s + self.fetch_s + self.skipped_s + self.layer_s
         return {
             "prepare_claim_ms": _ms(self.claim_s),
             "prepare_list_ms": _ms(self.list_s),
+            "prepare_image_ms": _ms(self.image_s),
             "prepare_fetch_ms": _ms(self.fetch_s),
             "prepare_skipped_ms": _ms(self.skipped_s),
             "prepare_layer_ms": _ms(self.layer_s),

@@ -39,6 +39,18 @@ class RestoreUnavailable(Exception):
     """The checkpoints could not be read (store outage, credentials, full or failing local disk)."""
 
 
+class _ImageMismatch(Exception):
+    """A fetched checkpoint turned out to be taken on another image than the container's."""
+
+
+def _image_mismatch(image: ImageIdentity | ImageLookup | None, metadata: dict[str, Any]) -> str | None:
+    """Why the checkpoint does not fit the container's image, or None; waits for containerd's answer."""
+    if isinstance(image, ImageLookup) and image.result() is None:
+        # containerd could not say which image this is: an outage, not a reason to restore unchecked
+        raise RestoreUnavailable("cannot ask containerd which image the container runs (see the log)")
+    return image.differs_from(metadata.get("image")) if image else None
+
+
 def _is_damage(e: BaseException) -> bool:
     """True when the error is about the checkpoint itself (skip it), False for an outage (fail Create)."""
     from shim.store import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, ManifestCorrupt, StoreError
@@ -136,10 +148,12 @@ class Restorer:
                 if info.seq in skip:
                     continue
                 where = f"{protection.key}@{info.seq}"
-                if isinstance(image, ImageLookup) and image.result() is None:
-                    # containerd could not say which image this is: an outage, not a reason to restore unchecked
-                    raise RestoreUnavailable("cannot ask containerd which image the container runs (see the log)")
-                mismatch = image.differs_from(info.metadata.get("image")) if image else None
+                # containerd's answer about the image (asked in a child process) may still be on its way:
+                # the fetch starts without it and the image is checked once the fetch is done, before the
+                # checkpoint is used at all (layer, plan). A mismatch then costs a wasted fetch, never a
+                # wrong restore.
+                late = isinstance(image, ImageLookup) and not image.done()
+                mismatch = None if late else _image_mismatch(image, info.metadata)
                 if not mismatch and compatible is not None:
                     mismatch = compatible(info.metadata)
                 if mismatch:
@@ -149,15 +163,29 @@ class Restorer:
                 scratch = _scratch_for(scratch_base, info.bytes_read, where)
                 fetch = GetTimings()
                 fetch_began = time.monotonic()
-                layer_s = 0.0
+                layer_s = image_s = 0.0
                 try:
                     store.get(protection.key, scratch, seq=info.seq, fallback=False, timings=fetch)
                     fetched = time.monotonic()
+                    if late:
+                        mismatch = _image_mismatch(image, info.metadata)
+                        image_s = time.monotonic() - fetched
+                        fetched = time.monotonic()
+                        if mismatch:
+                            raise _ImageMismatch(mismatch)
                     if not (scratch / CRIU_DIR).is_dir():
                         raise ValueError(f"checkpoint holds no {CRIU_DIR}/ directory of CRIU images")
                     if upper_dir is not None:
                         (fill or fill_upper_dir)(scratch, upper_dir)
                     layer_s = time.monotonic() - fetched
+                except (_ImageMismatch, RestoreUnavailable) as e:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    if isinstance(e, RestoreUnavailable):
+                        raise
+                    timings.skipped_s += time.monotonic() - fetch_began - image_s
+                    reasons.append(f"{where}: {e}")
+                    unused.append(info.seq)
+                    continue
                 except Exception as e:
                     shutil.rmtree(scratch, ignore_errors=True)
                     timings.skipped_s += time.monotonic() - fetch_began
@@ -170,7 +198,8 @@ class Restorer:
                     unused.append(info.seq)
                     log.warning("checkpoint %s is not usable, trying an older one: %s", where, detail)
                     continue
-                timings.fetch_s, timings.layer_s, timings.fetch = fetched - fetch_began, layer_s, fetch.as_dict()
+                timings.fetch_s, timings.image_s = fetched - fetch_began - image_s, image_s
+                timings.layer_s, timings.fetch = layer_s, fetch.as_dict()
                 timings.total_s = time.monotonic() - began
                 return RestorePlan(
                     protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused, timings
