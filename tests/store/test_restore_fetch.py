@@ -37,8 +37,8 @@ def only_entries(parent: Path) -> list[str]:
 
 
 def test_get_from_packs_fetches_windows_ahead_once_and_is_byte_identical(s3_server, tmp_path: Path) -> None:
-    src = make_tree(tmp_path / "src", seed=11, big_mib=48)  # 24 MiB random: 3 packs of 2 windows each
-    open_store(s3_server.url + "&pack_mb=8").put(KEY, src)
+    src = make_tree(tmp_path / "src", seed=11, big_mib=48)  # 24 MiB random: 6 packs of ~4 MiB
+    open_store(s3_server.url + "&pack_mb=4").put(KEY, src)
     store = open_store(s3_server.url)
     calls = record_ranges(store)
     timings = GetTimings()
@@ -46,7 +46,8 @@ def test_get_from_packs_fetches_windows_ahead_once_and_is_byte_identical(s3_serv
     store.close()
     assert tree_digest(tmp_path / "out") == tree_digest(src)
 
-    windows = [(name, off) for name, off, length, _t in calls if length <= READ_WINDOW and off % READ_WINDOW == 0]
+    # Window reads are the ones larger than any chunk (FastCDC: at most 256 KiB).
+    windows = [(name, off // READ_WINDOW) for name, off, length, _t in calls if length > 1 << 20]
     assert len(windows) >= 5, calls
     assert len(windows) == len(set(windows)), "a pack window was fetched more than once"
     ahead = [c for c in calls if c[3].startswith("revenant-readahead")]
@@ -125,3 +126,27 @@ def test_server_stopped_mid_fetch_is_retryable_and_leaves_nothing(s3_server, tmp
     s3_server.start()
     open_store(s3_server.url).get(KEY, parent / "out")  # nothing was damaged: it restores now
     assert tree_digest(parent / "out") == tree_digest(src)
+
+
+def test_planned_spans_and_chunks_outside_them(s3_server, tmp_path: Path) -> None:
+    """A planned window is fetched only as far as its planned chunks reach; a chunk of the same window
+    the plan did not name is still read correctly (on its own)."""
+    src = make_tree(tmp_path / "src", seed=15, big_mib=8)
+    open_store(s3_server.url).put(KEY, src)
+    store = open_store(s3_server.url)
+    packs = store.backend.packs
+    packs._ensure()
+    by_offset = sorted(((loc.pack, loc.offset, loc.length, d) for d, loc in packs._index.items()))
+    same_window = [c for c in by_offset if c[0] == by_offset[0][0] and c[1] // READ_WINDOW == 0]
+    first, last = same_window[0], same_window[-1]
+    assert first != last
+    want = {c[3]: store.backend.get_range(pack_name(c[0]), c[1], c[2]) for c in (first, last)}
+    calls = record_ranges(store)
+    store.backend.plan_reads([last[3]])
+    assert store.backend.get_chunk(last[3]) == want[last[3]]
+    assert calls[0][1:3] == (last[1], last[2]), "the window was fetched beyond its planned span"
+    assert store.backend.get_chunk(first[3]) == want[first[3]]
+    assert calls[1][1:3] == (first[1], first[2])
+    assert store.backend.get_chunk(last[3]) == want[last[3]]
+    assert len(calls) == 2, "a planned chunk already fetched was fetched again"
+    store.close()
