@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from harness.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, SeaweedS3  # noqa: E402
 from harness.store_util import make_tree, tree_digest  # noqa: E402
 from shim.store import open_store  # noqa: E402
+from shim.store.backends import packs  # noqa: E402
 from shim.store.get_timing import GetTimings  # noqa: E402
 
 KEY = "bench/restore/main"
@@ -38,16 +39,22 @@ def say(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
 
 
-def timed_get(url: str, work: Path, want: str, read_ahead: bool) -> dict[str, Any]:
+WINDOWS = (packs.READ_WINDOW, packs.CACHED_WINDOWS)
+MAIN_WINDOWS = (4 << 20, 8)  # the pack reader before planned read-ahead: 4 MiB windows, 8 cached
+
+
+def timed_get(url: str, work: Path, want: str, read_ahead: bool, windows: tuple[int, int] = WINDOWS) -> dict[str, Any]:
+    packs.READ_WINDOW, packs.CACHED_WINDOWS = windows
     store = open_store(url)
     if not read_ahead:
-        store.backend.plan_reads = lambda digests: None  # the reader before planned read-ahead
+        store.backend.plan_reads = lambda digests: None  # no plan: no read-ahead, whole windows
     dest = Path(tempfile.mkdtemp(dir=work)) / "out"
     timings = GetTimings()
     t = time.monotonic()
     store.get(KEY, dest, timings=timings)
     wall = time.monotonic() - t
     store.close()
+    packs.READ_WINDOW, packs.CACHED_WINDOWS = WINDOWS
     if tree_digest(dest) != want:
         raise SystemExit(f"{url}: the restored tree differs from the source")
     shutil.rmtree(dest.parent)
@@ -76,7 +83,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="rv-fetch-bench-", dir="/var/tmp"))
     seaweed = None
     try:
-        src = make_tree(work / "src", seed=7, big_mib=args.mib)
+        src = make_tree(work / "src", seed=7, big_mib=4)
+        with open(src / "pages-1.img", "wb") as f:  # the page image: half random, half repetitive
+            for _ in range(args.mib // 2):
+                f.write(os.urandom(1 << 20))
+            f.write(b"repetitive-page\n" * (args.mib << 15))
         want = tree_digest(src)
         urls = {"file://": f"file://{work / 'store'}"}
         if not args.skip_s3:
@@ -88,14 +99,18 @@ def main() -> int:
             t = time.monotonic()
             open_store(url).put(KEY, src)
             say(f"put into {name}: {time.monotonic() - t:.1f} s")
-        variants = [("file://", urls["file://"], True)]
+        variants = [("file://", urls["file://"], True, WINDOWS)]
         if "s3://" in urls:
-            variants += [("s3://, read-ahead", urls["s3://"], True), ("s3://, no read-ahead", urls["s3://"], False)]
+            variants += [
+                ("s3://, planned read-ahead, 8 MiB windows", urls["s3://"], True, WINDOWS),
+                ("s3://, no read-ahead, 8 MiB windows", urls["s3://"], False, WINDOWS),
+                ("s3://, as before: no read-ahead, 4 MiB windows", urls["s3://"], False, MAIN_WINDOWS),
+            ]
         results: dict[str, list[dict[str, Any]]] = {v[0]: [] for v in variants}
         tar: list[float] = []
         for i in range(args.runs):
-            for name, url, ahead in variants:
-                results[name].append(timed_get(url, work, want, ahead))
+            for name, url, ahead, windows in variants:
+                results[name].append(timed_get(url, work, want, ahead, windows))
                 say(f"run {i + 1}: {name} {results[name][-1]['wall_s']:.2f} s")
             tar.append(tar_baseline(src, work))
             say(f"run {i + 1}: zstd -d | tar -x {tar[-1]:.2f} s")
