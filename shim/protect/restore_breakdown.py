@@ -3,6 +3,7 @@
 Create prepares the restore (shim.protect.restorer), Start runs `runc restore` (the checkpoint engine).
 The parts, in order:
 
+    prepare_open_ms       opening the store (the backend's client; its first use in a shim imports it)
     prepare_claim_ms      taking the key's owner epoch in the store
     prepare_list_ms       listing the key's checkpoints (manifests)
     prepare_image_ms      waiting, after the fetch, for containerd's answer about the container's image
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PARTS = (
+    "prepare_open_ms",
     "prepare_claim_ms",
     "prepare_list_ms",
     "prepare_image_ms",
@@ -50,6 +52,7 @@ def _ms(seconds: float) -> float:
 class PrepareTimings:
     """What Restorer.prepare measured (seconds), for the plan it returned."""
 
+    open_s: float = 0.0
     claim_s: float = 0.0
     list_s: float = 0.0
     image_s: float = 0.0
@@ -60,8 +63,9 @@ class PrepareTimings:
     fetch: dict[str, Any] = field(default_factory=dict)  # GetTimings.as_dict() of the fetch used
 
     def parts(self) -> dict[str, float]:
-        known = self.claim_s + self.list_s + self.image_s + self.fetch_s + self.skipped_s + self.layer_s
+        known = self.open_s + self.claim_s + self.list_s + self.image_s + self.fetch_s + self.skipped_s + self.layer_s
         return {
+            "prepare_open_ms": _ms(self.open_s),
             "prepare_claim_ms": _ms(self.claim_s),
             "prepare_list_ms": _ms(self.list_s),
             "prepare_image_ms": _ms(self.image_s),

@@ -130,16 +130,17 @@ class Restorer:
             opened = self.open_store(protection.store)
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
             raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
+        timings.open_s = time.monotonic() - began
         with opened as store:
             if claim is not None:
                 try:
                     claim(store)
                 except Exception as e:  # e.g. the store is down: listing fails below, or the task claims later
                     log.warning("%s: cannot claim the key before restoring: %s", protection.key, e)
-            timings.claim_s = time.monotonic() - began
+            timings.claim_s = time.monotonic() - began - timings.open_s
             try:
                 candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
-                timings.list_s = time.monotonic() - began - timings.claim_s
+                timings.list_s = time.monotonic() - began - timings.open_s - timings.claim_s
             except Exception as e:
                 if _is_damage(e):
                     raise

@@ -185,7 +185,9 @@ def test_server_stopped_mid_fetch_fails_retryably_and_leaves_nothing(s3_server, 
 def test_breakdown_parts_add_up_and_fit_criu_inside_runc() -> None:
     from shim.protect.restore_breakdown import PrepareTimings
 
-    prepare = PrepareTimings(claim_s=0.1, list_s=0.05, image_s=0.01, fetch_s=2.0, layer_s=0.2, total_s=2.5)
+    prepare = PrepareTimings(
+        open_s=0.02, claim_s=0.08, list_s=0.05, image_s=0.01, fetch_s=2.0, layer_s=0.2, total_s=2.5
+    )
     prepare.fetch = {
         "wall_ms": 2000.0,
         "fetch_ms": 1.0,
