@@ -14,6 +14,7 @@ is not stored: it follows from the same manifest's references for that file offs
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -23,13 +24,17 @@ from typing import Any
 
 import blake3
 
-from .chunking import Chunker, is_zero
+from .chunking import Chunker
 from .errors import StoreError
-from .limits import MAX_CHUNK_LEN
+from .limits import MAX_CHUNK_LEN, MAX_PAGE_TABLE_BYTES
 from .model import PAGE, PAGE_HASH_LEN, ZERO, Manifest, page_count
+
+log = logging.getLogger(__name__)
 
 # Bytes of a page image read (and hashed) at a time; new pages gather until this much is waiting.
 WINDOW = 16 << 20
+ZERO_PAGE = bytes(PAGE)
+ZERO_PAGE_HASH = blake3.blake3(bytes(PAGE)).digest(PAGE_HASH_LEN)
 
 
 def page_hashes(buf: bytes | memoryview) -> bytes:
@@ -124,23 +129,22 @@ class PagePlanner:
             self._hashes.append(hashes)
             view = memoryview(buf)
             for i in range(0, len(buf), PAGE):
-                page = view[i : i + PAGE]
-                n = len(page)
+                n = min(PAGE, len(buf) - i)
+                h = hashes[i // PAGE * PAGE_HASH_LEN : (i // PAGE + 1) * PAGE_HASH_LEN]
                 if n < PAGE:  # a short last page: its own chunk
-                    self._run(runs, "tail", off + i, n, self.submit(bytes(page)), 0, 0)
+                    self._run(runs, "tail", off + i, n, self.submit(bytes(view[i:])), 0, 0)
                     self.new_bytes += n
-                elif is_zero(page):
+                elif h == ZERO_PAGE_HASH and view[i : i + PAGE] == ZERO_PAGE:
                     self._run(runs, "zero", off + i, n, None, 0, 0)
                     self.zero_bytes += n
                 else:
-                    h = hashes[i // PAGE * PAGE_HASH_LEN : (i // PAGE + 1) * PAGE_HASH_LEN]
                     loc = self.index.find(h) if self.index is not None else None
                     if loc is not None:
                         self._run(runs, "slice", off + i, n, loc.digest, loc.offset, loc.chunk_len)
                         self.found_bytes += n
                     else:
                         self._run(runs, "new", off + i, n, None, self._stream_pos + len(self._stream), 0)
-                        self._stream += page
+                        self._stream += view[i : i + PAGE]
                         self.new_bytes += n
             off += len(buf)
             on_read(len(buf))
@@ -226,6 +230,17 @@ def _page_cuts(chunker: Chunker, buf: memoryview) -> Iterator[int]:
             last = end
     if last < len(buf):
         yield len(buf)
+
+
+def usable_patterns(entries: list[dict[str, Any]], patterns: Sequence[str], key: str) -> Sequence[str]:
+    """patterns, or none where the page table of the files they match would exceed its bound."""
+    if not patterns:
+        return ()
+    npages = sum(page_count(e["size"]) for e in entries if e["type"] == "file" and matches(e["path"], patterns))
+    if npages * PAGE_HASH_LEN > MAX_PAGE_TABLE_BYTES:
+        log.warning("put %r: %d pages of page images, more than one page table covers: FastCDC only", key, npages)
+        return ()
+    return patterns
 
 
 def matches(path: str, patterns: Sequence[str]) -> bool:

@@ -223,8 +223,9 @@ class Store:
             listing = self.backend.retry("list chunks", lambda: self._chunk_names())
             if listing is not None:
                 known |= listing
-            index = self._page_index(parent, known) if page_images and parent is not None else None
             entries = scan_tree(src)
+            page_images = pages.usable_patterns(entries, page_images, key)
+            index = self._page_index(parent, known) if page_images and parent is not None else None
             manifest = Manifest(
                 key=key,
                 seq=0,
@@ -247,6 +248,11 @@ class Store:
                 page_images=page_images, index=index, tables=tables,
             )  # fmt: skip
             manifest.page_table = tables[0] if tables else None
+            if manifest.page_table is not None:
+                try:  # references built from a parent's table: checked as a reader will check them
+                    manifest.check(f"put {key!r} of {src}")
+                except ManifestCorrupt as e:
+                    raise StoreError(f"{e}: not committed") from None
             delay_point("store.put.before_commit")
             self._replace_vanished(reused, manifest.stats)
             info = self._commit(manifest, nonce, lock)

@@ -254,3 +254,35 @@ def test_chunk_digests_count_slices_and_table(tmp_path: Path) -> None:
     digests = m.chunk_digests()
     assert first_slice(doc)[2] in digests
     assert all(r[2] in digests for r in doc["page_table"]["chunks"])
+
+
+def test_restore_fetches_each_sliced_chunk_once(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/store"
+    second_put(tmp_path, url, 1)
+    store = open_store(url)
+    doc = manifest_doc(store, KEY, newest_name(store, KEY))
+    sliced = [r[2] for e in doc["entries"] for r in e.get("chunks", []) if len(r) == 5]
+    assert len(sliced) > len(set(sliced))  # chunks shared by several slices
+    fetched: list[str] = []
+    get_chunk = store.backend.get_chunk
+
+    def counting(digest: str) -> bytes:
+        fetched.append(digest)
+        return get_chunk(digest)
+
+    store.backend.get_chunk = counting  # type: ignore[method-assign]
+    store.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "b")
+    assert len(fetched) == len(set(fetched))
+
+
+def test_page_images_beyond_one_table_fall_back_to_fastcdc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shim.store import pages
+
+    monkeypatch.setattr(pages, "MAX_PAGE_TABLE_BYTES", PAGES * 16 - 16)
+    store = open_store(f"file://{tmp_path}/store")
+    make_dump(tmp_path / "a")
+    store.put(KEY, tmp_path / "a", page_images=PATTERNS)
+    assert manifest_doc(store, KEY, newest_name(store, KEY))["format"] == FORMAT
+    store.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "a")
