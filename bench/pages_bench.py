@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         memjob = build_memjob(work)
         log = work / "memjob.log"
+        job_args = ["--interval-ms", "4000", "--log", str(log)]
         job = subprocess.Popen(
-            [str(memjob), "--mib", str(args.mib), "--mutate", "0.05", "--seed", "7", *("--interval-ms", "4000"), "--log", str(log)],
+            [str(memjob), *("--mib", str(args.mib), "--mutate", "0.05", "--seed", "7"), *job_args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
