@@ -59,6 +59,7 @@ class PageIndex:
         self._files: list[tuple[list[int], list[list[Any]], int]] = []
         self._where: dict[bytes, int] = {}
         self._available = available
+        self._last = (-1, 0)
         pos = 0
         for fi, e in enumerate(parent.page_files()):
             refs = e["chunks"]
@@ -78,11 +79,17 @@ class PageIndex:
         g = self._where.get(h)
         if g is None:
             return None
-        starts, refs, _size = self._files[g >> 32]
+        fi = g >> 32
+        starts, refs, _size = self._files[fi]
         off = (g & 0xFFFFFFFF) * PAGE
-        i = bisect.bisect_right(starts, off) - 1
-        if i < 0:
-            return None
+        last_fi, last_i = self._last
+        if last_fi == fi and starts[last_i] <= off < starts[last_i] + refs[last_i][1]:
+            i = last_i  # pages found one after the other mostly sit in one reference
+        else:
+            i = bisect.bisect_right(starts, off) - 1
+            if i < 0:
+                return None
+            self._last = (fi, i)
         r = refs[i]
         if r[2] == ZERO or off + PAGE > r[0] + r[1]:
             return None  # a hole, or a page split across two references: not worth a lookup
@@ -116,7 +123,7 @@ class PagePlanner:
         self.zero_bytes = 0
         self.new_bytes = 0
 
-    def add_file(self, entry: dict[str, Any], fd: int, on_read: Callable[[int], None]) -> None:
+    def add_file(self, entry: dict[str, Any], fd: int) -> None:
         size = entry["size"]
         runs: list[list[Any]] = []  # [kind, file offset, length, a, b, c]
         self.files.append((entry, runs))
@@ -147,7 +154,6 @@ class PagePlanner:
                         self._stream += view[i : i + PAGE]
                         self.new_bytes += n
             off += len(buf)
-            on_read(len(buf))
             if len(self._stream) >= WINDOW:
                 self._cut(final=False)
 

@@ -244,9 +244,16 @@ class Store:
             reused: dict[str, tuple[Path | None, int, int]] = {}
             tables: builtins.list[dict[str, Any]] = []
             manifest.stats = self._upload(
-                src, entries, known, progress, listed=listing is not None, reused=reused,
-                page_images=page_images, index=index, tables=tables,
-            )  # fmt: skip
+                src,
+                entries,
+                known,
+                progress,
+                listed=listing is not None,
+                reused=reused,
+                page_images=page_images,
+                index=index,
+                tables=tables,
+            )
             manifest.page_table = tables[0] if tables else None
             if manifest.page_table is not None:
                 try:  # references built from a parent's table: checked as a reader will check them
@@ -388,7 +395,7 @@ class Store:
                         before = planner.found_bytes + planner.zero_bytes
                         fd = os.open(src / e["path"], os.O_RDONLY)
                         try:
-                            planner.add_file(e, fd, lambda n: None)
+                            planner.add_file(e, fd)
                         finally:
                             os.close(fd)
                         counter.add(planner.found_bytes + planner.zero_bytes - before)
