@@ -286,3 +286,21 @@ def test_page_images_beyond_one_table_fall_back_to_fastcdc(tmp_path: Path, monke
     assert manifest_doc(store, KEY, newest_name(store, KEY))["format"] == FORMAT
     store.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "a")
+
+
+def test_cli_put_page_images(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    url = f"file://{tmp_path}/store"
+    a, b = tmp_path / "a", tmp_path / "b"
+    pages = make_dump(a)
+    write_dump(b, change(pages, 1)[0])
+    exe = str(Path(sys.executable).parent / "revenant")
+    for src in (a, b):
+        argv = [exe, "store", "put", "--store", url, "--key", KEY, "--json", "--page-images", PATTERNS[0], str(src)]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["bytes_uploaded"] < 0.1 * PAGES * PAGE
+    store = open_store(url)
+    assert manifest_doc(store, KEY, newest_name(store, KEY))["format"] == FORMAT_V2
