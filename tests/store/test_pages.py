@@ -304,3 +304,24 @@ def test_cli_put_page_images(tmp_path: Path) -> None:
     assert json.loads(p.stdout)["bytes_uploaded"] < 0.1 * PAGES * PAGE
     store = open_store(url)
     assert manifest_doc(store, KEY, newest_name(store, KEY))["format"] == FORMAT_V2
+
+
+def test_parent_sealed_with_another_key_is_not_used(tmp_path: Path) -> None:
+    """After a key rotation chunk ids differ: the old key's page table is not used, nothing is mixed."""
+    keys = []
+    for name in ("k1", "k2"):
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, os.urandom(32))
+        os.close(fd)
+        keys.append(tmp_path / name)
+    url = f"file://{tmp_path}/store"
+    a, b = tmp_path / "a", tmp_path / "b"
+    pages = make_dump(a)
+    write_dump(b, change(pages, 1)[0])
+    open_store(url, key_files=[keys[0]]).put(KEY, a, page_images=PATTERNS)
+    rotated = open_store(url, key_files=[keys[1], keys[0]])
+    info = rotated.put(KEY, b, page_images=PATTERNS)
+    assert info.bytes_uploaded > 0.3 * PAGES * PAGE  # stored anew under the new key
+    rotated.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(b)
+    assert rotated.verify() == []
