@@ -39,7 +39,7 @@ class FileSpan:
 @dataclass
 class GetTimings:
     parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
-    chunks: int = 0
+    chunks: int = 0  # chunk references restored, holes included
     zero_chunks: int = 0
     bytes_fetched: int = 0  # stored (compressed, sealed) bytes
     bytes_written: int = 0
@@ -51,11 +51,16 @@ class GetTimings:
         with self._lock:
             self.parts[part] += seconds
 
-    def chunk(self, fetched: int, written: int) -> None:
+    def fetched(self, stored_bytes: int) -> None:
+        """One chunk object fetched and verified (a chunk that slices share is fetched once)."""
+        with self._lock:
+            self.bytes_fetched += stored_bytes
+
+    def wrote(self, length: int) -> None:
+        """One chunk reference written into its file."""
         with self._lock:
             self.chunks += 1
-            self.bytes_fetched += fetched
-            self.bytes_written += written
+            self.bytes_written += length
 
     def zero(self) -> None:
         with self._lock:
