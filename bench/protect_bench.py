@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -155,25 +156,28 @@ class CheckpointMemory(threading.Thread):
         prefix = f"{self.shim.pid}-"
         for root in self.roots:
             shm = str(root).startswith("/dev/shm")
-            for entry in root.glob(f"{prefix}*"):
-                for path in entry.rglob("*"):
-                    try:
-                        st = os.lstat(path)
-                        if not path.is_file() or path.is_symlink():
-                            continue
-                        if shm:
-                            tmpfs += st.st_blocks * 512
-                            continue
-                        disk += st.st_blocks * 512
-                        fd = os.open(path, os.O_RDONLY)
-                        try:
-                            res, dty, wb = _cachestat(fd)
-                        finally:
-                            os.close(fd)
-                        dirty += (dty + wb) * 4096
-                        cache += res * 4096
-                    except OSError:
+            try:
+                paths = [p for entry in root.glob(f"{prefix}*") for p in entry.rglob("*")]
+            except OSError:  # removed while listed (the checkpoint ended)
+                continue
+            for path in paths:
+                try:
+                    st = os.lstat(path)
+                    if not stat.S_ISREG(st.st_mode):
                         continue
+                    if shm:
+                        tmpfs += st.st_blocks * 512
+                        continue
+                    disk += st.st_blocks * 512
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        res, dty, wb = _cachestat(fd)
+                    finally:
+                        os.close(fd)
+                    dirty += (dty + wb) * 4096
+                    cache += res * 4096
+                except OSError:
+                    continue
         return tmpfs, dirty, cache, disk
 
     def run(self) -> None:
@@ -196,7 +200,7 @@ def shim_pid_of(node: ContainerdNode, cid: str) -> int:
 
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if cmd and "containerd-shim-revenant" in cmd[0] and cid in cmd and node.address in cmd:
+        if any("containerd-shim-revenant" in c for c in cmd[:2]) and cid in cmd and node.address in cmd:
             return p.pid
     raise RuntimeError(f"no shim of {cid} found")
 
@@ -228,7 +232,14 @@ def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str,
                 meter.halt.set()
                 meter.join()
                 results[mode].append((meter, res))
-                say(f"memory {i + 1}/{repeat} {mode}: peak {mib_s(meter.peak)}, frozen {res['freeze_s']:.2f} s")
+                fr = res.get("freeze") or {}
+                say(
+                    f"memory {i + 1}/{repeat} {mode}: peak {mib_s(meter.peak)} (rss {mib_s(meter.peak_rss)}, "
+                    f"tmpfs {mib_s(meter.peak_tmpfs)}, dirty {mib_s(meter.peak_dirty)}), frozen {res['freeze_s']:.2f} s "
+                    f"(memdrain {fr.get('criu_memdrain_ms', 0):.0f} ms, "
+                    f"memwrite {fr.get('criu_memwrite_ms', 0):.0f} ms), "
+                    f"committed {res['total_s']:.2f} s"
+                )
         for mode, runs in results.items():
             peak = statistics.median(m.peak for m, _ in runs)
             pairs = " ".join(f"{r['freeze_s']:.2f}/{r['total_s']:.2f}" for _, r in runs)

@@ -128,7 +128,13 @@ class Checkpointer:
                     with StreamedPut(
                         store, c.protection.key, staging, CRIU_DIR, budget, _progress_logger(c), epoch
                     ) as put:
-                        freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(c, staging, exit=exit, hold=hold)
+                        put.frozen(True)
+                        try:
+                            freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(
+                                c, staging, exit=exit, hold=hold
+                            )
+                        finally:
+                            put.frozen(False)
                         metadata = self._metadata(c, reason, exit, freeze_s, dump, layer, breakdown)
                         upload_start = time.monotonic()
                         info = put.finish(metadata)

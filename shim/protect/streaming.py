@@ -62,6 +62,10 @@ class StreamedPut:
         self._thread.start()
         return self
 
+    def frozen(self, on: bool) -> None:
+        """The job is frozen (on) or runs again (off): while frozen the put yields the CPU to CRIU."""
+        self.tree.set_background(on)
+
     def finish(self, metadata: dict[str, Any]) -> Any:
         """The dump is complete: let the put read the rest and commit; its CheckpointInfo."""
         self.tree.finish(metadata)

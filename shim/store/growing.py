@@ -76,6 +76,7 @@ class GrowingTree:
         self._changed = threading.Condition()
         self._done = False
         self._error: BaseException | None = None
+        self.background = False
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         with self._changed:
@@ -88,6 +89,12 @@ class GrowingTree:
             self._error = error
             self._changed.notify_all()
 
+    def set_background(self, on: bool) -> None:
+        """While on, the put's threads run only on otherwise idle CPU (SCHED_IDLE): the producer (CRIU,
+        while the job is frozen) keeps the CPU it needs; off again once the job runs."""
+        with self._changed:
+            self.background = on
+
     def state(self) -> tuple[bool, BaseException | None]:
         with self._changed:
             return self._done, self._error
@@ -98,6 +105,22 @@ class GrowingTree:
                 self._changed.wait(timeout)
 
 
+_sched = threading.local()
+
+
+def _follow_priority(tree: GrowingTree) -> None:
+    """Put the calling thread in SCHED_IDLE or back in SCHED_OTHER as the tree asks (Linux: per thread)."""
+    want = tree.background
+    if getattr(_sched, "idle", False) == want:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE if want else os.SCHED_OTHER, os.sched_param(0))
+        _sched.idle = want
+    except (OSError, AttributeError) as e:  # not Linux, or not allowed: run at normal priority
+        log.debug("cannot change the put's scheduling: %s", e)
+        _sched.idle = want
+
+
 class _Skipped(Exception):
     """A chunk not stored because another chunk of the same put failed first."""
 
@@ -105,8 +128,10 @@ class _Skipped(Exception):
 class _Sink:
     """Dedup, encode and upload chunks on a pool, at most `slots` in flight (Store._upload's rules)."""
 
-    def __init__(self, store: Store, pool: ThreadPoolExecutor, known: set[str], listed: bool) -> None:
-        self.store, self.pool, self.known, self.listed = store, pool, known, listed
+    def __init__(
+        self, store: Store, pool: ThreadPoolExecutor, known: set[str], listed: bool, tree: GrowingTree
+    ) -> None:
+        self.store, self.pool, self.known, self.listed, self.tree = store, pool, known, listed, tree
         self.slots = threading.BoundedSemaphore(store.max_inflight)
         self.lock = threading.Lock()
         self.inflight: dict[str, threading.Event] = {}
@@ -128,6 +153,7 @@ class _Sink:
 
     def _store(self, path: Path, off: int, data: memoryview) -> str:
         backend = self.store.backend
+        _follow_priority(self.tree)
         try:
             if self.abort.is_set():
                 raise _Skipped
@@ -298,10 +324,12 @@ def put_growing(
         # Read windows: a fraction of the budget, since the in-flight chunks keep a few of them alive.
         window = max(min(16 << 20, max(1 << 20, budget // 16)), store.chunker.size * 16)
         with ThreadPoolExecutor(store.workers, thread_name_prefix="revenant-stream") as pool:
-            sink = _Sink(store, pool, known, listed=listing is not None)
+            sink = _Sink(store, pool, known, listed=listing is not None, tree=tree)
             tails: dict[str, _Tail] = {}
             try:
                 stream_stats = _consume(store, tree, sink, tails, window, budget, progress)
+                tree.set_background(False)
+                _follow_priority(tree)
                 entries = scan_tree(tree.root)
                 for e in entries:
                     if e["type"] != "file":
@@ -370,6 +398,7 @@ def _consume(
     """Tail the append-only files until the producer is done (or failed); returns the stream's stats."""
     backlog_peak = streamed = 0
     while True:
+        _follow_priority(tree)
         done, error = tree.state()
         if error is not None:
             raise TreeAborted(f"the producer of {tree.root} failed: {error}") from error
