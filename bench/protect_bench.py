@@ -235,7 +235,8 @@ def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str,
                 fr = res.get("freeze") or {}
                 say(
                     f"memory {i + 1}/{repeat} {mode}: peak {mib_s(meter.peak)} (rss {mib_s(meter.peak_rss)}, "
-                    f"tmpfs {mib_s(meter.peak_tmpfs)}, dirty {mib_s(meter.peak_dirty)}), frozen {res['freeze_s']:.2f} s "
+                    f"tmpfs {mib_s(meter.peak_tmpfs)}, dirty {mib_s(meter.peak_dirty)}), "
+                    f"frozen {res['freeze_s']:.2f} s "
                     f"(memdrain {fr.get('criu_memdrain_ms', 0):.0f} ms, "
                     f"memwrite {fr.get('criu_memwrite_ms', 0):.0f} ms), "
                     f"committed {res['total_s']:.2f} s"
