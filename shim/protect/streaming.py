@@ -63,8 +63,9 @@ class StreamedPut:
         return self
 
     def frozen(self, on: bool) -> None:
-        """The job is frozen (on) or runs again (off): while frozen the put yields the CPU to CRIU."""
-        self.tree.set_background(on)
+        """The job is frozen (on) or runs again (off): while frozen the put yields the CPU to CRIU as
+        long as its backlog allows (GrowingTree.set_frozen)."""
+        self.tree.set_frozen(on)
 
     def finish(self, metadata: dict[str, Any]) -> Any:
         """The dump is complete: let the put read the rest and commit; its CheckpointInfo."""

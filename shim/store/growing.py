@@ -76,7 +76,8 @@ class GrowingTree:
         self._changed = threading.Condition()
         self._done = False
         self._error: BaseException | None = None
-        self.background = False
+        self.frozen = False
+        self.background = False  # what the workers follow: frozen and the backlog within bounds
 
     def finish(self, metadata: dict[str, Any] | None = None) -> None:
         with self._changed:
@@ -89,11 +90,14 @@ class GrowingTree:
             self._error = error
             self._changed.notify_all()
 
-    def set_background(self, on: bool) -> None:
-        """While on, the put's threads run only on otherwise idle CPU (SCHED_IDLE): the producer (CRIU,
-        while the job is frozen) keeps the CPU it needs; off again once the job runs."""
+    def set_frozen(self, on: bool) -> None:
+        """The producer runs with the job frozen (CRIU's dump): while the backlog stays within half the
+        budget the put's workers take only otherwise idle CPU (SCHED_IDLE), so the dump, and with it
+        the freeze, is not slowed; beyond it they compete again, since memory comes first."""
         with self._changed:
-            self.background = on
+            self.frozen = on
+            if not on:
+                self.background = False
 
     def state(self) -> tuple[bool, BaseException | None]:
         with self._changed:
@@ -109,7 +113,8 @@ _sched = threading.local()
 
 
 def _follow_priority(tree: GrowingTree) -> None:
-    """Put the calling thread in SCHED_IDLE or back in SCHED_OTHER as the tree asks (Linux: per thread)."""
+    """Put the calling worker in SCHED_IDLE or back in SCHED_OTHER as the tree says (Linux: per thread).
+    The reading loop itself stays at normal priority: it must see the backlog grow."""
     want = tree.background
     if getattr(_sched, "idle", False) == want:
         return
@@ -328,8 +333,7 @@ def put_growing(
             tails: dict[str, _Tail] = {}
             try:
                 stream_stats = _consume(store, tree, sink, tails, window, budget, progress)
-                tree.set_background(False)
-                _follow_priority(tree)
+                tree.set_frozen(False)
                 entries = scan_tree(tree.root)
                 for e in entries:
                     if e["type"] != "file":
@@ -398,7 +402,6 @@ def _consume(
     """Tail the append-only files until the producer is done (or failed); returns the stream's stats."""
     backlog_peak = streamed = 0
     while True:
-        _follow_priority(tree)
         done, error = tree.state()
         if error is not None:
             raise TreeAborted(f"the producer of {tree.root} failed: {error}") from error
@@ -415,6 +418,7 @@ def _consume(
             backlog += t.spill(budget // len(tails))
         streamed += cut
         backlog_peak = max(backlog_peak, backlog)
+        tree.background = tree.frozen and backlog <= budget // 2
         if progress and cut:
             progress(sink.stats["bytes_read"], sink.stats["bytes_read"] + backlog)
         if not cut:
