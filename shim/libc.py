@@ -16,6 +16,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WRITE = 0x2
 
 _lib: ctypes.CDLL | None = None
 _load_lock = threading.Lock()
@@ -39,6 +40,8 @@ def _libc() -> ctypes.CDLL:
                 lib.syncfs.restype = ctypes.c_int
                 lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
                 lib.fallocate.restype = ctypes.c_int
+                lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                lib.sync_file_range.restype = ctypes.c_int
                 _lib = lib
     return _lib
 
@@ -111,6 +114,13 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     dropped without being written back); the range reads as zeros, the size stays."""
     if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         raise _fail(f"fallocate punch hole {offset}+{length}")
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(WRITE): start writing the range's dirty pages back now, without waiting
+    (length 0: to the end of the file), so they become clean and can be dropped from the cache."""
+    if _libc().sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
+        raise _fail(f"sync_file_range {offset}+{length}")
 
 
 def pid_alive(pid: int) -> bool:

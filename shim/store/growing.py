@@ -14,9 +14,15 @@ Memory stays bounded whatever the dump's size:
   disk blocks are freed; the data is in the store (or in a bounded pack buffer that the commit
   flushes) and never needed again: a reused chunk that a concurrent gc removed cannot be uploaded
   again from a punched range, and the put then fails (nothing committed) instead of storing zeros;
-- when the store is slower than the dump, the backlog (written, not yet consumed) spills to disk:
-  beyond `budget` bytes of backlog per file its pages are written back and dropped from the cache
-  (posix_fadvise DONTNEED), to be read again from disk when the consumer gets there.
+- when the store is slower than the dump, the backlog (written, not yet consumed) spills to disk: a
+  watchdog thread, independent of the consumer, starts writeback (sync_file_range) of everything
+  beyond half the budget ahead of the consumer and drops it from the cache (posix_fadvise DONTNEED)
+  as it becomes clean, to be read again from disk when the consumer gets there. The dirty pages the
+  producer writes faster than the disk takes them are the kernel's to throttle (vm.dirty_*, or the
+  memory cgroup's limit): that part is not bounded by the budget.
+
+While the producer runs with the job frozen (`set_frozen`) the workers take only idle CPU as long as
+the backlog is within half the budget, so the put does not lengthen the freeze while memory allows.
 
 Completion is never guessed: only `finish()` (the producer exited successfully) ends the growth, and
 `fail()` aborts the put before anything is committed. The manifest is committed after every file is
@@ -37,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shim.libc import punch_hole
+from shim.libc import punch_hole, start_writeback
 
 from ..faults import crash_point, delay_point
 from . import chunking
@@ -280,11 +286,43 @@ class _Tail:
             os.posix_fadvise(self.fd, 0, end, os.POSIX_FADV_DONTNEED)
 
     def spill(self, budget: int) -> int:
-        """Backlog beyond budget: start its writeback and drop its clean pages; returns the backlog."""
-        backlog = self.size() - self.pos
+        """Backlog beyond budget: write its pages back now and drop them from the cache (read again
+        from disk when the consumer gets there); returns the backlog."""
+        pos = self.pos  # read racily from the watchdog: a stale value only spills a little more or less
+        backlog = self.size() - pos
         if backlog > budget:
-            os.posix_fadvise(self.fd, self.pos + budget // 2, 0, os.POSIX_FADV_DONTNEED)
+            start = (pos + budget // 2) // PAGE * PAGE
+            try:
+                start_writeback(self.fd, start, 0)
+            except OSError as e:
+                log.debug("sync_file_range on %s: %s", self.path, e)
+            os.posix_fadvise(self.fd, start, 0, os.POSIX_FADV_DONTNEED)
         return backlog
+
+
+class _Watchdog(threading.Thread):
+    """Every POLL_S, independent of the consumer (which may wait on its workers): measure the backlog,
+    spill what exceeds the budget, and let the workers yield to a frozen job only while it is small."""
+
+    def __init__(self, tree: GrowingTree, tails: dict[str, _Tail], budget: int) -> None:
+        super().__init__(name="revenant-stream-watchdog", daemon=True)
+        self.tree, self.tails, self.budget = tree, tails, budget
+        self.halt = threading.Event()
+        self.backlog_peak = 0
+
+    def run(self) -> None:
+        while not self.halt.wait(POLL_S):
+            tails = list(self.tails.values())
+            if not tails:
+                continue
+            backlog = 0
+            for t in tails:
+                try:
+                    backlog += t.spill(self.budget // len(tails))
+                except OSError as e:  # closed meanwhile: the put is ending
+                    log.debug("spill of %s: %s", t.path, e)
+            self.backlog_peak = max(self.backlog_peak, backlog)
+            self.tree.background = self.tree.frozen and backlog <= self.budget // 2
 
 
 def _cuts(chunker: chunking.Chunker, view: memoryview, base: int) -> Any:
@@ -331,8 +369,10 @@ def put_growing(
         with ThreadPoolExecutor(store.workers, thread_name_prefix="revenant-stream") as pool:
             sink = _Sink(store, pool, known, listed=listing is not None, tree=tree)
             tails: dict[str, _Tail] = {}
+            watchdog = _Watchdog(tree, tails, budget)
+            watchdog.start()
             try:
-                stream_stats = _consume(store, tree, sink, tails, window, budget, progress)
+                streamed = _consume(store, tree, sink, tails, window, progress)
                 tree.set_frozen(False)
                 entries = scan_tree(tree.root)
                 for e in entries:
@@ -353,8 +393,11 @@ def put_growing(
                 sink.abort.set()
                 raise
             finally:
+                watchdog.halt.set()
+                watchdog.join()
                 for t in tails.values():
                     os.close(t.fd)
+        stream_stats = {"streamed_bytes": streamed, "backlog_peak_bytes": watchdog.backlog_peak}
         _done, error = tree.state()
         if error is not None:
             raise TreeAborted(f"put {key!r}: the producer failed: {error}") from error
@@ -396,34 +439,28 @@ def _consume(
     sink: _Sink,
     tails: dict[str, _Tail],
     window: int,
-    budget: int,
     progress: Progress | None,
-) -> dict[str, int]:
-    """Tail the append-only files until the producer is done (or failed); returns the stream's stats."""
-    backlog_peak = streamed = 0
+) -> int:
+    """Tail the append-only files until the producer is done (or failed); returns the bytes cut meanwhile."""
+    streamed = 0
     while True:
         done, error = tree.state()
         if error is not None:
             raise TreeAborted(f"the producer of {tree.root} failed: {error}") from error
         if done:
-            break
+            return streamed
         for rel in _append_only(tree):
             if rel not in tails:
                 tails[rel] = _open_tail(tree.root, rel, window)
         cut = 0
-        backlog = 0
-        for t in tails.values():
+        for t in list(tails.values()):
             cut += t.advance(sink, store.chunker, None)
             t.reap(sink, wait=False)
-            backlog += t.spill(budget // len(tails))
         streamed += cut
-        backlog_peak = max(backlog_peak, backlog)
-        tree.background = tree.frozen and backlog <= budget // 2
         if progress and cut:
-            progress(sink.stats["bytes_read"], sink.stats["bytes_read"] + backlog)
+            progress(sink.stats["bytes_read"], sink.stats["bytes_read"])
         if not cut:
             tree.wait(POLL_S)
-    return {"streamed_bytes": streamed, "backlog_peak_bytes": backlog_peak}
 
 
 def _append_only(tree: GrowingTree) -> list[str]:
