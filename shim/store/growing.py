@@ -62,6 +62,7 @@ Progress = Callable[[int, int], None]
 DEFAULT_BUDGET = 512 << 20
 MIN_BUDGET = 16 << 20
 PAGE = 4096
+PUNCH_MIN = 4 << 20  # punch in steps at least this large: each punch takes the inode lock CRIU writes under
 POLL_S = 0.05
 
 
@@ -275,7 +276,7 @@ class _Tail:
                 raise sink.first_error or StoreError("put aborted") from None
             frontier = ref[0] + ref[1]
         end = frontier // PAGE * PAGE
-        if self.can_punch and end > self.punched:
+        if self.can_punch and (end - self.punched >= PUNCH_MIN or (wait and end > self.punched)):
             try:
                 punch_hole(self.fd, self.punched, end - self.punched)
             except OSError as e:  # e.g. a file system without hole punching: drop clean pages instead
