@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from harness.store_util import MIB, tree_digest
-from shim.store import open_store
+from shim.store import Chunker, open_store
+from shim.store.errors import StoreError
 from shim.store.growing import GrowingTree, TreeAborted
 
 KEY = "default/stream/main"
@@ -66,13 +67,16 @@ class Producer(threading.Thread):
         self.tree.finish({"dump": "done"})
 
 
-def test_growing_put_stores_what_a_put_of_the_finished_tree_stores(store_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunker", ["fastcdc:65536", "fixed:65536"])
+def test_growing_put_stores_what_a_put_of_the_finished_tree_stores(
+    store_url: str, tmp_path: Path, chunker: str
+) -> None:
     staging = tmp_path / "staging"
     staging.mkdir()
     data = page_data(random.Random(1), 48)
     tree = GrowingTree(staging, pages_tail)
     producer = Producer(tree, data, pause=0.02)
-    store = open_store(store_url)
+    store = open_store(store_url, chunker=Chunker.parse(chunker))
     producer.start()
     info = store.put_growing(KEY, tree, budget=32 * MIB)
     producer.join()
@@ -97,7 +101,7 @@ def test_growing_put_stores_what_a_put_of_the_finished_tree_stores(store_url: st
     (plain_src / "criu" / "inventory.img").write_bytes(b"")
     (plain_src / "layer.tar").write_bytes(b"layer" * 1000)
     assert tree_digest(dest / "criu") == tree_digest(plain_src / "criu")
-    plain = open_store(f"file://{tmp_path}/plain-store")
+    plain = open_store(f"file://{tmp_path}/plain-store", chunker=Chunker.parse(chunker))
     plain.put(KEY, plain_src)
     plain_manifest = plain._load(KEY, plain._committed(KEY)[1])
     chunks = {e["path"]: [tuple(c) for c in e["chunks"]] for e in manifest.entries if e["type"] == "file"}
@@ -145,3 +149,25 @@ def test_a_producer_faster_than_the_store_spills_and_completes(store_url: str, t
     dest = tmp_path / "dest"
     store.get(KEY, dest)
     assert (dest / "criu" / "pages-1.img").read_bytes() == data
+
+
+def test_a_file_replaced_while_the_tree_grew_is_refused(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    (staging / "criu").mkdir(parents=True)
+    tree = GrowingTree(staging, pages_tail)
+    store = open_store(f"file://{tmp_path}/store")
+
+    def produce() -> None:
+        path = staging / "criu" / "pages-1.img"
+        path.write_bytes(b"a" * MIB)
+        time.sleep(0.5)  # the put opens it meanwhile
+        path.unlink()
+        path.write_bytes(b"b" * MIB)  # another inode under the same name
+        tree.finish({})
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    with pytest.raises(StoreError, match="replaced"):
+        store.put_growing(KEY, tree, budget=16 * MIB)
+    producer.join()
+    assert store.list(KEY) == []
