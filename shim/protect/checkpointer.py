@@ -1,12 +1,13 @@
 """Taking one protected checkpoint: freeze, dump, capture the writable layer, thaw, then upload.
 
 The task is frozen only while CRIU dumps its memory and the writable layer is captured (both must
-describe the same instant). By default the dump streams (shim.protect.streaming, `stream_budget_mib`):
-CRIU writes into on-disk scratch while a put consumes its page images, so hashing, compression and
-upload overlap the dump and the checkpoint's extra memory stays near the budget. With
-`stream_budget_mib = 0` the whole dump is staged first (tmpfs, disk when it does not fit) and
-uploaded after the task resumed. The manifest is committed last, so a checkpoint interrupted anywhere
-stays invisible and the previous one stays the latest.
+describe the same instant). By default the whole dump is staged first (tmpfs, disk when it does not
+fit) and uploaded after the task resumed, its page images deduplicated page by page. With
+`stream_budget_mib` > 0 the dump streams (shim.protect.streaming): CRIU writes into on-disk scratch
+while a put consumes its page images, so hashing, compression and upload overlap the dump and the
+shim holds about the budget of it (FastCDC dedup only, not yet page by page). The manifest is
+committed last, so a checkpoint interrupted anywhere stays invisible and the previous one stays the
+latest.
 
 A final (exit) checkpoint must not lose the job when its upload fails: the task is dumped leaving it
 running but stays frozen through upload and commit, and is stopped (SIGKILL) only once the
