@@ -171,3 +171,46 @@ def test_a_file_replaced_while_the_tree_grew_is_refused(tmp_path: Path) -> None:
         store.put_growing(KEY, tree, budget=16 * MIB)
     producer.join()
     assert store.list(KEY) == []
+
+
+def test_the_store_stopped_and_restarted_mid_dump_spills_and_completes(s3_server, tmp_path: Path) -> None:
+    """SeaweedFS's S3 gateway stopped while the producer writes: the put's uploads wait (retrying), the
+    backlog grows past the budget and spills to disk, and the put completes once the store is back."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    data = page_data(random.Random(4), 96)
+    tree = GrowingTree(staging, pages_tail)
+    producer = Producer(tree, data, pause=0.01)
+    store = open_store(s3_server.url)
+    store.backend.retries = 10  # ride out the gateway's restart (about a second) instead of giving up
+    budget = 16 * MIB
+    result: dict[str, object] = {}
+
+    def put() -> None:
+        try:
+            result["info"] = store.put_growing(KEY, tree, budget=budget)
+        except BaseException as e:
+            result["error"] = e
+
+    putter = threading.Thread(target=put)
+    putter.start()
+    producer.start()
+    pages = staging / "criu" / "pages-1.img"
+    deadline = time.monotonic() + 60
+    while not (pages.exists() and pages.stat().st_size >= 4 * MIB) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s3_server.stop()
+    try:
+        time.sleep(1.0)  # the producer writes on while nothing can be uploaded (packs buffer ~48 MiB)
+    finally:
+        s3_server.start()
+    producer.join()
+    putter.join(300)
+    assert "error" not in result, result
+    info = result["info"]
+    manifest = store._load(KEY, store._committed(KEY)[info.seq])  # type: ignore[attr-defined]
+    assert manifest.stats["backlog_peak_bytes"] > budget, manifest.stats
+    assert os.stat(pages).st_blocks * 512 < 2 * MIB
+    dest = tmp_path / "dest"
+    store.get(KEY, dest)
+    assert (dest / "criu" / "pages-1.img").read_bytes() == data
