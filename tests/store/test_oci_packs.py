@@ -13,7 +13,9 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +305,57 @@ def test_hostile_index_blobs_and_trailers(oci_registry, tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING), pytest.raises(ChunkCorrupt, match="is missing"):
         open_store(url).get(KEY, tmp_path / "d2", fallback=False)
     assert "lies outside" in caplog.text
+
+
+class _NoRange(BaseHTTPRequestHandler):
+    """A read-only front to the real registry that drops Range headers (as some registries and proxies do)
+    and counts how many it dropped."""
+
+    upstream = ""
+    dropped = 0
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _forward(self, method: str) -> None:
+        if self.headers.get("Range"):
+            type(self).dropped += 1
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization")}
+        req = urllib.request.Request(self.upstream + self.path, method=method, headers=headers)
+        try:
+            r = urllib.request.urlopen(req)
+        except urllib.error.HTTPError as e:
+            r = e
+        body = r.read()
+        self.send_response(r.status)
+        for name in ("Content-Type", "Docker-Content-Digest", "Link"):
+            if r.headers.get(name):
+                self.send_header(name, r.headers[name])
+        self.send_header("Content-Length", str(len(body) if method == "GET" else r.headers.get("Content-Length", 0)))
+        self.end_headers()
+        if method == "GET":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._forward("GET")
+
+    def do_HEAD(self) -> None:
+        self._forward("HEAD")
+
+
+def test_registry_ignoring_range_is_read_whole_blobs(oci_registry, tmp_path: Path) -> None:
+    url = oci_registry.url + "&pack_mb=8"  # packs over the reader's 4 MiB window: reads at offsets > 0
+    src = make_tree(tmp_path / "src", seed=11, big_mib=12)
+    open_store(url).put(KEY, src)
+    port = oci_registry.url.split("?")[0].split("/")[2].split(":")[1]
+    _NoRange.upstream, _NoRange.dropped = f"http://127.0.0.1:{port}", 0
+    front = ThreadingHTTPServer(("127.0.0.1", 0), _NoRange)
+    threading.Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        repo = oci_registry.url.split("?")[0].rsplit("/", 1)[1]
+        via = f"oci://127.0.0.1:{front.server_address[1]}/{repo}?insecure=1"
+        restores(open_store(via), tmp_path, 1, src)
+        assert _NoRange.dropped > 0, "the reader sent no ranged GET"
+        assert open_store(via).verify() == []
+    finally:
+        front.shutdown()
