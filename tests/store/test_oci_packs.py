@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from harness.servers import Registry
 from harness.store_util import MIB, make_tree, mutate, tree_digest
 from shim.store import BackendUnavailable, ChunkCorrupt, Chunker, StoreError, open_store
 from shim.store.backends.base import Damaged
@@ -359,3 +360,44 @@ def test_registry_ignoring_range_is_read_whole_blobs(oci_registry, tmp_path: Pat
         assert open_store(via).verify() == []
     finally:
         front.shutdown()
+
+
+def test_registry_gc_reclaims_only_packs_no_manifest_lists(tmp_path: Path) -> None:
+    """The registry's own garbage collection is what reclaims packs: it keeps every pack a remaining
+    checkpoint lists (earlier packs are listed again) and removes the others; a long-lived client that
+    still counted on a removed pack fails its next commit clearly and recovers on the put after."""
+    (tmp_path / "reg").mkdir()
+    srv = Registry(tmp_path / "reg")
+    srv.start()
+    try:
+        url = f"oci://127.0.0.1:{srv.port}/gc-test?insecure=1&pack_mb=1"
+        v1, v2 = tmp_path / "v1", tmp_path / "v2"
+        v1.mkdir()
+        v2.mkdir()
+        kept = os.urandom(3 * MIB)
+        (v1 / "kept.img").write_bytes(kept)
+        (v1 / "dropped.img").write_bytes(os.urandom(4 * MIB))  # its chunks only in checkpoint 1's packs
+        (v2 / "kept.img").write_bytes(kept)
+        writer = open_store(url)
+        writer.put(KEY, v1)
+        writer.put(KEY, v2)
+        one, two = manifest(writer, 1)[0], manifest(writer, 2)[0]
+        only_one = {la["digest"][7:] for la in layers(one, PACK_MT)} - {la["digest"][7:] for la in layers(two, PACK_MT)}
+        assert only_one, "checkpoint 1 has packs checkpoint 2 does not use"
+        assert open_store(url).prune(KEY, keep=1) == [1]
+        srv.stop()
+        subprocess.run([Registry.BINARY, "garbage-collect", str(srv.config)], check=True, capture_output=True)
+        srv.start()
+        blobs = srv.root / "data/docker/registry/v2/blobs/sha256"
+        for la in two["layers"]:
+            assert (blobs / la["digest"][7:9] / la["digest"][7:] / "data").exists(), "GC took a listed blob"
+        assert not [sha for sha in only_one if (blobs / sha[:2] / sha / "data").exists()], "GC kept dead packs"
+        restores(open_store(url), tmp_path, 2, v2)
+        # The writer still maps v1's chunks to the removed packs: its next commit is refused, nothing lost.
+        with pytest.raises(StoreError, match="gone from the registry"):
+            writer.put(KEY, v1)
+        assert writer.put(KEY, v1).seq == 3
+        restores(open_store(url), tmp_path, 3, v1)
+        assert open_store(url).verify() == []
+    finally:
+        srv.stop()

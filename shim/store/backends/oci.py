@@ -33,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
-from ..errors import StoreError
+from ..errors import BackendUnavailable, StoreError
 from ..keys import tag_prefix
 from ..limits import MAX_CHUNK_OBJECT, MAX_MANIFEST_OBJECT
 from .base import Backend, Damaged, NotFound, TooLarge, TransientError
@@ -321,6 +321,8 @@ class OCIBackend(Backend):
         if any(isinstance(la, dict) and la.get("mediaType") == PACK_INDEX_MT for la in layers):
             try:
                 self.packs.learn(layers, f"{self.url} {what}")
+            except (TransientError, BackendUnavailable):
+                raise  # the registry is away: not a damaged checkpoint
             except StoreError as e:  # its chunks stay unknown: a restore of it fails on them, naming them
                 log.warning("%s: cannot read the packs of %s: %s", self.url, what, e)
         with self._lock:
@@ -446,7 +448,28 @@ class OCIBackend(Backend):
                 "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         }
-        self._put_manifest_doc(tag_prefix(key) + name, json.dumps(doc, separators=(",", ":")).encode())
+        try:
+            self._put_manifest_doc(tag_prefix(key) + name, json.dumps(doc, separators=(",", ":")).encode())
+        except TransientError as e:
+            if "BLOB_UNKNOWN" in str(e):
+                self._check_layers(layers[1:])
+            raise
+
+    def _check_layers(self, layers: list[dict[str, Any]]) -> None:
+        """After the registry called a layer unknown: a blob this client still counted on may have been
+        reclaimed by the registry's garbage collection (every manifest listing it deleted). Then this
+        manifest can never be written: forget the blobs (the next put uploads their chunks again) and
+        say so; otherwise it was a commit racing another writer's, which a retry gets past."""
+        gone = {la["digest"] for la in layers if not self._blob_exists(la["digest"])}
+        if not gone:
+            return
+        self.packs.forget({d.removeprefix("sha256:") for d in gone})
+        with self._lock:
+            self._blobs = {b3: loc for b3, loc in self._blobs.items() if loc[0] not in gone}
+        raise StoreError(
+            f"{self.url}: {len(gone)} blob(s) this checkpoint reuses are gone from the registry (its garbage "
+            f"collection?), e.g. {sorted(gone)[0]}; not committed, the next put uploads their chunks again"
+        )
 
     def get_manifest(self, key: str, name: str) -> bytes:
         doc, _digest, _raw = self._get_manifest_doc(tag_prefix(key) + name)

@@ -80,6 +80,15 @@ class RegistryBlobs:
             self.stored[pack] = (sha.removeprefix("sha256:"), len(data))
             self.sizes[sha.removeprefix("sha256:")] = len(data)
 
+    def learn_sizes(self, sizes: dict[str, int]) -> None:
+        with self._lock:
+            self.sizes.update(sizes)
+
+    def take_stored(self, pack: str) -> str:
+        """The sha256 hex of a pack the writer stored under its id (asked once, by flush)."""
+        with self._lock:
+            return self.stored.pop(pack)[0]
+
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         sha = self._id(name)
         return self.backend.get_blob_range(f"sha256:{sha}", offset, length, self.sizes.get(sha, MAX_PACK_OBJECT))
@@ -118,9 +127,7 @@ class RegistryPacks:
     def flush(self) -> None:
         """Wait for every pack added so far; only then are its chunks known (and referenceable)."""
         for _index, pack, entries in self.writer.flush():
-            with self.blobs._lock:
-                sha, _size = self.blobs.stored.pop(pack)
-            self._register(sha, entries)
+            self._register(self.blobs.take_stored(pack), entries)
 
     def abandon(self) -> None:
         self.writer.abandon()
@@ -133,6 +140,14 @@ class RegistryPacks:
             self._packs[sha] = entries
             for d, o, n in entries:
                 self._locs[d] = (sha, o, n)
+
+    def forget(self, packs: set[str]) -> None:
+        """Drop packs the registry no longer has (sha256 hex): their chunks count as not stored."""
+        with self._lock:
+            for sha in packs & self._packs.keys():
+                for d, _o, _n in self._packs.pop(sha):
+                    if self._locs.get(d, ("",))[0] == sha:
+                        del self._locs[d]
 
     # ------------------------------------------------------------------ reading
     def has_chunk(self, digest: str) -> bool:
@@ -192,9 +207,7 @@ class RegistryPacks:
         with self._lock:
             if index_sha in self._read_indexes:
                 return
-        with self.blobs._lock:
-            for sha, size in packs.items():
-                self.blobs.sizes[sha] = size
+        self.blobs.learn_sizes(packs)
         try:
             contents = self._read_index(index_layer, index_sha, packs, by_prefix, what)
         except (Damaged, NotFound, TooLarge) as e:
