@@ -129,9 +129,6 @@ class RegistryPacks:
         for _index, pack, entries in self.writer.flush():
             self._register(self.blobs.take_stored(pack), entries)
 
-    def abandon(self) -> None:
-        self.writer.abandon()
-
     def close(self) -> None:
         self.writer.close()
 
