@@ -1,6 +1,7 @@
-"""A put of a directory still being written (shim.store.growing), on the file and S3 (SeaweedFS) backends:
-the same chunks as a put of the finished tree, consumed ranges freed while the producer writes, a
-producer failure commits nothing, a producer faster than the store spills and completes."""
+"""A put of a directory still being written (shim.store.growing), on the file, S3 (SeaweedFS) and OCI
+(registry) backends: the same chunks as a put of the finished tree, consumed ranges freed while the
+producer writes, a producer failure commits nothing, a producer faster than the store (or a store
+stopped and restarted) spills and completes."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from shim.store.growing import GrowingTree, TreeAborted
 KEY = "default/stream/main"
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "oci"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
-    return request.getfixturevalue("s3_server").url
+    return request.getfixturevalue("s3_server" if request.param == "s3" else "oci_registry").url
 
 
 def pages_tail(rel: str) -> bool:
