@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store_util import corrupt_chunk, make_tree, mutate, tree_digest
+from harness.store_util import corrupt_chunk, make_tree, mutate, short_stale, tree_digest
 from shim.store import CheckpointNotFound, Fenced, StoreError, open_store
 
 KEY = "default/mypod/main"
@@ -99,9 +99,8 @@ def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
 
 
 def gc_when_locks_stale(url: str) -> dict:
-    """gc once the killed process's lock is stale (1 s on the backend's clock here; 2 s on Azurite, whose
-    lock writes take up to ~0.4 s on a loaded machine: the gc's own heartbeat must keep up with a 1/4 beat)."""
-    store = open_store(url, lock_stale=2 if url.startswith("az://") else 1)
+    """gc once the killed process's lock is stale (short_stale: 1 or 2 s on the backend's clock here)."""
+    store = open_store(url, lock_stale=short_stale(url))
     deadline = time.monotonic() + 30
     while "skipped" in (stats := store.gc(grace_seconds=0)):
         assert time.monotonic() < deadline, stats

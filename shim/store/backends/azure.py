@@ -204,6 +204,8 @@ class AzureBackend(ObjectBackend):
         self.account, self.container_name = account, container
         self.prefix = f"{prefix}/" if prefix else ""
         self.block = block_mb(query) << 20
+        if query.get("endpoint"):  # checked before any credential is looked up
+            check_endpoint(query["endpoint"], account, url)
         credential, cred_endpoint = credential_for(account, query, url)
         endpoint = query.get("endpoint") or cred_endpoint or f"https://{account}.blob.core.windows.net"
         endpoint = check_endpoint(endpoint, account, url)
