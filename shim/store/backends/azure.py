@@ -125,9 +125,7 @@ def read_credentials_file(path: str) -> str:
         with open(p, "rb") as f:
             raw = f.read(MAX_CREDENTIALS_FILE + 1)
     except FileNotFoundError:
-        raise StoreError(
-            f"Azure credentials file {path} (the node's [azure] credentials_file) does not exist"
-        ) from None
+        raise StoreError(f"Azure credentials file {path} (the node's [azure] credentials_file) is missing") from None
     except OSError as e:
         raise StoreError(f"Azure credentials file {path}: {e.strerror}") from None
     if len(raw) > MAX_CREDENTIALS_FILE:
@@ -186,7 +184,7 @@ def _classify(e: Exception, what: str, container: str) -> Exception:
         if status in (408, 429) or status >= 500:
             return TransientError(f"{what}: {_code(e)} ({status})")
         if status in (401, 403):
-            return StoreError(f"{what}: Azure refused the request ({_code(e)}, {status}); check the credentials")
+            return StoreError(f"{what}: Azure refused the credentials ({_code(e)}, {status}); check the key or SAS")
         return StoreError(f"{what}: {_code(e)} ({status})")
     if isinstance(e, aex.AzureError):
         return StoreError(f"{what}: {type(e).__name__}: {str(e)[:300]}")
@@ -194,7 +192,8 @@ def _classify(e: Exception, what: str, container: str) -> Exception:
 
 
 def _code(e: Exception) -> str:
-    return str(getattr(e, "error_code", None) or getattr(e, "reason", None) or type(e).__name__)
+    code = getattr(e, "error_code", None) or getattr(e, "reason", None) or type(e).__name__
+    return str(getattr(code, "value", code))  # StorageErrorCode members print as their wire names
 
 
 class AzureBackend(ObjectBackend):

@@ -1,0 +1,135 @@
+"""What only the az:// backend does (shim.store.backends.azure), against Azurite: URL rules checked before any
+request, credentials from the environment, the node's credentials file (account key or SAS) and nowhere else,
+refused credentials reported at once, a missing container named, large objects as committed block lists."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from harness.servers import AZ_ACCOUNT, AZ_CONTAINER, AZ_KEY, ServerHandle
+from harness.store_util import MIB, make_tree, tree_digest
+from shim.store import BackendUnavailable, StoreError, open_store
+
+KEY = "default/mypod/main"
+ENV = "AZURE_STORAGE_CONNECTION_STRING"
+
+
+@pytest.fixture
+def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither the environment's connection string nor azure-identity (installed or not) to fall back on."""
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "azure.identity", None)  # import fails as if not installed
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("az://UPPER/ckpt", "storage account name"),
+        ("az://toolongaccountname0123456789/ckpt", "storage account name"),
+        ("az://acct/x", "container name"),
+        ("az://acct/bad--name", "container name"),
+        ("az://acct/ckpt/../escape", "prefix"),
+        ("az://acct/ckpt/a%20b", "prefix"),
+        ("az://acct/ckpt?endpoint=http://blob.example.com/acct", "plain http"),
+        ("az://acct/ckpt?endpoint=https://blob.example.com/other", "endpoint path"),
+        ("az://acct/ckpt?endpoint=https://u@blob.example.com", "endpoint must be"),
+        ("az://acct/ckpt?block_mb=0", "block_mb"),
+        ("az://acct/ckpt?block_mb=1000", "block_mb"),
+        ("az://acct/ckpt?pack_mb=999", "pack_mb"),
+        ("az://acct/ckpt?region=x", "unknown option"),
+    ],
+)
+def test_bad_urls_are_refused_before_any_request(url: str, complaint: str, no_ambient_credentials: None) -> None:
+    with pytest.raises(StoreError, match=complaint):
+        open_store(url)
+
+
+def test_no_credentials_fails_at_once(no_ambient_credentials: None) -> None:
+    with pytest.raises(StoreError, match=f"no Azure credentials: set {ENV}"):
+        open_store("az://acct/ckpt?endpoint=http://127.0.0.1:9/acct")
+
+
+def test_refused_credentials_fail_at_once_without_retries(
+    azure_server: ServerHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "A" * 86 + "=="  # a well-formed key that is not the account's
+    monkeypatch.setenv(ENV, f"AccountName={AZ_ACCOUNT};AccountKey={wrong}")
+    store = open_store(azure_server.url)
+    with caplog.at_level(logging.WARNING), pytest.raises(StoreError, match="refused the credentials") as err:
+        store.put(KEY, make_tree(tmp_path / "src", seed=1, big_mib=1))
+    assert not isinstance(err.value, BackendUnavailable) and "attempt" not in str(err.value)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()], "credential errors were retried"
+    assert wrong not in caplog.text and wrong not in str(err.value)
+
+
+def _sas(server: ServerHandle) -> str:
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    return generate_container_sas(
+        AZ_ACCOUNT,
+        AZ_CONTAINER,
+        account_key=AZ_KEY,
+        permission=ContainerSasPermissions(read=True, write=True, delete=True, list=True, add=True, create=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1),
+    )
+
+
+@pytest.mark.parametrize("kind", ["key", "sas"])
+def test_credentials_file_from_the_node_config(
+    kind: str, azure_server: ServerHandle, tmp_path: Path, no_ambient_credentials: None
+) -> None:
+    secret = f"AccountKey={AZ_KEY}" if kind == "key" else f"SharedAccessSignature={_sas(azure_server)}"
+    creds = tmp_path / "azure.conn"
+    creds.write_text(f"DefaultEndpointsProtocol=https;AccountName={AZ_ACCOUNT};{secret}\n")
+    url = f"{azure_server.url}&credentials_file={creds}"
+    src = make_tree(tmp_path / "src", seed=2, big_mib=2)
+    store = open_store(url)
+    assert store.put(KEY, src).seq == 1
+    store.get(KEY, tmp_path / "dest")
+    assert tree_digest(tmp_path / "dest") == tree_digest(src)
+    assert store.verify() == []
+
+
+def test_credentials_file_must_exist_and_match_the_account(
+    azure_server: ServerHandle, tmp_path: Path, no_ambient_credentials: None
+) -> None:
+    with pytest.raises(StoreError, match="is missing"):
+        open_store(f"{azure_server.url}&credentials_file={tmp_path}/none")
+    creds = tmp_path / "azure.conn"
+    creds.write_text(f"AccountName=someoneelse;AccountKey={AZ_KEY}")
+    with pytest.raises(StoreError, match="for account 'someoneelse'"):
+        open_store(f"{azure_server.url}&credentials_file={creds}")
+    creds.write_text(f"AccountName={AZ_ACCOUNT}")
+    with pytest.raises(StoreError, match="neither AccountKey nor SharedAccessSignature"):
+        open_store(f"{azure_server.url}&credentials_file={creds}")
+    creds.write_text("not a connection string")
+    with pytest.raises(StoreError, match="not an Azure connection string"):
+        open_store(f"{azure_server.url}&credentials_file={creds}")
+
+
+def test_missing_container_is_named(azure_server: ServerHandle, tmp_path: Path) -> None:
+    url = azure_server.url.replace(f"/{AZ_CONTAINER}/", "/no-such-container/")
+    with pytest.raises(StoreError, match="container 'no-such-container' does not exist"):
+        open_store(url).put(KEY, make_tree(tmp_path / "src", seed=3, big_mib=1))
+
+
+def test_large_objects_are_committed_block_lists(azure_server: ServerHandle, tmp_path: Path) -> None:
+    """A pack over block_mb goes up as staged blocks committed at once, and reads back whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "pages-1.img").write_bytes(__import__("os").urandom(10 * MIB))
+    store = open_store(azure_server.url + "&block_mb=1&pack_mb=8")
+    store.put(KEY, src)
+    b = store.backend
+    packs = [(name, size) for name, size, _ in b.list_objects("packs/") if size > 2 * MIB]
+    assert packs, "no pack over the block size"
+    blob = azure_server.server.client().get_container_client(AZ_CONTAINER).get_blob_client(b.prefix + packs[0][0])
+    committed, uncommitted = blob.get_block_list("all")
+    assert len(committed) == -(-packs[0][1] // MIB) and not uncommitted, (len(committed), packs[0][1])
+    store.get(KEY, tmp_path / "dest", fallback=False)
+    assert tree_digest(tmp_path / "dest") == tree_digest(src)
