@@ -221,7 +221,8 @@ class AzureBackend(ObjectBackend):
             connection_timeout=5,
             read_timeout=60,
             # One quick retry inside the SDK (its default waits 15 s and more); Backend.retry does the rest.
-            retry_policy=LinearRetry(backoff=0.5, retry_total=1, random_jitter_range=0.2),
+            # (typed int, used as float seconds by time.sleep)
+            retry_policy=LinearRetry(backoff=0.5, retry_total=1, random_jitter_range=0.2),  # type: ignore[arg-type]
         )
         self.container = self.service.get_container_client(container)
         self._conditional = None
