@@ -1,17 +1,21 @@
 """What only the az:// backend does (shim.store.backends.azure), against Azurite: URL rules checked before any
 request, credentials from the environment, the node's credentials file (account key or SAS) and nowhere else,
-refused credentials reported at once, a missing container named, large objects as committed block lists."""
+refused credentials reported at once, a missing container named, large objects as committed block lists, a
+server out of space (the nearest Azure equivalent of a full disk) committing nothing."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from harness.servers import AZ_ACCOUNT, AZ_CONTAINER, AZ_KEY, ServerHandle
+from harness.servers import AZ_ACCOUNT, AZ_CONTAINER, AZ_KEY, Azurite, ServerHandle
 from harness.store_util import MIB, make_tree, tree_digest
 from shim.store import BackendUnavailable, StoreError, open_store
 
@@ -122,7 +126,7 @@ def test_large_objects_are_committed_block_lists(azure_server: ServerHandle, tmp
     """A pack over block_mb goes up as staged blocks committed at once, and reads back whole."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "pages-1.img").write_bytes(__import__("os").urandom(10 * MIB))
+    (src / "pages-1.img").write_bytes(os.urandom(10 * MIB))
     store = open_store(azure_server.url + "&block_mb=1&pack_mb=8")
     store.put(KEY, src)
     b = store.backend
@@ -133,3 +137,41 @@ def test_large_objects_are_committed_block_lists(azure_server: ServerHandle, tmp
     assert len(committed) == -(-packs[0][1] // MIB) and not uncommitted, (len(committed), packs[0][1])
     store.get(KEY, tmp_path / "dest", fallback=False)
     assert tree_digest(tmp_path / "dest") == tree_digest(src)
+
+
+@pytest.fixture
+def small_azurite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Azurite]:
+    """A private Azurite whose data lives on a 40 MiB tmpfs: the nearest thing to a storage account that
+    refuses writes (Azure itself answers a full account with 5xx or quota errors)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "revenant-test", str(mnt)], check=True)
+    srv = Azurite(mnt)
+    monkeypatch.setenv(ENV, srv.connection_string)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_server_out_of_space_commits_nothing(small_azurite: Azurite, tmp_path: Path) -> None:
+    url = f"az://{AZ_ACCOUNT}/{AZ_CONTAINER}/full?endpoint={small_azurite.endpoint}"
+    store = open_store(url)
+    store.backend.retries, store.backend.backoff = 2, 0.1
+    v1 = make_tree(tmp_path / "v1", seed=4, big_mib=2)
+    store.put(KEY, v1)
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "pages-1.img").write_bytes(os.urandom(64 * MIB))
+    with pytest.raises(BackendUnavailable, match="failed after 2 attempts"):  # 5xx: retried, then given up
+        store.put(KEY, big)
+    st = os.statvfs(small_azurite.root)
+    # Less room left than one staged block (block_mb, 8 MiB): the server ran out of space, not of patience.
+    assert st.f_bavail * st.f_frsize < 8 * MIB, "the server's disk never filled: this test proves nothing"
+    fresh = open_store(url)
+    assert [i.seq for i in fresh.list(KEY)] == [1], "a put the server could not store committed"
+    fresh.get(KEY, tmp_path / "dest", fallback=False)
+    assert tree_digest(tmp_path / "dest") == tree_digest(v1)
+    assert fresh.verify() == []
