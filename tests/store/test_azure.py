@@ -175,3 +175,28 @@ def test_server_out_of_space_commits_nothing(small_azurite: Azurite, tmp_path: P
     fresh.get(KEY, tmp_path / "dest", fallback=False)
     assert tree_digest(tmp_path / "dest") == tree_digest(v1)
     assert fresh.verify() == []
+
+
+def test_debug_log_has_no_secrets(azure_server: ServerHandle, tmp_path: Path) -> None:
+    """`revenant store put -v` (root logger at DEBUG) never prints the account key or a SAS signature."""
+    src = make_tree(tmp_path / "src", seed=5, big_mib=1)
+    exe = str(Path(sys.executable).parent / "revenant")
+    sas = _sas(azure_server)
+    for secret, env_value in [
+        (AZ_KEY, f"AccountName={AZ_ACCOUNT};AccountKey={AZ_KEY}"),
+        (sas, f"AccountName={AZ_ACCOUNT};SharedAccessSignature={sas}"),
+    ]:
+        p = subprocess.run(
+            [exe, "store", "put", "-v", "--store", azure_server.url, "--key", KEY, str(src)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, AZURE_STORAGE_CONNECTION_STRING=env_value),
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "DEBUG" in p.stderr, "the debug log is off: this test proves nothing"
+        signature = secret.split("sig=")[-1].split("&")[0]
+        assert secret not in p.stderr and signature not in p.stderr
+        assert "SharedKey" not in p.stderr, "an Authorization header in the log"
+        if secret == sas:  # request URLs are logged (urllib3), with the signature taken out
+            assert "sig=<redacted>" in p.stderr

@@ -52,6 +52,47 @@ CONCURRENCY = 4
 
 # azure-core logs every request and response at INFO (redacted, but one line per request); warnings stay.
 _NOISY_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "azure.storage")
+# What a debug log must never show: a SAS signature (urllib3 logs every request URL at DEBUG), a Shared Key
+# Authorization value, a connection string's key or token.
+_REDACT = (
+    re.compile(r"""(\bsig=)[^&\s'"]+"""),
+    re.compile(r"""(SharedKey\s+[^:\s'"]+:)[^\s'"]+"""),
+    re.compile(r"""((?:AccountKey|SharedAccessSignature)=)[^;\s'"]+"""),
+)
+# Loggers that print request URLs or headers (a filter acts only on records logged to its own logger).
+_URL_LOGGERS = (
+    "urllib3.connectionpool",
+    "azure",
+    "azure.core.pipeline.policies.http_logging_policy",
+    "azure.core.pipeline.transport._requests_basic",
+    "azure.storage.blob._shared.policies",
+    "azure.storage.blob._shared.response_handlers",
+)
+
+
+class RedactAzureSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a record that cannot render is left to the handler to report
+            return True
+        redacted = msg
+        for pattern in _REDACT:
+            redacted = pattern.sub(r"\1<redacted>", redacted)
+        if redacted != msg:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACTOR = RedactAzureSecrets()
+
+
+def _install_redaction() -> None:
+    names = set(_URL_LOGGERS) | {n for n in logging.root.manager.loggerDict if n.startswith("azure")}
+    for name in names:
+        lg = logging.getLogger(name)
+        if _REDACTOR not in lg.filters:
+            lg.addFilter(_REDACTOR)
 
 
 def is_loopback(host: str) -> bool:
@@ -225,6 +266,7 @@ class AzureBackend(ObjectBackend):
             retry_policy=LinearRetry(backoff=0.5, retry_total=1, random_jitter_range=0.2),  # type: ignore[arg-type]
         )
         self.container = self.service.get_container_client(container)
+        _install_redaction()  # after the client exists: the SDK's modules' loggers are registered by then
         self._conditional = None
         self.packs = PackStore(self, pack_mb(query)) if packs_enabled(query) else None
 
