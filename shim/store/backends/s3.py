@@ -4,7 +4,7 @@
 Credentials come the standard boto3 way (environment, ~/.aws, instance role). Objects larger than
 multipart_mb (default 8) go up as multipart uploads. Chunks go into packs of pack_mb MiB (default 16,
 shim.store.backends.packs: packs/, index/); `packs=0` stores one object per chunk (chunks/<d[:2]>/<digest>), which
-a packed store also reads). Manifests: manifests/<encoded key>/<seq>-<nonce>; locks: locks/<name>. That layout,
+a packed store also reads. Manifests: manifests/<encoded key>/<seq>-<nonce>; locks: locks/<name>. That layout,
 lock ages and owner epochs are ObjectBackend's (shim.store.backends.objects, shared with az://); this module
 supplies the S3 object operations.
 """
