@@ -15,6 +15,9 @@
 Freeze only, several alternating pairs (medians, and the frozen window part by part beside runc's):
 `--freeze-repeat 5 --skip restore --skip podman --skip s3 --skip run`.
 
+The restore rows are split part by part (the shim's `restore` breakdown beside the stock restore's);
+`--store s3` checkpoints into and restores from SeaweedFS S3 on 127.0.0.1 instead of file://.
+
 Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the target's figures (wrap it in
 `flock /tmp/revenant-heavy.lock`). Prints a Markdown table.
 """
