@@ -104,18 +104,15 @@ class Checkpointer:
 
             open_store = open_store_default
         self.open_store = open_store
-        self._replicator: Any = None
 
     def replicate_later(self, c: ProtectedContainer, seq: int) -> None:
         """Copy the committed checkpoint to the store's replicas in the background (shim.store.replication);
         the checkpoint is committed already, a replica that fails is retried and never fails it."""
         if not c.protection.replicas:
             return
-        if self._replicator is None:
-            from shim.store.replication import Replicator
+        from shim.store.replication import shared_replicator
 
-            self._replicator = Replicator(self.open_store)
-        self._replicator.submit(c.protection.store, c.protection.replicas, c.protection.key, seq)
+        shared_replicator(self.open_store).submit(c.protection.store, c.protection.replicas, c.protection.key, seq)
 
     def take(self, c: ProtectedContainer, *, exit: bool, reason: str) -> CheckpointReport:
         start = time.monotonic()

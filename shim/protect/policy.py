@@ -214,7 +214,7 @@ class NodeConfig:
 
     `stores` maps the names an annotation may use to URLs; `store` is the default store's URL (the
     old single `store = URL` setting defines the store named "default"). `replicas` maps a store name
-    to the URLs its checkpoints are copied to (docs/stores.md, "Replication"); `failover` names the
+    to the URLs its checkpoints are copied to (docs/replication.md); `failover` names the
     stores whose replicas a restore may read while the primary does not answer."""
 
     store: str = DEFAULT_STORE
@@ -315,7 +315,7 @@ class NodeConfig:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
             cfg = replace(cfg, encryption_key_files=keys, stores=stores, store=stores[cfg.default_store])
-            # Replicas hold the same sealed objects: they get the same keys (docs/stores.md, "Replication").
+            # Replicas hold the same sealed objects: they get the same keys (docs/replication.md).
             replicas = {n: tuple(with_key_files(u, keys) for u in urls) for n, urls in cfg.replicas.items()}
             cfg = replace(cfg, replicas=replicas)
         if "registry" in data:

@@ -1,5 +1,5 @@
 """Copies of checkpoints in more than one store (regions): copy, status, background catch-up, and a
-reader that restores from the nearest copy. Semantics: docs/stores.md, "Replication".
+reader that restores from the nearest copy. Semantics: docs/replication.md.
 
 A checkpoint is committed when its primary store committed it; replicas follow. A copy moves the
 stored objects as they are (compressed and, when encrypted, sealed: the replica needs the same key),
@@ -317,6 +317,37 @@ class Replicator:
                     self._cond.notify_all()
 
 
+_shared: dict[Any, Replicator] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_replicator(open_store: Callable[[str], Store]) -> Replicator:
+    """The process's one Replicator (per store opener): every checkpoint of this shim queues there, so
+    a newer checkpoint replaces an older one still waiting, whichever container or Checkpointer took it."""
+    with _shared_lock:
+        rep = _shared.get(open_store)
+        if rep is None:
+            rep = _shared[open_store] = Replicator(open_store)
+        return rep
+
+
+def drain_all(timeout: float) -> bool:
+    """Wait up to timeout seconds for every shared Replicator's queued copies (at shim exit)."""
+    deadline = time.monotonic() + timeout
+    with _shared_lock:
+        reps = list(_shared.values())
+    pending = sum(r.pending() for r in reps)
+    if not pending:
+        return True
+    log.info("waiting up to %.0fs for %d replica copies before exiting", timeout, pending)
+    done = all(r.wait_idle(max(0.0, deadline - time.monotonic())) for r in reps)
+    if not done:
+        log.warning(
+            "exiting with replica copies unfinished: the next checkpoint or `revenant store replicate` copies them"
+        )
+    return done
+
+
 # ---------------------------------------------------------------------------------------------- reading
 @dataclass
 class _Copy:
@@ -332,7 +363,7 @@ class Copies:
     copy that holds it (nearest: the shortest measured listing round trip, config order on ties) and
     falls back to the next when a copy turns out damaged or stops answering mid-restore. Owner epochs
     (claim, can_fence) stay on the primary. A primary that does not answer fails the listing unless
-    failover is set (docs/stores.md, "Replication")."""
+    failover is set (docs/replication.md)."""
 
     def __init__(self, primary: Store, replicas: Sequence[Store], failover: bool = False) -> None:
         self.primary = primary
@@ -486,4 +517,14 @@ def open_copies(open_store: Callable[[str], Any], primary: str, replicas: Sequen
     return Copies(store, opened, failover)
 
 
-__all__ = ["Copies", "CopyResult", "ReplicaStatus", "Replicator", "open_copies", "replica_status", "replicate"]
+__all__ = [
+    "Copies",
+    "CopyResult",
+    "ReplicaStatus",
+    "Replicator",
+    "drain_all",
+    "open_copies",
+    "replica_status",
+    "replicate",
+    "shared_replicator",
+]

@@ -89,7 +89,8 @@ def test_failover_needs_replicas_and_a_boolean(tmp_path):
 def test_replicas_get_the_nodes_key_files_and_registry_credentials(tmp_path):
     node = _node(
         tmp_path,
-        CONFIG + '[encryption]\nkey_file = "/etc/revenant/new.key"\n[registry]\nauth_file = "/etc/revenant/auth.json"\n',
+        CONFIG
+        + '[encryption]\nkey_file = "/etc/revenant/new.key"\n[registry]\nauth_file = "/etc/revenant/auth.json"\n',
     )
     file_replica, oci_replica = node.replicas["main"]
     assert file_replica == "file:///srv/dr-store?key_file=/etc/revenant/new.key"
