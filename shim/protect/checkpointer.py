@@ -110,9 +110,12 @@ class Checkpointer:
         the checkpoint is committed already, a replica that fails is retried and never fails it."""
         if not c.protection.replicas:
             return
-        from shim.store.replication import shared_replicator
+        try:
+            from shim.store.replication import shared_replicator
 
-        shared_replicator(self.open_store).submit(c.protection.store, c.protection.replicas, c.protection.key, seq)
+            shared_replicator(self.open_store).submit(c.protection.store, c.protection.replicas, c.protection.key, seq)
+        except Exception as e:  # the checkpoint stands; `revenant store replicate` catches the replicas up
+            log.error("%s seq %d: cannot queue the copy to the replicas: %s", c.protection.key, seq, e)
 
     def take(self, c: ProtectedContainer, *, exit: bool, reason: str) -> CheckpointReport:
         start = time.monotonic()

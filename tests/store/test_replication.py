@@ -294,3 +294,27 @@ def test_replicas_hold_the_same_sealed_objects_and_need_the_same_key(s3_server, 
             assert r.verify() == []
             r.get(KEY, tmp_path / "out")
     assert tree_digest(tmp_path / "out") == tree_digest(src)
+
+
+def test_shim_exit_waits_a_bounded_time_for_queued_copies(s3_server, tmp_path: Path) -> None:
+    from shim.store.replication import drain_all, shared_replicator
+
+    primary, replica = f"file://{tmp_path}/primary", s3_server.url
+    with open_store(primary) as p:
+        seq = p.put(KEY, checkpoint_tree(tmp_path / "v1", 1)).seq
+
+    def opener(url: str):  # its own opener: a Replicator of its own among the shared ones
+        return quick(url)
+
+    rep = shared_replicator(opener)
+    assert shared_replicator(opener) is rep, "one Replicator per process and opener"
+    s3_server.stop()
+    rep.submit(primary, [replica], KEY, seq)
+    t = time.monotonic()
+    assert drain_all(1.0) is False, "a replica that is down cannot be waited for"
+    assert time.monotonic() - t < 10
+    s3_server.start()
+    assert drain_all(120) is True
+    with open_store(replica) as r:
+        assert sorted(r._committed(KEY)) == [seq]
+    rep.close()
