@@ -318,3 +318,22 @@ def test_shim_exit_waits_a_bounded_time_for_queued_copies(s3_server, tmp_path: P
     with open_store(replica) as r:
         assert sorted(r._committed(KEY)) == [seq]
     rep.close()
+
+
+def test_cli_takes_primary_and_replicas_from_the_node_config(tmp_path: Path) -> None:
+    primary, replica = f"file://{tmp_path}/primary", f"file://{tmp_path}/replica"
+    config = tmp_path / "config.toml"
+    config.write_text(f'default_store = "main"\n[stores.main]\nurl = "{primary}"\nreplicas = ["{replica}"]\n')
+    env = {"REVENANT_CONFIG": str(config)}
+    with open_store(primary) as p:
+        p.put(KEY, checkpoint_tree(tmp_path / "v1", 1))
+    out = _cli("replicas", "--node-store", "main", "--json", "--strict", env=env)
+    assert out.returncode == 2, out.stderr
+    assert [(r["replica"], r["replica_seq"], r["behind"]) for r in json.loads(out.stdout)] == [(replica, None, 1)]
+    out = _cli("replicate", "--node-store", "main", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"][0]["replica_seq"] == 1
+    out = _cli("verify", "--node-store", "main", "--json", env=env)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"ok": True, "problems": []}, out.stdout + out.stderr
+    out = _cli("replicas", "--node-store", "nope", env=env)
+    assert out.returncode == 1 and "no store named 'nope'" in out.stderr
