@@ -410,6 +410,7 @@ class Copies:
             return _Copy(s, time.monotonic() - t, names)
 
         copies: list[_Copy] = []
+        primary_down: StoreError | None = None
         with ThreadPoolExecutor(len(stores), thread_name_prefix="revenant-probe") as pool:
             futures = [pool.submit(timed, s) for s in stores]
             for s, f in zip(stores, futures, strict=True):
@@ -418,6 +419,8 @@ class Copies:
                 except StoreError as e:
                     if s is self.primary and not self.failover:
                         raise
+                    if s is self.primary:
+                        primary_down = e
                     log.warning(
                         "%s: %s does not answer (%s); %s",
                         key,
@@ -427,6 +430,9 @@ class Copies:
                         if s is self.primary
                         else "not reading from it",
                     )
+        if primary_down is not None and not any(c.names for c in copies):
+            # Only the primary can say "no checkpoint": a replica without one may just lag. Never a fresh start.
+            raise primary_down
         primary = next((c for c in copies if c.store is self.primary), None)
         if primary is not None:  # a replica's seq under another name is not the primary's checkpoint
             for c in copies:

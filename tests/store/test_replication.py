@@ -73,6 +73,11 @@ def test_replicate_then_restore_from_the_replica_with_the_primary_gone(s3_server
     # Without failover a silent primary is an outage (Create retries), as without replicas.
     with pytest.raises(RestoreUnavailable):
         Restorer(quick).prepare(protection, scratch(tmp_path), None, None)
+    # With failover, a replica that answers but holds nothing for the key (it may lag) does not make a
+    # fresh start: only the primary can say there is no checkpoint.
+    empty = replace(protection, replicas=(f"file://{tmp_path}/empty-replica",), failover=True)
+    with pytest.raises(RestoreUnavailable):
+        Restorer(quick).prepare(empty, scratch(tmp_path), None, None)
     plan = Restorer(quick).prepare(replace(protection, failover=True), scratch(tmp_path), None, None)
     assert isinstance(plan, RestorePlan) and plan.seq == 2
     assert tree_digest(plan.scratch) == tree_digest(v2)
