@@ -1,6 +1,6 @@
 """Replication lag: how long after its commit on the primary (S3, SeaweedFS) a checkpoint is on a replica.
 
-    .venv/bin/python -m bench.replication_bench [--size MIB] [--replicas file,oci]
+    .venv/bin/python -m bench.replication_bench [--size MIB] [--replicas file,oci,az]
 
 The dump is bench.store_bench's CRIU-like one (half random, a quarter zero, a quarter repetitive).
 Per replica kind, into a fresh store each:
@@ -47,7 +47,7 @@ def _lag(primary: str, replica: str, seq: int) -> tuple[float, object]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024, help="dump size in MiB (default 1024)")
-    ap.add_argument("--replicas", default="file", help="comma-separated: file, oci (default file)")
+    ap.add_argument("--replicas", default="file", help="comma-separated: file, oci, az (default file)")
     ap.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
     args = ap.parse_args(argv)
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "s3").mkdir()
     s3 = SeaweedS3(work / "s3")
     s3.start()
-    registry = None
+    registry = azurite = None
     rows: list[tuple[str, str, str]] = []
     try:
         for kind in args.replicas.split(","):
@@ -76,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                     registry.start()
                 replica = f"oci://127.0.0.1:{registry.port}/bench-replica?insecure=1"
                 baseline_target = f"oci://127.0.0.1:{registry.port}/bench-baseline?insecure=1"
+            elif kind == "az":
+                if azurite is None:
+                    from tests.harness.servers import AZ_ACCOUNT, AZ_CONTAINER, Azurite
+
+                    (work / "azurite").mkdir()
+                    azurite = Azurite(work / "azurite")
+                    os.environ.setdefault("AZURE_STORAGE_CONNECTION_STRING", azurite.connection_string)
+                    azurite.start()
+                base = f"az://{AZ_ACCOUNT}/{AZ_CONTAINER}"
+                replica = f"{base}/bench-replica?endpoint={azurite.endpoint}"
+                baseline_target = f"{base}/bench-baseline?endpoint={azurite.endpoint}"
             else:
                 raise SystemExit(f"unknown replica kind {kind!r}")
             with open_store(primary) as p:
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         s3.shutdown()
         if registry is not None:
             registry.stop()
+        if azurite is not None:
+            azurite.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n| {args.size} MiB dump | time | ratio |\n|---|---|---|")
     for row in rows:
