@@ -25,7 +25,7 @@ from .backends.base import NotFound
 from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, KeyMismatch, ManifestCorrupt, StoreError
 from .locks import HeldLock
 from .model import ZERO, CheckpointInfo
-from .store import Progress, Store
+from .store import Progress, Store, _refs
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,10 @@ def _copy(src: Store, dst: Store, key: str, name: str, result: CopyResult, progr
         manifest_blob = src.backend.retry("get manifest", lambda: src.backend.get_manifest(key, name))
     except NotFound:
         raise CheckpointNotFound(f"{key!r} {name} disappeared from {src.url} (pruned concurrently?)") from None
-    lengths: dict[str, int] = {}
-    for e in m.entries:
-        if e["type"] == "file":
-            for _off, length, digest in e["chunks"]:
-                if digest != ZERO:
-                    lengths.setdefault(digest, length)
+    lengths: dict[str, int] = {}  # every chunk the checkpoint needs (files' and page table's) -> its length
+    for _what, ref in _refs(m):
+        if ref[2] != ZERO:
+            lengths.setdefault(ref[2], ref[4] if len(ref) == 5 else ref[1])  # a slice: its whole chunk
     total = sum(lengths.values())
     done = [0]
     lock = threading.Lock()

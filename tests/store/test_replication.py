@@ -342,3 +342,30 @@ def test_cli_takes_primary_and_replicas_from_the_node_config(tmp_path: Path) -> 
     assert out.returncode == 0 and json.loads(out.stdout) == {"ok": True, "problems": []}, out.stdout + out.stderr
     out = _cli("replicas", "--node-store", "nope", env=env)
     assert out.returncode == 1 and "no store named 'nope'" in out.stderr
+
+
+def test_page_granular_checkpoints_replicate_whole(s3_server, tmp_path: Path) -> None:
+    """A v2 manifest references slices of chunks and a page table: the copy carries every one of them."""
+    page, pages = 4096, 2048
+    first = bytearray(os.urandom(page * pages))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, data in ((a, first), (b, first)):
+        (root / CRIU_DIR).mkdir(parents=True)
+        (root / CRIU_DIR / "pages-1.img").write_bytes(data)
+    second = bytearray(first)
+    for i in range(0, pages, 97):  # scattered single pages rewritten: slices of the parent's chunks
+        second[i * page : (i + 1) * page] = os.urandom(page)
+    (b / CRIU_DIR / "pages-1.img").write_bytes(second)
+    primary, replica = f"file://{tmp_path}/primary", s3_server.url
+    with open_store(primary) as p:
+        p.put(KEY, a, page_images=(f"{CRIU_DIR}/pages-*.img",))
+        p.put(KEY, b, page_images=(f"{CRIU_DIR}/pages-*.img",))
+        m = p._load(KEY, p._committed(KEY)[2])
+        assert m.page_table is not None
+        assert any(len(ref) == 5 for e in m.entries if e["type"] == "file" for ref in e["chunks"]), "no slices"
+        with open_store(replica) as r:
+            result = replicate(p, r, KEY)
+            assert result.seq == 2
+            assert r.verify() == []
+            r.get(KEY, tmp_path / "out")
+    assert tree_digest(tmp_path / "out") == tree_digest(b)
