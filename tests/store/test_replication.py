@@ -1,5 +1,6 @@
 """Checkpoints copied to replica stores (shim.store.replication) on real servers: SeaweedFS (s3://),
-the CNCF registry (oci://) and file:// stores; servers are really stopped mid-copy and mid-restore."""
+Azurite (az://), the CNCF registry (oci://) and file:// stores; the kill tests stop SeaweedFS or
+Azurite for real mid-copy and mid-restore."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def scratch(tmp_path: Path) -> Path:
     return s
 
 
-def test_replicate_then_restore_from_the_replica_with_the_primary_gone(s3_server, tmp_path: Path) -> None:
-    primary, replica = s3_server.url, f"file://{tmp_path}/replica"
+def test_replicate_then_restore_from_the_replica_with_the_primary_gone(s3_server, azure_server, tmp_path: Path) -> None:
+    primary, replica = s3_server.url, azure_server.url
     v1, v2 = checkpoint_tree(tmp_path / "v1", 1), checkpoint_tree(tmp_path / "v2", 2)
     with open_store(primary) as p:
         p.put(KEY, v1)
@@ -84,9 +85,11 @@ def test_replicate_then_restore_from_the_replica_with_the_primary_gone(s3_server
     plan.discard()
 
 
-def test_replica_killed_mid_replication_resumes_and_never_shows_half_a_checkpoint(s3_server, tmp_path: Path) -> None:
-    primary = f"file://{tmp_path}/primary"
-    replica = f"{s3_server.url}&pack_mb=1"
+def test_replica_killed_mid_replication_resumes_and_never_shows_half_a_checkpoint(
+    s3_server, azure_server, tmp_path: Path
+) -> None:
+    primary = s3_server.url
+    replica = f"{azure_server.url}&pack_mb=1"
     v1, v2 = random_tree(tmp_path / "v1", 12), random_tree(tmp_path / "v2", 12)
     with open_store(primary) as p:
         p.put(KEY, v1)
@@ -113,7 +116,7 @@ def test_replica_killed_mid_replication_resumes_and_never_shows_half_a_checkpoin
                     stopped.set()
                     gate.clear()  # hold the next attempt until the test has looked at the replica
             if kill:
-                s3_server.stop()
+                azure_server.stop()
 
         store.backend.put_chunk = put_then_kill
         return store
@@ -131,7 +134,7 @@ def test_replica_killed_mid_replication_resumes_and_never_shows_half_a_checkpoin
         assert time.monotonic() < deadline, "the replicator did not retry"
         time.sleep(0.05)
     assert rep.pending() == 1 and not rep.results
-    s3_server.start()
+    azure_server.start()
     with open_store(replica) as r:
         assert r.list(KEY) == [] and r._committed(KEY) == {}, "half a checkpoint is visible on the replica"
     gate.set()
@@ -148,15 +151,16 @@ def _server_of(store, servers: dict):
     return next(srv for prefix, srv in servers.items() if store.url.startswith(prefix))
 
 
-def test_killed_mid_restore_falls_back_to_the_other_copy(s3_server, oci_registry, tmp_path: Path) -> None:
+def test_killed_mid_restore_falls_back_to_the_other_copy(s3_server, azure_server, tmp_path: Path) -> None:
     src = random_tree(tmp_path / "src", 16)
     with open_store(s3_server.url) as p:
         p.put(KEY, src)
-        with open_store(oci_registry.url) as r:
+        with open_store(azure_server.url) as r:
             replicate(p, r, KEY)
-    copies = Copies(quick(s3_server.url), [quick(oci_registry.url)])
+    copies = Copies(quick(s3_server.url), [quick(azure_server.url)])
     nearest = copies.order(KEY)[0]
-    server = _server_of(nearest, {"s3://": s3_server, "oci://": oci_registry})
+    servers = {"s3://": s3_server, "az://": azure_server}
+    server = _server_of(nearest, servers)
     killed = threading.Event()
 
     def kill_midway(done: int, total: int) -> None:
@@ -169,7 +173,7 @@ def test_killed_mid_restore_falls_back_to_the_other_copy(s3_server, oci_registry
     assert killed.is_set() and info.seq == 1
     assert tree_digest(dest) == tree_digest(src)
     # With every copy gone silent the restore is an outage, never a wrong or partial tree.
-    other = _server_of(copies.order(KEY)[1], {"s3://": s3_server, "oci://": oci_registry})
+    other = _server_of(copies.order(KEY)[1], servers)
     other.stop()
     try:
         with pytest.raises(BackendUnavailable):

@@ -96,3 +96,11 @@ def test_replicas_get_the_nodes_key_files_and_registry_credentials(tmp_path):
     assert file_replica == "file:///srv/dr-store?key_file=/etc/revenant/new.key"
     assert oci_replica.endswith("?key_file=/etc/revenant/new.key&auth_file=/etc/revenant/auth.json")
     assert "auth_file" not in file_replica, "credentials go only to registry URLs"
+    node = _node(
+        tmp_path,
+        CONFIG.replace('"dr", ', '"dr", "az://devstoreaccount1/ckpt/team?endpoint=http://127.0.0.1:10000", ')
+        + '[azure]\ncredentials_file = "/etc/revenant/azure.conn"\n',
+    )
+    az = node.replicas["main"][1]
+    assert az.startswith("az://") and az.endswith("&credentials_file=/etc/revenant/azure.conn")
+    assert "credentials_file" not in node.replicas["main"][0]
