@@ -10,6 +10,7 @@ under the same name, so a replica never shows a checkpoint whose chunks it lacks
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import threading
@@ -132,7 +133,7 @@ def _copy(src: Store, dst: Store, key: str, name: str, result: CopyResult, progr
         listing = dst.backend.retry("list chunks", dst._chunk_names)
         if listing is not None:
             return [d for d in lengths if d not in listing]
-        return [d for d in lengths if not dst.backend.retry("check chunk", lambda d=d: dst.backend.has_chunk(d))]
+        return [d for d in lengths if not dst.backend.retry("check chunk", functools.partial(dst.backend.has_chunk, d))]
 
     # A put lock on the replica: its gc yields while chunks wait for their manifest (Store.gc).
     with HeldLock(dst.backend, f"put-repl-{secrets.token_hex(6)}", dst.lock_stale) as held:
