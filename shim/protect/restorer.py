@@ -127,7 +127,7 @@ class Restorer:
         timings = PrepareTimings()
         began = time.monotonic()
         try:
-            opened = self.open_store(protection.store)
+            opened = _open_copies(self.open_store, protection)
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
             raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
         timings.open_s = time.monotonic() - began
@@ -206,6 +206,15 @@ class Restorer:
                     protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused, timings
                 )
         return NoUsableCheckpoint(protection.key, reasons, unused)
+
+
+def _open_copies(open_store: Callable[[str], Any], protection: Protection) -> Any:
+    """The protection's store, or with replicas all its copies read as one (shim.store.replication)."""
+    if not protection.replicas:
+        return open_store(protection.store)
+    from shim.store.replication import open_copies
+
+    return open_copies(open_store, protection.store, protection.replicas, protection.failover)
 
 
 def _is_store_error(e: BaseException) -> bool:

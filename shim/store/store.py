@@ -841,15 +841,29 @@ class Store:
     ) -> bytes:
         """The chunk's data, checked against its id; key: the one that sealed the manifest naming it."""
         watch = Stopwatch(timings)
+        blob = self._get_blob(digest, where)
+        watch.lap("fetch_s")
+        data = self._open_blob(digest, length, where, key, blob, watch)
+        if timings is not None:
+            timings.fetched(len(blob))
+        return data
+
+    def _get_blob(self, digest: str, where: str) -> bytes:
+        """The chunk's stored object as it is (compressed, sealed): what a replica copies."""
         try:
-            blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
+            return self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
         except (TooLarge, Damaged) as e:
             raise ChunkCorrupt(digest, str(e), where) from None
-        watch.lap("fetch_s")
-        fetched = len(blob)
-        if fetched > chunk_object_limit(length, sealed=key is not None):
+
+    def _open_blob(
+        self, digest: str, length: int, where: str, key: StoreKey | None, blob: bytes, watch: Stopwatch | None = None
+    ) -> bytes:
+        """A stored chunk object checked against its id and opened: its data, or ChunkCorrupt. watch, if
+        given, times the open, decode and verify parts of a restore."""
+        watch = watch or Stopwatch(None)
+        if len(blob) > chunk_object_limit(length, sealed=key is not None):
             raise ChunkCorrupt(digest, f"is a {len(blob)}-byte object, too large for {length} bytes of data", where)
         if key is not None:
             try:
@@ -866,8 +880,6 @@ class Store:
         if len(data) != length or actual != digest:
             raise ChunkCorrupt(digest, "does not match its digest (damaged)", where)
         watch.lap("verify_s")
-        if timings is not None:
-            timings.fetched(fetched)
         return data
 
     # ------------------------------------------------------------------ verify

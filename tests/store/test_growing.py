@@ -205,8 +205,8 @@ def test_the_store_stopped_and_restarted_mid_dump_spills_and_completes(s3_server
     s3_server.stop()
     try:
         # The whole dump is written while nothing can be uploaded (the packs in flight buffer a few MiB of
-        # it): the backlog passes the budget however fast or slow this machine runs the producer. The
-        # uploads retry meanwhile (10 attempts: about 26 s of backoff).
+        # it): the backlog passes the budget however fast or slow this machine runs the producer. The uploads
+        # retry meanwhile (10 attempts: about 26 s of backoff).
         producer.join(20)
     finally:
         s3_server.start()
