@@ -47,6 +47,14 @@ class GetTimings:
     files: list[FileSpan] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def reset(self) -> None:
+        """Forget what was measured (a get that starts over, e.g. from another copy)."""
+        with self._lock:
+            self.parts = dict.fromkeys(PARTS, 0.0)
+            self.chunks = self.zero_chunks = self.bytes_fetched = self.bytes_written = 0
+            self.wall_s = 0.0
+            self.files = []
+
     def add(self, part: str, seconds: float) -> None:
         with self._lock:
             self.parts[part] += seconds

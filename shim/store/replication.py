@@ -24,6 +24,7 @@ from typing import Any
 from ..faults import crash_point, delay_point
 from .backends.base import NotFound
 from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, KeyMismatch, ManifestCorrupt, StoreError
+from .get_timing import GetTimings
 from .locks import HeldLock
 from .model import ZERO, CheckpointInfo
 from .store import Progress, Store, _refs
@@ -463,6 +464,7 @@ class Copies:
         seq: int | None = None,
         fallback: bool = False,
         progress: Progress | None = None,
+        timings: GetTimings | None = None,
     ) -> CheckpointInfo:
         """Restore checkpoint seq (default: the newest any copy holds) from the nearest copy holding it.
 
@@ -481,7 +483,9 @@ class Copies:
         outage: Exception | None = None
         for i, store in enumerate(holders):
             try:
-                info = store.get(key, dest_dir, seq=seq, fallback=False, progress=progress)
+                if timings is not None:  # only the copy that restores is measured
+                    timings.reset()
+                info = store.get(key, dest_dir, seq=seq, fallback=False, progress=progress, timings=timings)
                 if i:
                     log.warning("%s seq %d restored from %s after %d other copies failed", key, seq, store.url, i)
                 return info
