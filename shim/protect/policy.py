@@ -11,6 +11,7 @@ the node allows it), and a Kubernetes pod's key stays under its namespace.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -130,6 +131,11 @@ def parse_keep(value: object, what: str) -> int:
 _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
     "s3": {"endpoint", "region", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"},
+    # hmac_key_id/hmac_secret_file: the node's [gcs] HMAC key (shim.store.backends.gcs), never an annotation's.
+    "gs": {
+        *("endpoint", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"),
+        *("hmac_key_id", "hmac_secret_file"),
+    },
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
@@ -137,6 +143,9 @@ _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 # module without the store.
 _MAX_PACK_MB = 256
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# GCS's rules; the backend checks them in full (dot-separated parts, IP addresses): shim.store.backends.gcs.
+_GCS_BUCKET_OK = re.compile(r"^(?!goog)(?!.*g(?:oo|00)gle)[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+_GCS_KEY_ID_OK = re.compile(r"^[A-Za-z0-9]{4,128}$")
 _REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
 _REPO_OK = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 
@@ -152,9 +161,9 @@ def _megabytes(value: str, what: str, low: float, high: float) -> None:
 
 def validate_store_url(url: str, what: str) -> str:
     """Check a store URL completely at Create, so a bad one fails there and not at the first checkpoint."""
-    m = re.match(r"^(file|s3|oci)://.+", url)
+    m = re.match(r"^(file|s3|gs|oci)://.+", url)
     if not m:
-        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3:// or oci://)")
+        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, gs:// or oci://)")
     scheme = m[1]
     try:
         u = urlsplit(url)
@@ -180,13 +189,21 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: '..' is not allowed in a store path")
         if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
             raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
-    elif scheme == "s3":
-        if not _S3_BUCKET_OK.match(u.netloc):
+    elif scheme in ("s3", "gs"):
+        if scheme == "s3" and not _S3_BUCKET_OK.match(u.netloc):
             raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not an S3 bucket name")
+        if scheme == "gs" and not _GCS_BUCKET_OK.match(u.netloc):
+            raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not a GCS bucket name")
         if "endpoint" in opt:
             ep = urlsplit(opt["endpoint"])
             if ep.scheme not in ("http", "https") or not ep.hostname or ep.path not in ("", "/") or ep.query:
                 raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT]")
+            if scheme == "gs" and ep.scheme == "http" and not _loopback(ep.hostname):
+                raise PolicyError(f"{what}: {url!r}: a gs endpoint is https (plain http only to a loopback address)")
+        if "hmac_key_id" in opt and not _GCS_KEY_ID_OK.match(opt["hmac_key_id"]):
+            raise PolicyError(f"{what}: {url!r}: hmac_key_id is not a GCS HMAC access id")
+        if "hmac_secret_file" in opt and not _AUTH_FILE_OK.match(opt["hmac_secret_file"]):
+            raise PolicyError(f"{what}: {url!r}: hmac_secret_file must be an absolute path")
         if "region" in opt and not _REGION_OK.match(opt["region"]):
             raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
         if "multipart_mb" in opt:
@@ -205,6 +222,15 @@ def validate_store_url(url: str, what: str) -> str:
         if "mount_from" in opt and not all(_REPO_OK.match(r) for r in opt["mount_from"].split(",")):
             raise PolicyError(f"{what}: {url!r}: mount_from must list repositories separated by commas")
     return url
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -234,6 +260,9 @@ class NodeConfig:
     # [registry] auth_file: a Docker-config-format file with registry credentials (a node secret): every
     # oci:// store URL gets it as `auth_file=` (shim.store.backends.registry_auth), annotation URLs may not.
     registry_auth_file: str | None = None
+    # [gcs] hmac_key_id + hmac_secret_file: the HMAC key for gs:// stores (a node secret): every gs:// URL gets
+    # them as options (shim.store.backends.gcs), annotation URLs may not name any.
+    gcs_hmac: tuple[str, str] | None = None
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -263,6 +292,7 @@ class NodeConfig:
             "scratch_dir",
             "encryption",
             "registry",
+            "gcs",
         }
         unknown = set(data) - known
         if unknown:
@@ -312,6 +342,10 @@ class NodeConfig:
             auth_file = parse_registry(data["registry"], f"{where} [registry]")
             stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
             cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
+        if "gcs" in data:
+            hmac = parse_gcs(data["gcs"], f"{where} [gcs]")
+            stores = {name: with_gcs_hmac(url, hmac) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, gcs_hmac=hmac, stores=stores, store=stores[cfg.default_store])
         return cfg
 
 
@@ -393,6 +427,26 @@ def with_auth_file(url: str, auth_file: str | None) -> str:
     if not auth_file or not url.startswith("oci://"):
         return url
     return f"{url}{'&' if '?' in url else '?'}auth_file={auth_file}"
+
+
+def parse_gcs(table: object, what: str) -> tuple[str, str]:
+    if not isinstance(table, dict) or set(table) != {"hmac_key_id", "hmac_secret_file"}:
+        raise PolicyError(f'{what}: expected hmac_key_id = "GOOG1..." and hmac_secret_file = "/path" (mode 0600)')
+    key_id, path = table["hmac_key_id"], table["hmac_secret_file"]
+    if not isinstance(key_id, str) or not _GCS_KEY_ID_OK.match(key_id):
+        raise PolicyError(f"{what} hmac_key_id: not a GCS HMAC access id (letters and digits)")
+    if not isinstance(path, str) or not _AUTH_FILE_OK.match(path) or ".." in path.split("/"):
+        raise PolicyError(
+            f"{what} hmac_secret_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'"
+        )
+    return key_id, path
+
+
+def with_gcs_hmac(url: str, hmac: tuple[str, str] | None) -> str:
+    """A gs:// store URL carrying the node's HMAC key id and secret file (an annotation URL may not name them)."""
+    if not hmac or not url.startswith("gs://"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}hmac_key_id={hmac[0]}&hmac_secret_file={hmac[1]}"
 
 
 @dataclass(frozen=True)
@@ -507,13 +561,15 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
             raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
         if "auth_file" in named or re.search(r"[?&]auth_file=", value):
             raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
+        if named & {"hmac_key_id", "hmac_secret_file"} or re.search(r"[?&]hmac_", value):
+            raise PolicyError(f"{STORE}: GCS credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
             raise PolicyError(
                 f"{STORE}: {value!r} is a URL, and this node accepts only the name of one of its configured "
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
         url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
-        return with_auth_file(url, node.registry_auth_file)
+        return with_gcs_hmac(with_auth_file(url, node.registry_auth_file), node.gcs_hmac)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]
