@@ -131,10 +131,10 @@ def parse_keep(value: object, what: str) -> int:
 _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
     "s3": {"endpoint", "region", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"},
-    # hmac_key_id/hmac_secret_file: the node's [gcs] HMAC key (shim.store.backends.gcs), never an annotation's.
+    # hmac_key_id/hmac_secret_file/auth: the node's [gcs] credentials (shim.store.backends.gcs), never an annotation's.
     "gs": {
         *("endpoint", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"),
-        *("hmac_key_id", "hmac_secret_file"),
+        *("hmac_key_id", "hmac_secret_file", "auth"),
     },
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
 }
@@ -204,6 +204,8 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: hmac_key_id is not a GCS HMAC access id")
         if "hmac_secret_file" in opt and not _AUTH_FILE_OK.match(opt["hmac_secret_file"]):
             raise PolicyError(f"{what}: {url!r}: hmac_secret_file must be an absolute path")
+        if "auth" in opt and opt["auth"] not in ("hmac", "metadata"):
+            raise PolicyError(f"{what}: {url!r}: auth={opt['auth']!r} is not hmac or metadata")
         if "region" in opt and not _REGION_OK.match(opt["region"]):
             raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
         if "multipart_mb" in opt:
@@ -260,9 +262,10 @@ class NodeConfig:
     # [registry] auth_file: a Docker-config-format file with registry credentials (a node secret): every
     # oci:// store URL gets it as `auth_file=` (shim.store.backends.registry_auth), annotation URLs may not.
     registry_auth_file: str | None = None
-    # [gcs] hmac_key_id + hmac_secret_file: the HMAC key for gs:// stores (a node secret): every gs:// URL gets
-    # them as options (shim.store.backends.gcs), annotation URLs may not name any.
-    gcs_hmac: tuple[str, str] | None = None
+    # [gcs] hmac_key_id + hmac_secret_file (an HMAC key, a node secret) or auth = "metadata" (the instance's
+    # service account): every gs:// URL gets them as options (shim.store.backends.gcs), annotation URLs may
+    # not name any.
+    gcs_auth: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -343,9 +346,9 @@ class NodeConfig:
             stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
             cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
         if "gcs" in data:
-            hmac = parse_gcs(data["gcs"], f"{where} [gcs]")
-            stores = {name: with_gcs_hmac(url, hmac) for name, url in cfg.stores.items()}
-            cfg = replace(cfg, gcs_hmac=hmac, stores=stores, store=stores[cfg.default_store])
+            gcs = parse_gcs(data["gcs"], f"{where} [gcs]")
+            stores = {name: with_gcs_auth(url, gcs) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, gcs_auth=gcs, stores=stores, store=stores[cfg.default_store])
         return cfg
 
 
@@ -429,9 +432,15 @@ def with_auth_file(url: str, auth_file: str | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}auth_file={auth_file}"
 
 
-def parse_gcs(table: object, what: str) -> tuple[str, str]:
+def parse_gcs(table: object, what: str) -> tuple[tuple[str, str], ...]:
+    """The gs:// URL options for the node's GCS credentials."""
+    if isinstance(table, dict) and table == {"auth": "metadata"}:
+        return (("auth", "metadata"),)
     if not isinstance(table, dict) or set(table) != {"hmac_key_id", "hmac_secret_file"}:
-        raise PolicyError(f'{what}: expected hmac_key_id = "GOOG1..." and hmac_secret_file = "/path" (mode 0600)')
+        raise PolicyError(
+            f'{what}: expected hmac_key_id = "GOOG1..." and hmac_secret_file = "/path" (mode 0600), '
+            'or auth = "metadata" (the instance\'s service account)'
+        )
     key_id, path = table["hmac_key_id"], table["hmac_secret_file"]
     if not isinstance(key_id, str) or not _GCS_KEY_ID_OK.match(key_id):
         raise PolicyError(f"{what} hmac_key_id: not a GCS HMAC access id (letters and digits)")
@@ -439,14 +448,14 @@ def parse_gcs(table: object, what: str) -> tuple[str, str]:
         raise PolicyError(
             f"{what} hmac_secret_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'"
         )
-    return key_id, path
+    return (("hmac_key_id", key_id), ("hmac_secret_file", path))
 
 
-def with_gcs_hmac(url: str, hmac: tuple[str, str] | None) -> str:
-    """A gs:// store URL carrying the node's HMAC key id and secret file (an annotation URL may not name them)."""
-    if not hmac or not url.startswith("gs://"):
+def with_gcs_auth(url: str, options: tuple[tuple[str, str], ...]) -> str:
+    """A gs:// store URL carrying the node's GCS credential options (an annotation URL may not name them)."""
+    if not options or not url.startswith("gs://"):
         return url
-    return f"{url}{'&' if '?' in url else '?'}hmac_key_id={hmac[0]}&hmac_secret_file={hmac[1]}"
+    return f"{url}{'&' if '?' in url else '?'}{'&'.join(f'{k}={v}' for k, v in options)}"
 
 
 @dataclass(frozen=True)
@@ -561,7 +570,7 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
             raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
         if "auth_file" in named or re.search(r"[?&]auth_file=", value):
             raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
-        if named & {"hmac_key_id", "hmac_secret_file"} or re.search(r"[?&]hmac_", value):
+        if named & {"hmac_key_id", "hmac_secret_file", "auth"} or re.search(r"[?&](hmac_|auth=)", value):
             raise PolicyError(f"{STORE}: GCS credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
             raise PolicyError(
@@ -569,7 +578,7 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
         url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
-        return with_gcs_hmac(with_auth_file(url, node.registry_auth_file), node.gcs_hmac)
+        return with_gcs_auth(with_auth_file(url, node.registry_auth_file), node.gcs_auth)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]

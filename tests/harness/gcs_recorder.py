@@ -1,11 +1,14 @@
-"""A loopback recorder of the requests the gs:// backend sends, answering the few XML API calls owner
-epochs need (PUT, GET, HEAD, DELETE, list-type=2) with GCS's documented precondition behaviour.
+"""A loopback recorder of the requests the gs:// backend sends, answering the few XML API calls a store
+needs (PUT, GET with Range, HEAD, DELETE, list-type=2; no multipart) with GCS's documented precondition
+behaviour.
 
 It exists because SeaweedFS (the real server behind the other gs:// tests) ignores
 `x-goog-if-generation-match`, so the GCS conditional create could not fail there. It is not Google's
 service: it checks the request shape the XML API documents (SigV4 with region "auto", path-style, no
 x-amz-checksum headers or aws-chunked bodies) and applies `x-goog-if-generation-match: 0` (create only if
 absent, else 412 PreconditionFailed). It does not verify signatures: SeaweedFS does that in the other tests.
+With `bearer_ok` it also takes `Authorization: Bearer TOKEN` for the tokens that function accepts (401
+otherwise), as the XML API takes OAuth 2.0 access tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,11 +42,13 @@ class Seen:
     status: int = 0
     signed: set[str] = field(default_factory=set)
     region: str = ""
+    bearer: str = ""
 
 
 class GCSRecorder:
-    def __init__(self, bucket: str) -> None:
+    def __init__(self, bucket: str, bearer_ok: Callable[[str], bool] | None = None) -> None:
         self.bucket = bucket
+        self.bearer_ok = bearer_ok
         self.objects: dict[str, tuple[bytes, float, int]] = {}  # key -> (body, mtime, generation)
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
@@ -101,10 +107,16 @@ class GCSRecorder:
         body = h.rfile.read(length) if length else b""
         with self.lock:
             self.seen.append(seen)
-        auth = _AUTH.match(h.headers.get("Authorization", ""))
-        if not auth:
+        authorization = h.headers.get("Authorization", "")
+        auth = _AUTH.match(authorization)
+        if self.bearer_ok is not None and authorization.startswith("Bearer "):
+            seen.bearer = authorization.removeprefix("Bearer ")
+            if not self.bearer_ok(seen.bearer):
+                return self._error(h, seen, 401, "AuthenticationRequired", "Invalid Credentials")
+        elif not auth:
             return self._error(h, seen, 403, "AccessDenied", "no SigV4 Authorization header")
-        seen.signed, seen.region = set(auth["signed"].split(";")), auth["region"]
+        else:
+            seen.signed, seen.region = set(auth["signed"].split(";")), auth["region"]
         refused = [k for k in h.headers if _REFUSED_HEADER.match(k)]
         if refused or "aws-chunked" in h.headers.get("Content-Encoding", ""):
             return self._error(h, seen, 400, "InvalidArgument", f"unsupported header(s) {refused}")
@@ -142,6 +154,13 @@ class GCSRecorder:
                     h.send_header(k.replace("_", "-"), v)
                 h.end_headers()
                 return None
+            rng = re.fullmatch(r"bytes=(\d+)-(\d+)", h.headers.get("Range", ""))
+            if rng:
+                first, last = int(rng[1]), min(int(rng[2]), len(data) - 1)
+                if first > last:
+                    return self._error(h, seen, 416, "InvalidRange", "The requested range cannot be satisfied.")
+                headers["Content_Range"] = f"bytes {first}-{last}/{len(data)}"
+                return self._reply(h, seen, 206, data[first : last + 1], **headers)
             return self._reply(h, seen, 200, data, **headers)
 
     def _list(self, h: BaseHTTPRequestHandler, seen: Seen, query: dict[str, str]) -> None:

@@ -1,10 +1,12 @@
 """The gs:// backend's own parts: the GCS conditional create (x-goog-if-generation-match: 0) and request
-shape, HMAC credentials, and refusal of bad bucket names, options and endpoints.
+shape, HMAC credentials, metadata-server bearer tokens, and refusal of bad bucket names, options and endpoints.
 
 Which server is which: SeaweedFS (gs_server) is a real S3 server that verifies the SigV4 signatures, so
 the requests below that reach it are signed as GCS's XML API takes them; it ignores the x-goog precondition,
 so the conditional create runs against GCSRecorder (tests/harness/gcs_recorder.py), a loopback recorder that
 applies the documented precondition and refuses what the XML API refuses. Neither is Google's service.
+Bearer tokens: SeaweedFS does not take them, so they are tried against the recorder, with the token issued
+by the metadata-server harness (tests/harness/metadata_server.py) at the documented path.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from harness.gcs_recorder import GCSRecorder
+from harness.metadata_server import MetadataServer
 from harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 from harness.store_util import MIB, make_tree, tree_digest
 from shim.store import Fenced, StoreError, open_store
 from shim.store.backends import open_backend
+from shim.store.backends.base import TransientError
 from shim.store.backends.gcs import GCSBackend, check_bucket_name
 
 KEY = "default/mypod/main"
@@ -265,3 +269,81 @@ def test_defaults_and_accepted_endpoints(gs_env: None) -> None:
         assert open_backend(f"gs://{BUCKET}/p?endpoint={ep}").s3.meta.endpoint_url == ep
     with pytest.raises(StoreError, match=r"'\.\.' is not allowed"):
         open_backend(f"gs://{BUCKET}/a/../b")
+
+
+# ------------------------------------------------------------------ metadata-server bearer tokens
+
+
+@pytest.fixture
+def metadata(monkeypatch: pytest.MonkeyPatch):
+    for var in ("GS_ACCESS_KEY_ID", "GS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with MetadataServer(providers=("gcp",)) as md:
+        monkeypatch.setenv("GCE_METADATA_HOST", md.url.removeprefix("http://"))
+        yield md
+
+
+def test_bearer_token_from_the_metadata_server(metadata: MetadataServer, tmp_path: Path) -> None:
+    live: set[str] = set()
+    with GCSRecorder(BUCKET, bearer_ok=lambda t: t in live) as rec:
+        live.update(metadata.state.gcp_tokens)  # none issued yet: every token must come from the server
+        rec.bearer_ok = lambda t: t in metadata.state.gcp_tokens
+        store = open_store(f"gs://{BUCKET}/wi?endpoint={rec.endpoint}&auth=metadata")
+        assert store.backend.credential_source.startswith("metadata server http://127.0.0.1:")
+        src = make_tree(tmp_path / "src", seed=4, big_mib=1)
+        assert store.claim(KEY, "node-a") == 1
+        store.put(KEY, src, epoch=1)
+        store.get(KEY, tmp_path / "dest")
+        assert tree_digest(tmp_path / "dest") == tree_digest(src)
+        assert len(metadata.state.gcp_tokens) == 1, "one token, reused while it is valid"
+        asked = metadata.requests_to("/computeMetadata/v1/instance/service-accounts/default/token")
+        assert asked and all(s.headers["Metadata-Flavor"] == "Google" for s in asked)
+        assert rec.seen and all(s.bearer == metadata.state.gcp_tokens[0] and not s.signed for s in rec.seen)
+        # The precondition still goes out (unsigned now, covered by the bearer token).
+        assert any(s.headers.get("x-goog-if-generation-match") == "0" and s.status == 200 for s in rec.seen)
+        # A token close to its end is renewed before use.
+        metadata.state.gcp_token_ttl = 61
+        store.backend.token._renew_at = 0.0
+        store.list(KEY)
+        first_short = metadata.state.gcp_tokens[-1]
+        assert len(metadata.state.gcp_tokens) == 2 and rec.seen[-1].bearer == first_short
+        assert store.backend.token._renew_at - __import__("time").monotonic() <= 31
+        # A token the service refuses fails the request; the message holds no token.
+        rec.bearer_ok = lambda t: False
+        with pytest.raises(StoreError) as err:
+            open_store(f"gs://{BUCKET}/wi?endpoint={rec.endpoint}&auth=metadata").list(KEY)
+        assert not any(t in str(err.value) for t in metadata.state.gcp_tokens)
+
+
+def test_metadata_server_answers_are_checked(metadata: MetadataServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = open_backend(f"gs://{BUCKET}/wi?auth=metadata")
+    assert b.token is not None
+    b.token.get()  # the harness's answer is a good one
+    for ttl, match in ((0, "expires_in 0"), (86401, "expires_in 86401")):
+        metadata.state.gcp_token_ttl = ttl
+        b.token._renew_at = 0.0
+        with pytest.raises(StoreError, match=match):
+            b.token.get()
+    metadata.state.providers.clear()  # answers 404 now, as a non-GCP metadata server would
+    b.token._renew_at = 0.0
+    with pytest.raises(StoreError, match="HTTP 404"):
+        b.token.get()
+    metadata.stop()
+    with pytest.raises(TransientError, match="service-account token"):
+        b.token.get()
+    monkeypatch.setenv("GCE_METADATA_HOST", "evil.example/x?")
+    with pytest.raises(StoreError, match="not HOST"):
+        open_backend(f"gs://{BUCKET}/wi?auth=metadata")
+
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        ("auth=metadata&hmac_key_id=GOOG1EXAMPLE&hmac_secret_file=/x", "exclude each other"),
+        ("auth=oauth", "is not hmac or metadata"),
+        ("auth=metadata&endpoint=http://storage.example.com", "plain http only to a loopback"),
+    ],
+)
+def test_bad_auth_options_refused(metadata: MetadataServer, query: str, match: str) -> None:
+    with pytest.raises(StoreError, match=match):
+        open_backend(f"gs://{BUCKET}/wi?{query}")

@@ -25,7 +25,7 @@ def node(**extra: object) -> NodeConfig:
 
 def test_hmac_key_goes_to_gs_stores_only() -> None:
     cfg = node()
-    assert cfg.gcs_hmac == (KEY_ID, SECRET)
+    assert cfg.gcs_auth == (("hmac_key_id", KEY_ID), ("hmac_secret_file", SECRET))
     assert cfg.stores["gcs"] == f"gs://ckpt-bucket/prod?{HMAC}"
     assert cfg.store == cfg.stores["gcs"]
     assert cfg.stores["aws"] == "s3://ckpt-bucket/prod"
@@ -43,12 +43,21 @@ def test_annotation_url_gets_the_node_hmac_key() -> None:
     assert store_for({STORE: "s3://other-bucket/x"}, cfg) == "s3://other-bucket/x"
 
 
+def test_metadata_auth_goes_to_gs_stores() -> None:
+    cfg = node(gcs={"auth": "metadata"}, allow_store_urls=True)
+    assert cfg.store == "gs://ckpt-bucket/prod?auth=metadata"
+    assert cfg.stores["aws"] == "s3://ckpt-bucket/prod"
+    assert store_for({STORE: "gs://other-bucket/x"}, cfg) == "gs://other-bucket/x?auth=metadata"
+
+
 @pytest.mark.parametrize(
     "url",
     [
         "gs://other-bucket/x?hmac_secret_file=/etc/shadow",
         "gs://other-bucket/x?hmac_key_id=GOOG1ATTACKER",
         "gs://other-bucket/x?packs=0&hmac%5Fsecret_file=/etc/shadow",
+        "gs://other-bucket/x?auth=metadata",
+        "gs://other-bucket/x?au%74h=metadata",
     ],
 )
 def test_annotation_may_not_name_gcs_credentials(url: str) -> None:
@@ -67,6 +76,8 @@ def test_annotation_may_not_name_gcs_credentials(url: str) -> None:
         {"hmac_key_id": KEY_ID, "hmac_secret_file": "/etc/x&endpoint=http://evil"},
         {"hmac_key_id": "GOOG1&endpoint=x", "hmac_secret_file": SECRET},
         {"hmac_key_id": KEY_ID, "hmac_secret_file": SECRET, "secret": "inline"},
+        {"hmac_key_id": KEY_ID, "hmac_secret_file": SECRET, "auth": "metadata"},
+        {"auth": "oauth"},
         "not a table",
     ],
 )
@@ -97,6 +108,7 @@ def test_good_gs_urls(url: str) -> None:
         ("gs://ckpt-bucket/p?endpoint=http://storage.example.com", "plain http only to a loopback"),
         ("gs://ckpt-bucket/p?pack_mb=0", "pack_mb"),
         ("gs://ckpt-bucket/p?hmac_key_id=bad-id!", "not a GCS HMAC access id"),
+        ("gs://ckpt-bucket/p?auth=oauth", "is not hmac or metadata"),
         ("gs://user@ckpt-bucket/p", "no fragment or user@"),
     ],
 )
