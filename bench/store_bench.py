@@ -16,6 +16,9 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
   6. with --s3-layouts: put and get against SeaweedFS one object per chunk (`packs=0`, the layout before
      packs) vs packs, at 1 and 2 put workers, each into a fresh prefix; objects stored and MB/s, side
      by side with the local tar|zstd baseline of step 1 (--backends none skips steps 4 and the OCI row)
+  7. with --gs-vs-s3: put and get through s3:// and gs:// against one SeaweedFS, alternating, each into a
+     fresh prefix, best of --rounds: wall time and this process's CPU seconds (the client side, where the
+     two paths differ); SeaweedFS serves both, so this is the gs:// path's overhead, not GCS's speed
 Prints a markdown table; exit status 0 even when a target is missed (it is a measurement).
 """
 
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         help="S3: one object per chunk (loose) vs packs, 1 and 2 workers (default both)",
     )
     ap.add_argument("--pack-mb", type=int, default=16, help="pack size for --s3-layouts (default 16)")
+    ap.add_argument("--gs-vs-s3", action="store_true", help="s3:// vs gs:// on one SeaweedFS, best of --rounds")
     args = ap.parse_args(argv)
     opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
     work = Path(tempfile.mkdtemp(prefix="revenant-bench-", dir=args.workdir))
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 (s3_put, s3_get), (gs_put, gs_get) = remote["s3"], remote["gs"]
                 row = (*row[:3], f"gs/s3: put {gs_put / s3_put:.2f}x, get {gs_get / s3_get:.2f}x (same server)")
             rows.append(row)
+        if args.gs_vs_s3:
+            rows += _gs_vs_s3(work, dump, mb, opts, args.rounds)
         if args.s3_layouts:
             rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar, args.s3_layouts)
     finally:
@@ -294,6 +300,51 @@ def _remote(
             srv.shutdown()
         else:
             srv.stop()
+
+
+def _gs_vs_s3(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> list[tuple[str, str, str, str]]:
+    """put and get+verify through s3:// and gs:// on one SeaweedFS, alternating which goes first; best of
+    rounds, wall and CPU (the VM is shared: the best run is the least disturbed one)."""
+    from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3
+
+    for var, value in (("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)):
+        os.environ.setdefault(var, value)
+    for var, value in (("GS_ACCESS_KEY_ID", S3_ACCESS_KEY), ("GS_SECRET_ACCESS_KEY", S3_SECRET_KEY)):
+        os.environ.setdefault(var, value)
+    root = work / "srv-gs-vs-s3"
+    root.mkdir()
+    srv = SeaweedS3(root)
+    srv.start()
+    best: dict[tuple[str, str], float] = {}
+    cpu: dict[tuple[str, str], float] = {}
+    try:
+        for r in range(rounds):
+            for scheme in ("s3", "gs") if r % 2 == 0 else ("gs", "s3"):
+                store = open_store(f"{scheme}://revenant-test/vs-{scheme}-{r}?endpoint={srv.endpoint}", **opts)
+                c0, t0 = time.process_time(), time.perf_counter()
+                store.put("bench/job/main", dump)
+                c1, t1 = time.process_time(), time.perf_counter()
+                store.get("bench/job/main", work / "vs-restored")
+                c2, t2 = time.process_time(), time.perf_counter()
+                store.close()
+                shutil.rmtree(work / "vs-restored")
+                for step, t, c in (("put", t1 - t0, c1 - c0), ("get", t2 - t1, c2 - c1)):
+                    best[(scheme, step)] = min(best.get((scheme, step), t), t)
+                    cpu[(scheme, step)] = min(cpu.get((scheme, step), c), c)
+    finally:
+        srv.shutdown()
+    rows = []
+    for step in ("put", "get"):
+        gs, s3, c_gs, c_s3 = best[("gs", step)], best[("s3", step)], cpu[("gs", step)], cpu[("s3", step)]
+        rows.append(
+            (
+                f"gs:// {step} vs s3:// (one SeaweedFS), best of {rounds}: wall / client CPU",
+                f"{gs:.2f} s ({mb / gs:.0f} MB/s) / {c_gs:.2f} s CPU",
+                f"{s3:.2f} s ({mb / s3:.0f} MB/s) / {c_s3:.2f} s CPU",
+                f"{gs / s3:.2f}x / {c_gs / c_s3:.2f}x CPU",
+            )
+        )
+    return rows
 
 
 def _s3_layouts(
