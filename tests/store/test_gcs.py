@@ -11,6 +11,7 @@ by the metadata-server harness (tests/harness/metadata_server.py) at the documen
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -283,7 +284,9 @@ def metadata(monkeypatch: pytest.MonkeyPatch):
         yield md
 
 
-def test_bearer_token_from_the_metadata_server(metadata: MetadataServer, tmp_path: Path) -> None:
+def test_bearer_token_from_the_metadata_server(
+    metadata: MetadataServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     live: set[str] = set()
     with GCSRecorder(BUCKET, bearer_ok=lambda t: t in live) as rec:
         live.update(metadata.state.gcp_tokens)  # none issued yet: every token must come from the server
@@ -301,10 +304,12 @@ def test_bearer_token_from_the_metadata_server(metadata: MetadataServer, tmp_pat
         assert rec.seen and all(s.bearer == metadata.state.gcp_tokens[0] and not s.signed for s in rec.seen)
         # The precondition still goes out (unsigned now, covered by the bearer token).
         assert any(s.headers.get("x-goog-if-generation-match") == "0" and s.status == 200 for s in rec.seen)
-        # A token close to its end is renewed before use.
+        # A token close to its end is renewed before use; botocore's debug log never shows it.
         metadata.state.gcp_token_ttl = 61
         store.backend.token._renew_at = 0.0
-        store.list(KEY)
+        with caplog.at_level(logging.DEBUG):
+            store.list(KEY)
+        assert "Authorization" in caplog.text and not any(t in caplog.text for t in metadata.state.gcp_tokens)
         first_short = metadata.state.gcp_tokens[-1]
         assert len(metadata.state.gcp_tokens) == 2 and rec.seen[-1].bearer == first_short
         assert store.backend.token._renew_at - __import__("time").monotonic() <= 31
