@@ -24,13 +24,13 @@ KEY = "default/mypod/main"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["file", "file-loose", "s3"])
+@pytest.fixture(params=["file", "file-loose", "s3", "gs"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
     if request.param == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    return request.getfixturevalue("s3_server").url
+    return request.getfixturevalue("gs_server" if request.param == "gs" else "s3_server").url
 
 
 def two_checkpoints_one_pruned(url: str, tmp_path: Path) -> tuple[Path, Path]:
