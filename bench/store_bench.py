@@ -340,7 +340,7 @@ def _gs_vs_s3(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> lis
         gs, s3, c_gs, c_s3 = best[("gs", step)], best[("s3", step)], cpu[("gs", step)], cpu[("s3", step)]
         rows.append(
             (
-                f"gs:// {step} vs s3:// (one SeaweedFS), best of {rounds}: wall / client CPU",
+                f"gs:// {step} vs s3:// (same SeaweedFS), best of {rounds}: wall / client CPU",
                 f"{gs:.2f} s ({mb / gs:.0f} MB/s) / {c_gs:.2f} s CPU",
                 f"{s3:.2f} s ({mb / s3:.0f} MB/s) / {c_s3:.2f} s CPU",
                 f"{gs / s3:.2f}x / {c_gs / c_s3:.2f}x CPU",
