@@ -196,6 +196,14 @@ def test_secret_file_must_be_a_regular_file_not_a_link(gs_env: None, tmp_path: P
         open_backend(f"gs://{BUCKET}/p?hmac_key_id=GOOG1EXAMPLE&hmac_secret_file=relative/secret")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
+def test_secret_file_of_another_user_refused(gs_env: None, tmp_path: Path) -> None:
+    p = secret_file(tmp_path)
+    os.chown(p, 65534, 65534)
+    with pytest.raises(StoreError, match="owned by uid 65534"):
+        open_backend(f"gs://{BUCKET}/p?hmac_key_id=GOOG1EXAMPLE&hmac_secret_file={p}")
+
+
 def test_half_given_or_malformed_credentials_refused(gs_env: None, tmp_path: Path, monkeypatch) -> None:
     p = secret_file(tmp_path)
     with pytest.raises(StoreError, match="go together"):
