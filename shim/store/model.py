@@ -11,7 +11,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from .errors import ManifestCorrupt
+from .errors import ManifestCorrupt, ManifestTooNew
 from .limits import (
     MAX_CHUNK_LEN,
     MAX_CHUNK_REFS,
@@ -332,6 +332,9 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
     if type(doc) is not dict:
         raise ManifestCorrupt(f"{what} is not a JSON object")
     if doc.get("format") not in (FORMAT, FORMAT_V2):
+        newer = re.fullmatch(r"revenant\.checkpoint\.v([0-9]{1,6})", str(doc.get("format")))
+        if newer and int(newer.group(1)) > 2:
+            raise ManifestTooNew(f"{what} has format {doc['format']!r}, newer than this revenant reads: upgrade it")
         raise ManifestCorrupt(f"{what} has unknown format {str(doc.get('format'))[:80]!r}")
     problems = []
     key: Any = doc.get("key")

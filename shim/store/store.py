@@ -34,6 +34,7 @@ from .errors import (
     Fenced,
     KeyMismatch,
     ManifestCorrupt,
+    ManifestTooNew,
     StoreError,
 )
 from .keys import validate_key
@@ -905,6 +906,8 @@ class Store:
                 try:
                     referenced |= self._load(k, n, any_plaintext=True).chunk_digests()
                     manifests += 1
+                except ManifestTooNew as e:  # a newer node's chunks: an older gc cannot tell which are live
+                    return {"skipped": f"cannot read every checkpoint: {e}", "chunks_deleted": 0}
                 except (ManifestCorrupt, CheckpointNotFound) as e:
                     unreadable.append(str(e))
                 except KeyMismatch as e:  # its chunks are live; without its key we cannot tell which
