@@ -46,6 +46,9 @@ DEFAULT_STORE_NAME = "default"
 MIN_INTERVAL_S = 10.0  # node default; a node config may lower it (min_checkpoint_interval)
 MAX_INTERVAL_S = 30 * 86400.0
 MAX_STOP_DEADLINE_S = 3600.0
+DEFAULT_STREAM_BUDGET_MIB = 0  # opt-in: bench/RESULTS.md, "Streaming dump", says why
+MIN_STREAM_BUDGET_MIB = 16
+MAX_STREAM_BUDGET_MIB = 1 << 20
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _K8S_NAMESPACE_OK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -256,6 +259,9 @@ class NodeConfig:
     run_dir: Path = Path("/run/revenant")
     staging_dir: Path = Path("/dev/shm/revenant")
     scratch_dir: Path = Path("/var/lib/revenant/scratch")  # on-disk staging fallback and restore scratch
+    # Streaming dump (shim.protect.streaming): CRIU dumps into scratch_dir while the store consumes it,
+    # at most this many MiB of the dump held in memory; 0: the whole dump staged in staging_dir first.
+    stream_budget_mib: int = DEFAULT_STREAM_BUDGET_MIB
     # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
     # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
     encryption_key_files: tuple[str, ...] = ()
@@ -293,6 +299,7 @@ class NodeConfig:
             "run_dir",
             "staging_dir",
             "scratch_dir",
+            "stream_budget_mib",
             "encryption",
             "registry",
             "gcs",
@@ -337,6 +344,10 @@ class NodeConfig:
             cfg = replace(cfg, staging_dir=_absolute(data["staging_dir"], f"{where} staging_dir"))
         if "scratch_dir" in data:
             cfg = replace(cfg, scratch_dir=_absolute(data["scratch_dir"], f"{where} scratch_dir"))
+        if "stream_budget_mib" in data:
+            cfg = replace(
+                cfg, stream_budget_mib=_stream_budget(data["stream_budget_mib"], f"{where} stream_budget_mib")
+            )
         if "encryption" in data:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
@@ -350,6 +361,15 @@ class NodeConfig:
             stores = {name: with_gcs_auth(url, gcs) for name, url in cfg.stores.items()}
             cfg = replace(cfg, gcs_auth=gcs, stores=stores, store=stores[cfg.default_store])
         return cfg
+
+
+def _stream_budget(value: object, what: str) -> int:
+    if type(value) is not int or not (value == 0 or MIN_STREAM_BUDGET_MIB <= value <= MAX_STREAM_BUDGET_MIB):
+        raise PolicyError(
+            f"{what}: {value!r} is not 0 (stage the whole dump) or a whole number of MiB "
+            f"{MIN_STREAM_BUDGET_MIB} .. {MAX_STREAM_BUDGET_MIB}"
+        )
+    return value
 
 
 def _absolute(value: object, what: str) -> Path:

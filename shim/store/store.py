@@ -37,6 +37,8 @@ from .errors import (
     ManifestTooNew,
     StoreError,
 )
+from .growing import DEFAULT_BUDGET as DEFAULT_STREAM_BUDGET
+from .growing import GrowingTree, put_growing
 from .keys import validate_key
 from .limits import chunk_object_limit
 from .locks import HeldLock, LockWatcher
@@ -275,6 +277,17 @@ class Store:
             info.chunks_total,
         )
         return info
+
+    def put_growing(
+        self,
+        key: str,
+        tree: GrowingTree,
+        progress: Progress | None = None,
+        epoch: int | None = None,
+        budget: int = DEFAULT_STREAM_BUDGET,
+    ) -> CheckpointInfo:
+        """Store a directory its producer is still writing, uploading while it grows (shim.store.growing)."""
+        return put_growing(self, key, tree, progress=progress, epoch=epoch, budget=budget)
 
     def _chunk_names(self) -> set[str] | None:
         listing = self.backend.list_chunks()
