@@ -140,6 +140,7 @@ _STORE_OPTIONS = {
         *("hmac_key_id", "hmac_secret_file", "auth"),
     },
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
+    "az": {"endpoint", "block_mb", "packs", "pack_mb", "key_file", "allow_plaintext", "credentials_file"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 # shim.store.backends.packs' bound (limits.MAX_PACK_MB), not imported: a shim's start path loads this
@@ -150,6 +151,11 @@ _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _GCS_BUCKET_OK = re.compile(r"^(?!goog)(?!.*g(?:oo|00)gle)[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
 _GCS_KEY_ID_OK = re.compile(r"^[A-Za-z0-9]{4,128}$")
 _REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
+# Azure's naming rules (shim.store.backends.azure has the same; not imported, see _MAX_PACK_MB).
+_AZ_ACCOUNT_OK = re.compile(r"^[a-z0-9]{3,24}$")
+_AZ_CONTAINER_OK = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(?:-[a-z0-9]+)*$")
+_AZ_PREFIX_OK = re.compile(r"^(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
+_AZ_MAX_BLOCK_MB = 100
 _REPO_OK = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 
 
@@ -164,9 +170,9 @@ def _megabytes(value: str, what: str, low: float, high: float) -> None:
 
 def validate_store_url(url: str, what: str) -> str:
     """Check a store URL completely at Create, so a bad one fails there and not at the first checkpoint."""
-    m = re.match(r"^(file|s3|gs|oci)://.+", url)
+    m = re.match(r"^(file|s3|az|gs|oci)://.+", url)
     if not m:
-        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, gs:// or oci://)")
+        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, az://, gs:// or oci://)")
     scheme = m[1]
     try:
         u = urlsplit(url)
@@ -217,6 +223,8 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
         if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= _MAX_PACK_MB):
             raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {_MAX_PACK_MB}")
+    elif scheme == "az":
+        _check_az(u.netloc, u.path, opt, url, what)
     else:
         if not u.hostname or not _REPO_OK.match(u.path.strip("/")):
             raise PolicyError(f"{what}: {url!r}: an OCI store is oci://REGISTRY[:PORT]/REPOSITORY")
@@ -227,6 +235,32 @@ def validate_store_url(url: str, what: str) -> str:
         if "mount_from" in opt and not all(_REPO_OK.match(r) for r in opt["mount_from"].split(",")):
             raise PolicyError(f"{what}: {url!r}: mount_from must list repositories separated by commas")
     return url
+
+
+def _check_az(account: str, path: str, opt: dict[str, str], url: str, what: str) -> None:
+    """az://ACCOUNT/CONTAINER[/PREFIX][?endpoint=..][&block_mb=N][&pack_mb=N][&packs=..]"""
+    container, _, prefix = path.strip("/").partition("/")
+    if not _AZ_ACCOUNT_OK.match(account):
+        raise PolicyError(f"{what}: {url!r}: {account!r} is not an Azure storage account name")
+    if not _AZ_CONTAINER_OK.match(container):
+        raise PolicyError(f"{what}: {url!r}: {container!r} is not an Azure container name")
+    if prefix and (len(prefix) > 512 or not _AZ_PREFIX_OK.match(prefix)):
+        raise PolicyError(f"{what}: {url!r}: the prefix must be path segments of letters, digits, '.', '_', '-'")
+    if "endpoint" in opt:
+        ep = urlsplit(opt["endpoint"])
+        host = ep.hostname or ""
+        if ep.scheme not in ("http", "https") or not host or ep.path.strip("/") not in ("", account) or ep.query:
+            raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT][/{account}]")
+        if ep.scheme == "http" and not _loopback(host):
+            raise PolicyError(f"{what}: {url!r}: plain http is allowed only to a loopback endpoint")
+    if "block_mb" in opt and not (opt["block_mb"].isdigit() and 1 <= int(opt["block_mb"]) <= _AZ_MAX_BLOCK_MB):
+        raise PolicyError(
+            f"{what}: {url!r}: block_mb={opt['block_mb']!r} is not a whole number 1 .. {_AZ_MAX_BLOCK_MB}"
+        )
+    if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
+        raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
+    if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= _MAX_PACK_MB):
+        raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {_MAX_PACK_MB}")
 
 
 def _loopback(host: str) -> bool:
@@ -272,6 +306,9 @@ class NodeConfig:
     # service account): every gs:// URL gets them as options (shim.store.backends.gcs), annotation URLs may
     # not name any.
     gcs_auth: tuple[tuple[str, str], ...] = ()
+    # [azure] credentials_file: an Azure connection string (AccountName + AccountKey or SharedAccessSignature),
+    # a node secret: every az:// store URL gets it as `credentials_file=` (shim.store.backends.azure).
+    azure_credentials_file: str | None = None
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -303,6 +340,7 @@ class NodeConfig:
             "encryption",
             "registry",
             "gcs",
+            "azure",
         }
         unknown = set(data) - known
         if unknown:
@@ -360,6 +398,10 @@ class NodeConfig:
             gcs = parse_gcs(data["gcs"], f"{where} [gcs]")
             stores = {name: with_gcs_auth(url, gcs) for name, url in cfg.stores.items()}
             cfg = replace(cfg, gcs_auth=gcs, stores=stores, store=stores[cfg.default_store])
+        if "azure" in data:
+            creds = parse_azure(data["azure"], f"{where} [azure]")
+            stores = {name: with_azure_credentials(url, creds) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, azure_credentials_file=creds, stores=stores, store=stores[cfg.default_store])
         return cfg
 
 
@@ -478,6 +520,24 @@ def with_gcs_auth(url: str, options: tuple[tuple[str, str], ...]) -> str:
     return f"{url}{'&' if '?' in url else '?'}{'&'.join(f'{k}={v}' for k, v in options)}"
 
 
+def parse_azure(table: object, what: str) -> str:
+    if not isinstance(table, dict) or set(table) != {"credentials_file"}:
+        raise PolicyError(f'{what}: expected credentials_file = "/path" (a file with an Azure connection string)')
+    path = table["credentials_file"]
+    if not isinstance(path, str) or not _AUTH_FILE_OK.match(path) or ".." in path.split("/"):
+        raise PolicyError(
+            f"{what} credentials_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'"
+        )
+    return path
+
+
+def with_azure_credentials(url: str, credentials_file: str | None) -> str:
+    """An az:// store URL carrying the node's Azure credentials file (an annotation URL may not name one)."""
+    if not credentials_file or not url.startswith("az://"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}credentials_file={credentials_file}"
+
+
 @dataclass(frozen=True)
 class Protection:
     """How one container is protected."""
@@ -592,13 +652,16 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
             raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
         if named & {"hmac_key_id", "hmac_secret_file", "auth"} or re.search(r"[?&](hmac_|auth=)", value):
             raise PolicyError(f"{STORE}: GCS credentials come from the node configuration, not annotations")
+        if "credentials_file" in named or re.search(r"[?&]credentials_file=", value):
+            raise PolicyError(f"{STORE}: Azure credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
             raise PolicyError(
                 f"{STORE}: {value!r} is a URL, and this node accepts only the name of one of its configured "
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
         url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
-        return with_gcs_auth(with_auth_file(url, node.registry_auth_file), node.gcs_auth)
+        url = with_azure_credentials(with_auth_file(url, node.registry_auth_file), node.azure_credentials_file)
+        return with_gcs_auth(url, node.gcs_auth)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]

@@ -376,20 +376,20 @@ def put_growing(
                 streamed = _consume(store, tree, sink, tails, window, progress)
                 tree.set_frozen(False)
                 entries = scan_tree(tree.root)
-                for e in entries:
-                    if e["type"] != "file":
+                for entry in entries:
+                    if entry["type"] != "file":
                         continue
-                    t = tails.get(e["path"]) or _open_tail(tree.root, e["path"], window)
-                    tails[e["path"]] = t
-                    if _identity(tree.root / e["path"]) != t.ino:
+                    t = tails.get(entry["path"]) or _open_tail(tree.root, entry["path"], window)
+                    tails[entry["path"]] = t
+                    if _identity(tree.root / entry["path"]) != t.ino:
                         raise StoreError(f"put: {t.path} was replaced while the tree grew")
-                    t.advance(sink, store.chunker, e["size"])
+                    t.advance(sink, store.chunker, entry["size"])
                     t.reap(sink, wait=False)
-                for e in entries:
-                    if e["type"] == "file":
-                        t = tails[e["path"]]
+                for entry in entries:
+                    if entry["type"] == "file":
+                        t = tails[entry["path"]]
                         t.reap(sink, wait=True)
-                        e["chunks"] = t.chunks
+                        entry["chunks"] = t.chunks
             except BaseException:
                 sink.abort.set()
                 raise

@@ -14,7 +14,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -509,7 +509,7 @@ class Store:
             log.warning("%s unusable, page images are stored without it: %s", where, e)
             return None
 
-    def _replace_vanished(self, reused: dict[str, tuple[Path | None, int, int]], stats: dict[str, int]) -> None:
+    def _replace_vanished(self, reused: Mapping[str, tuple[Path | None, int, int]], stats: dict[str, int]) -> None:
         """Upload again, from the source, every reused chunk that is gone now (a gc swept it meanwhile)."""
         if not reused:
             return
@@ -635,7 +635,7 @@ class Store:
     # ------------------------------------------------------------------ fencing
     @property
     def can_fence(self) -> bool:
-        """Whether the backend keeps owner epochs (file://, s3://); a registry cannot."""
+        """Whether the backend keeps owner epochs (file://, s3://, az://); a registry cannot."""
         return type(self.backend).create_epoch is not Backend.create_epoch
 
     def claim(self, key: str, owner: str) -> int:

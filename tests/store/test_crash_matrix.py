@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store_util import corrupt_chunk, make_tree, mutate, tree_digest
+from harness.store_util import corrupt_chunk, make_tree, mutate, short_stale, tree_digest
 from shim.store import CheckpointNotFound, Fenced, StoreError, open_store
 
 KEY = "default/mypod/main"
@@ -83,6 +83,11 @@ CASES = (
     # gs:// is the S3 code above another client: a few points through it (SeaweedFS as the server).
     + [("gs", "put", p) for p in ("store.pack.after-upload", "store.put.before-manifest")]
     + [("gs", "gc", "store.gc.mid-rewrite")]
+    # az:// shares s3://'s object layer (ObjectBackend, packs): the same points, on Azurite.
+    + [("az", "put", p) for p in PUT_S3]
+    + [("az-loose", "put", p) for p in PUT_S3_LOOSE]
+    + [("az", "gc", p) for p in GC_S3]
+    + [("az-loose", "gc", "store.gc.after-delete")]
 )
 
 
@@ -91,14 +96,15 @@ def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
         return f"file://{tmp_path}/store"
     if backend == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    url = request.getfixturevalue("gs_server" if backend == "gs" else "s3_server").url
+    fixture = {"gs": "gs_server"}.get(backend, "azure_server" if backend.startswith("az") else "s3_server")
+    url = request.getfixturevalue(fixture).url
     # 1 MiB packs: several per put, so a gc both deletes whole packs and rewrites partly dead ones.
-    return url + ("&packs=0" if backend == "s3-loose" else "&pack_mb=1")
+    return url + ("&packs=0" if backend.endswith("-loose") else "&pack_mb=1")
 
 
 def gc_when_locks_stale(url: str) -> dict:
-    """gc once the killed process's lock is stale (1 s on the backend's clock here)."""
-    store = open_store(url, lock_stale=1)
+    """gc once the killed process's lock is stale (short_stale: 1 or 2 s on the backend's clock here)."""
+    store = open_store(url, lock_stale=short_stale(url))
     deadline = time.monotonic() + 30
     while "skipped" in (stats := store.gc(grace_seconds=0)):
         assert time.monotonic() < deadline, stats

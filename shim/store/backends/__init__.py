@@ -1,4 +1,4 @@
-"""Backends chosen by URL scheme: file://, s3://, gs://, oci://."""
+"""Backends chosen by URL scheme: file://, s3://, az://, gs://, oci://."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def open_backend(url: str) -> Backend:
         from .gcs import GCSBackend
 
         return GCSBackend(bucket=u.netloc, prefix=u.path.strip("/"), query=query, url=url)
+    if u.scheme == "az":
+        from .azure import AzureBackend
+
+        return AzureBackend(account=u.netloc, path=u.path, query=query, url=url)
     if u.scheme == "oci":
         from .oci import OCIBackend
 
         return OCIBackend(host=u.netloc, repo=u.path.strip("/"), query=query, url=url)
-    raise StoreError(f"unsupported store URL {url!r} (use file://, s3://, gs:// or oci://)")
+    raise StoreError(f"unsupported store URL {url!r} (use file://, s3://, az://, gs:// or oci://)")
 
 
 __all__ = ["Backend", "open_backend"]
