@@ -46,6 +46,7 @@ DEFAULT_STORE_NAME = "default"
 MIN_INTERVAL_S = 10.0  # node default; a node config may lower it (min_checkpoint_interval)
 MAX_INTERVAL_S = 30 * 86400.0
 MAX_STOP_DEADLINE_S = 3600.0
+MAX_REPLICAS = 8
 DEFAULT_STREAM_BUDGET_MIB = 0  # opt-in: bench/RESULTS.md, "Streaming dump", says why
 MIN_STREAM_BUDGET_MIB = 16
 MAX_STREAM_BUDGET_MIB = 1 << 20
@@ -277,11 +278,15 @@ class NodeConfig:
     """Node defaults from /etc/revenant/config.toml (every field optional there).
 
     `stores` maps the names an annotation may use to URLs; `store` is the default store's URL (the
-    old single `store = URL` setting defines the store named "default")."""
+    old single `store = URL` setting defines the store named "default"). `replicas` maps a store name
+    to the URLs its checkpoints are copied to (docs/replication.md); `failover` names the
+    stores whose replicas a restore may read while the primary does not answer."""
 
     store: str = DEFAULT_STORE
     stores: Mapping[str, str] = field(default_factory=lambda: {DEFAULT_STORE_NAME: DEFAULT_STORE})
     default_store: str = DEFAULT_STORE_NAME
+    replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    failover: frozenset[str] = frozenset()
     allow_store_urls: bool = False  # single-tenant nodes only: an annotation may then give any URL
     allow_cross_namespace_keys: bool = False  # [tenancy]: a pod may name a key outside its namespace
     any_key_namespaces: tuple[str, ...] = ()  # [tenancy]: namespaces whose pods may name any key
@@ -347,10 +352,12 @@ class NodeConfig:
             raise PolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
         cfg = cls()
         stores = _stores(data, where)
+        replicas, failover = _replicas(data, stores, where)
         default = str(data.get("default_store", DEFAULT_STORE_NAME))
         if default not in stores:
             raise PolicyError(f"{where} default_store: no [stores.{default}] (configured: {', '.join(sorted(stores))})")
         cfg = replace(cfg, stores=stores, default_store=default, store=stores[default])
+        cfg = replace(cfg, replicas=replicas, failover=failover)
         if "allow_store_urls" in data:
             cfg = replace(cfg, allow_store_urls=parse_bool(str(data["allow_store_urls"]), f"{where} allow_store_urls"))
         if "tenancy" in data:
@@ -390,18 +397,27 @@ class NodeConfig:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
             cfg = replace(cfg, encryption_key_files=keys, stores=stores, store=stores[cfg.default_store])
+            # Replicas hold the same sealed objects: they get the same keys (docs/replication.md).
+            replicas = {n: tuple(with_key_files(u, keys) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         if "registry" in data:
             auth_file = parse_registry(data["registry"], f"{where} [registry]")
             stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
             cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_auth_file(u, auth_file) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         if "gcs" in data:
             gcs = parse_gcs(data["gcs"], f"{where} [gcs]")
             stores = {name: with_gcs_auth(url, gcs) for name, url in cfg.stores.items()}
             cfg = replace(cfg, gcs_auth=gcs, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_gcs_auth(u, gcs) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         if "azure" in data:
             creds = parse_azure(data["azure"], f"{where} [azure]")
             stores = {name: with_azure_credentials(url, creds) for name, url in cfg.stores.items()}
             cfg = replace(cfg, azure_credentials_file=creds, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_azure_credentials(u, creds) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         return cfg
 
 
@@ -431,8 +447,8 @@ def _stores(data: dict[str, Any], where: str) -> dict[str, str]:
         what = f"{where} [stores.{name}]"
         if not _NAME_OK.match(name):
             raise PolicyError(f"{what}: a store name is lower-case letters, digits, '.', '_', '-'")
-        if not isinstance(entry, dict) or set(entry) != {"url"}:
-            raise PolicyError(f'{what}: expected exactly one setting, url = "..."')
+        if not isinstance(entry, dict) or "url" not in entry or set(entry) - {"url", "replicas", "failover"}:
+            raise PolicyError(f'{what}: expected url = "..." and optionally replicas = [...] and failover = false')
         stores[name] = validate_store_url(str(entry["url"]), f"{what} url")
     if "store" in data:
         if DEFAULT_STORE_NAME in stores:
@@ -441,6 +457,48 @@ def _stores(data: dict[str, Any], where: str) -> dict[str, str]:
     elif not stores:
         stores[DEFAULT_STORE_NAME] = DEFAULT_STORE
     return stores
+
+
+def _replicas(
+    data: dict[str, Any], stores: Mapping[str, str], where: str
+) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+    """[stores.NAME] replicas = ["OTHER-NAME" or "URL", ...] and failover = true|false.
+
+    A replica is another configured store (by name: its URL, not its own replicas) or a URL checked
+    exactly like a primary's. A URL form exists so that a replica-only location (another region's
+    bucket) need not become a store that annotations may pick as their primary."""
+    table = data.get("stores", {})
+    replicas: dict[str, tuple[str, ...]] = {}
+    failover: set[str] = set()
+    for name, entry in table.items():
+        what = f"{where} [stores.{name}]"
+        listed = entry.get("replicas", [])
+        if not isinstance(listed, list) or not all(isinstance(r, str) for r in listed):
+            raise PolicyError(f"{what} replicas: expected a list of store names or URLs")
+        if len(listed) > MAX_REPLICAS:
+            raise PolicyError(f"{what} replicas: at most {MAX_REPLICAS} replicas, got {len(listed)}")
+        urls: list[str] = []
+        for r in listed:
+            if "://" in r:
+                url = validate_store_url(r, f"{what} replicas")
+            elif r in stores:
+                url = stores[r]
+            else:
+                raise PolicyError(
+                    f"{what} replicas: {r!r} is neither a URL nor a configured store ({', '.join(sorted(stores))})"
+                )
+            if url == stores[name]:
+                raise PolicyError(f"{what} replicas: {r!r} is the store itself")
+            if url in urls:
+                raise PolicyError(f"{what} replicas: {r!r} is listed twice")
+            urls.append(url)
+        if "failover" in entry and parse_bool(str(entry["failover"]), f"{what} failover"):
+            if not urls:
+                raise PolicyError(f"{what} failover: needs replicas to fail over to")
+            failover.add(name)
+        if urls:
+            replicas[name] = tuple(urls)
+    return replicas, frozenset(failover)
 
 
 def _tenancy(cfg: NodeConfig, table: object, what: str) -> NodeConfig:
@@ -547,6 +605,8 @@ class Protection:
     interval_s: float
     checkpoint_on_stop: bool
     keep: int
+    replicas: tuple[str, ...] = ()  # store URLs the checkpoints are copied to after each commit
+    failover: bool = False  # a restore may read the replicas while the primary store does not answer
 
 
 def expand_key_template(template: str, annotations: Mapping[str, str]) -> str:
@@ -667,6 +727,18 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
     return node.stores[value]
 
 
+def replicas_for(annotations: Mapping[str, str], node: NodeConfig) -> tuple[tuple[str, ...], bool]:
+    """The chosen store's replicas and failover setting. Only the node config adds replicas: an
+    annotation naming a URL (allow_store_urls) gets none, and no annotation can add one."""
+    if STORE not in annotations:
+        name = node.default_store
+    else:
+        name = annotations[STORE].strip()
+        if "://" in name:
+            return (), False
+    return tuple(node.replicas.get(name, ())), name in node.failover
+
+
 def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protection | None:
     """The container's protection, or None when it has no checkpoint key (then revenant leaves it alone)."""
     key = checkpoint_key(annotations)
@@ -679,7 +751,16 @@ def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protecti
     store = store_for(annotations, node)
     on_stop = parse_bool(annotations[ON_STOP], ON_STOP) if ON_STOP in annotations else node.checkpoint_on_stop
     keep = parse_keep(annotations[KEEP], KEEP) if KEEP in annotations else node.keep
-    return Protection(key=key, store=store, interval_s=interval, checkpoint_on_stop=on_stop, keep=keep)
+    replicas, failover = replicas_for(annotations, node)
+    return Protection(
+        key=key,
+        store=store,
+        interval_s=interval,
+        checkpoint_on_stop=on_stop,
+        keep=keep,
+        replicas=replicas,
+        failover=failover,
+    )
 
 
 CONFIG_ENV = "REVENANT_CONFIG"

@@ -108,7 +108,7 @@ class Restorer:
         unused: list[int] = []
         skip = set(skip_seqs)
         try:
-            opened = self.open_store(protection.store)
+            opened = _open_copies(self.open_store, protection)
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
             raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
         with opened as store:
@@ -159,6 +159,15 @@ class Restorer:
                     protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused
                 )
         return NoUsableCheckpoint(protection.key, reasons, unused)
+
+
+def _open_copies(open_store: Callable[[str], Any], protection: Protection) -> Any:
+    """The protection's store, or with replicas all its copies read as one (shim.store.replication)."""
+    if not protection.replicas:
+        return open_store(protection.store)
+    from shim.store.replication import open_copies
+
+    return open_copies(open_store, protection.store, protection.replicas, protection.failover)
 
 
 def _is_store_error(e: BaseException) -> bool:

@@ -810,12 +810,19 @@ class Store:
 
     def _fetch_verified(self, digest: str, length: int, where: str, key: StoreKey | None = None) -> bytes:
         """The chunk's data, checked against its id; key: the one that sealed the manifest naming it."""
+        return self._open_blob(digest, length, where, key, self._get_blob(digest, where))
+
+    def _get_blob(self, digest: str, where: str) -> bytes:
+        """The chunk's stored object as it is (compressed, sealed): what a replica copies."""
         try:
-            blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
+            return self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
         except (TooLarge, Damaged) as e:
             raise ChunkCorrupt(digest, str(e), where) from None
+
+    def _open_blob(self, digest: str, length: int, where: str, key: StoreKey | None, blob: bytes) -> bytes:
+        """A stored chunk object checked against its id and opened: its data, or ChunkCorrupt."""
         if len(blob) > chunk_object_limit(length, sealed=key is not None):
             raise ChunkCorrupt(digest, f"is a {len(blob)}-byte object, too large for {length} bytes of data", where)
         if key is not None:

@@ -10,12 +10,11 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from harness.store_util import corrupt_chunk, make_tree, mutate, short_stale, tree_digest
+from harness.store_util import corrupt_chunk, gc_when_locks_stale, make_tree, mutate, tree_digest
 from shim.store import CheckpointNotFound, Fenced, StoreError, open_store
 
 KEY = "default/mypod/main"
@@ -100,16 +99,6 @@ def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
     url = request.getfixturevalue(fixture).url
     # 1 MiB packs: several per put, so a gc both deletes whole packs and rewrites partly dead ones.
     return url + ("&packs=0" if backend.endswith("-loose") else "&pack_mb=1")
-
-
-def gc_when_locks_stale(url: str) -> dict:
-    """gc once the killed process's lock is stale (short_stale: 1 or 2 s on the backend's clock here)."""
-    store = open_store(url, lock_stale=short_stale(url))
-    deadline = time.monotonic() + 30
-    while "skipped" in (stats := store.gc(grace_seconds=0)):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.3)
-    return stats
 
 
 @pytest.mark.parametrize(("backend", "op", "point"), CASES, ids=[f"{b}-{o}-{p}" for b, o, p in CASES])
