@@ -115,3 +115,15 @@ def test_good_gs_urls(url: str) -> None:
 def test_bad_gs_urls(url: str, match: str) -> None:
     with pytest.raises(PolicyError, match=match):
         validate_store_url(url, "store")
+
+
+def test_replica_urls_get_the_node_hmac_key() -> None:
+    cfg = NodeConfig.from_dict(
+        {
+            "stores": {"gcs": {"url": "gs://ckpt-bucket/prod", "replicas": ["gs://ckpt-bucket-eu/prod"]}},
+            "default_store": "gcs",
+            "gcs": {"hmac_key_id": KEY_ID, "hmac_secret_file": SECRET},
+        },
+        "config.toml",
+    )
+    assert cfg.replicas["gcs"] == (f"gs://ckpt-bucket-eu/prod?{HMAC}",)
