@@ -135,6 +135,11 @@ def parse_keep(value: object, what: str) -> int:
 _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
     "s3": {"endpoint", "region", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"},
+    # hmac_key_id/hmac_secret_file/auth: the node's [gcs] credentials (shim.store.backends.gcs), never an annotation's.
+    "gs": {
+        *("endpoint", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"),
+        *("hmac_key_id", "hmac_secret_file", "auth"),
+    },
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
     "az": {"endpoint", "block_mb", "packs", "pack_mb", "key_file", "allow_plaintext", "credentials_file"},
 }
@@ -143,6 +148,9 @@ _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 # module without the store.
 _MAX_PACK_MB = 256
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# GCS's rules; the backend checks them in full (dot-separated parts, IP addresses): shim.store.backends.gcs.
+_GCS_BUCKET_OK = re.compile(r"^(?!goog)(?!.*g(?:oo|00)gle)[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+_GCS_KEY_ID_OK = re.compile(r"^[A-Za-z0-9]{4,128}$")
 _REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
 # Azure's naming rules (shim.store.backends.azure has the same; not imported, see _MAX_PACK_MB).
 _AZ_ACCOUNT_OK = re.compile(r"^[a-z0-9]{3,24}$")
@@ -163,9 +171,9 @@ def _megabytes(value: str, what: str, low: float, high: float) -> None:
 
 def validate_store_url(url: str, what: str) -> str:
     """Check a store URL completely at Create, so a bad one fails there and not at the first checkpoint."""
-    m = re.match(r"^(file|s3|az|oci)://.+", url)
+    m = re.match(r"^(file|s3|az|gs|oci)://.+", url)
     if not m:
-        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, az:// or oci://)")
+        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, az://, gs:// or oci://)")
     scheme = m[1]
     try:
         u = urlsplit(url)
@@ -191,13 +199,23 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: '..' is not allowed in a store path")
         if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
             raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
-    elif scheme == "s3":
-        if not _S3_BUCKET_OK.match(u.netloc):
+    elif scheme in ("s3", "gs"):
+        if scheme == "s3" and not _S3_BUCKET_OK.match(u.netloc):
             raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not an S3 bucket name")
+        if scheme == "gs" and not _GCS_BUCKET_OK.match(u.netloc):
+            raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not a GCS bucket name")
         if "endpoint" in opt:
             ep = urlsplit(opt["endpoint"])
             if ep.scheme not in ("http", "https") or not ep.hostname or ep.path not in ("", "/") or ep.query:
                 raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT]")
+            if scheme == "gs" and ep.scheme == "http" and not _loopback(ep.hostname):
+                raise PolicyError(f"{what}: {url!r}: a gs endpoint is https (plain http only to a loopback address)")
+        if "hmac_key_id" in opt and not _GCS_KEY_ID_OK.match(opt["hmac_key_id"]):
+            raise PolicyError(f"{what}: {url!r}: hmac_key_id is not a GCS HMAC access id")
+        if "hmac_secret_file" in opt and not _AUTH_FILE_OK.match(opt["hmac_secret_file"]):
+            raise PolicyError(f"{what}: {url!r}: hmac_secret_file must be an absolute path")
+        if "auth" in opt and opt["auth"] not in ("hmac", "metadata"):
+            raise PolicyError(f"{what}: {url!r}: auth={opt['auth']!r} is not hmac or metadata")
         if "region" in opt and not _REGION_OK.match(opt["region"]):
             raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
         if "multipart_mb" in opt:
@@ -289,6 +307,10 @@ class NodeConfig:
     # [registry] auth_file: a Docker-config-format file with registry credentials (a node secret): every
     # oci:// store URL gets it as `auth_file=` (shim.store.backends.registry_auth), annotation URLs may not.
     registry_auth_file: str | None = None
+    # [gcs] hmac_key_id + hmac_secret_file (an HMAC key, a node secret) or auth = "metadata" (the instance's
+    # service account): every gs:// URL gets them as options (shim.store.backends.gcs), annotation URLs may
+    # not name any.
+    gcs_auth: tuple[tuple[str, str], ...] = ()
     # [azure] credentials_file: an Azure connection string (AccountName + AccountKey or SharedAccessSignature),
     # a node secret: every az:// store URL gets it as `credentials_file=` (shim.store.backends.azure).
     azure_credentials_file: str | None = None
@@ -322,6 +344,7 @@ class NodeConfig:
             "stream_budget_mib",
             "encryption",
             "registry",
+            "gcs",
             "azure",
         }
         unknown = set(data) - known
@@ -382,6 +405,12 @@ class NodeConfig:
             stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
             cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
             replicas = {n: tuple(with_auth_file(u, auth_file) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
+        if "gcs" in data:
+            gcs = parse_gcs(data["gcs"], f"{where} [gcs]")
+            stores = {name: with_gcs_auth(url, gcs) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, gcs_auth=gcs, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_gcs_auth(u, gcs) for u in urls) for n, urls in cfg.replicas.items()}
             cfg = replace(cfg, replicas=replicas)
         if "azure" in data:
             creds = parse_azure(data["azure"], f"{where} [azure]")
@@ -523,6 +552,32 @@ def with_auth_file(url: str, auth_file: str | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}auth_file={auth_file}"
 
 
+def parse_gcs(table: object, what: str) -> tuple[tuple[str, str], ...]:
+    """The gs:// URL options for the node's GCS credentials."""
+    if isinstance(table, dict) and table == {"auth": "metadata"}:
+        return (("auth", "metadata"),)
+    if not isinstance(table, dict) or set(table) != {"hmac_key_id", "hmac_secret_file"}:
+        raise PolicyError(
+            f'{what}: expected hmac_key_id = "GOOG1..." and hmac_secret_file = "/path" (mode 0600), '
+            'or auth = "metadata" (the instance\'s service account)'
+        )
+    key_id, path = table["hmac_key_id"], table["hmac_secret_file"]
+    if not isinstance(key_id, str) or not _GCS_KEY_ID_OK.match(key_id):
+        raise PolicyError(f"{what} hmac_key_id: not a GCS HMAC access id (letters and digits)")
+    if not isinstance(path, str) or not _AUTH_FILE_OK.match(path) or ".." in path.split("/"):
+        raise PolicyError(
+            f"{what} hmac_secret_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'"
+        )
+    return (("hmac_key_id", key_id), ("hmac_secret_file", path))
+
+
+def with_gcs_auth(url: str, options: tuple[tuple[str, str], ...]) -> str:
+    """A gs:// store URL carrying the node's GCS credential options (an annotation URL may not name them)."""
+    if not options or not url.startswith("gs://"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{'&'.join(f'{k}={v}' for k, v in options)}"
+
+
 def parse_azure(table: object, what: str) -> str:
     if not isinstance(table, dict) or set(table) != {"credentials_file"}:
         raise PolicyError(f'{what}: expected credentials_file = "/path" (a file with an Azure connection string)')
@@ -655,6 +710,8 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
             raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
         if "auth_file" in named or re.search(r"[?&]auth_file=", value):
             raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
+        if named & {"hmac_key_id", "hmac_secret_file", "auth"} or re.search(r"[?&](hmac_|auth=)", value):
+            raise PolicyError(f"{STORE}: GCS credentials come from the node configuration, not annotations")
         if "credentials_file" in named or re.search(r"[?&]credentials_file=", value):
             raise PolicyError(f"{STORE}: Azure credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
@@ -663,7 +720,8 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
         url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
-        return with_azure_credentials(with_auth_file(url, node.registry_auth_file), node.azure_credentials_file)
+        url = with_azure_credentials(with_auth_file(url, node.registry_auth_file), node.azure_credentials_file)
+        return with_gcs_auth(url, node.gcs_auth)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]

@@ -636,7 +636,7 @@ class Store:
     # ------------------------------------------------------------------ fencing
     @property
     def can_fence(self) -> bool:
-        """Whether the backend keeps owner epochs (file://, s3://, az://); a registry cannot."""
+        """Whether the backend keeps owner epochs (file://, s3://, az://, gs://); a registry cannot."""
         return type(self.backend).create_epoch is not Backend.create_epoch
 
     def claim(self, key: str, owner: str) -> int:

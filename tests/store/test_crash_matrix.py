@@ -79,6 +79,9 @@ CASES = (
     + [("file", "gc", p) for p in GC_FILE]
     + [("s3", "gc", p) for p in GC_S3]
     + [("file-loose", "gc", "store.gc.after-delete"), ("s3-loose", "gc", "store.gc.after-delete")]
+    # gs:// is the S3 code above another client: a few points through it (SeaweedFS as the server).
+    + [("gs", "put", p) for p in ("store.pack.after-upload", "store.put.before-manifest")]
+    + [("gs", "gc", "store.gc.mid-rewrite")]
     # az:// shares s3://'s object layer (ObjectBackend, packs): the same points, on Azurite.
     + [("az", "put", p) for p in PUT_S3]
     + [("az-loose", "put", p) for p in PUT_S3_LOOSE]
@@ -92,7 +95,8 @@ def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
         return f"file://{tmp_path}/store"
     if backend == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    url = request.getfixturevalue("azure_server" if backend.startswith("az") else "s3_server").url
+    fixture = {"gs": "gs_server"}.get(backend, "azure_server" if backend.startswith("az") else "s3_server")
+    url = request.getfixturevalue(fixture).url
     # 1 MiB packs: several per put, so a gc both deletes whole packs and rewrites partly dead ones.
     return url + ("&packs=0" if backend.endswith("-loose") else "&pack_mb=1")
 
