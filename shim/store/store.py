@@ -825,7 +825,7 @@ class Store:
                         where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {ref[0]}"
                         pending.append(pool.submit(fetch, fd, ref, where))
                         if span is not None:
-                            pending[-1].add_done_callback(lambda _f, span=span: _end_span(span))
+                            pending[-1].add_done_callback(functools.partial(_end_span, span))
                         if pending[0].done() and pending[0].exception():
                             pending[0].result()  # stop early on the first bad chunk
                     while len(open_files) > 32:
@@ -1025,7 +1025,7 @@ class Store:
         return set(self.backend.retry("list manifests", lambda: self.backend.list_manifests(None)))
 
 
-def _end_span(span: FileSpan) -> None:
+def _end_span(span: FileSpan, _done: Future[None]) -> None:
     span.end = max(span.end, time.monotonic())
 
 
