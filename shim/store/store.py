@@ -748,32 +748,37 @@ class Store:
         slots = threading.BoundedSemaphore(self.max_inflight)
         cache = ChunkCache()  # chunks that slice references share
 
-        def fetch(fd: int, ref: builtins.list[Any], where: str) -> None:
-            off, length, digest = ref[:3]
+        def write(fd: int, view: memoryview, pos: int) -> None:
+            watch = Stopwatch(timings)
+            length = len(view)
+            while view:
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+            watch.lap("write_s")
+            if timings is not None:
+                timings.wrote(length)
+
+        def fetch(fd: int, refs: builtins.list[Any], where: str) -> None:
+            """Write refs, which all name one chunk (see _ref_groups): it is fetched and verified once."""
+            digest = refs[0][2]
             try:
                 if digest == ZERO:
                     if timings is not None:
                         timings.zero()
                     return  # a hole: ftruncate already made it read as zeros
-                if len(ref) == 5:
-                    coff, clen = ref[3], ref[4]
+                if len(refs[0]) == 5:
+                    clen = refs[0][4]
                     data = cache.get(digest, lambda: self._fetch_verified(digest, clen, where, m.sealed_with, timings))
-                    if coff + length > len(data):
-                        raise ChunkCorrupt(digest, f"has {len(data)} bytes, no slice at {coff} of {length}", where)
-                    view = memoryview(data)[coff : coff + length]
+                    for off, length, _digest, coff, _clen in refs:
+                        if coff + length > len(data):
+                            raise ChunkCorrupt(digest, f"has {len(data)} bytes, no slice at {coff} of {length}", where)
+                        write(fd, memoryview(data)[coff : coff + length], off)
                 else:
-                    view = memoryview(self._fetch_verified(digest, length, where, m.sealed_with, timings))
-                watch = Stopwatch(timings)
-                pos = off
-                while view:
-                    n = os.pwrite(fd, view, pos)
-                    view, pos = view[n:], pos + n
-                watch.lap("write_s")
-                if timings is not None:
-                    timings.wrote(length)
+                    off, length = refs[0][:2]
+                    write(fd, memoryview(self._fetch_verified(digest, length, where, m.sealed_with, timings)), off)
             finally:
                 slots.release()
-                counter.add(length)
+                counter.add(sum(r[1] for r in refs))
 
         try:
             for e in m.entries:
@@ -811,19 +816,20 @@ class Store:
                 os.close(fd)
 
         files = sorted(files, key=lambda e: e["size"])
-        self.backend.plan_reads(c[2] for e in files for c in e["chunks"] if c[2] != ZERO)
+        groups = [_ref_groups(e["chunks"]) for e in files]
+        self.backend.plan_reads(g[0][2] for file_groups in groups for g in file_groups if g[0][2] != ZERO)
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-get") as pool:
-                for e in files:
+                for e, file_groups in zip(files, groups, strict=True):
                     fd = tree.create(e["path"])
                     pending: list[Future[None]] = []
                     open_files.append((fd, pending))
                     os.ftruncate(fd, e["size"])
                     span = timings.file(e["path"], e["size"]) if timings is not None else None
-                    for ref in e["chunks"]:
+                    for group in file_groups:
                         slots.acquire()
-                        where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {ref[0]}"
-                        pending.append(pool.submit(fetch, fd, ref, where))
+                        where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {group[0][0]}"
+                        pending.append(pool.submit(fetch, fd, group, where))
                         if span is not None:
                             pending[-1].add_done_callback(functools.partial(_end_span, span))
                         if pending[0].done() and pending[0].exception():
@@ -1023,6 +1029,24 @@ class Store:
 
     def _manifest_set(self) -> set[tuple[str, str]]:
         return set(self.backend.retry("list manifests", lambda: self.backend.list_manifests(None)))
+
+
+def _ref_groups(refs: builtins.list[Any]) -> builtins.list[builtins.list[Any]]:
+    """A file's chunk references as units of work: each whole-chunk reference alone, and all slices of one chunk
+    together at its first slice's place. A page-granular file slices a chunk of gathered changed pages at places
+    spread over the whole file; one unit per chunk fetches it once, where a bounded cache would evict it between
+    its slices and fetch it again."""
+    out: builtins.list[builtins.list[Any]] = []
+    sliced: dict[str, builtins.list[Any]] = {}
+    for ref in refs:
+        if len(ref) != 5:
+            out.append([ref])
+        elif (group := sliced.get(ref[2])) is not None:
+            group.append(ref)
+        else:
+            sliced[ref[2]] = group = [ref]
+            out.append(group)
+    return out
 
 
 def _end_span(span: FileSpan, _done: Future[None]) -> None:

@@ -256,7 +256,16 @@ def test_chunk_digests_count_slices_and_table(tmp_path: Path) -> None:
     assert all(r[2] in digests for r in doc["page_table"]["chunks"])
 
 
-def test_restore_fetches_each_sliced_chunk_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache_bytes", [None, 0], ids=["cache", "no-cache"])
+def test_restore_fetches_each_sliced_chunk_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_bytes: int | None
+) -> None:
+    """Once even when no chunk stays cached (a file larger than the cache slices a chunk all over itself)."""
+    if cache_bytes is not None:
+        from shim.store import store as store_module
+        from shim.store.chunkcache import ChunkCache
+
+        monkeypatch.setattr(store_module, "ChunkCache", lambda: ChunkCache(limit=cache_bytes))
     url = f"file://{tmp_path}/store"
     second_put(tmp_path, url, 1)
     store = open_store(url)
@@ -273,7 +282,10 @@ def test_restore_fetches_each_sliced_chunk_once(tmp_path: Path) -> None:
     store.backend.get_chunk = counting  # type: ignore[method-assign]
     store.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "b")
-    assert len(fetched) == len(set(fetched))
+    if cache_bytes is None:
+        assert len(fetched) == len(set(fetched))
+    else:  # once per file that uses it (pages-2.img repeats pages of pages-1.img), however spread its slices
+        assert len(fetched) == sum(len({r[2] for r in e.get("chunks", []) if r[2] != "zero"}) for e in doc["entries"])
 
 
 def test_page_images_beyond_one_table_fall_back_to_fastcdc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
