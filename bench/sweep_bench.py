@@ -128,10 +128,9 @@ class Sweep:
         from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY
 
         self.work, self.args = work, args
-        self.store = f"file://{work / 'store'}"
+        self.store = f"file://{work / 'store'}"  # the upload series' and the interrupted run's
         self.images = build_test_images(work / "images")
         self.a, self.b = ContainerdNode("a"), ContainerdNode("b")
-        self.s3 = None
         if "s3" not in args.skip:
             # The shim inherits containerd's environment: the nodes start with the S3 credentials.
             os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = S3_ACCESS_KEY, S3_SECRET_KEY
@@ -143,17 +142,10 @@ class Sweep:
         self.a.start()
         self.b.start()
         self.refs = {"a": self.a.import_image(self.images.memjob), "b": self.b.import_image(self.images.memjob)}
-        if "s3" not in self.args.skip:
-            from tests.harness.servers import SeaweedS3
-
-            self.s3 = SeaweedS3(self.work / "seaweed")
-            self.s3.start()
 
     def stop(self) -> None:
         self.a.destroy()
         self.b.destroy()
-        if self.s3 is not None:
-            self.s3.shutdown()
 
     def _remove(self, node: Any, cid: str) -> None:
         node.ctr("task", "kill", "-s", "SIGKILL", cid, check=False, input="")
@@ -183,7 +175,9 @@ class Sweep:
         rev: dict[str, Any] = {}
         stock: dict[str, Any] = {}
         disk = Path(tempfile.mkdtemp(prefix="rv-sweep-", dir="/var/tmp"))
-        job = Job(f"j{mib}", f"bench/sweep-{mib}/main", self.store, mib=mib, interval="off")
+        # A store per size, removed after it: the disk holds one size's checkpoints at a time.
+        store_dir = self.work / f"store-{mib}"
+        job = Job(f"j{mib}", f"bench/sweep-{mib}/main", f"file://{store_dir}", mib=mib, interval="off")
         stock_id = f"stock{mib}"
 
         def runc_checkpoint(*args: str) -> None:
@@ -245,6 +239,7 @@ class Sweep:
             a.ctr("containers", "rm", stock_id, check=False, input="")
             subprocess.run(["umount", "-R", str(disk / "bundle" / "rootfs")], capture_output=True)
             shutil.rmtree(disk, ignore_errors=True)
+            shutil.rmtree(store_dir, ignore_errors=True)
         return rev, stock
 
     def _runc_restore(self, disk: Path, archive: Path, stock_id: str) -> dict[str, Any]:
@@ -285,14 +280,16 @@ class Sweep:
         from harness.memjob import wait_for_step
         from harness.metadata_server import MetadataServer
         from harness.protect import AgentProcess, Job, job_log, run_job
-        from tests.harness.servers import S3_BUCKET
+        from tests.harness.servers import S3_BUCKET, SeaweedS3
 
-        assert self.s3 is not None
-        store = f"s3://{S3_BUCKET}/sweep-{os.getpid()}?endpoint={self.s3.endpoint}"
+        # A fresh SeaweedFS per size, its data removed after: the disk holds one size's objects at a time.
+        s3 = SeaweedS3(self.work / f"seaweed-{mib}")
+        store = f"s3://{S3_BUCKET}/sweep-{os.getpid()}?endpoint={s3.endpoint}"
         job = Job(f"s3j{mib}", f"bench/sweep-s3-{mib}/main", store, mib=mib, interval="off")
         metadata = MetadataServer(("aws",)).start()
         agent = AgentProcess(self.a.revenant_run_dir, metadata.url, self.work / f"agent-{mib}.log")
         try:
+            s3.start()
             run_job(self.a, self.refs["a"], job, command=memjob(mib, 9))
             wait_for_step(job_log(self.a, job.cid), 2, timeout=_start_wait_s(mib))
             agent.start()
@@ -314,6 +311,8 @@ class Sweep:
             agent.stop()
             metadata.stop()
             self._remove(self.a, job.cid)
+            s3.shutdown()
+            shutil.rmtree(self.work / f"seaweed-{mib}", ignore_errors=True)
 
     def _podman(self, mib: int) -> dict[str, Any]:
         from harness.wait import wait_until
