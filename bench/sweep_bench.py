@@ -33,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -399,11 +400,13 @@ class Sweep:
                 results[k] = {"k": k, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             say(f"interrupted run k={k}: {results[k]}")
 
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(max_k + 1)]
+        # Daemon threads: an interrupted sweep tears its nodes down without waiting for the runs.
+        threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(max_k + 1)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            while t.is_alive():  # in slices: a signal reaches the main thread meanwhile
+                t.join(1)
         runs = [results[k] for k in sorted(results) if "wall_s" in results[k]]
         errors = [results[k] for k in sorted(results) if "error" in results[k]]
         return {
@@ -509,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(data, indent=1) + "\n")
 
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through the teardown below
+
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     with heavy_lock(heavy):
         sweep = Sweep(work, args)
         try:
