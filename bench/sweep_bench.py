@@ -395,6 +395,8 @@ class Sweep:
                 nodes = [self.a] if k == 0 else [self.a, self.b]
                 wall, final, moves = self.run_to_completion(nodes, mib, steps, interval_ms, k, f"k{k}")
                 assert_continuous(final)
+                if not final or final[-1].n != steps:  # stopped early: killed, not finished
+                    raise RuntimeError(f"the job stopped at step {final[-1].n if final else 0} of {steps}")
                 results[k] = {"k": k, "wall_s": wall, "moves_s": moves, "lost": steps - len({s.n for s in final})}
             except Exception as e:  # reported in the JSON: the other runs' figures still count
                 results[k] = {"k": k, "error": f"{type(e).__name__}: {str(e)[:300]}"}
