@@ -56,18 +56,22 @@ SIZE_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
 
 
 def load(paths: Sequence[Path]) -> dict[str, Any]:
-    """Read one or more result files; a later file's sections replace an earlier one's."""
+    """Read one or more result files (runs split into parts): sizes are merged by size, a later file's
+    entry replacing an earlier one's of the same size; the other sections are replaced whole."""
     merged: dict[str, Any] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a sweep result (a JSON object expected)")
+        validate(data)
         for key, value in data.items():
             if key == "meta":
                 merged.setdefault("meta", []).append(value)
+            elif key == "sizes":
+                by_gib = {e["gib"]: e for e in merged.get("sizes", [])} | {e["gib"]: e for e in value or []}
+                merged["sizes"] = [by_gib[g] for g in sorted(by_gib)]
             elif key in SECTIONS:
                 merged[key] = value
-    validate(merged)
     return merged
 
 

@@ -108,13 +108,15 @@ def test_plot_only_redraws_all_three_small_pngs(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < png.stat().st_size < 200_000, name
 
 
-def test_later_files_replace_sections_and_missing_ones_are_not_drawn(tmp_path: Path) -> None:
+def test_files_merge_by_size_and_missing_sections_are_not_drawn(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the dev extra installs matplotlib")
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_text(json.dumps({"sizes": sample()["sizes"]}))
-    second.write_text(json.dumps({"sizes": [size_entry(0.5, 1.0)], "interruptions": sample()["interruptions"]}))
+    first.write_text(json.dumps({"sizes": sample()["sizes"], "interruptions": {"runs": []}}))
+    second.write_text(json.dumps({"sizes": [size_entry(1, 5.0)], "interruptions": sample()["interruptions"]}))
     data = report.load([first, second])
-    assert [e["gib"] for e in data["sizes"]] == [0.5] and "incremental" not in data
+    assert [e["gib"] for e in data["sizes"]] == [0.25, 1, 2, 4] and "incremental" not in data
+    assert data["sizes"][1]["revenant"]["freeze_s"] == 6.0  # the later file's 1 GiB entry
+    assert len(data["interruptions"]["runs"]) == 2
     written = report.plot(data, tmp_path)
     assert sorted(p.name for p in written) == sorted([report.PNG_SIZES, report.PNG_INTERRUPTIONS])
 
