@@ -13,8 +13,10 @@ Every figure is seconds (or bytes); a missing one (a side skipped or failed) is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -279,11 +281,15 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
         xs = list(range(1, len(cps) + 1))
         ax.bar(xs, [c["bytes_uploaded"] / 2**20 for c in cps], label="uploaded")
         ax.plot(xs, [(c.get("bytes_read") or 0) / 2**20 for c in cps], "k--", marker=".", label="checkpoint size")
+        steps = [b["step"] - a["step"] for a, b in itertools.pairwise(cps) if _finite(a.get("step")) and _finite(b.get("step"))]
+        between = f"~{statistics.median(steps):g}" if steps else "?"
+        mutate = inc.get("mutate")
+        share = f"{100 * mutate:g} %" if _finite(mutate) else "?"
         ax.set(
             xlabel="checkpoint of one job",
             ylabel="MiB",
-            title=f"bytes uploaded per checkpoint ({inc.get('gib', '?')} GiB memjob, "
-            f"{inc.get('steps_between', '?')} steps of {inc.get('mutate', '?')} between)",
+            title=f"uploaded per checkpoint: {inc.get('gib', '?')} GiB memjob,\n"
+            f"{between} steps between, each rewriting {share} of its pages at random",
         )
         ax.set_xticks(xs)
         ax.legend()
