@@ -281,7 +281,8 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
         xs = list(range(1, len(cps) + 1))
         ax.bar(xs, [c["bytes_uploaded"] / 2**20 for c in cps], label="uploaded")
         ax.plot(xs, [(c.get("bytes_read") or 0) / 2**20 for c in cps], "k--", marker=".", label="checkpoint size")
-        steps = [b["step"] - a["step"] for a, b in itertools.pairwise(cps) if _finite(a.get("step")) and _finite(b.get("step"))]
+        pairs = itertools.pairwise(cps)
+        steps = [b["step"] - a["step"] for a, b in pairs if _finite(a.get("step")) and _finite(b.get("step"))]
         between = f"~{statistics.median(steps):g}" if steps else "?"
         mutate = inc.get("mutate")
         share = f"{100 * mutate:g} %" if _finite(mutate) else "?"
