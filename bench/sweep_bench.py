@@ -157,7 +157,7 @@ class Sweep:
     def size(self, gib: float) -> dict[str, Any]:
         mib = round(gib * 1024)
         entry: dict[str, Any] = {"gib": gib, "mib": mib, "load_before": load_average()}
-        entry["revenant"], entry["runc"] = self._revenant_and_runc(mib)
+        entry["revenant"], entry["runc"] = ({}, {}) if "local" in self.args.skip else self._revenant_and_runc(mib)
         if "s3" not in self.args.skip:
             entry["revenant"].update(self._notice_s3(mib))
         if "podman" not in self.args.skip:
@@ -284,7 +284,7 @@ class Sweep:
         from tests.harness.servers import S3_BUCKET, SeaweedS3
 
         # A fresh SeaweedFS per size, its data removed after: the disk holds one size's objects at a time.
-        s3 = SeaweedS3(self.work / f"seaweed-{mib}")
+        s3 = SeaweedS3(self.work / f"seaweed-{mib}", volume_max=max(50, mib * 2 // 64))  # 64 MB volumes
         store = f"s3://{S3_BUCKET}/sweep-{os.getpid()}?endpoint={s3.endpoint}"
         job = Job(f"s3j{mib}", f"bench/sweep-s3-{mib}/main", store, mib=mib, interval="off")
         metadata = MetadataServer(("aws",)).start()
@@ -476,7 +476,13 @@ def write_outputs(data: dict[str, Any], out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=_sizes, default=[0.125, 0.25], help="GiB, comma-separated (default 0.125,0.25)")
-    ap.add_argument("--skip", action="append", default=[], choices=("restore", "s3", "podman", "incremental", "run"))
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("local", "restore", "s3", "podman", "incremental", "run"),
+        help="local = the file:// store and runc side (freeze, local commit, restore); restore = just the restores",
+    )
     ap.add_argument("--checkpoints", type=int, default=10, help="checkpoints of one job for the upload series")
     ap.add_argument("--incremental-gib", type=float, default=0.25)
     ap.add_argument("--steps-between", type=int, default=5, help="memjob steps between those checkpoints")

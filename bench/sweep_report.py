@@ -58,8 +58,8 @@ SIZE_PANELS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
 
 
 def load(paths: Sequence[Path]) -> dict[str, Any]:
-    """Read one or more result files (runs split into parts): sizes are merged by size, a later file's
-    entry replacing an earlier one's of the same size; the other sections are replaced whole."""
+    """Read one or more result files (runs split into parts): sizes are merged by size and side, a later
+    file's figures replacing an earlier one's for the same size; the other sections are replaced whole."""
     merged: dict[str, Any] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -70,7 +70,11 @@ def load(paths: Sequence[Path]) -> dict[str, Any]:
             if key == "meta":
                 merged.setdefault("meta", []).append(value)
             elif key == "sizes":
-                by_gib = {e["gib"]: e for e in merged.get("sizes", [])} | {e["gib"]: e for e in value or []}
+                by_gib = {e["gib"]: e for e in merged.get("sizes", [])}
+                for e in value or []:
+                    old = by_gib.get(e["gib"], {})
+                    sides = {k: {**(old.get(k) or {}), **v} for k, v in e.items() if isinstance(v, dict)}
+                    by_gib[e["gib"]] = {**old, **e, **sides}
                 merged["sizes"] = [by_gib[g] for g in sorted(by_gib)]
             elif key in SECTIONS:
                 merged[key] = value

@@ -112,10 +112,13 @@ def test_files_merge_by_size_and_missing_sections_are_not_drawn(tmp_path: Path) 
     pytest.importorskip("matplotlib", reason="the dev extra installs matplotlib")
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps({"sizes": sample()["sizes"], "interruptions": {"runs": []}}))
-    second.write_text(json.dumps({"sizes": [size_entry(1, 5.0)], "interruptions": sample()["interruptions"]}))
+    later = size_entry(1, 5.0)
+    del later["runc"]["restore_s"]  # a later run that skipped the restores
+    second.write_text(json.dumps({"sizes": [later], "interruptions": sample()["interruptions"]}))
     data = report.load([first, second])
     assert [e["gib"] for e in data["sizes"]] == [0.25, 1, 2, 4] and "incremental" not in data
-    assert data["sizes"][1]["revenant"]["freeze_s"] == 6.0  # the later file's 1 GiB entry
+    assert data["sizes"][1]["revenant"]["freeze_s"] == 6.0  # the later file's 1 GiB figures
+    assert data["sizes"][1]["runc"]["restore_s"] == 3.0  # and the earlier one's where the later has none
     assert len(data["interruptions"]["runs"]) == 2
     written = report.plot(data, tmp_path)
     assert sorted(p.name for p in written) == sorted([report.PNG_SIZES, report.PNG_INTERRUPTIONS])
