@@ -497,7 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="rv-sweep-out-"))
     if args.plot_only:
-        write_outputs(sweep_report.load(args.plot_only), out_dir)
+        merged = sweep_report.load(args.plot_only)
+        if args.json:  # the parts of a sweep run in pieces, as one record
+            args.json.write_text(json.dumps(merged, indent=1) + "\n")
+        write_outputs(merged, out_dir)
         return 0
     if os.geteuid() != 0:
         ap.error("the sweep drives containerd, runc and CRIU: run it as root (--plot-only does not need root)")

@@ -67,8 +67,8 @@ def load(paths: Sequence[Path]) -> dict[str, Any]:
             raise ValueError(f"{path}: not a sweep result (a JSON object expected)")
         validate(data)
         for key, value in data.items():
-            if key == "meta":
-                merged.setdefault("meta", []).append(value)
+            if key == "meta":  # one per part (a merged file's list, kept flat)
+                merged.setdefault("meta", []).extend(value if isinstance(value, list) else [value])
             elif key == "sizes":
                 by_gib = {e["gib"]: e for e in merged.get("sizes", [])}
                 for e in value or []:
@@ -140,11 +140,16 @@ def _s(v: float | None) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
 
+def _load(entry: dict[str, Any]) -> str:
+    before, after = entry.get("load_before"), entry.get("load_after")
+    return f"{before:.0f} / {after:.0f}" if _finite(before) and _finite(after) else "-"
+
+
 def size_table(data: dict[str, Any]) -> str:
     rows = [
         "| GiB | revenant frozen | runc frozen (wall) | podman export | revenant commit local | "
-        "revenant notice -> S3 | revenant restore | runc restore | podman import |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "revenant notice -> S3 | revenant restore | runc restore | podman import | load before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in sorted(data.get("sizes") or [], key=lambda e: e["gib"]):
         runc_ck = value(e, "runc", "checkpoint_s")
@@ -152,7 +157,7 @@ def size_table(data: dict[str, Any]) -> str:
             f"| {e['gib']:g} | {_s(value(e, 'revenant', 'freeze_s'))} | {_s(value(e, 'runc', 'frozen_s'))}"
             f" ({_s(runc_ck)}) | {_s(value(e, 'podman', 'export_s'))} | {_s(value(e, 'revenant', 'commit_local_s'))}"
             f" | {_s(value(e, 'revenant', 'notice_s3_s'))} | {_s(value(e, 'revenant', 'restore_s'))}"
-            f" | {_s(value(e, 'runc', 'restore_s'))} | {_s(value(e, 'podman', 'import_s'))} |"
+            f" | {_s(value(e, 'runc', 'restore_s'))} | {_s(value(e, 'podman', 'import_s'))} | {_load(e)} |"
         )
     return "\n".join(rows)
 
@@ -161,9 +166,9 @@ def extrapolation_table(data: dict[str, Any], at_gib: float, min_gib: float = 1.
     """Each series' least-squares line through the measured sizes >= min_gib, evaluated at `at_gib`:
     an extrapolation, labelled as one wherever it is printed."""
     rows = [
-        f"| series (EXTRAPOLATED to {at_gib:g} GiB from sizes >= {min_gib:g} GiB) | s per GiB | "
-        f"at {at_gib:g} GiB | measured at |",
-        "|---|---|---|---|",
+        f"| series (EXTRAPOLATED to {at_gib:g} GiB from sizes >= {min_gib:g} GiB) | fitted s per GiB | "
+        f"at {at_gib:g} GiB, fitted line | at {at_gib:g} GiB, largest size scaled | measured at |",
+        "|---|---|---|---|---|",
     ]
     for _, series in SIZE_PANELS:
         for label, side, field in series:
@@ -176,8 +181,11 @@ def extrapolation_table(data: dict[str, Any], at_gib: float, min_gib: float = 1.
             if fit is None:
                 continue
             slope, icpt = fit
+            # A slope <= 0 says the sizes met different machine load, not that bigger is faster.
+            fitted = f"{slope * at_gib + icpt:.1f} s" if slope > 0 else "no usable slope"
+            big_x, big_y = max(pts)
             rows.append(
-                f"| {label} ({field}) | {slope:.2f} | {slope * at_gib + icpt:.1f} s | "
+                f"| {label} ({field}) | {slope:.2f} | {fitted} | {big_y * at_gib / big_x:.1f} s | "
                 f"{', '.join(f'{x:g}' for x, _ in sorted(pts))} GiB |"
             )
     return "\n".join(rows)

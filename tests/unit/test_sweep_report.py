@@ -78,7 +78,13 @@ def test_extrapolation_is_labelled_and_uses_sizes_from_one_gib() -> None:
     assert "EXTRAPOLATED to 16 GiB from sizes >= 1 GiB" in table
     # freeze_s = 1 + 2 * GiB: 33 s at 16 GiB, fitted through 1, 2, 4 (0.25 left out)
     row = next(line for line in table.splitlines() if "(freeze_s)" in line)
-    assert "| 2.00 | 33.0 s | 1, 2, 4 GiB |" in row
+    assert "| 2.00 | 33.0 s | 36.0 s | 1, 2, 4 GiB |" in row  # scaled: 9 s at 4 GiB x 4
+
+
+def test_a_falling_fit_is_not_extrapolated() -> None:
+    data = {"sizes": [size_entry(1, 2.0), {**size_entry(4, 0.1), "gib": 4}]}  # 3 s at 1 GiB, 1.4 s at 4
+    row = next(line for line in report.extrapolation_table(data, 16).splitlines() if "(freeze_s)" in line)
+    assert "no usable slope" in row and "| 5.6 s |" in row
 
 
 def test_overheads_against_the_uninterrupted_run() -> None:
@@ -90,7 +96,7 @@ def test_overheads_against_the_uninterrupted_run() -> None:
 
 def test_tables_carry_every_section_and_the_notice_breakdown() -> None:
     text = report.tables(sample())
-    assert "| 4 | 9.00 | 9.00 (9.00) | 9.00 | 18.00 | 27.00 | 9.00 | 9.00 | - |" in text  # import_s null -> "-"
+    assert "| 4 | 9.00 | 9.00 (9.00) | 9.00 | 18.00 | 27.00 | 9.00 | 9.00 | - | - |" in text  # null -> "-"
     # notice 27 s = agent 0.5 + frozen 9 (CRIU 0.1 / 0.2) + put 17.5; local put 18 - 9 = 9
     assert "| 4 | 27.00 | 0.50 | 9.00 (0.10 / 0.20) | 17.50 | 9.00 | 8.50 |" in text
     assert "| 2 | 6 | 100.0 | 10.0 | 10.0 % |" in text  # steps since the previous checkpoint
