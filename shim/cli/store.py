@@ -54,7 +54,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     reporter = _reporter(args, f"put {args.key}", "scan")
     reporter.bytes_phase("upload", when_full="commit")
     with reporter, _open(args) as store:
-        info = store.put(args.key, Path(args.dir), metadata=metadata, progress=reporter)
+        info = store.put(args.key, Path(args.dir), metadata=metadata, progress=reporter, page_images=args.page_images)
     summary = Summary(
         f"put {info.key} seq {info.seq}",
         info.bytes_read,
@@ -164,6 +164,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--key", required=True)
     sp.add_argument("--metadata", help="JSON object stored with the checkpoint")
     sp.add_argument("--chunker", help="fixed:SIZE or fastcdc:AVG (default: the store's)")
+    sp.add_argument(
+        "--page-images",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="files (relative to DIR) to dedup page by page against the key's newest checkpoint, "
+        "e.g. 'criu/pages-*.img' (repeatable)",
+    )
     sp.add_argument("dir")
     sp.set_defaults(func=_wrap(cmd_put))
 

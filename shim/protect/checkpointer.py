@@ -39,6 +39,8 @@ from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, run
 log = logging.getLogger(__name__)
 
 CRIU_DIR = "criu"  # CRIU images inside a checkpoint; the writable layer sits beside them
+# CRIU's memory page images: the store dedups them page by page against the previous checkpoint.
+PAGE_IMAGES = (f"{CRIU_DIR}/pages-*.img",)
 FORMAT = "revenant.container-checkpoint.v1"
 
 
@@ -142,7 +144,12 @@ class Checkpointer:
             with self.open_store(c.protection.store) as store:
                 epoch = claim_key(c, store)
                 info = store.put(
-                    c.protection.key, staging, metadata=metadata, progress=_progress_logger(c), epoch=epoch
+                    c.protection.key,
+                    staging,
+                    metadata=metadata,
+                    progress=_progress_logger(c),
+                    epoch=epoch,
+                    page_images=PAGE_IMAGES,
                 )
                 pruned = prune_superseded(store, c.protection.key, c.protection.keep, c.keep_seqs)
             upload_s = time.monotonic() - upload_start

@@ -6,7 +6,8 @@ before a region, which breaks fixed-offset chunks (98% of the second dump "new" 
 79% with FastCDC 64 KiB, 36% with FastCDC 16 KiB); when nothing shifts both are close (6.9% vs 8.7%).
 FastCDC at a 64 KiB average is the default: robust to shifts, while keeping the number of S3 objects
 and registry blobs (one per chunk; the file backend packs them) manageable. `fixed:SIZE` remains
-available.
+available. Page images named to put (CRIU's pages-*.img) are deduplicated page by page on top of this
+(shim/store/pages.py); their new pages are cut by this chunker, moved to page boundaries.
 """
 
 from __future__ import annotations

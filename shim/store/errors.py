@@ -34,6 +34,10 @@ class ManifestCorrupt(StoreError, errors.DataLoss):
     """A checkpoint manifest is truncated, unreadable or fails its digest check."""
 
 
+class ManifestTooNew(ManifestCorrupt):
+    """A manifest in a format newer than this revenant knows: written by a newer node, not damage."""
+
+
 class LockLost(StoreError):
     """The operation's lock lapsed (not refreshed within the stale time); it stopped before committing."""
 

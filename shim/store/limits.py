@@ -30,6 +30,9 @@ MAX_PACK_MB = 256
 MAX_PACK_CHUNKS = 1 << 16
 MAX_PACK_OBJECT = (MAX_PACK_MB << 20) + MAX_CHUNK_OBJECT + MAX_PACK_CHUNKS * 44 + 64
 MAX_INDEX_OBJECT = 256 << 20
+# A checkpoint's page table (shim.store.pages): 16 bytes per 4 KiB page of its page images, so 256 MiB
+# covers 64 GiB of process memory; the next put holds the whole table (and an index of it) in memory.
+MAX_PAGE_TABLE_BYTES = 256 << 20
 MAX_FILE_SIZE = 1 << 42  # 4 TiB apparent size (sparse files restore as holes)
 MAX_ID = 2**32 - 2  # uid/gid; 2**32 - 1 is "(uid_t) -1", which chown reads as "leave unchanged"
 NAME_MAX = 255

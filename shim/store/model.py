@@ -11,7 +11,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from .errors import ManifestCorrupt
+from .errors import ManifestCorrupt, ManifestTooNew
 from .limits import (
     MAX_CHUNK_LEN,
     MAX_CHUNK_REFS,
@@ -19,12 +19,20 @@ from .limits import (
     MAX_FILE_SIZE,
     MAX_ID,
     MAX_MANIFEST_BYTES,
+    MAX_PAGE_TABLE_BYTES,
     NAME_MAX,
     PATH_MAX,
     bounded_zstd_decode,
 )
 
 FORMAT = "revenant.checkpoint.v1"
+# v2 adds page-granular dedup (shim.store.pages): file entries flagged "pages", slice references
+# [offset, length, digest, offset_in_chunk, chunk_length] and a "page_table". Written only when a put
+# uses them, so a v1 reader refuses such a manifest by its format instead of misreading it.
+FORMAT_V2 = "revenant.checkpoint.v2"
+PAGE = 4096
+PAGE_HASH_LEN = 16
+PAGE_HASH = "blake3-128"  # the page table's hash: BLAKE3 of each 4 KiB page, first 16 bytes
 _MAGIC = b"RVNMANIFEST1 "  # then 64 hex chars of BLAKE3(payload), '\n', zstd(JSON)
 # Digest recorded for a chunk that is all zeros: never stored, restored as a hole.
 ZERO = "zero"
@@ -77,9 +85,13 @@ class Manifest:
     metadata: dict[str, Any]
     # Each entry: {"path", "type": file|dir|symlink, "mode", "mtime", "uid", "gid",
     #              file: "size", "chunks": [[offset, length, digest], ...]; symlink: "target"}
+    # v2: a file's reference may be a slice [offset, length, digest, offset_in_chunk, chunk_length], and
+    # a page-image file has "pages": true (its pages' hashes are in page_table).
     entries: list[dict[str, Any]]
     stats: dict[str, int]
     epoch: int | None = None  # the writer's owner epoch (Store.claim), None for puts without one
+    # {"hash": PAGE_HASH, "size": bytes, "chunks": [[offset, length, digest], ...]}: v2 only
+    page_table: dict[str, Any] | None = None
     sealed_with: Any = field(default=None, repr=False, compare=False)  # the StoreKey it was read with
 
     def info(self, name: str = "") -> CheckpointInfo:
@@ -100,7 +112,15 @@ class Manifest:
         )
 
     def chunk_digests(self) -> set[str]:
-        return {c[2] for e in self.entries if e["type"] == "file" for c in e["chunks"] if c[2] != ZERO}
+        """Every chunk this checkpoint needs: its files' (whole or sliced) and its page table's."""
+        digests = {c[2] for e in self.entries if e["type"] == "file" for c in e["chunks"] if c[2] != ZERO}
+        if self.page_table is not None:
+            digests.update(c[2] for c in self.page_table["chunks"] if c[2] != ZERO)
+        return digests
+
+    def page_files(self) -> list[dict[str, Any]]:
+        """The page-image file entries, in the order of their hashes in the page table."""
+        return [e for e in self.entries if e["type"] == "file" and e.get("pages")]
 
     def encode(self) -> bytes:
         raw = json.dumps(self._doc(), separators=(",", ":")).encode()
@@ -140,7 +160,7 @@ class Manifest:
 
     def _doc(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
+            "format": FORMAT if self.page_table is None else FORMAT_V2,
             "key": self.key,
             "seq": self.seq,
             "parent": self.parent,
@@ -150,7 +170,12 @@ class Manifest:
             "stats": self.stats,
             "entries": self.entries,
             **({"epoch": self.epoch} if self.epoch is not None else {}),
+            **({"page_table": self.page_table} if self.page_table is not None else {}),
         }
+
+
+def page_count(size: int) -> int:
+    return -(-size // PAGE)
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -214,8 +239,11 @@ def check_symlink_target(path: str, target: Any) -> None:
             depth += 1
 
 
-def _check_entry(e: Any, dirs: set[str], seen: set[str]) -> int:
-    """Validate one entry; returns its number of chunk references."""
+def _check_entry(e: Any, dirs: set[str], seen: set[str], v2: dict[str, int] | None = None) -> int:
+    """Validate one entry; returns its number of chunk references.
+
+    v2: None for a v1 manifest; else digest -> chunk length seen so far in this manifest (one chunk has
+    one length), and slice references, the "pages" flag and ordered, non-overlapping references apply."""
     if type(e) is not dict:
         raise ValueError("entry is not an object")
     path: Any = e.get("path")  # a str once check_entry_path passed
@@ -247,25 +275,66 @@ def _check_entry(e: Any, dirs: set[str], seen: set[str]) -> int:
     size: Any = e.get("size")
     if not _int(size, 0, MAX_FILE_SIZE):
         raise ValueError(f"bad size {size!r}")
+    if "pages" in e and (v2 is None or e["pages"] is not True):
+        raise ValueError(f"bad pages flag {e['pages']!r:.20}")
     chunks = e.get("chunks")
     if type(chunks) is not list:
         raise ValueError("chunks is not a list")
+    check_refs(chunks, size, v2)
+    return len(chunks)
+
+
+def check_refs(chunks: list[Any], size: int, v2: dict[str, int] | None) -> None:
+    """A file's (or the page table's) references: in bounds; in v2 also slices, in order, not overlapping."""
+    end = 0
     for c in chunks:
-        if type(c) is not list or len(c) != 3:
+        if type(c) is not list or not (len(c) == 3 or (v2 is not None and len(c) == 5)):
             raise ValueError(f"bad chunk reference {c!r:.80}")
-        off, length, digest = c
+        off, length, digest = c[:3]
         if not _int(off, 0, size) or not _int(length, 1, MAX_CHUNK_LEN) or off + length > size:
             raise ValueError(f"chunk [{off!r:.20}, {length!r:.20}] outside the file's {size} bytes")
         if digest != ZERO and not (type(digest) is str and _HEX64.fullmatch(digest)):
             raise ValueError(f"bad chunk digest {digest!r:.80}")
-    return len(chunks)
+        if v2 is None:
+            continue
+        if off < end:
+            raise ValueError(f"chunk at {off} overlaps or precedes the one before (ending at {end})")
+        end = off + length
+        if digest == ZERO:
+            if len(c) != 3:
+                raise ValueError("a slice of the zero chunk")
+            continue
+        coff, clen = (c[3], c[4]) if len(c) == 5 else (0, length)
+        if not _int(clen, 1, MAX_CHUNK_LEN) or not _int(coff, 0, clen) or coff + length > clen:
+            raise ValueError(f"slice [{coff!r:.20}, +{length}] outside its {clen!r:.20}-byte chunk")
+        if v2.setdefault(digest, clen) != clen:
+            raise ValueError(f"chunk {digest} referenced as {clen} and as {v2[digest]} bytes long")
+
+
+def _check_page_table(doc: dict[str, Any], entries: list[Any], v2: dict[str, int]) -> None:
+    table = doc.get("page_table")
+    if type(table) is not dict or table.get("hash") != PAGE_HASH:
+        raise ValueError(f"page_table {str(table)[:80]!r} is not a {PAGE_HASH} table")
+    pages = sum(page_count(e["size"]) for e in entries if e["type"] == "file" and e.get("pages"))
+    size: Any = table.get("size")
+    if size != pages * PAGE_HASH_LEN or not _int(size, 0, MAX_PAGE_TABLE_BYTES):
+        raise ValueError(f"page_table size {size!r:.20} for {pages} pages (at most {MAX_PAGE_TABLE_BYTES} bytes)")
+    chunks = table.get("chunks")
+    if type(chunks) is not list or len(chunks) > MAX_CHUNK_REFS:
+        raise ValueError(f"page_table chunks is not a list of at most {MAX_CHUNK_REFS}")
+    check_refs(chunks, size, v2)
+    if any(len(c) != 3 or c[2] == ZERO for c in chunks) or sum(c[1] for c in chunks) != size:
+        raise ValueError("page_table chunks do not cover it with whole chunks")
 
 
 def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
     """The one schema check every decoded manifest passes: types, ranges, path rules and counts."""
     if type(doc) is not dict:
         raise ManifestCorrupt(f"{what} is not a JSON object")
-    if doc.get("format") != FORMAT:
+    if doc.get("format") not in (FORMAT, FORMAT_V2):
+        newer = re.fullmatch(r"revenant\.checkpoint\.v([0-9]{1,6})", str(doc.get("format")))
+        if newer and int(newer.group(1)) > 2:
+            raise ManifestTooNew(f"{what} has format {doc['format']!r}, newer than this revenant reads: upgrade it")
         raise ManifestCorrupt(f"{what} has unknown format {str(doc.get('format'))[:80]!r}")
     problems = []
     key: Any = doc.get("key")
@@ -294,14 +363,23 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
     dirs: set[str] = set()
     seen: set[str] = set()
     refs = 0
+    v2: dict[str, int] | None = {} if doc["format"] == FORMAT_V2 else None
     for i, e in enumerate(entries):
         try:
-            refs += _check_entry(e, dirs, seen)
+            refs += _check_entry(e, dirs, seen, v2)
         except ValueError as err:
             path = e.get("path") if type(e) is dict else None
             raise ManifestCorrupt(f"{what}: entry {i} ({str(path)[:120]!r}): {err}") from None
         if refs > MAX_CHUNK_REFS:
             raise ManifestCorrupt(f"{what} references more than {MAX_CHUNK_REFS} chunks")
+    if v2 is None:
+        if "page_table" in doc:
+            raise ManifestCorrupt(f"{what}: a page_table in a {FORMAT} manifest")
+    else:
+        try:
+            _check_page_table(doc, entries, v2)
+        except ValueError as err:
+            raise ManifestCorrupt(f"{what}: {err}") from None
     return Manifest(
         key=key,
         seq=doc["seq"],
@@ -312,6 +390,7 @@ def validate_manifest_doc(doc: Any, what: str = "manifest") -> Manifest:
         entries=entries,
         stats=stats,
         epoch=doc.get("epoch"),
+        page_table=doc.get("page_table"),
     )
 
 

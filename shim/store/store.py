@@ -22,8 +22,9 @@ from typing import Any
 import blake3
 
 from ..faults import crash_point, delay_point
-from . import chunking
+from . import chunking, pages
 from .backends.base import Backend, Damaged, NotFound, TooLarge
+from .chunkcache import ChunkCache
 from .chunking import Chunker
 from .crypto import Keyring, StoreKey, sealed_manifest_key_id
 from .errors import (
@@ -33,12 +34,13 @@ from .errors import (
     Fenced,
     KeyMismatch,
     ManifestCorrupt,
+    ManifestTooNew,
     StoreError,
 )
 from .keys import validate_key
 from .limits import chunk_object_limit
 from .locks import HeldLock, LockWatcher
-from .model import ZERO, CheckpointInfo, Manifest, looks_like_manifest, manifest_name, parse_manifest_name
+from .model import PAGE_HASH, ZERO, CheckpointInfo, Manifest, looks_like_manifest, manifest_name, parse_manifest_name
 from .walk import TreeWriter, data_extents, scan_tree
 
 log = logging.getLogger(__name__)
@@ -188,8 +190,12 @@ class Store:
         metadata: dict[str, Any] | None = None,
         progress: Progress | None = None,
         epoch: int | None = None,
+        page_images: Sequence[str] = (),
     ) -> CheckpointInfo:
         """Store src_dir as the next checkpoint of key.
+
+        page_images: glob patterns (fnmatch, on paths relative to src_dir) of memory page images; those
+        are deduplicated page by page against the key's newest checkpoint (shim.store.pages).
 
         With epoch (from claim()), the put is refused with Fenced if another owner claimed the key since,
         checked at the start, right before the manifest is written and once more after it (then the
@@ -205,9 +211,11 @@ class Store:
         with HeldLock(self.backend, f"put-{nonce}", self.lock_stale) as lock:
             committed = self._committed(key)
             known: set[str] = set()
+            parent: Manifest | None = None
             if committed:
                 try:
-                    known = self._load(key, committed[max(committed)]).chunk_digests()
+                    parent = self._load(key, committed[max(committed)])
+                    known = parent.chunk_digests()
                 except (ManifestCorrupt, CheckpointNotFound) as e:
                     log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
             # One listing instead of a HEAD/stat per chunk, where the backend can list (file, S3). A gc
@@ -217,6 +225,8 @@ class Store:
             if listing is not None:
                 known |= listing
             entries = scan_tree(src)
+            page_images = pages.usable_patterns(entries, page_images, key)
+            index = self._page_index(parent, known) if page_images and parent is not None else None
             manifest = Manifest(
                 key=key,
                 seq=0,
@@ -232,8 +242,25 @@ class Store:
                 manifest.check(f"put {key!r} of {src}")
             except ManifestCorrupt as e:
                 raise StoreError(f"{e}: not stored") from None
-            reused: dict[str, tuple[Path, int, int]] = {}
-            manifest.stats = self._upload(src, entries, known, progress, listed=listing is not None, reused=reused)
+            reused: dict[str, tuple[Path | None, int, int]] = {}
+            tables: builtins.list[dict[str, Any]] = []
+            manifest.stats = self._upload(
+                src,
+                entries,
+                known,
+                progress,
+                listed=listing is not None,
+                reused=reused,
+                page_images=page_images,
+                index=index,
+                tables=tables,
+            )
+            manifest.page_table = tables[0] if tables else None
+            if manifest.page_table is not None:
+                try:  # references built from a parent's table: checked as a reader will check them
+                    manifest.check(f"put {key!r} of {src}")
+                except ManifestCorrupt as e:
+                    raise StoreError(f"{e}: not committed") from None
             delay_point("store.put.before_commit")
             self._replace_vanished(reused, manifest.stats)
             info = self._commit(manifest, nonce, lock)
@@ -260,9 +287,16 @@ class Store:
         known: set[str],
         progress: Progress | None,
         listed: bool = False,
-        reused: dict[str, tuple[Path, int, int]] | None = None,
+        reused: dict[str, tuple[Path | None, int, int]] | None = None,
+        page_images: Sequence[str] = (),
+        index: pages.PageIndex | None = None,
+        tables: builtins.list[dict[str, Any]] | None = None,
     ) -> dict[str, int]:
-        """Chunk and upload the files; reused gets (file, offset, length) of each chunk found already stored."""
+        """Chunk and upload the files; reused gets (file, offset, length) of each chunk found already stored
+        (file None: a chunk of page-image data, which cannot be read back from one place).
+
+        Files matching page_images are deduplicated page by page against index (the parent's pages);
+        their page table is appended to tables."""
         reused = {} if reused is None else reused
         files = [e for e in entries if e["type"] == "file"]
         counter = _Counter(sum(e["size"] for e in files), progress)
@@ -275,7 +309,7 @@ class Store:
 
         abort = threading.Event()  # first failure stops the rest quickly (no retry storm)
 
-        def store_chunk(path: Path, fd: int, off: int, length: int, data: bytes | memoryview | None) -> str:
+        def store_chunk(path: Path | None, fd: int, off: int, length: int, data: bytes | memoryview | None) -> str:
             try:
                 if abort.is_set():
                     raise _Aborted
@@ -330,6 +364,15 @@ class Store:
 
         open_files: deque[tuple[int, list[tuple[list[Any], Future[str]]]]] = deque()
         failed: list[BaseException] = []
+        page_futures: list[Future[str]] = []
+
+        def submit_pages(data: bytes) -> Future[str]:
+            slots.acquire()
+            fut = pool.submit(store_chunk, None, -1, 0, len(data), data)
+            page_futures.append(fut)
+            return fut
+
+        planner = pages.PagePlanner(index, self.chunker, submit_pages) if page_images else None
 
         def finish(fd: int, pending: list[tuple[list[Any], Future[str]]]) -> None:
             try:
@@ -348,6 +391,17 @@ class Store:
                 for e in files:
                     if abort.is_set():
                         break
+                    if planner is not None and pages.matches(e["path"], page_images):
+                        e["pages"] = True
+                        before = planner.found_bytes + planner.zero_bytes
+                        fd = os.open(src / e["path"], os.O_RDONLY)
+                        try:
+                            planner.add_file(e, fd)
+                        finally:
+                            os.close(fd)
+                        counter.add(planner.found_bytes + planner.zero_bytes - before)
+                        stats["bytes_read"] += e["size"]
+                        continue
                     fd = os.open(src / e["path"], os.O_RDONLY)
                     pending: list[tuple[list[Any], Future[str]]] = []
                     open_files.append((fd, pending))
@@ -366,14 +420,83 @@ class Store:
                     counter.add(e["size"] - data_bytes)  # holes count as done: progress ends at 100%
                     while len(open_files) > 32:
                         finish(*open_files.popleft())
+                if planner is not None and not abort.is_set():
+                    planner.finish()
             finally:
                 while open_files:
                     finish(*open_files.popleft())
+        for fut in page_futures:
+            exc = fut.exception()
+            if exc is not None and not isinstance(exc, _Aborted):
+                failed.append(exc)
         if failed:
             raise failed[0]
+        if abort.is_set():
+            raise StoreError("put aborted")
+        if planner is not None:
+            self._finish_pages(planner, store_chunk, slots, counter, mine, reused, stats, tables)
         return stats
 
-    def _replace_vanished(self, reused: dict[str, tuple[Path, int, int]], stats: dict[str, int]) -> None:
+    def _finish_pages(
+        self,
+        planner: pages.PagePlanner,
+        store_chunk: Callable[[Path | None, int, int, int, bytes | memoryview | None], str],
+        slots: threading.BoundedSemaphore,
+        counter: _Counter,
+        mine: set[str],
+        reused: dict[str, tuple[Path | None, int, int]],
+        stats: dict[str, int],
+        tables: builtins.list[dict[str, Any]] | None,
+    ) -> None:
+        """Fill the page-image files' references, pin the chunks they reuse, store their page table."""
+        if not planner.files:
+            return
+        planner.resolve()
+        for entry, _runs in planner.files:
+            stats["chunks_total"] += len(entry["chunks"])
+            for ref in entry["chunks"]:
+                if ref[2] != ZERO and ref[2] not in mine:
+                    reused.setdefault(ref[2], (None, 0, ref[1]))
+        table = planner.table()
+        counter.total += len(table)
+        refs: builtins.list[builtins.list[Any]] = []
+        view = memoryview(table)
+        for off, length in self.chunker.cuts(view) if table else ():
+            slots.acquire()
+            digest = store_chunk(None, -1, off, length, view[off : off + length])
+            refs.append([off, length, digest])
+            if digest not in mine:
+                reused.setdefault(digest, (None, 0, length))
+        if tables is not None:
+            tables.append({"hash": PAGE_HASH, "size": len(table), "chunks": refs})
+        log.info(
+            "page images: %d bytes found in the parent, %d zero, %d new; page table %d bytes",
+            planner.found_bytes,
+            planner.zero_bytes,
+            planner.new_bytes,
+            len(table),
+        )
+
+    def _page_index(self, parent: Manifest, known: set[str]) -> pages.PageIndex | None:
+        """The parent's pages by content, or None where its page table cannot be used."""
+        if parent.page_table is None:
+            return None
+        current = self.keyring.current if self.keyring is not None else None
+        if (parent.sealed_with is None) != (current is None) or (
+            current is not None and parent.sealed_with.key_id != current.key_id
+        ):
+            return None  # chunk ids differ under another key: nothing to share
+        where = f"page table of {parent.key!r} seq {parent.seq}"
+        try:
+            table = b"".join(
+                self._fetch_verified(d, n, where, parent.sealed_with) for _o, n, d in parent.page_table["chunks"]
+            )
+            return pages.PageIndex(parent, table, known.__contains__)
+        except (ChunkCorrupt, ValueError) as e:
+            log.warning("%s unusable, page images are stored without it: %s", where, e)
+            return None
+
+    def _replace_vanished(self, reused: dict[str, tuple[Path | None, int, int]], stats: dict[str, int]) -> None:
         """Upload again, from the source, every reused chunk that is gone now (a gc swept it meanwhile)."""
         if not reused:
             return
@@ -385,6 +508,10 @@ class Store:
             missing = [d for d in reused if d not in listing]
         for digest in missing:
             path, off, length = reused[digest]
+            if path is None:
+                raise StoreError(
+                    f"put: chunk {digest}, reused for page images, was removed by a concurrent gc; nothing committed"
+                )
             with open(path, "rb") as f:
                 data = os.pread(f.fileno(), length, off)
             if len(data) != length or self._digest(data) != digest:
@@ -592,13 +719,21 @@ class Store:
         files = [e for e in m.entries if e["type"] == "file"]
         counter = _Counter(sum(c[1] for e in files for c in e["chunks"]), progress)
         slots = threading.BoundedSemaphore(self.max_inflight)
+        cache = ChunkCache()  # chunks that slice references share
 
-        def fetch(fd: int, off: int, length: int, digest: str, where: str) -> None:
+        def fetch(fd: int, ref: builtins.list[Any], where: str) -> None:
+            off, length, digest = ref[:3]
             try:
                 if digest == ZERO:
                     return  # a hole: ftruncate already made it read as zeros
-                data = self._fetch_verified(digest, length, where, m.sealed_with)
-                view = memoryview(data)
+                if len(ref) == 5:
+                    coff, clen = ref[3], ref[4]
+                    data = cache.get(digest, lambda: self._fetch_verified(digest, clen, where, m.sealed_with))
+                    if coff + length > len(data):
+                        raise ChunkCorrupt(digest, f"has {len(data)} bytes, no slice at {coff} of {length}", where)
+                    view = memoryview(data)[coff : coff + length]
+                else:
+                    view = memoryview(self._fetch_verified(digest, length, where, m.sealed_with))
                 pos = off
                 while view:
                     n = os.pwrite(fd, view, pos)
@@ -625,7 +760,7 @@ class Store:
         m: Manifest,
         files: Sequence[dict[str, Any]],
         tree: TreeWriter,
-        fetch: Callable[[int, int, int, str, str], None],
+        fetch: Callable[[int, builtins.list[Any], str], None],
         slots: threading.BoundedSemaphore,
     ) -> None:
         # Files still being written: (fd, its chunk futures). At most 32 stay open (a manifest may list
@@ -646,10 +781,10 @@ class Store:
                     pending: list[Future[None]] = []
                     open_files.append((fd, pending))
                     os.ftruncate(fd, e["size"])
-                    for off, length, digest in e["chunks"]:
+                    for ref in e["chunks"]:
                         slots.acquire()
-                        where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {off}"
-                        pending.append(pool.submit(fetch, fd, off, length, digest, where))
+                        where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {ref[0]}"
+                        pending.append(pool.submit(fetch, fd, ref, where))
                         if pending[0].done() and pending[0].exception():
                             pending[0].result()  # stop early on the first bad chunk
                     while len(open_files) > 32:
@@ -702,12 +837,11 @@ class Store:
         bad: dict[str, str] = {}
         todo: dict[str, tuple[int, str, StoreKey | None]] = {}
         for m in manifests:
-            for e in m.entries:
-                if e["type"] != "file":
-                    continue
-                for off, length, digest in e["chunks"]:
-                    if digest != ZERO and digest not in checked and digest not in todo:
-                        todo[digest] = (length, f"file {e['path']} offset {off}", m.sealed_with)
+            for path, ref in _refs(m):
+                off, length, digest = ref[:3]
+                if digest != ZERO and digest not in checked and digest not in todo:
+                    length = ref[4] if len(ref) == 5 else length  # a slice: its whole chunk
+                    todo[digest] = (length, f"{path} offset {off}", m.sealed_with)
 
         def check(digest: str) -> None:
             length, where, key = todo[digest]
@@ -721,14 +855,9 @@ class Store:
                 f.result()
         checked.update(todo)
         for m in manifests:
-            for e in m.entries:
-                if e["type"] != "file":
-                    continue
-                for off, _length, digest in e["chunks"]:
-                    if digest in bad:
-                        problems.append(
-                            f"{m.key!r} seq {m.seq}: chunk {digest} {bad[digest]} (file {e['path']} offset {off})"
-                        )
+            for path, ref in _refs(m):
+                if ref[2] in bad:
+                    problems.append(f"{m.key!r} seq {m.seq}: chunk {ref[2]} {bad[ref[2]]} ({path} offset {ref[0]})")
         return problems
 
     # ------------------------------------------------------------------ retention
@@ -777,6 +906,8 @@ class Store:
                 try:
                     referenced |= self._load(k, n, any_plaintext=True).chunk_digests()
                     manifests += 1
+                except ManifestTooNew as e:  # a newer node's chunks: an older gc cannot tell which are live
+                    return {"skipped": f"cannot read every checkpoint: {e}", "chunks_deleted": 0}
                 except (ManifestCorrupt, CheckpointNotFound) as e:
                     unreadable.append(str(e))
                 except KeyMismatch as e:  # its chunks are live; without its key we cannot tell which
@@ -829,6 +960,17 @@ class Store:
 
     def _manifest_set(self) -> set[tuple[str, str]]:
         return set(self.backend.retry("list manifests", lambda: self.backend.list_manifests(None)))
+
+
+def _refs(m: Manifest) -> Iterator[tuple[str, builtins.list[Any]]]:
+    """(what, reference) of every chunk reference of a manifest: its files' and its page table's."""
+    for e in m.entries:
+        if e["type"] == "file":
+            for ref in e["chunks"]:
+                yield f"file {e['path']}", ref
+    if m.page_table is not None:
+        for ref in m.page_table["chunks"]:
+            yield "page table", ref
 
 
 def _check_destination(dest: Path) -> None:

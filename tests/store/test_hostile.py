@@ -31,6 +31,7 @@ from harness.store_util import (
     write_manifest,
 )
 from shim.store import ChunkCorrupt, Chunker, ManifestCorrupt, StoreError, open_store
+from shim.store.errors import ManifestTooNew
 
 KEY = "default/mypod/main"
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,6 +224,25 @@ def test_manifest_claiming_another_seq_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ManifestCorrupt, match="seq"):
         store.get(KEY, tmp_path / "d", seq=2)
     assert [i.seq for i in store.list(KEY)] == [1] and store.latest(KEY).seq == 1
+
+
+def test_gc_leaves_a_store_with_a_newer_format_alone(tmp_path: Path) -> None:
+    """A checkpoint written by a newer revenant names chunks this one cannot see: gc must not sweep them."""
+    store = open_store(f"file://{tmp_path}/store")
+    src = make_tree(tmp_path / "src", seed=76, big_mib=1)
+    store.put(KEY, src)
+    newer = manifest_doc(store, KEY, newest_name(store, KEY))
+    newer["seq"], newer["format"] = 2, "revenant.checkpoint.v9"
+    write_manifest(store, KEY, 2, encode_doc(newer))
+    store.delete(KEY, 1)  # now only the newer checkpoint references the chunks
+    stats = store.gc(grace_seconds=0)
+    assert stats["chunks_deleted"] == 0 and "newer than this revenant" in stats["skipped"], stats
+    with pytest.raises(ManifestTooNew, match="upgrade"):
+        store.get(KEY, tmp_path / "d", seq=2)
+    # Damage, unlike a newer format, does not stop gc: the unreadable checkpoint is reported and swept.
+    write_manifest(store, KEY, 2, encode_doc({"format": "revenant.checkpoint.v1x"}))
+    stats = store.gc(grace_seconds=0)
+    assert stats["chunks_deleted"] > 0 and len(stats["unreadable_manifests"]) == 1, stats
 
 
 ESCAPES = [

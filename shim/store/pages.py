@@ -1,0 +1,254 @@
+"""Page-granular dedup of memory page images (CRIU pages-*.img) between checkpoints of one key.
+
+Content-defined chunks of 64 KiB hold 16 pages: when 5 % of a process's pages change one by one, most
+chunks of its page image change, and a second checkpoint re-uploads most of the first. Here each 4 KiB
+page is looked up by content (a 16-byte BLAKE3 hash) in the parent checkpoint's page table; pages found
+become slice references into the chunks that already hold them, pages not found are packed together into
+new chunks. A lookup by content, not position, also matches regions that moved by whole pages.
+
+The page table is the 16-byte hashes of every page of the checkpoint's page-image files, in manifest
+order, stored as ordinary chunks (sealed like any chunk on an encrypted store). Where a page's bytes live
+is not stored: it follows from the same manifest's references for that file offset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import blake3
+
+from .chunking import Chunker
+from .errors import StoreError
+from .limits import MAX_CHUNK_LEN, MAX_PAGE_TABLE_BYTES
+from .model import PAGE, PAGE_HASH_LEN, ZERO, Manifest, page_count
+
+log = logging.getLogger(__name__)
+
+# Bytes of a page image read (and hashed) at a time; new pages gather until this much is waiting.
+WINDOW = 16 << 20
+ZERO_PAGE = bytes(PAGE)
+ZERO_PAGE_HASH = blake3.blake3(bytes(PAGE)).digest(PAGE_HASH_LEN)
+
+
+def page_hashes(buf: bytes | memoryview) -> bytes:
+    """The 16-byte BLAKE3 of each 4 KiB page of buf (the last one may be shorter), concatenated."""
+    view = memoryview(buf)
+    return b"".join(blake3.blake3(view[i : i + PAGE]).digest(PAGE_HASH_LEN) for i in range(0, len(view), PAGE))
+
+
+@dataclass(frozen=True)
+class Location:
+    digest: str
+    offset: int  # in the chunk's data
+    chunk_len: int
+
+
+class PageIndex:
+    """Where each full page of a parent checkpoint lives, by content: chunk digest and offset in it."""
+
+    def __init__(self, parent: Manifest, table: bytes, available: Callable[[str], bool]) -> None:
+        """table: the parent's page table (its length checked against the manifest by the caller);
+        available: whether a chunk may be referenced (it is listed in the store)."""
+        self._files: list[tuple[list[int], list[list[Any]], int]] = []
+        self._where: dict[bytes, int] = {}
+        self._available = available
+        self._last = (-1, 0)
+        pos = 0
+        for fi, e in enumerate(parent.page_files()):
+            refs = e["chunks"]
+            self._files.append(([r[0] for r in refs], refs, e["size"]))
+            full = e["size"] // PAGE
+            for pi in range(full):
+                self._where.setdefault(table[pos : pos + PAGE_HASH_LEN], fi << 32 | pi)
+                pos += PAGE_HASH_LEN
+            pos += (page_count(e["size"]) - full) * PAGE_HASH_LEN
+        if pos != len(table):
+            raise ValueError(f"page table of {len(table)} bytes for {pos} bytes of hashes")
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def find(self, h: bytes) -> Location | None:
+        g = self._where.get(h)
+        if g is None:
+            return None
+        fi = g >> 32
+        starts, refs, _size = self._files[fi]
+        off = (g & 0xFFFFFFFF) * PAGE
+        last_fi, last_i = self._last
+        if last_fi == fi and starts[last_i] <= off < starts[last_i] + refs[last_i][1]:
+            i = last_i  # pages found one after the other mostly sit in one reference
+        else:
+            i = bisect.bisect_right(starts, off) - 1
+            if i < 0:
+                return None
+            self._last = (fi, i)
+        r = refs[i]
+        if r[2] == ZERO or off + PAGE > r[0] + r[1]:
+            return None  # a hole, or a page split across two references: not worth a lookup
+        coff, clen = (r[3], r[4]) if len(r) == 5 else (0, r[1])
+        if not self._available(r[2]):
+            return None
+        return Location(r[2], coff + off - r[0], clen)
+
+
+Submit = Callable[[bytes], "Future[str]"]
+
+
+class PagePlanner:
+    """Builds the chunk references of the page-image files of one put.
+
+    add_file() reads a file in windows, hashes its pages, looks each up in the parent's index and queues
+    pages not found for new chunks (submit uploads one chunk's data and yields its digest). Once every
+    upload is done, resolve() fills each file's references; table() is this put's page table.
+    """
+
+    def __init__(self, index: PageIndex | None, chunker: Chunker, submit: Submit) -> None:
+        self.index = index
+        self.chunker = chunker
+        self.submit = submit
+        self.files: list[tuple[dict[str, Any], list[list[Any]]]] = []  # entry, its planned runs
+        self._hashes: list[bytes] = []
+        self._stream = bytearray()  # new pages waiting to be cut into chunks
+        self._stream_pos = 0  # stream offset of _stream[0]
+        self._chunks: list[tuple[int, int, Future[str]]] = []  # (stream offset, length, digest)
+        self.found_bytes = 0
+        self.zero_bytes = 0
+        self.new_bytes = 0
+
+    def add_file(self, entry: dict[str, Any], fd: int) -> None:
+        size = entry["size"]
+        runs: list[list[Any]] = []  # [kind, file offset, length, a, b, c]
+        self.files.append((entry, runs))
+        off = 0
+        while off < size:
+            buf = os.pread(fd, min(WINDOW, size - off), off)
+            if len(buf) != min(WINDOW, size - off):
+                raise StoreError(f"short read at {off} of {entry['path']} (file changed during put?)")
+            hashes = page_hashes(buf)
+            self._hashes.append(hashes)
+            view = memoryview(buf)
+            for i in range(0, len(buf), PAGE):
+                n = min(PAGE, len(buf) - i)
+                h = hashes[i // PAGE * PAGE_HASH_LEN : (i // PAGE + 1) * PAGE_HASH_LEN]
+                if n < PAGE:  # a short last page: its own chunk
+                    self._run(runs, "tail", off + i, n, self.submit(bytes(view[i:])), 0, 0)
+                    self.new_bytes += n
+                elif h == ZERO_PAGE_HASH and view[i : i + PAGE] == ZERO_PAGE:
+                    self._run(runs, "zero", off + i, n, None, 0, 0)
+                    self.zero_bytes += n
+                else:
+                    loc = self.index.find(h) if self.index is not None else None
+                    if loc is not None:
+                        self._run(runs, "slice", off + i, n, loc.digest, loc.offset, loc.chunk_len)
+                        self.found_bytes += n
+                    else:
+                        self._run(runs, "new", off + i, n, None, self._stream_pos + len(self._stream), 0)
+                        self._stream += view[i : i + PAGE]
+                        self.new_bytes += n
+            off += len(buf)
+            if len(self._stream) >= WINDOW:
+                self._cut(final=False)
+
+    @staticmethod
+    def _run(runs: list[list[Any]], kind: str, off: int, n: int, a: Any, b: int, c: int) -> None:
+        """Append a page to the runs, extending the last run where the page continues it."""
+        if runs:
+            last = runs[-1]
+            if last[0] == kind and last[1] + last[2] == off and kind != "tail":
+                if kind == "zero" or (kind == "new" and last[4] + last[2] == b):
+                    last[2] += n
+                    return
+                if kind == "slice" and last[3] == a and last[4] + last[2] == b and last[5] == c:
+                    last[2] += n
+                    return
+        runs.append([kind, off, n, a, b, c])
+
+    def _cut(self, final: bool) -> None:
+        """Cut the waiting new pages into page-aligned content-defined chunks and submit them; unless
+        final, the last chunk stays (it may grow with the next pages)."""
+        buf = memoryview(self._stream)
+        start = 0
+        for end in _page_cuts(self.chunker, buf):
+            if not final and end == len(buf):
+                break
+            self._chunks.append((self._stream_pos + start, end - start, self.submit(bytes(buf[start:end]))))
+            start = end
+        buf.release()
+        del self._stream[:start]
+        self._stream_pos += start
+
+    def finish(self) -> None:
+        """Submit the last new pages; call once after the last add_file()."""
+        if self._stream:
+            self._cut(final=True)
+
+    def resolve(self) -> None:
+        """Fill each file's references from its runs; every submitted upload must be done."""
+        starts = [s for s, _n, _f in self._chunks]
+        for entry, runs in self.files:
+            refs: list[list[Any]] = []
+            for kind, off, n, a, b, c in runs:
+                if kind == "zero":
+                    refs.append([off, n, ZERO])
+                elif kind == "tail":
+                    refs.append([off, n, a.result()])
+                elif kind == "slice":
+                    refs.append(_ref(off, n, a, b, c))
+                else:
+                    refs.extend(self._new_refs(starts, off, n, b))
+            entry["chunks"] = refs
+
+    def _new_refs(self, starts: list[int], off: int, n: int, pos: int) -> Iterator[list[Any]]:
+        while n:
+            i = bisect.bisect_right(starts, pos) - 1
+            cstart, clen, fut = self._chunks[i]
+            take = min(n, cstart + clen - pos)
+            digest = fut.result()
+            yield [off, take, ZERO] if digest == ZERO else _ref(off, take, digest, pos - cstart, clen)
+            off, n, pos = off + take, n - take, pos + take
+
+    def table(self) -> bytes:
+        return b"".join(self._hashes)
+
+
+def _ref(off: int, n: int, digest: str, coff: int, clen: int) -> list[Any]:
+    """A whole chunk as a plain reference, part of one as a slice."""
+    return [off, n, digest] if coff == 0 and n == clen else [off, n, digest, coff, clen]
+
+
+def _page_cuts(chunker: Chunker, buf: memoryview) -> Iterator[int]:
+    """Ends of content-defined chunks of buf (a whole number of pages), moved up to page boundaries."""
+    last = 0
+    for off, length in chunker.cuts(buf):
+        end = -(-(off + length) // PAGE) * PAGE
+        if end - last > MAX_CHUNK_LEN:
+            end = last + MAX_CHUNK_LEN
+        if end > last:
+            yield end
+            last = end
+    if last < len(buf):
+        yield len(buf)
+
+
+def usable_patterns(entries: list[dict[str, Any]], patterns: Sequence[str], key: str) -> Sequence[str]:
+    """patterns, or none where the page table of the files they match would exceed its bound."""
+    if not patterns:
+        return ()
+    npages = sum(page_count(e["size"]) for e in entries if e["type"] == "file" and matches(e["path"], patterns))
+    if npages * PAGE_HASH_LEN > MAX_PAGE_TABLE_BYTES:
+        log.warning("put %r: %d pages of page images, more than one page table covers: FastCDC only", key, npages)
+        return ()
+    return patterns
+
+
+def matches(path: str, patterns: Sequence[str]) -> bool:
+    """Whether a checkpoint file (relative path) is a page image by the put's patterns."""
+    return any(fnmatchcase(path, p) for p in patterns)
