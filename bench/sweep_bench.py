@@ -295,7 +295,7 @@ class Sweep:
             wait_for_step(job_log(self.a, job.cid), 2, timeout=_start_wait_s(mib))
             agent.start()
             t = time.monotonic()
-            metadata.aws_terminate(120)
+            metadata.aws_terminate(self.args.notice_s)
             agent.wait_drain(timeout=1800)
             total = time.monotonic() - t
             (res,) = [r for r in agent.results() if r["id"] == job.cid]
@@ -303,6 +303,7 @@ class Sweep:
                 return {"notice_s3_error": str(res.get("error"))[:300]}
             return {
                 "notice_s3_s": total,
+                "notice_s": self.args.notice_s,
                 "s3_shim_total_s": res.get("total_s"),
                 "s3_freeze_s": res.get("freeze_s"),
                 "bytes_uploaded_s3": res.get("bytes_uploaded"),
@@ -482,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         choices=("local", "restore", "s3", "podman", "incremental", "run"),
         help="local = the file:// store and runc side (freeze, local commit, restore); restore = just the restores",
+    )
+    ap.add_argument(
+        "--notice-s",
+        type=float,
+        default=120,
+        help="the spot notice's lead time (AWS gives 120 s; the agent's deadline is that, minus its slack)",
     )
     ap.add_argument("--checkpoints", type=int, default=10, help="checkpoints of one job for the upload series")
     ap.add_argument("--incremental-gib", type=float, default=0.25)

@@ -283,7 +283,8 @@ def plot(data: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set(xlabel="job memory (GiB)", ylabel="seconds", title=title)
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         written.append(_save(fig, plt, out_dir / PNG_SIZES))
     inc = data.get("incremental")
