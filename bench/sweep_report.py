@@ -170,8 +170,12 @@ def extrapolation_table(data: dict[str, Any], at_gib: float, min_gib: float = 1.
         f"at {at_gib:g} GiB, fitted line | at {at_gib:g} GiB, largest size scaled | measured at |",
         "|---|---|---|---|---|",
     ]
+    seen: set[tuple[str, str]] = set()
     for _, series in SIZE_PANELS:
         for label, side, field in series:
+            if (side, field) in seen:  # a figure drawn in two panels (podman's export) is one row
+                continue
+            seen.add((side, field))
             pts = [
                 (e["gib"], v)
                 for e in data.get("sizes") or []
