@@ -188,8 +188,9 @@ def extrapolation_table(data: dict[str, Any], at_gib: float, min_gib: float = 1.
             # A slope <= 0 says the sizes met different machine load, not that bigger is faster.
             fitted = f"{slope * at_gib + icpt:.1f} s" if slope > 0 else "no usable slope"
             big_x, big_y = max(pts)
+            cell = label.replace("|", "\\|")  # a pipe inside a Markdown cell
             rows.append(
-                f"| {label} ({field}) | {slope:.2f} | {fitted} | {big_y * at_gib / big_x:.1f} s | "
+                f"| {cell} ({field}) | {slope:.2f} | {fitted} | {big_y * at_gib / big_x:.1f} s | "
                 f"{', '.join(f'{x:g}' for x, _ in sorted(pts))} GiB |"
             )
     return "\n".join(rows)
