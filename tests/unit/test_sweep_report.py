@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -147,3 +149,34 @@ def test_malformed_results_are_refused_with_a_clear_error(tmp_path: Path, bad: o
     path.write_text(json.dumps(bad))
     with pytest.raises(ValueError):
         report.load([path])
+
+
+def test_heavy_lock_is_taken_or_inherited_from_a_parent_flock(tmp_path: Path) -> None:
+    """Sizes above 1 GiB hold the machine's heavy-run lock; under `flock LOCK sweep_bench` (the parent
+    holds it) the sweep runs instead of waiting for itself forever."""
+    lock = tmp_path / "heavy.lock"
+    probe = (
+        "import sys; from pathlib import Path; sys.path.insert(0, '.');"
+        "import bench.sweep_bench as s; s.HEAVY_LOCK = Path(sys.argv[1]);"
+        "ctx = s.heavy_lock(True); ctx.__enter__(); print('inside', flush=True)"
+    )
+    py = [sys.executable, "-c", probe, str(lock)]
+    alone = subprocess.run(py, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert alone.stdout.strip() == "inside" and "holding" in alone.stderr, alone.stderr
+    nested = subprocess.run(["flock", str(lock), *py], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert nested.stdout.strip() == "inside" and "held by a parent" in nested.stderr, nested.stderr
+    # Held by a process that is not an ancestor: the sweep waits (here: gives up after the timeout).
+    with subprocess.Popen(["flock", str(lock), "sleep", "30"]) as holder:
+        try:
+            for _ in range(50):
+                if lock_held(lock):
+                    break
+                time.sleep(0.1)
+            with pytest.raises(subprocess.TimeoutExpired):
+                subprocess.run(py, cwd=REPO, capture_output=True, text=True, timeout=3)
+        finally:
+            holder.kill()
+
+
+def lock_held(lock: Path) -> bool:
+    return lock.exists() and str(lock.stat().st_ino) in Path("/proc/locks").read_text()
