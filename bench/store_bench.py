@@ -14,12 +14,19 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
   6. with --s3-layouts: put and get against SeaweedFS one object per chunk (`packs=0`, the layout before
      packs) vs packs, at 1 and 2 put workers, each into a fresh prefix; objects stored and MB/s, side
      by side with the local tar|zstd baseline of step 1 (--backends none skips steps 4 and the OCI row)
+  7. with --oci-layouts: put and get against the distribution registry one blob per chunk (`packs=0`)
+     vs packs of --pack-mb with each of --pack-uploads uploads in flight, each into a fresh repository;
+     MB/s and the size of the checkpoint's OCI manifest (target: < 256 KiB at any size)
+  8. with --oci-floor: the registry's own path without revenant: as many bytes as the dump in random
+     blobs of --pack-mb pushed and pulled (whole, then in 4 MiB ranges) with the backend's HTTP client,
+     each of --pack-uploads at once, and with curl (one at a time): the ceiling a put or get can reach
 Prints a markdown table; exit status 0 even when a target is missed (it is a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import shutil
@@ -95,7 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="S3: one object per chunk (loose) vs packs, 1 and 2 workers (default both)",
     )
-    ap.add_argument("--pack-mb", type=int, default=16, help="pack size for --s3-layouts (default 16)")
+    ap.add_argument(
+        "--oci-layouts",
+        nargs="?",
+        const="loose,packs",
+        default="",
+        help="OCI: one blob per chunk (loose) vs packs (default both)",
+    )
+    ap.add_argument("--pack-mb", type=int, default=16, help="pack size for --s3/--oci-layouts (default 16)")
+    ap.add_argument("--pack-uploads", default="4", help="OCI packs in flight, comma list (default 4)")
+    ap.add_argument("--oci-floor", action="store_true", help="registry push/pull of raw blobs, no revenant")
+    ap.add_argument("--oci-query", default="", help="appended to the OCI URLs of 7 and 8, e.g. '&chunked_mb=32'")
     args = ap.parse_args(argv)
     opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
     work = Path(tempfile.mkdtemp(prefix="revenant-bench-", dir=args.workdir))
@@ -164,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_remote(backend, work, dump, mb, opts))
         if args.s3_layouts:
             rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar, args.s3_layouts)
+        if args.oci_layouts:
+            uploads = [int(u) for u in args.pack_uploads.split(",")]
+            rows += _oci_layouts(work, dump, mb, opts, args.pack_mb, uploads, args.oci_layouts, args.oci_query)
+        if args.oci_floor:
+            uploads = [int(u) for u in args.pack_uploads.split(",")]
+            rows += _oci_floor(work, total, args.pack_mb, uploads, args.oci_query)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -325,6 +348,116 @@ def _s3_layouts(
                 )
     finally:
         srv.shutdown()
+    return rows
+
+
+def _oci_layouts(
+    work: Path, dump: Path, mb: float, opts: dict, pack_mb: int, uploads: list[int], which: str, extra: str
+) -> list[tuple[str, str, str, str]]:
+    """One blob per chunk vs packs on one distribution registry, a fresh repository each."""
+    from shim.store.keys import tag_prefix
+    from tests.harness.servers import Registry
+
+    root = work / "srv-oci-layouts"
+    root.mkdir()
+    srv = Registry(root)
+    srv.start()
+    runs = {"loose": [("one blob per chunk", "&packs=0")], "packs": []}
+    for n in uploads:
+        runs["packs"].append((f"packs of {pack_mb} MiB, {n} in flight", f"&pack_mb={pack_mb}&pack_uploads={n}"))
+    rows = []
+    try:
+        for i, (layout, query) in enumerate(run for name in which.split(",") for run in runs[name]):
+            store = open_store(f"oci://127.0.0.1:{srv.port}/bench-{i}?insecure=1{query}{extra}", **opts)
+            t_put, info = timed(lambda store=store: store.put("bench/job/main", dump))
+            dest = work / f"restored-oci-{i}"
+            fresh = open_store(f"oci://127.0.0.1:{srv.port}/bench-{i}?insecure=1{query}{extra}", **opts)
+            t_get, _ = timed(lambda fresh=fresh, dest=dest: fresh.get("bench/job/main", dest))
+            doc, _digest, raw = store.backend._get_manifest_doc(tag_prefix("bench/job/main") + info.name)
+            store.close()
+            fresh.close()
+            shutil.rmtree(dest)
+            rows.append(
+                (
+                    f"OCI {layout}: put / get+verify ({info.bytes_uploaded / 1e6:.0f} MB, {len(doc['layers'])} layers)",
+                    f"put {t_put:.1f} s ({mb / t_put:.0f} MB/s) / get {t_get:.1f} s ({mb / t_get:.0f} MB/s)",
+                    f"manifest {len(raw) / 1024:.1f} KiB",
+                    "target >= 100 MB/s, manifest < 256 KiB",
+                )
+            )
+    finally:
+        srv.stop()
+    return rows
+
+
+def _oci_floor(work: Path, total: int, pack_mb: int, uploads: list[int], extra: str) -> list[tuple[str, str, str, str]]:
+    """Raw blobs of pack size through the registry: the backend's urllib3 client at N at once, and curl."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.harness.servers import Registry
+
+    root = work / "srv-oci-floor"
+    root.mkdir()
+    srv = Registry(root)
+    srv.start()
+    size = pack_mb * MIB
+    count = max(1, total // size)
+    blobs = [os.urandom(size) for _ in range(min(count, 8))]  # reused with a distinct tail: distinct digests
+    rows = []
+    try:
+        for n in uploads:
+            store = open_store(f"oci://127.0.0.1:{srv.port}/floor-{n}?insecure=1{extra}")
+            b = store.backend
+
+            def push(i: int, b=b, n=n) -> str:
+                data = bytearray(blobs[i % len(blobs)])
+                data[-8:] = (i + 1000 * n).to_bytes(8, "little")
+                return b.upload_blob(data, probe=False)
+
+            def pull(d: str, b=b) -> bytes:
+                return b.get_blob(d, size, size)
+
+            def pull_range(w: tuple[str, int], b=b) -> bytes:
+                return b.get_blob_range(w[0], w[1], min(4 * MIB, size - w[1]), size)
+
+            with ThreadPoolExecutor(n) as pool:
+                t_put, digests = timed(lambda pool=pool, push=push: list(pool.map(push, range(count))))
+                t_get, _ = timed(lambda pool=pool, pull=pull, digests=digests: list(pool.map(pull, digests)))
+                windows = [(d, off) for d in digests for off in range(0, size, 4 * MIB)]
+                t_rng, _ = timed(lambda pool=pool, pr=pull_range, windows=windows: list(pool.map(pr, windows)))
+            store.close()
+            mb = count * size / 1e6
+            rows.append(
+                (
+                    f"registry floor: {count} random blobs of {pack_mb} MiB, urllib3, {n} at once",
+                    f"push {mb / t_put:.0f} MB/s",
+                    f"pull {mb / t_get:.0f} MB/s whole, {mb / t_rng:.0f} MB/s in 4 MiB ranges",
+                    "",
+                )
+            )
+        blob = work / "floor.blob"
+        blob.write_bytes(blobs[0])
+        base = f"http://127.0.0.1:{srv.port}/v2/floor-curl"
+        digest = "sha256:" + hashlib.sha256(blobs[0]).hexdigest()
+        loc = subprocess.run(
+            ["curl", "-sS", "-D-", "-o/dev/null", "-XPOST", f"{base}/blobs/uploads/"], capture_output=True, text=True
+        ).stdout
+        where = next(line.split(": ", 1)[1].strip() for line in loc.splitlines() if line.lower().startswith("location"))
+        sep = "&" if "?" in where else "?"
+        put_cmd = ["curl", "-sS", "-o/dev/null", "-XPUT", "-H", "Content-Type: application/octet-stream"]
+        put_cmd += ["--data-binary", f"@{blob}", f"{where}{sep}digest={digest}"]
+        t_put, _ = timed(lambda: subprocess.run(put_cmd, check=True))
+        t_get, _ = timed(lambda: subprocess.run(["curl", "-sS", "-o/dev/null", f"{base}/blobs/{digest}"], check=True))
+        rows.append(
+            (
+                f"registry floor: one {pack_mb} MiB blob with curl",
+                f"push {size / 1e6 / t_put:.0f} MB/s",
+                f"pull {size / 1e6 / t_get:.0f} MB/s",
+                "",
+            )
+        )
+    finally:
+        srv.stop()
     return rows
 
 

@@ -117,10 +117,15 @@ def corrupt_chunk(store: Store, server, digest: str) -> None:
         data[len(data) // 2 if pos is None else pos] ^= 0xFF
         b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(data))
     elif isinstance(b, OCIBackend):
-        sha = b._locate(digest)[0].split(":", 1)[1]
+        b._reindex()
+        packed = b.packs._locs.get(digest)
+        if packed is not None:  # flip a byte inside its slice of the pack blob
+            sha, pos = packed[0], packed[1] + packed[2] // 2
+        else:
+            sha = b._locate(digest)[0].split(":", 1)[1]
         p = server.server.root / "data" / "docker/registry/v2/blobs/sha256" / sha[:2] / sha / "data"
         data = bytearray(p.read_bytes())
-        data[len(data) // 2] ^= 0xFF
+        data[len(data) // 2 if packed is None else pos] ^= 0xFF
         p.write_bytes(bytes(data))
     else:
         raise AssertionError(b)
@@ -140,9 +145,9 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
         tag = tag_prefix(key) + name
         doc, _digest, _raw = b._get_manifest_doc(tag)
         layer = doc["layers"][0]
-        blob = b._get_blob(layer["digest"], layer["size"], layer["size"])
+        blob = b.get_blob(layer["digest"], layer["size"], layer["size"])
         cut = blob[: len(blob) // 2]
-        doc["layers"][0] = {**doc["layers"][0], "digest": b._upload_blob(cut), "size": len(cut)}
+        doc["layers"][0] = {**doc["layers"][0], "digest": b.upload_blob(cut), "size": len(cut)}
         b._put_manifest_doc(tag, json.dumps(doc).encode())
     else:
         raise AssertionError(b)

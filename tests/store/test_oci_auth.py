@@ -95,14 +95,20 @@ def store_url(registry: Registry) -> tuple[str, str]:
 def round_trip(url: str, tmp_path: Path) -> None:
     """put twice, restore, prune and gc: every kind of request the backend makes (GET, HEAD, POST,
     PATCH, PUT, DELETE) passes the registry's authentication."""
-    src = make_tree(tmp_path / "src", seed=7, big_mib=2)
-    with open_store(url + "&chunked_mb=1") as store:  # chunks over 1 MiB go up in PATCH pieces
+    src = make_tree(tmp_path / "src", seed=7, big_mib=4)
+    # Packs of 1 MiB go up several at once, in PATCH pieces (over chunked_mb), and are read back with
+    # ranged GETs: every new request type passes the registry's authentication too.
+    url += "&chunked_mb=0.5&pack_mb=1"
+    with open_store(url) as store:
         store.put(KEY, src)
         (src / "one-byte").write_bytes(b"y")
         second = store.put(KEY, src)
         got = store.get(KEY, tmp_path / "dest")
         assert got.seq == second.seq == 2
         assert tree_digest(tmp_path / "dest") == tree_digest(src)
+        with open_store(url) as fresh:  # learns the packs from the pack index, reads them by range
+            fresh.get(KEY, tmp_path / "fresh")
+        assert tree_digest(tmp_path / "fresh") == tree_digest(src)
         assert store.prune(KEY, keep=1) == [1]
         store.gc(grace_seconds=0)
         assert [c.seq for c in store.list(KEY)] == [2]

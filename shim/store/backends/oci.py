@@ -1,16 +1,20 @@
 """oci:// backend: the OCI distribution API over plain HTTP(S) (urllib3).
 
 oci://host:port/repo[?insecure=1][&mount_from=repoA,repoB][&chunked_mb=N][&auth_file=PATH]
+                    [&pack_mb=N][&pack_uploads=N][&packs=0]
 
 - Authentication (Basic, the Docker token flow) and redirects are registry_auth's: credentials from the
   node's auth_file (the node config puts it in the URL) or the Docker config file, never the URL itself.
 
-- Chunks are blobs (named by sha256 of the stored bytes, as the registry requires); the BLAKE3 name of
-  each chunk is kept in layer annotations, so the blake3 -> blob map is rebuilt from the manifests.
-- Uploads HEAD first and skip blobs the registry has, try a cross-repository mount from `mount_from`,
-  then upload monolithically (small) or in PATCH pieces of chunked_mb (default 8 MiB).
+- Chunks go into pack blobs of pack_mb MiB (default 16), pack_uploads (default 4) uploaded at once, read
+  with ranged GETs (shim.store.backends.ocipacks: format, index, durability). `packs=0` stores one blob
+  per chunk (named by sha256 of the stored bytes, as the registry requires; the BLAKE3 name of each chunk
+  in its layer's annotations), the layout of stores written before packs, which stay readable.
+- Uploads of small blobs HEAD first and skip blobs the registry has, try a cross-repository mount from
+  `mount_from`; blobs go up monolithically (small) or in PATCH pieces of chunked_mb (default 8 MiB).
 - Each checkpoint is an OCI image manifest with artifactType application/vnd.revenant.checkpoint.v1:
-  first layer = the revenant manifest, then one layer per chunk (so registry GC keeps them). Tags are
+  first layer = the revenant manifest, then its pack index and one layer per pack it uses, then one
+  layer per chunk stored as its own blob (so registry GC keeps them all). Tags are
   `<key slug>.<key hash>.<seq>-<nonce>` plus `<key slug>.<key hash>.latest`; `tags/list` lists them.
 - Locks are tiny artifacts tagged `revenant-lock.<name>`. Blobs cannot be listed through the API, so
   `gc` here only drops manifests; the registry's own garbage-collect reclaims unreferenced blobs.
@@ -29,10 +33,12 @@ from urllib.parse import urljoin, urlsplit
 
 import urllib3
 
-from ..errors import StoreError
+from ..errors import BackendUnavailable, StoreError
 from ..keys import tag_prefix
 from ..limits import MAX_CHUNK_OBJECT, MAX_MANIFEST_OBJECT
-from .base import Backend, NotFound, TooLarge, TransientError
+from .base import Backend, Damaged, NotFound, TooLarge, TransientError
+from .ocipacks import PACK_INDEX_MT, RegistryPacks
+from .packs import pack_mb, packs_enabled
 from .registry_auth import RegistryAuth
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,14 @@ def tag_prefix_or_none(key: str) -> str:
         return "\0"  # matches no tag
 
 
-def _sha(data: bytes) -> str:
+def _pack_uploads(query: dict[str, str]) -> int:
+    raw = query.get("pack_uploads", "4")
+    if not raw.isdigit() or not 1 <= int(raw) <= 16:
+        raise StoreError(f"pack_uploads must be a whole number from 1 to 16, got {raw!r}")
+    return int(raw)
+
+
+def _sha(data: bytes | bytearray) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -85,6 +98,9 @@ class OCIBackend(Backend):
         self._indexed = False
         self._have_empty = False
         self._index_lock = threading.Lock()
+        # The pack layer reads packed stores whatever the URL says; packs=0 only writes chunks as blobs.
+        self.packs = RegistryPacks(self, pack_mb(query), _pack_uploads(query))
+        self.write_packs = packs_enabled(query)
 
     # ------------------------------------------------------------------ HTTP
     def _req(
@@ -109,6 +125,11 @@ class OCIBackend(Backend):
     ) -> tuple[urllib3.BaseHTTPResponse, bytes]:
         """GET whose body is read only if it fits in limit bytes: (response, body) or TooLarge."""
         r = self._req("GET", url, what, headers=headers or {}, preload_content=False)
+        return r, self._read_bounded(r, what, limit)
+
+    @staticmethod
+    def _read_bounded(r: urllib3.BaseHTTPResponse, what: str, limit: int) -> bytes:
+        """The response's body if it fits in limit bytes, else TooLarge; the connection is released."""
         whole = False
         try:
             declared = r.headers.get("Content-Length")
@@ -121,7 +142,7 @@ class OCIBackend(Backend):
             if len(body) > limit:
                 raise TooLarge(f"{what}: the registry sent more than {limit} bytes")
             whole = True
-            return r, body
+            return body
         finally:
             if not whole:  # unread bytes left on the connection: it must not go back to the pool
                 r.close()
@@ -150,12 +171,14 @@ class OCIBackend(Backend):
             return False
         return True
 
-    def _upload_blob(self, data: bytes) -> str:
+    def upload_blob(self, data: bytes | bytearray, probe: bool = True) -> str:
+        """Push a blob, returning its digest. probe=False (a fresh pack, which no registry has yet) skips
+        the HEAD and the cross-repository mount."""
         digest = _sha(data)
-        if self._blob_exists(digest):
+        if probe and self._blob_exists(digest):
             return digest
         loc = None
-        for source in self.mount_from:
+        for source in self.mount_from if probe else ():
             r = self._req("POST", f"/blobs/uploads/?mount={digest}&from={source}", "mount blob", ok=(201, 202))
             if r.status == 201:
                 return digest
@@ -164,9 +187,11 @@ class OCIBackend(Backend):
         if loc is None:
             loc = self._req("POST", "/blobs/uploads/", "start upload", ok=(202,)).headers["Location"]
         loc = urljoin(self.base, loc)
+        body: bytes | bytearray | memoryview
         if len(data) > self.chunked:
+            view = memoryview(data)
             for start in range(0, len(data), self.chunked):
-                piece = data[start : start + self.chunked]
+                piece = view[start : start + self.chunked]
                 r = self._req(
                     "PATCH",
                     loc,
@@ -194,14 +219,44 @@ class OCIBackend(Backend):
         )
         return digest
 
-    def _get_blob(self, digest: str, size: int, limit: int) -> bytes:
+    def get_blob(self, digest: str, size: int, limit: int) -> bytes:
         """A blob of the size its descriptor declares (which must be within limit)."""
         if type(size) is not int or not 0 <= size <= limit:
             raise TooLarge(f"blob {digest} is declared as {size!r} bytes, over the {limit}-byte limit")
         _r, body = self._get_bounded(f"/blobs/{digest}", f"GET blob {digest}", size)
         if len(body) != size:
-            raise StoreError(f"blob {digest}: {len(body)} bytes, expected {size}")
+            raise Damaged(f"blob {digest}: {len(body)} bytes, expected {size}")
         return body
+
+    def get_blob_range(self, digest: str, offset: int, length: int, blob_size: int) -> bytes:
+        """length bytes at offset of a blob: a ranged GET; a registry that ignores Range sends the whole
+        blob, read only up to blob_size (the size its layer declares) and cut here."""
+        if offset < 0 or length <= 0 or offset + length > blob_size:
+            raise Damaged(f"blob {digest}: bytes {offset}+{length} lie outside its {blob_size} bytes")
+        what = f"GET blob {digest} bytes {offset}+{length}"
+        end = offset + length - 1
+        r = self._req(
+            "GET",
+            f"/blobs/{digest}",
+            what,
+            ok=(200, 206),
+            headers={"Range": f"bytes={offset}-{end}"},
+            preload_content=False,
+        )
+        if r.status == 206:
+            got = r.headers.get("Content-Range", "")
+            if not got.startswith(f"bytes {offset}-{end}/"):
+                r.close()
+                r.release_conn()
+                raise Damaged(f"{what}: the registry sent the range {got[:80]!r}")
+            body = self._read_bounded(r, what, length)
+            if len(body) != length:
+                raise Damaged(f"{what}: the registry sent {len(body)} bytes")
+            return body
+        body = self._read_bounded(r, what, blob_size)  # Range ignored: the whole blob
+        if len(body) < offset + length:
+            raise Damaged(f"{what}: the blob has only {len(body)} bytes")
+        return body[offset : offset + length]
 
     def _tags(self) -> list[str]:
         tags: list[str] = []
@@ -259,10 +314,17 @@ class OCIBackend(Backend):
         with contextlib.suppress(NotFound):
             self._req("DELETE", f"/manifests/{digest}", f"DELETE manifest {ref}", ok=(202, 200))
 
-    def _remember(self, doc: dict[str, Any]) -> None:
+    def _remember(self, doc: dict[str, Any], what: str) -> None:
         layers = doc.get("layers")
         if not isinstance(layers, list):
             return
+        if any(isinstance(la, dict) and la.get("mediaType") == PACK_INDEX_MT for la in layers):
+            try:
+                self.packs.learn(layers, f"{self.url} {what}")
+            except (TransientError, BackendUnavailable):
+                raise  # the registry is away: not a damaged checkpoint
+            except StoreError as e:  # its chunks stay unknown: a restore of it fails on them, naming them
+                log.warning("%s: cannot read the packs of %s: %s", self.url, what, e)
         with self._lock:
             for layer in layers:
                 if not isinstance(layer, dict) or not isinstance(layer.get("annotations"), dict):
@@ -282,7 +344,7 @@ class OCIBackend(Backend):
         for tag in self._tags():
             if not tag.startswith(LOCK_TAG) and not tag.endswith(".latest"):
                 try:
-                    self._remember(self._get_manifest_doc(tag)[0])
+                    self._remember(self._get_manifest_doc(tag)[0], f"manifest {tag}")
                 except NotFound:
                     continue
         self._indexed = True
@@ -290,13 +352,22 @@ class OCIBackend(Backend):
     # ------------------------------------------------------------------ chunks
     def has_chunk(self, digest: str) -> bool:
         self._index()
+        if self.packs.has_chunk(digest):
+            return True
         with self._lock:
             return digest in self._blobs
 
     def put_chunk(self, digest: str, data: bytes) -> None:
-        sha = self._upload_blob(data)
+        if self.write_packs:
+            self.packs.put_chunk(digest, data)
+            return
+        sha = self.upload_blob(data)
         with self._lock:
             self._blobs[digest] = (sha, len(data))
+
+    def flush_chunks(self) -> None:
+        if self.write_packs:
+            self.packs.flush()
 
     def _locate(self, digest: str) -> tuple[str, int]:
         with self._lock:
@@ -311,19 +382,58 @@ class OCIBackend(Backend):
         return loc
 
     def get_chunk(self, digest: str) -> bytes:
-        sha, size = self._locate(digest)
-        return self._get_blob(sha, size, MAX_CHUNK_OBJECT)
+        self._index()
+        for attempt in range(2):
+            data = self.packs.get_chunk(digest)
+            if data is not None:
+                return data
+            with self._lock:
+                loc = self._blobs.get(digest)
+            if loc is not None:
+                return self.get_blob(loc[0], loc[1], MAX_CHUNK_OBJECT)
+            if attempt == 0:  # committed by another client since the index was built
+                self._reindex()
+        raise NotFound(f"chunk {digest} is not referenced by any manifest in {self.repo}")
+
+    def _reindex(self) -> None:
+        with self._index_lock:
+            self._build_index()
 
     def delete_chunk(self, digest: str) -> None:
-        with contextlib.suppress(NotFound):
-            self._req("DELETE", f"/blobs/{self._locate(digest)[0]}", "DELETE blob", ok=(202, 200))
+        """A chunk stored as its own blob is deleted; a packed one is left to the registry's GC, which
+        reclaims its pack once no manifest lists it (a pack is never rewritten here)."""
+        with self._lock:
+            loc = self._blobs.get(digest)
+        if loc is not None:
+            with contextlib.suppress(NotFound):
+                self._req("DELETE", f"/blobs/{loc[0]}", "DELETE blob", ok=(202, 200))
+
+    def _unknown(self, chunks: set[str]) -> set[str]:
+        with self._lock:
+            return {d for d in chunks if d not in self._blobs and not self.packs.has_chunk(d)}
+
+    def _check_durable(self, chunks: set[str]) -> None:
+        """Refuse a manifest naming a chunk not known to be in a stored pack or blob: a pack whose
+        background upload failed must never be referenced."""
+        missing = self._unknown(chunks)
+        if missing:
+            self._reindex()
+            missing = self._unknown(chunks)
+        if missing:
+            raise StoreError(
+                f"{self.url}: {len(missing)} chunk(s) of this checkpoint are not stored (a pack upload failed?), "
+                f"e.g. {sorted(missing)[0]}; not committed"
+            )
 
     # ------------------------------------------------------------------ manifests
     def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
         self._ensure_empty()
-        mdigest = self._upload_blob(data)
+        self._check_durable(chunks)
+        mdigest = self.upload_blob(data)
         layers = [{"mediaType": REVENANT_MANIFEST_MT, "digest": mdigest, "size": len(data)}]
-        for d in sorted(chunks):
+        pack_layers, loose = self.packs.layers(chunks)
+        layers += pack_layers
+        for d in sorted(loose):
             sha, size = self._locate(d)
             layers.append({"mediaType": CHUNK_MT, "digest": sha, "size": size, "annotations": {A_BLAKE3: d}})
         doc = {
@@ -338,11 +448,32 @@ class OCIBackend(Backend):
                 "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         }
-        self._put_manifest_doc(tag_prefix(key) + name, json.dumps(doc, separators=(",", ":")).encode())
+        try:
+            self._put_manifest_doc(tag_prefix(key) + name, json.dumps(doc, separators=(",", ":")).encode())
+        except TransientError as e:
+            if "BLOB_UNKNOWN" in str(e):
+                self._check_layers(layers[1:])
+            raise
+
+    def _check_layers(self, layers: list[dict[str, Any]]) -> None:
+        """After the registry called a layer unknown: a blob this client still counted on may have been
+        reclaimed by the registry's garbage collection (every manifest listing it deleted). Then this
+        manifest can never be written: forget the blobs (the next put uploads their chunks again) and
+        say so; otherwise it was a commit racing another writer's, which a retry gets past."""
+        gone = {la["digest"] for la in layers if not self._blob_exists(la["digest"])}
+        if not gone:
+            return
+        self.packs.forget({d.removeprefix("sha256:") for d in gone})
+        with self._lock:
+            self._blobs = {b3: loc for b3, loc in self._blobs.items() if loc[0] not in gone}
+        raise StoreError(
+            f"{self.url}: {len(gone)} blob(s) this checkpoint reuses are gone from the registry (its garbage "
+            f"collection?), e.g. {sorted(gone)[0]}; not committed, the next put uploads their chunks again"
+        )
 
     def get_manifest(self, key: str, name: str) -> bytes:
         doc, _digest, _raw = self._get_manifest_doc(tag_prefix(key) + name)
-        self._remember(doc)
+        self._remember(doc, f"manifest {tag_prefix(key) + name}")
         layers = doc.get("layers") or []
         first = layers[0] if isinstance(layers, list) and layers else None
         if not isinstance(first, dict) or first.get("mediaType") != REVENANT_MANIFEST_MT:
@@ -351,7 +482,7 @@ class OCIBackend(Backend):
             return b""
         try:
             size: Any = first.get("size")  # checked by _get_blob
-            return self._get_blob(first["digest"], size, MAX_MANIFEST_OBJECT)
+            return self.get_blob(first["digest"], size, MAX_MANIFEST_OBJECT)
         except NotFound:
             return b""
 
@@ -403,7 +534,7 @@ class OCIBackend(Backend):
     # ------------------------------------------------------------------ locks
     def _ensure_empty(self) -> None:
         if not self._have_empty:
-            self._upload_blob(EMPTY)
+            self.upload_blob(EMPTY)
             self._have_empty = True
 
     def put_lock(self, name: str, data: bytes) -> None:
@@ -435,4 +566,5 @@ class OCIBackend(Backend):
         self._delete_ref(LOCK_TAG + name)
 
     def close(self) -> None:
+        self.packs.close()
         self.http.clear()

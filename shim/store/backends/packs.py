@@ -195,13 +195,29 @@ def decode_index(raw: bytes, what: str) -> dict[str, list[Entry]]:
     return out
 
 
+def read_trailer(objects: ObjectStore, pack: str, size: int, what: str) -> list[Entry]:
+    """A stored pack's entries from its trailer: one ranged GET of its tail, a second if the trailer is
+    larger than TAIL_READ; every entry checked to lie inside the pack's data."""
+    if size < FOOTER.size:
+        raise Damaged(f"{what}: too short for a pack ({size} bytes)")
+    first = min(size, TAIL_READ)
+    tail = objects.retry(f"read {what}", lambda: objects.get_range(pack_name(pack), size - first, first))
+    need = trailer_size(tail[-FOOTER.size :], size, what)
+    if need > len(tail):
+        tail = objects.retry(f"read {what}", lambda: objects.get_range(pack_name(pack), size - need, need))
+    return decode_trailer(tail, size, what)
+
+
 # ---------------------------------------------------------------------- writing
 class PackWriter:
     """Appends chunk blobs to packs, uploads full ones in the background, indexes them on flush()."""
 
-    def __init__(self, objects: ObjectStore, target: int, uploads: int = 2) -> None:
+    def __init__(self, objects: ObjectStore, target: int, uploads: int = 2, index: bool = True) -> None:
         self.objects = objects
         self.target = target
+        # index=False: flush() writes no index/ object (a registry keeps one pack index per checkpoint
+        # instead, shim.store.backends.ocipacks) and returns "" as each pack's index name.
+        self.index = index
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._buf = bytearray()
@@ -296,10 +312,12 @@ class PackWriter:
                 done = list(self._done)
             if not done:
                 return []
-            index = f"index/{secrets.token_hex(16)}"
-            crash_point("store.index.before-upload")
-            self.objects.put_object(index, encode_index(done))  # the Store retries flush_chunks as a whole
-            crash_point("store.index.after-upload")
+            index = ""
+            if self.index:
+                index = f"index/{secrets.token_hex(16)}"
+                crash_point("store.index.before-upload")
+                self.objects.put_object(index, encode_index(done))  # the Store retries flush_chunks as a whole
+                crash_point("store.index.after-upload")
             with self._lock:
                 del self._done[: len(done)]
                 for pack, _entries in done:
@@ -480,17 +498,7 @@ class PackStore:
         self._windows.clear()
 
     def _read_trailer(self, pack: str, size: int) -> list[Entry]:
-        what = f"{self.url} pack {pack}"
-        if size < FOOTER.size:
-            raise Damaged(f"{what}: too short for a pack ({size} bytes)")
-        first = min(size, TAIL_READ)
-        tail = self.objects.retry(f"read {what}", lambda: self.objects.get_range(pack_name(pack), size - first, first))
-        need = trailer_size(tail[-FOOTER.size :], size, what)
-        if need > len(tail):
-            tail = self.objects.retry(
-                f"read {what}", lambda: self.objects.get_range(pack_name(pack), size - need, need)
-            )
-        return decode_trailer(tail, size, what)
+        return read_trailer(self.objects, pack, size, f"{self.url} pack {pack}")
 
     def _register(self, flushed: list[tuple[str, str, list[Entry]]]) -> None:
         with self._lock:
