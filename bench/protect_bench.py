@@ -26,6 +26,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,165 @@ class ShmPeak(threading.Thread):
     def run(self) -> None:
         while not self.halt.wait(0.02):
             self.peak = max(self.peak, shutil.disk_usage("/dev/shm").used - self.base)
+
+
+def _cachestat(fd: int) -> tuple[int, int, int]:
+    """(resident, dirty, writeback) pages of an open file: cachestat(2), Linux 6.5+, x86-64 and arm64."""
+    import ctypes
+
+    rng = (ctypes.c_uint64 * 2)(0, 0)  # offset 0, length 0: to the end of the file
+    out = (ctypes.c_uint64 * 5)()
+    nr = 451
+    if ctypes.CDLL(None, use_errno=True).syscall(nr, fd, ctypes.byref(rng), ctypes.byref(out), 0) != 0:
+        raise OSError(ctypes.get_errno(), "cachestat")
+    return out[0], out[1], out[2]
+
+
+class CheckpointMemory(threading.Thread):
+    """Peak extra memory of the checkpoints of one shim, sampled every 20 ms:
+    RSS of the shim and its children (runc, CRIU; the job's own processes excluded) over the shim's
+    RSS before, + tmpfs blocks of its staging entries + dirty and writeback pages of its disk-staged
+    files (page cache that cannot be reclaimed before writeback). Also kept: the resident (clean
+    included) page cache and the disk blocks of its staging."""
+
+    def __init__(self, shim_pid: int, job_pids: set[int], roots: list[Path]) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.shim = psutil.Process(shim_pid)
+        self.job_pids = job_pids
+        self.roots = roots
+        self.base = self._rss()
+        self.peak = self.peak_rss = self.peak_tmpfs = self.peak_dirty = self.peak_cache = self.peak_disk = 0
+        self.halt = threading.Event()
+
+    def _rss(self) -> int:
+        import psutil
+
+        total = 0
+        for p in [self.shim, *self.shim.children(recursive=True)]:
+            if p.pid in self.job_pids:
+                continue
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def _staged(self) -> tuple[int, int, int, int]:
+        """(tmpfs bytes, dirty+writeback bytes, resident page cache bytes, disk bytes) of the staging."""
+        tmpfs = dirty = cache = disk = 0
+        prefix = f"{self.shim.pid}-"
+        for root in self.roots:
+            shm = str(root).startswith("/dev/shm")
+            try:
+                paths = [p for entry in root.glob(f"{prefix}*") for p in entry.rglob("*")]
+            except OSError:  # removed while listed (the checkpoint ended)
+                continue
+            for path in paths:
+                try:
+                    st = os.lstat(path)
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    if shm:
+                        tmpfs += st.st_blocks * 512
+                        continue
+                    disk += st.st_blocks * 512
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        res, dty, wb = _cachestat(fd)
+                    finally:
+                        os.close(fd)
+                    dirty += (dty + wb) * 4096
+                    cache += res * 4096
+                except OSError:
+                    continue
+        return tmpfs, dirty, cache, disk
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            try:
+                rss = max(0, self._rss() - self.base)
+            except Exception:
+                continue
+            tmpfs, dirty, cache, disk = self._staged()
+            self.peak = max(self.peak, rss + tmpfs + dirty)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_tmpfs = max(self.peak_tmpfs, tmpfs)
+            self.peak_dirty = max(self.peak_dirty, dirty)
+            self.peak_cache = max(self.peak_cache, cache)
+            self.peak_disk = max(self.peak_disk, disk)
+
+
+def shim_pid_of(node: ContainerdNode, cid: str) -> int:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if any("containerd-shim-revenant" in c for c in cmd[:2]) and cid in cmd and node.address in cmd:
+            return p.pid
+    raise RuntimeError(f"no shim of {cid} found")
+
+
+def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str, repeat: int, budget_mib: int) -> None:
+    """The peak extra memory of a periodic checkpoint, streamed vs the whole dump staged in /dev/shm,
+    two jobs of the same size on node A checkpointed in alternation."""
+    import psutil
+
+    jobs: dict[str, Job] = {}
+    for mode, budget in (("staged", 0), ("streamed", budget_mib)):
+        a.write_revenant_config(extra=f"stream_budget_mib = {budget}")  # read by the job's shim at Create
+        jobs[mode] = Job(f"mem-{mode}", f"bench/memory-{mode}/main", store, mib=mib, interval="off")
+        run_job(a, image, jobs[mode], command=memjob_cmd(mib, 7 if mode == "staged" else 8))
+    a.write_revenant_config()
+    results: dict[str, list[tuple[CheckpointMemory, dict[str, Any]]]] = {m: [] for m in jobs}
+    roots = [Path("/dev/shm/revenant"), a.revenant_scratch]
+    try:
+        for job in jobs.values():
+            wait_for_step(job_log(a, job.cid), 3, timeout=300)
+        for i in range(repeat):
+            for mode, job in jobs.items():
+                shim = shim_pid_of(a, job.cid)
+                init = psutil.Process(int(a.ctr("task", "ls").stdout.split(job.cid)[1].split()[0]))
+                job_pids = {init.pid, *(p.pid for p in init.children(recursive=True))}
+                meter = CheckpointMemory(shim, job_pids, roots)
+                meter.start()
+                res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
+                meter.halt.set()
+                meter.join()
+                results[mode].append((meter, res))
+                fr = res.get("freeze") or {}
+                say(
+                    f"memory {i + 1}/{repeat} {mode}: peak {mib_s(meter.peak)} (rss {mib_s(meter.peak_rss)}, "
+                    f"tmpfs {mib_s(meter.peak_tmpfs)}, dirty {mib_s(meter.peak_dirty)}), "
+                    f"frozen {res['freeze_s']:.2f} s "
+                    f"(memdrain {fr.get('criu_memdrain_ms', 0):.0f} ms, "
+                    f"memwrite {fr.get('criu_memwrite_ms', 0):.0f} ms), "
+                    f"committed {res['total_s']:.2f} s"
+                )
+        for mode, runs in results.items():
+            peak = statistics.median(m.peak for m, _ in runs)
+            pairs = " ".join(f"{r['freeze_s']:.2f}/{r['total_s']:.2f}" for _, r in runs)
+            row(
+                f"peak extra memory of a checkpoint ({mib} MiB job), {mode}"
+                + (f" (budget {budget_mib} MiB)" if mode == "streamed" else " (/dev/shm)"),
+                mib_s(peak),
+                "-",
+                f"median of {len(runs)}: shim tree RSS {mib_s(statistics.median(m.peak_rss for m, _ in runs))}, "
+                f"tmpfs {mib_s(statistics.median(m.peak_tmpfs for m, _ in runs))}, "
+                f"dirty+writeback {mib_s(statistics.median(m.peak_dirty for m, _ in runs))}; "
+                f"resident page cache {mib_s(statistics.median(m.peak_cache for m, _ in runs))}, "
+                f"disk {mib_s(statistics.median(m.peak_disk for m, _ in runs))}; "
+                f"frozen {statistics.median(r['freeze_s'] for _, r in runs):.2f} s, "
+                f"committed in {statistics.median(r['total_s'] for _, r in runs):.2f} s "
+                f"(frozen/committed s per run: {pairs})",
+            )
+    finally:
+        for job in jobs.values():
+            a.ctr("task", "kill", "-s", "SIGKILL", job.cid, check=False, input="")
+            wait_until(lambda job=job: task_status(a, job.cid) != "RUNNING", 60, "job stopped")
+            a.ctr("task", "rm", "-f", job.cid, check=False, input="")
+            a.ctr("containers", "rm", job.cid, check=False, input="")
 
 
 def runc_root(node: ContainerdNode) -> Path:
@@ -461,7 +621,10 @@ def main() -> int:
     ap.add_argument(
         "--freeze-repeat", type=int, default=1, help="alternating checkpoint pairs (runc, revenant); medians reported"
     )
-    ap.add_argument("--skip", action="append", default=[], choices=("freeze", "restore", "podman", "s3", "run"))
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=("freeze", "restore", "memory", "podman", "s3", "run")
+    )
+    ap.add_argument("--stream-budget-mib", type=int, default=512, help="the streamed side's budget (memory section)")
     args = ap.parse_args()
     mib = int(args.gib * 1024) if args.gib else args.mib
     work = Path(tempfile.mkdtemp(prefix="rv-pbench-", dir="/var/tmp"))
@@ -478,6 +641,8 @@ def main() -> int:
         if "freeze" not in args.skip:
             restore = "restore" not in args.skip
             bench_freeze_and_restore(a, b, refs["a"], refs["b"], mib, work, store, args.freeze_repeat, restore)
+        if "memory" not in args.skip:
+            bench_checkpoint_memory(a, refs["a"], mib, store, args.freeze_repeat, args.stream_budget_mib)
         if "podman" not in args.skip:
             bench_podman(images, mib, work)
         if "run" not in args.skip:

@@ -1,6 +1,6 @@
 """Checkpoint store benchmark, side by side with tar + zstd, on a CRIU-like dump.
 
-    .venv/bin/python -m bench.store_bench [--size MIB] [--backends file,s3,oci] [--chunker fixed:65536]
+    .venv/bin/python -m bench.store_bench [--size MIB] [--backends file,s3,az,oci] [--chunker fixed:65536]
 
 The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter repetitive, mixed in
 256 KiB runs like a real heap) plus a few small image files. Steps, each timed:
@@ -8,7 +8,8 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
   2. 5% of the pages rewritten (runs of --run-pages pages at random page offsets), second put:
      uploaded bytes vs the first put's
   3. baseline `zstd -d -c F | tar -x -C DIR`         vs  revenant get (every chunk verified)
-  4. the same first put and get against SeaweedFS (S3) and the distribution registry (OCI), in MB/s
+  4. the same first put and get against SeaweedFS (S3), Azurite (Azure Blob, with --backends ...,az) and the
+     distribution registry (OCI), in MB/s
   5. with --encryption: put and get into fresh local stores, encrypted vs plain, alternating, best of
      --rounds each (what encryption at rest costs)
   6. with --s3-layouts: put and get against SeaweedFS one object per chunk (`packs=0`, the layout before
@@ -89,7 +90,7 @@ def sh(cmd: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024, help="page image size in MiB (default 1024)")
-    ap.add_argument("--backends", default="file,s3,oci", help="comma list of file,s3,oci")
+    ap.add_argument("--backends", default="file,s3,oci", help="comma list of file,s3,az,oci")
     ap.add_argument("--chunker", default=None, help="fixed:SIZE or fastcdc:AVG (default: the store's)")
     ap.add_argument("--run-pages", type=int, default=64, help="pages per mutated run (default 64)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "untar")
         store.close()
 
-        for backend in [b for b in args.backends.split(",") if b in ("s3", "oci")]:
+        for backend in [b for b in args.backends.split(",") if b in ("s3", "az", "oci")]:
             rows.append(_remote(backend, work, dump, mb, opts))
         if args.s3_layouts:
             rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar, args.s3_layouts)
@@ -274,7 +275,15 @@ def _crypto_floor(key: Path) -> tuple[str, str, str, str]:
 
 
 def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tuple[str, str, str, str]:
-    from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY, Registry, SeaweedS3
+    from tests.harness.servers import (
+        AZ_ACCOUNT,
+        AZ_CONTAINER,
+        S3_ACCESS_KEY,
+        S3_SECRET_KEY,
+        Azurite,
+        Registry,
+        SeaweedS3,
+    )
 
     root = work / f"srv-{backend}"
     root.mkdir()
@@ -284,6 +293,11 @@ def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tupl
         srv = SeaweedS3(root)
         srv.start()
         url = f"s3://revenant-test/bench?endpoint={srv.endpoint}"
+    elif backend == "az":
+        srv = Azurite(root)
+        os.environ.setdefault("AZURE_STORAGE_CONNECTION_STRING", srv.connection_string)
+        srv.start()
+        url = f"az://{AZ_ACCOUNT}/{AZ_CONTAINER}/bench?endpoint={srv.endpoint}"
     else:
         srv = Registry(root)
         srv.start()

@@ -121,4 +121,26 @@ if ! "$CONTAINERD17_DIR/usr/bin/containerd" --version 2>/dev/null | grep -q ' 1\
   "$CONTAINERD17_DIR/usr/bin/containerd" --version | grep -q ' 1\.7\.' || die "the unpacked containerd is not 1.7"
 fi
 
+# Azurite (Microsoft's Azure Storage emulator) for the az:// store tests: a pinned npm package in a private
+# prefix, with Debian's nodejs and npm when they are missing.
+AZURITE_DIR=${REVENANT_AZURITE_DIR:-/opt/revenant-test/azurite}
+AZURITE_VERSION=3.35.0
+azurite_ok() {
+  [ -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ] || return 1
+  [ "$(node -p "require('$AZURITE_DIR/node_modules/azurite/package.json').version" 2>/dev/null)" = "$AZURITE_VERSION" ]
+}
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_update
+  log "installing nodejs and npm (for Azurite)"
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if ! azurite_ok; then
+  log "installing azurite@$AZURITE_VERSION into $AZURITE_DIR"
+  rm -rf "$AZURITE_DIR.new" && mkdir -p "$AZURITE_DIR.new"
+  npm install --prefix "$AZURITE_DIR.new" --no-audit --no-fund --loglevel=error "azurite@$AZURITE_VERSION" >/dev/null ||
+    die "npm install azurite@$AZURITE_VERSION failed"
+  rm -rf "$AZURITE_DIR" && mv "$AZURITE_DIR.new" "$AZURITE_DIR"
+fi
+azurite_ok || die "azurite $AZURITE_VERSION is not in $AZURITE_DIR"
+
 log "ok: $(containerd --version | awk '{print $1, $3}'), runc $(runc --version | awk 'NR==1{print $3}'), criu $(criu --version | sed -n 's/^Version: *//p'), $("$DOCKER_DIR/usr/sbin/dockerd" --version | cut -d, -f1) in $DOCKER_DIR"

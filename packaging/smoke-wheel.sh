@@ -3,6 +3,7 @@
 # WITHOUT dev extras (no grpcio-tools, no pytest, no source tree on the path), import every module it holds,
 # and run each command once:
 #   revenant --version; a `revenant store` put/get/verify round trip on a file:// store (content compared);
+#   an az:// store opened without credentials failing with the backend's own message;
 #   revenant-snapshotter on a unix socket answering a real gRPC Stat (NotFound) and stopping on SIGTERM;
 #   containerd-shim-revenant-v1 -v and --version.
 # Usage: packaging/smoke-wheel.sh [PYTHON]  (PYTHON builds the wheel and needs `build`; default .venv/bin/python).
@@ -73,6 +74,13 @@ store="file://$work/store"
 "$bin/revenant" store get --store "$store" --key smoke/one restored >/dev/null
 diff -r src restored || fail "restored content differs"
 "$bin/revenant" store verify --store "$store" >/dev/null || fail "verify"
+
+step "an az:// store opens with the declared Azure SDK and asks for credentials"
+if out=$(env -u AZURE_STORAGE_CONNECTION_STRING "$bin/revenant" store verify \
+    --store "az://smokeacct/smoke?endpoint=http://127.0.0.1:9/smokeacct" 2>&1); then
+  fail "an az:// store without credentials verified"
+fi
+printf '%s' "$out" | grep -q "no Azure credentials" || fail "az:// without credentials said: $out"
 
 step "revenant-snapshotter answers gRPC on a unix socket"
 "$bin/revenant-snapshotter" --version | grep -qx "revenant-snapshotter $version" || fail "snapshotter --version"

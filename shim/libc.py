@@ -14,6 +14,9 @@ import threading
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+SYNC_FILE_RANGE_WRITE = 0x2
 
 _lib: ctypes.CDLL | None = None
 _load_lock = threading.Lock()
@@ -35,6 +38,10 @@ def _libc() -> ctypes.CDLL:
                 lib.prctl.restype = ctypes.c_int
                 lib.syncfs.argtypes = [ctypes.c_int]
                 lib.syncfs.restype = ctypes.c_int
+                lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+                lib.fallocate.restype = ctypes.c_int
+                lib.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                lib.sync_file_range.restype = ctypes.c_int
                 _lib = lib
     return _lib
 
@@ -100,6 +107,20 @@ def syncfs(path: str | os.PathLike[str]) -> None:
             raise _fail(f"syncfs {os.fsdecode(path)}")
     finally:
         os.close(fd)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): free the range's blocks and page cache (dirty pages are
+    dropped without being written back); the range reads as zeros, the size stays."""
+    if _libc().fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        raise _fail(f"fallocate punch hole {offset}+{length}")
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(WRITE): start writing the range's dirty pages back now, without waiting
+    (length 0: to the end of the file), so they become clean and can be dropped from the cache."""
+    if _libc().sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) != 0:
+        raise _fail(f"sync_file_range {offset}+{length}")
 
 
 def pid_alive(pid: int) -> bool:

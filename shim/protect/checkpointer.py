@@ -1,9 +1,13 @@
 """Taking one protected checkpoint: freeze, dump, capture the writable layer, thaw, then upload.
 
-The task is frozen only while CRIU dumps its memory into memory-backed staging and the writable
-layer is captured (both must describe the same instant); hashing, compression and upload run after
-it resumed. The manifest is committed last, so a checkpoint interrupted anywhere stays invisible and
-the previous one stays the latest.
+The task is frozen only while CRIU dumps its memory and the writable layer is captured (both must
+describe the same instant). By default the whole dump is staged first (tmpfs, disk when it does not
+fit) and uploaded after the task resumed, its page images deduplicated page by page. With
+`stream_budget_mib` > 0 the dump streams (shim.protect.streaming): CRIU writes into on-disk scratch
+while a put consumes its page images, so hashing, compression and upload overlap the dump and the
+shim holds about the budget of it (FastCDC dedup only, not yet page by page). The manifest is
+committed last, so a checkpoint interrupted anywhere stays invisible and the previous one stays the
+latest.
 
 A final (exit) checkpoint must not lose the job when its upload fails: the task is dumped leaving it
 running but stays frozen through upload and commit, and is stopped (SIGKILL) only once the
@@ -35,6 +39,7 @@ from shim.runc.driver import Runc, RuncError
 from .freeze import format_breakdown, freeze_breakdown
 from .image_identity import ImageIdentity, ImageLookup
 from .staging import make_staging_dir, process_tree_rss, remove_staging_dir, runtime_versions
+from .streaming import StreamedPut
 
 log = logging.getLogger(__name__)
 
@@ -110,47 +115,45 @@ class Checkpointer:
     def take(self, c: ProtectedContainer, *, exit: bool, reason: str) -> CheckpointReport:
         start = time.monotonic()
         expected = process_tree_rss(c.init_pid) if c.init_pid else 0
-        staging = make_staging_dir(self.node.staging_dir, self.node.scratch_dir, expected, prefix=f"{c.id}-")
+        streaming = self.node.stream_budget_mib > 0
+        # A streamed dump goes to disk scratch (its backlog must never be memory); otherwise tmpfs first.
+        preferred = self.node.scratch_dir if streaming else self.node.staging_dir
+        staging = make_staging_dir(preferred, self.node.scratch_dir, expected, prefix=f"{c.id}-")
         # An exit checkpoint holds the task frozen until the commit (then stops it) when it can freeze
         # it; without a pause hook it falls back to CRIU stopping the task at the dump.
         hold = exit and c.pause is not None and c.resume is not None
         held = False
         try:
-            freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(c, staging, exit=exit, hold=hold)
-            log.info(
-                "freeze of %s/%s (%s): %s",
-                c.namespace,
-                c.id,
-                reason,
-                format_breakdown(breakdown),
-                extra={"fields": {"event": "freeze_breakdown", "container": c.id, **breakdown}},
-            )
-            metadata = {
-                "format": FORMAT,
-                "container": {"namespace": c.namespace, "id": c.id},
-                "image": c.image.as_dict() if c.image else None,
-                "reason": reason,
-                "exit": exit,
-                "node": socket.gethostname(),
-                "runtime": runtime_versions(),
-                "criu": dump.as_dict(),
-                "writable_layer": asdict(layer) if layer is not None else None,
-                "freeze_s": round(freeze_s, 6),
-                "freeze": breakdown,
-            }
-            if c.extra_metadata:
-                metadata.update(c.extra_metadata())
-            upload_start = time.monotonic()
             with self.open_store(c.protection.store) as store:
-                epoch = claim_key(c, store)
-                info = store.put(
-                    c.protection.key,
-                    staging,
-                    metadata=metadata,
-                    progress=_progress_logger(c),
-                    epoch=epoch,
-                    page_images=PAGE_IMAGES,
-                )
+                if streaming:
+                    epoch = claim_key(c, store)
+                    budget = self.node.stream_budget_mib << 20
+                    with StreamedPut(
+                        store, c.protection.key, staging, CRIU_DIR, budget, _progress_logger(c), epoch
+                    ) as put:
+                        put.frozen(True)
+                        try:
+                            freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(
+                                c, staging, exit=exit, hold=hold
+                            )
+                        finally:
+                            put.frozen(False)
+                        metadata = self._metadata(c, reason, exit, freeze_s, dump, layer, breakdown)
+                        upload_start = time.monotonic()
+                        info = put.finish(metadata)
+                else:
+                    freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(c, staging, exit=exit, hold=hold)
+                    metadata = self._metadata(c, reason, exit, freeze_s, dump, layer, breakdown)
+                    upload_start = time.monotonic()
+                    epoch = claim_key(c, store)
+                    info = store.put(
+                        c.protection.key,
+                        staging,
+                        metadata=metadata,
+                        progress=_progress_logger(c),
+                        epoch=epoch,
+                        page_images=PAGE_IMAGES,
+                    )
                 pruned = prune_superseded(store, c.protection.key, c.protection.keep, c.keep_seqs)
             upload_s = time.monotonic() - upload_start
         except BaseException:
@@ -166,7 +169,8 @@ class Checkpointer:
         stats = {
             "criu": dump.as_dict(),
             "freeze": breakdown,
-            "upload_s": round(upload_s, 6),
+            "upload_s": round(upload_s, 6),  # streamed: only what was left after the thaw
+            "streamed": streaming,
             "pruned": pruned,
             "chunks_total": info.chunks_total,
             "chunks_new": info.chunks_new,
@@ -186,6 +190,41 @@ class Checkpointer:
         return CheckpointReport(
             c.protection.key, info.seq, info.bytes_read, info.bytes_uploaded, freeze_s, total_s, stats
         )
+
+    def _metadata(
+        self,
+        c: ProtectedContainer,
+        reason: str,
+        exit: bool,
+        freeze_s: float,
+        dump: Any,
+        layer: Any,
+        breakdown: dict[str, float],
+    ) -> dict[str, Any]:
+        log.info(
+            "freeze of %s/%s (%s): %s",
+            c.namespace,
+            c.id,
+            reason,
+            format_breakdown(breakdown),
+            extra={"fields": {"event": "freeze_breakdown", "container": c.id, **breakdown}},
+        )
+        metadata = {
+            "format": FORMAT,
+            "container": {"namespace": c.namespace, "id": c.id},
+            "image": c.image.as_dict() if c.image else None,
+            "reason": reason,
+            "exit": exit,
+            "node": socket.gethostname(),
+            "runtime": runtime_versions(),
+            "criu": dump.as_dict(),
+            "writable_layer": asdict(layer) if layer is not None else None,
+            "freeze_s": round(freeze_s, 6),
+            "freeze": breakdown,
+        }
+        if c.extra_metadata:
+            metadata.update(c.extra_metadata())
+        return metadata
 
     def _freeze_and_dump(
         self, c: ProtectedContainer, staging: Path, *, exit: bool, hold: bool

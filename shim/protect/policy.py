@@ -11,6 +11,7 @@ the node allows it), and a Kubernetes pod's key stays under its namespace.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -45,6 +46,9 @@ DEFAULT_STORE_NAME = "default"
 MIN_INTERVAL_S = 10.0  # node default; a node config may lower it (min_checkpoint_interval)
 MAX_INTERVAL_S = 30 * 86400.0
 MAX_STOP_DEADLINE_S = 3600.0
+DEFAULT_STREAM_BUDGET_MIB = 0  # opt-in: bench/RESULTS.md, "Streaming dump", says why
+MIN_STREAM_BUDGET_MIB = 16
+MAX_STREAM_BUDGET_MIB = 1 << 20
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _K8S_NAMESPACE_OK = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -131,6 +135,7 @@ _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
     "s3": {"endpoint", "region", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"},
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
+    "az": {"endpoint", "block_mb", "packs", "pack_mb", "key_file", "allow_plaintext", "credentials_file"},
 }
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 # shim.store.backends.packs' bound (limits.MAX_PACK_MB), not imported: a shim's start path loads this
@@ -138,6 +143,11 @@ _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 _MAX_PACK_MB = 256
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
+# Azure's naming rules (shim.store.backends.azure has the same; not imported, see _MAX_PACK_MB).
+_AZ_ACCOUNT_OK = re.compile(r"^[a-z0-9]{3,24}$")
+_AZ_CONTAINER_OK = re.compile(r"^(?=.{3,63}$)[a-z0-9]+(?:-[a-z0-9]+)*$")
+_AZ_PREFIX_OK = re.compile(r"^(?!.*(?:^|/)\.{1,2}(?:/|$))[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
+_AZ_MAX_BLOCK_MB = 100
 _REPO_OK = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
 
 
@@ -152,9 +162,9 @@ def _megabytes(value: str, what: str, low: float, high: float) -> None:
 
 def validate_store_url(url: str, what: str) -> str:
     """Check a store URL completely at Create, so a bad one fails there and not at the first checkpoint."""
-    m = re.match(r"^(file|s3|oci)://.+", url)
+    m = re.match(r"^(file|s3|az|oci)://.+", url)
     if not m:
-        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3:// or oci://)")
+        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, az:// or oci://)")
     scheme = m[1]
     try:
         u = urlsplit(url)
@@ -195,6 +205,8 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
         if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= _MAX_PACK_MB):
             raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {_MAX_PACK_MB}")
+    elif scheme == "az":
+        _check_az(u.netloc, u.path, opt, url, what)
     else:
         if not u.hostname or not _REPO_OK.match(u.path.strip("/")):
             raise PolicyError(f"{what}: {url!r}: an OCI store is oci://REGISTRY[:PORT]/REPOSITORY")
@@ -205,6 +217,41 @@ def validate_store_url(url: str, what: str) -> str:
         if "mount_from" in opt and not all(_REPO_OK.match(r) for r in opt["mount_from"].split(",")):
             raise PolicyError(f"{what}: {url!r}: mount_from must list repositories separated by commas")
     return url
+
+
+def _check_az(account: str, path: str, opt: dict[str, str], url: str, what: str) -> None:
+    """az://ACCOUNT/CONTAINER[/PREFIX][?endpoint=..][&block_mb=N][&pack_mb=N][&packs=..]"""
+    container, _, prefix = path.strip("/").partition("/")
+    if not _AZ_ACCOUNT_OK.match(account):
+        raise PolicyError(f"{what}: {url!r}: {account!r} is not an Azure storage account name")
+    if not _AZ_CONTAINER_OK.match(container):
+        raise PolicyError(f"{what}: {url!r}: {container!r} is not an Azure container name")
+    if prefix and (len(prefix) > 512 or not _AZ_PREFIX_OK.match(prefix)):
+        raise PolicyError(f"{what}: {url!r}: the prefix must be path segments of letters, digits, '.', '_', '-'")
+    if "endpoint" in opt:
+        ep = urlsplit(opt["endpoint"])
+        host = ep.hostname or ""
+        if ep.scheme not in ("http", "https") or not host or ep.path.strip("/") not in ("", account) or ep.query:
+            raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT][/{account}]")
+        if ep.scheme == "http" and not _loopback(host):
+            raise PolicyError(f"{what}: {url!r}: plain http is allowed only to a loopback endpoint")
+    if "block_mb" in opt and not (opt["block_mb"].isdigit() and 1 <= int(opt["block_mb"]) <= _AZ_MAX_BLOCK_MB):
+        raise PolicyError(
+            f"{what}: {url!r}: block_mb={opt['block_mb']!r} is not a whole number 1 .. {_AZ_MAX_BLOCK_MB}"
+        )
+    if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
+        raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
+    if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= _MAX_PACK_MB):
+        raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {_MAX_PACK_MB}")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -228,12 +275,18 @@ class NodeConfig:
     run_dir: Path = Path("/run/revenant")
     staging_dir: Path = Path("/dev/shm/revenant")
     scratch_dir: Path = Path("/var/lib/revenant/scratch")  # on-disk staging fallback and restore scratch
+    # Streaming dump (shim.protect.streaming): CRIU dumps into scratch_dir while the store consumes it,
+    # at most this many MiB of the dump held in memory; 0: the whole dump staged in staging_dir first.
+    stream_budget_mib: int = DEFAULT_STREAM_BUDGET_MIB
     # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
     # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
     encryption_key_files: tuple[str, ...] = ()
     # [registry] auth_file: a Docker-config-format file with registry credentials (a node secret): every
     # oci:// store URL gets it as `auth_file=` (shim.store.backends.registry_auth), annotation URLs may not.
     registry_auth_file: str | None = None
+    # [azure] credentials_file: an Azure connection string (AccountName + AccountKey or SharedAccessSignature),
+    # a node secret: every az:// store URL gets it as `credentials_file=` (shim.store.backends.azure).
+    azure_credentials_file: str | None = None
 
     @classmethod
     def load(cls, path: Path = DEFAULT_CONFIG_PATH) -> NodeConfig:
@@ -261,8 +314,10 @@ class NodeConfig:
             "run_dir",
             "staging_dir",
             "scratch_dir",
+            "stream_budget_mib",
             "encryption",
             "registry",
+            "azure",
         }
         unknown = set(data) - known
         if unknown:
@@ -304,6 +359,10 @@ class NodeConfig:
             cfg = replace(cfg, staging_dir=_absolute(data["staging_dir"], f"{where} staging_dir"))
         if "scratch_dir" in data:
             cfg = replace(cfg, scratch_dir=_absolute(data["scratch_dir"], f"{where} scratch_dir"))
+        if "stream_budget_mib" in data:
+            cfg = replace(
+                cfg, stream_budget_mib=_stream_budget(data["stream_budget_mib"], f"{where} stream_budget_mib")
+            )
         if "encryption" in data:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
@@ -312,7 +371,20 @@ class NodeConfig:
             auth_file = parse_registry(data["registry"], f"{where} [registry]")
             stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
             cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
+        if "azure" in data:
+            creds = parse_azure(data["azure"], f"{where} [azure]")
+            stores = {name: with_azure_credentials(url, creds) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, azure_credentials_file=creds, stores=stores, store=stores[cfg.default_store])
         return cfg
+
+
+def _stream_budget(value: object, what: str) -> int:
+    if type(value) is not int or not (value == 0 or MIN_STREAM_BUDGET_MIB <= value <= MAX_STREAM_BUDGET_MIB):
+        raise PolicyError(
+            f"{what}: {value!r} is not 0 (stage the whole dump) or a whole number of MiB "
+            f"{MIN_STREAM_BUDGET_MIB} .. {MAX_STREAM_BUDGET_MIB}"
+        )
+    return value
 
 
 def _absolute(value: object, what: str) -> Path:
@@ -393,6 +465,24 @@ def with_auth_file(url: str, auth_file: str | None) -> str:
     if not auth_file or not url.startswith("oci://"):
         return url
     return f"{url}{'&' if '?' in url else '?'}auth_file={auth_file}"
+
+
+def parse_azure(table: object, what: str) -> str:
+    if not isinstance(table, dict) or set(table) != {"credentials_file"}:
+        raise PolicyError(f'{what}: expected credentials_file = "/path" (a file with an Azure connection string)')
+    path = table["credentials_file"]
+    if not isinstance(path, str) or not _AUTH_FILE_OK.match(path) or ".." in path.split("/"):
+        raise PolicyError(
+            f"{what} credentials_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'"
+        )
+    return path
+
+
+def with_azure_credentials(url: str, credentials_file: str | None) -> str:
+    """An az:// store URL carrying the node's Azure credentials file (an annotation URL may not name one)."""
+    if not credentials_file or not url.startswith("az://"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}credentials_file={credentials_file}"
 
 
 @dataclass(frozen=True)
@@ -507,13 +597,15 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
             raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
         if "auth_file" in named or re.search(r"[?&]auth_file=", value):
             raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
+        if "credentials_file" in named or re.search(r"[?&]credentials_file=", value):
+            raise PolicyError(f"{STORE}: Azure credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
             raise PolicyError(
                 f"{STORE}: {value!r} is a URL, and this node accepts only the name of one of its configured "
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
         url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
-        return with_auth_file(url, node.registry_auth_file)
+        return with_azure_credentials(with_auth_file(url, node.registry_auth_file), node.azure_credentials_file)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]

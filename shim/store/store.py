@@ -14,7 +14,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from .errors import (
     ManifestTooNew,
     StoreError,
 )
+from .growing import DEFAULT_BUDGET as DEFAULT_STREAM_BUDGET
+from .growing import GrowingTree, put_growing
 from .keys import validate_key
 from .limits import chunk_object_limit
 from .locks import HeldLock, LockWatcher
@@ -276,6 +278,17 @@ class Store:
         )
         return info
 
+    def put_growing(
+        self,
+        key: str,
+        tree: GrowingTree,
+        progress: Progress | None = None,
+        epoch: int | None = None,
+        budget: int = DEFAULT_STREAM_BUDGET,
+    ) -> CheckpointInfo:
+        """Store a directory its producer is still writing, uploading while it grows (shim.store.growing)."""
+        return put_growing(self, key, tree, progress=progress, epoch=epoch, budget=budget)
+
     def _chunk_names(self) -> set[str] | None:
         listing = self.backend.list_chunks()
         return None if listing is None else {d for d, _mtime in listing}
@@ -496,7 +509,7 @@ class Store:
             log.warning("%s unusable, page images are stored without it: %s", where, e)
             return None
 
-    def _replace_vanished(self, reused: dict[str, tuple[Path | None, int, int]], stats: dict[str, int]) -> None:
+    def _replace_vanished(self, reused: Mapping[str, tuple[Path | None, int, int]], stats: dict[str, int]) -> None:
         """Upload again, from the source, every reused chunk that is gone now (a gc swept it meanwhile)."""
         if not reused:
             return
@@ -622,7 +635,7 @@ class Store:
     # ------------------------------------------------------------------ fencing
     @property
     def can_fence(self) -> bool:
-        """Whether the backend keeps owner epochs (file://, s3://); a registry cannot."""
+        """Whether the backend keeps owner epochs (file://, s3://, az://); a registry cannot."""
         return type(self.backend).create_epoch is not Backend.create_epoch
 
     def claim(self, key: str, owner: str) -> int:

@@ -1,11 +1,13 @@
-"""Real storage servers on loopback for store tests: SeaweedFS (S3) and the CNCF distribution registry.
+"""Real storage servers on loopback for store tests: SeaweedFS (S3), Azurite (Azure Blob) and the CNCF
+distribution registry.
 
-Fixtures: `s3_server` and `oci_registry` (function scope, each test gets its own bucket prefix or
-repository on one session-wide server). Both handles have `.url`, `.stop()` and `.start()`.
+Fixtures: `s3_server`, `azure_server` and `oci_registry` (function scope, each test gets its own prefix or
+repository on one session-wide server). The handles have `.url`, `.stop()` and `.start()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,6 +190,80 @@ class SeaweedS3:
         self.cluster = None
 
 
+# Azurite's well-known development account (public, documented by Microsoft for the emulator).
+AZ_ACCOUNT = "devstoreaccount1"
+AZ_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZ_CONTAINER = "revenant-test"
+AZURITE_DIR = Path(os.environ.get("REVENANT_AZURITE_DIR", "/opt/revenant-test/azurite"))
+
+
+class Azurite:
+    """Azurite's blob service (`azurite-blob`, installed by packaging/install-deps.sh) on a free loopback port,
+    its data on disk under root so a stop()/start() keeps it (an outage, not a wipe)."""
+
+    def __init__(self, root: Path) -> None:
+        self.binary = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+        if not self.binary.exists():
+            pytest.fail(f"Azurite not found at {self.binary}: install it with packaging/install-deps.sh")
+        self.root = root
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        self.port = free_ports(1)[0]
+        self.endpoint = f"http://127.0.0.1:{self.port}/{AZ_ACCOUNT}"
+        self.connection_string = f"AccountName={AZ_ACCOUNT};AccountKey={AZ_KEY}"
+        self.log = root / "azurite.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            str(self.binary),
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(self.port),
+            "--location",
+            str(self.root / "data"),
+            "--skipApiVersionCheck",  # the SDK may speak a newer service version than this Azurite knows
+            "--disableTelemetry",  # no traffic off this machine
+            "--disableProductStyleUrl",  # the account is the URL's first path segment
+            "--loose",
+        ]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        container = self.client().get_container_client(AZ_CONTAINER)
+
+        def ready() -> bool:
+            from azure.core.exceptions import ResourceExistsError
+
+            with contextlib.suppress(ResourceExistsError):
+                container.create_container()
+            container.upload_blob("probe", b"ok", overwrite=True)
+            return container.download_blob("probe").readall() == b"ok"
+
+        _wait_up(ready, "Azurite", 60, self.proc, self.log)
+
+    def client(self):
+        from azure.core.credentials import AzureNamedKeyCredential
+        from azure.storage.blob import BlobServiceClient
+
+        return BlobServiceClient(
+            self.endpoint,
+            credential=AzureNamedKeyCredential(AZ_ACCOUNT, AZ_KEY),
+            retry_total=0,
+            connection_timeout=2,
+            read_timeout=10,
+        )
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
 class Registry:
     """The CNCF distribution registry (`docker-registry serve CONFIG`), deletes enabled.
 
@@ -236,12 +312,16 @@ class Registry:
         self.proc = None
 
 
+# The fixture that serves each remote backend a test is parametrized with.
+SERVER_FIXTURES = {"s3": "s3_server", "az": "azure_server", "oci": "oci_registry"}
+
+
 @dataclass
 class ServerHandle:
     """What a test sees: a URL unique to the test, plus control over the (shared) server."""
 
     url: str
-    server: SeaweedS3 | Registry
+    server: SeaweedS3 | Azurite | Registry
 
     def stop(self) -> None:
         self.server.stop()
@@ -263,6 +343,17 @@ def _seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 
 
 @pytest.fixture(scope="session")
+def _azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    srv = Azurite(tmp_path_factory.mktemp("azurite"))
+    os.environ["AZURE_STORAGE_CONNECTION_STRING"] = srv.connection_string
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
 def _registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     srv = Registry(tmp_path_factory.mktemp("registry"))
     try:
@@ -278,6 +369,16 @@ def s3_server(_seaweed: SeaweedS3) -> Iterator[ServerHandle]:
     yield h
     if _seaweed.proc is None:  # a test stopped it: bring it back for the next one
         _seaweed.start()
+
+
+@pytest.fixture
+def azure_server(_azurite: Azurite) -> Iterator[ServerHandle]:
+    h = ServerHandle(
+        f"az://{AZ_ACCOUNT}/{AZ_CONTAINER}/t-{uuid.uuid4().hex[:12]}?endpoint={_azurite.endpoint}", _azurite
+    )
+    yield h
+    if _azurite.proc is None:  # a test stopped it: bring it back for the next one
+        _azurite.start()
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import os
 import random
 import stat
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 from shim.store import Store
 from shim.store.backends.local import LocalBackend
+from shim.store.backends.objects import ObjectBackend
 from shim.store.backends.oci import OCIBackend
-from shim.store.backends.packs import decode_trailer, encode_trailer, pack_name
-from shim.store.backends.s3 import S3Backend
+from shim.store.backends.packs import decode_trailer, encode_trailer, loose_name, pack_name
 from shim.store.keys import encode_key, tag_prefix
+from shim.store.limits import MAX_MANIFEST_OBJECT, MAX_PACK_OBJECT
 
 MIB = 1 << 20
 
@@ -80,6 +80,13 @@ def tree_digest(root: Path) -> dict[str, tuple]:
     return out
 
 
+def short_stale(url: str) -> float:
+    """A short lock stale time for tests that wait for a dead writer's lock to lapse: 1 s, or 2 s on Azurite,
+    whose lock writes take up to ~0.4 s on a loaded machine (a holder's heartbeat must land every quarter of it,
+    or its own operation stops with LockLost)."""
+    return 2.0 if url.startswith("az://") else 1.0
+
+
 def newest_name(store: Store, key: str) -> str:
     committed = store._committed(key)
     return committed[max(committed)]
@@ -106,16 +113,16 @@ def corrupt_chunk(store: Store, server, digest: str) -> None:
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0xFF
         p.write_bytes(bytes(data))
-    elif isinstance(b, S3Backend):
-        key, pos = f"{b.prefix}chunks/{digest[:2]}/{digest}", None
+    elif isinstance(b, ObjectBackend):  # s3://, az://
+        name, pos = loose_name(digest), None
         if b.packs is not None:
             b.packs.reload()
             loc = b.packs._index.get(digest)
             if loc is not None:  # packed: flip a byte inside its slice of the pack object
-                key, pos = f"{b.prefix}{pack_name(loc.pack)}", loc.offset + loc.length // 2
-        data = bytearray(b.s3.get_object(Bucket=b.bucket, Key=key)["Body"].read())
+                name, pos = pack_name(loc.pack), loc.offset + loc.length // 2
+        data = bytearray(b.get_object(name, MAX_PACK_OBJECT))
         data[len(data) // 2 if pos is None else pos] ^= 0xFF
-        b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(data))
+        b.put_object(name, bytes(data))
     elif isinstance(b, OCIBackend):
         b._reindex()
         packed = b.packs._locs.get(digest)
@@ -136,10 +143,10 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
     if isinstance(b, LocalBackend):
         p = b.root / "manifests" / encode_key(key) / name
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    elif isinstance(b, S3Backend):
-        k = f"{b.prefix}manifests/{encode_key(key)}/{name}"
-        data = b.s3.get_object(Bucket=b.bucket, Key=k)["Body"].read()
-        b.s3.put_object(Bucket=b.bucket, Key=k, Body=data[: len(data) // 2])
+    elif isinstance(b, ObjectBackend):  # s3://, az://
+        k = f"manifests/{encode_key(key)}/{name}"
+        data = b.get_object(k, MAX_MANIFEST_OBJECT)
+        b.put_object(k, data[: len(data) // 2])
     elif isinstance(b, OCIBackend):
         # Registry blobs are immutable and digest-checked: re-point the tag at a truncated manifest blob.
         tag = tag_prefix(key) + name
@@ -151,11 +158,6 @@ def truncate_manifest(store: Store, key: str, name: str) -> None:
         b._put_manifest_doc(tag, json.dumps(doc).encode())
     else:
         raise AssertionError(b)
-
-
-def s3_bucket_prefix(url: str) -> tuple[str, str, str]:
-    u = urlsplit(url)
-    return u.netloc, u.path.strip("/"), parse_qs(u.query)["endpoint"][0]
 
 
 def frame_manifest(payload_json: bytes | None = None, payload: bytes | None = None) -> bytes:
@@ -203,7 +205,7 @@ def host_digest(root: Path) -> dict[str, tuple]:
 
 
 def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
-    """Overwrite a stored chunk object with arbitrary bytes, behind the store's back (file, loose or S3)."""
+    """Overwrite a stored chunk object with arbitrary bytes, behind the store's back (file, loose, S3 or Azure)."""
     b = store.backend
     if isinstance(b, LocalBackend):
         b._reload()
@@ -213,24 +215,24 @@ def replace_chunk(store: Store, server, digest: str, data: bytes) -> None:
         p = b._chunk_path(digest)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
-    elif isinstance(b, S3Backend) and b.packs is not None:
+    elif isinstance(b, ObjectBackend) and b.packs is not None:
         # Packed: rewrite its pack with these bytes in the chunk's place and a trailer that says so, and
         # drop the indexes, so readers take the pack's (forged) trailer as the truth.
         b.packs.reload()
         loc = b.packs._index[digest]
-        key = f"{b.prefix}{pack_name(loc.pack)}"
-        raw = b.s3.get_object(Bucket=b.bucket, Key=key)["Body"].read()
+        key = pack_name(loc.pack)
+        raw = b.get_object(key, MAX_PACK_OBJECT)
         body, entries = bytearray(), []
         for d, o, n in decode_trailer(raw, len(raw), key):
             blob = data if d == digest else raw[o : o + n]
             entries.append((d, len(body), len(blob)))
             body += blob
-        b.s3.put_object(Bucket=b.bucket, Key=key, Body=bytes(body + encode_trailer(entries)))
+        b.put_object(key, bytes(body + encode_trailer(entries)))
         for name, _size, _mtime in list(b.list_objects("index/")):
             b.delete_object(name)
         b.packs.reload()  # this store's reader too (a real pack is never rewritten under its name)
-    elif isinstance(b, S3Backend):
-        b.s3.put_object(Bucket=b.bucket, Key=f"{b.prefix}chunks/{digest[:2]}/{digest}", Body=data)
+    elif isinstance(b, ObjectBackend):
+        b.put_object(loose_name(digest), data)
     else:
         raise AssertionError(b)
 

@@ -1,3 +1,3 @@
-"""Store tests get the real S3 and registry servers from tests/harness/servers.py."""
+"""Store tests get the real S3, Azure (Azurite) and registry servers from tests/harness/servers.py."""
 
-from harness.servers import _registry, _seaweed, oci_registry, s3_server  # noqa: F401
+from harness.servers import _azurite, _registry, _seaweed, azure_server, oci_registry, s3_server  # noqa: F401

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import SERVER_FIXTURES
 from harness.store_util import make_tree, tree_digest
 from shim.store import ChunkCorrupt, StoreError, open_store
 from shim.store.backends import local as local_backend
@@ -56,13 +57,13 @@ def test_existing_store_dirs_are_tightened(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "store" / "packs").st_mode) == 0o700
 
 
-@pytest.mark.parametrize("backend", ["file", "file-loose", "s3"])
+@pytest.mark.parametrize("backend", ["file", "file-loose", "s3", "az"])
 def test_long_keys_round_trip(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """A Kubernetes key (253-character pod name) encodes past one file name's 255 bytes."""
     url = {
         "file": f"file://{tmp_path}/store",
         "file-loose": f"file://{tmp_path}/store?packs=0",
-    }.get(backend) or request.getfixturevalue("s3_server").url
+    }.get(backend) or request.getfixturevalue(SERVER_FIXTURES[backend]).url
     long_key = "team-namespace/" + "p" * 253 + "/main"
     other = "team-namespace/" + "p" * 253 + "/sidecar"  # same long prefix: must not collide
     src = make_tree(tmp_path / "src", seed=81, big_mib=1)
@@ -99,28 +100,27 @@ def _strays_file(root: Path) -> None:
     (root / "chunks" / "zz").write_text("a file where a fan-out directory lives")
 
 
-def _strays_s3(url: str) -> None:
-    from harness.store_util import s3_bucket_prefix
-    from shim.store.backends.s3 import S3Backend
+def _strays_objects(url: str) -> None:
+    """Stray objects in an object store (s3://, az://), written beside the store's own."""
+    from shim.store.backends.objects import ObjectBackend
 
-    bucket, prefix, _endpoint = s3_bucket_prefix(url)
     b = open_store(url).backend
-    assert isinstance(b, S3Backend)
+    assert isinstance(b, ObjectBackend)
     for k in ("manifests/%ZZ/0000000001-abc", "manifests/%61/0000000001-abc", "manifests/junk", "locks/put-x/y"):
-        b.s3.put_object(Bucket=bucket, Key=f"{prefix}/{k}", Body=b"x")
-    b.s3.put_object(Bucket=bucket, Key=f"{prefix}/locks/put-huge", Body=b"{" * (1 * MIB))
+        b.put_object(k, b"x")
+    b.put_object("locks/put-huge", b"{" * (1 * MIB))
 
 
-@pytest.mark.parametrize("backend", ["file", "s3"])
+@pytest.mark.parametrize("backend", ["file", "s3", "az"])
 def test_stray_names_are_skipped(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_server").url
+    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue(SERVER_FIXTURES[backend]).url
     src = make_tree(tmp_path / "src", seed=83, big_mib=1)
     store = open_store(url)
     store.put(KEY, src)
     if backend == "file":
         _strays_file(tmp_path / "store")
     else:
-        _strays_s3(url)
+        _strays_objects(url)
     fresh = open_store(url)
     assert [(i.key, i.seq) for i in fresh.list()] == [(KEY, 1)]
     assert fresh.verify() == []
@@ -218,11 +218,11 @@ print(outcome, rss_peak() - base)
 """
 
 
-@pytest.mark.parametrize("backend", ["file-loose", "s3"])
+@pytest.mark.parametrize("backend", ["file-loose", "s3", "az"])
 def test_oversized_chunk_object_is_not_read(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from harness.store_util import manifest_doc, newest_name, replace_chunk
 
-    srv = request.getfixturevalue("s3_server") if backend == "s3" else None
+    srv = request.getfixturevalue(SERVER_FIXTURES[backend]) if backend != "file-loose" else None
     url = srv.url if srv else f"file://{tmp_path}/store?packs=0"
     src = tmp_path / "src"
     src.mkdir()

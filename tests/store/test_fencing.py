@@ -1,4 +1,4 @@
-"""Owner epochs on real file and S3 (SeaweedFS) stores: after a new owner claims a key, the old owner's
+"""Owner epochs on real file, S3 (SeaweedFS) and Azure (Azurite) stores: after a new owner claims a key, the old owner's
 puts are refused, also a put already running; restores read everything."""
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from shim.store import Fenced, StoreError, open_store
 KEY = "default/mypod/main"
 
 
-@pytest.fixture(params=["file", "s3", "s3-no-conditional"])
+@pytest.fixture(params=["file", "s3", "s3-no-conditional", "az", "az-no-conditional"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
-    return request.getfixturevalue("s3_server").url
+    return request.getfixturevalue("azure_server" if request.param.startswith("az") else "s3_server").url
 
 
 def opened(url: str, request: pytest.FixtureRequest, **kw):
     store = open_store(url, **kw)
-    if request.node.callspec.params["url"] == "s3-no-conditional":
-        # An S3 server without If-None-Match: one object name per claim, the contested epoch is skipped.
+    if request.node.callspec.params["url"].endswith("-no-conditional"):
+        # A server without If-None-Match: one object name per claim, the contested epoch is skipped.
         store.backend._conditional = False
     else:
         assert store.backend.__class__.__name__ == "LocalBackend" or store.backend.conditional_writes()

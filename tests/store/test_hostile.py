@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from harness.servers import SERVER_FIXTURES
 from harness.store_util import (
     frame_manifest,
     host_digest,
@@ -38,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
 
-@pytest.fixture(params=["file", "s3", "oci"])
+@pytest.fixture(params=["file", "s3", "az", "oci"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
-    return request.getfixturevalue("s3_server" if request.param == "s3" else "oci_registry").url
+    return request.getfixturevalue(SERVER_FIXTURES[request.param]).url
 
 
 def make_host(root: Path) -> Path:
@@ -369,9 +370,9 @@ def _get_in_child(url: str, dest: Path, seq: int) -> tuple[str, int]:
     return outcome, int(grew)
 
 
-@pytest.mark.parametrize("backend", ["file", "s3"])
+@pytest.mark.parametrize("backend", ["file", "s3", "az"])
 def test_chunk_bomb_refused_with_bounded_memory(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    srv = request.getfixturevalue("s3_server") if backend == "s3" else None
+    srv = request.getfixturevalue(SERVER_FIXTURES[backend]) if backend != "file" else None
     url = srv.url if srv else f"file://{tmp_path}/store?packs=0"
     store = open_store(url, chunker=Chunker.parse("fixed:65536"))
     src = tmp_path / "src"
@@ -389,11 +390,11 @@ def test_chunk_bomb_refused_with_bounded_memory(backend: str, request: pytest.Fi
         store.get(KEY, tmp_path / "dest2", fallback=False)
 
 
-@pytest.mark.parametrize("backend", ["file", "s3"])
+@pytest.mark.parametrize("backend", ["file", "s3", "az"])
 def test_manifest_bomb_refused_with_bounded_memory(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    url = request.getfixturevalue("s3_server").url if backend == "s3" else f"file://{tmp_path}/store"
+    url = request.getfixturevalue(SERVER_FIXTURES[backend]).url if backend != "file" else f"file://{tmp_path}/store"
     store = open_store(url)
     store.put(KEY, make_tree(tmp_path / "src", seed=74, big_mib=1))
     write_manifest(store, KEY, 2, frame_manifest(payload=zstd_bomb(256 * MIB)))

@@ -1,5 +1,5 @@
-"""Locks and gc on real file and S3 (SeaweedFS) stores: puts never wait for gc, gc never takes a chunk a
-committed checkpoint needs, lapsed locks stop their put, liveness ignores the writer's clock."""
+"""Locks and gc on real file, S3 (SeaweedFS) and Azure (Azurite) stores: puts never wait for gc, gc never
+takes a chunk a committed checkpoint needs, lapsed locks stop their put, liveness ignores the writer's clock."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.store_util import make_tree, tree_digest
+from harness.store_util import make_tree, short_stale, tree_digest
 from shim.store import open_store
 from shim.store.errors import LockLost
 from shim.store.locks import LockWatcher
@@ -24,13 +24,13 @@ KEY = "default/mypod/main"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["file", "file-loose", "s3"])
+@pytest.fixture(params=["file", "file-loose", "s3", "az"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
     if request.param == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    return request.getfixturevalue("s3_server").url
+    return request.getfixturevalue("azure_server" if request.param == "az" else "s3_server").url
 
 
 def two_checkpoints_one_pruned(url: str, tmp_path: Path) -> tuple[Path, Path]:
@@ -87,13 +87,14 @@ def test_long_gc_concurrent_with_puts_loses_no_chunk(url: str, tmp_path: Path, m
     a, _b = two_checkpoints_one_pruned(url, tmp_path)
     # A gc far longer than the stale time (its lock must stay live by heartbeat), then puts that reuse
     # exactly the chunks it is about to sweep.
-    monkeypatch.setenv("REVENANT_FAULT_DELAY", "store.gc.mark=1.5,store.gc.sweep=0.05")
+    stale = short_stale(url)
+    monkeypatch.setenv("REVENANT_FAULT_DELAY", f"store.gc.mark={stale + 0.5},store.gc.sweep=0.05")
     stats: list = []
-    gc = threading.Thread(target=lambda: stats.append(open_store(url, lock_stale=1).gc(grace_seconds=0)))
+    gc = threading.Thread(target=lambda: stats.append(open_store(url, lock_stale=stale).gc(grace_seconds=0)))
     gc.start()
     try:
-        time.sleep(1.6)  # past the stale time: the old code let puts run and dedup against the sweep
-        writer = open_store(url, lock_stale=1)
+        time.sleep(stale + 0.6)  # past the stale time: the old code let puts run and dedup against the sweep
+        writer = open_store(url, lock_stale=stale)
         infos = [writer.put(KEY, a)]
         while gc.is_alive() and len(infos) < 20:
             infos.append(writer.put(KEY, a))
@@ -129,7 +130,7 @@ def test_put_replaces_reused_chunks_a_gc_swept(url: str, tmp_path: Path, monkeyp
     t = threading.Thread(target=put)
     t.start()
     try:
-        gc_store = open_store(url, lock_stale=1)
+        gc_store = open_store(url, lock_stale=short_stale(url))
         deadline = time.monotonic() + 9
         # A gc that starts before the put writes its lock stops at its first delete (a writer appeared):
         # go on until one sweeps, which it may once the put's lock looks stale to it.

@@ -1,6 +1,6 @@
-"""Packs on the S3 store (real SeaweedFS): crash mid-pack, lost indexes rebuilt from trailers, failing
-background uploads, gc deleting and rewriting packs, stores written before packs, hostile trailers and
-indexes."""
+"""Packs on the S3 (real SeaweedFS) and Azure (Azurite) stores: crash mid-pack, lost indexes rebuilt from
+trailers, failing background uploads, gc deleting and rewriting packs, stores written before packs, hostile
+trailers and indexes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import SERVER_FIXTURES, ServerHandle
 from harness.store_util import MIB, make_tree, mutate, tree_digest
 from shim.store import BackendUnavailable, ChunkCorrupt, StoreError, open_store
 from shim.store.backends.base import Damaged
@@ -30,6 +31,7 @@ from shim.store.backends.packs import (
     encode_trailer,
     pack_name,
 )
+from shim.store.limits import MAX_PACK_OBJECT
 
 KEY = "default/mypod/main"
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +43,12 @@ CHILD = textwrap.dedent("""
     from shim.store import open_store
     open_store(sys.argv[2]).put(sys.argv[3], Path(sys.argv[4]))
 """)
+
+
+@pytest.fixture(params=["s3", "az"])
+def remote(request: pytest.FixtureRequest) -> ServerHandle:
+    """The packing object stores: s3:// and az:// (ObjectBackend)."""
+    return request.getfixturevalue(SERVER_FIXTURES[request.param])
 
 
 def objects(store, sub: str) -> dict[str, int]:
@@ -59,7 +67,7 @@ def pack_contents(store) -> dict[str, list[tuple[str, int, int]]]:
     b = store.backend
     out = {}
     for name in objects(store, "packs/"):
-        raw = b.s3.get_object(Bucket=b.bucket, Key=b.prefix + name)["Body"].read()
+        raw = b.get_object(name, MAX_PACK_OBJECT)
         out[name.rsplit("/", 1)[-1]] = decode_trailer(raw, len(raw), name)
     return out
 
@@ -79,26 +87,26 @@ def restores(store, tmp_path: Path, seq: int, tree: Path) -> None:
     assert tree_digest(dest) == tree_digest(tree)
 
 
-def test_packs_hold_many_chunks(s3_server, tmp_path: Path) -> None:
+def test_packs_hold_many_chunks(remote, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", seed=1, big_mib=8)
-    store = open_store(s3_server.url + "&pack_mb=1")
+    store = open_store(remote.url + "&pack_mb=1")
     info = store.put(KEY, src)
     packs = objects(store, "packs/")
     assert objects(store, "chunks/") == {}, "a packed store writes no per-chunk object"
     assert 2 <= len(packs) < info.chunks_new / 4, (len(packs), info.chunks_new)
     assert len(objects(store, "index/")) == 1  # one index per flush
     assert max(packs.values()) < 2 * MIB  # sealed once past 1 MiB: one chunk over at most
-    restores(open_store(s3_server.url), tmp_path, 1, src)
+    restores(open_store(remote.url), tmp_path, 1, src)
 
 
 @pytest.mark.parametrize("value", ["0", "257", "1.5", "lots"])
-def test_pack_size_is_bounded(s3_server, value: str) -> None:
+def test_pack_size_is_bounded(remote, value: str) -> None:
     with pytest.raises(StoreError, match="pack_mb"):
-        open_store(s3_server.url + f"&pack_mb={value}")
+        open_store(remote.url + f"&pack_mb={value}")
 
 
-def test_crash_mid_pack_leaves_garbage_that_gc_removes(s3_server, tmp_path: Path) -> None:
-    url = s3_server.url + "&pack_mb=1"
+def test_crash_mid_pack_leaves_garbage_that_gc_removes(remote, tmp_path: Path) -> None:
+    url = remote.url + "&pack_mb=1"
     v1 = make_tree(tmp_path / "v1", seed=2, big_mib=4)
     store = open_store(url)
     store.put(KEY, v1)
@@ -126,8 +134,8 @@ def test_crash_mid_pack_leaves_garbage_that_gc_removes(s3_server, tmp_path: Path
         assert any(d in live for d, _o, _n in entries), pack
 
 
-def test_lost_index_rebuilt_from_pack_trailers(s3_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    url = s3_server.url + "&pack_mb=1"
+def test_lost_index_rebuilt_from_pack_trailers(remote, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = remote.url + "&pack_mb=1"
     src = make_tree(tmp_path / "src", seed=3, big_mib=6)
     store = open_store(url)
     store.put(KEY, src)
@@ -148,8 +156,8 @@ def test_lost_index_rebuilt_from_pack_trailers(s3_server, tmp_path: Path, caplog
     assert open_store(url).verify() == []
 
 
-def test_failing_background_upload_commits_nothing_and_retry_succeeds(s3_server, tmp_path: Path) -> None:
-    url = s3_server.url + "&pack_mb=1"
+def test_failing_background_upload_commits_nothing_and_retry_succeeds(remote, tmp_path: Path) -> None:
+    url = remote.url + "&pack_mb=1"
     v1 = make_tree(tmp_path / "v1", seed=4)
     v2 = tmp_path / "v2"
     v2.mkdir()
@@ -162,11 +170,11 @@ def test_failing_background_upload_commits_nothing_and_retry_succeeds(s3_server,
     def stop_midway(done: int, total: int) -> None:
         if done > total // 3 and not stopped.is_set():
             stopped.set()
-            s3_server.stop()
+            remote.stop()
 
     with pytest.raises(BackendUnavailable, match=r"upload pack \w+ failed after 3 attempts"):
         store.put(KEY, v2, progress=stop_midway)
-    s3_server.start()
+    remote.start()
     fresh = open_store(url)
     assert [i.seq for i in fresh.list(KEY)] == [1], "a failed put must commit nothing"
     restores(fresh, tmp_path, 1, v1)
@@ -176,8 +184,8 @@ def test_failing_background_upload_commits_nothing_and_retry_succeeds(s3_server,
     assert open_store(url).verify() == []
 
 
-def test_manifest_never_names_a_chunk_whose_pack_failed(s3_server, tmp_path: Path) -> None:
-    store = open_store(s3_server.url + "&pack_mb=1")
+def test_manifest_never_names_a_chunk_whose_pack_failed(remote, tmp_path: Path) -> None:
+    store = open_store(remote.url + "&pack_mb=1")
     b = store.backend
     src = make_tree(tmp_path / "src", seed=5)
     chunks = {"0" * 63 + "1"}
@@ -187,8 +195,8 @@ def test_manifest_never_names_a_chunk_whose_pack_failed(s3_server, tmp_path: Pat
     assert store.put(KEY, src).seq == 1
 
 
-def test_gc_deletes_dead_packs_and_rewrites_partly_dead_ones(s3_server, tmp_path: Path) -> None:
-    url = s3_server.url + "&pack_mb=1"
+def test_gc_deletes_dead_packs_and_rewrites_partly_dead_ones(remote, tmp_path: Path) -> None:
+    url = remote.url + "&pack_mb=1"
     store = open_store(url)
     trees = {}
     v = make_tree(tmp_path / "v1", seed=6, big_mib=8)
@@ -228,13 +236,13 @@ def test_gc_deletes_dead_packs_and_rewrites_partly_dead_ones(s3_server, tmp_path
     assert fresh.put(KEY, trees[3]).chunks_new == 0
 
 
-def test_store_written_before_packs_stays_readable(s3_server, tmp_path: Path) -> None:
+def test_store_written_before_packs_stays_readable(remote, tmp_path: Path) -> None:
     v1 = make_tree(tmp_path / "v1", seed=7, big_mib=4)
-    old = open_store(s3_server.url + "&packs=0")
+    old = open_store(remote.url + "&packs=0")
     old.put(KEY, v1)
     loose = objects(old, "chunks/")
     assert loose
-    store = open_store(s3_server.url)
+    store = open_store(remote.url)
     restores(store, tmp_path, 1, v1)
     v2 = tmp_path / "v2"
     shutil.copytree(v1, v2, symlinks=True)
@@ -286,8 +294,8 @@ def test_hostile_trailers_rejected() -> None:
     assert ENTRY.size == 44
 
 
-def test_hostile_pack_in_the_store_fails_clearly(s3_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    url = s3_server.url + "&pack_mb=1"
+def test_hostile_pack_in_the_store_fails_clearly(remote, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = remote.url + "&pack_mb=1"
     src = make_tree(tmp_path / "src", seed=9, big_mib=2)
     store = open_store(url)
     store.put(KEY, src)
@@ -308,7 +316,7 @@ def test_hostile_pack_in_the_store_fails_clearly(s3_server, tmp_path: Path, capl
     # and the restore fails on the chunk it cannot find.
     for name in objects(store, "index/"):
         b.delete_object(name)
-    raw = b.s3.get_object(Bucket=b.bucket, Key=b.prefix + pack_name(pack))["Body"].read()
+    raw = b.get_object(pack_name(pack), MAX_PACK_OBJECT)
     last = decode_trailer(raw, len(raw), pack)[-1][0]
     forged = raw[: -FOOTER.size - ENTRY.size] + ENTRY.pack(bytes.fromhex(last), len(raw), n) + raw[-FOOTER.size :]
     b.put_object(pack_name(pack), forged)
@@ -327,8 +335,8 @@ GC_CHILD = textwrap.dedent("""
 """)
 
 
-def test_gc_killed_between_rewrite_and_delete_leaves_copies_the_next_gc_removes(s3_server, tmp_path: Path) -> None:
-    url = s3_server.url + "&pack_mb=1"
+def test_gc_killed_between_rewrite_and_delete_leaves_copies_the_next_gc_removes(remote, tmp_path: Path) -> None:
+    url = remote.url + "&pack_mb=1"
     store = open_store(url)
     v1 = make_tree(tmp_path / "v1", seed=10, big_mib=6)
     store.put(KEY, v1)

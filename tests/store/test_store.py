@@ -1,4 +1,5 @@
-"""Behaviour of the checkpoint store, every test on the file, S3 (SeaweedFS) and OCI (registry) backends."""
+"""Behaviour of the checkpoint store, every test on the file, S3 (SeaweedFS), Azure (Azurite) and OCI (registry)
+backends."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import SERVER_FIXTURES
 from harness.store_util import (
     MIB,
     chunks_only_in,
@@ -40,7 +42,7 @@ from shim.store.backends.base import TransientError
 
 KEY = "default/mypod/main"
 # "file" packs chunks into pack files (the default); "file-loose" keeps one file per chunk (?packs=0).
-BACKENDS = ["file", "file-loose", "s3", "oci"]
+BACKENDS = ["file", "file-loose", "s3", "az", "oci"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,7 +58,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
         return Target(f"file://{tmp_path}/store")
     if request.param == "file-loose":
         return Target(f"file://{tmp_path}/store?packs=0")
-    srv = request.getfixturevalue("s3_server" if request.param == "s3" else "oci_registry")
+    srv = request.getfixturevalue(SERVER_FIXTURES[request.param])
     return Target(srv.url, srv)
 
 
@@ -95,8 +97,10 @@ def test_round_trip_large(target: Target, tmp_path: Path) -> None:
         for i in range(24):
             f.write(os.urandom(2 * MIB))
             f.write((b"%016d" % i) * (2 * MIB // 16))
-    # Tiny thresholds so the manifest goes up as an S3 multipart upload / OCI chunked (PATCH) upload.
+    # Tiny thresholds so the manifest goes up as an S3 multipart upload / OCI chunked (PATCH) upload, and
+    # Azure packs as staged blocks.
     url = target.url + ("&multipart_mb=0.1" if target.url.startswith("s3") else "")
+    url += "&block_mb=1" if url.startswith("az") else ""
     url += "&chunked_mb=0.05" if url.startswith("oci") else ""
     store = open_store(url)
     info = store.put(KEY, src)
@@ -162,9 +166,9 @@ def test_crash_mid_put(target: Target, tmp_path: Path) -> None:
     assert after.seq == infos[-1].seq + 1
 
 
-@pytest.mark.parametrize("backend", ["s3", "oci"])
+@pytest.mark.parametrize("backend", ["s3", "az", "oci"])
 def test_server_down_mid_upload(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    srv = request.getfixturevalue("s3_server" if backend == "s3" else "oci_registry")
+    srv = request.getfixturevalue(SERVER_FIXTURES[backend])
     v1 = make_tree(tmp_path / "v1", seed=5)
     v2 = tmp_path / "v2"
     v2.mkdir()

@@ -8,6 +8,7 @@ import pytest
 
 from shim.protect.policy import (
     DEFAULT_STORE,
+    DEFAULT_STREAM_BUDGET_MIB,
     NodeConfig,
     PolicyError,
     parse_duration,
@@ -409,3 +410,17 @@ def test_pack_size_bound_matches_the_store() -> None:
     from shim.store.limits import MAX_PACK_MB
 
     assert policy._MAX_PACK_MB == MAX_PACK_MB
+
+
+@pytest.mark.parametrize(
+    "text, budget",
+    [("", DEFAULT_STREAM_BUDGET_MIB), ("stream_budget_mib = 0\n", 0), ("stream_budget_mib = 64\n", 64)],
+)
+def test_stream_budget(tmp_path, text, budget):
+    assert _node(tmp_path, text).stream_budget_mib == budget
+
+
+@pytest.mark.parametrize("value", ["8", "-1", "'64'", "64.5", "true", "2000000"])
+def test_bad_stream_budgets_are_named(tmp_path, value):
+    with pytest.raises(PolicyError, match="stream_budget_mib"):
+        _node(tmp_path, f"stream_budget_mib = {value}\n")

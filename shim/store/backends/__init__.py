@@ -1,4 +1,4 @@
-"""Backends chosen by URL scheme: file://, s3://, oci://."""
+"""Backends chosen by URL scheme: file://, s3://, az://, oci://."""
 
 from __future__ import annotations
 
@@ -22,11 +22,15 @@ def open_backend(url: str) -> Backend:
         from .s3 import S3Backend
 
         return S3Backend(bucket=u.netloc, prefix=u.path.strip("/"), query=query, url=url)
+    if u.scheme == "az":
+        from .azure import AzureBackend
+
+        return AzureBackend(account=u.netloc, path=u.path, query=query, url=url)
     if u.scheme == "oci":
         from .oci import OCIBackend
 
         return OCIBackend(host=u.netloc, repo=u.path.strip("/"), query=query, url=url)
-    raise StoreError(f"unsupported store URL {url!r} (use file://, s3:// or oci://)")
+    raise StoreError(f"unsupported store URL {url!r} (use file://, s3://, az:// or oci://)")
 
 
 __all__ = ["Backend", "open_backend"]

@@ -111,11 +111,11 @@ class Backend(ABC):
     # owner epochs (fencing)
     def create_epoch(self, key: str, n: int, data: bytes) -> bool:
         """Create epoch n of key only if it does not exist yet (atomically): True if this call created it."""
-        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file:// or s3://)")
+        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file://, s3:// or az://)")
 
     def list_epochs(self, key: str) -> list[int]:
         """The epochs created for key."""
-        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file:// or s3://)")
+        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file://, s3:// or az://)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -189,7 +189,8 @@ class RegistryPacks:
         for la in layers:
             if not isinstance(la, dict) or la.get("mediaType") != PACK_MT:
                 continue
-            m = _SHA.fullmatch(la.get("digest") if isinstance(la.get("digest"), str) else "")
+            digest = la.get("digest")
+            m = _SHA.fullmatch(digest) if isinstance(digest, str) else None
             size = la.get("size")
             if m is None or type(size) is not int or not FOOTER.size <= size <= MAX_PACK_OBJECT:
                 raise Damaged(f"{what}: pack layer {str(la.get('digest'))[:80]!r} of size {size!r} refused")
@@ -197,7 +198,8 @@ class RegistryPacks:
         by_prefix = {sha[:32]: sha for sha in packs}
         if len(by_prefix) != len(packs):
             raise Damaged(f"{what}: two pack layers share a 128-bit prefix")
-        m = _SHA.fullmatch(index_layer.get("digest") if isinstance(index_layer.get("digest"), str) else "")
+        index_digest = index_layer.get("digest")
+        m = _SHA.fullmatch(index_digest) if isinstance(index_digest, str) else None
         if m is None:
             raise Damaged(f"{what}: pack index layer has no sha256 digest")
         index_sha = m.group(1)

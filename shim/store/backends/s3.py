@@ -4,16 +4,16 @@
 Credentials come the standard boto3 way (environment, ~/.aws, instance role). Objects larger than
 multipart_mb (default 8) go up as multipart uploads. Chunks go into packs of pack_mb MiB (default 16,
 shim.store.backends.packs: packs/, index/); `packs=0` stores one object per chunk (chunks/<d[:2]>/<digest>), which
-a packed store also reads. Manifests: manifests/<encoded key>/<seq>-<nonce>; locks: locks/<name>.
+a packed store also reads. Manifests: manifests/<encoded key>/<seq>-<nonce>; locks: locks/<name>. That layout,
+lock ages and owner epochs are ObjectBackend's (shim.store.backends.objects, shared with az://); this module
+supplies the S3 object operations.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import re
-import secrets
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -24,9 +24,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from ..errors import StoreError
-from ..keys import decode_key, encode_key
-from ..limits import MAX_CHUNK_OBJECT, MAX_LOCK_OBJECT, MAX_MANIFEST_OBJECT
-from .base import Backend, Damaged, LockState, NotFound, TooLarge, TransientError
+from .base import Damaged, NotFound, TooLarge, TransientError
+from .objects import Listed, ObjectBackend
 from .packs import PackStore, pack_mb, packs_enabled
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ def _classify(e: Exception, what: str) -> Exception:
     return e
 
 
-class S3Backend(Backend):
+class S3Backend(ObjectBackend):
     def __init__(self, bucket: str, prefix: str, query: dict[str, str], url: str) -> None:
         if not bucket:
             raise StoreError(f"s3 URL needs a bucket: {url!r}")
@@ -227,78 +226,11 @@ class S3Backend(Backend):
     def object_exists(self, name: str) -> bool:
         return self._exists(name)
 
-    def list_objects(self, sub: str) -> Iterator[tuple[str, int, float]]:
-        for obj in self._list(sub):
-            yield obj["Key"][len(self.prefix) :], obj.get("Size", 0), obj["LastModified"].timestamp()
-
     def delete_object(self, name: str) -> None:
         self._delete(name)
 
-    # chunks
-    def has_chunk(self, digest: str) -> bool:
-        if self.packs:
-            return self.packs.has_chunk(digest)
-        return self._exists(f"chunks/{digest[:2]}/{digest}")
-
-    def put_chunk(self, digest: str, data: bytes) -> None:
-        if self.packs:
-            self.packs.put_chunk(digest, data)
-        else:
-            self._put(f"chunks/{digest[:2]}/{digest}", data)
-
-    def get_chunk(self, digest: str) -> bytes:
-        if self.packs:
-            return self.packs.get_chunk(digest)
-        return self._get(f"chunks/{digest[:2]}/{digest}", MAX_CHUNK_OBJECT)
-
-    def delete_chunk(self, digest: str) -> None:
-        if self.packs:
-            self.packs.delete_chunk(digest)
-        else:
-            self._delete(f"chunks/{digest[:2]}/{digest}")
-
-    def list_chunks(self) -> Iterator[tuple[str, float]]:
-        if self.packs:
-            yield from self.packs.list_chunks()
-            return
-        for obj in self._list("chunks/"):
-            yield obj["Key"].rsplit("/", 1)[-1], obj["LastModified"].timestamp()
-
-    def flush_chunks(self) -> None:
-        if self.packs:
-            self.packs.flush()
-
-    def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:
-        if self.packs:
-            self.packs.finish_gc(grace_seconds, proceed)
-
-    # manifests
-    def put_manifest(self, key: str, name: str, data: bytes, chunks: set[str]) -> None:
-        if self.packs:
-            self.packs.check_durable(chunks)  # a pack whose upload failed must never be referenced
-        self._put(f"manifests/{encode_key(key)}/{name}", data)
-
-    def get_manifest(self, key: str, name: str) -> bytes:
-        return self._get(f"manifests/{encode_key(key)}/{name}", MAX_MANIFEST_OBJECT)
-
-    def list_manifests(self, key: str | None) -> list[tuple[str, str]]:
-        sub = f"manifests/{encode_key(key)}/" if key is not None else "manifests/"
-        out = []
-        for obj in self._list(sub):
-            parts = obj["Key"][len(self.prefix) :].split("/")
-            if len(parts) != 3:
-                continue
-            try:
-                out.append((decode_key(parts[1]), parts[2]))
-            except ValueError:
-                log.warning("%s: skipping stray object %s", self.url, obj["Key"][:120])
-        return out
-
-    def delete_manifest(self, key: str, name: str) -> None:
-        self._delete(f"manifests/{encode_key(key)}/{name}")
-
-    # owner epochs
-    def _put_if_absent(self, name: str, data: bytes) -> bool:
+    # owner epochs (ObjectBackend.create_epoch)
+    def put_if_absent(self, name: str, data: bytes) -> bool:
         """PUT with If-None-Match: *; False when the object exists (412)."""
         key = self.prefix + name
         try:
@@ -311,84 +243,23 @@ class S3Backend(Backend):
         except Exception as e:
             raise _classify(e, f"create {key}") from e
 
-    def conditional_writes(self) -> bool:
-        """Whether the server honours If-None-Match on PUT (probed once: the second create must fail)."""
-        if self._conditional is None:
-            probe = f"epochs/.probe-{secrets.token_hex(6)}"
-            try:
-                self._conditional = self._put_if_absent(probe, b"1") and not self._put_if_absent(probe, b"2")
-            except TransientError:
-                raise
-            except StoreError:  # e.g. 400/501 for an unknown header
-                self._conditional = False
-            finally:
-                with contextlib.suppress(StoreError):
-                    self._delete(probe)
-            if not self._conditional:
-                log.warning("%s: no conditional writes; owner epochs use one name per claim", self.url)
-        return bool(self._conditional)
-
-    def create_epoch(self, key: str, n: int, data: bytes) -> bool:
-        base = f"epochs/{encode_key(key)}/{n:010d}"
-        if self.conditional_writes():
-            return self._put_if_absent(base, data)
-        # Without conditional writes: a name per claim, then a look. A claimer holds n only if it sees no
-        # other claim of n after writing its own; of two racing claimers at least the later one sees the
-        # other, so never both hold n; a contested n stays listed and both move on to n + 1.
-        mine = f"{base}-{secrets.token_hex(6)}"
-        self._put(mine, data)
-        return [o["Key"][len(self.prefix) :] for o in self._list(base + "-")] == [mine]
-
-    def list_epochs(self, key: str) -> list[int]:
-        out = []
-        for obj in self._list(f"epochs/{encode_key(key)}/"):
-            n = obj["Key"].rsplit("/", 1)[-1].partition("-")[0]
-            if n.isdigit():
-                out.append(int(n))
-        return out
-
-    # locks
-    def put_lock(self, name: str, data: bytes) -> None:
-        self._put(f"locks/{name}", data)
-
-    def list_locks(self) -> list[tuple[str, bytes]]:
-        out = []
-        for obj in self._list("locks/"):
-            name = obj["Key"].rsplit("/", 1)[-1]
-            try:
-                out.append((name, self._get(f"locks/{name}", MAX_LOCK_OBJECT)))
-            except NotFound:
-                continue
-            except TooLarge as e:
-                log.warning("%s: skipping stray lock %s: %s", self.url, name[:80], e)
-        return out
-
-    def delete_lock(self, name: str) -> None:
-        self._delete(f"locks/{name}")
-
-    def lock_states(self) -> list[LockState]:
-        """Ages from the server's clock alone: LastModified against the listing response's Date."""
-        out = []
+    def list_pages(self, sub: str) -> Iterator[tuple[list[Listed], float | None]]:
         token: dict[str, str] = {}
         while True:
             page = self._call(
-                "list locks", self.s3.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix + "locks/", **token
+                f"list {sub}", self.s3.list_objects_v2, Bucket=self.bucket, Prefix=self.prefix + sub, **token
             )
             date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
             now = parsedate_to_datetime(date).timestamp() if date else None
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(self.prefix) + len("locks/") :]
-                if "/" in name or obj.get("Size", 0) > MAX_LOCK_OBJECT:  # not a lock this store writes
-                    continue
-                modified = obj["LastModified"].timestamp()
-                # Both times have one-second resolution: round the age down so a live lock never looks older.
-                age = max(0.0, now - modified - 1.0) if now is not None else None
-                out.append(LockState(name, f"{obj.get('ETag')}:{modified}", age))
+            objs = [
+                Listed(o["Key"][len(self.prefix) :], o.get("Size", 0), o["LastModified"].timestamp(), o.get("ETag", ""))
+                for o in page.get("Contents", [])
+            ]
+            yield objs, now
             if not page.get("IsTruncated"):
-                return out
+                return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def close(self) -> None:
-        if self.packs:
-            self.packs.close()
+        super().close()
         self.s3.close()

@@ -1,0 +1,493 @@
+"""A put of a directory that is still being written: chunks go to the store while the producer writes.
+
+The input is a `GrowingTree`: a directory a producer (a CRIU dump in progress) is still writing. Files
+that the producer only appends to (CRIU's pages-*.img, named by `tail`) are consumed while they grow:
+read in windows from the last cut, chunked exactly as a put of the finished file would chunk them (a
+FastCDC cut found before a window's end does not depend on later data; the window's last, provisional
+chunk is re-read with the next window), hashed, compressed and uploaded. Every other file is read once
+the producer says the tree is complete, and every file's final size is taken from that moment.
+
+Memory stays bounded whatever the dump's size:
+- in flight: at most `max_inflight` chunks plus the read windows they point into;
+- consumed ranges are punched out of the staged files (fallocate PUNCH_HOLE) once their chunks are
+  handed to the backend, so their pages leave the page cache without being written back and their
+  disk blocks are freed; the data is in the store (or in a bounded pack buffer that the commit
+  flushes) and never needed again: a reused chunk that a concurrent gc removed cannot be uploaded
+  again from a punched range, and the put then fails (nothing committed) instead of storing zeros;
+- when the store is slower than the dump, the backlog (written, not yet consumed) spills to disk: a
+  watchdog thread, independent of the consumer, starts writeback (sync_file_range) of everything
+  beyond half the budget ahead of the consumer and drops it from the cache (posix_fadvise DONTNEED)
+  as it becomes clean, to be read again from disk when the consumer gets there. The dirty pages the
+  producer writes faster than the disk takes them are the kernel's to throttle (vm.dirty_*, or the
+  memory cgroup's limit): that part is not bounded by the budget.
+
+While the producer runs with the job frozen (`set_frozen`) the workers take only idle CPU as long as
+the backlog is within half the budget, so the put does not lengthen the freeze while memory allows.
+
+Completion is never guessed: only `finish()` (the producer exited successfully) ends the growth, and
+`fail()` aborts the put before anything is committed. The manifest is committed after every file is
+complete and every chunk is durable, like any put.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shim.libc import punch_hole, start_writeback
+
+from ..faults import crash_point, delay_point
+from . import chunking
+from .errors import CheckpointNotFound, ManifestCorrupt, StoreError
+from .keys import validate_key
+from .locks import HeldLock
+from .model import ZERO, CheckpointInfo, Manifest
+from .walk import scan_tree
+
+if TYPE_CHECKING:
+    from .store import Store
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+DEFAULT_BUDGET = 512 << 20
+MIN_BUDGET = 16 << 20
+PAGE = 4096
+PUNCH_MIN = 4 << 20  # punch in steps at least this large: each punch takes the inode lock CRIU writes under
+POLL_S = 0.05
+
+
+class TreeAborted(StoreError):
+    """The producer of a growing tree failed: the put stops and commits nothing."""
+
+
+class GrowingTree:
+    """A directory still being written, and the producer's word on when it is complete.
+
+    `tail(relpath)` says which files are append-only while the tree grows (safe to consume early);
+    the producer calls `finish(metadata)` once every file is complete, or `fail(error)`."""
+
+    def __init__(self, root: Path, tail: Callable[[str], bool]) -> None:
+        self.root = Path(root)
+        self.tail = tail
+        self.metadata: dict[str, Any] = {}
+        self._changed = threading.Condition()
+        self._done = False
+        self._error: BaseException | None = None
+        self.frozen = False
+        self.background = False  # what the workers follow: frozen and the backlog within bounds
+
+    def finish(self, metadata: dict[str, Any] | None = None) -> None:
+        with self._changed:
+            self.metadata = dict(metadata or {})
+            self._done = True
+            self._changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+    def set_frozen(self, on: bool) -> None:
+        """The producer runs with the job frozen (CRIU's dump): while the backlog stays within half the
+        budget the put's workers take only otherwise idle CPU (SCHED_IDLE), so the dump, and with it
+        the freeze, is not slowed; beyond it they compete again, since memory comes first."""
+        with self._changed:
+            self.frozen = on
+            if not on:
+                self.background = False
+
+    def state(self) -> tuple[bool, BaseException | None]:
+        with self._changed:
+            return self._done, self._error
+
+    def wait(self, timeout: float) -> None:
+        with self._changed:
+            if not self._done and self._error is None:
+                self._changed.wait(timeout)
+
+
+_sched = threading.local()
+
+
+def _follow_priority(tree: GrowingTree) -> None:
+    """Put the calling worker in SCHED_IDLE or back in SCHED_OTHER as the tree says (Linux: per thread).
+    The reading loop itself stays at normal priority: it must see the backlog grow."""
+    want = tree.background
+    if getattr(_sched, "idle", False) == want:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE if want else os.SCHED_OTHER, os.sched_param(0))
+        _sched.idle = want
+    except (OSError, AttributeError) as e:  # not Linux, or not allowed: run at normal priority
+        log.debug("cannot change the put's scheduling: %s", e)
+        _sched.idle = want
+
+
+class _Skipped(Exception):
+    """A chunk not stored because another chunk of the same put failed first."""
+
+
+class _Sink:
+    """Dedup, encode and upload chunks on a pool, at most `slots` in flight (Store._upload's rules)."""
+
+    def __init__(
+        self, store: Store, pool: ThreadPoolExecutor, known: set[str], listed: bool, tree: GrowingTree
+    ) -> None:
+        self.store, self.pool, self.known, self.listed, self.tree = store, pool, known, listed, tree
+        self.slots = threading.BoundedSemaphore(store.max_inflight)
+        self.lock = threading.Lock()
+        self.inflight: dict[str, threading.Event] = {}
+        self.mine: set[str] = set()
+        self.reused: dict[str, tuple[Path, int, int]] = {}
+        self.stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
+        self.abort = threading.Event()  # the first failure stops the rest quickly
+        self.first_error: BaseException | None = None
+
+    def submit(self, path: Path, off: int, data: memoryview) -> Future[str]:
+        self.slots.acquire()
+        self.stats["bytes_read"] += len(data)
+        self.stats["chunks_total"] += 1
+        try:
+            return self.pool.submit(self._store, path, off, data)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _store(self, path: Path, off: int, data: memoryview) -> str:
+        backend = self.store.backend
+        _follow_priority(self.tree)
+        try:
+            if self.abort.is_set():
+                raise _Skipped
+            if chunking.is_zero(data):
+                return ZERO
+            digest = self.store._digest(data)
+            with self.lock:
+                if digest in self.known:
+                    if digest not in self.mine:
+                        self.reused.setdefault(digest, (path, off, len(data)))
+                    return digest
+                ev = self.inflight.get(digest)
+                owner = ev is None
+                if ev is None:
+                    ev = self.inflight[digest] = threading.Event()
+            if not owner:
+                ev.wait()
+                return digest
+            try:
+                uploaded = 0
+                if self.listed or not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
+                    blob = self.store._encode_chunk(digest, data)
+                    backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
+                    uploaded = len(blob)
+                    crash_point("store.put.after-chunk")
+                with self.lock:
+                    if uploaded:
+                        self.mine.add(digest)
+                        self.stats["bytes_uploaded"] += uploaded
+                        self.stats["chunks_new"] += 1
+                    else:
+                        self.reused.setdefault(digest, (path, off, len(data)))
+                    self.known.add(digest)
+            finally:
+                with self.lock:
+                    del self.inflight[digest]
+                ev.set()
+            return digest
+        except _Skipped:
+            raise
+        except BaseException as e:
+            with self.lock:
+                if self.first_error is None:
+                    self.first_error = e
+            self.abort.set()
+            raise
+        finally:
+            self.slots.release()
+
+
+class _Tail:
+    """One file consumed from the front: cut, submitted, and punched out once its chunks are stored."""
+
+    def __init__(self, rel: str, path: Path, fd: int, window: int) -> None:
+        self.rel, self.path, self.fd, self.window = rel, path, fd, window
+        st = os.fstat(fd)
+        self.ino = (st.st_dev, st.st_ino)
+        self.pos = 0  # everything before pos is cut and submitted
+        self.punched = 0  # everything before punched is freed
+        self.can_punch = True
+        self.pending: deque[tuple[list[Any], Future[str]]] = deque()
+        self.chunks: list[list[Any]] = []
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def advance(self, sink: _Sink, chunker: chunking.Chunker, final_size: int | None) -> int:
+        """Cut and submit what is safe to cut now (everything, with final_size); returns bytes cut."""
+        start = self.pos
+        size = self.size() if final_size is None else final_size
+        if final_size is not None and self.size() != final_size:
+            raise StoreError(f"put: {self.path} changed size after the tree was complete")
+        # While growing, wait for more than one maximal chunk so a real cut exists before the window's end.
+        least = 1 if final_size is not None else min(self.window, 4 * chunking.MAX_CHUNKER_SIZE)
+        while size - self.pos >= least and not sink.abort.is_set():
+            n = min(self.window, size - self.pos)
+            buf = os.pread(self.fd, n, self.pos)
+            if len(buf) != n:
+                raise StoreError(f"put: short read of {self.path} at {self.pos} (file truncated?)")
+            view = memoryview(buf)
+            reaches_end = final_size is not None and self.pos + n == final_size
+            consumed = 0
+            for off, length in _cuts(chunker, view, self.pos):
+                if not reaches_end and off + length == n:
+                    break  # provisional: the next window decides where this chunk ends
+                ref: list[Any] = [self.pos + off, length, None]
+                self.chunks.append(ref)
+                self.pending.append((ref, sink.submit(self.path, self.pos + off, view[off : off + length])))
+                consumed = off + length
+            if consumed == 0:
+                if n < self.window:
+                    break  # no cut yet in what is there: wait for more data
+                consumed = n  # pathological: no cut in a whole window
+                ref = [self.pos, n, None]
+                self.chunks.append(ref)
+                self.pending.append((ref, sink.submit(self.path, self.pos, view)))
+            self.pos += consumed
+        return self.pos - start
+
+    def reap(self, sink: _Sink, wait: bool) -> None:
+        """Collect finished chunks in file order; punch out the prefix whose chunks are all stored."""
+        frontier = self.punched
+        while self.pending and (wait or self.pending[0][1].done()):
+            ref, fut = self.pending.popleft()
+            try:
+                ref[2] = fut.result()  # a failed chunk fails the put here
+            except _Skipped:
+                raise sink.first_error or StoreError("put aborted") from None
+            frontier = ref[0] + ref[1]
+        end = frontier // PAGE * PAGE
+        if self.can_punch and (end - self.punched >= PUNCH_MIN or (wait and end > self.punched)):
+            try:
+                punch_hole(self.fd, self.punched, end - self.punched)
+            except OSError as e:  # e.g. a file system without hole punching: drop clean pages instead
+                log.info("cannot punch consumed ranges of %s (%s); dropping them from the cache", self.path, e)
+                self.can_punch = False
+            self.punched = end
+        if not self.can_punch and end > 0:
+            os.posix_fadvise(self.fd, 0, end, os.POSIX_FADV_DONTNEED)
+
+    def spill(self, budget: int) -> int:
+        """Backlog beyond budget: write its pages back now and drop them from the cache (read again
+        from disk when the consumer gets there); returns the backlog."""
+        pos = self.pos  # read racily from the watchdog: a stale value only spills a little more or less
+        backlog = self.size() - pos
+        if backlog > budget:
+            start = (pos + budget // 2) // PAGE * PAGE
+            try:
+                start_writeback(self.fd, start, 0)
+            except OSError as e:
+                log.debug("sync_file_range on %s: %s", self.path, e)
+            os.posix_fadvise(self.fd, start, 0, os.POSIX_FADV_DONTNEED)
+        return backlog
+
+
+class _Watchdog(threading.Thread):
+    """Every POLL_S, independent of the consumer (which may wait on its workers): measure the backlog,
+    spill what exceeds the budget, and let the workers yield to a frozen job only while it is small."""
+
+    def __init__(self, tree: GrowingTree, tails: dict[str, _Tail], budget: int) -> None:
+        super().__init__(name="revenant-stream-watchdog", daemon=True)
+        self.tree, self.tails, self.budget = tree, tails, budget
+        self.halt = threading.Event()
+        self.backlog_peak = 0
+
+    def run(self) -> None:
+        while not self.halt.wait(POLL_S):
+            tails = list(self.tails.values())
+            if not tails:
+                continue
+            backlog = 0
+            for t in tails:
+                try:
+                    backlog += t.spill(self.budget // len(tails))
+                except OSError as e:  # closed meanwhile: the put is ending
+                    log.debug("spill of %s: %s", t.path, e)
+            self.backlog_peak = max(self.backlog_peak, backlog)
+            self.tree.background = self.tree.frozen and backlog <= self.budget // 2
+
+
+def _cuts(chunker: chunking.Chunker, view: memoryview, base: int) -> Any:
+    """Chunk boundaries of a window starting at file offset base (fixed chunks stay on absolute multiples)."""
+    if chunker.kind != "fixed":
+        yield from chunker.cuts(view)
+        return
+    size, off, end = chunker.size, 0, len(view)
+    while off < end:
+        nxt = min(((base + off) // size + 1) * size - base, end)
+        yield off, nxt - off
+        off = nxt
+
+
+def put_growing(
+    store: Store,
+    key: str,
+    tree: GrowingTree,
+    progress: Progress | None = None,
+    epoch: int | None = None,
+    budget: int = DEFAULT_BUDGET,
+) -> CheckpointInfo:
+    """Store `tree` as the next checkpoint of key while its producer still writes it (module docstring).
+
+    Raises TreeAborted when the producer fails; nothing is committed then, nor on any other error."""
+    validate_key(key)
+    budget = max(budget, MIN_BUDGET)
+    if epoch is not None:
+        store._check_epoch(key, epoch)
+    nonce = secrets.token_hex(6)
+    with HeldLock(store.backend, f"put-{nonce}", store.lock_stale) as lock:
+        known: set[str] = set()
+        committed = store._committed(key)
+        if committed:
+            try:
+                known = store._load(key, committed[max(committed)]).chunk_digests()
+            except (ManifestCorrupt, CheckpointNotFound) as e:
+                log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
+        listing = store.backend.retry("list chunks", lambda: store._chunk_names())
+        if listing is not None:
+            known |= listing
+        # Read windows: a fraction of the budget, since the in-flight chunks keep a few of them alive.
+        window = max(min(16 << 20, max(1 << 20, budget // 16)), store.chunker.size * 16)
+        with ThreadPoolExecutor(store.workers, thread_name_prefix="revenant-stream") as pool:
+            sink = _Sink(store, pool, known, listed=listing is not None, tree=tree)
+            tails: dict[str, _Tail] = {}
+            watchdog = _Watchdog(tree, tails, budget)
+            watchdog.start()
+            try:
+                streamed = _consume(store, tree, sink, tails, window, progress)
+                tree.set_frozen(False)
+                entries = scan_tree(tree.root)
+                for entry in entries:
+                    if entry["type"] != "file":
+                        continue
+                    t = tails.get(entry["path"]) or _open_tail(tree.root, entry["path"], window)
+                    tails[entry["path"]] = t
+                    if _identity(tree.root / entry["path"]) != t.ino:
+                        raise StoreError(f"put: {t.path} was replaced while the tree grew")
+                    t.advance(sink, store.chunker, entry["size"])
+                    t.reap(sink, wait=False)
+                for entry in entries:
+                    if entry["type"] == "file":
+                        t = tails[entry["path"]]
+                        t.reap(sink, wait=True)
+                        entry["chunks"] = t.chunks
+            except BaseException:
+                sink.abort.set()
+                raise
+            finally:
+                watchdog.halt.set()
+                watchdog.join()
+                for t in tails.values():
+                    os.close(t.fd)
+        stream_stats = {"streamed_bytes": streamed, "backlog_peak_bytes": watchdog.backlog_peak}
+        _done, error = tree.state()
+        if error is not None:
+            raise TreeAborted(f"put {key!r}: the producer failed: {error}") from error
+        manifest = Manifest(
+            key=key,
+            seq=0,
+            parent=None,
+            created=time.time(),
+            chunker=store.chunker.describe(),
+            metadata=tree.metadata,
+            entries=entries,
+            stats={**sink.stats, **stream_stats},
+            epoch=epoch,
+        )
+        try:
+            manifest.check(f"put {key!r} of {tree.root}")
+        except ManifestCorrupt as e:
+            raise StoreError(f"{e}: not stored") from None
+        delay_point("store.put.before_commit")
+        store._replace_vanished(sink.reused, manifest.stats)
+        info = store._commit(manifest, nonce, lock)
+    log.info(
+        "streamed put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new), backlog peak %d MiB",
+        key,
+        info.seq,
+        info.files,
+        info.bytes_read,
+        info.bytes_uploaded,
+        info.chunks_new,
+        info.chunks_total,
+        stream_stats["backlog_peak_bytes"] >> 20,
+    )
+    return info
+
+
+def _consume(
+    store: Store,
+    tree: GrowingTree,
+    sink: _Sink,
+    tails: dict[str, _Tail],
+    window: int,
+    progress: Progress | None,
+) -> int:
+    """Tail the append-only files until the producer is done (or failed); returns the bytes cut meanwhile."""
+    streamed = 0
+    while True:
+        done, error = tree.state()
+        if error is not None:
+            raise TreeAborted(f"the producer of {tree.root} failed: {error}") from error
+        if done:
+            return streamed
+        for rel in _append_only(tree):
+            if rel not in tails:
+                tails[rel] = _open_tail(tree.root, rel, window)
+        cut = 0
+        for t in list(tails.values()):
+            cut += t.advance(sink, store.chunker, None)
+            t.reap(sink, wait=False)
+        streamed += cut
+        if progress and cut:
+            progress(sink.stats["bytes_read"], sink.stats["bytes_read"])
+        if not cut:
+            tree.wait(POLL_S)
+
+
+def _append_only(tree: GrowingTree) -> list[str]:
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(tree.root):
+        rel_dir = os.path.relpath(dirpath, tree.root)
+        for name in filenames:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if tree.tail(rel):
+                found.append(rel)
+        dirnames.sort()
+    return found
+
+
+def _open_tail(root: Path, rel: str, window: int) -> _Tail:
+    path = root / rel
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # RDWR: punching needs a writable fd
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"put: {path} is not a regular file")
+        return _Tail(rel, path, fd, window)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_dev, st.st_ino

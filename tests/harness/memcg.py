@@ -1,0 +1,71 @@
+"""A memory cgroup (v1 or v2) below the test process's own, to run part of a node under a memory limit.
+
+Processes moved in (containerd) and everything they start afterwards (the shim, runc, CRIU) are
+charged there: anonymous memory, tmpfs pages and page cache alike, so a dump staged in tmpfs counts
+while clean page cache is reclaimed under the limit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+
+
+def _own_memory_cgroup() -> tuple[Path, bool]:
+    """(this process's memory cgroup directory, whether it is cgroup v2)."""
+    v1 = v2 = None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif hid == "0":
+            v2 = path
+    if v1 is not None and (ROOT / "memory").is_dir():
+        return ROOT / "memory" / v1.lstrip("/"), False
+    assert v2 is not None, "no memory cgroup"
+    return ROOT / v2.lstrip("/"), True
+
+
+class MemoryCgroup:
+    def __init__(self, name: str, limit_bytes: int) -> None:
+        parent, self.v2 = _own_memory_cgroup()
+        self.path = parent / name
+        self.path.mkdir()
+        self._write("memory.max" if self.v2 else "memory.limit_in_bytes", str(limit_bytes))
+        self.limit = limit_bytes
+
+    def _write(self, name: str, value: str) -> None:
+        (self.path / name).write_text(value)
+
+    def add(self, pid: int) -> None:
+        self._write("cgroup.procs", str(pid))
+
+    def peak(self) -> int:
+        """Highest charge since creation: memory, tmpfs and page cache of everything inside."""
+        return int((self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")).read_text())
+
+    def oom_kills(self) -> int:
+        text = (self.path / ("memory.events" if self.v2 else "memory.oom_control")).read_text()
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def remove(self) -> None:
+        """Move what is left up to the parent, then remove the cgroup (it must be empty)."""
+        parent = self.path.parent / "cgroup.procs"
+        for _ in range(50):
+            pids = (self.path / "cgroup.procs").read_text().split()
+            for pid in pids:
+                with contextlib.suppress(OSError):  # exited meanwhile
+                    parent.write_text(pid)
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.1)
+        os.rmdir(self.path)
