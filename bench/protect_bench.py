@@ -15,6 +15,9 @@
 Freeze only, several alternating pairs (medians, and the frozen window part by part beside runc's):
 `--freeze-repeat 5 --skip restore --skip podman --skip s3 --skip run`.
 
+The restore rows are split part by part (the shim's `restore` breakdown beside the stock restore's);
+`--store s3` checkpoints into and restores from SeaweedFS S3 on 127.0.0.1 instead of file://.
+
 Run: .venv/bin/python bench/protect_bench.py [--mib 128] ;  --gib 4 for the target's figures (wrap it in
 `flock /tmp/revenant-heavy.lock`). Prints a Markdown table.
 """
@@ -54,8 +57,9 @@ from harness.protect import (  # noqa: E402
     wait_stopped,
 )
 from harness.wait import wait_until  # noqa: E402
-from shim.checkpoint.criu_stats import read_dump_stats  # noqa: E402
+from shim.checkpoint.criu_stats import read_dump_stats, read_restore_stats  # noqa: E402
 from shim.protect.freeze import PARTS  # noqa: E402
+from shim.protect.restore_breakdown import PARTS as RESTORE_PARTS  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str]] = []  # (measure, revenant, peer, note)
 
@@ -309,6 +313,48 @@ def freeze_breakdown_rows(revs: list[dict[str, float]], stocks: list[dict[str, f
         )
 
 
+FETCH_PARTS = ("fetch_ms", "open_ms", "decode_ms", "verify_ms", "write_ms")
+
+
+def restore_breakdown_rows(rev: dict[str, Any] | None, stock: dict[str, float]) -> None:
+    """revenant's restore part by part (the shim's `restore` in the registry record) beside the stock
+    restore's: `zstd -d | tar -x` in the fetch row, `runc restore` split by CRIU's stats-restore."""
+    if not rev:
+        row("restore breakdown", "the shim recorded none", "-")
+        return
+    say("restore breakdown (ms): " + json.dumps(rev))
+    for part in ("total_ms", *RESTORE_PARTS):
+        peer = stock.get(part)
+        peer_ms = "-" if peer is None else f"{peer:.1f} ms"
+        row(f"restore: {part.removesuffix('_ms')}", f"{rev.get(part, 0.0):.1f} ms", peer_ms)
+    fetch = rev.get("fetch") or {}
+    if fetch:
+        row(
+            "restore: fetch, thread time per part",
+            " / ".join(f"{k.removesuffix('_ms')} {fetch[k]:.0f}" for k in FETCH_PARTS) + " ms",
+            "-",
+            f"{fetch['chunks']} chunks ({fetch['zero_chunks']} holes), {mib_s(fetch['bytes_fetched'])} fetched, "
+            f"{mib_s(fetch['bytes_written'])} written, {fetch['files']} files, wall {fetch['wall_ms']:.0f} ms, "
+            f"overlap {fetch['overlap']}x; slowest: "
+            + ", ".join(f"{f['path']} {f['ms']:.0f} ms" for f in fetch.get("slowest_files", [])[:3]),
+        )
+
+
+def stock_restore_breakdown(untar_s: float, runc_s: float, work: Path) -> dict[str, float]:
+    """The stock restore in revenant's parts: untar as the fetch, runc restore split by stats-restore."""
+    st = read_restore_stats(work)
+    criu = min(st.restore_time_us / 1e6, runc_s) if st else 0.0
+    forking = min(st.forking_time_us / 1e6, criu) if st else 0.0
+    out = {
+        "prepare_fetch_ms": untar_s * 1000,
+        "runc_own_ms": (runc_s - criu) * 1000,
+        "criu_forking_ms": forking * 1000,
+        "criu_restore_other_ms": (criu - forking) * 1000,
+    }
+    out["total_ms"] = sum(out.values())
+    return out
+
+
 def runc_checkpoint(node: ContainerdNode, *args: str) -> None:
     """`runc checkpoint ARGS stock` of the stock shim's job."""
     argv = ["runc", "--root", str(runc_root(node)), "checkpoint", *args, "stock"]
@@ -390,7 +436,8 @@ def bench_freeze_and_restore(
         t = time.monotonic()
         run_job(b, image_b, job, command=memjob_cmd(mib, 6))
         rev_restore = time.monotonic() - t
-        restored = (registry_record(b, job.cid) or {}).get("restored_from")
+        record = registry_record(b, job.cid) or {}
+        restored = record.get("restored_from")
         wait_for_step(job_log(b, job.cid), read_steps(job_log(b, job.cid))[-1].n + 2, timeout=120)
         b.ctr("task", "kill", "-s", "SIGKILL", job.cid, check=False, input="")  # its memory, before the peer's
 
@@ -433,6 +480,7 @@ def bench_freeze_and_restore(
                 timeout=1800,
             )
         stock_restore = time.monotonic() - t
+        stock_parts = stock_restore_breakdown(untar, stock_restore - untar, disk / "restore.work")
         r.stderr = (disk / "restore.out").read_text(errors="replace")
         if r.returncode != 0:
             tail = disk / "restore.work" / "restore.log"
@@ -449,6 +497,7 @@ def bench_freeze_and_restore(
             peer,
             f"ratio {rev_restore / stock_restore:.2f}x" if r.returncode == 0 else "",
         )
+        restore_breakdown_rows(record.get("restore"), stock_parts if r.returncode == 0 else {})
         b.ctr("task", "kill", "-s", "SIGKILL", job.cid, check=False, input="")
         for node in (a, b):  # Delete drops the registry record: later sections see only their own tasks
             node.ctr("task", "rm", "-f", job.cid, check=False, input="")
@@ -625,16 +674,33 @@ def main() -> int:
         "--skip", action="append", default=[], choices=("freeze", "restore", "memory", "podman", "s3", "run")
     )
     ap.add_argument("--stream-budget-mib", type=int, default=512, help="the streamed side's budget (memory section)")
+    ap.add_argument(
+        "--store",
+        choices=("file", "s3"),
+        default="file",
+        help="where the freeze/restore job checkpoints: file:// on local disk (default) or SeaweedFS S3 on 127.0.0.1",
+    )
     args = ap.parse_args()
     mib = int(args.gib * 1024) if args.gib else args.mib
     work = Path(tempfile.mkdtemp(prefix="rv-pbench-", dir="/var/tmp"))
     store = f"file://{work / 'store'}"
+    seaweed = None
     say(f"building images; job memory {mib} MiB; work dir {work}")
     images = build_test_images(work / "images")
     a, b = ContainerdNode("a"), ContainerdNode("b")
     if args.staging_dir:
         a.write_revenant_config(extra=f'staging_dir = "{args.staging_dir}"')
     try:
+        if args.store == "s3":
+            from tests.harness.servers import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, SeaweedS3
+
+            creds = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+            os.environ.update(creds)
+            for node in (a, b):  # the shims inherit containerd's environment
+                node.env.update(creds)
+            seaweed = SeaweedS3(work / "seaweed-store")
+            seaweed.start()
+            store = f"s3://{S3_BUCKET}/bench-store-{os.getpid()}?endpoint={seaweed.endpoint}"
         a.start()
         b.start()
         refs = {"a": a.import_image(images.memjob), "b": b.import_image(images.memjob)}
@@ -652,6 +718,8 @@ def main() -> int:
     finally:
         a.destroy()
         b.destroy()
+        if seaweed is not None:
+            seaweed.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nCommand: .venv/bin/python bench/protect_bench.py {shlex.join(sys.argv[1:])}\n")
     print("| measure | revenant | peer | note |\n|---|---|---|---|")

@@ -1,6 +1,6 @@
 """Checkpoint store benchmark, side by side with tar + zstd, on a CRIU-like dump.
 
-    .venv/bin/python -m bench.store_bench [--size MIB] [--backends file,s3,az,oci] [--chunker fixed:65536]
+    .venv/bin/python -m bench.store_bench [--size MIB] [--backends file,s3,az,gs,oci] [--chunker fixed:65536]
 
 The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter repetitive, mixed in
 256 KiB runs like a real heap) plus a few small image files. Steps, each timed:
@@ -9,7 +9,8 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
      uploaded bytes vs the first put's
   3. baseline `zstd -d -c F | tar -x -C DIR`         vs  revenant get (every chunk verified)
   4. the same first put and get against SeaweedFS (S3), Azurite (Azure Blob, with --backends ...,az) and the
-     distribution registry (OCI), in MB/s
+     distribution registry (OCI), in MB/s; `gs` is SeaweedFS again through the gs:// backend (GCS's XML
+     API is S3 with HMAC keys): beside the s3 row it shows what the gs:// code path costs, not GCS's speed
   5. with --encryption: put and get into fresh local stores, encrypted vs plain, alternating, best of
      --rounds each (what encryption at rest costs)
   6. with --s3-layouts: put and get against SeaweedFS one object per chunk (`packs=0`, the layout before
@@ -21,6 +22,9 @@ The dump: pages-1.img of SIZE MiB (half random pages, a quarter zero, a quarter 
   8. with --oci-floor: the registry's own path without revenant: as many bytes as the dump in random
      blobs of --pack-mb pushed and pulled (whole, then in 4 MiB ranges) with the backend's HTTP client,
      each of --pack-uploads at once, and with curl (one at a time): the ceiling a put or get can reach
+  9. with --gs-vs-s3: put and get through s3:// and gs:// against one SeaweedFS, alternating, each into a
+     fresh prefix, best of --rounds: wall time and this process's CPU seconds (the client side, where the
+     two paths differ); SeaweedFS serves both, so this is the gs:// path's overhead, not GCS's speed
 Prints a markdown table; exit status 0 even when a target is missed (it is a measurement).
 """
 
@@ -90,7 +94,7 @@ def sh(cmd: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024, help="page image size in MiB (default 1024)")
-    ap.add_argument("--backends", default="file,s3,oci", help="comma list of file,s3,az,oci")
+    ap.add_argument("--backends", default="file,s3,oci", help="comma list of file,s3,az,gs,oci")
     ap.add_argument("--chunker", default=None, help="fixed:SIZE or fastcdc:AVG (default: the store's)")
     ap.add_argument("--run-pages", type=int, default=64, help="pages per mutated run (default 64)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir under /tmp)")
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack-uploads", default="4", help="OCI packs in flight, comma list (default 4)")
     ap.add_argument("--oci-floor", action="store_true", help="registry push/pull of raw blobs, no revenant")
     ap.add_argument("--oci-query", default="", help="appended to the OCI URLs of 7 and 8, e.g. '&chunked_mb=32'")
+    ap.add_argument("--gs-vs-s3", action="store_true", help="s3:// vs gs:// on one SeaweedFS, best of --rounds")
     args = ap.parse_args(argv)
     opts = {"chunker": Chunker.parse(args.chunker)} if args.chunker else {}
     work = Path(tempfile.mkdtemp(prefix="revenant-bench-", dir=args.workdir))
@@ -178,8 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "untar")
         store.close()
 
-        for backend in [b for b in args.backends.split(",") if b in ("s3", "az", "oci")]:
-            rows.append(_remote(backend, work, dump, mb, opts))
+        remote: dict[str, tuple[float, float]] = {}
+        for backend in [b for b in args.backends.split(",") if b in ("s3", "gs", "az", "oci")]:
+            row, remote[backend] = _remote(backend, work, dump, mb, opts)
+            if backend == "gs" and "s3" in remote:
+                (s3_put, s3_get), (gs_put, gs_get) = remote["s3"], remote["gs"]
+                row = (*row[:3], f"gs/s3: put {gs_put / s3_put:.2f}x, get {gs_get / s3_get:.2f}x (same server)")
+            rows.append(row)
+        if args.gs_vs_s3:
+            rows += _gs_vs_s3(work, dump, mb, opts, args.rounds)
         if args.s3_layouts:
             rows += _s3_layouts(work, dump, mb, opts, args.pack_mb, t_tar, t_untar, args.s3_layouts)
         if args.oci_layouts:
@@ -274,7 +286,9 @@ def _crypto_floor(key: Path) -> tuple[str, str, str, str]:
     )
 
 
-def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tuple[str, str, str, str]:
+def _remote(
+    backend: str, work: Path, dump: Path, mb: float, opts: dict
+) -> tuple[tuple[str, str, str, str], tuple[float, float]]:
     from tests.harness.servers import (
         AZ_ACCOUNT,
         AZ_CONTAINER,
@@ -287,12 +301,14 @@ def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tupl
 
     root = work / f"srv-{backend}"
     root.mkdir()
-    if backend == "s3":
+    if backend in ("s3", "gs"):
         os.environ.setdefault("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
+        os.environ.setdefault("GS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        os.environ.setdefault("GS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
         srv = SeaweedS3(root)
         srv.start()
-        url = f"s3://revenant-test/bench?endpoint={srv.endpoint}"
+        url = f"{backend}://revenant-test/bench?endpoint={srv.endpoint}"
     elif backend == "az":
         srv = Azurite(root)
         os.environ.setdefault("AZURE_STORAGE_CONNECTION_STRING", srv.connection_string)
@@ -308,17 +324,65 @@ def _remote(backend: str, work: Path, dump: Path, mb: float, opts: dict) -> tupl
         t_get, _ = timed(lambda: store.get("bench/job/main", work / f"restored-{backend}"))
         store.close()
         shutil.rmtree(work / f"restored-{backend}")
-        return (
+        row = (
             f"{backend} put / get ({info.bytes_uploaded / 1e6:.0f} MB stored)",
             f"put {t_put:.2f} s ({mb / t_put:.0f} MB/s)",
             f"get {t_get:.2f} s ({mb / t_get:.0f} MB/s)",
             "",
         )
+        return row, (t_put, t_get)
     finally:
-        if backend == "s3":
+        if backend in ("s3", "gs"):
             srv.shutdown()
         else:
             srv.stop()
+
+
+def _gs_vs_s3(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> list[tuple[str, str, str, str]]:
+    """put and get+verify through s3:// and gs:// on one SeaweedFS a round, alternating which goes first; best of
+    rounds, wall and CPU (the VM is shared: the best run is the least disturbed one)."""
+    from tests.harness.servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedS3
+
+    for var, value in (("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)):
+        os.environ.setdefault(var, value)
+    for var, value in (("GS_ACCESS_KEY_ID", S3_ACCESS_KEY), ("GS_SECRET_ACCESS_KEY", S3_SECRET_KEY)):
+        os.environ.setdefault(var, value)
+    best: dict[tuple[str, str], float] = {}
+    cpu: dict[tuple[str, str], float] = {}
+    for r in range(rounds):
+        # A SeaweedFS per round (the harness's holds 50 x 64 MiB volumes: about three 551 MB stores).
+        root = work / f"srv-gs-vs-s3-{r}"
+        root.mkdir()
+        srv = SeaweedS3(root)
+        srv.start()
+        try:
+            for scheme in ("s3", "gs") if r % 2 == 0 else ("gs", "s3"):
+                store = open_store(f"{scheme}://revenant-test/vs-{scheme}?endpoint={srv.endpoint}", **opts)
+                c0, t0 = time.process_time(), time.perf_counter()
+                store.put("bench/job/main", dump)
+                c1, t1 = time.process_time(), time.perf_counter()
+                store.get("bench/job/main", work / "vs-restored")
+                c2, t2 = time.process_time(), time.perf_counter()
+                store.close()
+                shutil.rmtree(work / "vs-restored")
+                for step, t, c in (("put", t1 - t0, c1 - c0), ("get", t2 - t1, c2 - c1)):
+                    best[(scheme, step)] = min(best.get((scheme, step), t), t)
+                    cpu[(scheme, step)] = min(cpu.get((scheme, step), c), c)
+        finally:
+            srv.shutdown()
+            shutil.rmtree(root, ignore_errors=True)
+    rows = []
+    for step in ("put", "get"):
+        gs, s3, c_gs, c_s3 = best[("gs", step)], best[("s3", step)], cpu[("gs", step)], cpu[("s3", step)]
+        rows.append(
+            (
+                f"gs:// {step} vs s3:// (same SeaweedFS), best of {rounds}: wall / client CPU",
+                f"{gs:.2f} s ({mb / gs:.0f} MB/s) / {c_gs:.2f} s CPU",
+                f"{s3:.2f} s ({mb / s3:.0f} MB/s) / {c_s3:.2f} s CPU",
+                f"{gs / s3:.2f}x / {c_gs / c_s3:.2f}x CPU",
+            )
+        )
+    return rows
 
 
 def _s3_layouts(

@@ -66,6 +66,7 @@ class RestoreResult:
     pid: int
     duration_s: float
     stats: RestoreStats | None
+    runc_s: float | None = None  # `runc restore` alone (duration_s adds the hooks after it)
 
 
 def directory_bytes(path: Path) -> int:
@@ -82,6 +83,8 @@ class CheckpointEngine:
         self._locks_guard = threading.Lock()
         # The newest checkpoint of each container, whoever asked for it (ctr, periodic, agent, CLI).
         self.last_results: dict[str, CheckpointResult] = {}
+        # Each container's restore, until the protection layer took it for its breakdown (take_restore).
+        self._last_restores: dict[str, RestoreResult] = {}
 
     def _lock(self, container_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -161,6 +164,7 @@ class CheckpointEngine:
     def forget(self, container_id: str) -> None:
         """Drop what the engine keeps about a deleted container (a shared shim lives on)."""
         self.last_results.pop(container_id, None)
+        self._last_restores.pop(container_id, None)
         with self._locks_guard:
             lock = self._locks.get(container_id)
             if lock is not None and not lock.locked():
@@ -214,10 +218,17 @@ class CheckpointEngine:
                 raise CheckpointError(
                     self._failure("restore", container_id, e, work / "restore.log", kept), kept
                 ) from e
+        runc_s = time.monotonic() - start
         if self.hooks:
             self.hooks.after_restore(container_id)
         pid = int(pid_file.read_text().strip())
-        return RestoreResult(pid, time.monotonic() - start, read_restore_stats(work))
+        result = RestoreResult(pid, time.monotonic() - start, read_restore_stats(work), runc_s)
+        self._last_restores[container_id] = result
+        return result
+
+    def take_restore(self, container_id: str) -> RestoreResult | None:
+        """The container's last restore (once): its timings for the restore breakdown."""
+        return self._last_restores.pop(container_id, None)
 
     @staticmethod
     def _keep_log(log_file: Path, keep_in: Path | None, name: str) -> Path | None:

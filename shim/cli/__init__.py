@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "history": ("shim.cli.protect", "the checkpoints of a key in a store"),
     "stats": ("shim.cli.stats", "statistics of a container's last checkpoint (from its shim)"),
     "layer": ("shim.cli.layer", "capture or apply a container's writable layer (overlay upper dir)"),
-    "store": ("shim.cli.store", "the checkpoint store: put, get, ls, verify, gc"),
+    "store": ("shim.cli.store", "the checkpoint store: put, get, ls, verify, gc, replicate, replicas"),
     "rehearse": (
         "shim.cli.rehearse",
         "run a job under revenant and interrupt it N times: does it resume after a spot loss?",

@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
         description="Committed checkpoints of KEY in the store, oldest first.",
     )
     hi.add_argument("key", help="checkpoint key (revenant.io/checkpoint-key)")
-    hi.add_argument("--store", required=True, metavar="URL", help="store URL (file://, s3://, az://, oci://)")
+    hi.add_argument("--store", required=True, metavar="URL", help="store URL (file://, s3://, az://, gs://, oci://)")
     hi.add_argument("--json", action="store_true", help="print the checkpoints as JSON")
     hi.set_defaults(func=cmd_history)
 

@@ -1,4 +1,4 @@
-"""`revenant store put|get|ls|verify|gc`: the checkpoint store from the command line."""
+"""`revenant store put|get|ls|verify|gc|replicate|replicas`: the checkpoint store from the command line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 from shim.progress import DEFAULT_LOG_INTERVAL_S, Reporter, Summary, enable_log_lines
 from shim.store import Chunker, open_store
 from shim.store.errors import StoreError
+
+from . import store_replicas
 
 DEFAULT_STORE = "file:///var/lib/revenant/store"
 
@@ -96,8 +98,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    replicas = store_replicas.resolve(args)
     with _open(args) as store:
         problems = store.verify(args.key)
+    if replicas:  # every copy: the primary's problems first, then each replica's, named by URL
+        problems = [f"{args.store}: {p}" for p in problems] + store_replicas.verify_replicas(args, _open)
     _emit(
         args,
         {"ok": not problems, "problems": problems},
@@ -134,7 +139,7 @@ def _wrap(fn):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("store", help="the checkpoint store: put, get, ls, verify, gc")
+    p = subparsers.add_parser("store", help="the checkpoint store: put, get, ls, verify, gc, replicate, replicas")
     sub = p.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -190,6 +195,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     sp = sub.add_parser("verify", help="check every manifest and chunk (exit 1 on problems)")
     common(sp)
+    store_replicas.add_replica_options(sp)
     sp.add_argument("--key")
     sp.set_defaults(func=_wrap(cmd_verify))
 
@@ -201,3 +207,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--grace", type=float, default=3600.0, help="only delete chunks older than this many seconds (default 3600)"
     )
     sp.set_defaults(func=_wrap(cmd_gc))
+
+    store_replicas.register(sub, common, _wrap, (_open, _reporter))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -175,5 +176,14 @@ def serve(
     log.info("shim %d serving on %s%s", os.getpid(), socket_path, started)
     reaper.loop()  # main thread: SIGCHLD handling runs here
     publisher.close()
+    _finish_replication()
     log.info("shim %d exiting", os.getpid())
     return 0
+
+
+def _finish_replication() -> None:
+    """Copies of its last checkpoints still on their way to replicas get a bounded time to land (the
+    socket is gone: containerd no longer talks to this process); the rest is caught up later."""
+    replication = sys.modules.get("shim.store.replication")  # loaded only if this shim replicated
+    if replication is not None:
+        replication.drain_all(float(os.environ.get("REVENANT_REPLICATION_DRAIN_S", "120")))

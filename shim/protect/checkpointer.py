@@ -112,6 +112,18 @@ class Checkpointer:
             open_store = open_store_default
         self.open_store = open_store
 
+    def replicate_later(self, c: ProtectedContainer, seq: int) -> None:
+        """Copy the committed checkpoint to the store's replicas in the background (shim.store.replication);
+        the checkpoint is committed already, a replica that fails is retried and never fails it."""
+        if not c.protection.replicas:
+            return
+        try:
+            from shim.store.replication import shared_replicator
+
+            shared_replicator(self.open_store).submit(c.protection.store, c.protection.replicas, c.protection.key, seq)
+        except Exception as e:  # the checkpoint stands; `revenant store replicate` catches the replicas up
+            log.error("%s seq %d: cannot queue the copy to the replicas: %s", c.protection.key, seq, e)
+
     def take(self, c: ProtectedContainer, *, exit: bool, reason: str) -> CheckpointReport:
         start = time.monotonic()
         expected = process_tree_rss(c.init_pid) if c.init_pid else 0
@@ -165,6 +177,7 @@ class Checkpointer:
             remove_staging_dir(staging)
         if hold:
             _stop_frozen(c)
+        self.replicate_later(c, info.seq)
         total_s = time.monotonic() - start
         stats = {
             "criu": dump.as_dict(),

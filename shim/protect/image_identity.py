@@ -138,6 +138,10 @@ class ImageLookup:
         self._thread.join()
         return self._value
 
+    def done(self) -> bool:
+        """True once containerd answered (or the lookup failed): result() returns at once."""
+        return not self._thread.is_alive()
+
     def differs_from(self, recorded: dict[str, str] | None) -> str | None:
         value = self.result()
         return value.differs_from(recorded) if value else None

@@ -40,6 +40,7 @@ from shim.protect.policy import (
     load_node_config,
     protection_for,
 )
+from shim.protect.restore_breakdown import describe, restore_breakdown
 from shim.store.errors import Fenced
 from shim.task import mounts
 from shim.task.hooks import ContainerControl, RestorePlan
@@ -63,6 +64,7 @@ class Protected:
     plan: restorer.RestorePlan | None = None  # the store checkpoint fetched for the restore at Start
     tried_seqs: list[int] = field(default_factory=list)
     restored_from: int | None = None
+    restore_breakdown: dict[str, Any] | None = None  # where the last restore's time went (restore_breakdown.py)
     fresh_reason: str | None = None
     periodic: PeriodicCheckpoints | None = None
     last_report: CheckpointReport | None = None
@@ -347,6 +349,8 @@ class ProtectionManager:
         pc.pause, pc.resume = c.pause_for_checkpoint, c.resume_after_checkpoint
         if p.plan is not None:
             p.restored_from = p.plan.seq
+            p.restore_breakdown = restore_breakdown(p.plan.timings, self.engine.take_restore(c.id))
+            log.info("restore of %s/%s from seq %d: %s", c.namespace, c.id, p.plan.seq, describe(p.restore_breakdown))
             detail = f"{pc.protection.key}@{p.plan.seq}"
             self._event(c.id, "restored", f"{detail} ({p.restart_reason})" if p.restart_reason else detail)
             p.plan.discard()
@@ -508,6 +512,7 @@ class ProtectionManager:
             last_error=p.last_error,
             extra={
                 "restored_from": p.restored_from,
+                "restore": p.restore_breakdown,
                 "fresh_reason": p.fresh_reason,
                 "restart_reason": p.restart_reason,
                 "exited_at": p.attempt.exited_at if p.attempt else None,

@@ -46,6 +46,7 @@ DEFAULT_STORE_NAME = "default"
 MIN_INTERVAL_S = 10.0  # node default; a node config may lower it (min_checkpoint_interval)
 MAX_INTERVAL_S = 30 * 86400.0
 MAX_STOP_DEADLINE_S = 3600.0
+MAX_REPLICAS = 8
 DEFAULT_STREAM_BUDGET_MIB = 0  # opt-in: bench/RESULTS.md, "Streaming dump", says why
 MIN_STREAM_BUDGET_MIB = 16
 MAX_STREAM_BUDGET_MIB = 1 << 20
@@ -134,6 +135,11 @@ def parse_keep(value: object, what: str) -> int:
 _STORE_OPTIONS = {
     "file": {"packs", "key_file", "allow_plaintext"},
     "s3": {"endpoint", "region", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"},
+    # hmac_key_id/hmac_secret_file/auth: the node's [gcs] credentials (shim.store.backends.gcs), never an annotation's.
+    "gs": {
+        *("endpoint", "multipart_mb", "packs", "pack_mb", "key_file", "allow_plaintext"),
+        *("hmac_key_id", "hmac_secret_file", "auth"),
+    },
     "oci": {"insecure", "mount_from", "chunked_mb", "key_file", "allow_plaintext", "auth_file"},
     "az": {"endpoint", "block_mb", "packs", "pack_mb", "key_file", "allow_plaintext", "credentials_file"},
 }
@@ -142,6 +148,9 @@ _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no"}
 # module without the store.
 _MAX_PACK_MB = 256
 _S3_BUCKET_OK = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# GCS's rules; the backend checks them in full (dot-separated parts, IP addresses): shim.store.backends.gcs.
+_GCS_BUCKET_OK = re.compile(r"^(?!goog)(?!.*g(?:oo|00)gle)[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+_GCS_KEY_ID_OK = re.compile(r"^[A-Za-z0-9]{4,128}$")
 _REGION_OK = re.compile(r"^[a-z0-9-]{1,32}$")
 # Azure's naming rules (shim.store.backends.azure has the same; not imported, see _MAX_PACK_MB).
 _AZ_ACCOUNT_OK = re.compile(r"^[a-z0-9]{3,24}$")
@@ -162,9 +171,9 @@ def _megabytes(value: str, what: str, low: float, high: float) -> None:
 
 def validate_store_url(url: str, what: str) -> str:
     """Check a store URL completely at Create, so a bad one fails there and not at the first checkpoint."""
-    m = re.match(r"^(file|s3|az|oci)://.+", url)
+    m = re.match(r"^(file|s3|az|gs|oci)://.+", url)
     if not m:
-        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, az:// or oci://)")
+        raise PolicyError(f"{what}: {url!r} is not a store URL (file://, s3://, az://, gs:// or oci://)")
     scheme = m[1]
     try:
         u = urlsplit(url)
@@ -190,13 +199,23 @@ def validate_store_url(url: str, what: str) -> str:
             raise PolicyError(f"{what}: {url!r}: '..' is not allowed in a store path")
         if "packs" in opt and opt["packs"] not in _BOOL_WORDS:
             raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
-    elif scheme == "s3":
-        if not _S3_BUCKET_OK.match(u.netloc):
+    elif scheme in ("s3", "gs"):
+        if scheme == "s3" and not _S3_BUCKET_OK.match(u.netloc):
             raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not an S3 bucket name")
+        if scheme == "gs" and not _GCS_BUCKET_OK.match(u.netloc):
+            raise PolicyError(f"{what}: {url!r}: {u.netloc!r} is not a GCS bucket name")
         if "endpoint" in opt:
             ep = urlsplit(opt["endpoint"])
             if ep.scheme not in ("http", "https") or not ep.hostname or ep.path not in ("", "/") or ep.query:
                 raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT]")
+            if scheme == "gs" and ep.scheme == "http" and not _loopback(ep.hostname):
+                raise PolicyError(f"{what}: {url!r}: a gs endpoint is https (plain http only to a loopback address)")
+        if "hmac_key_id" in opt and not _GCS_KEY_ID_OK.match(opt["hmac_key_id"]):
+            raise PolicyError(f"{what}: {url!r}: hmac_key_id is not a GCS HMAC access id")
+        if "hmac_secret_file" in opt and not _AUTH_FILE_OK.match(opt["hmac_secret_file"]):
+            raise PolicyError(f"{what}: {url!r}: hmac_secret_file must be an absolute path")
+        if "auth" in opt and opt["auth"] not in ("hmac", "metadata"):
+            raise PolicyError(f"{what}: {url!r}: auth={opt['auth']!r} is not hmac or metadata")
         if "region" in opt and not _REGION_OK.match(opt["region"]):
             raise PolicyError(f"{what}: {url!r}: region {opt['region']!r} is not a region name")
         if "multipart_mb" in opt:
@@ -259,11 +278,15 @@ class NodeConfig:
     """Node defaults from /etc/revenant/config.toml (every field optional there).
 
     `stores` maps the names an annotation may use to URLs; `store` is the default store's URL (the
-    old single `store = URL` setting defines the store named "default")."""
+    old single `store = URL` setting defines the store named "default"). `replicas` maps a store name
+    to the URLs its checkpoints are copied to (docs/replication.md); `failover` names the
+    stores whose replicas a restore may read while the primary does not answer."""
 
     store: str = DEFAULT_STORE
     stores: Mapping[str, str] = field(default_factory=lambda: {DEFAULT_STORE_NAME: DEFAULT_STORE})
     default_store: str = DEFAULT_STORE_NAME
+    replicas: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    failover: frozenset[str] = frozenset()
     allow_store_urls: bool = False  # single-tenant nodes only: an annotation may then give any URL
     allow_cross_namespace_keys: bool = False  # [tenancy]: a pod may name a key outside its namespace
     any_key_namespaces: tuple[str, ...] = ()  # [tenancy]: namespaces whose pods may name any key
@@ -284,6 +307,10 @@ class NodeConfig:
     # [registry] auth_file: a Docker-config-format file with registry credentials (a node secret): every
     # oci:// store URL gets it as `auth_file=` (shim.store.backends.registry_auth), annotation URLs may not.
     registry_auth_file: str | None = None
+    # [gcs] hmac_key_id + hmac_secret_file (an HMAC key, a node secret) or auth = "metadata" (the instance's
+    # service account): every gs:// URL gets them as options (shim.store.backends.gcs), annotation URLs may
+    # not name any.
+    gcs_auth: tuple[tuple[str, str], ...] = ()
     # [azure] credentials_file: an Azure connection string (AccountName + AccountKey or SharedAccessSignature),
     # a node secret: every az:// store URL gets it as `credentials_file=` (shim.store.backends.azure).
     azure_credentials_file: str | None = None
@@ -317,6 +344,7 @@ class NodeConfig:
             "stream_budget_mib",
             "encryption",
             "registry",
+            "gcs",
             "azure",
         }
         unknown = set(data) - known
@@ -324,10 +352,12 @@ class NodeConfig:
             raise PolicyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
         cfg = cls()
         stores = _stores(data, where)
+        replicas, failover = _replicas(data, stores, where)
         default = str(data.get("default_store", DEFAULT_STORE_NAME))
         if default not in stores:
             raise PolicyError(f"{where} default_store: no [stores.{default}] (configured: {', '.join(sorted(stores))})")
         cfg = replace(cfg, stores=stores, default_store=default, store=stores[default])
+        cfg = replace(cfg, replicas=replicas, failover=failover)
         if "allow_store_urls" in data:
             cfg = replace(cfg, allow_store_urls=parse_bool(str(data["allow_store_urls"]), f"{where} allow_store_urls"))
         if "tenancy" in data:
@@ -367,14 +397,27 @@ class NodeConfig:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}
             cfg = replace(cfg, encryption_key_files=keys, stores=stores, store=stores[cfg.default_store])
+            # Replicas hold the same sealed objects: they get the same keys (docs/replication.md).
+            replicas = {n: tuple(with_key_files(u, keys) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         if "registry" in data:
             auth_file = parse_registry(data["registry"], f"{where} [registry]")
             stores = {name: with_auth_file(url, auth_file) for name, url in cfg.stores.items()}
             cfg = replace(cfg, registry_auth_file=auth_file, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_auth_file(u, auth_file) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
+        if "gcs" in data:
+            gcs = parse_gcs(data["gcs"], f"{where} [gcs]")
+            stores = {name: with_gcs_auth(url, gcs) for name, url in cfg.stores.items()}
+            cfg = replace(cfg, gcs_auth=gcs, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_gcs_auth(u, gcs) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         if "azure" in data:
             creds = parse_azure(data["azure"], f"{where} [azure]")
             stores = {name: with_azure_credentials(url, creds) for name, url in cfg.stores.items()}
             cfg = replace(cfg, azure_credentials_file=creds, stores=stores, store=stores[cfg.default_store])
+            replicas = {n: tuple(with_azure_credentials(u, creds) for u in urls) for n, urls in cfg.replicas.items()}
+            cfg = replace(cfg, replicas=replicas)
         return cfg
 
 
@@ -404,8 +447,8 @@ def _stores(data: dict[str, Any], where: str) -> dict[str, str]:
         what = f"{where} [stores.{name}]"
         if not _NAME_OK.match(name):
             raise PolicyError(f"{what}: a store name is lower-case letters, digits, '.', '_', '-'")
-        if not isinstance(entry, dict) or set(entry) != {"url"}:
-            raise PolicyError(f'{what}: expected exactly one setting, url = "..."')
+        if not isinstance(entry, dict) or "url" not in entry or set(entry) - {"url", "replicas", "failover"}:
+            raise PolicyError(f'{what}: expected url = "..." and optionally replicas = [...] and failover = false')
         stores[name] = validate_store_url(str(entry["url"]), f"{what} url")
     if "store" in data:
         if DEFAULT_STORE_NAME in stores:
@@ -414,6 +457,48 @@ def _stores(data: dict[str, Any], where: str) -> dict[str, str]:
     elif not stores:
         stores[DEFAULT_STORE_NAME] = DEFAULT_STORE
     return stores
+
+
+def _replicas(
+    data: dict[str, Any], stores: Mapping[str, str], where: str
+) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+    """[stores.NAME] replicas = ["OTHER-NAME" or "URL", ...] and failover = true|false.
+
+    A replica is another configured store (by name: its URL, not its own replicas) or a URL checked
+    exactly like a primary's. A URL form exists so that a replica-only location (another region's
+    bucket) need not become a store that annotations may pick as their primary."""
+    table = data.get("stores", {})
+    replicas: dict[str, tuple[str, ...]] = {}
+    failover: set[str] = set()
+    for name, entry in table.items():
+        what = f"{where} [stores.{name}]"
+        listed = entry.get("replicas", [])
+        if not isinstance(listed, list) or not all(isinstance(r, str) for r in listed):
+            raise PolicyError(f"{what} replicas: expected a list of store names or URLs")
+        if len(listed) > MAX_REPLICAS:
+            raise PolicyError(f"{what} replicas: at most {MAX_REPLICAS} replicas, got {len(listed)}")
+        urls: list[str] = []
+        for r in listed:
+            if "://" in r:
+                url = validate_store_url(r, f"{what} replicas")
+            elif r in stores:
+                url = stores[r]
+            else:
+                raise PolicyError(
+                    f"{what} replicas: {r!r} is neither a URL nor a configured store ({', '.join(sorted(stores))})"
+                )
+            if url == stores[name]:
+                raise PolicyError(f"{what} replicas: {r!r} is the store itself")
+            if url in urls:
+                raise PolicyError(f"{what} replicas: {r!r} is listed twice")
+            urls.append(url)
+        if "failover" in entry and parse_bool(str(entry["failover"]), f"{what} failover"):
+            if not urls:
+                raise PolicyError(f"{what} failover: needs replicas to fail over to")
+            failover.add(name)
+        if urls:
+            replicas[name] = tuple(urls)
+    return replicas, frozenset(failover)
 
 
 def _tenancy(cfg: NodeConfig, table: object, what: str) -> NodeConfig:
@@ -467,6 +552,32 @@ def with_auth_file(url: str, auth_file: str | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}auth_file={auth_file}"
 
 
+def parse_gcs(table: object, what: str) -> tuple[tuple[str, str], ...]:
+    """The gs:// URL options for the node's GCS credentials."""
+    if isinstance(table, dict) and table == {"auth": "metadata"}:
+        return (("auth", "metadata"),)
+    if not isinstance(table, dict) or set(table) != {"hmac_key_id", "hmac_secret_file"}:
+        raise PolicyError(
+            f'{what}: expected hmac_key_id = "GOOG1..." and hmac_secret_file = "/path" (mode 0600), '
+            'or auth = "metadata" (the instance\'s service account)'
+        )
+    key_id, path = table["hmac_key_id"], table["hmac_secret_file"]
+    if not isinstance(key_id, str) or not _GCS_KEY_ID_OK.match(key_id):
+        raise PolicyError(f"{what} hmac_key_id: not a GCS HMAC access id (letters and digits)")
+    if not isinstance(path, str) or not _AUTH_FILE_OK.match(path) or ".." in path.split("/"):
+        raise PolicyError(
+            f"{what} hmac_secret_file: {path!r} must be an absolute path of letters, digits, '.', '_', '-'"
+        )
+    return (("hmac_key_id", key_id), ("hmac_secret_file", path))
+
+
+def with_gcs_auth(url: str, options: tuple[tuple[str, str], ...]) -> str:
+    """A gs:// store URL carrying the node's GCS credential options (an annotation URL may not name them)."""
+    if not options or not url.startswith("gs://"):
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{'&'.join(f'{k}={v}' for k, v in options)}"
+
+
 def parse_azure(table: object, what: str) -> str:
     if not isinstance(table, dict) or set(table) != {"credentials_file"}:
         raise PolicyError(f'{what}: expected credentials_file = "/path" (a file with an Azure connection string)')
@@ -494,6 +605,8 @@ class Protection:
     interval_s: float
     checkpoint_on_stop: bool
     keep: int
+    replicas: tuple[str, ...] = ()  # store URLs the checkpoints are copied to after each commit
+    failover: bool = False  # a restore may read the replicas while the primary store does not answer
 
 
 def expand_key_template(template: str, annotations: Mapping[str, str]) -> str:
@@ -597,6 +710,8 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
             raise PolicyError(f"{STORE}: encryption keys come from the node configuration, not annotations")
         if "auth_file" in named or re.search(r"[?&]auth_file=", value):
             raise PolicyError(f"{STORE}: registry credentials come from the node configuration, not annotations")
+        if named & {"hmac_key_id", "hmac_secret_file", "auth"} or re.search(r"[?&](hmac_|auth=)", value):
+            raise PolicyError(f"{STORE}: GCS credentials come from the node configuration, not annotations")
         if "credentials_file" in named or re.search(r"[?&]credentials_file=", value):
             raise PolicyError(f"{STORE}: Azure credentials come from the node configuration, not annotations")
         if not node.allow_store_urls:
@@ -605,10 +720,23 @@ def store_for(annotations: Mapping[str, str], node: NodeConfig) -> str:
                 f"stores ({names}); URLs need allow_store_urls = true in the node config"
             )
         url = with_key_files(validate_store_url(value, STORE), node.encryption_key_files)
-        return with_azure_credentials(with_auth_file(url, node.registry_auth_file), node.azure_credentials_file)
+        url = with_azure_credentials(with_auth_file(url, node.registry_auth_file), node.azure_credentials_file)
+        return with_gcs_auth(url, node.gcs_auth)
     if value not in node.stores:
         raise PolicyError(f"{STORE}: this node has no store named {value!r} (configured: {names})")
     return node.stores[value]
+
+
+def replicas_for(annotations: Mapping[str, str], node: NodeConfig) -> tuple[tuple[str, ...], bool]:
+    """The chosen store's replicas and failover setting. Only the node config adds replicas: an
+    annotation naming a URL (allow_store_urls) gets none, and no annotation can add one."""
+    if STORE not in annotations:
+        name = node.default_store
+    else:
+        name = annotations[STORE].strip()
+        if "://" in name:
+            return (), False
+    return tuple(node.replicas.get(name, ())), name in node.failover
 
 
 def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protection | None:
@@ -623,7 +751,16 @@ def protection_for(annotations: Mapping[str, str], node: NodeConfig) -> Protecti
     store = store_for(annotations, node)
     on_stop = parse_bool(annotations[ON_STOP], ON_STOP) if ON_STOP in annotations else node.checkpoint_on_stop
     keep = parse_keep(annotations[KEEP], KEEP) if KEEP in annotations else node.keep
-    return Protection(key=key, store=store, interval_s=interval, checkpoint_on_stop=on_stop, keep=keep)
+    replicas, failover = replicas_for(annotations, node)
+    return Protection(
+        key=key,
+        store=store,
+        interval_s=interval,
+        checkpoint_on_stop=on_stop,
+        keep=keep,
+        replicas=replicas,
+        failover=failover,
+    )
 
 
 CONFIG_ENV = "REVENANT_CONFIG"

@@ -16,6 +16,7 @@ import errno
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from shim.protect.policy import Protection
 
 from .checkpointer import CRIU_DIR
 from .image_identity import ImageIdentity, ImageLookup
+from .restore_breakdown import PrepareTimings
 from .staging import HEADROOM, owned_name, secure_root
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,18 @@ LOCAL_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ER
 
 class RestoreUnavailable(Exception):
     """The checkpoints could not be read (store outage, credentials, full or failing local disk)."""
+
+
+class _ImageMismatch(Exception):
+    """A fetched checkpoint turned out to be taken on another image than the container's."""
+
+
+def _image_mismatch(image: ImageIdentity | ImageLookup | None, metadata: dict[str, Any]) -> str | None:
+    """Why the checkpoint does not fit the container's image, or None; waits for containerd's answer."""
+    if isinstance(image, ImageLookup) and image.result() is None:
+        # containerd could not say which image this is: an outage, not a reason to restore unchecked
+        raise RestoreUnavailable("cannot ask containerd which image the container runs (see the log)")
+    return image.differs_from(metadata.get("image")) if image else None
 
 
 def _is_damage(e: BaseException) -> bool:
@@ -61,6 +75,7 @@ class RestorePlan:
     metadata: dict[str, Any]
     skipped: list[str] = field(default_factory=list)  # why newer checkpoints were not used
     unused_seqs: list[int] = field(default_factory=list)  # newer checkpoints skipped here (kept by prune)
+    timings: PrepareTimings = field(default_factory=PrepareTimings)  # where prepare's time went
 
     def discard(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -107,18 +122,25 @@ class Restorer:
         reasons: list[str] = []
         unused: list[int] = []
         skip = set(skip_seqs)
+        from shim.store.get_timing import GetTimings
+
+        timings = PrepareTimings()
+        began = time.monotonic()
         try:
-            opened = self.open_store(protection.store)
+            opened = _open_copies(self.open_store, protection)
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
             raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
+        timings.open_s = time.monotonic() - began
         with opened as store:
             if claim is not None:
                 try:
                     claim(store)
                 except Exception as e:  # e.g. the store is down: listing fails below, or the task claims later
                     log.warning("%s: cannot claim the key before restoring: %s", protection.key, e)
+            timings.claim_s = time.monotonic() - began - timings.open_s
             try:
                 candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
+                timings.list_s = time.monotonic() - began - timings.open_s - timings.claim_s
             except Exception as e:
                 if _is_damage(e):
                     raise
@@ -127,10 +149,12 @@ class Restorer:
                 if info.seq in skip:
                     continue
                 where = f"{protection.key}@{info.seq}"
-                if isinstance(image, ImageLookup) and image.result() is None:
-                    # containerd could not say which image this is: an outage, not a reason to restore unchecked
-                    raise RestoreUnavailable("cannot ask containerd which image the container runs (see the log)")
-                mismatch = image.differs_from(info.metadata.get("image")) if image else None
+                # containerd's answer about the image (asked in a child process) may still be on its way:
+                # the fetch starts without it and the image is checked once the fetch is done, before the
+                # checkpoint is used at all (layer, plan). A mismatch then costs a wasted fetch, never a
+                # wrong restore.
+                late = isinstance(image, ImageLookup) and not image.done()
+                mismatch = None if late else _image_mismatch(image, info.metadata)
                 if not mismatch and compatible is not None:
                     mismatch = compatible(info.metadata)
                 if mismatch:
@@ -138,14 +162,34 @@ class Restorer:
                     unused.append(info.seq)
                     continue
                 scratch = _scratch_for(scratch_base, info.bytes_read, where)
+                fetch = GetTimings()
+                fetch_began = time.monotonic()
+                layer_s = image_s = 0.0
                 try:
-                    store.get(protection.key, scratch, seq=info.seq, fallback=False)
+                    store.get(protection.key, scratch, seq=info.seq, fallback=False, timings=fetch)
+                    fetched = time.monotonic()
+                    if late:
+                        mismatch = _image_mismatch(image, info.metadata)
+                        image_s = time.monotonic() - fetched
+                        fetched = time.monotonic()
+                        if mismatch:
+                            raise _ImageMismatch(mismatch)
                     if not (scratch / CRIU_DIR).is_dir():
                         raise ValueError(f"checkpoint holds no {CRIU_DIR}/ directory of CRIU images")
                     if upper_dir is not None:
                         (fill or fill_upper_dir)(scratch, upper_dir)
+                    layer_s = time.monotonic() - fetched
+                except (_ImageMismatch, RestoreUnavailable) as e:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    if isinstance(e, RestoreUnavailable):
+                        raise
+                    timings.skipped_s += time.monotonic() - fetch_began - image_s
+                    reasons.append(f"{where}: {e}")
+                    unused.append(info.seq)
+                    continue
                 except Exception as e:
                     shutil.rmtree(scratch, ignore_errors=True)
+                    timings.skipped_s += time.monotonic() - fetch_began
                     if not _is_damage(e):
                         raise RestoreUnavailable(f"cannot fetch {where}: {type(e).__name__}: {e}") from None
                     detail = (
@@ -155,10 +199,22 @@ class Restorer:
                     unused.append(info.seq)
                     log.warning("checkpoint %s is not usable, trying an older one: %s", where, detail)
                     continue
+                timings.fetch_s, timings.image_s = fetched - fetch_began - image_s, image_s
+                timings.layer_s, timings.fetch = layer_s, fetch.as_dict()
+                timings.total_s = time.monotonic() - began
                 return RestorePlan(
-                    protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused
+                    protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused, timings
                 )
         return NoUsableCheckpoint(protection.key, reasons, unused)
+
+
+def _open_copies(open_store: Callable[[str], Any], protection: Protection) -> Any:
+    """The protection's store, or with replicas all its copies read as one (shim.store.replication)."""
+    if not protection.replicas:
+        return open_store(protection.store)
+    from shim.store.replication import open_copies
+
+    return open_copies(open_store, protection.store, protection.replicas, protection.failover)
 
 
 def _is_store_error(e: BaseException) -> bool:

@@ -37,6 +37,7 @@ from .errors import (
     ManifestTooNew,
     StoreError,
 )
+from .get_timing import FileSpan, GetTimings, Stopwatch
 from .growing import DEFAULT_BUDGET as DEFAULT_STREAM_BUDGET
 from .growing import GrowingTree, put_growing
 from .keys import validate_key
@@ -635,7 +636,7 @@ class Store:
     # ------------------------------------------------------------------ fencing
     @property
     def can_fence(self) -> bool:
-        """Whether the backend keeps owner epochs (file://, s3://, az://); a registry cannot."""
+        """Whether the backend keeps owner epochs (file://, s3://, az://, gs://); a registry cannot."""
         return type(self.backend).create_epoch is not Backend.create_epoch
 
     def claim(self, key: str, owner: str) -> int:
@@ -668,8 +669,16 @@ class Store:
 
     # ------------------------------------------------------------------ get
     def get(
-        self, key: str, dest_dir: Path, seq: int | None = None, fallback: bool = True, progress: Progress | None = None
+        self,
+        key: str,
+        dest_dir: Path,
+        seq: int | None = None,
+        fallback: bool = True,
+        progress: Progress | None = None,
+        timings: GetTimings | None = None,
     ) -> CheckpointInfo:
+        """Restore a checkpoint into dest_dir (absent or empty); timings, if given, learns where the time
+        went (shim.store.get_timing)."""
         committed = self._committed(key)
         if seq is not None:
             if seq not in committed:
@@ -686,7 +695,7 @@ class Store:
         for s in order:
             try:
                 m = self._load(key, committed[s])
-                self._restore(m, Path(dest_dir), progress)
+                self._restore(m, Path(dest_dir), progress, timings)
                 if errors:
                     log.warning(
                         "restored %r from OLDER checkpoint seq %d because newer ones are damaged: %s",
@@ -705,7 +714,7 @@ class Store:
             raise last
         raise StoreError(f"no usable checkpoint for {key!r}: " + "; ".join(errors)) from last
 
-    def _restore(self, m: Manifest, dest: Path, progress: Progress | None) -> None:
+    def _restore(self, m: Manifest, dest: Path, progress: Progress | None, timings: GetTimings | None = None) -> None:
         """Build the tree in a fresh 0700 sibling dir, then rename it onto dest (absent or an empty dir)."""
         _check_destination(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -714,7 +723,10 @@ class Store:
         try:
             root_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                self._materialize(m, TreeWriter(root_fd, os.geteuid() == 0), progress)
+                started = time.monotonic()
+                self._materialize(m, TreeWriter(root_fd, os.geteuid() == 0), progress, timings)
+                if timings is not None:
+                    timings.wall_s = time.monotonic() - started
             except OSError as e:
                 raise StoreError(f"restore of {m.key!r} seq {m.seq} into {dest} failed: {e}") from e
             finally:
@@ -727,7 +739,9 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _materialize(self, m: Manifest, tree: TreeWriter, progress: Progress | None) -> None:
+    def _materialize(
+        self, m: Manifest, tree: TreeWriter, progress: Progress | None, timings: GetTimings | None = None
+    ) -> None:
         """Write a validated manifest's entries below tree's root; parents always precede children."""
         files = [e for e in m.entries if e["type"] == "file"]
         counter = _Counter(sum(c[1] for e in files for c in e["chunks"]), progress)
@@ -738,19 +752,25 @@ class Store:
             off, length, digest = ref[:3]
             try:
                 if digest == ZERO:
+                    if timings is not None:
+                        timings.zero()
                     return  # a hole: ftruncate already made it read as zeros
                 if len(ref) == 5:
                     coff, clen = ref[3], ref[4]
-                    data = cache.get(digest, lambda: self._fetch_verified(digest, clen, where, m.sealed_with))
+                    data = cache.get(digest, lambda: self._fetch_verified(digest, clen, where, m.sealed_with, timings))
                     if coff + length > len(data):
                         raise ChunkCorrupt(digest, f"has {len(data)} bytes, no slice at {coff} of {length}", where)
                     view = memoryview(data)[coff : coff + length]
                 else:
-                    view = memoryview(self._fetch_verified(digest, length, where, m.sealed_with))
+                    view = memoryview(self._fetch_verified(digest, length, where, m.sealed_with, timings))
+                watch = Stopwatch(timings)
                 pos = off
                 while view:
                     n = os.pwrite(fd, view, pos)
                     view, pos = view[n:], pos + n
+                watch.lap("write_s")
+                if timings is not None:
+                    timings.wrote(length)
             finally:
                 slots.release()
                 counter.add(length)
@@ -761,7 +781,7 @@ class Store:
                     tree.mkdir(e["path"])
                 elif e["type"] == "symlink":
                     tree.symlink(e["path"], e["target"])
-            self._write_files(m, files, tree, fetch, slots)
+            self._write_files(m, files, tree, fetch, slots, timings)
             # Metadata last, deepest first, so writing children does not disturb parents' mtimes.
             for e in sorted(m.entries, key=lambda e: e["path"].count("/"), reverse=True):
                 tree.metadata(e)
@@ -775,7 +795,10 @@ class Store:
         tree: TreeWriter,
         fetch: Callable[[int, builtins.list[Any], str], None],
         slots: threading.BoundedSemaphore,
+        timings: GetTimings | None = None,
     ) -> None:
+        """Fetch the files' chunks on the worker pool, smallest files first: CRIU's small images (and the
+        writable layer) are complete before the page images, which take most of the time."""
         # Files still being written: (fd, its chunk futures). At most 32 stay open (a manifest may list
         # a million files), the oldest is finished and closed first.
         open_files: deque[tuple[int, list[Future[None]]]] = deque()
@@ -787,6 +810,8 @@ class Store:
             finally:
                 os.close(fd)
 
+        files = sorted(files, key=lambda e: e["size"])
+        self.backend.plan_reads(c[2] for e in files for c in e["chunks"] if c[2] != ZERO)
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-get") as pool:
                 for e in files:
@@ -794,10 +819,13 @@ class Store:
                     pending: list[Future[None]] = []
                     open_files.append((fd, pending))
                     os.ftruncate(fd, e["size"])
+                    span = timings.file(e["path"], e["size"]) if timings is not None else None
                     for ref in e["chunks"]:
                         slots.acquire()
                         where = f"{m.key!r} seq {m.seq}, file {e['path']} offset {ref[0]}"
                         pending.append(pool.submit(fetch, fd, ref, where))
+                        if span is not None:
+                            pending[-1].add_done_callback(functools.partial(_end_span, span))
                         if pending[0].done() and pending[0].exception():
                             pending[0].result()  # stop early on the first bad chunk
                     while len(open_files) > 32:
@@ -808,14 +836,33 @@ class Store:
             while open_files:  # after a failure: the pool has drained, nothing writes to these any more
                 os.close(open_files.popleft()[0])
 
-    def _fetch_verified(self, digest: str, length: int, where: str, key: StoreKey | None = None) -> bytes:
+    def _fetch_verified(
+        self, digest: str, length: int, where: str, key: StoreKey | None = None, timings: GetTimings | None = None
+    ) -> bytes:
         """The chunk's data, checked against its id; key: the one that sealed the manifest naming it."""
+        watch = Stopwatch(timings)
+        blob = self._get_blob(digest, where)
+        watch.lap("fetch_s")
+        data = self._open_blob(digest, length, where, key, blob, watch)
+        if timings is not None:
+            timings.fetched(len(blob))
+        return data
+
+    def _get_blob(self, digest: str, where: str) -> bytes:
+        """The chunk's stored object as it is (compressed, sealed): what a replica copies."""
         try:
-            blob = self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
+            return self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
         except (TooLarge, Damaged) as e:
             raise ChunkCorrupt(digest, str(e), where) from None
+
+    def _open_blob(
+        self, digest: str, length: int, where: str, key: StoreKey | None, blob: bytes, watch: Stopwatch | None = None
+    ) -> bytes:
+        """A stored chunk object checked against its id and opened: its data, or ChunkCorrupt. watch, if
+        given, times the open, decode and verify parts of a restore."""
+        watch = watch or Stopwatch(None)
         if len(blob) > chunk_object_limit(length, sealed=key is not None):
             raise ChunkCorrupt(digest, f"is a {len(blob)}-byte object, too large for {length} bytes of data", where)
         if key is not None:
@@ -823,13 +870,16 @@ class Store:
                 blob = key.open_chunk(digest, blob)
             except ValueError as e:
                 raise ChunkCorrupt(digest, str(e), where) from None
+            watch.lap("open_s")
         try:
             data = chunking.decode_chunk(blob, length)
         except chunking.ChunkDecodeError as e:
             raise ChunkCorrupt(digest, f"cannot be decoded: {e}", where) from e
+        watch.lap("decode_s")
         actual = key.chunk_id(data) if key is not None else blake3.blake3(data, max_threads=1).hexdigest()
         if len(data) != length or actual != digest:
             raise ChunkCorrupt(digest, "does not match its digest (damaged)", where)
+        watch.lap("verify_s")
         return data
 
     # ------------------------------------------------------------------ verify
@@ -973,6 +1023,10 @@ class Store:
 
     def _manifest_set(self) -> set[tuple[str, str]]:
         return set(self.backend.retry("list manifests", lambda: self.backend.list_manifests(None)))
+
+
+def _end_span(span: FileSpan, _done: Future[None]) -> None:
+    span.end = max(span.end, time.monotonic())
 
 
 def _refs(m: Manifest) -> Iterator[tuple[str, builtins.list[Any]]]:

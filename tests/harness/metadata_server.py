@@ -43,6 +43,8 @@ class MetadataState:
     gcp_preempted: bool = False
     gcp_etag_n: int = 1
     gcp_waiting: int = 0  # long-polls currently held open
+    gcp_token_ttl: int = 3599  # expires_in of the service-account tokens handed out
+    gcp_tokens: list[str] = field(default_factory=list)  # every access token handed out, oldest first
     # Azure
     azure_vm_name: str = "revenant-vm-0"
     azure_incarnation: int = 1
@@ -237,6 +239,14 @@ class MetadataServer:
                 flavor = {"Metadata-Flavor": "Google", "Content-Type": "application/text"}
                 if path in ("/computeMetadata/v1/", "/computeMetadata/v1"):
                     self._send(200, "instance/\nproject/\n", flavor)
+                    return
+                if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+                    # https://cloud.google.com/compute/docs/access/authenticate-workloads (the access token doc)
+                    with server.cond:
+                        st.gcp_tokens.append("ya29." + secrets.token_urlsafe(48))
+                        token, ttl = st.gcp_tokens[-1], st.gcp_token_ttl
+                    doc = {"access_token": token, "expires_in": ttl, "token_type": "Bearer"}
+                    self._send(200, json.dumps(doc), {**flavor, "Content-Type": "application/json"})
                     return
                 if path != "/computeMetadata/v1/instance/preempted":
                     self._send(404, "Not Found", flavor)

@@ -1,8 +1,9 @@
 """Real storage servers on loopback for store tests: SeaweedFS (S3), Azurite (Azure Blob) and the CNCF
 distribution registry.
 
-Fixtures: `s3_server`, `azure_server` and `oci_registry` (function scope, each test gets its own prefix or
-repository on one session-wide server). The handles have `.url`, `.stop()` and `.start()`.
+Fixtures: `s3_server`, `gs_server` (the same SeaweedFS through gs://), `azure_server` and `oci_registry`
+(function scope, each test gets its own prefix or repository on one session-wide server). The handles have
+`.url`, `.stop()` and `.start()`.
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ class Registry:
 
 
 # The fixture that serves each remote backend a test is parametrized with.
-SERVER_FIXTURES = {"s3": "s3_server", "az": "azure_server", "oci": "oci_registry"}
+SERVER_FIXTURES = {"s3": "s3_server", "gs": "gs_server", "az": "azure_server", "oci": "oci_registry"}
 
 
 @dataclass
@@ -368,6 +369,18 @@ def s3_server(_seaweed: SeaweedS3) -> Iterator[ServerHandle]:
     h = ServerHandle(f"s3://{S3_BUCKET}/t-{uuid.uuid4().hex[:12]}?endpoint={_seaweed.endpoint}", _seaweed)
     yield h
     if _seaweed.proc is None:  # a test stopped it: bring it back for the next one
+        _seaweed.start()
+
+
+@pytest.fixture
+def gs_server(_seaweed: SeaweedS3) -> Iterator[ServerHandle]:
+    """The same SeaweedFS through the gs:// backend (GCS's XML API is S3 with HMAC keys): the HMAC key is
+    SeaweedFS's S3 key, given the gs way (GS_ACCESS_KEY_ID/GS_SECRET_ACCESS_KEY)."""
+    os.environ["GS_ACCESS_KEY_ID"] = S3_ACCESS_KEY
+    os.environ["GS_SECRET_ACCESS_KEY"] = S3_SECRET_KEY
+    h = ServerHandle(f"gs://{S3_BUCKET}/t-{uuid.uuid4().hex[:12]}?endpoint={_seaweed.endpoint}", _seaweed)
+    yield h
+    if _seaweed.proc is None:
         _seaweed.start()
 
 

@@ -122,6 +122,12 @@ def test_spot_notice_moves_the_job_to_node_b(store_url: str, cluster: Cluster, m
     cluster.check_memory(job, steps_b)
     rec = registry_record(cluster.b, job.cid)
     assert rec is not None and rec["restored_from"] == final_seq, rec
+    # Where the restore's time went (shim/protect/restore_breakdown.py), recorded by the shim.
+    parts = rec["restore"]
+    assert parts["prepare_fetch_ms"] > 0 and parts["fetch"]["bytes_written"] > 0, parts
+    assert parts["fetch"]["chunks"] > 0 and parts["fetch"]["slowest_files"], parts
+    assert parts["runc_own_ms"] > 0 and parts["criu_restore_other_ms"] > 0, parts
+    assert parts["total_ms"] >= parts["prepare_fetch_ms"] + parts["criu_restore_other_ms"], parts
 
 
 def test_node_lost_without_notice_resumes_from_last_periodic(cluster: Cluster, tmp_path: Path) -> None:

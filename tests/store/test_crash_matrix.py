@@ -10,12 +10,11 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from harness.store_util import corrupt_chunk, make_tree, mutate, short_stale, tree_digest
+from harness.store_util import corrupt_chunk, gc_when_locks_stale, make_tree, mutate, tree_digest
 from shim.store import CheckpointNotFound, Fenced, StoreError, open_store
 
 KEY = "default/mypod/main"
@@ -80,6 +79,9 @@ CASES = (
     + [("file", "gc", p) for p in GC_FILE]
     + [("s3", "gc", p) for p in GC_S3]
     + [("file-loose", "gc", "store.gc.after-delete"), ("s3-loose", "gc", "store.gc.after-delete")]
+    # gs:// is the S3 code above another client: a few points through it (SeaweedFS as the server).
+    + [("gs", "put", p) for p in ("store.pack.after-upload", "store.put.before-manifest")]
+    + [("gs", "gc", "store.gc.mid-rewrite")]
     # az:// shares s3://'s object layer (ObjectBackend, packs): the same points, on Azurite.
     + [("az", "put", p) for p in PUT_S3]
     + [("az-loose", "put", p) for p in PUT_S3_LOOSE]
@@ -93,19 +95,10 @@ def store_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> s
         return f"file://{tmp_path}/store"
     if backend == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    url = request.getfixturevalue("azure_server" if backend.startswith("az") else "s3_server").url
+    fixture = {"gs": "gs_server"}.get(backend, "azure_server" if backend.startswith("az") else "s3_server")
+    url = request.getfixturevalue(fixture).url
     # 1 MiB packs: several per put, so a gc both deletes whole packs and rewrites partly dead ones.
     return url + ("&packs=0" if backend.endswith("-loose") else "&pack_mb=1")
-
-
-def gc_when_locks_stale(url: str) -> dict:
-    """gc once the killed process's lock is stale (short_stale: 1 or 2 s on the backend's clock here)."""
-    store = open_store(url, lock_stale=short_stale(url))
-    deadline = time.monotonic() + 30
-    while "skipped" in (stats := store.gc(grace_seconds=0)):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.3)
-    return stats
 
 
 @pytest.mark.parametrize(("backend", "op", "point"), CASES, ids=[f"{b}-{o}-{p}" for b, o, p in CASES])

@@ -1,5 +1,8 @@
-"""Owner epochs on real file, S3 (SeaweedFS) and Azure (Azurite) stores: after a new owner claims a key, the old owner's
-puts are refused, also a put already running; restores read everything."""
+"""Owner epochs on real file, S3 (SeaweedFS) and Azure (Azurite) stores: after a new owner claims a key, the old
+owner's puts are refused, also a put already running; restores read everything. `gs` is the same SeaweedFS through
+the gs:// backend: SeaweedFS ignores GCS's x-goog-if-generation-match, so there the backend's probe finds no
+conditional create and the one-name-per-claim scheme is what runs (the GCS header itself is exercised in
+test_gcs.py against a loopback recorder that applies it)."""
 
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ from shim.store import Fenced, StoreError, open_store
 KEY = "default/mypod/main"
 
 
-@pytest.fixture(params=["file", "s3", "s3-no-conditional", "az", "az-no-conditional"])
+@pytest.fixture(params=["file", "s3", "s3-no-conditional", "az", "az-no-conditional", "gs"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
-    return request.getfixturevalue("azure_server" if request.param.startswith("az") else "s3_server").url
+    fixture = {"gs": "gs_server"}.get(request.param, "azure_server" if request.param.startswith("az") else "s3_server")
+    return request.getfixturevalue(fixture).url
 
 
 def opened(url: str, request: pytest.FixtureRequest, **kw):
@@ -27,6 +31,8 @@ def opened(url: str, request: pytest.FixtureRequest, **kw):
     if request.node.callspec.params["url"].endswith("-no-conditional"):
         # A server without If-None-Match: one object name per claim, the contested epoch is skipped.
         store.backend._conditional = False
+    elif request.node.callspec.params["url"] == "gs":
+        assert not store.backend.conditional_writes(), "SeaweedFS now honours x-goog-if-generation-match: update"
     else:
         assert store.backend.__class__.__name__ == "LocalBackend" or store.backend.conditional_writes()
     return store

@@ -182,8 +182,10 @@ def test_the_store_stopped_and_restarted_mid_dump_spills_and_completes(s3_server
     data = page_data(random.Random(4), 96)
     tree = GrowingTree(staging, pages_tail)
     producer = Producer(tree, data, pause=0.01)
-    store = open_store(s3_server.url)
-    store.backend.retries = 10  # ride out the gateway's restart (about a second) instead of giving up
+    # 1 MiB packs: the few packs a put buffers while uploads wait must not absorb the whole dump (16 MiB packs
+    # of this 2:1 compressible data would hold ~96 MiB of it, and no backlog would ever form).
+    store = open_store(s3_server.url + "&pack_mb=1")
+    store.backend.retries = 10  # ride out the gateway's restart instead of giving up
     budget = 16 * MIB
     result: dict[str, object] = {}
 
@@ -202,7 +204,10 @@ def test_the_store_stopped_and_restarted_mid_dump_spills_and_completes(s3_server
         time.sleep(0.01)
     s3_server.stop()
     try:
-        time.sleep(1.0)  # the producer writes on while nothing can be uploaded (packs buffer ~48 MiB)
+        # The whole dump is written while nothing can be uploaded (the packs in flight buffer a few MiB of
+        # it): the backlog passes the budget however fast or slow this machine runs the producer. The uploads
+        # retry meanwhile (10 attempts: about 26 s of backoff).
+        producer.join(20)
     finally:
         s3_server.start()
     producer.join()

@@ -24,13 +24,13 @@ KEY = "default/mypod/main"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["file", "file-loose", "s3", "az"])
+@pytest.fixture(params=["file", "file-loose", "s3", "az", "gs"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/store"
     if request.param == "file-loose":
         return f"file://{tmp_path}/store?packs=0"
-    return request.getfixturevalue("azure_server" if request.param == "az" else "s3_server").url
+    return request.getfixturevalue({"az": "azure_server", "gs": "gs_server"}.get(request.param, "s3_server")).url
 
 
 def two_checkpoints_one_pruned(url: str, tmp_path: Path) -> tuple[Path, Path]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.servers import SERVER_FIXTURES, ServerHandle
-from harness.store_util import MIB, make_tree, mutate, tree_digest
+from harness.store_util import MIB, gc_when_locks_stale, make_tree, mutate, tree_digest
 from shim.store import BackendUnavailable, ChunkCorrupt, StoreError, open_store
 from shim.store.backends.base import Damaged
 from shim.store.backends.packs import (
@@ -70,15 +70,6 @@ def pack_contents(store) -> dict[str, list[tuple[str, int, int]]]:
         raw = b.get_object(name, MAX_PACK_OBJECT)
         out[name.rsplit("/", 1)[-1]] = decode_trailer(raw, len(raw), name)
     return out
-
-
-def gc_when_locks_stale(url: str) -> dict:
-    store = open_store(url, lock_stale=1)
-    deadline = time.monotonic() + 30
-    while "skipped" in (stats := store.gc(grace_seconds=0)):
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.3)
-    return stats
 
 
 def restores(store, tmp_path: Path, seq: int, tree: Path) -> None:

@@ -1,5 +1,5 @@
-"""Behaviour of the checkpoint store, every test on the file, S3 (SeaweedFS), Azure (Azurite) and OCI (registry)
-backends."""
+"""Behaviour of the checkpoint store, every test on the file, S3 (SeaweedFS), gs:// (the same SeaweedFS through
+the GCS backend), Azure (Azurite) and OCI (registry) backends."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from shim.store.backends.base import TransientError
 
 KEY = "default/mypod/main"
 # "file" packs chunks into pack files (the default); "file-loose" keeps one file per chunk (?packs=0).
-BACKENDS = ["file", "file-loose", "s3", "az", "oci"]
+BACKENDS = ["file", "file-loose", "s3", "gs", "az", "oci"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -99,7 +99,7 @@ def test_round_trip_large(target: Target, tmp_path: Path) -> None:
             f.write((b"%016d" % i) * (2 * MIB // 16))
     # Tiny thresholds so the manifest goes up as an S3 multipart upload / OCI chunked (PATCH) upload, and
     # Azure packs as staged blocks.
-    url = target.url + ("&multipart_mb=0.1" if target.url.startswith("s3") else "")
+    url = target.url + ("&multipart_mb=0.1" if target.url.startswith(("s3", "gs")) else "")
     url += "&block_mb=1" if url.startswith("az") else ""
     url += "&chunked_mb=0.05" if url.startswith("oci") else ""
     store = open_store(url)
@@ -166,7 +166,7 @@ def test_crash_mid_put(target: Target, tmp_path: Path) -> None:
     assert after.seq == infos[-1].seq + 1
 
 
-@pytest.mark.parametrize("backend", ["s3", "az", "oci"])
+@pytest.mark.parametrize("backend", ["s3", "gs", "az", "oci"])
 def test_server_down_mid_upload(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     srv = request.getfixturevalue(SERVER_FIXTURES[backend])
     v1 = make_tree(tmp_path / "v1", seed=5)

@@ -186,7 +186,7 @@ def test_bad_store_tables_are_named(tmp_path):
         _node(tmp_path, 'default_store = "nope"\n')
     with pytest.raises(PolicyError, match="both define the default store"):
         _node(tmp_path, 'store = "file:///a"\n[stores.default]\nurl = "file:///b"\n')
-    with pytest.raises(PolicyError, match=r"\[stores\.x\].*exactly one setting"):
+    with pytest.raises(PolicyError, match=r"\[stores\.x\].*expected url = .* optionally replicas"):
         _node(tmp_path, '[stores.x]\nurl = "file:///a"\nsecret = 1\n')
     with pytest.raises(PolicyError, match=r"\[stores\.x\] url"):
         _node(tmp_path, '[stores.x]\nurl = "file://relative/dir"\n')

@@ -1,4 +1,4 @@
-"""Backends chosen by URL scheme: file://, s3://, az://, oci://."""
+"""Backends chosen by URL scheme: file://, s3://, az://, gs://, oci://."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def open_backend(url: str) -> Backend:
         from .s3 import S3Backend
 
         return S3Backend(bucket=u.netloc, prefix=u.path.strip("/"), query=query, url=url)
+    if u.scheme == "gs":
+        from .gcs import GCSBackend
+
+        return GCSBackend(bucket=u.netloc, prefix=u.path.strip("/"), query=query, url=url)
     if u.scheme == "az":
         from .azure import AzureBackend
 
@@ -30,7 +34,7 @@ def open_backend(url: str) -> Backend:
         from .oci import OCIBackend
 
         return OCIBackend(host=u.netloc, repo=u.path.strip("/"), query=query, url=url)
-    raise StoreError(f"unsupported store URL {url!r} (use file://, s3://, az:// or oci://)")
+    raise StoreError(f"unsupported store URL {url!r} (use file://, s3://, az://, gs:// or oci://)")
 
 
 __all__ = ["Backend", "open_backend"]

@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -87,6 +87,9 @@ class Backend(ABC):
         """Called at the end of a gc sweep (the file backend rewrites packs here); proceed() is asked
         right before each step that removes data, and False means stop there."""
 
+    def plan_reads(self, digests: Iterable[str]) -> None:  # noqa: B027 - optional hook
+        """The chunks a restore is about to get, in its order (packed backends fetch ahead)."""
+
     def manifests_changed(self, key: str) -> None:  # noqa: B027 - optional hook
         """Called after a commit or delete for key (the OCI backend repoints its `latest` tag)."""
 
@@ -111,11 +114,15 @@ class Backend(ABC):
     # owner epochs (fencing)
     def create_epoch(self, key: str, n: int, data: bytes) -> bool:
         """Create epoch n of key only if it does not exist yet (atomically): True if this call created it."""
-        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file://, s3:// or az://)")
+        raise StoreError(
+            f"{self.url}: this backend cannot fence writers (owner epochs need file://, s3://, az:// or gs://)"
+        )
 
     def list_epochs(self, key: str) -> list[int]:
         """The epochs created for key."""
-        raise StoreError(f"{self.url}: this backend cannot fence writers (owner epochs need file://, s3:// or az://)")
+        raise StoreError(
+            f"{self.url}: this backend cannot fence writers (owner epochs need file://, s3://, az:// or gs://)"
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import secrets
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import StoreError
@@ -99,6 +99,10 @@ class ObjectBackend(Backend):
         if self.packs:
             return self.packs.get_chunk(digest)
         return self.get_object(loose_name(digest), MAX_CHUNK_OBJECT)
+
+    def plan_reads(self, digests: Iterable[str]) -> None:
+        if self.packs:
+            self.packs.plan_reads(digests)
 
     def delete_chunk(self, digest: str) -> None:
         if self.packs:

@@ -36,6 +36,7 @@ are verified against its digest by the Store.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 import secrets
@@ -43,7 +44,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -66,8 +67,9 @@ VERSION = 1
 DEFAULT_PACK_MB = 16
 REPACK_SHARE = 0.3  # rewrite a pack once this share of its bytes is dead
 TAIL_READ = 64 << 10  # first guess at a trailer's size: one ranged GET covers ~1,500 entries
-READ_WINDOW = 4 << 20  # a reader fetches packs in pieces this large (ranged GETs) ...
-CACHED_WINDOWS = 8  # ... and keeps this many: 32 MiB
+READ_WINDOW = 8 << 20  # a reader fetches packs in pieces this large (ranged GETs) ...
+CACHED_WINDOWS = 6  # ... and keeps this many: 48 MiB
+READ_AHEAD = 3  # windows of a planned read fetched ahead of the one the workers are on
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -334,47 +336,116 @@ class PackWriter:
 
 
 # ---------------------------------------------------------------------- reading
+Window = tuple[str, int]  # pack id, window number
+Span = tuple[int, int]  # [start, end) offsets in a pack
+
+
 class _Windows:
     """Ranged reads of packs in READ_WINDOW pieces, the last CACHED_WINDOWS kept.
 
     A restore asks for a pack's chunks in about the order they were written, from several threads: one
     GET per window instead of one per chunk (a ranged GET per 64 KiB chunk made SeaweedFS reads slower
-    than one object per chunk). Threads asking for a window being fetched wait for that one GET."""
+    than one object per chunk). Threads asking for a window being fetched wait for that one GET.
+
+    Without a plan every worker waits for the same window, so the GETs never overlap. A reader that
+    knows its order (plan()) has the next READ_AHEAD windows it will need fetched in the background
+    while the workers decode the current one: each planned window once, and only the span of it that
+    planned chunks cover (a restore of an incremental checkpoint reads a few chunks of many packs)."""
 
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, int], Future[bytes]] = OrderedDict()
+        self._cache: OrderedDict[Window, Future[tuple[int, bytes]]] = OrderedDict()
+        self._next: dict[Window, Window] = {}  # planned order: window -> the one needed after it
+        self._spans: dict[Window, Span] = {}  # planned window -> the part of it planned chunks need
+        self._fetched: set[Window] = set()  # planned windows fetched (or being fetched) already
+        self._reached: set[Window] = set()  # planned windows a reader asked for: read-ahead started
+        self._pending: set[Window] = set()  # fetched ahead, not asked for yet (at most READ_AHEAD)
+        self._sizes: dict[str, int] = {}
+        self._ahead: ThreadPoolExecutor | None = None
 
     def clear(self) -> None:
         with self._lock:
             self._cache.clear()
 
+    def plan(self, windows: list[Window], spans: dict[Window, Span], sizes: dict[str, int]) -> None:
+        """The windows a reader is about to ask for, in its order, with the span of each it needs
+        (replaces an earlier plan); sizes: pack -> size."""
+        with self._lock:
+            self._next = dict(itertools.pairwise(windows))
+            self._spans = spans
+            self._fetched, self._reached, self._pending = set(), set(), set()
+            self._sizes = sizes
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True)
+
+    def _claim(self, key: Window) -> tuple[Future[tuple[int, bytes]], bool]:
+        """The window's future, and whether the caller must fetch it (caller holds _lock)."""
+        fut = self._cache.get(key)
+        if fut is not None:
+            self._cache.move_to_end(key)
+            return fut, False
+        fut = self._cache[key] = Future()
+        while len(self._cache) > CACHED_WINDOWS:
+            self._cache.popitem(last=False)
+        return fut, True
+
+    def _fill(self, key: Window, fut: Future[tuple[int, bytes]], pack_size: int) -> None:
+        pack, w = key
+        start = w * READ_WINDOW
+        lo, hi = self._spans.get(key) or (start, min(start + READ_WINDOW, pack_size))
+        try:
+            fut.set_result((lo, self.objects.get_range(pack_name(pack), lo, hi - lo)))
+        except BaseException as e:
+            fut.set_exception(e)
+            with self._lock:
+                if self._cache.get(key) is fut:
+                    del self._cache[key]
+
+    def _read_ahead(self, key: Window) -> list[tuple[Window, Future[tuple[int, bytes]], int]]:
+        """Claim planned windows after `key` not fetched yet, so that at most READ_AHEAD wait unread:
+        more could push windows out of the cache before anyone read them (caller holds _lock)."""
+        ahead = []
+        nxt: Window | None = key
+        for _ in range(2 * READ_AHEAD):
+            nxt = self._next.get(nxt) if nxt is not None else None
+            if nxt is None or len(self._pending) >= READ_AHEAD:
+                break
+            size = self._sizes.get(nxt[0], 0)
+            if nxt in self._fetched or nxt in self._cache or size <= nxt[1] * READ_WINDOW:
+                continue
+            self._fetched.add(nxt)
+            self._pending.add(nxt)
+            ahead.append((nxt, self._claim(nxt)[0], size))
+        return ahead
+
     def read(self, pack: str, pack_size: int, offset: int, length: int) -> bytes:
         w = offset // READ_WINDOW
-        start = w * READ_WINDOW
         if (offset + length - 1) // READ_WINDOW != w or offset + length > pack_size:
             return self.objects.get_range(pack_name(pack), offset, length)  # straddles, or size unknown
         key = (pack, w)
+        ahead: list[tuple[Window, Future[tuple[int, bytes]], int]] = []
         with self._lock:
-            fut = self._cache.get(key)
-            owner = fut is None
-            if fut is None:
-                fut = self._cache[key] = Future()
-                while len(self._cache) > CACHED_WINDOWS:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(key)
+            fut, owner = self._claim(key)
+            if owner:
+                self._fetched.add(key)
+            if key in self._spans and key not in self._reached:
+                self._reached.add(key)
+                self._pending.discard(key)
+                ahead = self._read_ahead(key)
+                if ahead and self._ahead is None:
+                    self._ahead = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="revenant-readahead")
+        for nkey, nfut, size in ahead:
+            assert self._ahead is not None
+            self._ahead.submit(self._fill, nkey, nfut, size)
         if owner:
-            try:
-                fut.set_result(self.objects.get_range(pack_name(pack), start, min(READ_WINDOW, pack_size - start)))
-            except BaseException as e:
-                fut.set_exception(e)
-                with self._lock:
-                    if self._cache.get(key) is fut:
-                        del self._cache[key]
-        data = fut.result()
-        return data[offset - start : offset - start + length]
+            self._fill(key, fut, pack_size)
+        lo, data = fut.result()
+        if offset < lo or offset + length > lo + len(data):  # a chunk the plan did not name
+            return self.objects.get_range(pack_name(pack), offset, length)
+        return data[offset - lo : offset - lo + length]
 
 
 # ---------------------------------------------------------------------- the chunk layer
@@ -526,7 +597,8 @@ class PackStore:
             loc = self._index.get(digest)
             if loc is not None:
                 try:
-                    return self._windows.read(loc.pack, self._packs.get(loc.pack, (0, 0.0))[0], loc.offset, loc.length)
+                    size = self._packs.get(loc.pack, (0, 0.0))[0]
+                    return self._windows.read(loc.pack, size, loc.offset, loc.length)
                 except NotFound:
                     pass  # rewritten by a gc since the index was read
             else:
@@ -537,6 +609,29 @@ class PackStore:
             if attempt == 0:
                 self._refresh(seen)
         raise NotFound(f"chunk {digest} not found")
+
+    def plan_reads(self, digests: Iterable[str]) -> None:
+        """The chunks a restore will ask for, in its order: their windows are fetched ahead."""
+        self._ensure()
+        windows: list[Window] = []
+        spans: dict[Window, Span] = {}
+        with self._lock:
+            for d in digests:
+                loc = self._index.get(d)
+                if loc is None:
+                    continue
+                first, end = loc.offset, loc.offset + loc.length
+                w = (loc.pack, first // READ_WINDOW)
+                if (end - 1) // READ_WINDOW != w[1]:
+                    continue  # straddles two windows: read on its own
+                span = spans.get(w)
+                if span is None:
+                    windows.append(w)
+                    spans[w] = (first, end)
+                else:
+                    spans[w] = (min(span[0], first), max(span[1], end))
+            sizes = {p: size for p, (size, _mtime) in self._packs.items()}
+        self._windows.plan(windows, spans, sizes)
 
     def delete_chunk(self, digest: str) -> None:
         if digest in self._loose:
@@ -578,6 +673,7 @@ class PackStore:
 
     def close(self) -> None:
         self.writer.close()
+        self._windows.close()
 
     # ------------------------------------------------------------------ gc
     def finish_gc(self, grace_seconds: float, proceed: Callable[[], bool]) -> None:

@@ -139,15 +139,19 @@ class S3Backend(ObjectBackend):
             s3={"addressing_style": "path"},
             max_pool_connections=32,
         )
-        self.s3 = boto3.session.Session().client(
-            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"), config=cfg
-        )
+        self.s3 = self._make_client(query, cfg)
         self._conditional: bool | None = None  # server honours If-None-Match (probed on first claim)
         _install_redaction()  # after the client exists: its modules' loggers are registered by then
         self.transfer = TransferConfig(
             multipart_threshold=self.multipart, multipart_chunksize=self.multipart, max_concurrency=4
         )
         self.packs = PackStore(self, pack_mb(query)) if packs_enabled(query) else None
+
+    def _make_client(self, query: dict[str, str], cfg: Config) -> Any:
+        """The botocore S3 client; a backend for another S3-compatible service (gcs.py) overrides it."""
+        return boto3.session.Session().client(
+            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region", "us-east-1"), config=cfg
+        )
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
