@@ -69,8 +69,9 @@ package: venv
 demo: setup
 	PYTHONPATH=tests $(PY) -m harness.demo
 
-# Podman is only the protection benchmark's peer and matplotlib only draws the economics plot, so both
-# are installed here rather than by install-deps / `make venv`.
+# Podman is only the protection and sweep benchmarks' peer, so it is installed here rather than by
+# install-deps; matplotlib draws the economics and sweep plots (the sweep's plot test needs it too, so
+# the dev extra has it as well).
 bench: setup
 	@command -v podman >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman
 	$(PY) -m pip install -q -e '.[dev,bench]'

@@ -22,6 +22,9 @@ BENCHMARKS = {
     "store": ["store_bench.py", "--size", "512"],
     "checkpoint": ["checkpoint_bench.py"],
     "protect": ["protect_bench.py"],
+    # 0.125 + 0.25 GiB: tables on stdout, plots + JSON in a temporary directory (RESULTS.md has the
+    # recorded run's, made with --out-dir bench)
+    "sweep": ["sweep_bench.py"],
     "pod": ["pod_bench.py", "--runs", "10", "--pods", "4"],
     "docker": ["docker_bench.py", "--runs", "20"],
     "economics": ["economics.py"],

@@ -71,7 +71,10 @@ def _stop(proc: subprocess.Popen | None) -> None:
 class SeaweedS3:
     """`weed server` with master, volume, filer and S3 on free loopback ports."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, volume_max: int = 50) -> None:
+        # volume_max x 64 MB volumes is the server's capacity: 50 holds 3.2 GB, enough for tests; a
+        # benchmark that stores more passes a larger count.
+        self.volume_max = volume_max
         weed = Path(sys.executable).parent / "weed"
         if not weed.exists():
             weed = Path(shutil.which("weed") or "")
@@ -127,7 +130,7 @@ class SeaweedS3:
                 "-master.telemetry=false",
                 f"-volume.port={p['volume']}",
                 f"-volume.port.grpc={p['volume_grpc']}",
-                "-volume.max=50",
+                f"-volume.max={self.volume_max}",
                 "-filer",
                 f"-filer.port={p['filer']}",
                 f"-filer.port.grpc={p['filer_grpc']}",
