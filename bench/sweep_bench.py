@@ -160,6 +160,13 @@ class Sweep:
         entry["revenant"], entry["runc"] = ({}, {}) if "local" in self.args.skip else self._revenant_and_runc(mib)
         if "s3" not in self.args.skip:
             entry["revenant"].update(self._notice_s3(mib))
+            if self.args.stream_budget_mib:  # the same path with the streaming dump, same run
+                self.a.write_revenant_config(extra=f"stream_budget_mib = {self.args.stream_budget_mib}")
+                try:
+                    streamed = self._notice_s3(mib)  # the job's shim reads the config at Create
+                finally:
+                    self.a.write_revenant_config()
+                entry["revenant"].update({f"{k}_stream": v for k, v in streamed.items()})
         if "podman" not in self.args.skip:
             entry["podman"] = self._podman(mib)
         entry["load_after"] = load_average()
@@ -483,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         choices=("local", "restore", "s3", "podman", "incremental", "run"),
         help="local = the file:// store and runc side (freeze, local commit, restore); restore = just the restores",
+    )
+    ap.add_argument(
+        "--stream-budget-mib",
+        type=int,
+        default=0,
+        help="also run the S3 notice path with this stream_budget_mib (streaming dump), after the staged one",
     )
     ap.add_argument(
         "--notice-s",
