@@ -163,7 +163,7 @@ class Sweep:
             if self.args.stream_budget_mib:  # the same path with the streaming dump, same run
                 self.a.write_revenant_config(extra=f"stream_budget_mib = {self.args.stream_budget_mib}")
                 try:
-                    streamed = self._notice_s3(mib)  # the job's shim reads the config at Create
+                    streamed = self._notice_s3(mib, tag="-stream")  # the job's shim reads the config at Create
                 finally:
                     self.a.write_revenant_config()
                 entry["revenant"].update({f"{k}_stream": v for k, v in streamed.items()})
@@ -284,7 +284,7 @@ class Sweep:
             return {"restore_error": (disk / "restore.out").read_text(errors="replace")[-300:]}
         return {"restore_s": total, "untar_s": untar}
 
-    def _notice_s3(self, mib: int) -> dict[str, Any]:
+    def _notice_s3(self, mib: int, tag: str = "") -> dict[str, Any]:
         from harness.memjob import wait_for_step
         from harness.metadata_server import MetadataServer
         from harness.protect import AgentProcess, Job, job_log, run_job
@@ -295,7 +295,7 @@ class Sweep:
         store = f"s3://{S3_BUCKET}/sweep-{os.getpid()}?endpoint={s3.endpoint}"
         job = Job(f"s3j{mib}", f"bench/sweep-s3-{mib}/main", store, mib=mib, interval="off")
         metadata = MetadataServer(("aws",)).start()
-        agent = AgentProcess(self.a.revenant_run_dir, metadata.url, self.work / f"agent-{mib}.log")
+        agent = AgentProcess(self.a.revenant_run_dir, metadata.url, self.work / f"agent-{mib}{tag}.log")
         try:
             s3.start()
             run_job(self.a, self.refs["a"], job, command=memjob(mib, 9))
