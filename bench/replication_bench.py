@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.store_bench import make_dump, mutate, timed  # noqa: E402
+from bench.store_bench import make_dump, mutate, seaweed_volumes, timed  # noqa: E402
 from shim.store import open_store  # noqa: E402
 from shim.store.replication import Replicator  # noqa: E402
 
@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="revenant-repl-bench-", dir=args.work))
     dump = work / "dump"
     make_dump(dump, args.size)
-    mb = sum(p.stat().st_size for p in dump.iterdir()) / 1e6
+    dump_bytes = sum(p.stat().st_size for p in dump.iterdir())
+    mb = dump_bytes / 1e6
     (work / "s3").mkdir()
-    s3 = SeaweedS3(work / "s3")
+    # The primary takes a full put and an incremental one (at most another full one) per replica kind.
+    s3 = SeaweedS3(work / "s3", volume_max=seaweed_volumes(dump_bytes, puts=2 * len(args.replicas.split(","))))
     s3.start()
     registry = azurite = None
     rows: list[tuple[str, str, str]] = []
