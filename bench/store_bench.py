@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         t_untar, _ = timed(
             lambda: sh(f"mkdir {work}/untar && zstd -d -c -q {work}/base.tar.zst | tar -C {work}/untar -xf -")
         )
+        # Each copy of a 4 GiB dump is 4 GiB of the VM's shared disk: keep at most two (the dump, and one
+        # restored tree) at any time.
+        shutil.rmtree(work / "untar")
+        (work / "base.tar.zst").unlink()
         t_get, _ = timed(lambda: store.get("bench/job/main", work / "restored"))
         rows.append(
             (
@@ -191,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         shutil.rmtree(work / "restored")
-        shutil.rmtree(work / "untar")
         store.close()
+        shutil.rmtree(work / "store")
 
         remote: dict[str, tuple[float, float]] = {}
         for backend in [b for b in args.backends.split(",") if b in ("s3", "gs", "az", "oci")]:
@@ -347,6 +351,7 @@ def _remote(
             srv.shutdown()
         else:
             srv.stop()
+        shutil.rmtree(root)  # its stored copy of the dump: the next backend's server needs the disk
 
 
 def _gs_vs_s3(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> list[tuple[str, str, str, str]]:
