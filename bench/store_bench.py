@@ -87,6 +87,17 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
+def seaweed_volumes(dump_bytes: int, puts: int = 1) -> int:
+    """SeaweedFS volumes (64 MiB each: the harness's -master.volumeSizeLimitMB) for `puts` full puts of a
+    dump into one server: the harness default (50, 3.2 GB) is too small from a 2 GiB dump on. A put stores
+    at most the dump's size (less once compressed); 8 spare volumes for SeaweedFS growing several at once."""
+    return max(50, -(-puts * dump_bytes // (64 * MIB)) + 8)
+
+
+def _tree_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir())
+
+
 def sh(cmd: str) -> None:
     subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True)
 
@@ -170,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         t_untar, _ = timed(
             lambda: sh(f"mkdir {work}/untar && zstd -d -c -q {work}/base.tar.zst | tar -C {work}/untar -xf -")
         )
+        # Each copy of a 4 GiB dump is 4 GiB of the VM's shared disk: keep at most two (the dump, and one
+        # restored tree) at any time.
+        shutil.rmtree(work / "untar")
+        (work / "base.tar.zst").unlink()
         t_get, _ = timed(lambda: store.get("bench/job/main", work / "restored"))
         rows.append(
             (
@@ -180,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         shutil.rmtree(work / "restored")
-        shutil.rmtree(work / "untar")
         store.close()
+        shutil.rmtree(work / "store")
 
         remote: dict[str, tuple[float, float]] = {}
         for backend in [b for b in args.backends.split(",") if b in ("s3", "gs", "az", "oci")]:
@@ -306,7 +321,7 @@ def _remote(
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
         os.environ.setdefault("GS_ACCESS_KEY_ID", S3_ACCESS_KEY)
         os.environ.setdefault("GS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
-        srv = SeaweedS3(root)
+        srv = SeaweedS3(root, volume_max=seaweed_volumes(_tree_bytes(dump)))
         srv.start()
         url = f"{backend}://revenant-test/bench?endpoint={srv.endpoint}"
     elif backend == "az":
@@ -336,6 +351,7 @@ def _remote(
             srv.shutdown()
         else:
             srv.stop()
+        shutil.rmtree(root)  # its stored copy of the dump: the next backend's server needs the disk
 
 
 def _gs_vs_s3(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> list[tuple[str, str, str, str]]:
@@ -350,10 +366,10 @@ def _gs_vs_s3(work: Path, dump: Path, mb: float, opts: dict, rounds: int) -> lis
     best: dict[tuple[str, str], float] = {}
     cpu: dict[tuple[str, str], float] = {}
     for r in range(rounds):
-        # A SeaweedFS per round (the harness's holds 50 x 64 MiB volumes: about three 551 MB stores).
+        # A SeaweedFS per round, with room for the two puts (s3:// and gs://) of the dump.
         root = work / f"srv-gs-vs-s3-{r}"
         root.mkdir()
-        srv = SeaweedS3(root)
+        srv = SeaweedS3(root, volume_max=seaweed_volumes(_tree_bytes(dump), puts=2))
         srv.start()
         try:
             for scheme in ("s3", "gs") if r % 2 == 0 else ("gs", "s3"):
@@ -395,7 +411,8 @@ def _s3_layouts(
     root.mkdir()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY)
-    srv = SeaweedS3(root)
+    # Room for every put below: each layout at 1 and 2 workers, into a fresh prefix.
+    srv = SeaweedS3(root, volume_max=seaweed_volumes(_tree_bytes(dump), puts=2 * len(which.split(","))))
     srv.start()
     rows = []
     try:

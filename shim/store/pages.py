@@ -40,7 +40,8 @@ ZERO_PAGE_HASH = blake3.blake3(bytes(PAGE)).digest(PAGE_HASH_LEN)
 def page_hashes(buf: bytes | memoryview) -> bytes:
     """The 16-byte BLAKE3 of each 4 KiB page of buf (the last one may be shorter), concatenated."""
     view = memoryview(buf)
-    return b"".join(blake3.blake3(view[i : i + PAGE]).digest(PAGE_HASH_LEN) for i in range(0, len(view), PAGE))
+    h = blake3.blake3  # blake3 keeps the GIL for 4 KiB inputs: this loop is single-core whatever we do
+    return b"".join([h(view[i : i + PAGE]).digest(PAGE_HASH_LEN) for i in range(0, len(view), PAGE)])
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,19 @@ class PageIndex:
         self._available = available
         self._last = (-1, 0)
         pos = 0
+        spans: list[tuple[int, int, int]] = []  # (table offset, full pages, file index)
         for fi, e in enumerate(parent.page_files()):
             refs = e["chunks"]
             self._files.append(([r[0] for r in refs], refs, e["size"]))
             full = e["size"] // PAGE
-            for pi in range(full):
-                self._where.setdefault(table[pos : pos + PAGE_HASH_LEN], fi << 32 | pi)
-                pos += PAGE_HASH_LEN
-            pos += (page_count(e["size"]) - full) * PAGE_HASH_LEN
+            spans.append((pos, full, fi))
+            pos += page_count(e["size"]) * PAGE_HASH_LEN
         if pos != len(table):
             raise ValueError(f"page table of {len(table)} bytes for {pos} bytes of hashes")
+        # The first page with a given hash wins: filled last to first, so earlier pages overwrite later.
+        for start, full, fi in reversed(spans):
+            hashes = [table[p : p + PAGE_HASH_LEN] for p in range(start, start + full * PAGE_HASH_LEN, PAGE_HASH_LEN)]
+            self._where.update(zip(reversed(hashes), range((fi << 32) + full - 1, (fi << 32) - 1, -1), strict=True))
 
     def __len__(self) -> int:
         return len(self._where)
@@ -135,27 +139,53 @@ class PagePlanner:
             hashes = page_hashes(buf)
             self._hashes.append(hashes)
             view = memoryview(buf)
-            for i in range(0, len(buf), PAGE):
-                n = min(PAGE, len(buf) - i)
-                h = hashes[i // PAGE * PAGE_HASH_LEN : (i // PAGE + 1) * PAGE_HASH_LEN]
-                if n < PAGE:  # a short last page: its own chunk
-                    self._run(runs, "tail", off + i, n, self.submit(bytes(view[i:])), 0, 0)
-                    self.new_bytes += n
-                elif h == ZERO_PAGE_HASH and view[i : i + PAGE] == ZERO_PAGE:
-                    self._run(runs, "zero", off + i, n, None, 0, 0)
-                    self.zero_bytes += n
-                else:
-                    loc = self.index.find(h) if self.index is not None else None
-                    if loc is not None:
-                        self._run(runs, "slice", off + i, n, loc.digest, loc.offset, loc.chunk_len)
-                        self.found_bytes += n
-                    else:
-                        self._run(runs, "new", off + i, n, None, self._stream_pos + len(self._stream), 0)
-                        self._stream += view[i : i + PAGE]
-                        self.new_bytes += n
+            full = len(buf) // PAGE
+            # Python work per run of pages, not per page: zero pages are found by their hash (confirmed
+            # by a compare), the pages between them are looked up or queued as one run of new pages.
+            start = 0
+            for z0, z1 in _zero_runs(hashes, view, full):
+                if z0 > start:
+                    self._add_pages(runs, view, hashes, off, start, z0)
+                self._run(runs, "zero", off + z0 * PAGE, (z1 - z0) * PAGE, None, 0, 0)
+                self.zero_bytes += (z1 - z0) * PAGE
+                start = z1
+            if full > start:
+                self._add_pages(runs, view, hashes, off, start, full)
+            if full * PAGE < len(buf):  # a short last page: its own chunk
+                n = len(buf) - full * PAGE
+                self._run(runs, "tail", off + full * PAGE, n, self.submit(bytes(view[full * PAGE :])), 0, 0)
+                self.new_bytes += n
             off += len(buf)
             if len(self._stream) >= WINDOW:
                 self._cut(final=False)
+
+    def _add_pages(self, runs: list[list[Any]], view: memoryview, hashes: bytes, off: int, a: int, b: int) -> None:
+        """Pages a..b-1 of the window at file offset off, none of them zero: slices where the parent
+        has them, new pages otherwise (consecutive new pages join the stream as one run)."""
+        if self.index is None:
+            self._add_new(runs, view, off, a, b)
+            return
+        find = self.index.find
+        new_from = -1
+        for i in range(a, b):
+            loc = find(hashes[i * PAGE_HASH_LEN : (i + 1) * PAGE_HASH_LEN])
+            if loc is None:
+                if new_from < 0:
+                    new_from = i
+                continue
+            if new_from >= 0:
+                self._add_new(runs, view, off, new_from, i)
+                new_from = -1
+            self._run(runs, "slice", off + i * PAGE, PAGE, loc.digest, loc.offset, loc.chunk_len)
+            self.found_bytes += PAGE
+        if new_from >= 0:
+            self._add_new(runs, view, off, new_from, b)
+
+    def _add_new(self, runs: list[list[Any]], view: memoryview, off: int, a: int, b: int) -> None:
+        n = (b - a) * PAGE
+        self._run(runs, "new", off + a * PAGE, n, None, self._stream_pos + len(self._stream), 0)
+        self._stream += view[a * PAGE : b * PAGE]
+        self.new_bytes += n
 
     @staticmethod
     def _run(runs: list[list[Any]], kind: str, off: int, n: int, a: Any, b: int, c: int) -> None:
@@ -217,6 +247,27 @@ class PagePlanner:
 
     def table(self) -> bytes:
         return b"".join(self._hashes)
+
+
+def _zero_runs(hashes: bytes, view: memoryview, full: int) -> Iterator[tuple[int, int]]:
+    """[first, end) page indices of the runs of zero pages among the first `full` pages of view: found by
+    searching the hashes (C speed) for the zero page's, each confirmed against the data."""
+    pos = hashes.find(ZERO_PAGE_HASH)
+    start = end = -1
+    while 0 <= pos < full * PAGE_HASH_LEN:
+        if pos % PAGE_HASH_LEN:  # a match straddling two hashes
+            pos = hashes.find(ZERO_PAGE_HASH, pos + 1)
+            continue
+        i = pos // PAGE_HASH_LEN
+        if view[i * PAGE : (i + 1) * PAGE] == ZERO_PAGE:
+            if i != end:
+                if end > start:
+                    yield start, end
+                start = i
+            end = i + 1
+        pos = hashes.find(ZERO_PAGE_HASH, pos + PAGE_HASH_LEN)
+    if end > start:
+        yield start, end
 
 
 def _ref(off: int, n: int, digest: str, coff: int, clen: int) -> list[Any]:

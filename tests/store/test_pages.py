@@ -13,6 +13,7 @@ from harness.store_util import frame_manifest, manifest_doc, newest_name, tree_d
 from shim.store import ChunkCorrupt, ManifestCorrupt, open_store
 from shim.store import model as store_model
 from shim.store.model import FORMAT, FORMAT_V2, Manifest, validate_manifest_doc
+from shim.store.pages import ZERO_PAGE_HASH, _zero_runs, page_hashes
 
 KEY = "default/mypod/main"
 PAGE = 4096
@@ -337,3 +338,15 @@ def test_parent_sealed_with_another_key_is_not_used(tmp_path: Path) -> None:
     rotated.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(b)
     assert rotated.verify() == []
+
+
+def test_zero_runs_only_aligned_confirmed_zero_pages() -> None:
+    data = b"".join(bytes(4096) if z else bytes([i + 1]) * 4096 for i, z in enumerate([1, 0, 1, 1, 0, 1]))
+    assert list(_zero_runs(page_hashes(data), memoryview(data), 6)) == [(0, 1), (2, 4), (5, 6)]
+    # A zero page's hash straddling two hashes, and one claimed for a page that is not zero: neither counts.
+    data = bytes([7]) * 4096 * 3
+    forged = b"\x01" * 8 + ZERO_PAGE_HASH + b"\x01" * 8 + ZERO_PAGE_HASH
+    assert list(_zero_runs(forged, memoryview(data), 3)) == []
+    # Only the first `full` pages: a short last page is never a zero page here.
+    data = bytes(4096 * 2 + 100)
+    assert list(_zero_runs(page_hashes(data), memoryview(data), 2)) == [(0, 2)]

@@ -1,0 +1,199 @@
+"""Where a local put's CPU goes, A/B between two source trees, side by side with tar | zstd -1 -T0.
+
+    sudo .venv/bin/python -m bench.put_cpu_bench [--mib 1024] [--base /work/main] [--rounds 2] [--profile]
+
+A memjob of --mib MiB is dumped once with `criu dump --leave-running` and staged as the checkpointer
+stages it (CRIU images under criu/). Then, alternating, each of --base (the tree before a change) and this
+tree puts it into a fresh file:// store with page_images (the checkpointer's setting), each in its own
+interpreter (so each imports its own shim): wall time and that process's CPU seconds (user + sys). Both
+trees' manifests must list the same file references (same chunks, same digests). Also measured: the
+baseline `tar -c | zstd -1 -T0` and the floor: one core's BLAKE3 + zstd -1 over every 64 KiB chunk of the
+dump (the CPU a put must spend; Podman's export spends the zstd part only). --profile adds a cProfile
+of this tree's put (top functions by own time). Prints markdown; exit 0 (it is a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness.images import build_memjob  # noqa: E402
+from harness.memjob import read_steps  # noqa: E402
+
+# Run in a fresh interpreter with the tree under test first on sys.path; prints one JSON line.
+CHILD = r"""
+import cProfile, io, json, pstats, resource, sys, time
+from pathlib import Path
+root, src, store_dir, prof = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+sys.path.insert(0, root)
+import shim
+assert shim.__file__.startswith(root), shim.__file__
+from shim.protect.checkpointer import PAGE_IMAGES
+from shim.store import open_store
+st = open_store("file://" + store_dir)
+p = cProfile.Profile() if prof else None
+r0 = resource.getrusage(resource.RUSAGE_SELF)
+t0 = time.perf_counter()
+if p: p.enable()
+info = st.put("bench/putcpu", src, page_images=PAGE_IMAGES)
+if p: p.disable()
+wall = time.perf_counter() - t0
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+m = st._load("bench/putcpu", st._committed("bench/putcpu")[info.seq])
+files = {e["path"]: e.get("chunks") for e in m.entries if e["type"] == "file"}
+files["page table"] = m.page_table
+out = {"wall": wall, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime, "files": files}
+if p:
+    s = io.StringIO()
+    pstats.Stats(p, stream=s).sort_stats("tottime").print_stats(14)
+    out["profile"] = s.getvalue()
+print(json.dumps(out))
+"""
+
+
+def dump(pid: int, out: Path) -> None:
+    out.mkdir(parents=True)
+    subprocess.run(
+        ["criu", "dump", "-t", str(pid), "-D", str(out), "--leave-running", "-o", "dump.log", "-v1"],
+        check=True,
+        timeout=600,
+    )
+    (out / "dump.log").unlink()
+
+
+def make_dump(work: Path, mib: int) -> Path:
+    memjob = build_memjob(work)
+    log = work / "memjob.log"
+    job = subprocess.Popen(
+        [str(memjob), "--mib", str(mib), "--mutate", "0.05", "--seed", "7", "--interval-ms", "4000", "--log", str(log)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        end = time.monotonic() + 300
+        while not read_steps(log):
+            if time.monotonic() > end:
+                raise TimeoutError("memjob did not start")
+            time.sleep(0.05)
+        dump(job.pid, work / "img")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    src = work / "src"
+    shutil.copytree(work / "img", src / "criu")
+    return src
+
+
+def put(root: Path, src: Path, work: Path, profile: bool) -> dict:
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), str(src), str(store), "1" if profile else "0"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    shutil.rmtree(store)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def tar_zstd(src: Path, work: Path) -> tuple[float, float]:
+    out = work / "baseline.tar.zst"
+    r0 = os.times()
+    t0 = time.perf_counter()
+    subprocess.run(f"tar -C {src} -c . | zstd -q -1 -T0 -o {out}", shell=True, check=True)
+    wall = time.perf_counter() - t0
+    r1 = os.times()
+    out.unlink()
+    return wall, (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+
+
+def floor(src: Path) -> tuple[float, float, int]:
+    """One core's CPU seconds for BLAKE3 and for zstd -1 over every 64 KiB of the dump, and its bytes."""
+    import blake3
+    import zstandard
+
+    comp = zstandard.ZstdCompressor(level=1)
+    h = z = 0.0
+    total = 0
+    for f in sorted(src.rglob("*")):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        total += len(data)
+        view = memoryview(data)
+        t0 = time.thread_time()
+        for i in range(0, len(view), 65536):
+            blake3.blake3(view[i : i + 65536], max_threads=1).digest()
+        t1 = time.thread_time()
+        for i in range(0, len(view), 65536):
+            comp.compress(view[i : i + 65536])
+        z += time.thread_time() - t1
+        h += t1 - t0
+    return h, z, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--base", type=Path, default=Path("/work/main"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--keep", type=Path, help="reuse/keep the staged dump in this directory")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="rv-putcpu-", dir="/var/tmp"))
+    try:
+        if args.keep and (args.keep / "src").is_dir():
+            src = args.keep / "src"
+        else:
+            src = make_dump(args.keep or work, args.mib)
+        size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+        print(f"\ndump {size / 1e6:.1f} MB, load average {os.getloadavg()[0]:.1f}\n")
+        rows: dict[str, list[dict]] = {"base": [], "this": []}
+        base_files = this_files = None
+        for _ in range(args.rounds):
+            for name, root in (("base", args.base), ("this", ROOT)):
+                r = put(root, src, work, False)
+                rows[name].append(r)
+                if name == "base":
+                    base_files = r["files"]
+                else:
+                    this_files = r["files"]
+        tw, tc = tar_zstd(src, work)
+        print("| put (file://, page_images) | wall s (each round) | CPU s user+sys (each round) |")
+        print("|---|---|---|")
+        for name in ("base", "this"):
+            walls = " / ".join(f"{r['wall']:.2f}" for r in rows[name])
+            cpus = " / ".join(f"{r['user'] + r['sys']:.2f}" for r in rows[name])
+            print(f"| {name} | {walls} | {cpus} |")
+        print(f"| tar \\| zstd -1 -T0 | {tw:.2f} | {tc:.2f} |")
+        print(f"\nsame manifest references: {base_files == this_files}")
+        h, z, total = floor(src)
+        gib = total / (1 << 30)
+        print(
+            f"floor, one core: BLAKE3 {h:.2f} s + zstd -1 {z:.2f} s over {total / 1e6:.1f} MB"
+            f" = {(h + z) / gib:.2f} CPU s/GiB; on 2 cores >= {(h + z) / 2:.2f} s wall"
+        )
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+        if args.profile:
+            print("\n```\n" + put(ROOT, src, work, True)["profile"] + "```")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
