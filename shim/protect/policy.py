@@ -11,7 +11,6 @@ the node allows it), and a Kubernetes pod's key stays under its namespace.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from shim.errors import InvalidArgument
+from shim.hosts import is_loopback
 
 KEY = "revenant.io/checkpoint-key"
 INTERVAL = "revenant.io/checkpoint-interval"
@@ -208,7 +208,7 @@ def validate_store_url(url: str, what: str) -> str:
             ep = urlsplit(opt["endpoint"])
             if ep.scheme not in ("http", "https") or not ep.hostname or ep.path not in ("", "/") or ep.query:
                 raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT]")
-            if scheme == "gs" and ep.scheme == "http" and not _loopback(ep.hostname):
+            if scheme == "gs" and ep.scheme == "http" and not is_loopback(ep.hostname):
                 raise PolicyError(f"{what}: {url!r}: a gs endpoint is https (plain http only to a loopback address)")
         if "hmac_key_id" in opt and not _GCS_KEY_ID_OK.match(opt["hmac_key_id"]):
             raise PolicyError(f"{what}: {url!r}: hmac_key_id is not a GCS HMAC access id")
@@ -252,7 +252,7 @@ def _check_az(account: str, path: str, opt: dict[str, str], url: str, what: str)
         host = ep.hostname or ""
         if ep.scheme not in ("http", "https") or not host or ep.path.strip("/") not in ("", account) or ep.query:
             raise PolicyError(f"{what}: {url!r}: endpoint must be http(s)://HOST[:PORT][/{account}]")
-        if ep.scheme == "http" and not _loopback(host):
+        if ep.scheme == "http" and not is_loopback(host):
             raise PolicyError(f"{what}: {url!r}: plain http is allowed only to a loopback endpoint")
     if "block_mb" in opt and not (opt["block_mb"].isdigit() and 1 <= int(opt["block_mb"]) <= _AZ_MAX_BLOCK_MB):
         raise PolicyError(
@@ -262,15 +262,6 @@ def _check_az(account: str, path: str, opt: dict[str, str], url: str, what: str)
         raise PolicyError(f"{what}: {url!r}: packs={opt['packs']!r} is not true or false")
     if "pack_mb" in opt and not (opt["pack_mb"].isdigit() and 1 <= int(opt["pack_mb"]) <= _MAX_PACK_MB):
         raise PolicyError(f"{what}: {url!r}: pack_mb={opt['pack_mb']!r} is not a whole number 1 .. {_MAX_PACK_MB}")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

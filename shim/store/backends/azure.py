@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import logging
 import os
 import re
@@ -30,6 +29,8 @@ from urllib.parse import urlsplit
 from azure.core import exceptions as aex
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential
 from azure.storage.blob import BlobServiceClient, LinearRetry
+
+from shim.hosts import is_loopback
 
 from ..errors import StoreError
 from .base import Damaged, NotFound, TooLarge, TransientError
@@ -93,15 +94,6 @@ def _install_redaction() -> None:
         lg = logging.getLogger(name)
         if _REDACTOR not in lg.filters:
             lg.addFilter(_REDACTOR)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_endpoint(endpoint: str, account: str, what: str) -> str:

@@ -47,6 +47,8 @@ import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 
+from shim.hosts import is_loopback
+
 from ..errors import StoreError
 from .base import TransientError
 from .s3 import S3Backend
@@ -111,18 +113,9 @@ def check_endpoint(endpoint: str) -> str:
         raise StoreError(f"gs endpoint {endpoint!r}: expected https://HOST[:PORT]")
     if "@" in ep.netloc:
         raise StoreError(f"gs endpoint {endpoint!r}: no user@ part (credentials stay out of URLs)")
-    if ep.scheme == "http" and not _loopback(host):
+    if ep.scheme == "http" and not is_loopback(host):
         raise StoreError(f"gs endpoint {endpoint!r}: plain http only to a loopback address; use https")
     return endpoint.rstrip("/")
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_secret_file(path: Path) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import urllib3
 
 from shim import errors
+from shim.hosts import is_loopback
 
 from ..errors import StoreError
 from .base import TransientError
@@ -181,15 +181,6 @@ def credentials_for(host: str, auth_file: str | None) -> Credentials | None:
         if doc.get("credsStore") or doc.get("credHelpers"):
             log.info("registry credentials file %s names credential helpers: revenant does not run them", path)
     return None
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
