@@ -36,6 +36,7 @@ from ..errors import StoreError
 from .base import Damaged, NotFound, TooLarge, TransientError
 from .objects import Listed, ObjectBackend
 from .packs import PackStore, pack_mb, packs_enabled
+from .redact import RedactSecrets, install
 
 log = logging.getLogger(__name__)
 
@@ -71,29 +72,12 @@ _URL_LOGGERS = (
 )
 
 
-class RedactAzureSecrets(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # a record that cannot render is left to the handler to report
-            return True
-        redacted = msg
-        for pattern in _REDACT:
-            redacted = pattern.sub(r"\1<redacted>", redacted)
-        if redacted != msg:
-            record.msg, record.args = redacted, None
-        return True
-
-
-_REDACTOR = RedactAzureSecrets()
+_REDACTOR = RedactSecrets(_REDACT)
 
 
 def _install_redaction() -> None:
     names = set(_URL_LOGGERS) | {n for n in logging.root.manager.loggerDict if n.startswith("azure")}
-    for name in names:
-        lg = logging.getLogger(name)
-        if _REDACTOR not in lg.filters:
-            lg.addFilter(_REDACTOR)
+    install(_REDACTOR, names)
 
 
 def check_endpoint(endpoint: str, account: str, what: str) -> str:

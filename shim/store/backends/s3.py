@@ -27,6 +27,7 @@ from ..errors import StoreError
 from .base import Damaged, NotFound, TooLarge, TransientError
 from .objects import Listed, ObjectBackend
 from .packs import PackStore, pack_mb, packs_enabled
+from .redact import RedactSecrets, install
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +57,8 @@ _REDACT = (
 )
 
 
-class RedactSecrets(logging.Filter):
-    """botocore's debug log prints request headers (the Authorization signature, session tokens) and the
-    signing steps: the values are replaced before any handler sees them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            msg = record.getMessage()
-        except Exception:  # a record that cannot render is left to the handler to report
-            return True
-        redacted = msg
-        for pattern in _REDACT:
-            redacted = pattern.sub(r"\1<redacted>", redacted)
-        if redacted != msg:
-            record.msg, record.args = redacted, None
-        return True
-
-
-_REDACTOR = RedactSecrets()
+# botocore's debug log prints request headers (the Authorization signature, session tokens) and the signing steps.
+_REDACTOR = RedactSecrets(_REDACT)
 # Loggers that print headers, signatures or the strings signed (botocore logs through module loggers;
 # a filter on "botocore" alone would not see their records).
 _NOISY_LOGGERS = (
@@ -98,10 +83,7 @@ def _install_redaction() -> None:
     names = set(_NOISY_LOGGERS) | {
         n for n in logging.root.manager.loggerDict if n.startswith(("botocore", "boto3", "s3transfer"))
     }
-    for name in names:
-        lg = logging.getLogger(name)
-        if _REDACTOR not in lg.filters:
-            lg.addFilter(_REDACTOR)
+    install(_REDACTOR, names)
 
 
 def _classify(e: Exception, what: str) -> Exception:
