@@ -59,6 +59,29 @@ def _measure(label: str, fn, server_pids: list[int], profile: int) -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(profile)
 
 
+def _shim_log(work: Path) -> None:
+    """The shim's logging under containerd's debug level: every record of every logger (boto3's included)
+    formatted and written to a FIFO that another process (containerd, here cat) reads."""
+    import subprocess
+
+    from shim.daemon import shimlog
+
+    fifo = work / "log"
+    os.mkfifo(fifo)
+    subprocess.Popen(["sh", "-c", f"cat {fifo} > {work / 'shim.log'}"])
+    fd = shimlog.open_log_fifo(str(fifo))
+    assert fd is not None
+    shimlog.setup(fd, True, {"namespace": "bench", "id": "s3prof"})
+
+
+def _log_lines(work: Path) -> None:
+    log = work / "shim.log"
+    if log.exists():
+        with open(log, "rb") as f:
+            lines = sum(1 for _ in f)
+        print(f"shim log: {lines} lines, {log.stat().st_size / 1e6:.1f} MB", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1024, help="MiB of the synthetic dump")
@@ -67,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local", action="store_true", help="also put into a file:// store first")
     ap.add_argument("--profile", type=int, default=0, help="print the top N of a cProfile of the S3 put")
     ap.add_argument("--volume-mb", type=int, default=64, help="SeaweedFS volumeSizeLimitMB")
+    ap.add_argument(
+        "--page-images", action="store_true", help="put as the shim does: criu/pages-*.img deduplicated page by page"
+    )
+    ap.add_argument(
+        "--shim-log",
+        action="store_true",
+        help="log as a shim started with -debug does: root at DEBUG into a FIFO (shim.daemon.shimlog) drained by cat",
+    )
     ap.add_argument("--query", default="", help="appended to the s3:// URL, e.g. '&workers=4'")
     a = ap.parse_args(argv)
 
@@ -87,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 (dump / "inventory.img").write_bytes(b"")
             else:
                 make_dump(dump, a.size)
+        if a.shim_log:
+            _shim_log(work)
+        pages = ("criu/pages-*.img",) if a.page_images else ()
         total = sum(p.stat().st_size for p in dump.rglob("*") if p.is_file())
         print(f"dump {total / 2**20:.0f} MiB", flush=True)
         if a.local:
             store = open_store(f"file://{work}/store")
-            _measure("file:// put", lambda: store.put("bench/job/main", dump), [], 0)
+            _measure("file:// put", lambda: store.put("bench/job/main", dump, page_images=pages), [], 0)
             store.close()
             shutil.rmtree(work / "store")
         root = work / "srv"
@@ -120,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pids = [srv.cluster.pid, srv.proc.pid]
             store = open_store(f"s3://revenant-test/prof?endpoint={srv.endpoint}{a.query}")
-            _measure("s3:// put", lambda: store.put("bench/job/main", dump), pids, a.profile)
+            _measure("s3:// put", lambda: store.put("bench/job/main", dump, page_images=pages), pids, a.profile)
             store.close()
             vols = len(list((root / "data").rglob("*.dat")))
             print(f"SeaweedFS volumes: {vols} .dat files", flush=True)
+            _log_lines(work)
         finally:
             srv.shutdown()
     finally:
