@@ -62,6 +62,14 @@ def open_log_fifo(path: str) -> int | None:
         return None
 
 
+# The storage clients' own loggers log every request, header and signing step at DEBUG: under containerd's
+# `-debug` that was ~18 lines per 64 KiB of a put (37k lines for 2 GiB), and their records serialised the upload
+# threads on the handler (bench/RESULTS.md, "The in-shim gap at 2 GiB, profiled"). They stay at INFO unless
+# REVENANT_DEBUG_STORE_CLIENTS=1 asks for them too.
+STORE_CLIENT_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "azure", "google")
+DEBUG_STORE_CLIENTS_ENV = "REVENANT_DEBUG_STORE_CLIENTS"
+
+
 def setup(fd: int, debug: bool, fields: dict[str, str]) -> None:
     logging.raiseExceptions = False
     handler = FdHandler(fd)
@@ -69,6 +77,9 @@ def setup(fd: int, debug: bool, fields: dict[str, str]) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    clients = logging.DEBUG if debug and os.environ.get(DEBUG_STORE_CLIENTS_ENV) == "1" else logging.INFO
+    for name in STORE_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(clients)
 
 
 def retarget_stderr(bundle: str) -> None:
