@@ -392,8 +392,8 @@ class Sweep:
         return out
 
     # -- the interrupted run ---------------------------------------------------------------------
-    def interruptions(self, mib: int, steps: int, max_k: int, interval_ms: int) -> dict[str, Any]:
-        """Runs with 0..max_k moves side by side (one thread each, same load for all)."""
+    def interruptions(self, mib: int, steps: int, ks: list[int], interval_ms: int) -> dict[str, Any]:
+        """Runs with k moves for each k in `ks`, side by side (one thread each, same load for all)."""
         from harness.memjob import assert_continuous
 
         results: dict[int, dict[str, Any]] = {}
@@ -411,7 +411,7 @@ class Sweep:
             say(f"interrupted run k={k}: {results[k]}")
 
         # Daemon threads: an interrupted sweep tears its nodes down without waiting for the runs.
-        threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in range(max_k + 1)]
+        threads = [threading.Thread(target=one, args=(k,), daemon=True) for k in ks]
         for t in threads:
             t.start()
         for t in threads:
@@ -472,6 +472,13 @@ def _sizes(text: str) -> list[float]:
     return out
 
 
+def _counts(text: str) -> list[int]:
+    out = sorted({int(part) for part in text.split(",") if part})
+    if not out or out[0] < 0 or out[-1] > 64:
+        raise argparse.ArgumentTypeError(f"move counts {text!r}: expected 0..64, comma-separated")
+    return out
+
+
 def write_outputs(data: dict[str, Any], out_dir: Path) -> None:
     print(sweep_report.tables(data))
     written = sweep_report.plot(data, out_dir)
@@ -511,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-steps", type=int, default=300, help="steps of the interrupted run")
     ap.add_argument("--run-interval-ms", type=int, default=100, help="the interrupted run's pause per step")
     ap.add_argument("--max-interruptions", type=int, default=4)
+    ap.add_argument(
+        "--run-ks",
+        type=_counts,
+        default=None,
+        help="only these move counts side by side, e.g. 0,4 (default 0..--max-interruptions); fewer runs, less load",
+    )
     ap.add_argument("--json", type=Path, default=None, help="results file (default OUT_DIR/sweep.json)")
     ap.add_argument("--out-dir", type=Path, default=None, help="plots and JSON (default: a temporary directory)")
     ap.add_argument("--plot-only", type=Path, nargs="+", metavar="FILE", help="redraw from saved JSON, run nothing")
@@ -575,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
                         lambda: data.__setitem__(
                             "interruptions",
                             sweep.interruptions(
-                                args.run_mib, args.run_steps, args.max_interruptions, args.run_interval_ms
+                                args.run_mib,
+                                args.run_steps,
+                                args.run_ks if args.run_ks is not None else list(range(args.max_interruptions + 1)),
+                                args.run_interval_ms,
                             ),
                         ),
                     )
