@@ -12,6 +12,7 @@ are linked into the bundle the shim removes containerd's copy (`remove_container
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -151,6 +152,8 @@ class RuncCheckpointBackend:
             shutil.rmtree(target, ignore_errors=True)
             link_or_copy_tree(source, target)
             container.checkpoint = str(target)
+            if container.restore_plan is not None:  # Start restores from the plan's directory: the bundle's
+                container.restore_plan = dataclasses.replace(container.restore_plan, checkpoint_dir=str(target))
             remove_containerd_unpack_dir(source)
         restore = RestoreOptions(
             checkpoint=CheckpointOptions(terminal=request.terminal), no_pivot=container.options.no_pivot_root
