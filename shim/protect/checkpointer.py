@@ -169,7 +169,7 @@ class Checkpointer:
                         page_patterns=streamed_page_images(expected),
                     ) as put:
                         # CRIU's dirty page cache bounded by the kernel to the budget (shim.runc.memcg).
-                        cgroup = DumpCgroup.create(c.id, budget + DUMP_CGROUP_SLACK)
+                        cgroup = DumpCgroup.create(budget + DUMP_CGROUP_SLACK)
                         put.frozen(True)
                         try:
                             freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(

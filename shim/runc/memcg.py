@@ -59,13 +59,14 @@ class DumpCgroup:
         self.report: DumpCgroupReport | None = None
 
     @classmethod
-    def create(cls, name: str, limit_bytes: int, root: Path = ROOT) -> DumpCgroup | None:
-        """A child of this process's memory cgroup limited to limit_bytes, or None where none can be made."""
+    def create(cls, limit_bytes: int, root: Path = ROOT) -> DumpCgroup | None:
+        """A child of this process's memory cgroup limited to limit_bytes, or None where none can be made.
+        Its name is random (nothing from outside goes into the path)."""
         try:
             parent, v2 = _own_memory_cgroup(root)
             if v2:
                 _delegate_memory(parent)
-            path = parent / f"revenant-dump-{name}-{secrets.token_hex(4)}"
+            path = parent / f"revenant-dump-{secrets.token_hex(8)}"
             path.mkdir()
         except OSError as e:
             _warn_once(f"cannot make a memory cgroup for dumps, CRIU's page cache is not bounded: {e}")

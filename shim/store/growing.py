@@ -4,8 +4,11 @@ The input is a `GrowingTree`: a directory a producer (a CRIU dump in progress) i
 that the producer only appends to (CRIU's pages-*.img, named by `tail`) are consumed while they grow:
 read in windows from the last cut, chunked exactly as a put of the finished file would chunk them (a
 FastCDC cut found before a window's end does not depend on later data; the window's last, provisional
-chunk is re-read with the next window), hashed, compressed and uploaded. Every other file is read once
-the producer says the tree is complete, and every file's final size is taken from that moment.
+chunk is re-read with the next window), hashed, compressed and uploaded. With `page_images`, those of
+them that are memory page images go through the put's page planner instead (shim.store.pages), fed
+windows of whole pages as they grow: the same page-by-page dedup against the parent, and the same
+manifest, as a put of the finished tree. Every other file is read once the producer says the tree is
+complete, and every file's final size is taken from that moment.
 
 Memory stays bounded whatever the dump's size:
 - in flight: at most `max_inflight` chunks plus the read windows they point into;
@@ -19,7 +22,7 @@ Memory stays bounded whatever the dump's size:
   beyond half the budget ahead of the consumer and drops it from the cache (posix_fadvise DONTNEED)
   as it becomes clean, to be read again from disk when the consumer gets there. The dirty pages the
   producer writes faster than the disk takes them are the kernel's to throttle (vm.dirty_*, or the
-  memory cgroup's limit): that part is not bounded by the budget.
+  memory cgroup's limit: shim.runc.memcg runs the streamed dump's CRIU in one of the budget's size).
 
 While the producer runs with the job frozen (`set_frozen`) the workers take only idle CPU as long as
 the backlog is within half the budget, so the put does not lengthen the freeze while memory allows.

@@ -16,7 +16,7 @@ MIB = 1 << 20
 
 
 def test_a_writer_in_the_dump_cgroup_is_held_to_its_limit(tmp_path: Path) -> None:
-    cg = DumpCgroup.create("test", 64 * MIB)
+    cg = DumpCgroup.create(64 * MIB)
     assert cg is not None, "no memory cgroup on this machine"
     path = cg.path
     # A child of the wrapped command reports its cgroup, then the command writes 4x the limit to disk.
@@ -39,7 +39,7 @@ def test_without_a_memory_controller_the_dump_runs_unbounded(
 ) -> None:
     monkeypatch.setattr(memcg, "_warned", type(memcg._warned)())
     # A cgroup root without any memory controller mounted (an empty directory stands in for one).
-    assert DumpCgroup.create("test", 64 * MIB, root=tmp_path) is None
-    assert DumpCgroup.create("test", 64 * MIB, root=tmp_path) is None
+    assert DumpCgroup.create(64 * MIB, root=tmp_path) is None
+    assert DumpCgroup.create(64 * MIB, root=tmp_path) is None
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "memory cgroup" in r.getMessage()]
     assert len(warnings) == 1, warnings  # said once, not at every dump
