@@ -1,11 +1,12 @@
 """Taking one protected checkpoint: freeze, dump, capture the writable layer, thaw, then upload.
 
 The task is frozen only while CRIU dumps its memory and the writable layer is captured (both must
-describe the same instant). By default the whole dump is staged first (tmpfs, disk when it does not
-fit) and uploaded after the task resumed, its page images deduplicated page by page. With
-`stream_budget_mib` > 0 the dump streams (shim.protect.streaming): CRIU writes into on-disk scratch
-while a put consumes its page images, so hashing, compression and upload overlap the dump and the
-shim holds about the budget of it; its page images are deduplicated page by page as well. The manifest is
+describe the same instant). With `stream_budget_mib` > 0 (the default) the dump streams
+(shim.protect.streaming): CRIU, in a memory cgroup of the budget's size (shim.runc.memcg), writes
+into on-disk scratch while a put consumes its page images, so hashing, compression and upload overlap
+the dump and the shim holds about the budget of it; its page images are deduplicated page by page.
+With 0 the whole dump is staged first (tmpfs, disk when it does not fit) and uploaded after the task
+resumed, page images deduplicated the same way. The manifest is
 committed last, so a checkpoint interrupted anywhere stays invisible and the previous one stays the
 latest.
 
@@ -353,9 +354,11 @@ def _progress_logger(c: ProtectedContainer) -> Callable[[int, int], None]:
     last = [0.0]
 
     def report(done: int, total: int) -> None:
+        """total 0: not known yet (a streamed put, while the dump runs); its first call (0, 0) says the
+        upload started, later ones are logged every 2 s like a staged put's."""
         meter.update(done, total)
         now = time.monotonic()
-        if now - last[0] >= 2.0 or done == total:
+        if now - last[0] >= 2.0 or (total > 0 and done == total) or (done, total) == (0, 0):
             last[0] = now
             snap = meter.snapshot()
             log.info(

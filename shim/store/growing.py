@@ -521,6 +521,8 @@ def _consume(
 ) -> int:
     """Tail the append-only files until the producer is done (or failed); returns the bytes cut meanwhile."""
     streamed = 0
+    if progress:
+        progress(0, 0)  # the upload starts with the dump
     while True:
         done, error = tree.state()
         if error is not None:
@@ -536,7 +538,7 @@ def _consume(
             t.reap(sink, wait=False)
         streamed += cut
         if progress and cut:
-            progress(sink.stats["bytes_read"], sink.stats["bytes_read"])
+            progress(sink.stats["bytes_read"], 0)  # the total is not known while the tree grows
         if not cut:
             tree.wait(POLL_S)
 

@@ -63,8 +63,10 @@ def streamed_put(store, src: Path, staging: Path):
     tree = GrowingTree(staging, is_page_image)
     producer = Producer(tree, src)
     producer.start()
-    info = store.put_growing(KEY, tree, budget=16 * MIB, page_images=PATTERNS)
-    producer.join()
+    try:
+        info = store.put_growing(KEY, tree, budget=16 * MIB, page_images=PATTERNS)
+    finally:
+        producer.join()
     return info, producer
 
 
@@ -156,3 +158,20 @@ def test_without_page_images_a_streamed_put_stays_fastcdc_only(tmp_path: Path) -
         producer.join()
     assert info.bytes_uploaded > 1.2 * changed * PAGE
     assert store._load(KEY, store._committed(KEY)[2]).page_table is None
+
+
+def test_page_images_outgrowing_one_page_table_fail_the_put_and_commit_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed put cannot fall back to FastCDC once it planned pages (the checkpointer streams page by
+    page only where the job's size leaves room): beyond the bound it fails, and nothing is committed."""
+    from shim.store import growing
+    from shim.store.errors import StoreError
+
+    a = tmp_path / "a"
+    make_dump(a)
+    monkeypatch.setattr(growing, "MAX_PAGE_TABLE_BYTES", 1000 * 16)  # 1000 pages; the dump has 4104
+    store = open_store(f"file://{tmp_path}/store")
+    with pytest.raises(StoreError, match="page table"):
+        streamed_put(store, a, tmp_path / "staging")
+    assert store.list(KEY) == []
