@@ -53,6 +53,7 @@ from harness.protect import (  # noqa: E402
     job_log,
     registry_record,
     run_job,
+    store_checkpoints,
     task_status,
     wait_stopped,
 )
@@ -235,12 +236,20 @@ def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str,
                 res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
                 meter.halt.set()
                 meter.join()
+                memcg = res["dump_memcg"] = dump_memcg(store, job.key)
                 results[mode].append((meter, res))
                 fr = res.get("freeze") or {}
                 say(
                     f"memory {i + 1}/{repeat} {mode}: peak {mib_s(meter.peak)} (rss {mib_s(meter.peak_rss)}, "
                     f"tmpfs {mib_s(meter.peak_tmpfs)}, dirty {mib_s(meter.peak_dirty)}), "
-                    f"frozen {res['freeze_s']:.2f} s "
+                    f"uploaded {mib_s(res.get('bytes_uploaded', 0))} of {mib_s(res.get('bytes_read', 0))}, "
+                    + (
+                        f"dump cgroup peak {mib_s(memcg['peak_bytes'])} of {mib_s(memcg['limit_bytes'])} "
+                        f"({memcg['oom_kills']} OOM kills), "
+                        if memcg
+                        else ""
+                    )
+                    + f"frozen {res['freeze_s']:.2f} s "
                     f"(memdrain {fr.get('criu_memdrain_ms', 0):.0f} ms, "
                     f"memwrite {fr.get('criu_memwrite_ms', 0):.0f} ms), "
                     f"committed {res['total_s']:.2f} s"
@@ -248,6 +257,9 @@ def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str,
         for mode, runs in results.items():
             peak = statistics.median(m.peak for m, _ in runs)
             pairs = " ".join(f"{r['freeze_s']:.2f}/{r['total_s']:.2f}" for _, r in runs)
+            uploads = " ".join(f"{r.get('bytes_uploaded', 0) / max(1, r.get('bytes_read', 1)):.1%}" for _, r in runs)
+            cgroups = [r["dump_memcg"] for _, r in runs]
+            cg_peaks = " ".join(mib_s(c["peak_bytes"]) for c in cgroups if c)
             row(
                 f"peak extra memory of a checkpoint ({mib} MiB job), {mode}"
                 + (f" (budget {budget_mib} MiB)" if mode == "streamed" else " (/dev/shm)"),
@@ -260,7 +272,9 @@ def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str,
                 f"disk {mib_s(statistics.median(m.peak_disk for m, _ in runs))}; "
                 f"frozen {statistics.median(r['freeze_s'] for _, r in runs):.2f} s, "
                 f"committed in {statistics.median(r['total_s'] for _, r in runs):.2f} s "
-                f"(frozen/committed s per run: {pairs})",
+                f"(frozen/committed s per run: {pairs}); uploaded/read per run (the first full, then "
+                f"incremental): {uploads}"
+                + (f"; dump cgroup peaks {cg_peaks} of {mib_s(cgroups[0]['limit_bytes'])}" if cg_peaks else ""),
             )
     finally:
         for job in jobs.values():
@@ -268,6 +282,12 @@ def bench_checkpoint_memory(a: ContainerdNode, image: str, mib: int, store: str,
             wait_until(lambda job=job: task_status(a, job.cid) != "RUNNING", 60, "job stopped")
             a.ctr("task", "rm", "-f", job.cid, check=False, input="")
             a.ctr("containers", "rm", job.cid, check=False, input="")
+
+
+def dump_memcg(store: str, key: str) -> dict[str, int] | None:
+    """The newest checkpoint's dump memory cgroup report (shim.runc.memcg), if it streamed under one."""
+    infos = store_checkpoints(store, key)
+    return max(infos, key=lambda i: i.seq).metadata.get("dump_memcg") if infos else None
 
 
 def runc_root(node: ContainerdNode) -> Path:

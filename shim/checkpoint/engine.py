@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -97,13 +98,21 @@ class CheckpointEngine:
         image_dir: Path,
         options: CheckpointOptions,
         keep_log_in: Path | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> CheckpointResult:
-        """Dump the container into `image_dir`; serialized per container."""
+        """Dump the container into `image_dir`; serialized per container. wrap: the command line that runs
+        `runc checkpoint`'s instead (e.g. inside a memory cgroup, shim.runc.memcg)."""
         with self._lock(container_id):
-            return self._checkpoint(runc, container_id, image_dir, options, keep_log_in)
+            return self._checkpoint(runc, container_id, image_dir, options, keep_log_in, wrap)
 
     def _checkpoint(
-        self, runc: Runc, container_id: str, image_dir: Path, options: CheckpointOptions, keep_log_in: Path | None
+        self,
+        runc: Runc,
+        container_id: str,
+        image_dir: Path,
+        options: CheckpointOptions,
+        keep_log_in: Path | None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> CheckpointResult:
         image_dir.mkdir(parents=True, exist_ok=True)
         work = options.work_path or image_dir.parent / f".{image_dir.name}.work"
@@ -121,7 +130,10 @@ class CheckpointEngine:
         dump_start = time.monotonic()
         error: RuncError | None = None
         try:
-            runc.checkpoint(container_id, args)
+            if wrap is None:
+                runc.checkpoint(container_id, args)
+            else:
+                runc.checkpoint(container_id, args, wrap=wrap)
         except RuncError as e:
             error = e
         finally:

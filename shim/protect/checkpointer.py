@@ -1,11 +1,12 @@
 """Taking one protected checkpoint: freeze, dump, capture the writable layer, thaw, then upload.
 
 The task is frozen only while CRIU dumps its memory and the writable layer is captured (both must
-describe the same instant). By default the whole dump is staged first (tmpfs, disk when it does not
-fit) and uploaded after the task resumed, its page images deduplicated page by page. With
-`stream_budget_mib` > 0 the dump streams (shim.protect.streaming): CRIU writes into on-disk scratch
-while a put consumes its page images, so hashing, compression and upload overlap the dump and the
-shim holds about the budget of it (FastCDC dedup only, not yet page by page). The manifest is
+describe the same instant). With `stream_budget_mib` > 0 (the default) the dump streams
+(shim.protect.streaming): CRIU, in a memory cgroup of the budget's size (shim.runc.memcg), writes
+into on-disk scratch while a put consumes its page images, so hashing, compression and upload overlap
+the dump and the shim holds about the budget of it; its page images are deduplicated page by page.
+With 0 the whole dump is staged first (tmpfs, disk when it does not fit) and uploaded after the task
+resumed, page images deduplicated the same way. The manifest is
 committed last, so a checkpoint interrupted anywhere stays invisible and the previous one stays the
 latest.
 
@@ -35,6 +36,10 @@ from shim.checkpoint import CheckpointEngine, CheckpointOptions
 from shim.progress import Meter, format_duration, format_rate
 from shim.protect.policy import NodeConfig, Protection
 from shim.runc.driver import Runc, RuncError
+from shim.runc.memcg import DumpCgroup
+from shim.store.limits import MAX_PAGE_TABLE_BYTES
+from shim.store.model import PAGE as PAGE_SIZE
+from shim.store.model import PAGE_HASH_LEN
 
 from .freeze import format_breakdown, freeze_breakdown
 from .image_identity import ImageIdentity, ImageLookup
@@ -47,6 +52,19 @@ CRIU_DIR = "criu"  # CRIU images inside a checkpoint; the writable layer sits be
 # CRIU's memory page images: the store dedups them page by page against the previous checkpoint.
 PAGE_IMAGES = (f"{CRIU_DIR}/pages-*.img",)
 FORMAT = "revenant.container-checkpoint.v1"
+# A streamed dump's memory cgroup holds the budget (CRIU's page cache) plus runc's and CRIU's own memory
+# (RSS, pipe buffers, kernel objects): measured in tests/protect/test_stream.py and bench/RESULTS.md.
+DUMP_CGROUP_SLACK = 128 << 20
+
+
+def streamed_page_images(expected_bytes: int) -> tuple[str, ...]:
+    """The page images a streamed dump dedups page by page: all of them, unless the job is so large that
+    its page table could outgrow one table's bound (a streamed put cannot fall back to FastCDC midway,
+    a staged one can); half the bound leaves room for a job that grows during the dump."""
+    if expected_bytes // PAGE_SIZE * PAGE_HASH_LEN > MAX_PAGE_TABLE_BYTES // 2:
+        log.warning("a job of %d MiB: its streamed dump is deduplicated by FastCDC only", expected_bytes >> 20)
+        return ()
+    return PAGE_IMAGES
 
 
 @dataclass
@@ -135,22 +153,36 @@ class Checkpointer:
         # it; without a pause hook it falls back to CRIU stopping the task at the dump.
         hold = exit and c.pause is not None and c.resume is not None
         held = False
+        memcg: dict[str, int] | None = None
         try:
             with self.open_store(c.protection.store) as store:
                 if streaming:
                     epoch = claim_key(c, store)
                     budget = self.node.stream_budget_mib << 20
                     with StreamedPut(
-                        store, c.protection.key, staging, CRIU_DIR, budget, _progress_logger(c), epoch
+                        store,
+                        c.protection.key,
+                        staging,
+                        CRIU_DIR,
+                        budget,
+                        _progress_logger(c),
+                        epoch,
+                        page_patterns=streamed_page_images(expected),
                     ) as put:
+                        # CRIU's dirty page cache bounded by the kernel to the budget (shim.runc.memcg).
+                        cgroup = DumpCgroup.create(budget + DUMP_CGROUP_SLACK)
                         put.frozen(True)
                         try:
                             freeze_s, dump, layer, held, breakdown = self._freeze_and_dump(
-                                c, staging, exit=exit, hold=hold
+                                c, staging, exit=exit, hold=hold, wrap=cgroup.wrap if cgroup else None
                             )
                         finally:
                             put.frozen(False)
+                            memcg = cgroup.close().as_dict() if cgroup else None
                         metadata = self._metadata(c, reason, exit, freeze_s, dump, layer, breakdown)
+                        if memcg is not None:
+                            metadata["dump_memcg"] = memcg
+                            log.info("dump of %s/%s in its memory cgroup: %s", c.namespace, c.id, memcg)
                         upload_start = time.monotonic()
                         info = put.finish(metadata)
                 else:
@@ -184,6 +216,7 @@ class Checkpointer:
             "freeze": breakdown,
             "upload_s": round(upload_s, 6),  # streamed: only what was left after the thaw
             "streamed": streaming,
+            "dump_memcg": memcg,
             "pruned": pruned,
             "chunks_total": info.chunks_total,
             "chunks_new": info.chunks_new,
@@ -240,7 +273,13 @@ class Checkpointer:
         return metadata
 
     def _freeze_and_dump(
-        self, c: ProtectedContainer, staging: Path, *, exit: bool, hold: bool
+        self,
+        c: ProtectedContainer,
+        staging: Path,
+        *,
+        exit: bool,
+        hold: bool,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> tuple[float, Any, Any, bool, dict[str, float]]:
         """Pause, dump, capture the layer, resume: the only span in which the job does not run.
 
@@ -259,7 +298,8 @@ class Checkpointer:
         paused = c.pause() if c.pause is not None else False
         pause_s = time.monotonic() - frozen_at
         try:
-            dump = self.engine.checkpoint(c.runc, c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle)
+            kw = {"wrap": wrap} if wrap is not None else {}
+            dump = self.engine.checkpoint(c.runc, c.id, staging / CRIU_DIR, options, keep_log_in=c.bundle, **kw)
             gone = options.exit  # after an exit dump the task no longer exists: nothing to resume
             layer = None
             if c.upper_dir is not None:
@@ -314,9 +354,11 @@ def _progress_logger(c: ProtectedContainer) -> Callable[[int, int], None]:
     last = [0.0]
 
     def report(done: int, total: int) -> None:
+        """total 0: not known yet (a streamed put, while the dump runs); its first call (0, 0) says the
+        upload started, later ones are logged every 2 s like a staged put's."""
         meter.update(done, total)
         now = time.monotonic()
-        if now - last[0] >= 2.0 or done == total:
+        if now - last[0] >= 2.0 or (total > 0 and done == total) or (done, total) == (0, 0):
             last[0] = now
             snap = meter.snapshot()
             log.info(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,17 +44,21 @@ class StreamedPut:
         budget_bytes: int,
         progress: Callable[[int, int], None] | None,
         epoch: int | None,
+        page_patterns: Sequence[str] = (),
     ) -> None:
+        """page_patterns: the page images to dedup page by page (Store.put's page_images)."""
         self.tree = GrowingTree(staging, page_images(criu_dir))
-        self._args = (store, key, progress, epoch, budget_bytes)
+        self._args = (store, key, progress, epoch, budget_bytes, tuple(page_patterns))
         self._thread = threading.Thread(target=self._run, name="revenant-stream-put", daemon=True)
         self._info: Any = None
         self._error: BaseException | None = None
 
     def _run(self) -> None:
-        store, key, progress, epoch, budget = self._args
+        store, key, progress, epoch, budget, patterns = self._args
         try:
-            self._info = store.put_growing(key, self.tree, progress=progress, epoch=epoch, budget=budget)
+            self._info = store.put_growing(
+                key, self.tree, progress=progress, epoch=epoch, budget=budget, page_images=patterns
+            )
         except BaseException as e:  # handed to the checkpointer's thread in finish()
             self._error = e
 

@@ -80,9 +80,16 @@ class Runc:
         return "; ".join(messages)
 
     def _run(
-        self, *args: str, input: bytes | None = None, io: IOFds | None = None, timeout: float | None = None
+        self,
+        *args: str,
+        input: bytes | None = None,
+        io: IOFds | None = None,
+        timeout: float | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
     ) -> bytes:
         argv = self._argv(*args)
+        if wrap is not None:
+            argv = wrap(argv)
         offset = self._log_offset()
         kwargs: dict[str, Any] = {}
         if io is not None:
@@ -146,9 +153,10 @@ class Runc:
     def resume(self, cid: str) -> None:
         self._run("resume", cid)
 
-    def checkpoint(self, cid: str, args: Sequence[str]) -> None:
-        """`runc checkpoint ARGS cid` (image/work paths and CRIU flags built by the checkpoint engine)."""
-        self._run("checkpoint", *args, cid)
+    def checkpoint(self, cid: str, args: Sequence[str], wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        """`runc checkpoint ARGS cid` (image/work paths and CRIU flags built by the checkpoint engine);
+        wrap: the command line that runs runc's instead (e.g. inside a memory cgroup, shim.runc.memcg)."""
+        self._run("checkpoint", *args, cid, wrap=wrap)
 
     def restore(self, cid: str, args: Sequence[str], io: IOFds) -> None:
         """`runc restore ARGS cid`: the restored process gets `io` in place of its dumped stdio."""

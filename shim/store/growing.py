@@ -4,8 +4,11 @@ The input is a `GrowingTree`: a directory a producer (a CRIU dump in progress) i
 that the producer only appends to (CRIU's pages-*.img, named by `tail`) are consumed while they grow:
 read in windows from the last cut, chunked exactly as a put of the finished file would chunk them (a
 FastCDC cut found before a window's end does not depend on later data; the window's last, provisional
-chunk is re-read with the next window), hashed, compressed and uploaded. Every other file is read once
-the producer says the tree is complete, and every file's final size is taken from that moment.
+chunk is re-read with the next window), hashed, compressed and uploaded. With `page_images`, those of
+them that are memory page images go through the put's page planner instead (shim.store.pages), fed
+windows of whole pages as they grow: the same page-by-page dedup against the parent, and the same
+manifest, as a put of the finished tree. Every other file is read once the producer says the tree is
+complete, and every file's final size is taken from that moment.
 
 Memory stays bounded whatever the dump's size:
 - in flight: at most `max_inflight` chunks plus the read windows they point into;
@@ -19,7 +22,7 @@ Memory stays bounded whatever the dump's size:
   beyond half the budget ahead of the consumer and drops it from the cache (posix_fadvise DONTNEED)
   as it becomes clean, to be read again from disk when the consumer gets there. The dirty pages the
   producer writes faster than the disk takes them are the kernel's to throttle (vm.dirty_*, or the
-  memory cgroup's limit): that part is not bounded by the budget.
+  memory cgroup's limit: shim.runc.memcg runs the streamed dump's CRIU in one of the budget's size).
 
 While the producer runs with the job frozen (`set_frozen`) the workers take only idle CPU as long as
 the backlog is within half the budget, so the put does not lengthen the freeze while memory allows.
@@ -38,19 +41,21 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shim.libc import punch_hole, start_writeback
 
-from ..faults import crash_point, delay_point
+from ..faults import crash_point
 from . import chunking
-from .errors import CheckpointNotFound, ManifestCorrupt, StoreError
+from .errors import StoreError
 from .keys import validate_key
+from .limits import MAX_PAGE_TABLE_BYTES
 from .locks import HeldLock
-from .model import ZERO, CheckpointInfo, Manifest
+from .model import PAGE_HASH_LEN, ZERO, CheckpointInfo, Manifest
+from .pages import PagePlanner, PlannedFile, matches
 from .walk import scan_tree
 
 if TYPE_CHECKING:
@@ -63,6 +68,7 @@ DEFAULT_BUDGET = 512 << 20
 MIN_BUDGET = 16 << 20
 PAGE = 4096
 PUNCH_MIN = 4 << 20  # punch in steps at least this large: each punch takes the inode lock CRIU writes under
+PLAN_MIN = 1 << 20  # a growing page image is planned once this much (or a whole window) is there
 POLL_S = 0.05
 
 
@@ -148,22 +154,26 @@ class _Sink:
         self.lock = threading.Lock()
         self.inflight: dict[str, threading.Event] = {}
         self.mine: set[str] = set()
-        self.reused: dict[str, tuple[Path, int, int]] = {}
+        self.reused: dict[str, tuple[Path | None, int, int]] = {}
         self.stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
         self.abort = threading.Event()  # the first failure stops the rest quickly
         self.first_error: BaseException | None = None
 
-    def submit(self, path: Path, off: int, data: memoryview) -> Future[str]:
+    def submit(self, path: Path | None, off: int, data: bytes | memoryview, count: bool = True) -> Future[str]:
+        """Store one chunk on the pool; path None: page-image data gathered by the planner, which cannot be
+        read back from one place. count: a chunk of a file's FastCDC references (the planner's are
+        counted from the references it resolves, as in a staged put)."""
         self.slots.acquire()
-        self.stats["bytes_read"] += len(data)
-        self.stats["chunks_total"] += 1
+        if count:
+            self.stats["bytes_read"] += len(data)
+            self.stats["chunks_total"] += 1
         try:
             return self.pool.submit(self._store, path, off, data)
         except BaseException:
             self.slots.release()
             raise
 
-    def _store(self, path: Path, off: int, data: memoryview) -> str:
+    def _store(self, path: Path | None, off: int, data: bytes | memoryview) -> str:
         backend = self.store.backend
         _follow_priority(self.tree)
         try:
@@ -217,10 +227,15 @@ class _Sink:
 
 
 class _Tail:
-    """One file consumed from the front: cut, submitted, and punched out once its chunks are stored."""
+    """One file consumed from the front: cut, submitted, and punched out once its chunks are stored.
 
-    def __init__(self, rel: str, path: Path, fd: int, window: int) -> None:
+    A page image (planned) goes through the put's page planner instead, in windows of whole pages: its
+    pages are looked up in the parent's page index or copied into the planner's new-page stream, so a
+    range is free to punch as soon as it is read."""
+
+    def __init__(self, rel: str, path: Path, fd: int, window: int, planned: PlannedFile | None = None) -> None:
         self.rel, self.path, self.fd, self.window = rel, path, fd, window
+        self.planned = planned
         st = os.fstat(fd)
         self.ino = (st.st_dev, st.st_ino)
         self.pos = 0  # everything before pos is cut and submitted
@@ -232,12 +247,18 @@ class _Tail:
     def size(self) -> int:
         return os.fstat(self.fd).st_size
 
-    def advance(self, sink: _Sink, chunker: chunking.Chunker, final_size: int | None) -> int:
+    def advance(
+        self, sink: _Sink, chunker: chunking.Chunker, final_size: int | None, planner: PagePlanner | None = None
+    ) -> int:
         """Cut and submit what is safe to cut now (everything, with final_size); returns bytes cut."""
         start = self.pos
         size = self.size() if final_size is None else final_size
         if final_size is not None and self.size() != final_size:
             raise StoreError(f"put: {self.path} changed size after the tree was complete")
+        if self.planned is not None:
+            assert planner is not None
+            self._plan(sink, planner, size, final_size is not None)
+            return self.pos - start
         # While growing, wait for more than one maximal chunk so a real cut exists before the window's end.
         least = 1 if final_size is not None else min(self.window, 4 * chunking.MAX_CHUNKER_SIZE)
         while size - self.pos >= least and not sink.abort.is_set():
@@ -265,9 +286,31 @@ class _Tail:
             self.pos += consumed
         return self.pos - start
 
+    def _plan(self, sink: _Sink, planner: PagePlanner, size: int, final: bool) -> None:
+        """Hand the planner whole pages (and, once final, the rest) read since the last call."""
+        assert self.planned is not None
+        window = max(self.window // PAGE * PAGE, PAGE)
+        while not sink.abort.is_set():
+            avail = size - self.pos
+            n = min(window, avail if final else avail // PAGE * PAGE)
+            if n <= 0 or (not final and n < min(window, PLAN_MIN)):
+                return
+            if planner.table_bytes + -(-n // PAGE) * PAGE_HASH_LEN > MAX_PAGE_TABLE_BYTES:
+                raise StoreError(
+                    f"put: page images beyond {MAX_PAGE_TABLE_BYTES >> 20} MiB of page table (one table's "
+                    "bound); a streamed put cannot fall back to FastCDC once it started: stage this one"
+                )
+            buf = os.pread(self.fd, n, self.pos)
+            if len(buf) != n:
+                raise StoreError(f"put: short read of {self.path} at {self.pos} (file truncated?)")
+            planner.add_window(self.planned, buf, self.pos)
+            sink.stats["bytes_read"] += n
+            self.pos += n
+
     def reap(self, sink: _Sink, wait: bool) -> None:
-        """Collect finished chunks in file order; punch out the prefix whose chunks are all stored."""
-        frontier = self.punched
+        """Collect finished chunks in file order; punch out the prefix whose chunks are all stored (a page
+        image's: everything the planner read, it holds what it still needs)."""
+        frontier = self.punched if self.planned is None else self.pos
         while self.pending and (wait or self.pending[0][1].done()):
             ref, fut = self.pending.popleft()
             try:
@@ -345,9 +388,12 @@ def put_growing(
     progress: Progress | None = None,
     epoch: int | None = None,
     budget: int = DEFAULT_BUDGET,
+    page_images: Sequence[str] = (),
 ) -> CheckpointInfo:
     """Store `tree` as the next checkpoint of key while its producer still writes it (module docstring).
 
+    page_images: glob patterns of memory page images, deduplicated page by page against the key's newest
+    checkpoint as by Store.put (shim.store.pages), the same manifest as a put of the finished tree.
     Raises TreeAborted when the producer fails; nothing is committed then, nor on any other error."""
     validate_key(key)
     budget = max(budget, MIN_BUDGET)
@@ -355,41 +401,63 @@ def put_growing(
         store._check_epoch(key, epoch)
     nonce = secrets.token_hex(6)
     with HeldLock(store.backend, f"put-{nonce}", store.lock_stale) as lock:
-        known: set[str] = set()
-        committed = store._committed(key)
-        if committed:
-            try:
-                known = store._load(key, committed[max(committed)]).chunk_digests()
-            except (ManifestCorrupt, CheckpointNotFound) as e:
-                log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
-        listing = store.backend.retry("list chunks", lambda: store._chunk_names())
-        if listing is not None:
-            known |= listing
+        parent, known, listed = store._dedup_base(key)
+        index = store._page_index(parent, known) if page_images and parent is not None else None
         # Read windows: a fraction of the budget, since the in-flight chunks keep a few of them alive.
         window = max(min(16 << 20, max(1 << 20, budget // 16)), store.chunker.size * 16)
         with ThreadPoolExecutor(store.workers, thread_name_prefix="revenant-stream") as pool:
-            sink = _Sink(store, pool, known, listed=listing is not None, tree=tree)
+            sink = _Sink(store, pool, known, listed=listed, tree=tree)
+            page_futures: list[Future[str]] = []
+
+            def submit_pages(data: bytes) -> Future[str]:
+                fut = sink.submit(None, 0, data, count=False)
+                page_futures.append(fut)
+                return fut
+
+            planner = PagePlanner(index, store.chunker, submit_pages) if page_images else None
+            opener = _Opener(tree.root, window, planner, page_images)
             tails: dict[str, _Tail] = {}
             watchdog = _Watchdog(tree, tails, budget)
             watchdog.start()
             try:
-                streamed = _consume(store, tree, sink, tails, window, progress)
+                streamed = _consume(store, tree, sink, tails, opener, planner, progress)
                 tree.set_frozen(False)
                 entries = scan_tree(tree.root)
                 for entry in entries:
                     if entry["type"] != "file":
                         continue
-                    t = tails.get(entry["path"]) or _open_tail(tree.root, entry["path"], window)
+                    t = tails.get(entry["path"]) or opener.open(entry["path"])
                     tails[entry["path"]] = t
                     if _identity(tree.root / entry["path"]) != t.ino:
                         raise StoreError(f"put: {t.path} was replaced while the tree grew")
-                    t.advance(sink, store.chunker, entry["size"])
+                    t.advance(sink, store.chunker, entry["size"], planner)
                     t.reap(sink, wait=False)
                 for entry in entries:
                     if entry["type"] == "file":
                         t = tails[entry["path"]]
                         t.reap(sink, wait=True)
                         entry["chunks"] = t.chunks
+                page_table = None
+                if planner is not None:
+                    if not sink.abort.is_set():
+                        planner.finish()
+                    for fut in page_futures:
+                        try:
+                            fut.result()
+                        except _Skipped:
+                            raise sink.first_error or StoreError("put aborted") from None
+                    planned = {e["path"]: e for e in entries if e["type"] == "file" and tails[e["path"]].planned}
+                    planner.order(list(planned))
+                    page_table = store._finish_pages(
+                        planner,
+                        lambda data: sink.submit(None, 0, data, count=False).result(),
+                        sink.mine,
+                        sink.reused,
+                        sink.stats,
+                    )
+                    for path, entry in planned.items():
+                        entry["chunks"] = tails[path].planned.entry["chunks"]  # type: ignore[union-attr]
+                        entry["pages"] = True
             except BaseException:
                 sink.abort.set()
                 raise
@@ -412,14 +480,9 @@ def put_growing(
             entries=entries,
             stats={**sink.stats, **stream_stats},
             epoch=epoch,
+            page_table=page_table,
         )
-        try:
-            manifest.check(f"put {key!r} of {tree.root}")
-        except ManifestCorrupt as e:
-            raise StoreError(f"{e}: not stored") from None
-        delay_point("store.put.before_commit")
-        store._replace_vanished(sink.reused, manifest.stats)
-        info = store._commit(manifest, nonce, lock)
+        info = store._finish_put(manifest, f"put {key!r} of {tree.root}", sink.reused, nonce, lock)
     log.info(
         "streamed put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new), backlog peak %d MiB",
         key,
@@ -434,16 +497,32 @@ def put_growing(
     return info
 
 
+class _Opener:
+    """Opens a file of the tree for consuming: through the page planner where it is a page image."""
+
+    def __init__(self, root: Path, window: int, planner: PagePlanner | None, page_images: Sequence[str]) -> None:
+        self.root, self.window, self.planner, self.page_images = root, window, planner, page_images
+
+    def open(self, rel: str) -> _Tail:
+        planned = None
+        if self.planner is not None and matches(rel, self.page_images):
+            planned = self.planner.start_file({"path": rel, "chunks": []})
+        return _open_tail(self.root, rel, self.window, planned)
+
+
 def _consume(
     store: Store,
     tree: GrowingTree,
     sink: _Sink,
     tails: dict[str, _Tail],
-    window: int,
+    opener: _Opener,
+    planner: PagePlanner | None,
     progress: Progress | None,
 ) -> int:
     """Tail the append-only files until the producer is done (or failed); returns the bytes cut meanwhile."""
     streamed = 0
+    if progress:
+        progress(0, 0)  # the upload starts with the dump
     while True:
         done, error = tree.state()
         if error is not None:
@@ -452,14 +531,14 @@ def _consume(
             return streamed
         for rel in _append_only(tree):
             if rel not in tails:
-                tails[rel] = _open_tail(tree.root, rel, window)
+                tails[rel] = opener.open(rel)
         cut = 0
         for t in list(tails.values()):
-            cut += t.advance(sink, store.chunker, None)
+            cut += t.advance(sink, store.chunker, None, planner)
             t.reap(sink, wait=False)
         streamed += cut
         if progress and cut:
-            progress(sink.stats["bytes_read"], sink.stats["bytes_read"])
+            progress(sink.stats["bytes_read"], 0)  # the total is not known while the tree grows
         if not cut:
             tree.wait(POLL_S)
 
@@ -476,13 +555,13 @@ def _append_only(tree: GrowingTree) -> list[str]:
     return found
 
 
-def _open_tail(root: Path, rel: str, window: int) -> _Tail:
+def _open_tail(root: Path, rel: str, window: int, planned: PlannedFile | None) -> _Tail:
     path = root / rel
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # RDWR: punching needs a writable fd
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise StoreError(f"put: {path} is not a regular file")
-        return _Tail(rel, path, fd, window)
+        return _Tail(rel, path, fd, window, planned)
     except BaseException:
         os.close(fd)
         raise

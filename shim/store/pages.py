@@ -106,10 +106,22 @@ class PageIndex:
 Submit = Callable[[bytes], "Future[str]"]
 
 
+class PlannedFile:
+    """One page-image file of a put: its manifest entry, planned runs and page hashes so far."""
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        self.entry = entry
+        self.runs: list[list[Any]] = []  # [kind, file offset, length, a, b, c]
+        self.hashes: list[bytes] = []
+        self.end = 0  # bytes added
+        self.closed = False
+
+
 class PagePlanner:
     """Builds the chunk references of the page-image files of one put.
 
-    add_file() reads a file in windows, hashes its pages, looks each up in the parent's index and queues
+    add_file() reads a file in windows (or start_file() and add_window() take the windows of a file
+    still being written), hashes its pages, looks each up in the parent's index and queues
     pages not found for new chunks (submit uploads one chunk's data and yields its digest). Once every
     upload is done, resolve() fills each file's references; table() is this put's page table.
     """
@@ -118,46 +130,63 @@ class PagePlanner:
         self.index = index
         self.chunker = chunker
         self.submit = submit
-        self.files: list[tuple[dict[str, Any], list[list[Any]]]] = []  # entry, its planned runs
-        self._hashes: list[bytes] = []
+        self.files: list[PlannedFile] = []
         self._stream = bytearray()  # new pages waiting to be cut into chunks
         self._stream_pos = 0  # stream offset of _stream[0]
         self._chunks: list[tuple[int, int, Future[str]]] = []  # (stream offset, length, digest)
         self.found_bytes = 0
         self.zero_bytes = 0
         self.new_bytes = 0
+        self.table_bytes = 0  # of this put's page table so far
 
     def add_file(self, entry: dict[str, Any], fd: int) -> None:
+        """A finished file, read whole."""
         size = entry["size"]
-        runs: list[list[Any]] = []  # [kind, file offset, length, a, b, c]
-        self.files.append((entry, runs))
+        f = self.start_file(entry)
         off = 0
         while off < size:
             buf = os.pread(fd, min(WINDOW, size - off), off)
             if len(buf) != min(WINDOW, size - off):
                 raise StoreError(f"short read at {off} of {entry['path']} (file changed during put?)")
-            hashes = page_hashes(buf)
-            self._hashes.append(hashes)
-            view = memoryview(buf)
-            full = len(buf) // PAGE
-            # Python work per run of pages, not per page: zero pages are found by their hash (confirmed
-            # by a compare), the pages between them are looked up or queued as one run of new pages.
-            start = 0
-            for z0, z1 in _zero_runs(hashes, view, full):
-                if z0 > start:
-                    self._add_pages(runs, view, hashes, off, start, z0)
-                self._run(runs, "zero", off + z0 * PAGE, (z1 - z0) * PAGE, None, 0, 0)
-                self.zero_bytes += (z1 - z0) * PAGE
-                start = z1
-            if full > start:
-                self._add_pages(runs, view, hashes, off, start, full)
-            if full * PAGE < len(buf):  # a short last page: its own chunk
-                n = len(buf) - full * PAGE
-                self._run(runs, "tail", off + full * PAGE, n, self.submit(bytes(view[full * PAGE :])), 0, 0)
-                self.new_bytes += n
+            self.add_window(f, buf, off)
             off += len(buf)
-            if len(self._stream) >= WINDOW:
-                self._cut(final=False)
+
+    def start_file(self, entry: dict[str, Any]) -> PlannedFile:
+        """A file whose windows follow, in order, through add_window (a file still growing may be fed as it
+        grows, the same plan results). The page table lists files in the order of self.files."""
+        f = PlannedFile(entry)
+        self.files.append(f)
+        return f
+
+    def add_window(self, f: PlannedFile, buf: bytes | memoryview, off: int) -> None:
+        """The next bytes of f, from file offset off: whole pages, except in the file's last window."""
+        if off != f.end or f.closed:
+            raise StoreError(f"{f.entry['path']}: window at {off}, expected {f.end} (not appended in order)")
+        runs = f.runs
+        hashes = page_hashes(buf)
+        self.table_bytes += len(hashes)
+        f.hashes.append(hashes)
+        view = memoryview(buf)
+        full = len(buf) // PAGE
+        f.end += len(buf)
+        f.closed = full * PAGE < len(buf)  # a short page ends the file
+        # Python work per run of pages, not per page: zero pages are found by their hash (confirmed
+        # by a compare), the pages between them are looked up or queued as one run of new pages.
+        start = 0
+        for z0, z1 in _zero_runs(hashes, view, full):
+            if z0 > start:
+                self._add_pages(runs, view, hashes, off, start, z0)
+            self._run(runs, "zero", off + z0 * PAGE, (z1 - z0) * PAGE, None, 0, 0)
+            self.zero_bytes += (z1 - z0) * PAGE
+            start = z1
+        if full > start:
+            self._add_pages(runs, view, hashes, off, start, full)
+        if f.closed:  # a short last page: its own chunk
+            n = len(buf) - full * PAGE
+            self._run(runs, "tail", off + full * PAGE, n, self.submit(bytes(view[full * PAGE :])), 0, 0)
+            self.new_bytes += n
+        if len(self._stream) >= WINDOW:
+            self._cut(final=False)
 
     def _add_pages(self, runs: list[list[Any]], view: memoryview, hashes: bytes, off: int, a: int, b: int) -> None:
         """Pages a..b-1 of the window at file offset off, none of them zero: slices where the parent
@@ -223,9 +252,9 @@ class PagePlanner:
     def resolve(self) -> None:
         """Fill each file's references from its runs; every submitted upload must be done."""
         starts = [s for s, _n, _f in self._chunks]
-        for entry, runs in self.files:
+        for f in self.files:
             refs: list[list[Any]] = []
-            for kind, off, n, a, b, c in runs:
+            for kind, off, n, a, b, c in f.runs:
                 if kind == "zero":
                     refs.append([off, n, ZERO])
                 elif kind == "tail":
@@ -234,7 +263,7 @@ class PagePlanner:
                     refs.append(_ref(off, n, a, b, c))
                 else:
                     refs.extend(self._new_refs(starts, off, n, b))
-            entry["chunks"] = refs
+            f.entry["chunks"] = refs
 
     def _new_refs(self, starts: list[int], off: int, n: int, pos: int) -> Iterator[list[Any]]:
         while n:
@@ -246,7 +275,12 @@ class PagePlanner:
             off, n, pos = off + take, n - take, pos + take
 
     def table(self) -> bytes:
-        return b"".join(self._hashes)
+        return b"".join(h for f in self.files for h in f.hashes)
+
+    def order(self, paths: Sequence[str]) -> None:
+        """Put the files in the order of paths (a manifest's): its page table must follow that order."""
+        rank = {p: i for i, p in enumerate(paths)}
+        self.files.sort(key=lambda f: rank[f.entry["path"]])
 
 
 def _zero_runs(hashes: bytes, view: memoryview, full: int) -> Iterator[tuple[int, int]]:

@@ -212,21 +212,7 @@ class Store:
             self._check_epoch(key, epoch)
         nonce = secrets.token_hex(6)
         with HeldLock(self.backend, f"put-{nonce}", self.lock_stale) as lock:
-            committed = self._committed(key)
-            known: set[str] = set()
-            parent: Manifest | None = None
-            if committed:
-                try:
-                    parent = self._load(key, committed[max(committed)])
-                    known = parent.chunk_digests()
-                except (ManifestCorrupt, CheckpointNotFound) as e:
-                    log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
-            # One listing instead of a HEAD/stat per chunk, where the backend can list (file, S3). A gc
-            # may delete some of these chunks meanwhile: the put re-checks the ones it reused before
-            # committing (_replace_vanished).
-            listing = self.backend.retry("list chunks", lambda: self._chunk_names())
-            if listing is not None:
-                known |= listing
+            parent, known, listed = self._dedup_base(key)
             entries = scan_tree(src)
             page_images = pages.usable_patterns(entries, page_images, key)
             index = self._page_index(parent, known) if page_images and parent is not None else None
@@ -252,21 +238,14 @@ class Store:
                 entries,
                 known,
                 progress,
-                listed=listing is not None,
+                listed=listed,
                 reused=reused,
                 page_images=page_images,
                 index=index,
                 tables=tables,
             )
             manifest.page_table = tables[0] if tables else None
-            if manifest.page_table is not None:
-                try:  # references built from a parent's table: checked as a reader will check them
-                    manifest.check(f"put {key!r} of {src}")
-                except ManifestCorrupt as e:
-                    raise StoreError(f"{e}: not committed") from None
-            delay_point("store.put.before_commit")
-            self._replace_vanished(reused, manifest.stats)
-            info = self._commit(manifest, nonce, lock)
+            info = self._finish_put(manifest, f"put {key!r} of {src}", reused, nonce, lock)
         log.info(
             "put %r seq %d: %d files, %d bytes read, %d uploaded (%d/%d chunks new)",
             key,
@@ -279,6 +258,44 @@ class Store:
         )
         return info
 
+    def _dedup_base(self, key: str) -> tuple[Manifest | None, set[str], bool]:
+        """What a put of key dedups against: the key's newest checkpoint (None if none or unreadable), the
+        chunks known to be stored, and whether those come from a full listing of the store."""
+        committed = self._committed(key)
+        known: set[str] = set()
+        parent: Manifest | None = None
+        if committed:
+            try:
+                parent = self._load(key, committed[max(committed)])
+                known = parent.chunk_digests()
+            except (ManifestCorrupt, CheckpointNotFound) as e:
+                log.warning("newest checkpoint of %r unreadable, not using it for dedup: %s", key, e)
+        # One listing instead of a HEAD/stat per chunk, where the backend can list (file, S3). A gc may
+        # delete some of these chunks meanwhile: the put re-checks the ones it reused before committing
+        # (_replace_vanished).
+        listing = self.backend.retry("list chunks", lambda: self._chunk_names())
+        if listing is not None:
+            known |= listing
+        return parent, known, listing is not None
+
+    def _finish_put(
+        self,
+        manifest: Manifest,
+        where: str,
+        reused: Mapping[str, tuple[Path | None, int, int]],
+        nonce: str,
+        lock: HeldLock,
+    ) -> CheckpointInfo:
+        """The end of every put (staged or streamed), once each chunk is uploaded: check the manifest as a
+        reader will, upload again what a concurrent gc swept of the chunks reused, commit."""
+        try:
+            manifest.check(where)
+        except ManifestCorrupt as e:
+            raise StoreError(f"{e}: not committed") from None
+        delay_point("store.put.before_commit")
+        self._replace_vanished(reused, manifest.stats)
+        return self._commit(manifest, nonce, lock)
+
     def put_growing(
         self,
         key: str,
@@ -286,9 +303,11 @@ class Store:
         progress: Progress | None = None,
         epoch: int | None = None,
         budget: int = DEFAULT_STREAM_BUDGET,
+        page_images: Sequence[str] = (),
     ) -> CheckpointInfo:
-        """Store a directory its producer is still writing, uploading while it grows (shim.store.growing)."""
-        return put_growing(self, key, tree, progress=progress, epoch=epoch, budget=budget)
+        """Store a directory its producer is still writing, uploading while it grows (shim.store.growing);
+        page_images as for put()."""
+        return put_growing(self, key, tree, progress=progress, epoch=epoch, budget=budget, page_images=page_images)
 
     def _chunk_names(self) -> set[str] | None:
         listing = self.backend.list_chunks()
@@ -448,41 +467,46 @@ class Store:
         if abort.is_set():
             raise StoreError("put aborted")
         if planner is not None:
-            self._finish_pages(planner, store_chunk, slots, counter, mine, reused, stats, tables)
+
+            def store_now(data: memoryview) -> str:
+                slots.acquire()
+                return store_chunk(None, -1, 0, len(data), data)
+
+            table = self._finish_pages(planner, store_now, mine, reused, stats, counter)
+            if table is not None and tables is not None:
+                tables.append(table)
         return stats
 
     def _finish_pages(
         self,
         planner: pages.PagePlanner,
-        store_chunk: Callable[[Path | None, int, int, int, bytes | memoryview | None], str],
-        slots: threading.BoundedSemaphore,
-        counter: _Counter,
+        store_now: Callable[[memoryview], str],
         mine: set[str],
         reused: dict[str, tuple[Path | None, int, int]],
         stats: dict[str, int],
-        tables: builtins.list[dict[str, Any]] | None,
-    ) -> None:
-        """Fill the page-image files' references, pin the chunks they reuse, store their page table."""
+        counter: _Counter | None = None,
+    ) -> dict[str, Any] | None:
+        """Fill the page-image files' references, pin the chunks they reuse, store their page table (one
+        chunk at a time through store_now); the manifest's page_table, None without page-image files.
+        Used by the staged put and the streamed one (shim.store.growing) alike."""
         if not planner.files:
-            return
+            return None
         planner.resolve()
-        for entry, _runs in planner.files:
-            stats["chunks_total"] += len(entry["chunks"])
-            for ref in entry["chunks"]:
+        for f in planner.files:
+            stats["chunks_total"] += len(f.entry["chunks"])
+            for ref in f.entry["chunks"]:
                 if ref[2] != ZERO and ref[2] not in mine:
                     reused.setdefault(ref[2], (None, 0, ref[1]))
         table = planner.table()
-        counter.total += len(table)
+        if counter is not None:
+            counter.total += len(table)
         refs: builtins.list[builtins.list[Any]] = []
         view = memoryview(table)
         for off, length in self.chunker.cuts(view) if table else ():
-            slots.acquire()
-            digest = store_chunk(None, -1, off, length, view[off : off + length])
+            digest = store_now(view[off : off + length])
             refs.append([off, length, digest])
             if digest not in mine:
                 reused.setdefault(digest, (None, 0, length))
-        if tables is not None:
-            tables.append({"hash": PAGE_HASH, "size": len(table), "chunks": refs})
         log.info(
             "page images: %d bytes found in the parent, %d zero, %d new; page table %d bytes",
             planner.found_bytes,
@@ -490,6 +514,7 @@ class Store:
             planner.new_bytes,
             len(table),
         )
+        return {"hash": PAGE_HASH, "size": len(table), "chunks": refs}
 
     def _page_index(self, parent: Manifest, known: set[str]) -> pages.PageIndex | None:
         """The parent's pages by content, or None where its page table cannot be used."""

@@ -20,6 +20,7 @@ from harness.memcg import MemoryCgroup
 from harness.memjob import assert_continuous, read_steps, wait_for_step
 from harness.protect import Job, destroy_node, job_log, run_job, store_checkpoints, task_status
 from harness.wait import wait_until
+from shim.protect.checkpointer import DUMP_CGROUP_SLACK
 
 from .test_protect import Cluster, cluster  # noqa: F401  (the two-node fixture)
 
@@ -60,6 +61,13 @@ def test_a_job_larger_than_the_memory_limit_checkpoints_and_restores(cluster: Cl
         assert staged_entries(cluster.a) == [], "the staged dump was left behind"
         (info,) = store_checkpoints(job.store, job.key)
         assert info.bytes_read >= 768 * MIB, info  # the whole job went through the limited node
+        # CRIU ran in the dump's own memory cgroup (budget + slack), charged there up to its limit and
+        # never beyond, without an OOM kill: its page cache was bounded to the budget by the kernel.
+        memcg = info.metadata["dump_memcg"]
+        assert memcg["limit_bytes"] == (BUDGET_MIB << 20) + DUMP_CGROUP_SLACK, memcg
+        assert 16 * MIB < memcg["peak_bytes"] <= memcg["limit_bytes"], memcg
+        assert memcg["oom_kills"] == 0, memcg
+        assert not [p for p in cg.path.iterdir() if p.name.startswith("revenant-dump-")], "dump cgroup left"
     finally:
         destroy_node(cluster.a)
         cg.remove()

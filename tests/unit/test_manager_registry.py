@@ -24,7 +24,7 @@ class DeletedDuringDump:
     def __init__(self) -> None:
         self.manager: ProtectionManager | None = None
 
-    def checkpoint(self, runc: Any, cid: str, image_dir: Path, options: Any, keep_log_in: Any = None):
+    def checkpoint(self, runc: Any, cid: str, image_dir: Path, options: Any, keep_log_in: Any = None, wrap: Any = None):
         image_dir.mkdir(parents=True, exist_ok=True)
         (image_dir / "inventory.img").write_bytes(b"image")
         assert self.manager is not None

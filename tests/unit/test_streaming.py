@@ -22,3 +22,13 @@ from shim.protect.streaming import page_images
 )
 def test_only_criu_page_images_are_tailed(rel: str, tailed: bool) -> None:
     assert page_images("criu")(rel) is tailed
+
+
+def test_page_by_page_dedup_unless_the_page_table_could_outgrow_its_bound() -> None:
+    from shim.protect.checkpointer import PAGE_IMAGES, streamed_page_images
+    from shim.store.limits import MAX_PAGE_TABLE_BYTES
+
+    covered = MAX_PAGE_TABLE_BYTES // 16 * 4096  # bytes of pages one page table covers
+    assert streamed_page_images(4 << 30) == PAGE_IMAGES
+    assert streamed_page_images(covered // 2) == PAGE_IMAGES
+    assert streamed_page_images(covered // 2 + (1 << 20)) == ()  # room left for a job growing mid-dump
