@@ -46,12 +46,34 @@ def _proc_cpu(pid: int) -> tuple[float, float] | None:
     return (int(f[11]) + int(f[12])) / TICK, (int(f[13]) + int(f[14])) / TICK
 
 
-def snapshot() -> dict[int, Proc]:
-    """Every process's CPU seconds now."""
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _is_mine(pid: int, roots: frozenset[int]) -> bool:
+    """pid is one of roots or descends from one (this bench's own processes, not the other tenants')."""
+    for _ in range(64):
+        if pid in roots:
+            return True
+        if pid <= 1:
+            return False
+        pid = _parent(pid)
+    return False
+
+
+def _proc(pid: int, cpu: tuple[float, float], roots: frozenset[int]) -> Proc:
+    return Proc(("* " if _is_mine(pid, roots) else "") + _label(pid), *cpu)
+
+
+def snapshot(roots: frozenset[int] = frozenset()) -> dict[int, Proc]:
+    """Every process's CPU seconds now; labels of processes in the trees under roots start with '* '."""
     out: dict[int, Proc] = {}
     for name in os.listdir("/proc"):
         if name.isdigit() and (cpu := _proc_cpu(int(name))) is not None:
-            out[int(name)] = Proc(_label(int(name)), *cpu)
+            out[int(name)] = _proc(int(name), cpu, roots)
     return out
 
 
@@ -67,7 +89,9 @@ def machine_diff(before: dict[int, Proc], after: dict[int, Proc], top: int = 16)
         if reaped > 0 and b is not None:  # a new process's figure may hold children from before the span
             by[f"{p.label} (reaped children)"] = by.get(f"{p.label} (reaped children)", 0.0) + reaped
     rows = sorted(by.items(), key=lambda kv: -kv[1])
-    return [("(all seen)", sum(by.values())), *rows[:top]]
+    mine = sum(v for k, v in by.items() if k.startswith("* "))
+    total = sum(by.values())
+    return [("(all seen)", total), ("(* this bench's processes)", mine), ("(other tenants)", total - mine), *rows[:top]]
 
 
 def stat_fields(pid: int | str) -> dict[str, float]:
@@ -88,14 +112,15 @@ class Census:
     """Samples every process's CPU (and one process's threads) twice a second over a span, so processes and
     threads that end before it does still count up to their last sample; labels are those first seen."""
 
-    def __init__(self, pid: int | None = None, period: float = 0.5) -> None:
+    def __init__(self, pid: int | None = None, roots: set[int] | None = None, period: float = 0.5) -> None:
         self.pid, self.period = pid, period
+        self.roots = frozenset(roots or ()) | ({pid} if pid is not None else set())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-census", daemon=True)
 
     def start(self) -> Census:
         self.t0, self.ticks0 = time.monotonic(), cpu_ticks()
-        self.before = snapshot()
+        self.before = snapshot(self.roots)
         self.latest = dict(self.before)
         self.threads0 = threads(self.pid) if self.pid is not None else {}
         self.threads_latest = dict(self.threads0)
@@ -113,7 +138,7 @@ class Census:
             if cpu is None:
                 continue
             known = self.latest.get(pid)
-            self.latest[pid] = Proc(known.label if known else _label(pid), *cpu)
+            self.latest[pid] = Proc(known.label, *cpu) if known else _proc(pid, cpu, self.roots)
         if self.pid is not None:
             self.threads_latest.update(threads(self.pid))
             self.stat_latest = stat_fields(self.pid) or self.stat_latest

@@ -108,12 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     dumped = False
     c_shim, c_weed, c_ctrd = _cpu(shim), sum(_cpu(p) for p in weed), sum(_cpu(p) for p in ctrd)
     while stage.exists():
-        criu = any("criu" in _cmd(p).split(" ")[0] and _has_fd_under(p, str(stage)) for p in _pids())
+        # until the put starts: scanning every process's descriptors each second costs CPU the put would get
+        criu = not kept and any("criu" in _cmd(p).split(" ")[0] and _has_fd_under(p, str(stage)) for p in _pids())
         reading = _has_fd_under(shim, str(stage))
         if not kept and not criu and reading:  # CRIU is done and the put reads the dump: keep it
             subprocess.run(["cp", "-al", str(stage), str(a.keep)], check=False)
             kept = True
-            census, put_t0 = cpu_census.Census(shim).start(), time.monotonic()
+            census, put_t0 = cpu_census.Census(shim, roots={os.getppid()}).start(), time.monotonic()
         if census and not dumped and time.monotonic() - put_t0 > 5:  # the threads mid-put, native frames
             with open(a.out / "dump.txt", "w") as f:
                 subprocess.run(
