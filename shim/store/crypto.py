@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
-import stat
 from pathlib import Path
 
 import blake3
@@ -29,8 +27,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import KeyMismatch, StoreError
 from .limits import SEAL_OVERHEAD
+from .private_file import read_private_file
 
 KEY_LEN = 32
+MAX_KEY_FILE = 4096  # the longest form, 64 hex digits or base64, plus whitespace: far below
 NONCE_LEN = 12
 KEY_ID_LEN = 8
 CHUNK_SEALED = 0xE1  # first byte of a sealed chunk; plain chunks start with 0 (raw) or 1 (zstd)
@@ -136,24 +136,7 @@ class Keyring:
 def load_key_file(path: Path) -> StoreKey:
     """Read a key file: a regular file of this user's, readable by no group or other; 32 bytes raw, or
     64 hex digits, or base64 of 32 bytes (surrounding whitespace ignored for the text forms)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StoreError(f"key file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"key file {path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise StoreError(
-                f"key file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others in; chmod 600 it"
-            )
-        if st.st_uid != os.geteuid():
-            raise StoreError(f"key file {path}: owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
-        raw = os.read(fd, 4097)
-    finally:
-        os.close(fd)
-    return StoreKey(_parse_key(raw, path), str(path))
+    return StoreKey(_parse_key(read_private_file(path, "key file", MAX_KEY_FILE), path), str(path))
 
 
 def _parse_key(raw: bytes, path: Path) -> bytes:

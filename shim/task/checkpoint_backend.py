@@ -5,13 +5,19 @@ Checkpoint: CheckpointTaskRequest.options is a containerd.runc.v1.CheckpointOpti
 to options.image_path or else request.path. Create with `checkpoint` set leaves the task "created from
 a checkpoint"; Start runs `runc restore`. containerd may delete the directory it unpacked the
 checkpoint into once Create returns, so Create links (or copies) the images into the bundle first.
+containerd 1.6-2.x never deletes that directory (`$XDG_RUNTIME_DIR` or the temp dir, `ctrd-checkpointN`):
+every restore would leave the whole checkpoint behind, in RAM where /tmp is a tmpfs. Once the images
+are linked into the bundle the shim removes containerd's copy (`remove_containerd_unpack_dir`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_OPTIONS_TYPE = "containerd.runc.v1.CheckpointOptions"
 RESTORE_DIR = "checkpoint"  # inside the bundle: the images a created-from-checkpoint task restores
+# What containerd's Create names its unpacked copy of a checkpoint image: os.MkdirTemp(dir, "ctrd-checkpoint").
+CONTAINERD_UNPACK_NAME = re.compile(r"ctrd-checkpoint[0-9]+")
 
 
 def checkpoint_options_from(any_options: Any) -> tuple[CheckpointOptions, str]:
@@ -59,6 +67,28 @@ def checkpoint_options_from(any_options: Any) -> tuple[CheckpointOptions, str]:
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
     return opts, o.image_path
+
+
+def containerd_unpack_parent() -> Path:
+    """Where containerd (whose environment the shim inherits) unpacks checkpoint images for Create."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+
+
+def remove_containerd_unpack_dir(source: Path) -> bool:
+    """Remove `source` if it is containerd's own unpacked copy of a checkpoint image (a root-owned
+    `ctrd-checkpointN` directory, not a link, right in containerd's temp dir); anything else (a
+    user's directory given by path) is left alone. Returns whether it was removed."""
+    if source.parent != containerd_unpack_parent() or not CONTAINERD_UNPACK_NAME.fullmatch(source.name):
+        return False
+    try:
+        st = source.lstat()
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        return False
+    shutil.rmtree(source, ignore_errors=True)
+    log.info("removed containerd's unpacked checkpoint %s (the task restores from its bundle's copy)", source)
+    return True
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
@@ -121,6 +151,7 @@ class RuncCheckpointBackend:
             shutil.rmtree(target, ignore_errors=True)
             link_or_copy_tree(source, target)
             container.checkpoint = str(target)
+            remove_containerd_unpack_dir(source)
         restore = RestoreOptions(
             checkpoint=CheckpointOptions(terminal=request.terminal), no_pivot=container.options.no_pivot_root
         )

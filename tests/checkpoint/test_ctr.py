@@ -30,6 +30,8 @@ def test_checkpoint_and_restore_512mib(node_factory, test_images):
     remove(node, "ck-big")
     ctr(node, "containers", "restore", "--live", "--rw", "ck-big2", ref)
     assert_resumed(node, "ck-big2", test_images.memjob_binary, mib, SEED, at)
+    # containerd never removes the directory it unpacked the checkpoint into; the shim does, once linked.
+    assert not list(node.xdg_runtime_dir.glob("ctrd-checkpoint*"))
 
 
 def _checkpoint_on(node: ContainerdNode, image: str, cid: str, ref: str, mib: int) -> int:

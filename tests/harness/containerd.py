@@ -125,6 +125,10 @@ class ContainerdNode:
         # revenant's node-level state (registry of protected tasks, node config) stays inside the node.
         self.revenant_run_dir = self.dir / "revenant-run"
         self.revenant_config = self.dir / "revenant.toml"
+        # containerd makes its checkpoint temp dirs (ctrd-checkpointN) here, not in the machine's /tmp:
+        # one a killed node leaves behind goes with the node's directory.
+        self.xdg_runtime_dir = self.dir / "xdg-run"
+        self.xdg_runtime_dir.mkdir(mode=0o700)
         bin_dir = CONTAINERD_BIN_DIRS[version]
         self.env = {
             **os.environ,
@@ -132,6 +136,7 @@ class ContainerdNode:
             "PATH": f"{VENV_BIN}:{f'{bin_dir}:' if bin_dir else ''}{SYSTEM_PATH}",
             "REVENANT_RUN_DIR": str(self.revenant_run_dir),
             "REVENANT_CONFIG": str(self.revenant_config),
+            "XDG_RUNTIME_DIR": str(self.xdg_runtime_dir),
         }
         self._proc: subprocess.Popen[bytes] | None = None
         if bin_dir is None:

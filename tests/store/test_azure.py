@@ -90,6 +90,7 @@ def test_credentials_file_from_the_node_config(
     secret = f"AccountKey={AZ_KEY}" if kind == "key" else f"SharedAccessSignature={_sas(azure_server)}"
     creds = tmp_path / "azure.conn"
     creds.write_text(f"DefaultEndpointsProtocol=https;AccountName={AZ_ACCOUNT};{secret}\n")
+    creds.chmod(0o600)
     url = f"{azure_server.url}&credentials_file={creds}"
     src = make_tree(tmp_path / "src", seed=2, big_mib=2)
     store = open_store(url)
@@ -102,10 +103,14 @@ def test_credentials_file_from_the_node_config(
 def test_credentials_file_must_exist_and_match_the_account(
     azure_server: ServerHandle, tmp_path: Path, no_ambient_credentials: None
 ) -> None:
-    with pytest.raises(StoreError, match="is missing"):
+    with pytest.raises(StoreError, match="No such file"):
         open_store(f"{azure_server.url}&credentials_file={tmp_path}/none")
     creds = tmp_path / "azure.conn"
     creds.write_text(f"AccountName=someoneelse;AccountKey={AZ_KEY}")
+    creds.chmod(0o644)  # the account key readable by anyone on the node: refused
+    with pytest.raises(StoreError, match="lets group or others in"):
+        open_store(f"{azure_server.url}&credentials_file={creds}")
+    creds.chmod(0o600)
     with pytest.raises(StoreError, match="for account 'someoneelse'"):
         open_store(f"{azure_server.url}&credentials_file={creds}")
     creds.write_text(f"AccountName={AZ_ACCOUNT}")

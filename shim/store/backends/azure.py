@@ -33,6 +33,7 @@ from azure.storage.blob import BlobServiceClient, LinearRetry
 from shim.hosts import is_loopback
 
 from ..errors import StoreError
+from ..private_file import read_private_file
 from .base import Damaged, NotFound, TooLarge, TransientError
 from .objects import Listed, ObjectBackend
 from .packs import PackStore, pack_mb, packs_enabled
@@ -135,18 +136,9 @@ def parse_connection_string(text: str, where: str) -> dict[str, str]:
 
 
 def read_credentials_file(path: str) -> str:
-    p = Path(path)
-    if not p.is_absolute():
-        raise StoreError(f"Azure credentials_file {path!r} must be an absolute path")
-    try:
-        with open(p, "rb") as f:
-            raw = f.read(MAX_CREDENTIALS_FILE + 1)
-    except FileNotFoundError:
-        raise StoreError(f"Azure credentials file {path} (the node's [azure] credentials_file) is missing") from None
-    except OSError as e:
-        raise StoreError(f"Azure credentials file {path}: {e.strerror}") from None
-    if len(raw) > MAX_CREDENTIALS_FILE:
-        raise StoreError(f"Azure credentials file {path} is over {MAX_CREDENTIALS_FILE} bytes")
+    """The node's connection string (it may hold the account key): a regular file owned by this user,
+    closed to group and others."""
+    raw = read_private_file(Path(path), "Azure credentials file", MAX_CREDENTIALS_FILE, absolute=True)
     try:
         return raw.decode()
     except UnicodeDecodeError:

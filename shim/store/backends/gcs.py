@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
 import urllib.error
@@ -50,6 +49,7 @@ from botocore.config import Config
 from shim.hosts import is_loopback
 
 from ..errors import StoreError
+from ..private_file import read_private_file
 from .base import TransientError
 from .s3 import S3Backend
 
@@ -120,27 +120,7 @@ def check_endpoint(endpoint: str) -> str:
 
 def read_secret_file(path: Path) -> str:
     """The HMAC secret: a regular file owned by this user, closed to group and others, one line of text."""
-    if not path.is_absolute():
-        raise StoreError(f"gs HMAC secret file {str(path)!r} must be an absolute path")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as e:
-        raise StoreError(f"gs HMAC secret file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"gs HMAC secret file {path}: not a regular file")
-        if st.st_mode & 0o077:
-            raise StoreError(
-                f"gs HMAC secret file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others in; chmod 600 it"
-            )
-        if st.st_uid != os.geteuid():
-            raise StoreError(f"gs HMAC secret file {path}: owned by uid {st.st_uid}, not by this user ({os.geteuid()})")
-        raw = os.read(fd, MAX_SECRET_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_SECRET_FILE:
-        raise StoreError(f"gs HMAC secret file {path}: larger than {MAX_SECRET_FILE} bytes, refused")
+    raw = read_private_file(path, "gs HMAC secret file", MAX_SECRET_FILE, absolute=True)
     try:
         secret = raw.decode("ascii").strip()
     except UnicodeDecodeError:
