@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cpu_census  # noqa: E402
 from bench.store_bench import make_dump  # noqa: E402
 from shim.store import open_store  # noqa: E402
 
@@ -39,6 +40,7 @@ def _tree_cpu(pids: list[int]) -> float:
 
 
 def _measure(label: str, fn, server_pids: list[int], profile: int) -> None:
+    census = cpu_census.Census(os.getpid()).start()
     t0, c0, s0 = time.monotonic(), time.process_time(), _tree_cpu(server_pids)
     prof = cProfile.Profile() if profile else None
     if prof:
@@ -47,6 +49,7 @@ def _measure(label: str, fn, server_pids: list[int], profile: int) -> None:
     if prof:
         prof.disable()
     wall, cpu, srv = time.monotonic() - t0, time.process_time() - c0, _tree_cpu(server_pids) - s0
+    print(f"{label}: {census.stop()}", flush=True)
     up = info.bytes_uploaded
     print(
         f"{label}: wall {wall:.2f} s, client CPU {cpu:.2f} s ({cpu / wall:.2f} cores), "

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import cpu_census
+
 TICK = os.sysconf("SC_CLK_TCK")
 STAGING = Path("/dev/shm/revenant")
 
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, required=True, help="hard-link copy of the staged dump (same tmpfs)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rate", type=int, default=50)
+    ap.add_argument(
+        "--spy", choices=("none", "idle", "gil"), default="idle",
+        help="py-spy record: every thread's stack (idle), only the GIL holder's (gil), or no sampling (none)",
+    )  # fmt: skip
     a = ap.parse_args(argv)
     ns = os.environ["REVENANT_TEST_NAMESPACE"]
     a.out.mkdir(parents=True, exist_ok=True)
@@ -83,19 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     fifo = os.readlink(f"/proc/{shim}/fd/2")  # the bundle's log FIFO, which containerd reads and re-logs
     ctrd = [p for p in _pids() if p != shim and "containerd" in _cmd(p).split(" ")[0] and _has_fd_under(p, fifo)]
     print(f"staging {stage}, shim {shim}, weed {weed}, containerd {ctrd} (reads {fifo})", flush=True)
-    spy = subprocess.Popen(
-        [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(shim), "--nonblocking", "--idle",
-         "--threads", "--rate", str(a.rate), "--format", "raw", "-o", str(a.out / "shim.raw")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    pyspy = str(Path(sys.executable).parent / "py-spy")
+    mode = ["--idle"] if a.spy == "idle" else ["--gil"]
+    spy = None
+    if a.spy != "none":
+        spy = subprocess.Popen(
+            [pyspy, "record", "-p", str(shim), "--nonblocking", *mode,
+             "--threads", "--rate", str(a.rate), "--format", "raw", "-o", str(a.out / f"shim-{a.spy}.raw")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    env = Path(f"/proc/{shim}/environ").read_bytes().split(b"\0")
+    keys = (b"THREAD", b"ZSTD", b"OMP", b"PYTHON", b"GOMAXPROCS", b"REVENANT", b"MALLOC")
+    shown = " ".join(e.decode(errors="replace") for e in env if any(k in e for k in keys))
+    print(f"shim cgroups {cpu_census.cgroups(shim)}; environment: {shown}", flush=True)
     kept = False
+    census: cpu_census.Census | None = None
+    dumped = False
     c_shim, c_weed, c_ctrd = _cpu(shim), sum(_cpu(p) for p in weed), sum(_cpu(p) for p in ctrd)
     while stage.exists():
-        criu = any("criu" in _cmd(p).split(" ")[0] and _has_fd_under(p, str(stage)) for p in _pids())
+        # until the put starts: scanning every process's descriptors each second costs CPU the put would get
+        criu = not kept and any("criu" in _cmd(p).split(" ")[0] and _has_fd_under(p, str(stage)) for p in _pids())
         reading = _has_fd_under(shim, str(stage))
         if not kept and not criu and reading:  # CRIU is done and the put reads the dump: keep it
             subprocess.run(["cp", "-al", str(stage), str(a.keep)], check=False)
             kept = True
+            census, put_t0 = cpu_census.Census(shim, roots={os.getppid()}).start(), time.monotonic()
+        if census and not dumped and time.monotonic() - put_t0 > 5:  # the threads mid-put, native frames
+            with open(a.out / "dump.txt", "w") as f:
+                subprocess.run(
+                    [pyspy, "dump", "--native", "--locals", "-p", str(shim)], stdout=f, stderr=f, check=False
+                )
+            dumped = True
         s, w, k = _cpu(shim), sum(_cpu(p) for p in weed), sum(_cpu(p) for p in ctrd)
         rec = {
             "t": round(time.monotonic() - t0, 2), "shim_cpu": round(s - c_shim, 2), "weed_cpu": round(w - c_weed, 2),
@@ -108,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         c_shim, c_weed, c_ctrd = s, w, k
         time.sleep(1.0)
     print(f"staging gone after {time.monotonic() - t0:.1f} s", flush=True)
-    spy.send_signal(2)  # py-spy writes its profile on SIGINT
-    spy.wait(timeout=30)
+    if census is not None:
+        text = f"shim's put (CRIU done -> staging gone): {census.stop()}"
+        print(text, flush=True)
+        (a.out / "census.txt").write_text(text + "\n")
+    if spy is not None:
+        spy.send_signal(2)  # py-spy writes its profile on SIGINT
+        spy.wait(timeout=30)
     return 0
 
 
