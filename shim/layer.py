@@ -50,6 +50,12 @@ NAME_MAX = 255
 PATH_MAX = 4096
 _BLOCK = 512
 _COPY_CHUNK = 1 << 20
+# Up to this many files and directories, an applied layer is made durable by fsyncing each of them;
+# above it by one syncfs. syncfs writes back every dirty page of the file system, and a restore has
+# just written the job's memory (GiBs of CRIU images) to the same disk: ~0.9 s per dirty GiB here,
+# where fsyncing a few hundred small files costs ~0.1 s; thousands of fsyncs (one journal commit each)
+# cost more than one syncfs (bench/RESULTS.md, "Restore, part by part").
+FSYNC_EACH_MAX = 256
 
 
 class LayerError(InvalidArgument):
@@ -361,12 +367,16 @@ class _Applier:
         self.root = str(root)
         self.dir_times: list[tuple[str, int]] = []
         self.stats = {"entries": 0, "whiteouts": 0, "opaque_dirs": 0}
+        # What durable() flushes: every file written and every directory that holds an entry.
+        self.files: list[str] = []
+        self.dirs: set[str] = {self.root}
 
     def _parent(self, parts: list[str], entry: str, create: bool = True) -> str:
         """Absolute parent dir of parts, creating missing dirs; refuses any symlink on the way."""
         cur = self.root
         for p in parts[:-1]:
             cur = os.path.join(cur, p)
+            self.dirs.add(cur)
             try:
                 st = os.lstat(cur)
             except FileNotFoundError:
@@ -404,6 +414,7 @@ class _Applier:
         parent = self._parent(parts, m.name)
         path = os.path.join(parent, base)
         if m.isdir():
+            self.dirs.add(path)
             self._clear(path, keep_dir=True)
             if not os.path.isdir(path):
                 os.mkdir(path, 0o700)
@@ -473,6 +484,7 @@ class _Applier:
             os.ftruncate(fd, m.size)
         finally:
             os.close(fd)
+        self.files.append(path)
 
     def _metadata(self, m: tarfile.TarInfo, path: str) -> None:
         os.lchown(path, m.uid, m.gid)
@@ -494,6 +506,26 @@ class _Applier:
     def finish(self) -> None:
         for path, mtime_ns in reversed(self.dir_times):  # children first: their writes touch parents
             os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+
+    def durable(self) -> None:
+        """Put the applied tree on disk: each file written (data and inode), then each directory (its
+        entries: links, symlinks, fifos, whiteouts; its own xattrs and times), or one syncfs for a large
+        tree. The directories go last, so a journalling file system commits every earlier change with them."""
+        if len(self.files) + len(self.dirs) > FSYNC_EACH_MAX:
+            libc.syncfs(self.root)
+            return
+        for path in self.files:
+            _fsync_path(path, os.O_RDONLY)
+        for path in sorted(self.dirs, reverse=True):  # children first
+            _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_path(path: str, flags: int) -> None:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_range(src: Any, fd: int, offset: int, n: int, name: str) -> None:
@@ -524,7 +556,7 @@ def apply_writable_layer(tar_path: str | Path, upper: str | Path) -> dict[str, i
     except tarfile.TarError as e:  # a damaged or forged header
         raise LayerError(f"{tar_path}: not a valid tar: {e}") from None
     applier.finish()
-    libc.syncfs(upper)  # the snapshot row is committed next: its files must be on disk before that
+    applier.durable()  # the snapshot row is committed next: its files must be on disk before that
     return applier.stats
 
 

@@ -366,6 +366,8 @@ class ProtectionManager:
 
     @staticmethod
     def _claim_key(pc: ProtectedContainer) -> None:
+        if pc.epoch is not None:
+            return  # a restore claimed the key before listing its checkpoints: no second store client
         from shim.store import open_store
 
         try:
