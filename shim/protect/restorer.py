@@ -17,7 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,14 +138,10 @@ class Restorer:
                 except Exception as e:  # e.g. the store is down: listing fails below, or the task claims later
                     log.warning("%s: cannot claim the key before restoring: %s", protection.key, e)
             timings.claim_s = time.monotonic() - began - timings.open_s
-            try:
-                candidates = sorted(store.list(protection.key), key=lambda i: i.seq, reverse=True)
-                timings.list_s = time.monotonic() - began - timings.open_s - timings.claim_s
-            except Exception as e:
-                if _is_damage(e):
-                    raise
-                raise RestoreUnavailable(f"cannot list the checkpoints of {protection.key}: {e}") from None
-            for info in candidates:
+            listed = time.monotonic()
+            for info in _newest_first(store, protection.key):
+                if not timings.list_s:  # the listing and the newest manifest; older ones load only if needed
+                    timings.list_s = time.monotonic() - listed
                 if info.seq in skip:
                     continue
                 where = f"{protection.key}@{info.seq}"
@@ -206,6 +202,22 @@ class Restorer:
                     protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused, timings
                 )
         return NoUsableCheckpoint(protection.key, reasons, unused)
+
+
+def _newest_first(store: Any, key: str) -> Iterator[Any]:
+    """The key's checkpoints newest first, each manifest loaded only when the previous one was not used;
+    a store that stops answering meanwhile is an outage (RestoreUnavailable), as at the first listing."""
+    candidates = store.newest_first(key)
+    while True:
+        try:
+            info = next(candidates)
+        except StopIteration:
+            return
+        except Exception as e:
+            if _is_damage(e):
+                raise
+            raise RestoreUnavailable(f"cannot list the checkpoints of {key}: {e}") from None
+        yield info
 
 
 def _open_copies(open_store: Callable[[str], Any], protection: Protection) -> Any:

@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -445,17 +445,21 @@ class Copies:
         return copies
 
     def list(self, key: str) -> list[CheckpointInfo]:
+        return sorted(self.newest_first(key), key=lambda i: i.seq)
+
+    def newest_first(self, key: str) -> Iterator[CheckpointInfo]:
+        """The checkpoints any copy holds, newest first, each manifest loaded when asked for (Store.newest_first)."""
         copies = self._probe(key)
-        infos: list[CheckpointInfo] = []
-        for seq in sorted({s for c in copies for s in c.names}):
+        for seq in sorted({s for c in copies for s in c.names}, reverse=True):
             holders = [c for c in copies if seq in c.names]
             for c in holders:
                 try:
-                    infos.append(c.store._load(key, c.names[seq]).info(c.names[seq]))
-                    break
+                    info = c.store._load(key, c.names[seq]).info(c.names[seq])
                 except (*_COPY_FAILURES, KeyMismatch) as e:
                     log.warning("%s seq %d: manifest on %s unusable, trying another copy: %s", key, seq, c.store.url, e)
-        return infos
+                    continue
+                yield info
+                break
 
     def get(
         self,

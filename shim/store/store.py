@@ -164,6 +164,18 @@ class Store:
                     log.warning("skipping checkpoint: %s", e)
         return infos
 
+    def newest_first(self, key: str) -> Iterator[CheckpointInfo]:
+        """The key's committed checkpoints, newest first, like list() but each manifest loaded only when
+        the caller asks for the next one: a restore mostly uses the newest, and a large job's manifest
+        costs a GET and its decoding."""
+        seqs = self._names(key).get(key, {})
+        for seq in sorted(seqs, reverse=True):
+            name = seqs[seq][0]
+            try:
+                yield self._load(key, name).info(name)
+            except (ManifestCorrupt, CheckpointNotFound) as e:
+                log.warning("skipping checkpoint: %s", e)
+
     def latest(self, key: str, verify: bool = False) -> CheckpointInfo | None:
         """Newest committed checkpoint whose manifest decodes (and, with verify, whose chunks verify)."""
         for seq, name in sorted(self._committed(key).items(), reverse=True):
