@@ -192,20 +192,24 @@ class Sweep:
             argv = ["runc", "--root", str(runc_root(a)), "checkpoint", *args, stock_id]
             subprocess.run(argv, check=True, capture_output=True, timeout=1800)
 
+        with_stock = "stock" not in self.args.skip
         try:
-            a.ctr("run", "-d", "--runc-root", str(a.runc_root), self.refs["a"], stock_id, *memjob(mib, 5), input="")
+            if with_stock:
+                a.ctr("run", "-d", "--runc-root", str(a.runc_root), self.refs["a"], stock_id, *memjob(mib, 5), input="")
             run_job(a, self.refs["a"], job, command=memjob(mib, 6))
-            wait_for_step(a.rootfs(stock_id) / LOG_IN_CONTAINER.lstrip("/"), 2, timeout=_start_wait_s(mib))
+            if with_stock:
+                wait_for_step(a.rootfs(stock_id) / LOG_IN_CONTAINER.lstrip("/"), 2, timeout=_start_wait_s(mib))
             wait_for_step(job_log(a, job.cid), 2, timeout=_start_wait_s(mib))
 
-            img, wk = disk / "leave-running", disk / "leave-running.work"
-            t = time.monotonic()
-            runc_checkpoint("--leave-running", "--image-path", str(img), "--work-path", str(wk))
-            stock["checkpoint_s"] = time.monotonic() - t
-            st = read_dump_stats(wk)
-            stock["frozen_s"] = st.frozen_time_us / 1e6 if st else stock["checkpoint_s"]
-            shutil.rmtree(img, ignore_errors=True)
-            shutil.rmtree(wk, ignore_errors=True)
+            if with_stock:
+                img, wk = disk / "leave-running", disk / "leave-running.work"
+                t = time.monotonic()
+                runc_checkpoint("--leave-running", "--image-path", str(img), "--work-path", str(wk))
+                stock["checkpoint_s"] = time.monotonic() - t
+                st = read_dump_stats(wk)
+                stock["frozen_s"] = st.frozen_time_us / 1e6 if st else stock["checkpoint_s"]
+                shutil.rmtree(img, ignore_errors=True)
+                shutil.rmtree(wk, ignore_errors=True)
 
             res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
             rev.update(
@@ -215,17 +219,18 @@ class Sweep:
                 bytes_uploaded_local=res["bytes_uploaded"],
                 freeze_parts=res.get("freeze"),  # where the frozen milliseconds went (shim.protect.freeze)
             )
-            say(f"{mib} MiB: runc frozen {stock['frozen_s']:.2f} s, revenant frozen {res['freeze_s']:.2f} s")
+            runc_frozen = f"{stock['frozen_s']:.2f} s" if with_stock else "not run"
+            say(f"{mib} MiB: runc frozen {runc_frozen}, revenant frozen {res['freeze_s']:.2f} s")
             if "restore" in self.args.skip:
                 return rev, stock
 
-            # The stock job's final dump (frees its memory), archived untimed for the restore.
-            final, finalwk = disk / "final", disk / "final.work"
-            runc_checkpoint("--image-path", str(final), "--work-path", str(finalwk))
-            archive = disk / "final.tar.zst"
-            subprocess.run(f"tar -C {final} -cf - . | zstd -q -1 -T0 -o {archive}", shell=True, check=True)
-            shutil.rmtree(final, ignore_errors=True)
-            stock["archive_bytes"] = archive.stat().st_size
+            if with_stock:  # the stock job's final dump (frees its memory), archived untimed for the restore
+                final, finalwk = disk / "final", disk / "final.work"
+                runc_checkpoint("--image-path", str(final), "--work-path", str(finalwk))
+                archive = disk / "final.tar.zst"
+                subprocess.run(f"tar -C {final} -cf - . | zstd -q -1 -T0 -o {archive}", shell=True, check=True)
+                shutil.rmtree(final, ignore_errors=True)
+                stock["archive_bytes"] = archive.stat().st_size
 
             revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(a.revenant_run_dir), "--json")
             wait_stopped(a, job.cid, timeout=600)
@@ -238,7 +243,8 @@ class Sweep:
             wait_for_step(log, read_steps(log)[-1].n + 1, timeout=_start_wait_s(mib))
             self._remove(b, job.cid)  # its memory, before the peer's restore
 
-            stock.update(self._runc_restore(disk, archive, stock_id))
+            if with_stock:
+                stock.update(self._runc_restore(disk, archive, stock_id))
         finally:
             self._remove(a, job.cid)
             self._remove(b, job.cid)
@@ -495,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         action="append",
         default=[],
-        choices=("local", "restore", "s3", "podman", "incremental", "run"),
-        help="local = the file:// store and runc side (freeze, local commit, restore); restore = just the restores",
+        choices=("local", "stock", "restore", "s3", "podman", "incremental", "run"),
+        help="local = the file:// store and runc side (freeze, local commit, restore); stock = the runc side only "
+        "(its job runs beside revenant's: twice the memory); restore = just the restores",
     )
     ap.add_argument(
         "--stream-budget-mib",

@@ -9,10 +9,14 @@ it, so CRIU (runc's child) is born there; nothing else ever is. CRIU dumps the c
 it dumps, not its own: a dump from another cgroup than the container's is the normal case (CRIU runs
 in the shim's).
 
-cgroup v1 (`memory.limit_in_bytes`, `memory.max_usage_in_bytes`, `memory.oom_control`) where the
-memory controller is mounted there, else cgroup v2 (`memory.high` + `memory.max`, `memory.peak`,
-`memory.events`) where the shim's cgroup may delegate the controller. Where none can be made (no
-memory controller, no permission) the dump runs without it; that is logged once.
+The limit must never kill CRIU: killed mid-dump, it leaves the job's processes seized with its
+parasite inside them. Only page cache is meant to be held back; should CRIU's own memory reach the
+limit, the limit is lifted instead. cgroup v1 (`memory.limit_in_bytes`, `memory.max_usage_in_bytes`,
+`memory.oom_control`) where the memory controller is mounted there: its OOM killer is turned off for
+the cgroup (a task at the limit waits instead) and a watcher lifts the limit as soon as the cgroup
+reports `under_oom 1`. Else cgroup v2 where the shim's cgroup may delegate the controller: only
+`memory.high` (reclaim and throttling, never an OOM kill), `memory.peak`, `memory.events`. Where none
+can be made (no memory controller, no permission) the dump runs without it; that is logged once.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ ROOT = Path("/sys/fs/cgroup")
 # Joins the cgroup named by $0 (its cgroup.procs), then becomes runc: every process runc starts is
 # born inside. If the join fails, runc runs where the shim runs (reported by peak == 0).
 JOIN = 'echo $$ > "$0" 2>/dev/null; exec "$@"'
+OOM_POLL_S = 0.05  # how often the v1 watcher looks for a task waiting at the limit
 
 _warned = threading.Event()
 
@@ -41,6 +46,7 @@ class DumpCgroupReport:
     peak_bytes: int
     oom_kills: int
     version: int
+    lifted: bool = False  # the limit was lifted: CRIU's own memory reached it (v1)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -48,6 +54,7 @@ class DumpCgroupReport:
             "peak_bytes": self.peak_bytes,
             "oom_kills": self.oom_kills,
             "cgroup_version": self.version,
+            "limit_lifted": int(self.lifted),
         }
 
 
@@ -57,6 +64,9 @@ class DumpCgroup:
     def __init__(self, path: Path, v2: bool, limit_bytes: int) -> None:
         self.path, self.v2, self.limit_bytes = path, v2, limit_bytes
         self.report: DumpCgroupReport | None = None
+        self.lifted = False
+        self._closing = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @classmethod
     def create(cls, limit_bytes: int, root: Path = ROOT) -> DumpCgroup | None:
@@ -74,16 +84,39 @@ class DumpCgroup:
         cg = cls(path, v2, limit_bytes)
         try:
             if v2:
-                # memory.high throttles and reclaims below the hard limit, which only stops a runaway.
-                cg._write("memory.high", str(limit_bytes - limit_bytes // 8))
-                cg._write("memory.max", str(limit_bytes))
+                # memory.high reclaims and throttles; no memory.max: its OOM kill would end CRIU mid-dump.
+                cg._write("memory.high", str(limit_bytes))
             else:
                 cg._write("memory.limit_in_bytes", str(limit_bytes))
+                cg._write("memory.oom_control", "1")  # at the limit a task waits (the watcher lifts it)
         except OSError as e:
             cg._remove()
             _warn_once(f"cannot limit a dump's memory cgroup {path}, CRIU's page cache is not bounded: {e}")
             return None
+        if not v2:
+            cg._watcher = threading.Thread(target=cg._lift_when_stuck, name="dump-memcg-watch", daemon=True)
+            cg._watcher.start()
         return cg
+
+    def _lift_when_stuck(self) -> None:
+        """v1: a task waiting at the limit means memory that reclaim cannot free (CRIU's own, not page
+        cache): lift the limit so the dump goes on, and say so."""
+        while not self._closing.wait(OOM_POLL_S):
+            try:
+                stuck = "under_oom 1" in (self.path / "memory.oom_control").read_text()
+                if stuck:
+                    self._write("memory.limit_in_bytes", "-1")
+            except OSError:
+                return  # removed
+            if stuck:
+                self.lifted = True
+                log.warning(
+                    "the dump's memory cgroup %s reached its limit (%d bytes) with memory reclaim cannot free: "
+                    "limit lifted, this dump's page cache is not bounded",
+                    self.path,
+                    self.limit_bytes,
+                )
+                return
 
     def wrap(self, argv: list[str]) -> list[str]:
         return ["/bin/sh", "-c", JOIN, str(self.path / "cgroup.procs"), *argv]
@@ -91,7 +124,12 @@ class DumpCgroup:
     def close(self) -> DumpCgroupReport:
         """Read the peak and the OOM kills, remove the cgroup (runc and CRIU have exited)."""
         if self.report is None:
-            self.report = DumpCgroupReport(self.limit_bytes, self._peak(), self._oom_kills(), 2 if self.v2 else 1)
+            self._closing.set()
+            if self._watcher is not None:
+                self._watcher.join()
+            self.report = DumpCgroupReport(
+                self.limit_bytes, self._peak(), self._oom_kills(), 2 if self.v2 else 1, self.lifted
+            )
             self._remove()
         return self.report
 

@@ -5,6 +5,7 @@ held to the limit by the kernel without an OOM kill, and close() reports the pea
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,21 @@ def test_a_writer_in_the_dump_cgroup_is_held_to_its_limit(tmp_path: Path) -> Non
     assert report.oom_kills == 0
     assert not path.exists(), "the dump cgroup was left behind"
     assert cg.close() is report  # idempotent
+
+
+def test_memory_reclaim_cannot_free_lifts_the_limit_instead_of_killing(tmp_path: Path) -> None:
+    """CRIU's own memory beyond the limit must not get it killed mid-dump: the limit goes instead."""
+    cg = DumpCgroup.create(64 * MIB)
+    assert cg is not None, "no memory cgroup on this machine"
+    grow = "x = b'\\x01' * (160 << 20); print(len(x))"  # 160 MiB of anonymous memory, every page touched
+    res = subprocess.run(cg.wrap([sys.executable, "-c", grow]), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == str(160 * MIB), res  # it ran to the end
+    report = cg.close()
+    assert report.oom_kills == 0
+    if report.version == 1:
+        assert report.lifted and report.as_dict()["limit_lifted"] == 1
+        assert report.peak_bytes > 64 * MIB  # went on past the lifted limit
+    assert not cg.path.exists()
 
 
 def test_without_a_memory_controller_the_dump_runs_unbounded(
