@@ -520,10 +520,12 @@ class Store:
             if digest not in mine:
                 reused.setdefault(digest, (None, 0, length))
         log.info(
-            "page images: %d bytes found in the parent, %d zero, %d new; page table %d bytes",
+            "page images: %d bytes found in the parent, %d zero, %d new (%d windows too finely changed to "
+            "reference, uploaded whole); page table %d bytes",
             planner.found_bytes,
             planner.zero_bytes,
             planner.new_bytes,
+            planner.fallback_windows,
             len(table),
         )
         return {"hash": PAGE_HASH, "size": len(table), "chunks": refs}
