@@ -138,16 +138,12 @@ class DumpCgroup:
 
     def _peak(self) -> int:
         with contextlib.suppress(OSError, ValueError):
-            return int((self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")).read_text())
+            return read_peak(self.path, self.v2)
         return 0
 
     def _oom_kills(self) -> int:
-        with contextlib.suppress(OSError):
-            text = (self.path / ("memory.events" if self.v2 else "memory.oom_control")).read_text()
-            for line in text.splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill":
-                    return int(v)
+        with contextlib.suppress(OSError, ValueError):
+            return read_oom_kills(self.path, self.v2)
         return 0
 
     def _remove(self) -> None:
@@ -155,6 +151,20 @@ class DumpCgroup:
             os.rmdir(self.path)
         except OSError as e:  # a process still inside: the next dump's cgroup has another name
             log.warning("cannot remove the dump's memory cgroup %s: %s", self.path, e)
+
+
+def read_peak(path: Path, v2: bool) -> int:
+    """The memory cgroup's highest charge since creation: memory, tmpfs and page cache of all inside."""
+    return int((path / ("memory.peak" if v2 else "memory.max_usage_in_bytes")).read_text())
+
+
+def read_oom_kills(path: Path, v2: bool) -> int:
+    """How many processes the kernel's OOM killer ended in the memory cgroup."""
+    for line in (path / ("memory.events" if v2 else "memory.oom_control")).read_text().splitlines():
+        k, _, v = line.partition(" ")
+        if k == "oom_kill":
+            return int(v)
+    return 0
 
 
 def _own_memory_cgroup(root: Path) -> tuple[Path, bool]:

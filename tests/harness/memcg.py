@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+from shim.runc.memcg import read_oom_kills, read_peak
+
 ROOT = Path("/sys/fs/cgroup")
 
 
@@ -45,15 +47,10 @@ class MemoryCgroup:
 
     def peak(self) -> int:
         """Highest charge since creation: memory, tmpfs and page cache of everything inside."""
-        return int((self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")).read_text())
+        return read_peak(self.path, self.v2)
 
     def oom_kills(self) -> int:
-        text = (self.path / ("memory.events" if self.v2 else "memory.oom_control")).read_text()
-        for line in text.splitlines():
-            k, _, v = line.partition(" ")
-            if k == "oom_kill":
-                return int(v)
-        return 0
+        return read_oom_kills(self.path, self.v2)
 
     def remove(self) -> None:
         """Move what is left up to the parent, then remove the cgroup (it must be empty)."""
