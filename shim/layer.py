@@ -440,6 +440,8 @@ class _Applier:
                 raise LayerError(f"hardlink {m.name!r} -> {m.linkname!r}: target not in the layer") from None
             if stat.S_ISDIR(tst.st_mode):
                 raise LayerError(f"hardlink {m.name!r} -> {m.linkname!r}: target is a directory")
+            if os.path.normpath(target) == os.path.normpath(path):  # clearing the name would remove the target
+                raise LayerError(f"hardlink {m.name!r} -> {m.linkname!r}: links to itself")
             self._clear(path, keep_dir=False)
             os.link(target, path, follow_symlinks=False)
             return  # a hardlink shares the target's inode: no metadata of its own
@@ -505,7 +507,10 @@ class _Applier:
 
     def finish(self) -> None:
         for path, mtime_ns in reversed(self.dir_times):  # children first: their writes touch parents
-            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            # A later entry may have replaced the directory or one above it (`a/a`, then `a` a file):
+            # the last entry wins, as in any tar.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
 
     def durable(self) -> None:
         """Put the applied tree on disk: each file written (data and inode), then each directory (its
@@ -514,16 +519,25 @@ class _Applier:
         if len(self.files) + len(self.dirs) > FSYNC_EACH_MAX:
             libc.syncfs(self.root)
             return
-        for path in self.files:
-            _fsync_path(path, os.O_RDONLY)
-        for path in sorted(self.dirs, reverse=True):  # children first
-            _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+        for path in dict.fromkeys([*self.files, *sorted(self.dirs, reverse=True)]):  # children dirs first
+            _fsync_if_file_or_dir(path)
 
 
-def _fsync_path(path: str, flags: int) -> None:
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _fsync_if_file_or_dir(path: str) -> None:
+    """fsync what is at path now, if it is a regular file or a directory. A later entry of the same tar
+    may have removed it (a whiteout) or replaced it with another kind (a directory by a file, a file by
+    a symlink): what is gone needs no fsync, and anything else is never opened (a device or a fifo could
+    act on an open); its parent directory's fsync records the entry."""
     try:
-        os.fsync(fd)
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # removed, or a directory above it replaced by a file
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) == (st.st_ino, st.st_dev):
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -172,6 +172,7 @@ HOSTILE: dict[str, tuple[list[tuple[tarfile.TarInfo, bytes | None]], str]] = {
         [(_ti("s", tarfile.SYMTYPE, "/"), None), (_ti("h", tarfile.LNKTYPE, "s/etc/passwd"), None)],
         "goes through symlink",
     ),
+    "hardlink-to-itself": ([(_ti("a"), b"x"), (_ti("a", tarfile.LNKTYPE, "a"), None)], "links to itself"),
     "char-device": ([(_ti("dev/null", tarfile.CHRTYPE), None)], "character device"),
     "block-device": ([(_ti("sda", tarfile.BLKTYPE), None)], "block device"),
     "long-name": ([(_ti("d/" + "n" * 300), b"x")], "longer than 255"),

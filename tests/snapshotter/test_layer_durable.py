@@ -5,6 +5,7 @@ a layer too large for per-file fsyncs still gets one syncfs."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,34 @@ def test_a_large_layer_is_made_durable_by_one_syncfs(
     apply_writable_layer(tar_path, target)
     assert synced["syncfs"] == [str(target)] and synced["fsync"] == []
     assert sorted(p.name for p in (target / "etc/deep").iterdir()) == [f"f{i}" for i in range(5)]
+
+
+def test_entries_replaced_later_in_the_tar_are_not_fsynced_as_what_they_were(tmp_path: Path) -> None:
+    """A directory replaced by a file, a file by a symlink, a file removed by a whiteout, all in one tar
+    (found by the layer fuzzer: the durability pass opened `a` as the directory it no longer was)."""
+    import io
+    import tarfile
+
+    tar_path = tmp_path / "layer.tar"
+    with tarfile.open(tar_path, "w") as tar:
+
+        def add(name: str, kind: bytes, data: bytes = b"", linkname: str = "") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.linkname, info.mode = kind, len(data), linkname, 0o644
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("a", tarfile.DIRTYPE)
+        add("a/a", tarfile.DIRTYPE)
+        add("a/a/f", tarfile.REGTYPE, b"gone with a\n")
+        add("a", tarfile.REGTYPE, b"now a file\n")
+        add("b", tarfile.REGTYPE, b"soon a link\n")
+        add("b", tarfile.SYMTYPE, linkname="a")
+        add("c", tarfile.REGTYPE, b"soon gone\n")
+        add(".wh.c", tarfile.REGTYPE)
+    target = tmp_path / "target"
+    target.mkdir()
+    apply_writable_layer(tar_path, target)
+    assert (target / "a").read_text() == "now a file\n"
+    assert os.readlink(target / "b") == "a"
+    st = os.lstat(target / "c")  # in an overlay upper dir a whiteout is a 0/0 character device
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and not (target / ".wh.c").exists()
