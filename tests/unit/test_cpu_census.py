@@ -26,8 +26,21 @@ def _spin(seconds: float) -> None:
 
 def test_a_thread_that_ended_inside_the_span_still_counts() -> None:
     census = census_mod.Census(os.getpid(), period=0.05).start()
-    worker = threading.Thread(target=_spin, args=(0.5,), name="census-spin")
+    sampled = threading.Event()
+
+    def work() -> None:
+        _spin(0.5)
+        sampled.wait(60)  # alive until a sample has seen its CPU (a loaded machine may delay the sampler)
+
+    worker = threading.Thread(target=work, name="census-spin")
     worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        seen = census.threads_latest.get(worker.native_id)
+        if seen is not None and seen.run_ns >= 0.3e9:
+            break
+        time.sleep(0.05)
+    sampled.set()
     worker.join()
     text = census.stop()
     assert worker.native_id not in census_mod.threads(os.getpid())  # gone, yet counted from its samples
