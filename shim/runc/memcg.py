@@ -73,7 +73,7 @@ class DumpCgroup:
         """A child of this process's memory cgroup limited to limit_bytes, or None where none can be made.
         Its name is random (nothing from outside goes into the path)."""
         try:
-            parent, v2 = _own_memory_cgroup(root)
+            parent, v2 = own_memory_cgroup(root)
             if v2:
                 _delegate_memory(parent)
             path = parent / f"revenant-dump-{secrets.token_hex(8)}"
@@ -167,7 +167,7 @@ def read_oom_kills(path: Path, v2: bool) -> int:
     return 0
 
 
-def _own_memory_cgroup(root: Path) -> tuple[Path, bool]:
+def own_memory_cgroup(root: Path) -> tuple[Path, bool]:
     """(this process's memory cgroup directory, whether it is cgroup v2); OSError where there is none."""
     v1 = v2 = None
     for line in Path("/proc/self/cgroup").read_text().splitlines():

@@ -9,31 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
 
-from shim.runc.memcg import read_oom_kills, read_peak
-
-ROOT = Path("/sys/fs/cgroup")
-
-
-def _own_memory_cgroup() -> tuple[Path, bool]:
-    """(this process's memory cgroup directory, whether it is cgroup v2)."""
-    v1 = v2 = None
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        hid, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            v1 = path
-        elif hid == "0":
-            v2 = path
-    if v1 is not None and (ROOT / "memory").is_dir():
-        return ROOT / "memory" / v1.lstrip("/"), False
-    assert v2 is not None, "no memory cgroup"
-    return ROOT / v2.lstrip("/"), True
+from shim.runc.memcg import ROOT, own_memory_cgroup, read_oom_kills, read_peak
 
 
 class MemoryCgroup:
     def __init__(self, name: str, limit_bytes: int) -> None:
-        parent, self.v2 = _own_memory_cgroup()
+        parent, self.v2 = own_memory_cgroup(ROOT)
         self.path = parent / name
         self.path.mkdir()
         self._write("memory.max" if self.v2 else "memory.limit_in_bytes", str(limit_bytes))
