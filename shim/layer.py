@@ -536,7 +536,8 @@ def _fsync_if_file_or_dir(path: str) -> None:
         return
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        if (os.fstat(fd).st_ino, os.fstat(fd).st_dev) == (st.st_ino, st.st_dev):
+        now = os.fstat(fd)
+        if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
             os.fsync(fd)
     finally:
         os.close(fd)
