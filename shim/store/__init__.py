@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 from .backends import open_backend
 from .chunking import Chunker
 from .crypto import Keyring, load_key_file
+from .deferred import DeferredReader
 from .errors import (
     BackendUnavailable,
     CheckpointNotFound,
@@ -21,6 +22,7 @@ from .errors import (
     KeyMismatch,
     LockLost,
     ManifestCorrupt,
+    NotDeferred,
     StoreError,
 )
 from .model import CheckpointInfo
@@ -51,11 +53,13 @@ __all__ = [
     "CheckpointNotFound",
     "ChunkCorrupt",
     "Chunker",
+    "DeferredReader",
     "Fenced",
     "KeyMismatch",
     "Keyring",
     "LockLost",
     "ManifestCorrupt",
+    "NotDeferred",
     "Store",
     "StoreError",
     "load_key_file",

@@ -30,6 +30,10 @@ class ChunkCorrupt(StoreError, errors.DataLoss):
         super().__init__(f"chunk {digest} {detail}" + (f" ({where})" if where else ""))
 
 
+class NotDeferred(StoreError, errors.OutOfRange):
+    """A lazy-restore read outside the checkpoint's deferred ranges (shim.store.deferred): refused."""
+
+
 class ManifestCorrupt(StoreError, errors.DataLoss):
     """A checkpoint manifest is truncated, unreadable or fails its digest check."""
 

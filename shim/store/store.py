@@ -27,6 +27,7 @@ from .backends.base import Backend, Damaged, NotFound, TooLarge
 from .chunkcache import ChunkCache
 from .chunking import Chunker
 from .crypto import Keyring, StoreKey, sealed_manifest_key_id
+from .deferred import DEFAULT_MEMORY, DeferredReader, DeferSplit
 from .errors import (
     BackendUnavailable,
     CheckpointNotFound,
@@ -718,6 +719,40 @@ class Store:
     ) -> CheckpointInfo:
         """Restore a checkpoint into dest_dir (absent or empty); timings, if given, learns where the time
         went (shim.store.get_timing)."""
+        m, name = self._get(key, Path(dest_dir), seq, fallback, progress, timings)
+        return m.info(name)
+
+    def get_deferred(
+        self,
+        key: str,
+        dest_dir: Path,
+        may_defer: Callable[[str], bool],
+        defer: Callable[[Path], Mapping[str, Sequence[tuple[int, int]]]],
+        seq: int | None = None,
+        fallback: bool = True,
+        progress: Progress | None = None,
+        timings: GetTimings | None = None,
+        memory_limit: int = DEFAULT_MEMORY,
+    ) -> tuple[CheckpointInfo, DeferredReader]:
+        """get() for a lazy restore: the files may_defer names are written last, without the byte ranges
+        defer (called with the partial root once every other file is written) returns for them; those
+        stay holes, to be read, verified, through the returned DeferredReader (close it before the store).
+        """
+        split = DeferSplit(may_defer, defer)
+        m, name = self._get(key, Path(dest_dir), seq, fallback, progress, timings, split)
+        return m.info(name), DeferredReader(self, m, split.files, memory_limit)
+
+    def _get(
+        self,
+        key: str,
+        dest: Path,
+        seq: int | None,
+        fallback: bool,
+        progress: Progress | None,
+        timings: GetTimings | None,
+        split: DeferSplit | None = None,
+    ) -> tuple[Manifest, str]:
+        """The manifest restored into dest, and its name: the newest usable one (or seq's)."""
         committed = self._committed(key)
         if seq is not None:
             if seq not in committed:
@@ -734,7 +769,7 @@ class Store:
         for s in order:
             try:
                 m = self._load(key, committed[s])
-                self._restore(m, Path(dest_dir), progress, timings)
+                self._restore(m, dest, progress, timings, split)
                 if errors:
                     log.warning(
                         "restored %r from OLDER checkpoint seq %d because newer ones are damaged: %s",
@@ -742,7 +777,7 @@ class Store:
                         s,
                         "; ".join(errors),
                     )
-                return m.info(committed[s])
+                return m, committed[s]
             except (ChunkCorrupt, ManifestCorrupt, CheckpointNotFound) as e:
                 last = e
                 errors.append(f"seq {s}: {e}")
@@ -753,7 +788,14 @@ class Store:
             raise last
         raise StoreError(f"no usable checkpoint for {key!r}: " + "; ".join(errors)) from last
 
-    def _restore(self, m: Manifest, dest: Path, progress: Progress | None, timings: GetTimings | None = None) -> None:
+    def _restore(
+        self,
+        m: Manifest,
+        dest: Path,
+        progress: Progress | None,
+        timings: GetTimings | None = None,
+        split: DeferSplit | None = None,
+    ) -> None:
         """Build the tree in a fresh 0700 sibling dir, then rename it onto dest (absent or an empty dir)."""
         _check_destination(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -763,7 +805,7 @@ class Store:
             root_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 started = time.monotonic()
-                self._materialize(m, TreeWriter(root_fd, os.geteuid() == 0), progress, timings)
+                self._materialize(m, TreeWriter(root_fd, os.geteuid() == 0), progress, timings, split, tmp)
                 if timings is not None:
                     timings.wall_s = time.monotonic() - started
             except OSError as e:
@@ -779,9 +821,17 @@ class Store:
             raise
 
     def _materialize(
-        self, m: Manifest, tree: TreeWriter, progress: Progress | None, timings: GetTimings | None = None
+        self,
+        m: Manifest,
+        tree: TreeWriter,
+        progress: Progress | None,
+        timings: GetTimings | None = None,
+        split: DeferSplit | None = None,
+        root: Path | None = None,
     ) -> None:
-        """Write a validated manifest's entries below tree's root; parents always precede children."""
+        """Write a validated manifest's entries below tree's root (at root); parents always precede children.
+
+        split: the files it may defer are written after all others, without the ranges it decides then."""
         files = [e for e in m.entries if e["type"] == "file"]
         counter = _Counter(sum(c[1] for e in files for c in e["chunks"]), progress)
         slots = threading.BoundedSemaphore(self.max_inflight)
@@ -825,7 +875,14 @@ class Store:
                     tree.mkdir(e["path"])
                 elif e["type"] == "symlink":
                     tree.symlink(e["path"], e["target"])
-            self._write_files(m, files, tree, fetch, slots, timings)
+            if split is None or root is None:
+                self._write_files(m, files, tree, fetch, slots, timings)
+            else:
+                later = [e for e in files if split.may_defer(e["path"])]
+                self._write_files(m, [e for e in files if not split.may_defer(e["path"])], tree, fetch, slots, timings)
+                now = split.decide(m, root, later)
+                counter.add(split.deferred_bytes)  # left for the reader: done as far as this get goes
+                self._write_files(m, later, tree, fetch, slots, timings, now)
             # Metadata last, deepest first, so writing children does not disturb parents' mtimes.
             for e in sorted(m.entries, key=lambda e: e["path"].count("/"), reverse=True):
                 tree.metadata(e)
@@ -840,9 +897,11 @@ class Store:
         fetch: Callable[[int, builtins.list[Any], str], None],
         slots: threading.BoundedSemaphore,
         timings: GetTimings | None = None,
+        refs: Mapping[str, builtins.list[Any]] | None = None,
     ) -> None:
         """Fetch the files' chunks on the worker pool, smallest files first: CRIU's small images (and the
-        writable layer) are complete before the page images, which take most of the time."""
+        writable layer) are complete before the page images, which take most of the time. refs: the
+        references to write of some files instead of all of theirs (a deferred get)."""
         # Files still being written: (fd, its chunk futures). At most 32 stay open (a manifest may list
         # a million files), the oldest is finished and closed first.
         open_files: deque[tuple[int, list[Future[None]]]] = deque()
@@ -855,7 +914,8 @@ class Store:
                 os.close(fd)
 
         files = sorted(files, key=lambda e: e["size"])
-        groups = [_ref_groups(e["chunks"]) for e in files]
+        refs = refs or {}
+        groups = [_ref_groups(refs.get(e["path"], e["chunks"])) for e in files]
         self.backend.plan_reads(g[0][2] for file_groups in groups for g in file_groups if g[0][2] != ZERO)
         try:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="revenant-get") as pool:

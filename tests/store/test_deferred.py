@@ -1,0 +1,301 @@
+"""Lazy restore, the store side: get_deferred leaves the deferred ranges as holes, DeferredReader serves them
+verified (shim.store.deferred)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+
+from harness.store_util import corrupt_chunk, newest_name, tree_digest
+from shim.store import ChunkCorrupt, Chunker, DeferredReader, NotDeferred, StoreError, open_store
+
+KEY = "default/mypod/main"
+PAGE = 4096
+PAGES = 1024  # a 4 MiB page image
+REQUEST = 64 * PAGE  # what CRIU's lazy-pages daemon asks for at a time in its background walk
+# Page runs [first, count) left for the reader: not on chunk boundaries, one page alone, up to the end.
+LAZY = [(10, 280), (500, 1), (700, 324)]
+PAGES_IMG = "criu/pages-1.img"
+
+
+def page_content(rng: random.Random, i: int) -> bytes:
+    kind = i % 4
+    if kind in (0, 1):
+        return rng.randbytes(PAGE)
+    if kind == 2:
+        return bytes(PAGE)
+    line = b"page %08d of a repetitive heap\n" % i
+    return (line * (PAGE // len(line) + 1))[:PAGE]
+
+
+def make_dump(root: Path, seed: int = 1, pages: list[bytes] | None = None) -> list[bytes]:
+    """A CRIU-like dump whose pagemap-1.img names the lazy page runs (as CRIU's pagemap would)."""
+    rng = random.Random(seed)
+    pages = pages or [page_content(rng, i) for i in range(PAGES)]
+    (root / "criu").mkdir(parents=True, exist_ok=True)
+    (root / PAGES_IMG).write_bytes(b"".join(pages))
+    (root / "criu" / "pagemap-1.img").write_text(json.dumps(LAZY))
+    (root / "criu" / "core-1.img").write_bytes(rng.randbytes(5000))
+    (root / "rootfs-diff").mkdir()
+    (root / "rootfs-diff" / "etc-hosts").write_bytes(b"127.0.0.1 localhost\n")
+    return pages
+
+
+def may_defer(path: str) -> bool:
+    return fnmatch(path, "criu/pages-*.img")
+
+
+class Defer:
+    """The caller's side: reads the lazy runs from the pagemap in the partial root."""
+
+    def __init__(self) -> None:
+        self.roots: list[Path] = []
+
+    def __call__(self, root: Path) -> dict[str, list[tuple[int, int]]]:
+        self.roots.append(root)
+        assert not (root / PAGES_IMG).exists(), "page images are written after defer answered"
+        runs = json.loads((root / "criu" / "pagemap-1.img").read_text())
+        return {PAGES_IMG: [(first * PAGE, count * PAGE) for first, count in runs]}
+
+
+def lazy_bytes() -> list[tuple[int, int]]:
+    return [(first * PAGE, count * PAGE) for first, count in LAZY]
+
+
+def read_all(reader: DeferredReader, path: str, ranges: list[tuple[int, int]], request: int = REQUEST) -> bytes:
+    out = []
+    for off, length in ranges:
+        for pos in range(off, off + length, request):
+            out.append(reader.read(path, pos, min(request, off + length - pos)))
+    return b"".join(out)
+
+
+def data_in(path: Path, off: int, length: int) -> bool:
+    """Whether [off, off + length) of the file has any allocated data (SEEK_DATA)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, off, os.SEEK_DATA) < off + length
+    except OSError:  # ENXIO: no data after off
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(params=["file", "s3"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "file":
+        return f"file://{tmp_path}/store"
+    return request.getfixturevalue("s3_server").url
+
+
+@pytest.mark.parametrize("chunker", ["fixed:65536", "fastcdc:16384"])
+def test_deferred_ranges_are_holes_and_reads_give_the_rest(url: str, tmp_path: Path, chunker: str) -> None:
+    src = tmp_path / "src"
+    pages = make_dump(src)
+    original = b"".join(pages)
+    store = open_store(url, chunker=Chunker.parse(chunker))
+    store.put(KEY, src, metadata={"runtime": "runc"})
+    full = tmp_path / "full"
+    plain = store.get(KEY, full)
+
+    defer = Defer()
+    lazy = tmp_path / "lazy"
+    progress: list[tuple[int, int]] = []
+    info, reader = store.get_deferred(KEY, lazy, may_defer, defer, progress=lambda d, t: progress.append((d, t)))
+    with reader:
+        assert info == plain and info.metadata == {"runtime": "runc"}
+        assert [r.parent for r in defer.roots] == [tmp_path] and defer.roots[0].name.startswith(".lazy.partial-")
+        assert progress[-1][0] == progress[-1][1]
+        assert reader.ranges == {PAGES_IMG: lazy_bytes()}
+
+        # Everything but the deferred ranges is byte-identical to get; those are holes.
+        want, got = tree_digest(full), tree_digest(lazy)
+        assert {k: v for k, v in got.items() if k != PAGES_IMG} == {k: v for k, v in want.items() if k != PAGES_IMG}
+        restored = (lazy / PAGES_IMG).read_bytes()
+        assert len(restored) == len(original)
+        expected = bytearray(original)
+        for off, length in lazy_bytes():
+            expected[off : off + length] = bytes(length)
+            assert not data_in(lazy / PAGES_IMG, off, length), f"deferred range at {off} was written"
+        assert restored == expected
+        assert data_in(lazy / PAGES_IMG, 0, 10 * PAGE)
+
+        # The reads of every deferred range, in CRIU-sized requests, are the original bytes.
+        assert read_all(reader, PAGES_IMG, lazy_bytes()) == b"".join(original[o : o + n] for o, n in lazy_bytes())
+        assert reader.read(PAGES_IMG, 800 * PAGE + 17, 3) == original[800 * PAGE + 17 : 800 * PAGE + 20]
+        stats = reader.stats()
+        assert stats["bytes_served"] > 0 and stats["chunks_fetched"] > 0
+
+        # Anything outside one deferred range is refused.
+        for path, off, length in [
+            (PAGES_IMG, 0, PAGE),  # written now, not deferred
+            (PAGES_IMG, 289 * PAGE, 2 * PAGE),  # runs past a range's end
+            (PAGES_IMG, 499 * PAGE, 2 * PAGE),  # starts before a range
+            (PAGES_IMG, 1023 * PAGE, 2 * PAGE),  # past the file's end
+            (PAGES_IMG, 10 * PAGE, 0),
+            (PAGES_IMG, -1, 1),
+            ("criu/core-1.img", 0, 1),
+            ("criu/pages-2.img", 0, 1),
+        ]:
+            with pytest.raises(NotDeferred):
+                reader.read(path, off, length)
+    with pytest.raises(StoreError, match="closed"):
+        reader.read(PAGES_IMG, 10 * PAGE, PAGE)
+
+
+def test_corrupt_deferred_chunk_fails_the_read_not_the_get(url: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    original = b"".join(make_dump(src))
+    store = open_store(url, chunker=Chunker.parse("fixed:65536"))
+    store.put(KEY, src)
+    doc = store._load(KEY, newest_name(store, KEY))
+    refs = next(e["chunks"] for e in doc.entries if e["path"] == PAGES_IMG)
+    # A chunk wholly inside the last deferred range (pages 700..1023) that no other chunk repeats.
+    bad = next(r for r in refs if r[0] >= 704 * PAGE and r[2] != "zero" and sum(x[2] == r[2] for x in refs) == 1)
+    corrupt_chunk(store, None, bad[2])
+    fresh = open_store(url)
+    info, reader = fresh.get_deferred(KEY, tmp_path / "lazy", may_defer, Defer(), fallback=False)
+    with reader:
+        assert info.seq == 1
+        first = lazy_bytes()[0]
+        assert read_all(reader, PAGES_IMG, [first]) == original[first[0] : first[0] + first[1]]
+        with pytest.raises(ChunkCorrupt, match=bad[2]):
+            read_all(reader, PAGES_IMG, [lazy_bytes()[2]])
+        with pytest.raises(ChunkCorrupt, match=bad[2]):  # asked again: fetched again, refused again
+            reader.read(PAGES_IMG, bad[0], PAGE)
+
+
+def test_encrypted_store(url: str, tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32))
+    os.close(fd)
+    src = tmp_path / "src"
+    original = b"".join(make_dump(src))
+    open_store(url, key_files=[key]).put(KEY, src)
+    with pytest.raises(StoreError):  # without its key nothing is read
+        open_store(url).get_deferred(KEY, tmp_path / "nokey", may_defer, Defer())
+    _info, reader = open_store(url, key_files=[key]).get_deferred(KEY, tmp_path / "lazy", may_defer, Defer())
+    with reader:
+        assert read_all(reader, PAGES_IMG, lazy_bytes()) == b"".join(original[o : o + n] for o, n in lazy_bytes())
+        assert reader.stats()["open_ms"] > 0  # chunks were opened (decrypted)
+
+
+def test_page_planner_incremental_checkpoint(url: str, tmp_path: Path) -> None:
+    """Second put dedups page by page against the first: its page image is slices of the parent's chunks."""
+    pages = make_dump(tmp_path / "a")
+    rng = random.Random(5)
+    changed = list(pages)
+    for i in rng.sample(range(PAGES), 40):
+        changed[i] = rng.randbytes(PAGE)
+    make_dump(tmp_path / "b", pages=changed)
+    store = open_store(url)
+    store.put(KEY, tmp_path / "a", page_images=["criu/pages-*.img"])
+    info2 = store.put(KEY, tmp_path / "b", page_images=["criu/pages-*.img"])
+    m = store._load(KEY, newest_name(store, KEY))
+    assert any(len(r) == 5 for e in m.entries if e["path"] == PAGES_IMG for r in e["chunks"])
+    info, reader = open_store(url).get_deferred(KEY, tmp_path / "lazy", may_defer, Defer())
+    with reader:
+        assert info.seq == info2.seq == 2
+        original = b"".join(changed)
+        assert read_all(reader, PAGES_IMG, lazy_bytes()) == b"".join(original[o : o + n] for o, n in lazy_bytes())
+    full = tmp_path / "full"
+    store.get(KEY, full)
+    restored = (tmp_path / "lazy" / PAGES_IMG).read_bytes()
+    for off, length in lazy_bytes():
+        restored = restored[:off] + original[off : off + length] + restored[off + length :]
+    assert restored == (full / PAGES_IMG).read_bytes()
+
+
+def test_read_ahead_stays_within_its_bound(tmp_path: Path) -> None:
+    """A sequential walk of an 8 MiB deferred file with a 1 MiB bound: read-ahead serves most chunks, holds
+    at most the bound (plus the one chunk a waiting read fetches), and fetches each chunk once."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    data = os.urandom(8 << 20)
+    (src / PAGES_IMG).write_bytes(data)
+    url = f"file://{tmp_path}/store"
+    chunk = 64 << 10
+    open_store(url, chunker=Chunker.parse(f"fixed:{chunk}")).put(KEY, src)
+    limit = 1 << 20
+
+    def whole(_root: Path) -> dict[str, list[tuple[int, int]]]:
+        return {PAGES_IMG: [(0, len(data))]}
+
+    store = open_store(url, workers=4)
+    _info, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, whole, memory_limit=limit)
+    with reader:
+        assert read_all(reader, PAGES_IMG, [(0, len(data))], request=16 * PAGE) == data
+        stats = reader.stats()
+    assert stats["held_peak"] <= limit + chunk, stats
+    assert stats["chunks_fetched"] == len(data) // chunk, stats  # nothing evicted before it was read
+    assert stats["ahead_used"] > len(data) // chunk // 2, stats
+    assert reader.stats()["held_bytes"] == 0, "close releases the cache"
+    assert not any(t.name.startswith("revenant-lazy") for t in threading.enumerate()), "close stops read-ahead"
+
+
+def test_concurrent_reads_while_reading_ahead(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    original = b"".join(make_dump(src))
+    url = f"file://{tmp_path}/store"
+    open_store(url, chunker=Chunker.parse("fastcdc:16384")).put(KEY, src)
+    _info, reader = open_store(url).get_deferred(KEY, tmp_path / "lazy", may_defer, Defer(), memory_limit=256 << 10)
+    results: dict[int, tuple[bool, bytes]] = {}
+
+    def walk(i: int, rng: random.Random) -> None:
+        """Faulting pages first, anywhere, then the background walk, as CRIU's lazy-pages daemon does."""
+        faults = [(o + PAGE * rng.randrange(n // PAGE), PAGE) for o, n in lazy_bytes() * 3]
+        ok = all(reader.read(PAGES_IMG, o, n) == original[o : o + n] for o, n in faults)
+        results[i] = ok, read_all(reader, PAGES_IMG, lazy_bytes(), request=PAGE * rng.randint(1, 64))
+
+    with reader:
+        threads = [threading.Thread(target=walk, args=(i, random.Random(i))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    whole = b"".join(original[o : o + n] for o, n in lazy_bytes())
+    assert sorted(results) == [0, 1, 2, 3] and all(r == (True, whole) for r in results.values())
+
+
+@pytest.mark.parametrize(
+    "answer, error",
+    [
+        ({"criu/core-1.img": [(0, 10)]}, "not a file that may be deferred"),
+        ({PAGES_IMG: [(PAGES * PAGE - 10, 11)]}, "outside"),
+        ({PAGES_IMG: [(-1, 10)]}, "outside"),
+        ({PAGES_IMG: [(0, 0)]}, "outside"),
+        ({PAGES_IMG: [(0, "10")]}, "outside"),
+        ({PAGES_IMG: [(0,)]}, "not \\(offset, length\\)"),
+    ],
+)
+def test_bad_defer_answer_refused(tmp_path: Path, answer: dict, error: str) -> None:
+    src = tmp_path / "src"
+    make_dump(src)
+    store = open_store(f"file://{tmp_path}/store")
+    store.put(KEY, src)
+    with pytest.raises(StoreError, match=error):
+        store.get_deferred(KEY, tmp_path / "lazy", may_defer, lambda _root: answer)
+    assert sorted(os.listdir(tmp_path)) == ["src", "store"], "the partial tree is removed"
+
+
+def test_overlapping_ranges_merge_and_nothing_deferred_is_a_plain_get(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    original = b"".join(make_dump(src))
+    store = open_store(f"file://{tmp_path}/store")
+    store.put(KEY, src)
+    ranges = [(PAGE, 3 * PAGE), (2 * PAGE, 4 * PAGE), (6 * PAGE, PAGE)]
+    _i, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, lambda _r: {PAGES_IMG: ranges})
+    with reader:
+        assert reader.ranges == {PAGES_IMG: [(PAGE, 6 * PAGE)]}
+        assert reader.read(PAGES_IMG, PAGE, 6 * PAGE) == original[PAGE : 7 * PAGE]
+    _i, reader = store.get_deferred(KEY, tmp_path / "none", may_defer, lambda _r: {})
+    with reader:
+        assert reader.ranges == {}
+        assert (tmp_path / "none" / PAGES_IMG).read_bytes() == original
