@@ -21,6 +21,8 @@ from shim.runc.driver import IOFds, Runc, RuncError
 
 from .criu_log import error_lines
 from .criu_stats import DumpStats, RestoreStats, read_dump_stats, read_restore_stats
+from .lazy_daemon import LazyPagesError
+from .lazy_restore import LazyRestore, LazySession
 from .options import CheckpointOptions, RestoreOptions
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class CheckpointEngine:
         self.last_results: dict[str, CheckpointResult] = {}
         # Each container's restore, until the protection layer took it for its breakdown (take_restore).
         self._last_restores: dict[str, RestoreResult] = {}
+        # Lazy restores whose pages are still arriving: a dump of the container waits for the end.
+        self._lazy: dict[str, LazySession] = {}
 
     def _lock(self, container_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -102,6 +106,7 @@ class CheckpointEngine:
     ) -> CheckpointResult:
         """Dump the container into `image_dir`; serialized per container. wrap: the command line that runs
         `runc checkpoint`'s instead (e.g. inside a memory cgroup, shim.runc.memcg)."""
+        self.wait_lazy(container_id)
         with self._lock(container_id):
             return self._checkpoint(runc, container_id, image_dir, options, keep_log_in, wrap)
 
@@ -173,9 +178,18 @@ class CheckpointEngine:
             )
         return result
 
+    def wait_lazy(self, container_id: str) -> None:
+        """Until a lazy restore of the container has all its pages (or failed): only then is its memory
+        all there to dump."""
+        session = self._lazy.get(container_id)
+        if session is not None and not session.done.is_set():
+            log.info("%s: waiting for the lazy restore's last pages before the dump", container_id)
+            session.done.wait()
+
     def forget(self, container_id: str) -> None:
         """Drop what the engine keeps about a deleted container (a shared shim lives on)."""
         self.last_results.pop(container_id, None)
+        self._lazy.pop(container_id, None)
         self._last_restores.pop(container_id, None)
         with self._locks_guard:
             lock = self._locks.get(container_id)
@@ -199,9 +213,12 @@ class CheckpointEngine:
         work_path: Path | None = None,
         console_socket: str | None = None,
         keep_log_in: Path | None = None,
+        lazy: LazyRestore | None = None,
     ) -> RestoreResult:
         """`runc restore --detach` of `image_dir` as `container_id`; the restored process inherits
-        `io` in place of the streams it had at dump time (runc maps them from descriptors.json)."""
+        `io` in place of the streams it had at dump time (runc maps them from descriptors.json). With
+        `lazy`, image_dir's pages files lack the lazy ranges: `criu lazy-pages` fed from lazy.source
+        delivers them while the job runs (shim.checkpoint.lazy_restore)."""
         work = work_path or bundle / "criu-work"
         work.mkdir(parents=True, exist_ok=True)
         args = [
@@ -223,13 +240,29 @@ class CheckpointEngine:
             args += ["--console-socket", console_socket]
         start = time.monotonic()
         with self._lock(container_id):
+            session = None
+            if lazy is not None:
+                session = LazySession(runc, container_id, lazy)
+                try:
+                    session.start(image_dir, work)
+                except (LazyPagesError, OSError, ValueError) as e:
+                    session.abort(str(e))
+                    raise CheckpointError(f"restore of {container_id} failed: lazy pages: {e}") from e
+                args.append("--lazy-pages")
             try:
                 runc.restore(container_id, args, io)
             except RuncError as e:
                 kept = self._keep_log(work / "restore.log", keep_log_in, "criu-restore.log")
-                raise CheckpointError(
-                    self._failure("restore", container_id, e, work / "restore.log", kept), kept
-                ) from e
+                message = self._failure("restore", container_id, e, work / "restore.log", kept)
+                if session is not None:
+                    session.abort(message)
+                raise CheckpointError(message, kept) from e
+            if session is not None:
+                self._lazy[container_id] = session
+                try:
+                    session.restored()
+                except LazyPagesError as e:
+                    raise CheckpointError(f"restore of {container_id} failed: {e}") from e
         runc_s = time.monotonic() - start
         if self.hooks:
             self.hooks.after_restore(container_id)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.checkpoint import CheckpointEngine, CheckpointError
+from shim.checkpoint.lazy_restore import LazyRestore
 from shim.errors import FailedPrecondition, InvalidArgument, NotFound, RevenantError, Unavailable
 from shim.protect import registry, restorer
 from shim.protect.policy import (
@@ -268,6 +269,7 @@ class ProtectionManager:
                 compatible=lambda meta: self._gpu_refusal(c.id, meta),
                 fill=lambda ckpt, upper: self._unmounted(p, lambda: fill_upper_dir(ckpt, upper)),
                 claim=lambda store: claim_key(pc, store),
+                lazy=self.node.lazy_restore,
             )
         except RestoreUnavailable as e:
             raise Unavailable(f"{pc.protection.key}: checkpoints unreadable, not starting fresh: {e}") from None
@@ -285,8 +287,28 @@ class ProtectionManager:
         p.tried_seqs.append(result.seq)
         for reason in result.skipped:
             log.warning("skipped checkpoint: %s", reason)
-        log.info("%s/%s will restore from %s seq %d", c.namespace, c.id, result.key, result.seq)
-        return RestorePlan(str(result.criu_dir), fall_back=True)
+        log.info(
+            "%s/%s will restore from %s seq %d%s",
+            c.namespace,
+            c.id,
+            result.key,
+            result.seq,
+            ", its memory lazily" if result.deferred is not None else "",
+        )
+        lazy = None
+        if result.deferred is not None:
+            lazy = LazyRestore(source=result, finished=lambda failure: self._lazy_finished(c.id, result, failure))
+        return RestorePlan(str(result.criu_dir), fall_back=True, lazy=lazy)
+
+    def _lazy_finished(self, cid: str, plan: restorer.RestorePlan, failure: str | None) -> None:
+        """A lazy restore's pages all arrived (or could not): its reader, store and scratch go now."""
+        stats = plan.deferred.stats() if plan.deferred is not None else {}
+        if failure is None:
+            log.info("%s: lazy restore from %s@%d complete: %s", cid, plan.key, plan.seq, stats)
+        else:
+            log.error("%s: lazy restore from %s@%d failed: %s", cid, plan.key, plan.seq, failure)
+            self._event(cid, "lazy-restore-failed", failure)
+        plan.discard()
 
     @staticmethod
     def _unmounted(p: Protected, change: Callable[[], Any]) -> Any:
@@ -353,7 +375,8 @@ class ProtectionManager:
             log.info("restore of %s/%s from seq %d: %s", c.namespace, c.id, p.plan.seq, describe(p.restore_breakdown))
             detail = f"{pc.protection.key}@{p.plan.seq}"
             self._event(c.id, "restored", f"{detail} ({p.restart_reason})" if p.restart_reason else detail)
-            p.plan.discard()
+            if p.plan.deferred is None:  # a lazy plan is discarded when its last page arrived
+                p.plan.discard()
             p.plan = None
         p.attempt = Attempt(started_at=time.time(), restored_from=p.restored_from)
         with self._lock:

@@ -292,6 +292,10 @@ class NodeConfig:
     # Streaming dump (shim.protect.streaming): CRIU dumps into scratch_dir while the store consumes it,
     # at most this many MiB of the dump held in memory; 0: the whole dump staged in staging_dir first.
     stream_budget_mib: int = DEFAULT_STREAM_BUDGET_MIB
+    # Lazy restore (shim.checkpoint.lazy_restore): a CPU-only checkpoint's anonymous memory stays in the
+    # store at Create; the job runs as soon as CRIU has rebuilt it and faults its pages in, verified, from
+    # a page server of the shim's while the rest streams in behind. A store failure then kills the job.
+    lazy_restore: bool = False
     # [encryption] key_file (seals new checkpoints) then old_key_files (still read): every store URL
     # gets them as `key_file=` (shim.store.open_store), annotation URLs may not name any.
     encryption_key_files: tuple[str, ...] = ()
@@ -333,6 +337,7 @@ class NodeConfig:
             "staging_dir",
             "scratch_dir",
             "stream_budget_mib",
+            "lazy_restore",
             "encryption",
             "registry",
             "gcs",
@@ -384,6 +389,8 @@ class NodeConfig:
             cfg = replace(
                 cfg, stream_budget_mib=_stream_budget(data["stream_budget_mib"], f"{where} stream_budget_mib")
             )
+        if "lazy_restore" in data:
+            cfg = replace(cfg, lazy_restore=parse_bool(str(data["lazy_restore"]), f"{where} lazy_restore"))
         if "encryption" in data:
             keys = parse_encryption(data["encryption"], f"{where} [encryption]")
             stores = {name: with_key_files(url, keys) for name, url in cfg.stores.items()}

@@ -12,8 +12,10 @@ fails with the reason and is retried, so an outage never quietly restarts a job 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -30,6 +32,8 @@ from .restore_breakdown import PrepareTimings
 from .staging import HEADROOM, owned_name, secure_root
 
 log = logging.getLogger(__name__)
+
+PAGES_IMAGE = re.compile(re.escape(CRIU_DIR) + r"/pages-\d+\.img")
 
 # Local errors that say this node cannot hold the checkpoint now, not that the checkpoint is bad.
 LOCAL_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE})
@@ -76,9 +80,29 @@ class RestorePlan:
     skipped: list[str] = field(default_factory=list)  # why newer checkpoints were not used
     unused_seqs: list[int] = field(default_factory=list)  # newer checkpoints skipped here (kept by prune)
     timings: PrepareTimings = field(default_factory=PrepareTimings)  # where prepare's time went
+    # A lazy restore's plan: the pages files in criu_dir lack these ranges, read through this reader
+    # (shim.store.deferred) from the still open store, until discard() closes both.
+    deferred: Any = None
+    store: Any = None
 
     def discard(self) -> None:
+        """Close the lazy reader and its store, remove the scratch dir; a second call does nothing."""
+        deferred, store, self.deferred, self.store = self.deferred, self.store, None, None
+        for closing in (deferred, store):
+            if closing is not None:
+                try:
+                    closing.close()
+                except Exception as e:  # a store that will not close cleanly loses nothing here
+                    log.warning("closing the lazy restore's %s: %s", type(closing).__name__, e)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        """Verified bytes of a lazy range of the pages file criu_dir/name: the plan is the PageSource of
+        its lazy restore (shim.checkpoint.page_server)."""
+        deferred = self.deferred
+        if deferred is None:
+            raise RuntimeError(f"the lazy restore of {self.key}@{self.seq} has ended")
+        return bytes(deferred.read(f"{CRIU_DIR}/{name}", offset, length))
 
 
 @dataclass
@@ -111,6 +135,7 @@ class Restorer:
         compatible: Callable[[dict[str, Any]], str | None] | None = None,
         fill: Callable[[Path, Path], object] | None = None,
         claim: Callable[[Any], object] | None = None,
+        lazy: bool = False,
     ) -> RestorePlan | NoUsableCheckpoint:
         """Fetch and verify the newest usable checkpoint and fill `upper_dir` (empty) from its layer.
 
@@ -118,7 +143,9 @@ class Restorer:
         the reason; such a checkpoint is skipped like one taken on another image. `fill(checkpoint_dir,
         upper_dir)` replaces fill_upper_dir (the caller may need to unmount the overlay around it).
         `claim(store)` takes the key's owner epoch before the checkpoints are listed: an old owner cut off
-        by a partition cannot then commit a newer checkpoint than the one this restore picks."""
+        by a partition cannot then commit a newer checkpoint than the one this restore picks.
+        `lazy`: leave the lazy pages of a CPU-only checkpoint in the store, for a lazy restore (the plan
+        then holds the open store and a reader of them; shim.checkpoint.lazy_restore)."""
         reasons: list[str] = []
         unused: list[int] = []
         skip = set(skip_seqs)
@@ -131,7 +158,10 @@ class Restorer:
         except Exception as e:  # e.g. the node's key file unreadable: nothing learnt about the checkpoints
             raise RestoreUnavailable(f"cannot open the store of {protection.key}: {e}") from None
         timings.open_s = time.monotonic() - began
-        with opened as store:
+        handed_over = False  # a lazy plan keeps the store open until its pages are all read
+        with contextlib.ExitStack() as closing:
+            closing.callback(lambda: handed_over or opened.close())
+            store = opened
             if claim is not None:
                 try:
                     claim(store)
@@ -161,8 +191,23 @@ class Restorer:
                 fetch = GetTimings()
                 fetch_began = time.monotonic()
                 layer_s = image_s = 0.0
+                deferred = None
                 try:
-                    store.get(protection.key, scratch, seq=info.seq, fallback=False, timings=fetch)
+                    if lazy and hasattr(store, "get_deferred") and not info.metadata.get("gpu"):
+                        _, deferred = store.get_deferred(
+                            protection.key,
+                            scratch,
+                            may_defer=_is_pages_image,
+                            defer=_lazy_ranges,
+                            seq=info.seq,
+                            fallback=False,
+                            timings=fetch,
+                        )
+                        if not deferred.ranges:  # not eligible: every byte was fetched
+                            deferred.close()
+                            deferred = None
+                    else:
+                        store.get(protection.key, scratch, seq=info.seq, fallback=False, timings=fetch)
                     fetched = time.monotonic()
                     if late:
                         mismatch = _image_mismatch(image, info.metadata)
@@ -176,6 +221,7 @@ class Restorer:
                         (fill or fill_upper_dir)(scratch, upper_dir)
                     layer_s = time.monotonic() - fetched
                 except (_ImageMismatch, RestoreUnavailable) as e:
+                    _close(deferred)
                     shutil.rmtree(scratch, ignore_errors=True)
                     if isinstance(e, RestoreUnavailable):
                         raise
@@ -184,6 +230,7 @@ class Restorer:
                     unused.append(info.seq)
                     continue
                 except Exception as e:
+                    _close(deferred)
                     shutil.rmtree(scratch, ignore_errors=True)
                     timings.skipped_s += time.monotonic() - fetch_began
                     if not _is_damage(e):
@@ -198,9 +245,12 @@ class Restorer:
                 timings.fetch_s, timings.image_s = fetched - fetch_began - image_s, image_s
                 timings.layer_s, timings.fetch = layer_s, fetch.as_dict()
                 timings.total_s = time.monotonic() - began
-                return RestorePlan(
+                plan = RestorePlan(
                     protection.key, info.seq, scratch / CRIU_DIR, scratch, info.metadata, reasons, unused, timings
                 )
+                if deferred is not None:
+                    plan.deferred, plan.store, handed_over = deferred, store, True
+                return plan
         return NoUsableCheckpoint(protection.key, reasons, unused)
 
 
@@ -218,6 +268,29 @@ def _newest_first(store: Any, key: str) -> Iterator[Any]:
                 raise
             raise RestoreUnavailable(f"cannot list the checkpoints of {key}: {e}") from None
         yield info
+
+
+def _is_pages_image(path: str) -> bool:
+    """A CRIU pages file of the checkpoint: the only files a lazy restore may leave in the store."""
+    return PAGES_IMAGE.fullmatch(path) is not None
+
+
+def _lazy_ranges(root: Path) -> dict[str, list[tuple[int, int]]]:
+    """What a lazy restore leaves in the store, read from the fetched pagemaps: nothing when the
+    checkpoint cannot be restored lazily (its pages in a parent, no lazy pages at all)."""
+    from shim.checkpoint.lazy_pages import NotLazyEligible, lazy_ranges
+
+    try:
+        ranges = lazy_ranges(root / CRIU_DIR)
+    except NotLazyEligible as e:
+        log.info("restoring eagerly: %s", e)
+        return {}
+    return {f"{CRIU_DIR}/{name}": spans for name, spans in ranges.items()}
+
+
+def _close(deferred: Any) -> None:
+    if deferred is not None:
+        deferred.close()
 
 
 def _open_copies(open_store: Callable[[str], Any], protection: Protection) -> Any:

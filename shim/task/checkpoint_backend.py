@@ -181,6 +181,7 @@ class RuncCheckpointBackend:
                 work_path=work,
                 console_socket=console_socket,
                 keep_log_in=bundle,
+                lazy=container.restore_plan.lazy if container.restore_plan is not None else None,
             )
         except CheckpointError as e:
             raise RevenantError(str(e)) from None  # the stdio stays ours: a fallback may still use it

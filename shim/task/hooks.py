@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from google.protobuf.message import Message
 
+    from shim.checkpoint.lazy_restore import LazyRestore
     from shim.runc.driver import Runc
     from shim.task.mounts import Mount
 
@@ -29,6 +30,7 @@ class RestorePlan:
 
     checkpoint_dir: str  # CRIU images
     fall_back: bool = False
+    lazy: LazyRestore | None = None  # the pages files lack their lazy ranges: this source delivers them
 
 
 class EventSink(Protocol):

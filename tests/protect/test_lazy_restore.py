@@ -1,0 +1,101 @@
+"""Lazy restore end to end (node config `lazy_restore = true`): a protected memjob checkpointed on node A
+resumes on node B while its memory is still in the store; CRIU's lazy-pages daemon faults every page in
+from the shim's page server, which reads it through the store's verifying reader. memjob's checksum
+(recomputed on the host) proves every page came back; a damaged chunk among the lazy pages kills the job
+instead of letting it run on with pages it did not get."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.memjob import assert_continuous, read_steps
+from harness.protect import Job, destroy_node, job_log, run_job, shim_log, task_status, wait_for_seq
+from harness.wait import wait_until
+
+from .test_protect import Cluster, cluster, new_key, store_url  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _lazy_nodes(cluster: Cluster) -> None:  # noqa: F811  (the fixture's name)
+    cluster.b.write_revenant_config(extra="lazy_restore = true")
+
+
+def _scratch_entries(cluster: Cluster) -> list[str]:  # noqa: F811
+    scratch = cluster.b.revenant_scratch
+    return sorted(p.name for p in scratch.iterdir()) if scratch.exists() else []
+
+
+def test_lazy_restore_brings_back_every_page(store_url: str, cluster: Cluster) -> None:  # noqa: F811
+    _lazy_nodes(cluster)
+    job = Job("job", new_key(), store_url, mib=256, interval="3s", interval_ms=200)
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_seq(cluster.a, job.cid, 2)
+    destroy_node(cluster.a)
+
+    steps_b = cluster.resume_on_b(job, timeout=300)
+    assert_continuous(steps_b)
+    cluster.check_memory(job, steps_b)
+    log = shim_log(cluster.b)
+    assert "its memory lazily" in log, "node B did not restore lazily"
+    wait_until(lambda: "lazy restore from" in shim_log(cluster.b), 300, "the lazy restore's end")
+    log = shim_log(cluster.b)
+    assert "complete" in log.split("lazy restore from", 1)[1].splitlines()[0], log[-4000:]
+    # The reader, its store and the scratch copy of the images go once the last page arrived.
+    wait_until(lambda: _scratch_entries(cluster) == [], 60, "the restore scratch removed")
+    # The job keeps running on its own memory after the daemon is gone.
+    n = read_steps(job_log(cluster.b, job.cid))[-1].n
+    wait_until(lambda: read_steps(job_log(cluster.b, job.cid))[-1].n >= n + 3, 120, "steps after the transfer")
+    cluster.check_memory(job, read_steps(job_log(cluster.b, job.cid)))
+
+
+def _damage_a_lazy_chunk(url: str, key: str) -> str:
+    """Flip a byte in a chunk only the newest checkpoint's page image references, far into the file (among
+    the job's anonymous memory, which restores lazily); returns its digest."""
+    from shim.store import open_store
+
+    store = open_store(url)
+    try:
+        committed = store._committed(key)
+        newest = max(committed)
+        older: set[str] = set()
+        for seq, name in committed.items():
+            if seq != newest:
+                older |= store._load(key, name).chunk_digests()
+        m = store._load(key, committed[newest])
+        (pages,) = [e for e in m.entries if e["path"].startswith("criu/pages-")]
+        own = [ref for ref in pages["chunks"] if ref[2] not in older and ref[0] >= pages["size"] // 2]
+    finally:
+        store.close()
+    assert own, "the newest checkpoint's page image shares every chunk of its second half"
+    digest = own[len(own) // 2][2]
+    path = Path(url.removeprefix("file://").split("?")[0]) / "chunks" / digest[:2] / digest
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    return digest
+
+
+def test_a_damaged_lazy_page_kills_the_job(cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    _lazy_nodes(cluster)
+    # Loose chunk files (?packs=0) so the test can reach one chunk on disk and damage it.
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}?packs=0", mib=256, interval="3s", interval_ms=200)
+    run_job(cluster.a, cluster.image_a, job)
+    wait_for_seq(cluster.a, job.cid, 2)
+    destroy_node(cluster.a)
+    digest = _damage_a_lazy_chunk(job.store, job.key)
+
+    run_job(cluster.b, cluster.image_b, job)
+    wait_until(lambda: "lazy restore from" in shim_log(cluster.b), 300, "the lazy restore's end")
+    log = shim_log(cluster.b)
+    assert "its memory lazily" in log, "node B did not restore lazily"
+    assert "failed" in log.split("lazy restore from", 1)[1].splitlines()[0], log[-4000:]
+    assert digest in log, "the failure does not name the damaged chunk"
+    wait_until(lambda: task_status(cluster.b, job.cid) in ("STOPPED", "ABSENT"), 120, "the job killed")
+    # Whatever it printed before the bad page was asked for was computed on pages it really got.
+    steps = read_steps(job_log(cluster.b, job.cid))
+    if steps:
+        cluster.check_memory(job, steps)
