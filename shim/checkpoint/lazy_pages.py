@@ -15,6 +15,7 @@ always restored eagerly by CRIU, so they contribute no lazy range.
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,7 @@ def lazy_plan(image_dir: Path) -> LazyPlan:
                 raise NotLazyEligible(f"{path.name}: lazy pages at {e.vaddr:#x} are not in the image")
             found.append(LazyExtent(e.vaddr, e.nr_pages, pagemap.pages, e.offset))
         found.sort(key=lambda x: x.vaddr)
-        for a, b in zip(found, found[1:]):
+        for a, b in itertools.pairwise(found):
             if a.end > b.vaddr:
                 raise DamagedImage(f"{path.name}: overlapping entries at {b.vaddr:#x}")
         if found:
