@@ -58,7 +58,8 @@ class LazyPagesDaemon:
         return stats
 
     def kill(self) -> None:
-        """Stop the daemon (after the restored tree is dead: its tasks would fault in zero pages)."""
+        """Stop the daemon. Only after the restored tree is dead (its tasks would fault in zero pages) or
+        when the restore failed: before the final flush this counts as a failure and calls on_failure."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
