@@ -231,19 +231,32 @@ class Bundle:
             check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
+    def status(self, cid: str) -> str | None:
+        res = subprocess.run([self.runc, "--root", str(self.root), "state", cid], capture_output=True, text=True)
+        return json.loads(res.stdout)["status"] if res.returncode == 0 else None
+
     def destroy(self) -> None:
         ids = subprocess.run([self.runc, "--root", str(self.root), "list", "-q"], capture_output=True, text=True)
         for cid in ids.stdout.split():
             subprocess.run([self.runc, "--root", str(self.root), "delete", "-f", cid], capture_output=True)
 
 
-def test_runc_restore_lazy_pages_with_our_page_server(test_images: images.TestImages, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fail_after", [None, 5], ids=["all-pages", "source-fails"])
+def test_runc_restore_lazy_pages_with_our_page_server(
+    test_images: images.TestImages, tmp_path: Path, fail_after: int | None
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("runc checkpoint needs root")
     require("criu", "criu")
     bundle = Bundle(tmp_path, test_images.memjob)
     full, restore_dir, work = tmp_path / "full", tmp_path / "restore", tmp_path / "work"
     daemon = None
+    failures: list[str] = []
+
+    def on_failure(reason: str) -> None:  # the shim's: kill the container before the daemon lets go
+        failures.append(reason)
+        subprocess.run([bundle.runc, "--root", str(bundle.root), "kill", "job", "KILL"], check=True)
+
     try:
         bundle.runc_run("run", "-d", "--bundle", str(bundle.dir), "job")
         wait_for_step(bundle.log, 2)
@@ -252,12 +265,17 @@ def test_runc_restore_lazy_pages_with_our_page_server(test_images: images.TestIm
         plan = lazy_plan(full)
         assert list(plan.extents) == [1]  # the container's init, pid 1 in its namespace
         sparse_copy(full, restore_dir, plan)
-        failures: list[str] = []
-        daemon = start_lazy_pages(restore_dir, work, plan, FileSource(full), failures.append)
+        daemon = start_lazy_pages(restore_dir, work, plan, FileSource(full, fail_after), on_failure)
         bundle.runc_run(
             "restore", "-d", "--lazy-pages", "--image-path", str(restore_dir), "--work-path", str(work),
             "--bundle", str(bundle.dir), "job",
         )  # fmt: skip
+        if fail_after is not None:
+            with pytest.raises(LazyPagesError, match="store stopped answering"):
+                daemon.wait(120)
+            wait_until(lambda: bundle.status("job") == "stopped", 30, "the container stopped")
+            assert len(failures) == 1 and read_steps(bundle.log)[-1].n == step
+            return
         stats = daemon.wait(120)
         assert (stats.pages, failures) == (plan.total_pages, [])
         steps = wait_for_step(bundle.log, step + 2)
