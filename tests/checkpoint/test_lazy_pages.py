@@ -175,6 +175,40 @@ def test_a_failing_source_kills_the_restored_process_first(dumped: tuple[Path, P
     assert read_steps(log)[-1].n == step  # it never got to report another checksum
 
 
+def test_a_daemon_dying_mid_transfer_kills_the_restored_process(dumped: tuple[Path, Path, int], tmp_path: Path) -> None:
+    full, log, step = dumped
+    plan = lazy_plan(full)
+    restore_dir, work = tmp_path / "restore", tmp_path / "work"
+    sparse_copy(full, restore_dir, plan)
+    restored: list[int] = []
+    failures: list[str] = []
+    daemon_pid: list[int] = []
+
+    class KillsTheDaemon(FileSource):
+        def read(self, name: str, offset: int, length: int) -> bytes:
+            if self.reads == 5:
+                os.kill(daemon_pid[0], signal.SIGKILL)
+            return super().read(name, offset, length)
+
+    def on_failure(reason: str) -> None:
+        failures.append(reason)
+        wait_until(lambda: restored, 30, "the restored pid")
+        os.kill(restored[0], signal.SIGKILL)
+
+    daemon = start_lazy_pages(restore_dir, work, plan, KillsTheDaemon(full), on_failure)
+    daemon_pid.append(daemon.proc.pid)
+    try:
+        restored.append(criu_restore(restore_dir, work))
+        with pytest.raises(LazyPagesError):
+            daemon.wait(120)
+        status = wait_until(lambda: os.waitpid(restored[0], os.WNOHANG)[1], 30, "the restored process's end")
+    finally:
+        daemon.kill()
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert len(failures) == 1, failures  # the server and the daemon watcher both noticed; one call
+    assert read_steps(log)[-1].n == step
+
+
 def test_without_on_failure_the_process_goes_on_with_zero_pages(
     dumped: tuple[Path, Path, int], tmp_path: Path, test_images: images.TestImages
 ) -> None:
@@ -188,6 +222,7 @@ def test_without_on_failure_the_process_goes_on_with_zero_pages(
     sparse_copy(full, restore_dir, plan)
     daemon = start_lazy_pages(restore_dir, work, plan, FileSource(full, fail_after=40), lambda reason: None)
     pid = criu_restore(restore_dir, work)
+    reaped: list[int] = []
     try:
         with pytest.raises(LazyPagesError):
             daemon.wait(120)
@@ -195,13 +230,14 @@ def test_without_on_failure_the_process_goes_on_with_zero_pages(
         def outcome() -> str | None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
+                reaped.append(pid)
                 return f"died of signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {status}"
             later = [s for s in read_steps(log) if s.n > step]
             return f"ran on to step {later[0].n}" if later else None
 
         seen = wait_until(outcome, 60, "the restored job to crash or run on")
     finally:
-        if not os.waitpid(pid, os.WNOHANG)[0]:
+        if not reaped:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         daemon.kill()
