@@ -37,7 +37,7 @@ links: $(VENV)/.installed
 	done
 
 # The type checker's scope: these are clean under the [tool.mypy] settings in pyproject.toml.
-MYPY_PATHS := shim/ttrpc shim/store shim/protect/policy.py shim/libc.py shim/hosts.py shim/progress.py shim/protect/freeze.py shim/runc/freezer.py
+MYPY_PATHS := shim/ttrpc shim/store shim/protect/policy.py shim/libc.py shim/hosts.py shim/progress.py shim/protect/freeze.py shim/runc/freezer.py shim/checkpoint/image_check.py shim/checkpoint/lazy_pages.py shim/checkpoint/page_server.py shim/checkpoint/lazy_daemon.py
 
 # Everything: lint first, then the whole suite against real containerd, runc, CRIU and servers (root).
 test: setup

@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,14 +34,42 @@ class LazyPagesError(RuntimeError):
     """The lazy-pages daemon did not start or did not deliver every page."""
 
 
-class LazyPagesDaemon:
-    """A running `criu lazy-pages` and the page server thread feeding it."""
+class _Once:
+    """on_failure runs once, whichever of the page server and the daemon watcher notices first."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], server: PageServer, work_dir: Path) -> None:
+    def __init__(self, fn: Callable[[str], None]) -> None:
+        self._fn, self._lock, self._called = fn, threading.Lock(), False
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self._called:
+                return
+            self._called = True
+        self._fn(reason)
+
+
+class LazyPagesDaemon:
+    """A running `criu lazy-pages` and the page server thread feeding it.
+
+    A watcher thread calls on_failure when the daemon exits non-zero: it may have flushed and hung up
+    cleanly (CRIU disconnects on its own errors too) with pages left that its tasks will now fault in
+    as zeros."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], server: PageServer, work_dir: Path, on_failure: Callable[[str], None]
+    ) -> None:
         self.proc = proc
         self.server = server
         self.work_dir = work_dir
         self.started = time.monotonic()
+        self._on_failure = on_failure
+        self._watcher = threading.Thread(target=self._watch, name="lazy-pages-watch", daemon=True)
+
+    def _watch(self) -> None:
+        rc = self.proc.wait()
+        if rc != 0:
+            self.server.finished.wait(10)  # a page server failure reports first, with its own reason
+            self._on_failure(f"criu lazy-pages exited {rc}: {self._errors()}")
 
     def wait(self, timeout: float | None = None) -> PageServerStats:
         """Wait until every lazy page has arrived (the daemon exits); raise LazyPagesError otherwise."""
@@ -58,11 +87,14 @@ class LazyPagesDaemon:
         return stats
 
     def kill(self) -> None:
-        """Stop the daemon (after the restored tree is dead: its tasks would fault in zero pages)."""
+        """Stop the daemon. Only after the restored tree is dead (its tasks would fault in zero pages) or
+        when the restore failed: before the final flush this counts as a failure and calls on_failure."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         self.server.finished.wait(10)
+        if self._watcher.is_alive():
+            self._watcher.join(15)
 
     def _errors(self) -> str:
         return "; ".join(error_lines(self.work_dir / LOG_NAME)) or "no error lines in its log"
@@ -103,8 +135,9 @@ def start_lazy_pages(
     finally:
         os.close(status_w)
     theirs.close()
-    server = PageServer(ours, plan, source, on_failure, progress)
-    daemon = LazyPagesDaemon(proc, server, work_dir)
+    once = _Once(on_failure)
+    server = PageServer(ours, plan, source, once, progress)
+    daemon = LazyPagesDaemon(proc, server, work_dir, once)
     try:
         ready, _, _ = select.select([status_r], [], [], timeout)
         if not ready or os.read(status_r, 1) != b"\0":
@@ -117,5 +150,6 @@ def start_lazy_pages(
     finally:
         os.close(status_r)
     server.start()
+    daemon._watcher.start()
     log.info("criu lazy-pages %d listens in %s (%d lazy pages)", proc.pid, work_dir, plan.total_pages)
     return daemon
