@@ -140,6 +140,10 @@ class DeferSplit:
         return now
 
 
+class _Passed(Exception):
+    """A read-ahead fetch no longer needed."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Unit:
     """One chunk fetch, in file order: consecutive pieces of one chunk share it."""
@@ -260,8 +264,12 @@ class DeferredReader:
                 self._ahead_used += 1
         return self._cache.get(u.digest, lambda: self._load(u))
 
-    def _load(self, u: _Unit) -> bytes:
+    def _load(self, u: _Unit, ahead: int | None = None) -> bytes:
+        """Fetch and verify u; ahead: the unit a read-ahead fetches it for, which must still be ahead (checked
+        while the cache counts this as the chunk's one load, so a read either waits for it or loads itself)."""
         with self._lock:
+            if ahead is not None and (self._closed or ahead not in self._ahead):
+                raise _Passed
             self._inflight += u.clen
             self._peak = max(self._peak, self._cache.size + self._inflight)
         try:
@@ -275,9 +283,12 @@ class DeferredReader:
         with self._lock:
             if self._closed:
                 return
-            for unit in [i for i, fut in self._ahead.items() if fut.done()]:
-                if unit < start or self._units[unit].digest not in self._cache:
-                    del self._ahead[unit]  # passed by the reads, or evicted: no longer ahead
+            for unit, fut in list(self._ahead.items()):
+                # Passed by the reads (unless being fetched), or fetched and evicted since: no longer ahead.
+                if (unit < start and (fut.done() or fut.cancel())) or (
+                    fut.done() and self._units[unit].digest not in self._cache
+                ):
+                    del self._ahead[unit]
             held = sum(self._units[i].clen for i in self._ahead)
             window = 0
             for unit in range(start, len(self._units)):
@@ -289,13 +300,14 @@ class DeferredReader:
                     continue
                 held += u.clen
                 self._ahead_started += 1
-                self._ahead[unit] = self._pool.submit(self._prefetch, u)
+                self._ahead[unit] = self._pool.submit(self._prefetch, unit)
 
-    def _prefetch(self, u: _Unit) -> None:
-        if self._closed:
-            return
+    def _prefetch(self, unit: int) -> None:
+        u = self._units[unit]
         try:
-            self._cache.get(u.digest, lambda: self._load(u))
+            self._cache.get(u.digest, lambda: self._load(u, unit))
+        except _Passed:  # a read got to it first (and fetched it itself) or passed it while this waited
+            pass
         except Exception as e:  # a read of this chunk fetches it again and raises
             log.debug("read-ahead of chunk %s failed: %s", u.digest, e)
 
