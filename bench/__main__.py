@@ -20,6 +20,7 @@ BENCHMARKS = {
     "shim": ["shim_bench.py", "--runs", "20"],
     "snapshotter": ["snapshotter_bench.py"],
     "store": ["store_bench.py", "--size", "512"],
+    "lazy-store": ["lazy_store_bench.py"],
     "checkpoint": ["checkpoint_bench.py"],
     "protect": ["protect_bench.py"],
     # 0.125 + 0.25 GiB: tables on stdout, plots + JSON in a temporary directory (RESULTS.md has the

@@ -10,6 +10,7 @@ chunks in file order in the background, within a memory bound, so a sequential w
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 import time
@@ -140,6 +141,10 @@ class DeferSplit:
         return now
 
 
+class _Passed(Exception):
+    """A read-ahead fetch no longer needed."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Unit:
     """One chunk fetch, in file order: consecutive pieces of one chunk share it."""
@@ -201,6 +206,9 @@ class DeferredReader:
         self._cache = ChunkCache(memory_limit - self._ahead_limit)
         self._lock = threading.Lock()
         self._ahead: dict[int, Future[None]] = {}  # unit -> its read-ahead, until a read asks for it
+        self._ahead_bytes = 0  # their chunks' bytes
+        self._next = 0  # the first unit read-ahead has not considered yet
+        self._ends = list(itertools.accumulate(u.clen for u in self._units))  # bytes of units [0, i]
         self._pool = ThreadPoolExecutor(max(1, store.workers), thread_name_prefix="revenant-lazy")
         self._closed = False
         self._timings = GetTimings()
@@ -256,12 +264,16 @@ class DeferredReader:
     def _chunk(self, unit: int) -> bytes:
         u = self._units[unit]
         with self._lock:
-            if self._ahead.pop(unit, None) is not None:
+            if self._drop(unit):
                 self._ahead_used += 1
         return self._cache.get(u.digest, lambda: self._load(u))
 
-    def _load(self, u: _Unit) -> bytes:
+    def _load(self, u: _Unit, ahead: int | None = None) -> bytes:
+        """Fetch and verify u; ahead: the unit a read-ahead fetches it for, which must still be ahead (checked
+        while the cache counts this as the chunk's one load, so a read either waits for it or loads itself)."""
         with self._lock:
+            if ahead is not None and (self._closed or ahead not in self._ahead):
+                raise _Passed
             self._inflight += u.clen
             self._peak = max(self._peak, self._cache.size + self._inflight)
         try:
@@ -271,31 +283,53 @@ class DeferredReader:
                 self._inflight -= u.clen
 
     def _read_ahead(self, start: int) -> None:
-        """Start fetching the chunks after `start` (the next unit after a read) that fit the window."""
+        """Start fetching the chunks from unit `start` (the one after a read's last) that fit the window:
+        the next ahead_limit bytes of chunks, at most ahead_limit of them fetched and not yet read.
+
+        Each call walks only the units no earlier call considered (a read runs this after every request:
+        rescanning the whole window each time cost more than the reads themselves)."""
         with self._lock:
             if self._closed:
                 return
-            for unit in [i for i, fut in self._ahead.items() if fut.done()]:
-                if unit < start or self._units[unit].digest not in self._cache:
-                    del self._ahead[unit]  # passed by the reads, or evicted: no longer ahead
-            held = sum(self._units[i].clen for i in self._ahead)
-            window = 0
-            for unit in range(start, len(self._units)):
+            end = bisect.bisect_right(
+                self._ends, self._ends[start - 1] + self._ahead_limit if start else self._ahead_limit
+            )
+            unit = self._next if start <= self._next <= end else start  # a jump: start over there
+            while unit < end:
                 u = self._units[unit]
-                window += u.clen
-                if window > self._ahead_limit or held + u.clen > self._ahead_limit:
-                    break
-                if unit in self._ahead or u.digest in self._cache:
-                    continue
-                held += u.clen
-                self._ahead_started += 1
-                self._ahead[unit] = self._pool.submit(self._prefetch, u)
+                if unit not in self._ahead and u.digest not in self._cache:
+                    if self._ahead_bytes + u.clen > self._ahead_limit:
+                        self._prune(start)
+                        if self._ahead_bytes + u.clen > self._ahead_limit:
+                            break  # the window is full: the next read goes on from here
+                    self._ahead_bytes += u.clen
+                    self._ahead_started += 1
+                    self._ahead[unit] = self._pool.submit(self._prefetch, unit)
+                unit += 1
+            self._next = unit
 
-    def _prefetch(self, u: _Unit) -> None:
-        if self._closed:
-            return
+    def _prune(self, start: int) -> None:
+        """Forget read-ahead passed by the reads (unless being fetched) or fetched and evicted since (caller
+        holds _lock)."""
+        for unit, fut in list(self._ahead.items()):
+            if (unit < start and (fut.done() or fut.cancel())) or (
+                fut.done() and self._units[unit].digest not in self._cache
+            ):
+                self._drop(unit)
+
+    def _drop(self, unit: int) -> bool:
+        """Unit no longer ahead (caller holds _lock); whether it was."""
+        if self._ahead.pop(unit, None) is None:
+            return False
+        self._ahead_bytes -= self._units[unit].clen
+        return True
+
+    def _prefetch(self, unit: int) -> None:
+        u = self._units[unit]
         try:
-            self._cache.get(u.digest, lambda: self._load(u))
+            self._cache.get(u.digest, lambda: self._load(u, unit))
+        except _Passed:  # a read got to it first (and fetched it itself) or passed it while this waited
+            pass
         except Exception as e:  # a read of this chunk fetches it again and raises
             log.debug("read-ahead of chunk %s failed: %s", u.digest, e)
 
@@ -325,6 +359,7 @@ class DeferredReader:
                 return
             self._closed = True
             self._ahead.clear()
+            self._ahead_bytes = 0
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._cache.clear()
         log.info("deferred reader closed: %s", self.stats())

@@ -878,8 +878,10 @@ class Store:
             if split is None or root is None:
                 self._write_files(m, files, tree, fetch, slots, timings)
             else:
-                later = [e for e in files if split.may_defer(e["path"])]
-                self._write_files(m, [e for e in files if not split.may_defer(e["path"])], tree, fetch, slots, timings)
+                marks = [split.may_defer(e["path"]) for e in files]
+                later = [e for e, mark in zip(files, marks, strict=True) if mark]
+                first = [e for e, mark in zip(files, marks, strict=True) if not mark]
+                self._write_files(m, first, tree, fetch, slots, timings)
                 now = split.decide(m, root, later)
                 counter.add(split.deferred_bytes)  # left for the reader: done as far as this get goes
                 self._write_files(m, later, tree, fetch, slots, timings, now)

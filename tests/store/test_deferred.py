@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.store_util import corrupt_chunk, newest_name, tree_digest
-from shim.store import ChunkCorrupt, Chunker, DeferredReader, NotDeferred, StoreError, open_store
+from harness.store_util import corrupt_chunk, frame_manifest, manifest_doc, newest_name, tree_digest, write_manifest
+from shim.store import (
+    ChunkCorrupt,
+    Chunker,
+    DeferredReader,
+    ManifestCorrupt,
+    NotDeferred,
+    StoreError,
+    open_store,
+)
 
 KEY = "default/mypod/main"
 PAGE = 4096
@@ -299,3 +307,51 @@ def test_overlapping_ranges_merge_and_nothing_deferred_is_a_plain_get(tmp_path: 
     with reader:
         assert reader.ranges == {}
         assert (tmp_path / "none" / PAGES_IMG).read_bytes() == original
+
+
+def test_s3_reads_go_through_planned_pack_windows(s3_server, tmp_path: Path) -> None:
+    """The reader's chunks of a packed S3 store come from the pack windows its plan names (one ranged GET per
+    8 MiB window), not a GET per chunk, also where get_deferred had fetched a window for other files."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    data = os.urandom(6 << 20)
+    (src / PAGES_IMG).write_bytes(data)
+    (src / "criu" / "core-1.img").write_bytes(os.urandom(5000))
+    open_store(s3_server.url, chunker=Chunker.parse("fixed:16384")).put(KEY, src)
+    store = open_store(s3_server.url)
+    ranges: list[tuple[str, int, int]] = []
+    get_range = store.backend.get_range
+
+    def counting(name: str, offset: int, length: int) -> bytes:
+        ranges.append((name, offset, length))
+        return get_range(name, offset, length)
+
+    store.backend.get_range = counting  # type: ignore[method-assign]
+    # The first 64 KiB are written now: their window is fetched for them (and the small file) first.
+    _info, reader = store.get_deferred(
+        KEY, tmp_path / "lazy", may_defer, lambda _r: {PAGES_IMG: [(64 << 10, len(data) - (64 << 10))]}
+    )
+    with reader:
+        before = len(ranges)
+        assert read_all(reader, PAGES_IMG, reader.ranges[PAGES_IMG]) == data[64 << 10 :]
+    assert before >= 1 and len(ranges) - before <= 2, ranges  # 6 MiB of 16 KiB chunks: one window, maybe two
+
+
+def test_v1_manifest_with_overlapping_references_refused(tmp_path: Path) -> None:
+    """A v1 manifest may list a file's references in any order (get writes them all); a deferred file's must
+    be ordered and disjoint, or which chunk a deferred byte comes from is ambiguous: refused, nothing left."""
+    src = tmp_path / "src"
+    make_dump(src)
+    store = open_store(f"file://{tmp_path}/store", chunker=Chunker.parse("fixed:65536"))
+    store.put(KEY, src)
+    doc = manifest_doc(store, KEY, newest_name(store, KEY))
+    entry = next(e for e in doc["entries"] if e["path"] == PAGES_IMG)
+    entry["chunks"].insert(1, list(entry["chunks"][0]))  # chunk 0 twice: overlapping
+    write_manifest(store, KEY, 2, frame_manifest(json.dumps({**doc, "seq": 2}).encode()))
+    store.get(KEY, tmp_path / "plain", seq=2)  # valid v1: get writes the same bytes twice
+    with pytest.raises(ManifestCorrupt, match="overlaps"):
+        store.get_deferred(KEY, tmp_path / "lazy", may_defer, Defer(), seq=2)
+    assert not (tmp_path / "lazy").exists()
+    info, reader = store.get_deferred(KEY, tmp_path / "fallback", may_defer, Defer())  # falls back to seq 1
+    with reader:
+        assert info.seq == 1

@@ -372,6 +372,12 @@ class _Windows:
         """The windows a reader is about to ask for, in its order, with the span of each it needs
         (replaces an earlier plan); sizes: pack -> size."""
         with self._lock:
+            for w, (lo, hi) in spans.items():
+                fut = self._cache.get(w)
+                if fut is not None and not _covers(fut, lo, hi):
+                    # Fetched for an earlier plan's span (a deferred get plans three times): its chunks
+                    # outside that span would each be a ranged GET of their own.
+                    del self._cache[w]
             self._next = dict(itertools.pairwise(windows))
             self._spans = spans
             self._fetched, self._reached, self._pending = set(), set(), set()
@@ -446,6 +452,14 @@ class _Windows:
         if offset < lo or offset + length > lo + len(data):  # a chunk the plan did not name
             return self.objects.get_range(pack_name(pack), offset, length)
         return data[offset - lo : offset - lo + length]
+
+
+def _covers(fut: Future[tuple[int, bytes]], lo: int, hi: int) -> bool:
+    """Whether a window's fetch is done and holds [lo, hi) of its pack."""
+    if not fut.done() or fut.exception() is not None:
+        return False
+    start, data = fut.result()
+    return start <= lo and hi <= start + len(data)
 
 
 # ---------------------------------------------------------------------- the chunk layer
