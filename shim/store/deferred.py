@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .chunkcache import ChunkCache
-from .errors import ManifestCorrupt, NotDeferred, StoreError
+from .errors import ChunkCorrupt, ManifestCorrupt, NotDeferred, StoreError
 from .get_timing import GetTimings
 from .limits import MAX_CHUNK_LEN, MAX_CHUNK_REFS
 from .model import ZERO, Manifest
@@ -332,6 +332,17 @@ class DeferredReader:
             pass
         except Exception as e:  # a read of this chunk fetches it again and raises
             log.debug("read-ahead of chunk %s failed: %s", u.digest, e)
+
+    def check_present(self) -> None:
+        """Every deferred chunk is in the store's chunk listing (one listing; a backend that cannot list is
+        trusted): a missing one is ChunkCorrupt. Damage inside a chunk shows only when it is read."""
+        store = self._store
+        names = store.backend.retry("list chunks", store._chunk_names)
+        if names is None:
+            return
+        for u in self._units:
+            if u.digest != ZERO and u.digest not in names:
+                raise ChunkCorrupt(u.digest, "is missing", u.where)
 
     def stats(self) -> dict[str, Any]:
         """What the reader did, for logs: reads, bytes served and fetched, read-ahead, memory held."""

@@ -179,6 +179,23 @@ def test_corrupt_deferred_chunk_fails_the_read_not_the_get(url: str, tmp_path: P
             reader.read(PAGES_IMG, bad[0], PAGE)
 
 
+def test_a_missing_deferred_chunk_fails_the_get(tmp_path: Path) -> None:
+    """A chunk the deferred ranges need but the store does not hold is found at get_deferred, while the
+    caller can still choose an older checkpoint, not when a restored job faults on it."""
+    url = f"file://{tmp_path}/store?packs=0"  # loose chunk files: one can be removed behind the store's back
+    src = tmp_path / "src"
+    make_dump(src)
+    store = open_store(url, chunker=Chunker.parse("fixed:65536"))
+    store.put(KEY, src)
+    doc = store._load(KEY, newest_name(store, KEY))
+    refs = next(e["chunks"] for e in doc.entries if e["path"] == PAGES_IMG)
+    # A chunk wholly inside the last deferred range (pages 700..1023) that no other chunk repeats.
+    gone = next(r for r in refs if r[0] >= 704 * PAGE and r[2] != "zero" and sum(x[2] == r[2] for x in refs) == 1)[2]
+    (tmp_path / "store" / "chunks" / gone[:2] / gone).unlink()
+    with pytest.raises(ChunkCorrupt, match=rf"{gone} is missing .*\(deferred\)"):
+        open_store(url).get_deferred(KEY, tmp_path / "lazy", may_defer, Defer(), fallback=False)
+
+
 def test_encrypted_store(url: str, tmp_path: Path) -> None:
     key = tmp_path / "k"
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
