@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.memjob import assert_continuous, read_steps
+from harness.memjob import assert_continuous, read_steps, wait_for_step
 from harness.protect import Job, destroy_node, job_log, run_job, shim_log, task_status, wait_for_seq
 from harness.wait import wait_until
 
@@ -49,6 +49,28 @@ def test_lazy_restore_brings_back_every_page(store_url: str, cluster: Cluster) -
     n = read_steps(job_log(cluster.b, job.cid))[-1].n
     wait_until(lambda: read_steps(job_log(cluster.b, job.cid))[-1].n >= n + 3, 120, "steps after the transfer")
     cluster.check_memory(job, read_steps(job_log(cluster.b, job.cid)))
+
+
+def test_lazy_restore_of_a_process_tree(cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    """A shell that waits for memjob: two tasks, each with its own pagemap and lazy pages."""
+    _lazy_nodes(cluster)
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}", mib=128, interval="3s", interval_ms=200)
+    tree = ["sh", "-c", job.command()[-1].replace("exec ", "") + " & wait"]
+    run_job(cluster.a, cluster.image_a, job, command=tree)
+    wait_for_seq(cluster.a, job.cid, 2)
+    destroy_node(cluster.a)
+
+    run_job(cluster.b, cluster.image_b, job, command=tree)
+    log_b = job_log(cluster.b, job.cid)
+    wait_until(lambda: read_steps(log_b), 300, f"{job.cid} running on B")
+    steps_b = wait_for_step(log_b, read_steps(log_b)[-1].n + 3, 300)
+    assert_continuous(steps_b)
+    cluster.check_memory(job, steps_b)
+    wait_until(lambda: "lazy restore from" in shim_log(cluster.b), 300, "the lazy restore's end")
+    log = shim_log(cluster.b)
+    assert "its memory lazily" in log and "complete" in log.split("lazy restore from", 1)[1].splitlines()[0]
+    pids = cluster.b.ctr("task", "ps", job.cid, input="").stdout.split()[2:]
+    assert len(pids) >= 4, f"expected the shell and memjob running on B: {pids}"  # PID INFO header + 2 rows
 
 
 def _damage_a_lazy_chunk(url: str, key: str) -> str:
