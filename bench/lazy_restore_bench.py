@@ -34,31 +34,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from harness.images import build_memjob  # noqa: E402
+from harness.lazy_images import FileSource, sparse_copy  # noqa: E402
 from harness.memjob import read_steps  # noqa: E402
 from shim.checkpoint.lazy_daemon import start_lazy_pages  # noqa: E402
-from shim.checkpoint.lazy_pages import LazyPlan, lazy_plan  # noqa: E402
-
-
-class FileSource:
-    def __init__(self, full: Path) -> None:
-        self.full = full
-
-    def read(self, name: str, offset: int, length: int) -> bytes:
-        with open(self.full / name, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-
-def sparse_copy(full: Path, dest: Path, plan: LazyPlan) -> None:
-    shutil.copytree(full, dest, ignore=shutil.ignore_patterns("pages-*.img", "*.log"))
-    for pages in full.glob("pages-*.img"):
-        size = pages.stat().st_size
-        with open(pages, "rb") as src, open(dest / pages.name, "wb") as dst:
-            dst.truncate(size)
-            for offset, length in plan.eager_ranges(pages.name, size):
-                src.seek(offset)
-                dst.seek(offset)
-                dst.write(src.read(length))
+from shim.checkpoint.lazy_pages import lazy_plan  # noqa: E402
 
 
 def wait_step(log: Path, lines: int, timeout: float = 300) -> None:

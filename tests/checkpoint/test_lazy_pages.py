@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness import images
+from harness.lazy_images import FileSource, sparse_copy
 from harness.memjob import LOG_IN_CONTAINER, expected_checksum, memjob_args, read_steps, wait_for_step
 from harness.tools import require
 from harness.wait import wait_until
@@ -30,35 +30,6 @@ pytestmark = pytest.mark.timeout(300)
 
 MIB = 64
 SEED = 5
-
-
-class FileSource:
-    """The full checkpoint's pages files; after `fail_after` reads it raises, as a store that went away."""
-
-    def __init__(self, full: Path, fail_after: int | None = None) -> None:
-        self.full, self.fail_after, self.reads = full, fail_after, 0
-
-    def read(self, name: str, offset: int, length: int) -> bytes:
-        self.reads += 1
-        if self.fail_after is not None and self.reads > self.fail_after:
-            raise OSError("the store stopped answering")
-        with open(self.full / name, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-
-
-def sparse_copy(full: Path, dest: Path, plan: LazyPlan) -> None:
-    """The images dir as the shim prepares it: every file, but the pages files only where the restore
-    reads them locally; the lazy ranges stay holes."""
-    shutil.copytree(full, dest, ignore=shutil.ignore_patterns("pages-*.img", "*.log"))
-    for pages in full.glob("pages-*.img"):
-        size = pages.stat().st_size
-        with open(pages, "rb") as src, open(dest / pages.name, "wb") as dst:
-            dst.truncate(size)
-            for offset, length in plan.eager_ranges(pages.name, size):
-                src.seek(offset)
-                dst.seek(offset)
-                dst.write(src.read(length))
 
 
 def assert_holes(images_dir: Path, plan: LazyPlan) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from harness.memjob import assert_continuous, read_steps, wait_for_step
 from harness.protect import Job, destroy_node, job_log, run_job, shim_log, task_status, wait_for_seq
+from harness.store_util import corrupt_chunk
 from harness.wait import wait_until
 
 from .test_protect import Cluster, cluster, new_key, store_url  # noqa: F401  (fixtures)
@@ -74,7 +75,7 @@ def test_lazy_restore_of_a_process_tree(cluster: Cluster, tmp_path: Path) -> Non
 
 
 def _damage_a_lazy_chunk(url: str, key: str) -> str:
-    """Flip a byte in a chunk only the newest checkpoint's page image references, far into the file (among
+    """Flip a byte in a chunk only the newest checkpoint's page image references, in its second half (among
     the job's anonymous memory, which restores lazily); returns its digest."""
     from shim.store import open_store
 
@@ -89,22 +90,17 @@ def _damage_a_lazy_chunk(url: str, key: str) -> str:
         m = store._load(key, committed[newest])
         (pages,) = [e for e in m.entries if e["path"].startswith("criu/pages-")]
         own = [ref for ref in pages["chunks"] if ref[2] not in older and ref[0] >= pages["size"] // 2]
+        assert own, "the newest checkpoint's page image shares every chunk of its second half"
+        digest = own[len(own) // 2][2]
+        corrupt_chunk(store, None, digest)
     finally:
         store.close()
-    assert own, "the newest checkpoint's page image shares every chunk of its second half"
-    digest = own[len(own) // 2][2]
-    path = Path(url.removeprefix("file://").split("?")[0]) / "chunks" / digest[:2] / digest
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.chmod(0o644)
-    path.write_bytes(bytes(data))
     return digest
 
 
 def test_a_damaged_lazy_page_kills_the_job(cluster: Cluster, tmp_path: Path) -> None:  # noqa: F811
     _lazy_nodes(cluster)
-    # Loose chunk files (?packs=0) so the test can reach one chunk on disk and damage it.
-    job = Job("job", new_key(), f"file://{tmp_path / 'store'}?packs=0", mib=256, interval="3s", interval_ms=200)
+    job = Job("job", new_key(), f"file://{tmp_path / 'store'}", mib=256, interval="3s", interval_ms=200)
     run_job(cluster.a, cluster.image_a, job)
     wait_for_seq(cluster.a, job.cid, 2)
     destroy_node(cluster.a)
