@@ -2,25 +2,30 @@
 
 Store.get_deferred writes a checkpoint like Store.get but leaves the ranges its caller names (the lazy
 pages of CRIU's page images) as holes. DeferSplit checks those ranges and cuts the files' chunk
-references into what is written now and what is deferred; DeferredReader then serves any sub-range of
-a deferred range, every chunk verified as a get verifies it, and after each read fetches the next
-chunks in file order in the background, within a memory bound, so a sequential walk finds them ready.
+references into what is written now and what is deferred; DeferredReader then fills the holes in the
+background, in file order, every chunk verified as a get verifies it, and serves any sub-range of a
+deferred range from the filled file, fetching what is not there yet at once, ahead of the fill.
+
+Why fill the file rather than cache chunks in memory: a lazy restore's reads come in two streams, the
+restored tasks' faults (anywhere, one page at a time, each one a task waiting) and the lazy-pages
+daemon's walk over the rest. A bounded in-memory read-ahead restarted at every fault, its workers
+fighting the faulting read for the GIL: 10-20 MB/s. Filled in file order at a get's speed, most faults
+find their page on disk already (the scratch dir an eager get writes all of it to anyway).
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .chunkcache import ChunkCache
 from .errors import ChunkCorrupt, ManifestCorrupt, NotDeferred, StoreError
 from .get_timing import GetTimings
 from .limits import MAX_CHUNK_LEN, MAX_CHUNK_REFS
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Span = tuple[int, int]  # (offset, length)
-DEFAULT_MEMORY = 64 << 20  # chunk data a reader holds: cached plus being fetched
+DEFAULT_MEMORY = 64 << 20  # chunk data the background fill holds at once (being fetched and written)
 MAX_DEFER_RANGES = MAX_CHUNK_REFS  # ranges one get_deferred accepts over all files
 MAX_READ = MAX_CHUNK_LEN  # the largest single read
 
@@ -141,10 +146,6 @@ class DeferSplit:
         return now
 
 
-class _Passed(Exception):
-    """A read-ahead fetch no longer needed."""
-
-
 @dataclass(frozen=True, slots=True)
 class _Unit:
     """One chunk fetch, in file order: consecutive pieces of one chunk share it."""
@@ -168,15 +169,27 @@ class _File:
         self.range_starts = [r[0] for r in ranges]
         self.pieces: list[_Piece] = []
         self.piece_starts: list[int] = []
+        self.fd = -1
+
+
+class _Fill:
+    """A unit's state: set once its bytes are in the file (or its fetch failed: error)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
 
 class DeferredReader:
-    """Verified bytes of a get_deferred's deferred ranges, with a bounded background read-ahead.
+    """Fills a get_deferred's holes in the background and serves verified bytes of its deferred ranges.
 
-    Memory: chunk data held (cached plus being fetched) stays within memory_limit as far as read-ahead is
-    concerned: a quarter of it is the read-ahead window, the rest the cache; a read that must wait for a
-    chunk fetches it even beyond the bound (a faulting page cannot wait), one chunk per concurrent read.
-    The backend's own ranged-read window cache (packs) is not counted here.
+    The fill fetches the deferred chunks in file order on the store's workers, at most memory_limit bytes
+    of chunk data at once, and writes each one's pieces into the holes of the files under `root` (the
+    get's destination, a 0700 directory of the caller's). A read waits for the units it needs: one the
+    fill has not started is fetched by the reading thread itself, at once. Bytes on disk were verified
+    before they were written. A unit that failed fails every read that needs it (and only those).
 
     Thread-safe. It uses the store until close(): close the reader before the store.
     """
@@ -186,11 +199,14 @@ class DeferredReader:
         store: Store,
         m: Manifest,
         files: Mapping[str, tuple[list[Span], list[list[Any]]]],
+        root: Path,
         memory_limit: int = DEFAULT_MEMORY,
+        fill: bool = True,
     ) -> None:
         self._store = store
         self._sealed = m.sealed_with
         self._units: list[_Unit] = []
+        self._unit_pieces: list[list[tuple[_File, _Piece]]] = []
         self._files: dict[str, _File] = {}
         for path, (ranges, refs) in files.items():
             f = self._files[path] = _File(ranges)
@@ -199,26 +215,36 @@ class DeferredReader:
                 if not self._units or self._units[-1].digest != digest:
                     where = f"{m.key!r} seq {m.seq}, file {path} offset {ref[0]} (deferred)"
                     self._units.append(_Unit(digest, clen, where))
-                f.pieces.append(_Piece(ref[0], ref[1], len(self._units) - 1, ref[3] if len(ref) == 5 else 0))
+                    self._unit_pieces.append([])
+                piece = _Piece(ref[0], ref[1], len(self._units) - 1, ref[3] if len(ref) == 5 else 0)
+                f.pieces.append(piece)
                 f.piece_starts.append(ref[0])
+                self._unit_pieces[-1].append((f, piece))
         self.memory_limit = memory_limit
-        self._ahead_limit = memory_limit // 4
-        self._cache = ChunkCache(memory_limit - self._ahead_limit)
         self._lock = threading.Lock()
-        self._ahead: dict[int, Future[None]] = {}  # unit -> its read-ahead, until a read asks for it
-        self._ahead_bytes = 0  # their chunks' bytes
-        self._next = 0  # the first unit read-ahead has not considered yet
-        self._ends = list(itertools.accumulate(u.clen for u in self._units))  # bytes of units [0, i]
-        self._pool = ThreadPoolExecutor(max(1, store.workers), thread_name_prefix="revenant-lazy")
+        self._room = threading.Condition(self._lock)  # the fill waits here for in-flight bytes to drop
+        self._fills: list[_Fill | None] = [None] * len(self._units)  # None: nobody has claimed the unit yet
         self._closed = False
         self._timings = GetTimings()
         self._started = time.monotonic()
-        self._inflight = 0
-        self._peak = 0
+        self._filled_at: float | None = None
+        self._inflight = self._peak = 0
         self._reads = self._served = self._read_ns = 0
-        self._ahead_started = self._ahead_used = 0
+        self._by_fill = self._by_read = self._fetched = 0
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for path, f in self._files.items():
+                f.fd = _open_below(self._root_fd, path)
+        except BaseException:
+            self._close_fds()
+            raise
+        self._pool = ThreadPoolExecutor(max(1, store.workers), thread_name_prefix="revenant-lazy")
         # Packed backends fetch the windows of these chunks ahead, in this order (ranged GETs).
         store.backend.plan_reads(u.digest for u in self._units if u.digest != ZERO)
+        self._filler: threading.Thread | None = None
+        if fill:  # else every byte is fetched by the read that needs it
+            self._filler = threading.Thread(target=self._fill_all, name="revenant-lazy-fill", daemon=True)
+            self._filler.start()
 
     @property
     def ranges(self) -> dict[str, list[Span]]:
@@ -239,99 +265,122 @@ class DeferredReader:
         if i < 0 or offset + length > f.ranges[i][0] + f.ranges[i][1]:
             raise NotDeferred(f"{path!r:.200} [{offset}, +{length}) is not inside one deferred range")
         end = offset + length
-        out = bytearray(length)  # zeros: holes and zero chunks stay so
         k = max(0, bisect.bisect_right(f.piece_starts, offset) - 1)
-        last = -1
         while k < len(f.pieces) and f.pieces[k].start < end:
             p = f.pieces[k]
-            lo, hi = max(p.start, offset), min(p.start + p.length, end)
-            if lo < hi:
-                data = self._chunk(p.unit)
-                src = p.coff + lo - p.start
-                if src + hi - lo > len(data):  # the manifest check bounds slices; a short chunk fails verification
-                    raise StoreError(f"chunk {self._units[p.unit].digest} has no bytes at {src} of {hi - lo}")
-                out[lo - offset : hi - offset] = memoryview(data)[src : src + hi - lo]
-                last = p.unit
+            if p.start + p.length > offset:
+                self._ensure(p.unit)
             k += 1
+        data = os.pread(f.fd, length, offset)
+        if len(data) != length:
+            raise StoreError(f"{path!r:.200}: {len(data)} bytes at {offset}, {length} expected (file changed?)")
         with self._lock:
             self._reads += 1
             self._served += length
             self._read_ns += time.monotonic_ns() - started
-        if last >= 0:
-            self._read_ahead(last + 1)
-        return bytes(out)
+        return data
 
-    def _chunk(self, unit: int) -> bytes:
-        u = self._units[unit]
-        with self._lock:
-            if self._drop(unit):
-                self._ahead_used += 1
-        return self._cache.get(u.digest, lambda: self._load(u))
+    def wait_filled(self, timeout: float | None = None) -> bool:
+        """Whether the background fill has written every deferred byte (or given up on a unit); a reader
+        without a fill never has."""
+        if self._filler is None:
+            return False
+        self._filler.join(timeout)
+        return not self._filler.is_alive()
 
-    def _load(self, u: _Unit, ahead: int | None = None) -> bytes:
-        """Fetch and verify u; ahead: the unit a read-ahead fetches it for, which must still be ahead (checked
-        while the cache counts this as the chunk's one load, so a read either waits for it or loads itself)."""
+    # -- the fill ------------------------------------------------------------------------------------
+    def _ensure(self, unit: int) -> None:
+        """Return once the unit's bytes are in the file: claimed here if nobody has, else waited for."""
         with self._lock:
-            if ahead is not None and (self._closed or ahead not in self._ahead):
-                raise _Passed
-            self._inflight += u.clen
-            self._peak = max(self._peak, self._cache.size + self._inflight)
+            fill = self._fills[unit]
+            mine = fill is None
+            if mine:
+                fill = self._fills[unit] = _Fill()
+                self._by_read += 1
+        assert fill is not None
+        if mine:
+            self._write_unit(unit, fill)
+        else:
+            fill.done.wait()
+        if fill.error is not None:
+            raise fill.error
+
+    def _fill_all(self) -> None:
+        """Claim the units in file order and fetch them on the pool, within the memory bound."""
         try:
-            return self._store._fetch_verified(u.digest, u.clen, u.where, self._sealed, self._timings)
+            for unit, u in enumerate(self._units):
+                with self._lock:
+                    while not self._closed and self._inflight and self._inflight + u.clen > self.memory_limit:
+                        self._room.wait()
+                    if self._closed:
+                        return
+                    if self._fills[unit] is not None:
+                        continue  # a read got there first
+                    fill = self._fills[unit] = _Fill()
+                    self._by_fill += 1
+                    if u.digest != ZERO:
+                        self._inflight += u.clen
+                        self._peak = max(self._peak, self._inflight)
+                if u.digest == ZERO:
+                    fill.done.set()  # a hole reads as zeros already
+                    continue
+                self._pool.submit(self._fill_one, unit, fill)
+            self._pool.shutdown(wait=True)
+            self._filled_at = time.monotonic()
+            log.info("lazy restore: every deferred byte written: %s", self.stats())
+        except RuntimeError:  # the pool was shut down by close()
+            return
+
+    def _fill_one(self, unit: int, fill: _Fill) -> None:
+        try:
+            self._write_unit(unit, fill)
+        except BaseException as e:  # kept in the unit: the read that needs it raises it
+            log.warning("lazy restore: chunk %s: %s", self._units[unit].digest, e)
         finally:
             with self._lock:
-                self._inflight -= u.clen
+                self._inflight -= self._units[unit].clen
+                self._room.notify_all()
 
-    def _read_ahead(self, start: int) -> None:
-        """Start fetching the chunks from unit `start` (the one after a read's last) that fit the window:
-        the next ahead_limit bytes of chunks, at most ahead_limit of them fetched and not yet read.
-
-        Each call walks only the units no earlier call considered (a read runs this after every request:
-        rescanning the whole window each time cost more than the reads themselves)."""
-        with self._lock:
-            if self._closed:
-                return
-            end = bisect.bisect_right(
-                self._ends, self._ends[start - 1] + self._ahead_limit if start else self._ahead_limit
-            )
-            unit = self._next if start <= self._next <= end else start  # a jump: start over there
-            while unit < end:
-                u = self._units[unit]
-                if unit not in self._ahead and u.digest not in self._cache:
-                    if self._ahead_bytes + u.clen > self._ahead_limit:
-                        self._prune(start)
-                        if self._ahead_bytes + u.clen > self._ahead_limit:
-                            break  # the window is full: the next read goes on from here
-                    self._ahead_bytes += u.clen
-                    self._ahead_started += 1
-                    self._ahead[unit] = self._pool.submit(self._prefetch, unit)
-                unit += 1
-            self._next = unit
-
-    def _prune(self, start: int) -> None:
-        """Forget read-ahead passed by the reads (unless being fetched) or fetched and evicted since (caller
-        holds _lock)."""
-        for unit, fut in list(self._ahead.items()):
-            if (unit < start and (fut.done() or fut.cancel())) or (
-                fut.done() and self._units[unit].digest not in self._cache
-            ):
-                self._drop(unit)
-
-    def _drop(self, unit: int) -> bool:
-        """Unit no longer ahead (caller holds _lock); whether it was."""
-        if self._ahead.pop(unit, None) is None:
-            return False
-        self._ahead_bytes -= self._units[unit].clen
-        return True
-
-    def _prefetch(self, unit: int) -> None:
+    def _write_unit(self, unit: int, fill: _Fill) -> None:
+        """Fetch and verify the unit, pwrite its pieces into the holes; set fill (with the error, if any)."""
         u = self._units[unit]
         try:
-            self._cache.get(u.digest, lambda: self._load(u, unit))
-        except _Passed:  # a read got to it first (and fetched it itself) or passed it while this waited
-            pass
-        except Exception as e:  # a read of this chunk fetches it again and raises
-            log.debug("read-ahead of chunk %s failed: %s", u.digest, e)
+            if u.digest != ZERO:
+                data = self._store._fetch_verified(u.digest, u.clen, u.where, self._sealed, self._timings)
+                with self._lock:
+                    self._fetched += 1
+                view = memoryview(data)
+                for f, p in self._unit_pieces[unit]:
+                    if p.coff + p.length > len(data):  # the manifest check bounds slices; verification the length
+                        raise StoreError(f"chunk {u.digest} has no bytes at {p.coff} of {p.length}")
+                    _pwrite_all(f.fd, view[p.coff : p.coff + p.length], p.start)
+        except BaseException as e:
+            fill.error = e
+            raise
+        finally:
+            fill.done.set()
+
+    # -- the end -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """What the reader did, for logs: reads, bytes served and fetched, who fetched, memory held."""
+        t = self._timings.as_dict()
+        with self._lock:
+            return {
+                "reads": self._reads,
+                "bytes_served": self._served,
+                "chunks_fetched": self._fetched,
+                "bytes_fetched": t["bytes_fetched"],
+                "units": len(self._units),
+                "claimed_by_fill": self._by_fill,
+                "claimed_by_reads": self._by_read,
+                "held_bytes": self._inflight,
+                "held_peak": self._peak,
+                "memory_limit": self.memory_limit,
+                "read_wait_ms": round(self._read_ns / 1e6, 1),
+                "filled_s": round(self._filled_at - self._started, 3) if self._filled_at else None,
+                "wall_ms": round((time.monotonic() - self._started) * 1000, 1),
+                **{k: t[k] for k in ("fetch_ms", "open_ms", "decode_ms", "verify_ms")},
+            }
 
     def check_present(self) -> None:
         """Every deferred chunk is in the store's chunk listing (one listing; a backend that cannot list is
@@ -344,39 +393,57 @@ class DeferredReader:
             if u.digest != ZERO and u.digest not in names:
                 raise ChunkCorrupt(u.digest, "is missing", u.where)
 
-    def stats(self) -> dict[str, Any]:
-        """What the reader did, for logs: reads, bytes served and fetched, read-ahead, memory held."""
-        t = self._timings.as_dict()
-        with self._lock:
-            return {
-                "reads": self._reads,
-                "bytes_served": self._served,
-                "chunks_fetched": self._cache.loads,
-                "bytes_fetched": t["bytes_fetched"],
-                "ahead_started": self._ahead_started,
-                "ahead_used": self._ahead_used,
-                "held_bytes": self._cache.size + self._inflight,
-                "held_peak": self._peak,
-                "memory_limit": self.memory_limit,
-                "read_wait_ms": round(self._read_ns / 1e6, 1),
-                "wall_ms": round((time.monotonic() - self._started) * 1000, 1),
-                **{k: t[k] for k in ("fetch_ms", "open_ms", "decode_ms", "verify_ms")},
-            }
-
     def close(self) -> None:
-        """Stop the read-ahead, wait for its fetches, drop every cached chunk; reads fail from then on."""
+        """Stop the fill, wait for its fetches, close the files; reads fail from then on."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._ahead.clear()
-            self._ahead_bytes = 0
+            self._room.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._cache.clear()
+        if self._filler is not None:
+            self._filler.join()
+        for fill in self._fills:  # cancelled before they ran: a waiting read must not hang
+            if fill is not None and not fill.done.is_set():
+                fill.error = StoreError("deferred reader is closed")
+                fill.done.set()
+        self._close_fds()
         log.info("deferred reader closed: %s", self.stats())
+
+    def _close_fds(self) -> None:
+        for f in self._files.values():
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     def __enter__(self) -> DeferredReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_below(root_fd: int, path: str) -> int:
+    """Open root/path for reading and writing, no component a symlink (the get built the tree: paths were
+    checked; this holds against anything that changed it since)."""
+    parts = path.split("/")
+    fd = root_fd
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            if fd != root_fd:
+                os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n

@@ -733,16 +733,18 @@ class Store:
         progress: Progress | None = None,
         timings: GetTimings | None = None,
         memory_limit: int = DEFAULT_MEMORY,
+        fill: bool = True,
     ) -> tuple[CheckpointInfo, DeferredReader]:
         """get() for a lazy restore: the files may_defer names are written last, without the byte ranges
         defer (called with the partial root once every other file is written) returns for them; those
-        stay holes, to be read, verified, through the returned DeferredReader (close it before the store).
+        stay holes, filled in the background (unless fill is False) and read, verified, through the returned
+        DeferredReader (close it before the store).
         A deferred chunk the store does not list raises ChunkCorrupt now (dest is left as written), while
         an older checkpoint can still be chosen, not when a restored job faults on it.
         """
         split = DeferSplit(may_defer, defer)
         m, name = self._get(key, Path(dest_dir), seq, fallback, progress, timings, split)
-        reader = DeferredReader(self, m, split.files, memory_limit)
+        reader = DeferredReader(self, m, split.files, Path(dest_dir), memory_limit, fill)
         try:
             reader.check_present()
         except BaseException:
