@@ -173,11 +173,13 @@ class _File:
 
 
 class _Fill:
-    """A unit's state: set once its bytes are in the file (or its fetch failed: error)."""
+    """A unit's state: `started` once a thread fetches it (under the reader's lock), `done` once its bytes
+    are in the file (or its fetch failed: error)."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, started: bool = False) -> None:
+        self.started = started
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -231,6 +233,10 @@ class DeferredReader:
         self._inflight = self._peak = 0
         self._reads = self._served = self._read_ns = 0
         self._by_fill = self._by_read = self._fetched = 0
+        # Units handed to the pool and not begun: kept to two per worker, so a read never waits behind a
+        # long queue (it takes a queued unit over instead) and the memory bound counts what is in flight.
+        self._queued = 0
+        self._depth = 2 * max(1, store.workers)
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for path, f in self._files.items():
@@ -293,11 +299,12 @@ class DeferredReader:
         """Return once the unit's bytes are in the file: claimed here if nobody has, else waited for."""
         with self._lock:
             fill = self._fills[unit]
-            mine = fill is None
-            if mine:
+            if fill is None:
                 fill = self._fills[unit] = _Fill()
+            mine = not fill.started  # unclaimed, or queued for the fill but not begun: fetched here, now
+            if mine:
+                fill.started = True
                 self._by_read += 1
-        assert fill is not None
         if mine:
             self._write_unit(unit, fill)
         else:
@@ -310,20 +317,22 @@ class DeferredReader:
         try:
             for unit, u in enumerate(self._units):
                 with self._lock:
-                    while not self._closed and self._inflight and self._inflight + u.clen > self.memory_limit:
+                    while not self._closed and (
+                        self._queued >= self._depth or (self._inflight and self._inflight + u.clen > self.memory_limit)
+                    ):
                         self._room.wait()
                     if self._closed:
                         return
                     if self._fills[unit] is not None:
                         continue  # a read got there first
                     fill = self._fills[unit] = _Fill()
-                    self._by_fill += 1
-                    if u.digest != ZERO:
-                        self._inflight += u.clen
-                        self._peak = max(self._peak, self._inflight)
-                if u.digest == ZERO:
-                    fill.done.set()  # a hole reads as zeros already
-                    continue
+                    if u.digest == ZERO:
+                        fill.started = True
+                        fill.done.set()  # a hole reads as zeros already
+                        continue
+                    self._queued += 1
+                    self._inflight += u.clen  # reserved while queued: the bound counts it from here
+                    self._peak = max(self._peak, self._inflight)
                 self._pool.submit(self._fill_one, unit, fill)
             self._pool.shutdown(wait=True)
             self._filled_at = time.monotonic()
@@ -332,13 +341,25 @@ class DeferredReader:
             return
 
     def _fill_one(self, unit: int, fill: _Fill) -> None:
+        clen = self._units[unit].clen
+        with self._lock:
+            self._queued -= 1
+            stolen = fill.started  # a read took it while it waited in the queue
+            if stolen:
+                self._inflight -= clen
+            else:
+                fill.started = True
+                self._by_fill += 1
+            self._room.notify_all()
+        if stolen:
+            return
         try:
             self._write_unit(unit, fill)
         except BaseException as e:  # kept in the unit: the read that needs it raises it
             log.warning("lazy restore: chunk %s: %s", self._units[unit].digest, e)
         finally:
             with self._lock:
-                self._inflight -= self._units[unit].clen
+                self._inflight -= clen
                 self._room.notify_all()
 
     def _write_unit(self, unit: int, fill: _Fill) -> None:
