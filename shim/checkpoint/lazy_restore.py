@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 KILL = 9
 SWITCH_INTERVAL_S = 0.0005
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class LazySession:
 
     def start(self, image_dir: Path, work_dir: Path) -> None:
         """Start the daemon (before `runc restore --lazy-pages`, which connects to it in work_dir)."""
+        # Every page request is a hand-off of the GIL from the store's fill workers (which hold it while
+        # they verify) to the page server's thread: at the default 5 ms switch interval a faulting task
+        # waited up to that long for each one.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         # Every page request is a round trip through the GIL, which the store's workers hold while they
         # verify and decompress the read-ahead: at the default 5 ms switch interval the server thread
         # waited up to that long on each hand-off (20 MB/s). A faulting task waits on this thread.

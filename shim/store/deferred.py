@@ -40,6 +40,7 @@ Span = tuple[int, int]  # (offset, length)
 DEFAULT_MEMORY = 64 << 20  # chunk data the background fill holds at once (being fetched and written)
 MAX_DEFER_RANGES = MAX_CHUNK_REFS  # ranges one get_deferred accepts over all files
 MAX_READ = MAX_CHUNK_LEN  # the largest single read
+FILL_WORKERS = 2
 
 
 def _merge(ranges: Iterable[Any], size: int, what: str) -> list[Span]:
@@ -236,7 +237,7 @@ class DeferredReader:
         # Units handed to the pool and not begun: kept to two per worker, so a read never waits behind a
         # long queue (it takes a queued unit over instead) and the memory bound counts what is in flight.
         self._queued = 0
-        self._depth = 2 * max(1, store.workers)
+        self._depth = 2 * FILL_WORKERS
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for path, f in self._files.items():
@@ -244,7 +245,9 @@ class DeferredReader:
         except BaseException:
             self._close_fds()
             raise
-        self._pool = ThreadPoolExecutor(max(1, store.workers), thread_name_prefix="revenant-lazy")
+        # Few fill workers: each holds the GIL while it verifies, and every fault waits on it (the page
+        # server's thread); the backend's pack reader fetches ahead on its own threads anyway.
+        self._pool = ThreadPoolExecutor(min(FILL_WORKERS, max(1, store.workers)), thread_name_prefix="revenant-lazy")
         # Packed backends fetch the windows of these chunks ahead, in this order (ranged GETs).
         store.backend.plan_reads(u.digest for u in self._units if u.digest != ZERO)
         self._filler: threading.Thread | None = None
