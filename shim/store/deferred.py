@@ -309,7 +309,7 @@ class DeferredReader:
                 fill.started = True
                 self._by_read += 1
         if mine:
-            self._write_unit(unit, fill)
+            self._write_unit(unit, fill, alone=True)
         else:
             fill.done.wait()
         if fill.error is not None:
@@ -365,12 +365,13 @@ class DeferredReader:
                 self._inflight -= clen
                 self._room.notify_all()
 
-    def _write_unit(self, unit: int, fill: _Fill) -> None:
-        """Fetch and verify the unit, pwrite its pieces into the holes; set fill (with the error, if any)."""
+    def _write_unit(self, unit: int, fill: _Fill, alone: bool = False) -> None:
+        """Fetch and verify the unit, pwrite its pieces into the holes; set fill (with the error, if any).
+        alone: a read's own fetch, out of the fill's order (only this chunk, not its pack's read window)."""
         u = self._units[unit]
         try:
             if u.digest != ZERO:
-                data = self._store._fetch_verified(u.digest, u.clen, u.where, self._sealed, self._timings)
+                data = self._store._fetch_verified(u.digest, u.clen, u.where, self._sealed, self._timings, alone)
                 with self._lock:
                     self._fetched += 1
                 view = memoryview(data)

@@ -954,21 +954,29 @@ class Store:
                 os.close(open_files.popleft()[0])
 
     def _fetch_verified(
-        self, digest: str, length: int, where: str, key: StoreKey | None = None, timings: GetTimings | None = None
+        self,
+        digest: str,
+        length: int,
+        where: str,
+        key: StoreKey | None = None,
+        timings: GetTimings | None = None,
+        alone: bool = False,
     ) -> bytes:
-        """The chunk's data, checked against its id; key: the one that sealed the manifest naming it."""
+        """The chunk's data, checked against its id; key: the one that sealed the manifest naming it;
+        alone: asked for out of the planned order (Backend.get_chunk_alone)."""
         watch = Stopwatch(timings)
-        blob = self._get_blob(digest, where)
+        blob = self._get_blob(digest, where, alone)
         watch.lap("fetch_s")
         data = self._open_blob(digest, length, where, key, blob, watch)
         if timings is not None:
             timings.fetched(len(blob))
         return data
 
-    def _get_blob(self, digest: str, where: str) -> bytes:
+    def _get_blob(self, digest: str, where: str, alone: bool = False) -> bytes:
         """The chunk's stored object as it is (compressed, sealed): what a replica copies."""
+        get = self.backend.get_chunk_alone if alone else self.backend.get_chunk
         try:
-            return self.backend.retry(f"get chunk {digest}", lambda: self.backend.get_chunk(digest))
+            return self.backend.retry(f"get chunk {digest}", lambda: get(digest))
         except NotFound:
             raise ChunkCorrupt(digest, "is missing", where) from None
         except (TooLarge, Damaged) as e:

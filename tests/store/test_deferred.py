@@ -377,6 +377,32 @@ def test_s3_reads_go_through_planned_pack_windows(s3_server, tmp_path: Path) -> 
     assert before >= 1 and len(ranges) - before <= 2, ranges  # 6 MiB of 16 KiB chunks: one window, maybe two
 
 
+def test_a_read_ahead_of_the_fill_gets_its_chunk_alone(s3_server, tmp_path: Path) -> None:
+    """A read (a page fault) far from where the fill is fetches its one chunk with one ranged GET of just
+    that chunk's bytes: not the 8 MiB read window around it, and no planned read-ahead from there."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    data = os.urandom(6 << 20)
+    (src / PAGES_IMG).write_bytes(data)
+    open_store(s3_server.url, chunker=Chunker.parse("fixed:16384")).put(KEY, src)
+    store = open_store(s3_server.url)
+    ranges: list[tuple[str, int, int]] = []
+    get_range = store.backend.get_range
+
+    def counting(name: str, offset: int, length: int) -> bytes:
+        ranges.append((name, offset, length))
+        return get_range(name, offset, length)
+
+    store.backend.get_range = counting  # type: ignore[method-assign]
+    whole = {PAGES_IMG: [(0, len(data))]}
+    _info, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, lambda _r: whole, fill=False)
+    with reader:
+        before = len(ranges)
+        assert reader.read(PAGES_IMG, (5 << 20) + 3 * PAGE, PAGE) == data[(5 << 20) + 3 * PAGE : (5 << 20) + 4 * PAGE]
+        (one,) = ranges[before:]
+        assert one[2] <= (16 << 10) + 1, one  # the chunk as stored (raw + its 1-byte header), not a window
+
+
 def test_v1_manifest_with_overlapping_references_refused(tmp_path: Path) -> None:
     """A v1 manifest may list a file's references in any order (get writes them all); a deferred file's must
     be ordered and disjoint, or which chunk a deferred byte comes from is ambiguous: refused, nothing left."""

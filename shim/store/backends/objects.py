@@ -100,6 +100,11 @@ class ObjectBackend(Backend):
             return self.packs.get_chunk(digest)
         return self.get_object(loose_name(digest), MAX_CHUNK_OBJECT)
 
+    def get_chunk_alone(self, digest: str) -> bytes:
+        if self.packs:
+            return self.packs.get_chunk_alone(digest)
+        return self.get_chunk(digest)
+
     def plan_reads(self, digests: Iterable[str]) -> None:
         if self.packs:
             self.packs.plan_reads(digests)

@@ -427,6 +427,15 @@ class _Windows:
             ahead.append((nxt, self._claim(nxt)[0], size))
         return ahead
 
+    def cached(self, pack: str, offset: int, length: int) -> bytes | None:
+        """The bytes if a fetched window holds them, else None (nothing is fetched or planned)."""
+        with self._lock:
+            fut = self._cache.get((pack, offset // READ_WINDOW))
+        if fut is None or not _covers(fut, offset, offset + length):
+            return None
+        lo, data = fut.result()
+        return data[offset - lo : offset - lo + length]
+
     def read(self, pack: str, pack_size: int, offset: int, length: int) -> bytes:
         w = offset // READ_WINDOW
         if (offset + length - 1) // READ_WINDOW != w or offset + length > pack_size:
@@ -623,6 +632,21 @@ class PackStore:
             if attempt == 0:
                 self._refresh(seen)
         raise NotFound(f"chunk {digest} not found")
+
+    def get_chunk_alone(self, digest: str) -> bytes:
+        """One chunk's bytes of its pack (a ranged GET of just them, or a window already fetched): a random
+        read must not fetch a whole window, nor start the planned read-ahead from there."""
+        self._ensure()
+        loc = self._index.get(digest)
+        if loc is not None:
+            cached = self._windows.cached(loc.pack, loc.offset, loc.length)
+            if cached is not None:
+                return cached
+            try:
+                return self.objects.get_range(pack_name(loc.pack), loc.offset, loc.length)
+            except NotFound:
+                pass  # rewritten by a gc since the index was read: the full lookup refreshes it
+        return self.get_chunk(digest)
 
     def plan_reads(self, digests: Iterable[str]) -> None:
         """The chunks a restore will ask for, in its order: their windows are fetched ahead."""
