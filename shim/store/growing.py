@@ -55,7 +55,7 @@ from .keys import validate_key
 from .limits import MAX_PAGE_TABLE_BYTES
 from .locks import HeldLock
 from .model import PAGE_HASH_LEN, ZERO, CheckpointInfo, Manifest
-from .pages import PagePlanner, PlannedFile, matches
+from .pages import PagePlanner, PlannedFile, batch_limit, matches
 from .walk import scan_tree
 
 if TYPE_CHECKING:
@@ -172,6 +172,31 @@ class _Sink:
         except BaseException:
             self.slots.release()
             raise
+
+    def submit_batch(self, data: bytes, lengths: Sequence[int]) -> Future[list[str]]:
+        """Store consecutive chunks of page-image data in one work item, a slot per chunk (PagePlanner)."""
+        for _ in lengths:
+            self.slots.acquire()
+        try:
+            return self.pool.submit(self._store_batch, data, lengths)
+        except BaseException:
+            for _ in lengths:
+                self.slots.release()
+            raise
+
+    def _store_batch(self, data: bytes, lengths: Sequence[int]) -> list[str]:
+        view = memoryview(data)
+        digests: list[str] = []
+        pos = 0
+        try:
+            for n in lengths:
+                digests.append(self._store(None, 0, view[pos : pos + n]))  # frees its own slot
+                pos += n
+        except BaseException:
+            for _ in range(len(lengths) - len(digests) - 1):
+                self.slots.release()
+            raise
+        return digests
 
     def _store(self, path: Path | None, off: int, data: bytes | memoryview) -> str:
         backend = self.store.backend
@@ -407,14 +432,18 @@ def put_growing(
         window = max(min(16 << 20, max(1 << 20, budget // 16)), store.chunker.size * 16)
         with ThreadPoolExecutor(store.workers, thread_name_prefix="revenant-stream") as pool:
             sink = _Sink(store, pool, known, listed=listed, tree=tree)
-            page_futures: list[Future[str]] = []
+            page_futures: list[Future[list[str]]] = []
 
-            def submit_pages(data: bytes) -> Future[str]:
-                fut = sink.submit(None, 0, data, count=False)
+            def submit_pages(data: bytes, lengths: Sequence[int]) -> Future[list[str]]:
+                fut = sink.submit_batch(data, lengths)
                 page_futures.append(fut)
                 return fut
 
-            planner = PagePlanner(index, store.chunker, submit_pages) if page_images else None
+            planner = (
+                PagePlanner(index, store.chunker, submit_pages, batch_limit(store.max_inflight))
+                if page_images
+                else None
+            )
             opener = _Opener(tree.root, window, planner, page_images)
             tails: dict[str, _Tail] = {}
             watchdog = _Watchdog(tree, tails, budget)

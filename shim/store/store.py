@@ -409,15 +409,35 @@ class Store:
 
         open_files: deque[tuple[int, list[tuple[list[Any], Future[str]]]]] = deque()
         failed: list[BaseException] = []
-        page_futures: list[Future[str]] = []
+        page_futures: list[Future[builtins.list[str]]] = []
 
-        def submit_pages(data: bytes) -> Future[str]:
-            slots.acquire()
-            fut = pool.submit(store_chunk, None, -1, 0, len(data), data)
+        def store_chunks(data: bytes, lengths: Sequence[int]) -> builtins.list[str]:
+            """A batch of consecutive page-image chunks, one slot each (store_chunk frees its own)."""
+            view = memoryview(data)
+            digests: builtins.list[str] = []
+            pos = 0
+            try:
+                for n in lengths:
+                    digests.append(store_chunk(None, -1, 0, n, view[pos : pos + n]))
+                    pos += n
+            except BaseException:
+                for _ in range(len(lengths) - len(digests) - 1):
+                    slots.release()
+                raise
+            return digests
+
+        def submit_pages(data: bytes, lengths: Sequence[int]) -> Future[builtins.list[str]]:
+            for _ in lengths:
+                slots.acquire()
+            fut = pool.submit(store_chunks, data, lengths)
             page_futures.append(fut)
             return fut
 
-        planner = pages.PagePlanner(index, self.chunker, submit_pages) if page_images else None
+        planner = (
+            pages.PagePlanner(index, self.chunker, submit_pages, pages.batch_limit(self.max_inflight))
+            if page_images
+            else None
+        )
 
         def finish(fd: int, pending: list[tuple[list[Any], Future[str]]]) -> None:
             try:
