@@ -112,7 +112,7 @@ class PageIndex:
 # Uploads consecutive chunks of one buffer (their lengths given), in one work item: yields their digests.
 # One item per batch, not per 64 KiB chunk: per-chunk futures, slots and GIL hand-offs cost the put more
 # CPU than hashing the chunks did (bench/put_cpu_bench.py).
-Submit = Callable[[bytes, Sequence[int]], "Future[list[str]]"]
+Submit = Callable[[bytes | memoryview, Sequence[int]], "Future[list[str]]"]
 # A batch: consecutive new chunks up to this many bytes (and at most max_batch chunks).
 BATCH_BYTES = 1 << 20
 
@@ -288,7 +288,9 @@ class PagePlanner:
     def _cut(self, final: bool) -> None:
         """Cut the waiting new pages into page-aligned content-defined chunks and submit them; unless
         final, the last chunk stays (it may grow with the next pages)."""
-        buf = memoryview(self._stream)
+        # The batches are views of this buffer, never changed again (no copy per batch): the pages not cut
+        # yet move to a fresh buffer, and this one is freed once its last batch is stored.
+        buf = memoryview(self._stream).toreadonly()
         ends = list(_page_cuts(self.chunker, buf))
         if not final and ends and ends[-1] == len(buf):
             ends.pop()
@@ -299,16 +301,16 @@ class PagePlanner:
             while j < len(ends) and j - i < self.max_batch and ends[j] - start <= BATCH_BYTES:
                 j += 1
             lengths = [e - s for s, e in zip([start, *ends[i : j - 1]], ends[i:j], strict=True)]
-            fut = self.submit(bytes(buf[start : ends[j - 1]]), lengths)
+            fut = self.submit(buf[start : ends[j - 1]], lengths)
             pos = self._stream_pos + start
             for k, n in enumerate(lengths):
                 self._chunks.append((pos, n, fut, k))
                 pos += n
             start = ends[j - 1]
             i = j
-        buf.release()
-        del self._stream[:start]
-        self._stream_pos += start
+        if start:
+            self._stream = bytearray(buf[start:])
+            self._stream_pos += start
 
     def finish(self) -> None:
         """Submit the last new pages; call once after the last add_file()."""

@@ -347,7 +347,7 @@ class Store:
         counter = _Counter(sum(e["size"] for e in files), progress)
         stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
         lock = threading.Lock()
-        inflight: dict[str, threading.Event] = {}
+        inflight: dict[str, threading.Lock] = {}
         mine: set[str] = set()  # uploaded by this put: not "reused", even when they repeat
         slots = threading.BoundedSemaphore(self.max_inflight)
         backend = self.backend
@@ -370,33 +370,37 @@ class Store:
                         if digest not in mine:
                             reused.setdefault(digest, (path, off, length))
                         return digest
-                    ev = inflight.get(digest)
-                    owner = ev is None
-                    if ev is None:
-                        ev = inflight[digest] = threading.Event()
+                    busy = inflight.get(digest)
+                    if busy is None:  # ours to upload: held until done (a plain lock: cheaper than an Event)
+                        busy = inflight[digest] = threading.Lock()
+                        busy.acquire()
+                        owner = True
+                    else:
+                        owner = False
                 if not owner:
-                    ev.wait()
-                    return digest
+                    with busy:  # another worker uploads the same chunk: wait for it
+                        return digest
+                uploaded = -1
                 try:
-                    uploaded = 0
                     if listed or not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
                         blob = self._encode_chunk(digest, data)
                         backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
-                        uploaded = len(blob)
                         crash_point("store.put.after-chunk")
-                    with lock:
-                        if uploaded:
-                            mine.add(digest)
-                        else:
-                            reused.setdefault(digest, (path, off, length))
-                        known.add(digest)
-                        if uploaded:
-                            stats["bytes_uploaded"] += uploaded
-                            stats["chunks_new"] += 1
+                        uploaded = len(blob)
+                    else:
+                        uploaded = 0
                 finally:
                     with lock:
                         del inflight[digest]
-                    ev.set()
+                        if uploaded > 0:
+                            mine.add(digest)
+                            stats["bytes_uploaded"] += uploaded
+                            stats["chunks_new"] += 1
+                        elif uploaded == 0:
+                            reused.setdefault(digest, (path, off, length))
+                        if uploaded >= 0:
+                            known.add(digest)
+                    busy.release()
                 return digest
             except _Aborted:
                 raise
@@ -411,7 +415,7 @@ class Store:
         failed: list[BaseException] = []
         page_futures: list[Future[builtins.list[str]]] = []
 
-        def store_chunks(data: bytes, lengths: Sequence[int]) -> builtins.list[str]:
+        def store_chunks(data: bytes | memoryview, lengths: Sequence[int]) -> builtins.list[str]:
             """A batch of consecutive page-image chunks, one slot each (store_chunk frees its own)."""
             view = memoryview(data)
             digests: builtins.list[str] = []
@@ -426,7 +430,7 @@ class Store:
                 raise
             return digests
 
-        def submit_pages(data: bytes, lengths: Sequence[int]) -> Future[builtins.list[str]]:
+        def submit_pages(data: bytes | memoryview, lengths: Sequence[int]) -> Future[builtins.list[str]]:
             for _ in lengths:
                 slots.acquire()
             fut = pool.submit(store_chunks, data, lengths)
