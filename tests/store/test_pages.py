@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.store_util import frame_manifest, manifest_doc, newest_name, tree_digest, write_manifest
-from shim.store import ChunkCorrupt, ManifestCorrupt, open_store
+from shim.store import BackendUnavailable, ChunkCorrupt, ManifestCorrupt, open_store
 from shim.store import model as store_model
 from shim.store import pages as pages_mod
 from shim.store.model import FORMAT, FORMAT_V2, Manifest, validate_manifest_doc
@@ -384,3 +384,37 @@ def test_pages_changed_all_over_keep_the_manifest_small(
     store.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(b)
     assert store.verify() == []
+
+
+@pytest.mark.timeout(180)
+def test_page_images_failing_mid_upload_commit_nothing_and_leave_no_slot_held(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """New pages go to the workers in batches holding a slot per chunk: when the store goes away
+    mid-put, the batches after the failure give their slots back (a put that kept them would block
+    on the next batch: the timeout fails it), nothing is committed, and the same put succeeds later."""
+    srv = request.getfixturevalue("s3_server")
+    rng = random.Random(11)
+    big = [rng.randbytes(PAGE) for _ in range(6 * PAGES)]  # 96 MiB of new pages: hundreds of batches
+    write_dump(tmp_path / "a", big)
+    store = open_store(srv.url)
+    store.backend.retries, store.backend.backoff = 2, 0.05
+    stopped = False
+
+    def stop_midway(done: int, total: int) -> None:
+        nonlocal stopped
+        if done > total // 8 and not stopped:
+            stopped = True
+            srv.stop()
+
+    try:
+        with pytest.raises(BackendUnavailable):
+            store.put(KEY, tmp_path / "a", progress=stop_midway, page_images=PATTERNS)
+    finally:
+        srv.start()
+    assert stopped
+    fresh = open_store(srv.url)
+    assert fresh.list(KEY) == [], "a failed put must commit nothing"
+    fresh.put(KEY, tmp_path / "a", page_images=PATTERNS)
+    fresh.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "a")
