@@ -323,8 +323,8 @@ class PagePlanner:
         for f in self.files:
             refs: list[list[Any]] = []
             for kind, off, n, a, b, c in f.runs:
-                if kind == "zero":
-                    refs.append([off, n, ZERO])
+                if kind == "zero":  # a reference covers at most MAX_CHUNK_LEN (the manifest check's bound)
+                    refs.extend([o, min(MAX_CHUNK_LEN, off + n - o), ZERO] for o in range(off, off + n, MAX_CHUNK_LEN))
                 elif kind == "tail":
                     refs.append([off, n, a.result()[0]])
                 elif kind == "slice":

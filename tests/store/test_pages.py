@@ -13,11 +13,12 @@ from harness.store_util import frame_manifest, manifest_doc, newest_name, tree_d
 from shim.store import BackendUnavailable, ChunkCorrupt, ManifestCorrupt, open_store
 from shim.store import model as store_model
 from shim.store import pages as pages_mod
-from shim.store.model import FORMAT, FORMAT_V2, Manifest, validate_manifest_doc
+from shim.store.model import FORMAT, FORMAT_V2, ZERO, Manifest, validate_manifest_doc
 from shim.store.pages import ZERO_PAGE_HASH, _zero_runs, page_hashes
 
 KEY = "default/mypod/main"
 PAGE = 4096
+MIB = 1 << 20
 PAGES = 4096  # a 16 MiB page image
 PATTERNS = ("criu/pages-*.img",)
 
@@ -418,3 +419,23 @@ def test_page_images_failing_mid_upload_commit_nothing_and_leave_no_slot_held(
     fresh.put(KEY, tmp_path / "a", page_images=PATTERNS)
     fresh.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "a")
+
+
+def test_long_run_of_zero_pages(tmp_path: Path) -> None:
+    """More zero pages in a row than one reference may cover (MAX_CHUNK_LEN, 64 MiB; a job's zeroed heap):
+    the put used to write a single zero reference the manifest check refused, and failed."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    with open(src / "criu" / "pages-1.img", "wb") as f:
+        f.write(b"head" * 1024)
+        f.truncate(PAGE + 150 * MIB + PAGE)  # a hole reads as zero pages
+        f.seek(PAGE + 150 * MIB)
+        f.write(b"tail" * 1024)
+    store = open_store(f"file://{tmp_path}/store")
+    store.put(KEY, src, page_images=PATTERNS)
+    doc = manifest_doc(store, KEY, newest_name(store, KEY))
+    (entry,) = [e for e in doc["entries"] if e["path"] == "criu/pages-1.img"]
+    zero = [r for r in entry["chunks"] if r[2] == ZERO]
+    assert sum(r[1] for r in zero) == 150 * MIB and len(zero) == 3, zero
+    store.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(src)
