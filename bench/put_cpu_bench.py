@@ -111,6 +111,13 @@ def make_dump(work: Path, mib: int) -> Path:
 
 def put(root: Path, src: Path, work: Path, profile: bool, mode: str = "staged") -> dict:
     store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    if mode == "streamed":  # a streamed put punches what it consumed out of its source: give it a copy
+        src = Path(shutil.copytree(src, work / f"src-{store.name}"))
+        for f in src.rglob("*"):  # written back before the clock starts, as the staged source is
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
     r = subprocess.run(
         [sys.executable, "-c", CHILD, str(root), str(src), str(store), "1" if profile else "0", mode],
         check=True,
@@ -118,6 +125,8 @@ def put(root: Path, src: Path, work: Path, profile: bool, mode: str = "staged") 
         text=True,
     )
     shutil.rmtree(store)
+    if mode == "streamed":
+        shutil.rmtree(src)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
