@@ -55,7 +55,7 @@ from .keys import validate_key
 from .limits import MAX_PAGE_TABLE_BYTES
 from .locks import HeldLock
 from .model import PAGE_HASH_LEN, ZERO, CheckpointInfo, Manifest
-from .pages import PagePlanner, PlannedFile, matches
+from .pages import PagePlanner, PlannedFile, batch_limit, matches
 from .walk import scan_tree
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class _Sink:
         self.store, self.pool, self.known, self.listed, self.tree = store, pool, known, listed, tree
         self.slots = threading.BoundedSemaphore(store.max_inflight)
         self.lock = threading.Lock()
-        self.inflight: dict[str, threading.Event] = {}
+        self.inflight: dict[str, threading.Lock] = {}
         self.mine: set[str] = set()
         self.reused: dict[str, tuple[Path | None, int, int]] = {}
         self.stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
@@ -173,6 +173,31 @@ class _Sink:
             self.slots.release()
             raise
 
+    def submit_batch(self, data: bytes | memoryview, lengths: Sequence[int]) -> Future[list[str]]:
+        """Store consecutive chunks of page-image data in one work item, a slot per chunk (PagePlanner)."""
+        for _ in lengths:
+            self.slots.acquire()
+        try:
+            return self.pool.submit(self._store_batch, data, lengths)
+        except BaseException:
+            for _ in lengths:
+                self.slots.release()
+            raise
+
+    def _store_batch(self, data: bytes | memoryview, lengths: Sequence[int]) -> list[str]:
+        view = memoryview(data)
+        digests: list[str] = []
+        pos = 0
+        try:
+            for n in lengths:
+                digests.append(self._store(None, 0, view[pos : pos + n]))  # frees its own slot
+                pos += n
+        except BaseException:
+            for _ in range(len(lengths) - len(digests) - 1):
+                self.slots.release()
+            raise
+        return digests
+
     def _store(self, path: Path | None, off: int, data: bytes | memoryview) -> str:
         backend = self.store.backend
         _follow_priority(self.tree)
@@ -187,32 +212,37 @@ class _Sink:
                     if digest not in self.mine:
                         self.reused.setdefault(digest, (path, off, len(data)))
                     return digest
-                ev = self.inflight.get(digest)
-                owner = ev is None
-                if ev is None:
-                    ev = self.inflight[digest] = threading.Event()
+                busy = self.inflight.get(digest)
+                if busy is None:  # ours to upload: held until done (a plain lock: cheaper than an Event)
+                    busy = self.inflight[digest] = threading.Lock()
+                    busy.acquire()
+                    owner = True
+                else:
+                    owner = False
             if not owner:
-                ev.wait()
-                return digest
+                with busy:  # another worker uploads the same chunk: wait for it
+                    return digest
+            uploaded = -1
             try:
-                uploaded = 0
                 if self.listed or not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
                     blob = self.store._encode_chunk(digest, data)
                     backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
-                    uploaded = len(blob)
                     crash_point("store.put.after-chunk")
-                with self.lock:
-                    if uploaded:
-                        self.mine.add(digest)
-                        self.stats["bytes_uploaded"] += uploaded
-                        self.stats["chunks_new"] += 1
-                    else:
-                        self.reused.setdefault(digest, (path, off, len(data)))
-                    self.known.add(digest)
+                    uploaded = len(blob)
+                else:
+                    uploaded = 0
             finally:
                 with self.lock:
                     del self.inflight[digest]
-                ev.set()
+                    if uploaded > 0:
+                        self.mine.add(digest)
+                        self.stats["bytes_uploaded"] += uploaded
+                        self.stats["chunks_new"] += 1
+                    elif uploaded == 0:
+                        self.reused.setdefault(digest, (path, off, len(data)))
+                    if uploaded >= 0:
+                        self.known.add(digest)
+                busy.release()
             return digest
         except _Skipped:
             raise
@@ -407,14 +437,18 @@ def put_growing(
         window = max(min(16 << 20, max(1 << 20, budget // 16)), store.chunker.size * 16)
         with ThreadPoolExecutor(store.workers, thread_name_prefix="revenant-stream") as pool:
             sink = _Sink(store, pool, known, listed=listed, tree=tree)
-            page_futures: list[Future[str]] = []
+            page_futures: list[Future[list[str]]] = []
 
-            def submit_pages(data: bytes) -> Future[str]:
-                fut = sink.submit(None, 0, data, count=False)
+            def submit_pages(data: bytes | memoryview, lengths: Sequence[int]) -> Future[list[str]]:
+                fut = sink.submit_batch(data, lengths)
                 page_futures.append(fut)
                 return fut
 
-            planner = PagePlanner(index, store.chunker, submit_pages) if page_images else None
+            planner = (
+                PagePlanner(index, store.chunker, submit_pages, batch_limit(store.max_inflight))
+                if page_images
+                else None
+            )
             opener = _Opener(tree.root, window, planner, page_images)
             tails: dict[str, _Tail] = {}
             watchdog = _Watchdog(tree, tails, budget)

@@ -109,7 +109,17 @@ class PageIndex:
         return Location(r[2], coff + off - r[0], clen)
 
 
-Submit = Callable[[bytes], "Future[str]"]
+# Uploads consecutive chunks of one buffer (their lengths given), in one work item: yields their digests.
+# One item per batch, not per 64 KiB chunk: per-chunk futures, slots and GIL hand-offs cost the put more
+# CPU than hashing the chunks did (bench/put_cpu_bench.py).
+Submit = Callable[[bytes | memoryview, Sequence[int]], "Future[list[str]]"]
+# A batch: consecutive new chunks up to this many bytes (and at most max_batch chunks).
+BATCH_BYTES = 1 << 20
+
+
+def batch_limit(max_inflight: int) -> int:
+    """Chunks per batch where the put holds max_inflight chunks in flight: room for 4 batches at once."""
+    return max(1, max_inflight // 4)
 
 
 class PlannedFile:
@@ -134,14 +144,17 @@ class PagePlanner:
     upload is done, resolve() fills each file's references; table() is this put's page table.
     """
 
-    def __init__(self, index: PageIndex | None, chunker: Chunker, submit: Submit) -> None:
+    def __init__(self, index: PageIndex | None, chunker: Chunker, submit: Submit, max_batch: int = 16) -> None:
+        """max_batch: the most chunks submitted in one batch (submit may hold a slot per chunk)."""
         self.index = index
         self.chunker = chunker
         self.submit = submit
+        self.max_batch = max(1, max_batch)
         self.files: list[PlannedFile] = []
         self._stream = bytearray()  # new pages waiting to be cut into chunks
         self._stream_pos = 0  # stream offset of _stream[0]
-        self._chunks: list[tuple[int, int, Future[str]]] = []  # (stream offset, length, digest)
+        # (stream offset, length, its batch's digests, index in the batch)
+        self._chunks: list[tuple[int, int, Future[list[str]], int]] = []
         self.found_bytes = 0
         self.zero_bytes = 0
         self.new_bytes = 0
@@ -199,7 +212,7 @@ class PagePlanner:
             self._plan_window(runs, view, hashes, off, full, lookup=False)
         if f.closed:  # a short last page: its own chunk
             n = len(buf) - full * PAGE
-            self._run(runs, "tail", off + full * PAGE, n, self.submit(bytes(view[full * PAGE :])), 0, 0)
+            self._run(runs, "tail", off + full * PAGE, n, self.submit(bytes(view[full * PAGE :]), (n,)), 0, 0)
             self.new_bytes += n
         if len(self._stream) >= WINDOW:
             self._cut(final=False)
@@ -275,16 +288,29 @@ class PagePlanner:
     def _cut(self, final: bool) -> None:
         """Cut the waiting new pages into page-aligned content-defined chunks and submit them; unless
         final, the last chunk stays (it may grow with the next pages)."""
-        buf = memoryview(self._stream)
+        # The batches are views of this buffer, never changed again (no copy per batch): the pages not cut
+        # yet move to a fresh buffer, and this one is freed once its last batch is stored.
+        buf = memoryview(self._stream).toreadonly()
+        ends = list(_page_cuts(self.chunker, buf))
+        if not final and ends and ends[-1] == len(buf):
+            ends.pop()
         start = 0
-        for end in _page_cuts(self.chunker, buf):
-            if not final and end == len(buf):
-                break
-            self._chunks.append((self._stream_pos + start, end - start, self.submit(bytes(buf[start:end]))))
-            start = end
-        buf.release()
-        del self._stream[:start]
-        self._stream_pos += start
+        i = 0
+        while i < len(ends):
+            j = i + 1  # consecutive chunks up to BATCH_BYTES (a chunk is at most MAX_CHUNK_LEN) and max_batch
+            while j < len(ends) and j - i < self.max_batch and ends[j] - start <= BATCH_BYTES:
+                j += 1
+            lengths = [e - s for s, e in zip([start, *ends[i : j - 1]], ends[i:j], strict=True)]
+            fut = self.submit(buf[start : ends[j - 1]], lengths)
+            pos = self._stream_pos + start
+            for k, n in enumerate(lengths):
+                self._chunks.append((pos, n, fut, k))
+                pos += n
+            start = ends[j - 1]
+            i = j
+        if start:
+            self._stream = bytearray(buf[start:])
+            self._stream_pos += start
 
     def finish(self) -> None:
         """Submit the last new pages; call once after the last add_file()."""
@@ -293,14 +319,14 @@ class PagePlanner:
 
     def resolve(self) -> None:
         """Fill each file's references from its runs; every submitted upload must be done."""
-        starts = [s for s, _n, _f in self._chunks]
+        starts = [c[0] for c in self._chunks]
         for f in self.files:
             refs: list[list[Any]] = []
             for kind, off, n, a, b, c in f.runs:
-                if kind == "zero":
-                    refs.append([off, n, ZERO])
+                if kind == "zero":  # a reference covers at most MAX_CHUNK_LEN (the manifest check's bound)
+                    refs.extend([o, min(MAX_CHUNK_LEN, off + n - o), ZERO] for o in range(off, off + n, MAX_CHUNK_LEN))
                 elif kind == "tail":
-                    refs.append([off, n, a.result()])
+                    refs.append([off, n, a.result()[0]])
                 elif kind == "slice":
                     refs.append(_ref(off, n, a, b, c))
                 else:
@@ -310,9 +336,9 @@ class PagePlanner:
     def _new_refs(self, starts: list[int], off: int, n: int, pos: int) -> Iterator[list[Any]]:
         while n:
             i = bisect.bisect_right(starts, pos) - 1
-            cstart, clen, fut = self._chunks[i]
+            cstart, clen, fut, k = self._chunks[i]
             take = min(n, cstart + clen - pos)
-            digest = fut.result()
+            digest = fut.result()[k]
             yield [off, take, ZERO] if digest == ZERO else _ref(off, take, digest, pos - cstart, clen)
             off, n, pos = off + take, n - take, pos + take
 

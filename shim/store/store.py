@@ -348,7 +348,7 @@ class Store:
         counter = _Counter(sum(e["size"] for e in files), progress)
         stats = {"bytes_read": 0, "bytes_uploaded": 0, "chunks_total": 0, "chunks_new": 0}
         lock = threading.Lock()
-        inflight: dict[str, threading.Event] = {}
+        inflight: dict[str, threading.Lock] = {}
         mine: set[str] = set()  # uploaded by this put: not "reused", even when they repeat
         slots = threading.BoundedSemaphore(self.max_inflight)
         backend = self.backend
@@ -371,33 +371,37 @@ class Store:
                         if digest not in mine:
                             reused.setdefault(digest, (path, off, length))
                         return digest
-                    ev = inflight.get(digest)
-                    owner = ev is None
-                    if ev is None:
-                        ev = inflight[digest] = threading.Event()
+                    busy = inflight.get(digest)
+                    if busy is None:  # ours to upload: held until done (a plain lock: cheaper than an Event)
+                        busy = inflight[digest] = threading.Lock()
+                        busy.acquire()
+                        owner = True
+                    else:
+                        owner = False
                 if not owner:
-                    ev.wait()
-                    return digest
+                    with busy:  # another worker uploads the same chunk: wait for it
+                        return digest
+                uploaded = -1
                 try:
-                    uploaded = 0
                     if listed or not backend.retry("check chunk", lambda: backend.has_chunk(digest)):
                         blob = self._encode_chunk(digest, data)
                         backend.retry(f"upload chunk {digest}", lambda: backend.put_chunk(digest, blob))
-                        uploaded = len(blob)
                         crash_point("store.put.after-chunk")
-                    with lock:
-                        if uploaded:
-                            mine.add(digest)
-                        else:
-                            reused.setdefault(digest, (path, off, length))
-                        known.add(digest)
-                        if uploaded:
-                            stats["bytes_uploaded"] += uploaded
-                            stats["chunks_new"] += 1
+                        uploaded = len(blob)
+                    else:
+                        uploaded = 0
                 finally:
                     with lock:
                         del inflight[digest]
-                    ev.set()
+                        if uploaded > 0:
+                            mine.add(digest)
+                            stats["bytes_uploaded"] += uploaded
+                            stats["chunks_new"] += 1
+                        elif uploaded == 0:
+                            reused.setdefault(digest, (path, off, length))
+                        if uploaded >= 0:
+                            known.add(digest)
+                    busy.release()
                 return digest
             except _Aborted:
                 raise
@@ -410,15 +414,35 @@ class Store:
 
         open_files: deque[tuple[int, list[tuple[list[Any], Future[str]]]]] = deque()
         failed: list[BaseException] = []
-        page_futures: list[Future[str]] = []
+        page_futures: list[Future[builtins.list[str]]] = []
 
-        def submit_pages(data: bytes) -> Future[str]:
-            slots.acquire()
-            fut = pool.submit(store_chunk, None, -1, 0, len(data), data)
+        def store_chunks(data: bytes | memoryview, lengths: Sequence[int]) -> builtins.list[str]:
+            """A batch of consecutive page-image chunks, one slot each (store_chunk frees its own)."""
+            view = memoryview(data)
+            digests: builtins.list[str] = []
+            pos = 0
+            try:
+                for n in lengths:
+                    digests.append(store_chunk(None, -1, 0, n, view[pos : pos + n]))
+                    pos += n
+            except BaseException:
+                for _ in range(len(lengths) - len(digests) - 1):
+                    slots.release()
+                raise
+            return digests
+
+        def submit_pages(data: bytes | memoryview, lengths: Sequence[int]) -> Future[builtins.list[str]]:
+            for _ in lengths:
+                slots.acquire()
+            fut = pool.submit(store_chunks, data, lengths)
             page_futures.append(fut)
             return fut
 
-        planner = pages.PagePlanner(index, self.chunker, submit_pages) if page_images else None
+        planner = (
+            pages.PagePlanner(index, self.chunker, submit_pages, pages.batch_limit(self.max_inflight))
+            if page_images
+            else None
+        )
 
         def finish(fd: int, pending: list[tuple[list[Any], Future[str]]]) -> None:
             try:

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from harness.store_util import frame_manifest, manifest_doc, newest_name, tree_digest, write_manifest
-from shim.store import ChunkCorrupt, ManifestCorrupt, open_store
+from shim.store import BackendUnavailable, ChunkCorrupt, ManifestCorrupt, open_store
 from shim.store import model as store_model
 from shim.store import pages as pages_mod
-from shim.store.model import FORMAT, FORMAT_V2, Manifest, validate_manifest_doc
+from shim.store.model import FORMAT, FORMAT_V2, ZERO, Manifest, validate_manifest_doc
 from shim.store.pages import ZERO_PAGE_HASH, _zero_runs, page_hashes
 
 KEY = "default/mypod/main"
 PAGE = 4096
+MIB = 1 << 20
 PAGES = 4096  # a 16 MiB page image
 PATTERNS = ("criu/pages-*.img",)
 
@@ -384,3 +385,57 @@ def test_pages_changed_all_over_keep_the_manifest_small(
     store.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(b)
     assert store.verify() == []
+
+
+@pytest.mark.timeout(180)
+def test_page_images_failing_mid_upload_commit_nothing_and_leave_no_slot_held(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """New pages go to the workers in batches holding a slot per chunk: when the store goes away
+    mid-put, the batches after the failure give their slots back (a put that kept them would block
+    on the next batch: the timeout fails it), nothing is committed, and the same put succeeds later."""
+    srv = request.getfixturevalue("s3_server")
+    rng = random.Random(11)
+    big = [rng.randbytes(PAGE) for _ in range(6 * PAGES)]  # 96 MiB of new pages: hundreds of batches
+    write_dump(tmp_path / "a", big)
+    store = open_store(srv.url)
+    store.backend.retries, store.backend.backoff = 2, 0.05
+    stopped = False
+
+    def stop_midway(done: int, total: int) -> None:
+        nonlocal stopped
+        if done > total // 8 and not stopped:
+            stopped = True
+            srv.stop()
+
+    try:
+        with pytest.raises(BackendUnavailable):
+            store.put(KEY, tmp_path / "a", progress=stop_midway, page_images=PATTERNS)
+    finally:
+        srv.start()
+    assert stopped
+    fresh = open_store(srv.url)
+    assert fresh.list(KEY) == [], "a failed put must commit nothing"
+    fresh.put(KEY, tmp_path / "a", page_images=PATTERNS)
+    fresh.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "a")
+
+
+def test_long_run_of_zero_pages(tmp_path: Path) -> None:
+    """More zero pages in a row than one reference may cover (MAX_CHUNK_LEN, 64 MiB; a job's zeroed heap):
+    the put used to write a single zero reference the manifest check refused, and failed."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    with open(src / "criu" / "pages-1.img", "wb") as f:
+        f.write(b"head" * 1024)
+        f.truncate(PAGE + 150 * MIB + PAGE)  # a hole reads as zero pages
+        f.seek(PAGE + 150 * MIB)
+        f.write(b"tail" * 1024)
+    store = open_store(f"file://{tmp_path}/store")
+    store.put(KEY, src, page_images=PATTERNS)
+    doc = manifest_doc(store, KEY, newest_name(store, KEY))
+    (entry,) = [e for e in doc["entries"] if e["path"] == "criu/pages-1.img"]
+    zero = [r for r in entry["chunks"] if r[2] == ZERO]
+    assert sum(r[1] for r in zero) == 150 * MIB and len(zero) == 3, zero
+    store.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(src)

@@ -108,6 +108,7 @@ class LocalBackend(Backend):
                     del self._index[d]
 
     def _append(self, digest: str, data: bytes) -> None:
+        full_fd = -1
         with self._lock:
             if self._cur is None:
                 pack = secrets.token_hex(8)
@@ -132,7 +133,16 @@ class LocalBackend(Backend):
             if self._cur_size >= PACK_TARGET:
                 self._full.append((pack, self._cur_entries))
                 self._cur = None
-                os.close(fd)
+                full_fd = fd
+        if full_fd >= 0:
+            # Start writing the full pack back now, outside the lock: the fsync at seal time then waits
+            # for little more than the last pack instead of every pack of the put (~2 s per GiB here).
+            try:
+                libc.start_writeback(full_fd, 0, 0)
+            except OSError as e:
+                log.debug("%s: sync_file_range on a full pack: %s", self.url, e)
+            finally:
+                os.close(full_fd)
 
     def _abandon_current(self) -> None:
         if self._cur is not None:
