@@ -149,7 +149,7 @@ class DeferSplit:
 
 @dataclass(frozen=True, slots=True)
 class _Unit:
-    """One chunk fetch, in file order: consecutive pieces of one chunk share it."""
+    """One chunk fetch: every deferred piece of that chunk, wherever it is, is written from it."""
 
     digest: str
     clen: int
@@ -211,18 +211,23 @@ class DeferredReader:
         self._units: list[_Unit] = []
         self._unit_pieces: list[list[tuple[_File, _Piece]]] = []
         self._files: dict[str, _File] = {}
+        # One unit per distinct chunk, in the order of its first piece: an incremental checkpoint's pages
+        # slice their parent's chunks all over the file, and each chunk is fetched once for all of them.
+        unit_of: dict[str, int] = {}
         for path, (ranges, refs) in files.items():
             f = self._files[path] = _File(ranges)
             for ref in refs:
                 digest, clen = ref[2], ref[4] if len(ref) == 5 else ref[1]
-                if not self._units or self._units[-1].digest != digest:
+                unit = unit_of.get(digest)
+                if unit is None:
                     where = f"{m.key!r} seq {m.seq}, file {path} offset {ref[0]} (deferred)"
+                    unit = unit_of[digest] = len(self._units)
                     self._units.append(_Unit(digest, clen, where))
                     self._unit_pieces.append([])
-                piece = _Piece(ref[0], ref[1], len(self._units) - 1, ref[3] if len(ref) == 5 else 0)
+                piece = _Piece(ref[0], ref[1], unit, ref[3] if len(ref) == 5 else 0)
                 f.pieces.append(piece)
                 f.piece_starts.append(ref[0])
-                self._unit_pieces[-1].append((f, piece))
+                self._unit_pieces[unit].append((f, piece))
         self.memory_limit = memory_limit
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # the fill waits here for in-flight bytes to drop
