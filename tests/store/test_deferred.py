@@ -19,6 +19,7 @@ from shim.store import (
     DeferredReader,
     ManifestCorrupt,
     NotDeferred,
+    Store,
     StoreError,
     open_store,
 )
@@ -349,6 +350,19 @@ def test_overlapping_ranges_merge_and_nothing_deferred_is_a_plain_get(tmp_path: 
         assert (tmp_path / "none" / PAGES_IMG).read_bytes() == original
 
 
+def count_ranged_gets(store: Store) -> list[tuple[str, int, int]]:
+    """The (object, offset, length) of every ranged GET the store's S3 backend makes from now on."""
+    ranges: list[tuple[str, int, int]] = []
+    get_range = store.backend.get_range
+
+    def counting(name: str, offset: int, length: int) -> bytes:
+        ranges.append((name, offset, length))
+        return get_range(name, offset, length)
+
+    store.backend.get_range = counting  # type: ignore[attr-defined]
+    return ranges
+
+
 def test_s3_reads_go_through_planned_pack_windows(s3_server, tmp_path: Path) -> None:
     """The reader's chunks of a packed S3 store come from the pack windows its plan names (one ranged GET per
     8 MiB window), not a GET per chunk, also where get_deferred had fetched a window for other files."""
@@ -359,20 +373,14 @@ def test_s3_reads_go_through_planned_pack_windows(s3_server, tmp_path: Path) -> 
     (src / "criu" / "core-1.img").write_bytes(os.urandom(5000))
     open_store(s3_server.url, chunker=Chunker.parse("fixed:16384")).put(KEY, src)
     store = open_store(s3_server.url)
-    ranges: list[tuple[str, int, int]] = []
-    get_range = store.backend.get_range
-
-    def counting(name: str, offset: int, length: int) -> bytes:
-        ranges.append((name, offset, length))
-        return get_range(name, offset, length)
-
-    store.backend.get_range = counting  # type: ignore[method-assign]
+    ranges = count_ranged_gets(store)
     # The first 64 KiB are written now: their window is fetched for them (and the small file) first.
     _info, reader = store.get_deferred(
         KEY, tmp_path / "lazy", may_defer, lambda _r: {PAGES_IMG: [(64 << 10, len(data) - (64 << 10))]}
     )
     with reader:
         before = len(ranges)
+        assert reader.wait_filled(60)  # the fill reads in the planned order: through the pack's windows
         assert read_all(reader, PAGES_IMG, reader.ranges[PAGES_IMG]) == data[64 << 10 :]
     assert before >= 1 and len(ranges) - before <= 2, ranges  # 6 MiB of 16 KiB chunks: one window, maybe two
 
@@ -386,14 +394,7 @@ def test_a_read_ahead_of_the_fill_gets_its_chunk_alone(s3_server, tmp_path: Path
     (src / PAGES_IMG).write_bytes(data)
     open_store(s3_server.url, chunker=Chunker.parse("fixed:16384")).put(KEY, src)
     store = open_store(s3_server.url)
-    ranges: list[tuple[str, int, int]] = []
-    get_range = store.backend.get_range
-
-    def counting(name: str, offset: int, length: int) -> bytes:
-        ranges.append((name, offset, length))
-        return get_range(name, offset, length)
-
-    store.backend.get_range = counting  # type: ignore[method-assign]
+    ranges = count_ranged_gets(store)
     whole = {PAGES_IMG: [(0, len(data))]}
     _info, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, lambda _r: whole, fill=False)
     with reader:
