@@ -747,7 +747,8 @@ def main() -> int:
             os.environ.update(creds)
             for node in (a, b):  # the shims inherit containerd's environment
                 node.env.update(creds)
-            seaweed = SeaweedS3(work / "seaweed-store")
+            # The server's capacity is volume_max x 64 MB: room for several checkpoints of the job.
+            seaweed = SeaweedS3(work / "seaweed-store", volume_max=max(50, mib // 8))
             seaweed.start()
             store = f"s3://{S3_BUCKET}/bench-store-{os.getpid()}?endpoint={seaweed.endpoint}"
         if args.lazy_restore:
