@@ -23,15 +23,6 @@ class ChunkCache:
         self._loading: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def __contains__(self, digest: object) -> bool:
-        with self._lock:
-            return digest in self._data
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.size = 0
-
     def get(self, digest: str, load: Callable[[], bytes]) -> bytes:
         while True:
             with self._lock:
