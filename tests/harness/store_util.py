@@ -9,6 +9,7 @@ import random
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 from shim.store import Store, open_store
 from shim.store.backends.local import LocalBackend
@@ -113,6 +114,17 @@ def newest_name(store: Store, key: str) -> str:
 
 def chunks_only_in(store: Store, key: str, name: str, other: str) -> list[str]:
     return sorted(store._load(key, name).chunk_digests() - store._load(key, other).chunk_digests())
+
+
+def newest_and_older_chunks(store: Store, key: str) -> tuple[int, Any, set[str]]:
+    """The key's newest checkpoint (seq, manifest) and the chunk digests its older checkpoints reference."""
+    committed = store._committed(key)
+    newest = max(committed)
+    older: set[str] = set()
+    for seq, name in committed.items():
+        if seq != newest:
+            older |= store._load(key, name).chunk_digests()
+    return newest, store._load(key, committed[newest]), older
 
 
 def corrupt_chunk(store: Store, server, digest: str) -> None:

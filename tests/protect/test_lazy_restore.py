@@ -12,7 +12,7 @@ import pytest
 
 from harness.memjob import assert_continuous, read_steps, wait_for_step
 from harness.protect import Job, destroy_node, job_log, run_job, shim_log, task_status, wait_for_seq
-from harness.store_util import corrupt_chunk
+from harness.store_util import corrupt_chunk, newest_and_older_chunks
 from harness.wait import wait_until
 
 from .test_protect import Cluster, cluster, new_key, store_url  # noqa: F401  (fixtures)
@@ -81,13 +81,7 @@ def _damage_a_lazy_chunk(url: str, key: str) -> str:
 
     store = open_store(url)
     try:
-        committed = store._committed(key)
-        newest = max(committed)
-        older: set[str] = set()
-        for seq, name in committed.items():
-            if seq != newest:
-                older |= store._load(key, name).chunk_digests()
-        m = store._load(key, committed[newest])
+        _newest, m, older = newest_and_older_chunks(store, key)
         (pages,) = [e for e in m.entries if e["path"].startswith("criu/pages-")]
         own = [ref for ref in pages["chunks"] if ref[2] not in older and ref[0] >= pages["size"] // 2]
         assert own, "the newest checkpoint's page image shares every chunk of its second half"

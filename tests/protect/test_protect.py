@@ -39,6 +39,7 @@ from harness.protect import (
     wait_for_seq,
     wait_stopped,
 )
+from harness.store_util import newest_and_older_chunks
 from harness.wait import wait_until
 
 pytestmark = pytest.mark.timeout(900)
@@ -262,13 +263,8 @@ def _flip_byte_in_newest(store_url: str, key: str) -> tuple[int, str]:
 
     store = open_store(store_url)
     try:
-        committed = store._committed(key)
-        newest = max(committed)
-        older: set[str] = set()
-        for seq, name in committed.items():
-            if seq != newest:
-                older |= store._load(key, name).chunk_digests()
-        own = sorted(store._load(key, committed[newest]).chunk_digests() - older)
+        newest, m, older = newest_and_older_chunks(store, key)
+        own = sorted(m.chunk_digests() - older)
     finally:
         store.close()
     assert own, "the newest checkpoint shares every chunk with older ones"
