@@ -424,3 +424,16 @@ def test_stream_budget(tmp_path, text, budget):
 def test_bad_stream_budgets_are_named(tmp_path, value):
     with pytest.raises(PolicyError, match="stream_budget_mib"):
         _node(tmp_path, f"stream_budget_mib = {value}\n")
+
+
+@pytest.mark.parametrize(
+    "text, lazy", [("", False), ("lazy_restore = true\n", True), ("lazy_restore = false\n", False)]
+)
+def test_lazy_restore(tmp_path, text, lazy):
+    assert _node(tmp_path, text).lazy_restore is lazy
+
+
+@pytest.mark.parametrize("value", ["'maybe'", "2", "'yes please'"])
+def test_a_bad_lazy_restore_is_named(tmp_path, value):
+    with pytest.raises(PolicyError, match="lazy_restore"):
+        _node(tmp_path, f"lazy_restore = {value}\n")
