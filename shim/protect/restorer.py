@@ -102,7 +102,7 @@ class RestorePlan:
         deferred = self.deferred
         if deferred is None:
             raise RuntimeError(f"the lazy restore of {self.key}@{self.seq} has ended")
-        return bytes(deferred.read(f"{CRIU_DIR}/{name}", offset, length))
+        return deferred.read(f"{CRIU_DIR}/{name}", offset, length)
 
 
 @dataclass
