@@ -276,6 +276,19 @@ def test_two_writers_one_key(target: Target, tmp_path: Path) -> None:
     assert store.verify() == []
 
 
+@pytest.mark.parametrize("target", [b for b in BACKENDS if b != "oci"], indirect=True)
+def test_has_chunk_sees_chunks_another_writer_stored(target: Target, tmp_path: Path) -> None:
+    """A store opened before another writer's put answers has_chunk for that put's chunks (pack stores used to
+    answer from the pack indexes they had read so far: False for a chunk packed since). Not oci://: its index
+    is every checkpoint manifest, read once per process; a put dedups against it chunk by chunk."""
+    reader = open_store(target.url)
+    reader.backend.has_chunk("0" * 64)  # reads whatever indexes exist now
+    open_store(target.url).put(KEY, make_tree(tmp_path / "t", seed=12, big_mib=1))
+    digests = open_store(target.url)._load(KEY, newest_name(reader, KEY)).chunk_digests()
+    assert digests and all(reader.backend.has_chunk(d) for d in digests)
+    assert not reader.backend.has_chunk("0" * 64)
+
+
 def test_gc_racing_put(target: Target, tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", seed=11, big_mib=8)
     store = open_store(target.url)

@@ -55,7 +55,10 @@ class Backend(ABC):
 
     # chunks
     @abstractmethod
-    def has_chunk(self, digest: str) -> bool: ...
+    def has_chunk(self, digest: str) -> bool:
+        """Whether the chunk is stored, including by other writers since this backend was opened (a pack
+        store reloads its indexes on a miss). oci:// answers from the index it built once per process."""
+
     @abstractmethod
     def put_chunk(self, digest: str, data: bytes) -> None: ...
     @abstractmethod

@@ -233,9 +233,10 @@ class LocalBackend(Backend):
 
     # chunks
     def has_chunk(self, digest: str) -> bool:
-        if digest in self._index:
+        if digest in self._index or self._chunk_path(digest).exists():
             return True
-        return self._chunk_path(digest).exists()
+        self._reload()  # packed by another process (or before this one read the indexes)
+        return digest in self._index
 
     def put_chunk(self, digest: str, data: bytes) -> None:
         if self.packs:

@@ -606,9 +606,11 @@ class PackStore:
     # ------------------------------------------------------------------ the chunk methods
     def has_chunk(self, digest: str) -> bool:
         self._ensure()
-        if digest in self._index:
+        seen = self._reloads
+        if digest in self._index or self.objects.object_exists(loose_name(digest)):
             return True
-        return self.objects.object_exists(loose_name(digest))
+        self._refresh(seen)  # packed by another writer since the indexes were read
+        return digest in self._index
 
     def put_chunk(self, digest: str, data: bytes) -> None:
         self.writer.add(digest, data)
