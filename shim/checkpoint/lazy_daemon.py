@@ -83,7 +83,15 @@ class LazyPagesDaemon:
             raise LazyPagesError(f"page server: {e}") from e
         if rc != 0:
             raise LazyPagesError(f"criu lazy-pages exited {rc}: {self._errors()}")
-        log.info("all lazy pages arrived %.3fs after the daemon started", time.monotonic() - self.started)
+        try:
+            log_kib = (self.work_dir / LOG_NAME).stat().st_size >> 10
+        except OSError:
+            log_kib = -1
+        log.info(
+            "all lazy pages arrived %.3fs after the daemon started (its log: %d KiB)",
+            time.monotonic() - self.started,
+            log_kib,
+        )
         return stats
 
     def kill(self) -> None:
