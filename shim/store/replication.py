@@ -13,16 +13,18 @@ import contextlib
 import functools
 import logging
 import secrets
+import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..faults import crash_point, delay_point
 from .backends.base import NotFound
+from .deferred import DeferredReader
 from .errors import BackendUnavailable, CheckpointNotFound, ChunkCorrupt, KeyMismatch, ManifestCorrupt, StoreError
 from .get_timing import GetTimings
 from .locks import HeldLock
@@ -30,6 +32,7 @@ from .model import ZERO, CheckpointInfo
 from .store import Progress, Store, _refs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A copy that fails this way says something about that copy, not about the checkpoint: try the next.
 _COPY_FAILURES = (ChunkCorrupt, ManifestCorrupt, CheckpointNotFound, BackendUnavailable)
@@ -475,6 +478,48 @@ class Copies:
         Every chunk is verified on the way down (Store.get); a copy that is damaged or stops answering
         leaves dest_dir as it was, and the next copy is tried. If every copy is damaged the damage is
         raised; if one only stopped answering, that outage is (its copy may be fine)."""
+        return self._from_nearest(
+            key,
+            seq,
+            timings,
+            lambda store, s: store.get(key, dest_dir, seq=s, fallback=False, progress=progress, timings=timings),
+        )
+
+    def get_deferred(
+        self,
+        key: str,
+        dest_dir: Path,
+        may_defer: Callable[[str], bool],
+        defer: Callable[[Path], Mapping[str, Sequence[tuple[int, int]]]],
+        seq: int | None = None,
+        fallback: bool = False,
+        progress: Progress | None = None,
+        timings: GetTimings | None = None,
+        **kw: Any,
+    ) -> tuple[CheckpointInfo, DeferredReader]:
+        """Store.get_deferred from the nearest copy holding seq, the next copy when one is damaged or down
+        before the reader is returned. The reader reads that copy only: a chunk found damaged once the job
+        runs fails the job (as with one store), it is not fetched from another copy."""
+
+        def attempt(store: Store, s: int) -> tuple[CheckpointInfo, DeferredReader]:
+            try:
+                return store.get_deferred(
+                    key, dest_dir, may_defer, defer, seq=s, fallback=False, progress=progress, timings=timings, **kw
+                )
+            except BaseException:
+                # A deferred chunk missing from this copy: dest holds this copy's files; the next starts afresh.
+                if dest_dir.is_dir() and not dest_dir.is_symlink():
+                    shutil.rmtree(dest_dir)
+                    dest_dir.mkdir(mode=0o700)
+                raise
+
+        return self._from_nearest(key, seq, timings, attempt)
+
+    def _from_nearest(
+        self, key: str, seq: int | None, timings: GetTimings | None, attempt: Callable[[Store, int], T]
+    ) -> T:
+        """attempt(copy, seq) on the copies holding seq (default: the newest any holds), nearest first, until
+        one succeeds; the outage is raised when every copy failed and one only stopped answering, else the damage."""
         copies = self._probe(key)
         if seq is None:
             seq = max((s for c in copies for s in c.names), default=None)
@@ -489,10 +534,10 @@ class Copies:
             try:
                 if timings is not None:  # only the copy that restores is measured
                     timings.reset()
-                info = store.get(key, dest_dir, seq=seq, fallback=False, progress=progress, timings=timings)
+                result = attempt(store, seq)
                 if i:
                     log.warning("%s seq %d restored from %s after %d other copies failed", key, seq, store.url, i)
-                return info
+                return result
             except _COPY_FAILURES as e:
                 if isinstance(e, BackendUnavailable):
                     outage = e

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import threading
+import urllib.parse
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from shim.store import (
     StoreError,
     open_store,
 )
+from shim.store.replication import Copies, replicate
 
 KEY = "default/mypod/main"
 PAGE = 4096
@@ -197,6 +199,45 @@ def test_a_missing_deferred_chunk_fails_the_get(tmp_path: Path) -> None:
     (tmp_path / "store" / "chunks" / gone[:2] / gone).unlink()
     with pytest.raises(ChunkCorrupt, match=rf"{gone} is missing .*\(deferred\)"):
         open_store(url).get_deferred(KEY, tmp_path / "lazy", may_defer, Defer(), fallback=False)
+
+
+def test_replicas_serve_from_the_nearest_copy_and_pass_over_one_missing_a_chunk(tmp_path: Path) -> None:
+    """Copies.get_deferred: the nearest copy holding the checkpoint serves it; one that lacks a deferred
+    chunk is passed over before the reader is returned, its partial files gone; every copy lacking it fails."""
+    src = tmp_path / "src"
+    original = b"".join(make_dump(src))
+    urls = [f"file://{tmp_path}/{name}?packs=0" for name in ("primary", "replica")]
+    with open_store(urls[0], chunker=Chunker.parse("fixed:65536")) as p, open_store(urls[1]) as r:
+        p.put(KEY, src)
+        replicate(p, r, KEY)
+    copies = Copies(open_store(urls[0]), [open_store(urls[1])])
+    try:
+        nearest, other = copies.order(KEY)
+        info, reader = copies.get_deferred(KEY, tmp_path / "d1", may_defer, Defer())
+        with reader:
+            assert reader._store is nearest and info.seq == 1
+            assert read_all(reader, PAGES_IMG, lazy_bytes()) == b"".join(original[o : o + n] for o, n in lazy_bytes())
+
+        doc = nearest._load(KEY, newest_name(nearest, KEY))
+        refs = next(e["chunks"] for e in doc.entries if e["path"] == PAGES_IMG)
+        gone = next(r for r in refs if r[0] >= 704 * PAGE and r[2] != "zero" and sum(x[2] == r[2] for x in refs) == 1)
+        dest = tmp_path / "d2"
+        dest.mkdir(mode=0o700)  # as the Restorer's scratch: an empty directory
+        Path(urllib.parse.urlparse(nearest.url).path, "chunks", gone[2][:2], gone[2]).unlink()
+        info, reader = copies.get_deferred(KEY, dest, may_defer, Defer())
+        with reader:
+            assert reader._store is other
+            assert read_all(reader, PAGES_IMG, [lazy_bytes()[2]]) == original[lazy_bytes()[2][0] :]
+            reader.wait_filled(60)
+        assert (dest / PAGES_IMG).read_bytes() == original
+
+        Path(urllib.parse.urlparse(other.url).path, "chunks", gone[2][:2], gone[2]).unlink()
+        dest = tmp_path / "d3"
+        with pytest.raises(ChunkCorrupt, match=rf"{gone[2]} is missing"):
+            copies.get_deferred(KEY, dest, may_defer, Defer())
+        assert not dest.exists() or not any(dest.iterdir()), "a failed copy's files stay behind"
+    finally:
+        copies.close()
 
 
 def test_encrypted_store(url: str, tmp_path: Path) -> None:
