@@ -147,16 +147,19 @@ class DeferSplit:
         return now
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and a large job's reader makes
+# one of each per deferred reference (~85k per GiB of pages) before CRIU may start.
+@dataclass(slots=True)
 class _Unit:
     """One chunk fetch: every deferred piece of that chunk, wherever it is, is written from it."""
 
     digest: str
     clen: int
-    where: str
+    path: str  # where its first piece is, for errors
+    offset: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Piece:
     start: int
     length: int
@@ -213,21 +216,24 @@ class DeferredReader:
         self._files: dict[str, _File] = {}
         # One unit per distinct chunk, in the order of its first piece: an incremental checkpoint's pages
         # slice their parent's chunks all over the file, and each chunk is fetched once for all of them.
+        self._what = f"{m.key!r} seq {m.seq}"
         unit_of: dict[str, int] = {}
+        units, unit_pieces = self._units, self._unit_pieces
         for path, (ranges, refs) in files.items():
             f = self._files[path] = _File(ranges)
+            pieces, starts = f.pieces, f.piece_starts
             for ref in refs:
-                digest, clen = ref[2], ref[4] if len(ref) == 5 else ref[1]
+                digest = ref[2]
                 unit = unit_of.get(digest)
+                sliced = len(ref) == 5
                 if unit is None:
-                    where = f"{m.key!r} seq {m.seq}, file {path} offset {ref[0]} (deferred)"
-                    unit = unit_of[digest] = len(self._units)
-                    self._units.append(_Unit(digest, clen, where))
-                    self._unit_pieces.append([])
-                piece = _Piece(ref[0], ref[1], unit, ref[3] if len(ref) == 5 else 0)
-                f.pieces.append(piece)
-                f.piece_starts.append(ref[0])
-                self._unit_pieces[unit].append((f, piece))
+                    unit = unit_of[digest] = len(units)
+                    units.append(_Unit(digest, ref[4] if sliced else ref[1], path, ref[0]))
+                    unit_pieces.append([])
+                piece = _Piece(ref[0], ref[1], unit, ref[3] if sliced else 0)
+                pieces.append(piece)
+                starts.append(ref[0])
+                unit_pieces[unit].append((f, piece))
         self.memory_limit = memory_limit
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # the fill waits here for in-flight bytes to drop
@@ -259,6 +265,9 @@ class DeferredReader:
         if fill:  # else every byte is fetched by the read that needs it
             self._filler = threading.Thread(target=self._fill_all, name="revenant-lazy-fill", daemon=True)
             self._filler.start()
+
+    def _where(self, u: _Unit) -> str:
+        return f"{self._what}, file {u.path} offset {u.offset} (deferred)"
 
     @property
     def ranges(self) -> dict[str, list[Span]]:
@@ -376,7 +385,7 @@ class DeferredReader:
         u = self._units[unit]
         try:
             if u.digest != ZERO:
-                data = self._store._fetch_verified(u.digest, u.clen, u.where, self._sealed, self._timings, alone)
+                data = self._store._fetch_verified(u.digest, u.clen, self._where(u), self._sealed, self._timings, alone)
                 with self._lock:
                     self._fetched += 1
                 view = memoryview(data)
@@ -421,7 +430,7 @@ class DeferredReader:
             return
         for u in self._units:
             if u.digest != ZERO and u.digest not in names:
-                raise ChunkCorrupt(u.digest, "is missing", u.where)
+                raise ChunkCorrupt(u.digest, "is missing", self._where(u))
 
     def close(self) -> None:
         """Stop the fill, wait for its fetches, close the files; reads fail from then on."""

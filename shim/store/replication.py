@@ -457,7 +457,7 @@ class Copies:
             holders = [c for c in copies if seq in c.names]
             for c in holders:
                 try:
-                    info = c.store._load(key, c.names[seq]).info(c.names[seq])
+                    info = c.store._load(key, c.names[seq], hand_on=True).info(c.names[seq])
                 except (*_COPY_FAILURES, KeyMismatch) as e:
                     log.warning("%s seq %d: manifest on %s unusable, trying another copy: %s", key, seq, c.store.url, e)
                     continue

@@ -38,6 +38,7 @@ from .errors import (
     ManifestTooNew,
     StoreError,
 )
+from .gcpause import gc_paused
 from .get_timing import FileSpan, GetTimings, Stopwatch
 from .growing import DEFAULT_BUDGET as DEFAULT_STREAM_BUDGET
 from .growing import GrowingTree, put_growing
@@ -95,6 +96,9 @@ class Store:
         self.allow_plaintext = allow_plaintext
         # Bounded memory: at most this many chunks read but not yet stored (or fetched, not written).
         self.max_inflight = max_inflight or workers * 4
+        # The manifest a listing for a restore just loaded, for the get that follows (a large job's manifest
+        # costs a GET and a second of decoding per GiB or so); taken by the next _load of the same name.
+        self._handed: tuple[str, str, Manifest] | None = None
 
     @property
     def url(self) -> str:
@@ -127,7 +131,17 @@ class Store:
         """seq -> the manifest name that readers use for it (lowest nonce)."""
         return {seq: names[0] for seq, names in self._names(key).get(key, {}).items()}
 
-    def _load(self, key: str, name: str, any_plaintext: bool = False) -> Manifest:
+    def _load(self, key: str, name: str, any_plaintext: bool = False, hand_on: bool = False) -> Manifest:
+        """The decoded, validated manifest `name` of key. hand_on: keep it for the next _load of that name
+        (a restore's listing, then its get: the committed manifest under a name never changes)."""
+        handed, self._handed = self._handed, None
+        fresh = handed is None or handed[:2] != (key, name)
+        m = self._decode(key, name, any_plaintext) if fresh else handed[2]  # type: ignore[index]
+        if hand_on:
+            self._handed = (key, name, m)
+        return m
+
+    def _decode(self, key: str, name: str, any_plaintext: bool) -> Manifest:
         what = f"manifest of {key!r} {name}"
         try:
             blob = self.backend.retry(f"get {what}", lambda: self.backend.get_manifest(key, name))
@@ -146,7 +160,8 @@ class Store:
                 raise ManifestCorrupt(f"{what} {e}") from None
         elif self.keyring is not None and not (self.allow_plaintext or any_plaintext) and looks_like_manifest(blob):
             raise KeyMismatch(f"{what} is not encrypted and this store reads only encrypted checkpoints")
-        m = Manifest.decode(blob, what)
+        with gc_paused():
+            m = Manifest.decode(blob, what)
         m.sealed_with = sealed_with
         if m.key != key:
             raise ManifestCorrupt(f"{what} names key {m.key!r}")
@@ -173,7 +188,7 @@ class Store:
         for seq in sorted(seqs, reverse=True):
             name = seqs[seq][0]
             try:
-                yield self._load(key, name).info(name)
+                yield self._load(key, name, hand_on=True).info(name)
             except (ManifestCorrupt, CheckpointNotFound) as e:
                 log.warning("skipping checkpoint: %s", e)
 
@@ -767,13 +782,14 @@ class Store:
         an older checkpoint can still be chosen, not when a restored job faults on it.
         """
         split = DeferSplit(may_defer, defer)
-        m, name = self._get(key, Path(dest_dir), seq, fallback, progress, timings, split)
-        reader = DeferredReader(self, m, split.files, Path(dest_dir), memory_limit, fill)
-        try:
-            reader.check_present()
-        except BaseException:
-            reader.close()
-            raise
+        with gc_paused():  # what it builds is many small objects, no cycles; a job waits for it
+            m, name = self._get(key, Path(dest_dir), seq, fallback, progress, timings, split)
+            reader = DeferredReader(self, m, split.files, Path(dest_dir), memory_limit, fill)
+            try:
+                reader.check_present()
+            except BaseException:
+                reader.close()
+                raise
         return m.info(name), reader
 
     def _get(

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.store_util import corrupt_chunk, frame_manifest, manifest_doc, newest_name, tree_digest, write_manifest
+from harness.store_util import (
+    corrupt_chunk,
+    frame_manifest,
+    manifest_doc,
+    newest_name,
+    tree_digest,
+    truncate_manifest,
+    write_manifest,
+)
 from shim.store import (
     ChunkCorrupt,
     Chunker,
@@ -238,6 +246,32 @@ def test_replicas_serve_from_the_nearest_copy_and_pass_over_one_missing_a_chunk(
         assert not dest.exists() or not any(dest.iterdir()), "a failed copy's files stay behind"
     finally:
         copies.close()
+
+
+def test_a_restore_decodes_the_manifest_its_listing_loaded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """newest_first hands the manifest it loaded to the get that follows; any other load reads it afresh (a
+    manifest damaged since is found)."""
+    src = tmp_path / "src"
+    make_dump(src)
+    url = f"file://{tmp_path}/store"
+    open_store(url).put(KEY, src)
+    store = open_store(url)
+    gets: list[str] = []
+    real = store.backend.get_manifest
+    monkeypatch.setattr(store.backend, "get_manifest", lambda k, n: gets.append(n) or real(k, n))
+    info = next(store.newest_first(KEY))
+    _, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, Defer(), seq=info.seq)
+    reader.close()
+    assert len(gets) == 1, gets
+    store.get(KEY, tmp_path / "plain", seq=info.seq)
+    assert len(gets) == 2, "a load nobody handed on reads the manifest again"
+    next(store.newest_first(KEY))  # handed on again, then damaged in the store: no get but the next sees it
+    truncate_manifest(store, KEY, gets[0])
+    store.get(KEY, tmp_path / "handed", seq=info.seq)
+    with pytest.raises(ManifestCorrupt):
+        store.get(KEY, tmp_path / "again", seq=info.seq, fallback=False)
 
 
 def test_encrypted_store(url: str, tmp_path: Path) -> None:
