@@ -26,17 +26,18 @@ log = logging.getLogger(__name__)
 
 KILL = 9
 SWITCH_INTERVAL_S = 0.0005
-SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(frozen=True)
 class LazyRestore:
     """What a restore needs to take its memory lazily: the verified source of the lazy ranges of its
     pages files (names relative to the image dir), and who hears the end (None: every page arrived,
-    else why not); `finished` is called exactly once, from the session's watcher thread."""
+    else why not); `finished` is called exactly once, from the session's watcher thread. `running` is
+    called once `runc restore` has returned and the job runs (e.g. to start fetching the rest ahead)."""
 
     source: PageSource
     finished: Callable[[str | None], None]
+    running: Callable[[], None] | None = None
 
 
 class LazySession:
@@ -53,10 +54,6 @@ class LazySession:
 
     def start(self, image_dir: Path, work_dir: Path) -> None:
         """Start the daemon (before `runc restore --lazy-pages`, which connects to it in work_dir)."""
-        # Every page request is a hand-off of the GIL from the store's fill workers (which hold it while
-        # they verify) to the page server's thread: at the default 5 ms switch interval a faulting task
-        # waited up to that long for each one.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         # Every page request is a round trip through the GIL, which the store's workers hold while they
         # verify and decompress the read-ahead: at the default 5 ms switch interval the server thread
         # waited up to that long on each hand-off (20 MB/s). A faulting task waits on this thread.
@@ -70,6 +67,11 @@ class LazySession:
             self._kill()
             self._end(self.failure)
             raise LazyPagesError(f"lazy pages failed during the restore: {self.failure}")
+        if self.lazy.running is not None:
+            try:
+                self.lazy.running()
+            except Exception:  # the pages still come, each fetched when asked for
+                log.exception("%s: the lazy restore's running callback raised", self.container_id)
         threading.Thread(target=self._watch, name=f"lazy-restore-{self.container_id}", daemon=True).start()
 
     def abort(self, reason: str) -> None:

@@ -297,7 +297,11 @@ class ProtectionManager:
         )
         lazy = None
         if result.deferred is not None:
-            lazy = LazyRestore(source=result, finished=lambda failure: self._lazy_finished(c.id, result, failure))
+            lazy = LazyRestore(
+                source=result,
+                finished=lambda failure: self._lazy_finished(c.id, result, failure),
+                running=result.job_running,
+            )
         return RestorePlan(str(result.criu_dir), fall_back=True, lazy=lazy)
 
     def _lazy_finished(self, cid: str, plan: restorer.RestorePlan, failure: str | None) -> None:

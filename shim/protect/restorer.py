@@ -104,6 +104,14 @@ class RestorePlan:
             raise RuntimeError(f"the lazy restore of {self.key}@{self.seq} has ended")
         return deferred.read(f"{CRIU_DIR}/{name}", offset, length)
 
+    def job_running(self) -> None:
+        """The restored job runs: start filling the rest of its memory in the background. Not before: on a
+        small node the fill's fetching and verifying would slow the layer, runc and CRIU the job waits for;
+        until now a page asked for is fetched by itself."""
+        deferred = self.deferred
+        if deferred is not None:
+            deferred.start_fill()
+
 
 @dataclass
 class NoUsableCheckpoint:
@@ -202,6 +210,7 @@ class Restorer:
                             seq=info.seq,
                             fallback=False,
                             timings=fetch,
+                            fill_later=True,  # RestorePlan.job_running starts it
                         )
                         if not deferred.ranges:  # not eligible: every byte was fetched
                             deferred.close()

@@ -208,6 +208,7 @@ class DeferredReader:
         root: Path,
         memory_limit: int = DEFAULT_MEMORY,
         fill: bool = True,
+        fill_later: bool = False,
     ) -> None:
         self._store = store
         self._sealed = m.sealed_with
@@ -262,8 +263,19 @@ class DeferredReader:
         # Packed backends fetch the windows of these chunks ahead, in this order (ranged GETs).
         store.backend.plan_reads(u.digest for u in self._units if u.digest != ZERO)
         self._filler: threading.Thread | None = None
+        self._fill_started = False
         if fill:  # else every byte is fetched by the read that needs it
             self._filler = threading.Thread(target=self._fill_all, name="revenant-lazy-fill", daemon=True)
+            if not fill_later:
+                self.start_fill()
+
+    def start_fill(self) -> None:
+        """Start the background fill of a reader made with fill_later (until then each read fetches what it
+        needs). Once is enough; a reader without a fill, or closed, ignores it."""
+        with self._lock:  # under the lock: close() joins the filler only once it was started
+            if self._filler is None or self._fill_started or self._closed:
+                return
+            self._fill_started = True
             self._filler.start()
 
     def _where(self, u: _Unit) -> str:
@@ -306,7 +318,7 @@ class DeferredReader:
     def wait_filled(self, timeout: float | None = None) -> bool:
         """Whether the background fill has written every deferred byte (or given up on a unit); a reader
         without a fill never has."""
-        if self._filler is None:
+        if self._filler is None or not self._fill_started:
             return False
         self._filler.join(timeout)
         return not self._filler.is_alive()
@@ -440,7 +452,7 @@ class DeferredReader:
             self._closed = True
             self._room.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._filler is not None:
+        if self._filler is not None and self._fill_started:
             self._filler.join()
         for fill in self._fills:  # cancelled before they ran: a waiting read must not hang
             if fill is not None and not fill.done.is_set():

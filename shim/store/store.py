@@ -773,18 +773,19 @@ class Store:
         timings: GetTimings | None = None,
         memory_limit: int = DEFAULT_MEMORY,
         fill: bool = True,
+        fill_later: bool = False,
     ) -> tuple[CheckpointInfo, DeferredReader]:
         """get() for a lazy restore: the files may_defer names are written last, without the byte ranges
         defer (called with the partial root once every other file is written) returns for them; those
-        stay holes, filled in the background (unless fill is False) and read, verified, through the returned
-        DeferredReader (close it before the store).
+        stay holes, filled in the background (unless fill is False; from reader.start_fill() on with
+        fill_later) and read, verified, through the returned DeferredReader (close it before the store).
         A deferred chunk the store does not list raises ChunkCorrupt now (dest is left as written), while
         an older checkpoint can still be chosen, not when a restored job faults on it.
         """
         split = DeferSplit(may_defer, defer)
         with gc_paused():  # what it builds is many small objects, no cycles; a job waits for it
             m, name = self._get(key, Path(dest_dir), seq, fallback, progress, timings, split)
-            reader = DeferredReader(self, m, split.files, Path(dest_dir), memory_limit, fill)
+            reader = DeferredReader(self, m, split.files, Path(dest_dir), memory_limit, fill, fill_later)
             try:
                 reader.check_present()
             except BaseException:

@@ -6,6 +6,7 @@ instead of letting it run on with pages it did not get."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,11 @@ def test_lazy_restore_brings_back_every_page(store_url: str, cluster: Cluster) -
     assert "its memory lazily" in log, "node B did not restore lazily"
     wait_until(lambda: "lazy restore from" in shim_log(cluster.b), 300, "the lazy restore's end")
     log = shim_log(cluster.b)
-    assert "complete" in log.split("lazy restore from", 1)[1].splitlines()[0], log[-4000:]
+    ended = log.split("lazy restore from", 1)[1].splitlines()[0]
+    assert "complete" in ended, log[-4000:]
+    # The background fill ran (started once the job ran), beside the pages the job's faults fetched.
+    by_fill = re.search(r"'claimed_by_fill': (\d+)", ended)
+    assert by_fill and int(by_fill[1]) > 0, ended
     # The reader, its store and the scratch copy of the images go once the last page arrived.
     wait_until(lambda: _scratch_entries(cluster) == [], 60, "the restore scratch removed")
     # The job keeps running on its own memory after the daemon is gone.

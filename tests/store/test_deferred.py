@@ -364,6 +364,33 @@ def test_a_read_does_not_wait_for_the_fill(tmp_path: Path) -> None:
         assert (tmp_path / "lazy" / PAGES_IMG).read_bytes() == data
 
 
+def test_a_fill_started_later_fills_nothing_before(tmp_path: Path) -> None:
+    """fill_later: reads fetch what they need, the background fill starts at start_fill (the restored job
+    runs), and a reader closed before that closes cleanly."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    data = os.urandom(4 << 20)
+    (src / PAGES_IMG).write_bytes(data)
+    url = f"file://{tmp_path}/store"
+    open_store(url, chunker=Chunker.parse("fixed:65536")).put(KEY, src)
+    whole = {PAGES_IMG: [(0, len(data))]}
+    store = open_store(url)
+    _info, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, lambda _r: whole, fill_later=True)
+    with reader:
+        assert reader.read(PAGES_IMG, PAGE, PAGE) == data[PAGE : 2 * PAGE]
+        assert not reader.wait_filled(0.5)
+        stats = reader.stats()
+        assert stats["claimed_by_fill"] == 0 and stats["claimed_by_reads"] == 1, stats
+        reader.start_fill()
+        reader.start_fill()  # once is enough
+        assert reader.wait_filled(60)
+        assert (tmp_path / "lazy" / PAGES_IMG).read_bytes() == data
+    _info, reader = store.get_deferred(KEY, tmp_path / "lazy2", may_defer, lambda _r: whole, fill_later=True)
+    reader.close()
+    reader.start_fill()  # closed: ignored
+    assert not reader.wait_filled(0)
+
+
 def test_concurrent_reads_while_reading_ahead(tmp_path: Path) -> None:
     src = tmp_path / "src"
     original = b"".join(make_dump(src))
