@@ -106,6 +106,18 @@ def data_in(path: Path, off: int, length: int) -> bool:
         os.close(fd)
 
 
+def put_random_pages(tmp_path: Path, url: str, mib: int, chunk: int = 64 << 10, core: bool = False) -> bytes:
+    """A checkpoint of one random page image (and a small core image) under KEY in url; its bytes."""
+    src = tmp_path / "src"
+    (src / "criu").mkdir(parents=True)
+    data = os.urandom(mib << 20)
+    (src / PAGES_IMG).write_bytes(data)
+    if core:
+        (src / "criu" / "core-1.img").write_bytes(os.urandom(5000))
+    open_store(url, chunker=Chunker.parse(f"fixed:{chunk}")).put(KEY, src)
+    return data
+
+
 @pytest.fixture(params=["file", "s3"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
@@ -319,13 +331,9 @@ def test_page_planner_incremental_checkpoint(url: str, tmp_path: Path) -> None:
 def test_the_fill_stays_within_its_bound_and_writes_every_byte(tmp_path: Path) -> None:
     """An 8 MiB deferred file with a 1 MiB bound: the background fill holds at most the bound in flight,
     fetches each chunk once and writes the whole file; reads then come from it without a fetch."""
-    src = tmp_path / "src"
-    (src / "criu").mkdir(parents=True)
-    data = os.urandom(8 << 20)
-    (src / PAGES_IMG).write_bytes(data)
     url = f"file://{tmp_path}/store"
     chunk = 64 << 10
-    open_store(url, chunker=Chunker.parse(f"fixed:{chunk}")).put(KEY, src)
+    data = put_random_pages(tmp_path, url, 8, chunk)
     limit = 1 << 20
 
     def whole(_root: Path) -> dict[str, list[tuple[int, int]]]:
@@ -347,12 +355,8 @@ def test_the_fill_stays_within_its_bound_and_writes_every_byte(tmp_path: Path) -
 
 def test_a_read_does_not_wait_for_the_fill(tmp_path: Path) -> None:
     """A read far ahead of the fill (a task faulting on a page at the end) fetches its chunk itself."""
-    src = tmp_path / "src"
-    (src / "criu").mkdir(parents=True)
-    data = os.urandom(8 << 20)
-    (src / PAGES_IMG).write_bytes(data)
     url = f"file://{tmp_path}/store"
-    open_store(url, chunker=Chunker.parse("fixed:65536")).put(KEY, src)
+    data = put_random_pages(tmp_path, url, 8)
     store = open_store(url, workers=1)
     whole = {PAGES_IMG: [(0, len(data))]}
     # A 64 KiB bound: the fill has one chunk in flight at a time, far behind the last page.
@@ -367,12 +371,8 @@ def test_a_read_does_not_wait_for_the_fill(tmp_path: Path) -> None:
 def test_a_fill_started_later_fills_nothing_before(tmp_path: Path) -> None:
     """fill_later: reads fetch what they need, the background fill starts at start_fill (the restored job
     runs), and a reader closed before that closes cleanly."""
-    src = tmp_path / "src"
-    (src / "criu").mkdir(parents=True)
-    data = os.urandom(4 << 20)
-    (src / PAGES_IMG).write_bytes(data)
     url = f"file://{tmp_path}/store"
-    open_store(url, chunker=Chunker.parse("fixed:65536")).put(KEY, src)
+    data = put_random_pages(tmp_path, url, 4)
     whole = {PAGES_IMG: [(0, len(data))]}
     store = open_store(url)
     _info, reader = store.get_deferred(KEY, tmp_path / "lazy", may_defer, lambda _r: whole, fill_later=True)
@@ -468,12 +468,7 @@ def count_ranged_gets(store: Store) -> list[tuple[str, int, int]]:
 def test_s3_reads_go_through_planned_pack_windows(s3_server, tmp_path: Path) -> None:
     """The reader's chunks of a packed S3 store come from the pack windows its plan names (one ranged GET per
     8 MiB window), not a GET per chunk, also where get_deferred had fetched a window for other files."""
-    src = tmp_path / "src"
-    (src / "criu").mkdir(parents=True)
-    data = os.urandom(6 << 20)
-    (src / PAGES_IMG).write_bytes(data)
-    (src / "criu" / "core-1.img").write_bytes(os.urandom(5000))
-    open_store(s3_server.url, chunker=Chunker.parse("fixed:16384")).put(KEY, src)
+    data = put_random_pages(tmp_path, s3_server.url, 6, 16384, core=True)
     store = open_store(s3_server.url)
     ranges = count_ranged_gets(store)
     # The first 64 KiB are written now: their window is fetched for them (and the small file) first.
@@ -490,11 +485,7 @@ def test_s3_reads_go_through_planned_pack_windows(s3_server, tmp_path: Path) -> 
 def test_a_read_ahead_of_the_fill_gets_its_chunk_alone(s3_server, tmp_path: Path) -> None:
     """A read (a page fault) far from where the fill is fetches its one chunk with one ranged GET of just
     that chunk's bytes: not the 8 MiB read window around it, and no planned read-ahead from there."""
-    src = tmp_path / "src"
-    (src / "criu").mkdir(parents=True)
-    data = os.urandom(6 << 20)
-    (src / PAGES_IMG).write_bytes(data)
-    open_store(s3_server.url, chunker=Chunker.parse("fixed:16384")).put(KEY, src)
+    data = put_random_pages(tmp_path, s3_server.url, 6, 16384)
     store = open_store(s3_server.url)
     ranges = count_ranged_gets(store)
     whole = {PAGES_IMG: [(0, len(data))]}
