@@ -105,6 +105,7 @@ class Store:
         return self.backend.url
 
     def close(self) -> None:
+        self._handed = None
         self.backend.close()
 
     def __enter__(self) -> Store:
