@@ -175,7 +175,9 @@ def test_a_daemon_dying_mid_transfer_kills_the_restored_process(dumped: tuple[Pa
         status = wait_until(lambda: os.waitpid(restored[0], os.WNOHANG)[1], 30, "the restored process's end")
     finally:
         daemon.kill()
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    # Killed by on_failure; or, under load, crashed first on the zero pages the kernel gives once the dead
+    # daemon's userfaultfds are closed (nothing can hold the faults past its death: docs/security.md).
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS), status
     assert len(failures) == 1, failures  # the server and the daemon watcher both noticed; one call
     assert read_steps(log)[-1].n == step
 
