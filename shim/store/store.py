@@ -136,8 +136,7 @@ class Store:
         """The decoded, validated manifest `name` of key. hand_on: keep it for the next _load of that name
         (a restore's listing, then its get: the committed manifest under a name never changes)."""
         handed, self._handed = self._handed, None
-        fresh = handed is None or handed[:2] != (key, name)
-        m = self._decode(key, name, any_plaintext) if fresh else handed[2]  # type: ignore[index]
+        m = handed[2] if handed is not None and handed[:2] == (key, name) else self._decode(key, name, any_plaintext)
         if hand_on:
             self._handed = (key, name, m)
         return m
