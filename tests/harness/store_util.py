@@ -23,6 +23,20 @@ from shim.store.limits import MAX_MANIFEST_OBJECT, MAX_PACK_OBJECT
 MIB = 1 << 20
 
 
+def wait_for_consumer(fd: int, limit: int, timeout: float = 60.0) -> bool:
+    """Pace a test's producer on a streamed put: wait while more than `limit` bytes of the file it writes
+    are still allocated (not yet consumed and punched out); False if the consumer freed nothing in time.
+
+    CRIU does not wait, but a test that asserts "consumed while written" must not depend on how fast a
+    loaded machine runs the consumer; with this the assertion tests punching, not speed."""
+    deadline = time.monotonic() + timeout
+    while os.fstat(fd).st_blocks * 512 > limit:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def make_tree(root: Path, seed: int, big_mib: int = 4) -> Path:
     """A CRIU-like directory: a page image (half random, half repetitive), small files, odd files."""
     rng = random.Random(seed)

@@ -4,16 +4,15 @@ them, so an incremental streamed checkpoint uploads about the changed pages only
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from harness.store_util import tree_digest
+from harness.store_util import tree_digest, wait_for_consumer
 from shim.store import open_store
-from shim.store.growing import GrowingTree
+from shim.store.growing import PUNCH_MIN, GrowingTree
 
 from .test_pages import PAGE, PATTERNS, change, make_dump, write_dump
 
@@ -34,12 +33,15 @@ def is_page_image(rel: str) -> bool:
 
 class Producer(threading.Thread):
     """Copies a finished dump into a growing tree the way CRIU writes one: each page image in 256 KiB
-    appends, one after the other, then the other files, then says the tree is complete."""
+    appends, one after the other, then the other files, then says the tree is complete. `paced`, it waits
+    whenever more than PACE of the image it writes is unconsumed; `stalled` if the consumer never freed it."""
 
-    def __init__(self, tree: GrowingTree, src: Path) -> None:
+    PACE = PUNCH_MIN + (2 << 20)  # the consumer punches in PUNCH_MIN steps, a window (1 MiB here) behind
+
+    def __init__(self, tree: GrowingTree, src: Path, paced: bool = False) -> None:
         super().__init__(daemon=True)
-        self.tree, self.src = tree, src
-        self.blocks_at_finish = 0
+        self.tree, self.src, self.paced = tree, src, paced
+        self.stalled = False
 
     def run(self) -> None:
         root = self.tree.root
@@ -50,18 +52,20 @@ class Producer(threading.Thread):
             with open(root / "criu" / image.name, "wb", buffering=0) as f:
                 for off in range(0, len(data), 256 << 10):
                     f.write(data[off : off + (256 << 10)])
-                    time.sleep(0.002)
+                    if not self.paced:
+                        time.sleep(0.002)
+                    elif not self.stalled:
+                        self.stalled = not wait_for_consumer(f.fileno(), self.PACE)
         for other in (self.src / "criu").iterdir():
             if other not in images:
                 (root / "criu" / other.name).write_bytes(other.read_bytes())
-        self.blocks_at_finish = sum(os.stat(root / "criu" / i.name).st_blocks * 512 for i in images)
         self.tree.finish({"dump": "done"})
 
 
-def streamed_put(store, src: Path, staging: Path):
+def streamed_put(store, src: Path, staging: Path, paced: bool = False):
     staging.mkdir()
     tree = GrowingTree(staging, is_page_image)
-    producer = Producer(tree, src)
+    producer = Producer(tree, src, paced)
     producer.start()
     try:
         info = store.put_growing(KEY, tree, budget=16 * MIB, page_images=PATTERNS)
@@ -85,14 +89,16 @@ def test_incremental_streamed_put_uploads_the_changed_pages_as_the_staged_put_do
     write_dump(b, changed_pages)
     store = open_store(url)
     streamed_put(store, a, tmp_path / "staging-1")
-    info, producer = streamed_put(store, b, tmp_path / "staging-2")
+    info, producer = streamed_put(store, b, tmp_path / "staging-2", paced=True)
     assert info.seq == 2 and info.metadata == {"dump": "done"}
     committed = store._committed(KEY)
     parent, child = store._load(KEY, committed[1]), store._load(KEY, committed[2])
     assert child.page_table is not None and all(e.get("pages") for e in child.page_files())
-    # Consumed while written: the page images' read ranges were punched out before the producer finished.
+    # Consumed while written: the page images' read ranges were punched out while the producer wrote
+    # (the large image is well beyond the producer's pace, so a consumer that never punched stalls it).
     size = sum((b / "criu" / n).stat().st_size for n in ("pages-1.img", "pages-2.img"))
-    assert producer.blocks_at_finish < size // 2, producer.blocks_at_finish
+    assert (b / "criu" / "pages-1.img").stat().st_size > 2 * Producer.PACE
+    assert not producer.stalled
     assert child.stats["streamed_bytes"] > size // 2, child.stats
 
     # Bytes, not times: the data uploaded is about the changed pages (random: incompressible).
