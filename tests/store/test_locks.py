@@ -86,8 +86,9 @@ def test_killed_gc_leaves_puts_that_succeed_at_once(url: str, tmp_path: Path) ->
 def test_long_gc_concurrent_with_puts_loses_no_chunk(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, _b = two_checkpoints_one_pruned(url, tmp_path)
     # A gc far longer than the stale time (its lock must stay live by heartbeat), then puts that reuse
-    # exactly the chunks it is about to sweep.
-    stale = short_stale(url)
+    # exactly the chunks it is about to sweep. Not the 1 s short_stale: the gc holds its lock by heartbeat
+    # every quarter of the stale time, and on a loaded machine a 250 ms beat can miss (LockLost, no stats).
+    stale = 3.0
     monkeypatch.setenv("REVENANT_FAULT_DELAY", f"store.gc.mark={stale + 0.5},store.gc.sweep=0.05")
     stats: list = []
     gc = threading.Thread(target=lambda: stats.append(open_store(url, lock_stale=stale).gc(grace_seconds=0)))
