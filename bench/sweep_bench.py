@@ -118,6 +118,14 @@ def memjob(mib: int, seed: int, *, mutate: float = 0.05, interval_ms: int = 1000
     return cmd + (["--steps", str(steps)] if steps else [])
 
 
+def _both_jobs_fit(mib: int) -> bool:
+    """Whether revenant's job and the stock one can run side by side: two jobs' memory within 85 % of
+    what the machine has available now (the rest for CRIU, containerd and the page cache)."""
+    with open("/proc/meminfo") as f:
+        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return 2 * mib * 1024 <= 0.85 * available_kib
+
+
 def _start_wait_s(mib: int) -> float:
     return 120 + mib / 8  # allocating and filling the job's memory on a loaded 2-core VM
 
@@ -157,7 +165,15 @@ class Sweep:
     def size(self, gib: float) -> dict[str, Any]:
         mib = round(gib * 1024)
         entry: dict[str, Any] = {"gib": gib, "mib": mib, "load_before": load_average()}
-        entry["revenant"], entry["runc"] = ({}, {}) if "local" in self.args.skip else self._revenant_and_runc(mib)
+        entry["revenant"], entry["runc"] = {}, {}
+        if "local" not in self.args.skip:
+            if "stock" in self.args.skip or _both_jobs_fit(mib):
+                entry["revenant"], entry["runc"] = self._revenant_and_runc(mib)
+            else:  # one job at a time, in this run: same code, same machine, minutes apart
+                say(f"{mib} MiB: two jobs need more memory than the machine has: revenant's side, then runc's")
+                entry["one_job_at_a_time"] = True
+                entry["revenant"] = self._revenant_and_runc(mib, with_stock=False)[0]
+                entry["runc"] = self._revenant_and_runc(mib, with_revenant=False)[1]
         if "s3" not in self.args.skip:
             entry["revenant"].update(self._notice_s3(mib))
             if self.args.stream_budget_mib:  # the same path with the streaming dump, same run
@@ -173,7 +189,9 @@ class Sweep:
         say(f"{gib:g} GiB: {json.dumps(entry)}")
         return entry
 
-    def _revenant_and_runc(self, mib: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _revenant_and_runc(
+        self, mib: int, with_revenant: bool = True, with_stock: bool | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         from bench.protect_bench import revenant_cli, runc_root
         from harness.memjob import LOG_IN_CONTAINER, read_steps, wait_for_step
         from harness.protect import Job, job_log, registry_record, run_job, wait_stopped
@@ -192,14 +210,17 @@ class Sweep:
             argv = ["runc", "--root", str(runc_root(a)), "checkpoint", *args, stock_id]
             subprocess.run(argv, check=True, capture_output=True, timeout=1800)
 
-        with_stock = "stock" not in self.args.skip
+        if with_stock is None:
+            with_stock = "stock" not in self.args.skip
         try:
             if with_stock:
                 a.ctr("run", "-d", "--runc-root", str(a.runc_root), self.refs["a"], stock_id, *memjob(mib, 5), input="")
-            run_job(a, self.refs["a"], job, command=memjob(mib, 6))
+            if with_revenant:
+                run_job(a, self.refs["a"], job, command=memjob(mib, 6))
             if with_stock:
                 wait_for_step(a.rootfs(stock_id) / LOG_IN_CONTAINER.lstrip("/"), 2, timeout=_start_wait_s(mib))
-            wait_for_step(job_log(a, job.cid), 2, timeout=_start_wait_s(mib))
+            if with_revenant:
+                wait_for_step(job_log(a, job.cid), 2, timeout=_start_wait_s(mib))
 
             if with_stock:
                 img, wk = disk / "leave-running", disk / "leave-running.work"
@@ -211,16 +232,18 @@ class Sweep:
                 shutil.rmtree(img, ignore_errors=True)
                 shutil.rmtree(wk, ignore_errors=True)
 
-            res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
-            rev.update(
-                freeze_s=res["freeze_s"],
-                commit_local_s=res["total_s"],
-                bytes_read=res["bytes_read"],
-                bytes_uploaded_local=res["bytes_uploaded"],
-                freeze_parts=res.get("freeze"),  # where the frozen milliseconds went (shim.protect.freeze)
-            )
+            if with_revenant:
+                res = revenant_cli("checkpoint", job.cid, "--run-dir", str(a.revenant_run_dir), "--json")
+                rev.update(
+                    freeze_s=res["freeze_s"],
+                    commit_local_s=res["total_s"],
+                    bytes_read=res["bytes_read"],
+                    bytes_uploaded_local=res["bytes_uploaded"],
+                    freeze_parts=res.get("freeze"),  # where the frozen milliseconds went (shim.protect.freeze)
+                )
             runc_frozen = f"{stock['frozen_s']:.2f} s" if with_stock else "not run"
-            say(f"{mib} MiB: runc frozen {runc_frozen}, revenant frozen {res['freeze_s']:.2f} s")
+            rev_frozen = f"{rev['freeze_s']:.2f} s" if with_revenant else "not run"
+            say(f"{mib} MiB: runc frozen {runc_frozen}, revenant frozen {rev_frozen}")
             if "restore" in self.args.skip:
                 return rev, stock
 
@@ -232,16 +255,17 @@ class Sweep:
                 shutil.rmtree(final, ignore_errors=True)
                 stock["archive_bytes"] = archive.stat().st_size
 
-            revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(a.revenant_run_dir), "--json")
-            wait_stopped(a, job.cid, timeout=600)
-            self._remove(a, job.cid)
-            t = time.monotonic()
-            run_job(b, self.refs["b"], job, command=memjob(mib, 6))
-            rev["restore_s"] = time.monotonic() - t
-            rev["restored_from"] = (registry_record(b, job.cid) or {}).get("restored_from")
-            log = job_log(b, job.cid)
-            wait_for_step(log, read_steps(log)[-1].n + 1, timeout=_start_wait_s(mib))
-            self._remove(b, job.cid)  # its memory, before the peer's restore
+            if with_revenant:
+                revenant_cli("checkpoint", job.cid, "--exit", "--run-dir", str(a.revenant_run_dir), "--json")
+                wait_stopped(a, job.cid, timeout=600)
+                self._remove(a, job.cid)
+                t = time.monotonic()
+                run_job(b, self.refs["b"], job, command=memjob(mib, 6))
+                rev["restore_s"] = time.monotonic() - t
+                rev["restored_from"] = (registry_record(b, job.cid) or {}).get("restored_from")
+                log = job_log(b, job.cid)
+                wait_for_step(log, read_steps(log)[-1].n + 1, timeout=_start_wait_s(mib))
+                self._remove(b, job.cid)  # its memory, before the peer's restore
 
             if with_stock:
                 stock.update(self._runc_restore(disk, archive, stock_id))
@@ -503,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         choices=("local", "stock", "restore", "s3", "podman", "incremental", "run"),
         help="local = the file:// store and runc side (freeze, local commit, restore); stock = the runc side only "
-        "(its job runs beside revenant's: twice the memory); restore = just the restores",
+        "(its job runs beside revenant's: twice the memory; where two do not fit, after revenant's, in the same "
+        "run); restore = just the restores",
     )
     ap.add_argument(
         "--stream-budget-mib",

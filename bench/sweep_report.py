@@ -154,7 +154,8 @@ def size_table(data: dict[str, Any]) -> str:
     for e in sorted(data.get("sizes") or [], key=lambda e: e["gib"]):
         runc_ck = value(e, "runc", "checkpoint_s")
         rows.append(
-            f"| {e['gib']:g} | {_s(value(e, 'revenant', 'freeze_s'))} | {_s(value(e, 'runc', 'frozen_s'))}"
+            f"| {e['gib']:g}{' (one job at a time)' if e.get('one_job_at_a_time') else ''}"
+            f" | {_s(value(e, 'revenant', 'freeze_s'))} | {_s(value(e, 'runc', 'frozen_s'))}"
             f" ({_s(runc_ck)}) | {_s(value(e, 'podman', 'export_s'))} | {_s(value(e, 'revenant', 'commit_local_s'))}"
             f" | {_s(value(e, 'revenant', 'notice_s3_s'))} | {_s(value(e, 'revenant', 'restore_s'))}"
             f" | {_s(value(e, 'runc', 'restore_s'))} | {_s(value(e, 'podman', 'import_s'))} | {_load(e)} |"

@@ -104,6 +104,15 @@ def test_tables_carry_every_section_and_the_notice_breakdown() -> None:
     assert "| 2 | 6 | 100.0 | 10.0 | 10.0 % |" in text  # steps since the previous checkpoint
 
 
+def test_a_size_run_one_job_at_a_time_says_so() -> None:
+    data = sample()
+    data["sizes"][-1]["one_job_at_a_time"] = True
+    assert "| 4 (one job at a time) | 9.00 |" in report.size_table(data)
+    # The sweep decides by the memory available now: a tiny job pair fits, one beyond any machine does not.
+    sweep = load_module("sweep_bench")
+    assert sweep._both_jobs_fit(1) and not sweep._both_jobs_fit(1 << 40)
+
+
 def test_plot_only_redraws_all_three_small_pngs(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the dev extra installs matplotlib")
     sweep = load_module("sweep_bench")
