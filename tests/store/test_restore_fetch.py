@@ -4,11 +4,13 @@ damaged in the middle of a page image, the server stopped in the middle of the f
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
+from harness.cutting_proxy import CuttingProxy
 from harness.store_util import make_tree, tree_digest
 from shim.store import BackendUnavailable, ChunkCorrupt, open_store
 from shim.store.backends.packs import READ_WINDOW, pack_name
@@ -126,6 +128,39 @@ def test_server_stopped_mid_fetch_is_retryable_and_leaves_nothing(s3_server, tmp
     s3_server.start()
     open_store(s3_server.url).get(KEY, parent / "out")  # nothing was damaged: it restores now
     assert tree_digest(parent / "out") == tree_digest(src)
+
+
+@pytest.mark.parametrize(
+    "server, what", [("s3_server", "pack range"), ("s3_server", "manifest"), ("oci_registry", "pack range")]
+)
+def test_a_response_cut_mid_body_is_retried_not_taken_for_damage(
+    server: str, what: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A GET whose connection ends before the promised bytes (the server stopped, a reset) is a transport
+    failure: retried, never taken for damage. A pack range taken for damage failed a restore with
+    ChunkCorrupt (seen in CI); a manifest taken for damage made the restore fall back to an older one."""
+    first, second = make_tree(tmp_path / "first", seed=16, big_mib=16), make_tree(tmp_path / "second", seed=17)
+    real_url = request.getfixturevalue(server).url
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", real_url).group(1))  # type: ignore[union-attr]
+    # The first response after arming with a body of min_body bytes or more: a listing is ~0.6 KB, the
+    # manifest ~7 KB, a pack read window megabytes.
+    proxy = CuttingProxy(port, min_body=8192 if what == "pack range" else 2048)
+    url = real_url.replace(f"127.0.0.1:{port}", f"127.0.0.1:{proxy.port}")
+    try:
+        open_store(url).put(KEY, first)
+        if what == "manifest":
+            open_store(url).put(KEY, second)
+        store = open_store(url)
+        store.backend.retries, store.backend.backoff = 3, 0.05
+        proxy.arm()
+        info = store.get(KEY, tmp_path / "out")
+        assert proxy.cuts == 1, "no response was cut: the test did not test anything"
+        assert info.seq == (2 if what == "manifest" else 1)
+        assert tree_digest(tmp_path / "out") == tree_digest(second if what == "manifest" else first)
+        assert store.verify() == []
+        store.close()
+    finally:
+        proxy.close()
 
 
 def test_planned_spans_and_chunks_outside_them(s3_server, tmp_path: Path) -> None:

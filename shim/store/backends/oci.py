@@ -141,6 +141,8 @@ class OCIBackend(Backend):
                 raise TransientError(f"{what}: {e}") from e
             if len(body) > limit:
                 raise TooLarge(f"{what}: the registry sent more than {limit} bytes")
+            if declared is not None and len(body) < int(declared):  # urllib3 1.26 does not check this
+                raise TransientError(f"{what}: the connection ended after {len(body)} of {declared} bytes")
             whole = True
             return body
         finally:

@@ -162,6 +162,8 @@ class S3Backend(ObjectBackend):
             data: bytes = self._call(f"read {key}", body.read, limit + 1)
             if len(data) > limit:
                 raise TooLarge(f"{key} sent more than {limit} bytes")
+            if len(data) < length:  # the server promised more: the connection was cut, not the object
+                raise TransientError(f"get {key}: read {len(data)} of {length} bytes")
             return data
         finally:
             body.close()
@@ -205,6 +207,8 @@ class S3Backend(ObjectBackend):
             data: bytes = self._call(f"read {key}", body.read, length + 1)
         finally:
             body.close()
+        if len(data) < length:  # the server promised length bytes: the connection was cut, not the object
+            raise TransientError(f"{what}: read {len(data)} bytes")
         if len(data) != length:
             raise Damaged(f"{what}: read {len(data)} bytes")
         return data
