@@ -131,7 +131,15 @@ def test_server_stopped_mid_fetch_is_retryable_and_leaves_nothing(s3_server, tmp
 
 
 @pytest.mark.parametrize(
-    "server, what", [("s3_server", "pack range"), ("s3_server", "manifest"), ("oci_registry", "pack range")]
+    "server, what",
+    [
+        ("s3_server", "pack range"),
+        ("s3_server", "manifest"),
+        ("gs_server", "pack range"),
+        ("oci_registry", "pack range"),
+        ("azure_server", "pack range"),
+        ("azure_server", "manifest"),
+    ],
 )
 def test_a_response_cut_mid_body_is_retried_not_taken_for_damage(
     server: str, what: str, request: pytest.FixtureRequest, tmp_path: Path
