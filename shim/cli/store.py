@@ -44,6 +44,8 @@ def _open(args: argparse.Namespace):
     opts: dict[str, Any] = {}
     if getattr(args, "chunker", None):
         opts["chunker"] = Chunker.parse(args.chunker)
+    if getattr(args, "page_chunker", None):
+        opts["page_chunker"] = Chunker.parse(args.page_chunker)
     if args.key_file:
         opts["key_files"] = args.key_file
     if args.allow_plaintext:
@@ -169,6 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--key", required=True)
     sp.add_argument("--metadata", help="JSON object stored with the checkpoint")
     sp.add_argument("--chunker", help="fixed:SIZE or fastcdc:AVG (default: the store's)")
+    sp.add_argument("--page-chunker", help="the same for the new pages of --page-images (default fastcdc:262144)")
     sp.add_argument(
         "--page-images",
         action="append",

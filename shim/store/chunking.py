@@ -27,6 +27,11 @@ CHUNK_RAW = 0
 CHUNK_ZSTD = 1
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_KIND = "fastcdc"
+# The new pages of page images are deduplicated page by page (shim/store/pages.py), not by these chunks,
+# so their chunks can be larger: each chunk costs the put and the get per-chunk Python work (hashing,
+# encoding, pack entries, futures). 256 KiB against 64 KiB on a real 1 GiB dump: put CPU -30 %, get CPU
+# -55 % (bench/RESULTS.md, "Larger chunks for new pages"); a lazy restore's fault fetches at most one chunk.
+DEFAULT_PAGE_CHUNK_SIZE = 256 * 1024
 # A chunk is stored compressed only if zstd saves at least this fraction; otherwise raw (fast to restore).
 MIN_SAVING = 0.03
 # Chunker sizes: a fixed chunk or a FastCDC maximum (4 x the average) stays within MAX_CHUNK_LEN.
@@ -61,6 +66,11 @@ class Chunker:
             cdc = FastCDC(avg_size=self.size, min_size=self.size // 4, max_size=self.size * 4)
             for c in cdc.cut_buf(buf):
                 yield c.offset, c.length
+
+    @classmethod
+    def for_pages(cls) -> Chunker:
+        """The default chunker of page images' new pages."""
+        return cls(DEFAULT_KIND, DEFAULT_PAGE_CHUNK_SIZE)
 
     def describe(self) -> str:
         return f"{self.kind}:{self.size}"

@@ -445,7 +445,7 @@ def put_growing(
                 return fut
 
             planner = (
-                PagePlanner(index, store.chunker, submit_pages, batch_limit(store.max_inflight))
+                PagePlanner(index, store.page_chunker, submit_pages, batch_limit(store.max_inflight))
                 if page_images
                 else None
             )
@@ -509,7 +509,7 @@ def put_growing(
             seq=0,
             parent=None,
             created=time.time(),
-            chunker=store.chunker.describe(),
+            chunker=store.describe_chunkers(bool(page_images)),
             metadata=tree.metadata,
             entries=entries,
             stats={**sink.stats, **stream_stats},

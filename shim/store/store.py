@@ -82,12 +82,15 @@ class Store:
         max_inflight: int | None = None,
         keyring: Keyring | None = None,
         allow_plaintext: bool = False,
+        page_chunker: Chunker | None = None,
     ) -> None:
-        """keyring: encrypt everything this Store writes with keyring.current and read only checkpoints
-        sealed by one of its keys (plaintext ones too with allow_plaintext); None: a plaintext store,
-        which refuses encrypted checkpoints with KeyMismatch."""
+        """chunker cuts files; page_chunker the new pages of page images (deduplicated page by page, so
+        their chunks need not be small). keyring: encrypt everything this Store writes with
+        keyring.current and read only checkpoints sealed by one of its keys (plaintext ones too with
+        allow_plaintext); None: a plaintext store, which refuses encrypted checkpoints with KeyMismatch."""
         self.backend = backend
         self.chunker = chunker or Chunker()
+        self.page_chunker = page_chunker or Chunker.for_pages()
         self.workers = workers
         self.level = level
         self.lock_stale = lock_stale
@@ -249,7 +252,7 @@ class Store:
                 seq=0,
                 parent=None,
                 created=time.time(),
-                chunker=self.chunker.describe(),
+                chunker=self.describe_chunkers(bool(page_images)),
                 metadata=dict(metadata or {}),
                 entries=entries,
                 stats={},
@@ -454,7 +457,7 @@ class Store:
             return fut
 
         planner = (
-            pages.PagePlanner(index, self.chunker, submit_pages, pages.batch_limit(self.max_inflight))
+            pages.PagePlanner(index, self.page_chunker, submit_pages, pages.batch_limit(self.max_inflight))
             if page_images
             else None
         )
@@ -615,6 +618,11 @@ class Store:
             stats["chunks_new"] += 1
         if missing:
             log.warning("put: %d reused chunks were removed by a concurrent gc; uploaded them again", len(missing))
+
+    def describe_chunkers(self, page_images: bool) -> str:
+        """The manifest's chunker field: files' chunker, and the new pages' where page images are planned."""
+        files = self.chunker.describe()
+        return f"{files} pages={self.page_chunker.describe()}" if page_images else files
 
     def _digest(self, data: bytes | memoryview) -> str:
         """A chunk's id: plain BLAKE3, or keyed BLAKE3 under the current key of an encrypted store."""

@@ -439,3 +439,45 @@ def test_long_run_of_zero_pages(tmp_path: Path) -> None:
     assert sum(r[1] for r in zero) == 150 * MIB and len(zero) == 3, zero
     store.get(KEY, tmp_path / "restored")
     assert tree_digest(tmp_path / "restored") == tree_digest(src)
+
+
+@pytest.mark.parametrize(
+    ("page_chunker", "described", "mean_low", "mean_high"),
+    [(None, "fastcdc:65536 pages=fastcdc:262144", 160 << 10, 512 << 10), ("fixed:65536", None, 64 << 10, 64 << 10)],
+    ids=["default", "fixed-64k"],
+)
+def test_new_pages_are_cut_by_the_page_chunker(
+    tmp_path: Path, page_chunker: str | None, described: str | None, mean_low: int, mean_high: int
+) -> None:
+    """New pages go up in the page chunker's chunks (larger by default: fewer per-chunk costs), whatever the
+    files' chunker; the manifest says which cut them."""
+    from shim.store import Chunker
+
+    kw = {"page_chunker": Chunker.parse(page_chunker)} if page_chunker else {}
+    store = open_store(f"file://{tmp_path}/store", chunker=Chunker.parse("fastcdc:65536"), **kw)
+    make_dump(tmp_path / "a")
+    store.put(KEY, tmp_path / "a", page_images=PATTERNS)
+    doc = manifest_doc(store, KEY, newest_name(store, KEY))
+    assert doc["chunker"] == (described or f"fastcdc:65536 pages={page_chunker}")
+    refs = next(e["chunks"] for e in doc["entries"] if e["path"] == "criu/pages-1.img")
+    lengths = {r[2]: (r[4] if len(r) == 5 else r[1]) for r in refs if r[2] != ZERO}
+    full = [n for n in lengths.values()][:-1]  # the stream's last chunk ends where the pages do
+    assert mean_low <= sum(full) / len(full) <= mean_high, sorted(lengths.values())
+    store.get(KEY, tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == tree_digest(tmp_path / "a")
+
+
+def test_cli_page_chunker(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    url = f"file://{tmp_path}/store"
+    make_dump(tmp_path / "a")
+    exe = str(Path(sys.executable).parent / "revenant")
+    argv = [exe, "store", "put", "--store", url, "--key", KEY, "--page-images", PATTERNS[0]]
+    p = subprocess.run([*argv, "--page-chunker", "fixed:131072", str(tmp_path / "a")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    store = open_store(url)
+    assert manifest_doc(store, KEY, newest_name(store, KEY))["chunker"] == "fastcdc:65536 pages=fixed:131072"
+    p = subprocess.run([*argv, "--page-chunker", "fixed:1000", str(tmp_path / "a")], capture_output=True, text=True)
+    assert p.returncode != 0 and "multiple of 4096" in p.stderr
