@@ -1,15 +1,17 @@
 """Where a local put's CPU goes, A/B between two source trees, side by side with tar | zstd -1 -T0.
 
     sudo .venv/bin/python -m bench.put_cpu_bench [--mib 1024] [--base /work/main] [--rounds 2] [--profile]
-        [--mode staged|streamed] [--keep DIR]
+        [--mode staged|streamed] [--keep DIR] [--get]
 
 A memjob of --mib MiB is dumped once with `criu dump --leave-running` and staged as the checkpointer
 stages it (CRIU images under criu/). Then, alternating, each of --base (the tree before a change) and this
 tree puts it into a fresh file:// store with page_images (the checkpointer's setting), each in its own
 interpreter (so each imports its own shim): wall time and that process's CPU seconds (user + sys); --mode
 streamed puts it through put_growing instead (the checkpointer's default path; the tree already complete).
-Both trees' manifests must list the same file references (same chunks, same digests, same page table) in
-every round. Also measured, once a round: the baseline `tar -c | zstd -1 -T0`; and the floor: one core's
+Both trees' manifests are compared (same chunks, same digests, same page table: expected unless the change
+is to how chunks are cut). --get also times each tree's restore of what it put (Store.get into a fresh
+directory, in the same interpreter, after the put) and checks the restored files against the dump, beside
+`zstd -d | tar -x`. Also measured, once a round: the baseline `tar -c | zstd -1 -T0`; and the floor: one core's
 BLAKE3 + zstd -1 over every 64 KiB chunk of the dump (the CPU a put must spend; Podman's export spends
 the zstd part only). --profile adds a cProfile of this tree's put (top functions by own time). Prints
 markdown; exit 0 (it is a measurement).
@@ -41,6 +43,7 @@ CHILD = r"""
 import cProfile, io, json, pstats, resource, sys, time
 from pathlib import Path
 root, src, store_dir, prof, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1", sys.argv[5]
+get_dir = sys.argv[6] if len(sys.argv) > 6 else ""
 sys.path.insert(0, root)
 import shim
 assert shim.__file__.startswith(root), shim.__file__
@@ -65,6 +68,12 @@ m = st._load("bench/putcpu", st._committed("bench/putcpu")[info.seq])
 files = {e["path"]: e.get("chunks") for e in m.entries if e["type"] == "file"}
 files["page table"] = m.page_table
 out = {"wall": wall, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime, "files": files}
+if get_dir:
+    t0 = time.perf_counter()
+    st.get("bench/putcpu", Path(get_dir))
+    r2 = resource.getrusage(resource.RUSAGE_SELF)
+    out["get_wall"] = time.perf_counter() - t0
+    out["get_cpu"] = r2.ru_utime - r1.ru_utime + r2.ru_stime - r1.ru_stime
 if p:
     s = io.StringIO()
     pstats.Stats(p, stream=s).sort_stats("tottime").print_stats(14)
@@ -109,8 +118,10 @@ def make_dump(work: Path, mib: int) -> Path:
     return src
 
 
-def put(root: Path, src: Path, work: Path, profile: bool, mode: str = "staged") -> dict:
+def put(root: Path, src: Path, work: Path, profile: bool, mode: str = "staged", get: bool = False) -> dict:
     store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    get_dir = work / f"get-{store.name}" if get else None
+    orig = src
     if mode == "streamed":  # a streamed put punches what it consumed out of its source: give it a copy
         src = Path(shutil.copytree(src, work / f"src-{store.name}"))
         for f in src.rglob("*"):  # written back before the clock starts, as the staged source is
@@ -119,15 +130,53 @@ def put(root: Path, src: Path, work: Path, profile: bool, mode: str = "staged") 
                 os.fsync(fd)
                 os.close(fd)
     r = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), str(src), str(store), "1" if profile else "0", mode],
+        [sys.executable, "-c", CHILD, str(root), str(src), str(store), "1" if profile else "0", mode]
+        + ([str(get_dir)] if get_dir else []),
         check=True,
         capture_output=True,
         text=True,
     )
     shutil.rmtree(store)
+    if get_dir is not None:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        out["get_same"] = same_files(orig, get_dir)
+        shutil.rmtree(get_dir)
+        if mode == "streamed":
+            shutil.rmtree(src)
+        return out
     if mode == "streamed":
         shutil.rmtree(src)
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Every regular file of a in b with the same bytes (read in 16 MiB pieces)."""
+    for f in a.rglob("*"):
+        if not f.is_file():
+            continue
+        g = b / f.relative_to(a)
+        if not g.is_file() or g.stat().st_size != f.stat().st_size:
+            return False
+        with f.open("rb") as x, g.open("rb") as y:
+            while piece := x.read(16 << 20):
+                if piece != y.read(len(piece)):
+                    return False
+    return True
+
+
+def untar_zstd(src: Path, work: Path) -> tuple[float, float]:
+    """`zstd -d | tar -x` of the baseline archive of src (made outside the clock): wall, children's CPU."""
+    archive, dest = work / "baseline-get.tar.zst", work / "untar"
+    subprocess.run(f"tar -C {src} -c . | zstd -q -1 -T0 -o {archive}", shell=True, check=True)
+    dest.mkdir()
+    r0 = os.times()
+    t0 = time.perf_counter()
+    subprocess.run(f"zstd -q -d -c {archive} | tar -C {dest} -x", shell=True, check=True)
+    wall = time.perf_counter() - t0
+    r1 = os.times()
+    archive.unlink()
+    shutil.rmtree(dest)
+    return wall, (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
 
 
 def tar_zstd(src: Path, work: Path) -> tuple[float, float]:
@@ -179,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         default="staged",
         help="Store.put, or put_growing of the finished tree",
     )
+    ap.add_argument("--get", action="store_true", help="also time each tree's restore, beside zstd -d | tar -x")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rv-putcpu-", dir="/var/tmp"))
     try:
@@ -190,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndump {size / 1e6:.1f} MB, load average {os.getloadavg()[0]:.1f}\n")
         rows: dict[str, list[dict]] = {"base": [], "this": []}
         tars: list[tuple[float, float]] = []
+        untars: list[tuple[float, float]] = []
         for _ in range(args.rounds):  # alternating, the baseline in every round: the VM is noisy
             for name, root in (("base", args.base), ("this", ROOT)):
-                rows[name].append(put(root, src, work, False, args.mode))
+                rows[name].append(put(root, src, work, False, args.mode, args.get))
             tars.append(tar_zstd(src, work))
+            if args.get:
+                untars.append(untar_zstd(src, work))
         tw = statistics.median(w for w, _c in tars)
         tc = statistics.median(c for _w, c in tars)
         same = all(r["files"] == rows["base"][0]["files"] for name in rows for r in rows[name])
@@ -212,6 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         cpus = " / ".join(f"{c:.2f}" for _w, c in tars)
         print(f"| tar \\| zstd -1 -T0 | {walls} | {cpus} | {tw:.2f} / {tc:.2f} |")
         print(f"\nsame manifest references (every round, both trees): {same}")
+        if args.get:
+            uw = statistics.median(w for w, _c in untars)
+            uc = statistics.median(c for _w, c in untars)
+            print("\n| get (file://) | wall s (each round) | CPU s (each round) | median wall / CPU | same bytes |")
+            print("|---|---|---|---|---|")
+            for name in ("base", "this"):
+                walls = " / ".join(f"{r['get_wall']:.2f}" for r in rows[name])
+                cpus = " / ".join(f"{r['get_cpu']:.2f}" for r in rows[name])
+                mw = statistics.median(r["get_wall"] for r in rows[name])
+                mc = statistics.median(r["get_cpu"] for r in rows[name])
+                ok = all(r["get_same"] for r in rows[name])
+                ratio = f"({mw / uw:.2f}x / {mc / uc:.2f}x untar)"
+                print(f"| {name} | {walls} | {cpus} | {mw:.2f} / {mc:.2f} {ratio} | {ok} |")
+            walls = " / ".join(f"{w:.2f}" for w, _c in untars)
+            cpus = " / ".join(f"{c:.2f}" for _w, c in untars)
+            print(f"| zstd -d \\| tar -x | {walls} | {cpus} | {uw:.2f} / {uc:.2f} | |")
         h, z, total = floor(src)
         gib = total / (1 << 30)
         print(

@@ -80,15 +80,17 @@ def test_lazy_restore_of_a_process_tree(cluster: Cluster, tmp_path: Path) -> Non
 
 
 def _damage_a_lazy_chunk(url: str, key: str) -> str:
-    """Flip a byte in a chunk only the newest checkpoint's page image references, in its second half (among
-    the job's anonymous memory, which restores lazily); returns its digest."""
+    """Flip a byte in a chunk only the newest checkpoint's page image references, and only in its second half
+    (among the job's anonymous memory, which restores lazily: a chunk of new pages also holding pages of the
+    first half would fail the restore's eager part instead); returns its digest."""
     from shim.store import open_store
 
     store = open_store(url)
     try:
         _newest, m, older = newest_and_older_chunks(store, key)
         (pages,) = [e for e in m.entries if e["path"].startswith("criu/pages-")]
-        own = [ref for ref in pages["chunks"] if ref[2] not in older and ref[0] >= pages["size"] // 2]
+        eager = {ref[2] for ref in pages["chunks"] if ref[0] < pages["size"] // 2}
+        own = [ref for ref in pages["chunks"] if ref[2] not in older | eager and ref[0] >= pages["size"] // 2]
         assert own, "the newest checkpoint's page image shares every chunk of its second half"
         digest = own[len(own) // 2][2]
         corrupt_chunk(store, None, digest)
