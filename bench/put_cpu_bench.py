@@ -164,30 +164,32 @@ def same_files(a: Path, b: Path) -> bool:
     return True
 
 
+def timed_shell(cmd: str) -> tuple[float, float]:
+    """Run a shell pipeline: its wall time and its children's CPU seconds (user + sys)."""
+    r0 = os.times()
+    t0 = time.perf_counter()
+    subprocess.run(cmd, shell=True, check=True)
+    wall = time.perf_counter() - t0
+    r1 = os.times()
+    return wall, (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+
+
 def untar_zstd(src: Path, work: Path) -> tuple[float, float]:
     """`zstd -d | tar -x` of the baseline archive of src (made outside the clock): wall, children's CPU."""
     archive, dest = work / "baseline-get.tar.zst", work / "untar"
     subprocess.run(f"tar -C {src} -c . | zstd -q -1 -T0 -o {archive}", shell=True, check=True)
     dest.mkdir()
-    r0 = os.times()
-    t0 = time.perf_counter()
-    subprocess.run(f"zstd -q -d -c {archive} | tar -C {dest} -x", shell=True, check=True)
-    wall = time.perf_counter() - t0
-    r1 = os.times()
+    result = timed_shell(f"zstd -q -d -c {archive} | tar -C {dest} -x")
     archive.unlink()
     shutil.rmtree(dest)
-    return wall, (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+    return result
 
 
 def tar_zstd(src: Path, work: Path) -> tuple[float, float]:
     out = work / "baseline.tar.zst"
-    r0 = os.times()
-    t0 = time.perf_counter()
-    subprocess.run(f"tar -C {src} -c . | zstd -q -1 -T0 -o {out}", shell=True, check=True)
-    wall = time.perf_counter() - t0
-    r1 = os.times()
+    result = timed_shell(f"tar -C {src} -c . | zstd -q -1 -T0 -o {out}")
     out.unlink()
-    return wall, (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+    return result
 
 
 def floor(src: Path) -> tuple[float, float, int]:
