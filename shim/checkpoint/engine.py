@@ -262,6 +262,13 @@ class CheckpointEngine:
                 try:
                     session.restored()
                 except LazyPagesError as e:
+                    # runc has the (killed) container in its state: remove it, as runc does after a failed
+                    # restore, or the fallback to an older checkpoint (or a fresh start) finds the id taken.
+                    self._lazy.pop(container_id, None)
+                    try:
+                        runc.delete(container_id, force=True)
+                    except RuncError as d:
+                        log.warning("%s: delete after lazy pages failed during the restore: %s", container_id, d)
                     raise CheckpointError(f"restore of {container_id} failed: {e}") from e
         runc_s = time.monotonic() - start
         if self.hooks:

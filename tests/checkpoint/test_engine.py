@@ -201,3 +201,72 @@ def test_restore_from_garbage_fails_cleanly(bundle, engine, tmp_path):
         )
     assert "restore of ghost failed" in str(exc.value)
     assert bundle.status("ghost") is None, "a failed restore left a container behind"
+
+
+@pytest.mark.parametrize("when", ["criu-asks", "job-asks"])
+def test_lazy_pages_failing_inside_the_restore_leave_nothing_for_the_retry(bundle, engine, tmp_path, test_images, when):
+    """A lazy page fails (a damaged chunk) before the restore is over: asked for by CRIU itself (its restore
+    fails), or by the restored job before the shim has seen `runc restore` return. Either way the restore
+    fails and leaves neither the container nor the lazy-pages daemon (it exits once the page server hangs
+    up), so the fallback (an older checkpoint, here the same images from a good source) restores under the
+    same id and work dir."""
+    from harness.lazy_images import FileSource, sparse_copy
+    from shim.checkpoint.lazy_pages import lazy_plan
+    from shim.checkpoint.lazy_restore import LazyRestore
+
+    bundle.run("job")
+    bundle.wait_steps("job", 3)
+    full = tmp_path / "image"
+    engine.checkpoint(bundle.driver, "job", full, CheckpointOptions(exit=True))
+    dumped_at = bundle.steps("job")[-1][0]
+    subprocess.run([bundle.runc, "--root", str(bundle.root), "delete", "-f", "job"], check=True)
+    sparse = tmp_path / "sparse"
+    sparse_copy(full, sparse, lazy_plan(full))
+
+    class Damaged(FileSource):
+        """Fails every read once armed (from the first one for criu-asks)."""
+
+        armed, failed = when == "criu-asks", False
+
+        def read(self, name: str, offset: int, length: int) -> bytes:
+            if self.armed:
+                self.failed = True
+                raise OSError("the store stopped answering")
+            return super().read(name, offset, length)
+
+    damaged = Damaged(full)
+
+    class SlowToReturn(Runc):
+        """runc, whose restore returns only once the restored job's next page request has failed."""
+
+        def restore(self, cid, args, io):
+            super().restore(cid, args, io)
+            damaged.armed = True
+            wait_until(lambda: damaged.failed, 60, "a page request from the restored job")
+
+    late = SlowToReturn(root=str(bundle.root), log_path=str(tmp_path / "runc.log"), binary=bundle.runc)
+    ends: list[str | None] = []
+    work = tmp_path / "rwork"
+
+    def restore(runc: Runc, source: FileSource):
+        out = bundle.pipe_for("restored")
+        return engine.restore(
+            runc, "restored", bundle.dir, sparse, RestoreOptions(), pid_file=tmp_path / "restored.pid",
+            io=IOFds(None, out, out), work_path=work, lazy=LazyRestore(source, ends.append),
+        )  # fmt: skip
+
+    expected = "Restoring FAILED" if when == "criu-asks" else "lazy pages failed during the restore"
+    with pytest.raises(CheckpointError, match=expected):
+        restore(late, damaged)
+    assert damaged.failed
+    assert bundle.status("restored") is None, "the failed lazy restore left its container behind"
+    assert len(ends) == 1 and ends[0] is not None
+    ps = subprocess.run(["pgrep", "-f", f"lazy-pages -D {sparse}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "the failed restore's criu lazy-pages is still running"
+
+    restore(bundle.driver, FileSource(full))
+    steps = bundle.wait_steps("restored", dumped_at + 3)
+    assert steps[0][0] == dumped_at + 1, steps[:3]
+    assert steps[-1][1] == expected_checksum(test_images.memjob_binary, MIB, SEED, steps[-1][0], mutate=0.05)
+    wait_until(lambda: len(ends) > 1, 120, "the retry's last lazy page")
+    assert ends[1:] == [None]  # every page of the retry arrived

@@ -258,13 +258,17 @@ def test_store_down_at_notice_time(s3_server, cluster: Cluster, metadata_server,
 
 
 def _flip_byte_in_newest(store_url: str, key: str) -> tuple[int, str]:
-    """Damage one chunk only the newest checkpoint references; returns (seq, digest)."""
+    """Damage one chunk of the newest checkpoint's files that no older checkpoint references; returns (seq,
+    digest). A file's chunk, not one of its page table's: a restore does not read the table (the next
+    incremental checkpoint does), so damage there would not stop the restore."""
     from shim.store import open_store
+    from shim.store.model import ZERO
 
     store = open_store(store_url)
     try:
         newest, m, older = newest_and_older_chunks(store, key)
-        own = sorted(m.chunk_digests() - older)
+        files = {r[2] for e in m.entries for r in e.get("chunks", []) if r[2] != ZERO}
+        own = sorted(files - older)
     finally:
         store.close()
     assert own, "the newest checkpoint shares every chunk with older ones"
