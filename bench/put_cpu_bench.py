@@ -137,16 +137,13 @@ def put(root: Path, src: Path, work: Path, profile: bool, mode: str = "staged", 
         text=True,
     )
     shutil.rmtree(store)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
     if get_dir is not None:
-        out = json.loads(r.stdout.strip().splitlines()[-1])
         out["get_same"] = same_files(orig, get_dir)
         shutil.rmtree(get_dir)
-        if mode == "streamed":
-            shutil.rmtree(src)
-        return out
     if mode == "streamed":
         shutil.rmtree(src)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return out
 
 
 def same_files(a: Path, b: Path) -> bool:

@@ -29,8 +29,8 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_KIND = "fastcdc"
 # The new pages of page images are deduplicated page by page (shim/store/pages.py), not by these chunks,
 # so their chunks can be larger: each chunk costs the put and the get per-chunk Python work (hashing,
-# encoding, pack entries, futures). 256 KiB against 64 KiB on a real 1 GiB dump: put CPU -30 %, get CPU
-# -55 % (bench/RESULTS.md, "Larger chunks for new pages"); a lazy restore's fault fetches at most one chunk.
+# encoding, pack entries, futures). 256 KiB against 64 KiB on a real 1 GiB dump: put CPU -20-23 %, get
+# wall -51-68 % (bench/RESULTS.md, "Larger chunks for new pages"); a lazy restore's fault fetches one chunk.
 DEFAULT_PAGE_CHUNK_SIZE = 256 * 1024
 # A chunk is stored compressed only if zstd saves at least this fraction; otherwise raw (fast to restore).
 MIN_SAVING = 0.03

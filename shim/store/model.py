@@ -111,9 +111,13 @@ class Manifest:
             epoch=self.epoch,
         )
 
+    def file_digests(self) -> set[str]:
+        """The chunks its files reference (whole or sliced): what a restore reads."""
+        return {c[2] for e in self.entries if e["type"] == "file" for c in e["chunks"] if c[2] != ZERO}
+
     def chunk_digests(self) -> set[str]:
-        """Every chunk this checkpoint needs: its files' (whole or sliced) and its page table's."""
-        digests = {c[2] for e in self.entries if e["type"] == "file" for c in e["chunks"] if c[2] != ZERO}
+        """Every chunk this checkpoint needs: its files' and its page table's (read by the next put only)."""
+        digests = self.file_digests()
         if self.page_table is not None:
             digests.update(c[2] for c in self.page_table["chunks"] if c[2] != ZERO)
         return digests

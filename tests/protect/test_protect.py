@@ -262,13 +262,11 @@ def _flip_byte_in_newest(store_url: str, key: str) -> tuple[int, str]:
     digest). A file's chunk, not one of its page table's: a restore does not read the table (the next
     incremental checkpoint does), so damage there would not stop the restore."""
     from shim.store import open_store
-    from shim.store.model import ZERO
 
     store = open_store(store_url)
     try:
         newest, m, older = newest_and_older_chunks(store, key)
-        files = {r[2] for e in m.entries for r in e.get("chunks", []) if r[2] != ZERO}
-        own = sorted(files - older)
+        own = sorted(m.file_digests() - older)
     finally:
         store.close()
     assert own, "the newest checkpoint shares every chunk with older ones"
